@@ -1,0 +1,50 @@
+"""The mesh-dependent part of the Celery configuration (URL, prefixes, timeouts).
+
+celeryconfig.py holds the static Celery settings; this computes the rest from MeshSettings so
+that a MeshClient with its own `redis_url`/`prefix` gets a correctly namespaced Celery app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .embedded import DEFAULT_LOCAL_URL, resolve_redis_url
+from .keys import Keys
+from .settings import MeshSettings, get_settings
+
+# Two lanes: 0 (urgent) and 5 (normal). Each step is one more Redis list per queue in every
+# BRPOP (reference/celery.md §2.3), so two is the useful minimum for priorities.
+PRIORITY_STEPS = [0, 5]
+
+
+def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | None = None) -> dict[str, Any]:
+    s = settings or get_settings()
+    url = redis_url or resolve_redis_url(s.redis_url) or DEFAULT_LOCAL_URL
+    keys = Keys(s.prefix)
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "result_expires": s.result_expires_s,
+        "broker_transport_options": {
+            "global_keyprefix": keys.kombu_prefix,
+            "visibility_timeout": s.visibility_timeout_s,
+            "polling_interval": s.polling_interval_s,
+            "priority_steps": PRIORITY_STEPS,
+            "queue_order_strategy": "round_robin",
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+            "health_check_interval": 25,
+        },
+        "result_backend_transport_options": {
+            "global_keyprefix": keys.kombu_prefix,
+            "retry_policy": {"timeout": 5.0},
+        },
+        "task_default_queue": f"{s.prefix}.default",
+        "event_exchange": f"{s.prefix}.celeryev",
+        "control_exchange": f"{s.prefix}.pidbox",
+        "mesh_prefix": s.prefix,
+        "mesh_redis_url": url,
+    }

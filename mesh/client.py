@@ -1,0 +1,229 @@
+"""MeshClient: the producer and management API (ModelMesh's calls, in Python)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from .commands import send_command
+from .config import EffectiveConfig, effective_config
+from .embedded import DEFAULT_LOCAL_URL, resolve_redis_url
+from .errors import DeadlineExceeded, InvalidArgument, ModelNotFound, RequestTooLarge
+from .ids import validate_id
+from .keys import Keys
+from .models import Command, ModelInfo, ModelRecord, ModelState, ModelStatus, WorkerState
+from .routing import MODEL_HEADER, VMODEL_HEADER, Router
+from .settings import MeshSettings, get_settings
+from .state import Route, StateStore
+from .storage import validate_uri
+from .tasks import INFER_TASK
+from .tensors import encode_inputs, payload_nbytes
+
+PRIORITY_HIGH = 0
+PRIORITY_NORMAL = 5
+
+
+class MeshClient:
+    """Register models, send inference requests, read status.
+
+    `MeshClient()` uses MESH_* settings; `MeshClient(redis_url=..., prefix=...)` addresses
+    another mesh (its own Celery app, so producers of two meshes never mix).
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        prefix: str | None = None,
+        *,
+        settings: MeshSettings | None = None,
+    ) -> None:
+        if settings is None:
+            overrides = {k: v for k, v in {"redis_url": redis_url, "prefix": prefix}.items() if v}
+            settings = MeshSettings(**overrides) if overrides else get_settings()
+        self.settings = settings
+        url = resolve_redis_url(settings.redis_url) or DEFAULT_LOCAL_URL
+        self.redis_url = url
+        self.keys = Keys(settings.prefix)
+        if settings is get_settings():
+            from .app import app as default_app
+
+            self.app: Celery = default_app
+        else:
+            from .app import create_app
+
+            self.app = create_app(settings, url)
+        self._redis = redis.Redis.from_url(url)
+        self.store = StateStore(self._redis, self.keys, settings)
+        self.router = Router(self.app, self.store)
+
+    def close(self) -> None:
+        self._redis.close()
+        if self.app is not _default_app():
+            self.app.close()
+
+    def __enter__(self) -> MeshClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ models
+    def register_model(
+        self,
+        model_id: str,
+        info: ModelInfo,
+        *,
+        load_now: bool = False,
+        sync: bool = False,
+        timeout: float = 60.0,
+    ) -> ModelStatus:
+        """Register a concrete model (idempotent with identical info; ALREADY_EXISTS otherwise)."""
+        validate_id(model_id)
+        if not isinstance(info, ModelInfo):
+            info = ModelInfo.model_validate(info)
+        validate_uri(info.uri)
+        _check_runtime(info.runtime)
+        self.store.register_model(model_id, info)
+        if load_now:
+            return self.ensure_loaded(model_id, sync=sync, timeout=timeout)
+        return self.get_model_status(model_id)
+
+    def unregister_model(self, model_id: str) -> None:
+        """Remove a model and unload every copy; requests still queued fail with NOT_FOUND.
+
+        Idempotent. FAILED_PRECONDITION while a vmodel references the model.
+        """
+        validate_id(model_id)
+        holders = self.store.unregister_model(model_id)
+        cmd = Command(
+            op="unload", model_id=model_id, fail_queued=True,
+            reason=f"model {model_id!r} was unregistered",
+        )
+        live = self.store.alive(holders)
+        if not live and self.store.queue_depth(model_id, self._priority_steps()) > 0:
+            # requests queued for a model nobody loaded: one worker answers them with the error
+            workers = [w.name for w in self.store.live_workers() if not w.shutting_down]
+            live = set(workers[:1])
+        for worker in sorted(live):
+            send_command(self.app, self.keys, worker, cmd)
+
+    def get_model_status(self, model_id: str) -> ModelStatus:
+        return self.store.model_status(model_id)
+
+    def ensure_loaded(self, model_id: str, *, sync: bool = False, timeout: float = 60.0) -> ModelStatus:
+        """Load a copy if there is none (never a second one); with sync, wait until it is done.
+
+        Returns the status; with sync it is LOADED or LOADING_FAILED, or DEADLINE_EXCEEDED is
+        raised after `timeout` seconds.
+        """
+        validate_id(model_id)
+        if self.store.get_record(model_id) is None:
+            raise ModelNotFound(f"model {model_id!r} not found")
+        route = self.store.route(model_id, claimant=self.router.name)
+        if route is Route.CLAIMED:
+            placement = self.store.place_load(model_id)
+            if placement.worker is not None:
+                send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+        status = self.get_model_status(model_id)
+        if not sync:
+            return status
+        return self._wait_status(
+            model_id,
+            lambda s: s.state in (ModelState.LOADED, ModelState.LOADING_FAILED, ModelState.NOT_FOUND),
+            timeout,
+        )
+
+    def _wait_status(self, model_id: str, done: Callable[[ModelStatus], bool], timeout: float) -> ModelStatus:
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while True:
+            status = self.get_model_status(model_id)
+            if done(status):
+                return status
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"model {model_id!r} still {status.state.value} after {timeout:g}s"
+                )
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 1.5, 0.25)
+
+    def list_models(self) -> list[ModelRecord]:
+        return self.store.list_records()
+
+    def list_workers(self) -> list[WorkerState]:
+        return self.store.live_workers()
+
+    def get_effective_config(self, model_id: str) -> EffectiveConfig:
+        record = self.store.get_record(validate_id(model_id))
+        if record is None:
+            raise ModelNotFound(f"model {model_id!r} not found")
+        return effective_config(model_id, record.info, self.settings)
+
+    # ------------------------------------------------------------------ inference
+    def infer(
+        self,
+        model_id: str | None = None,
+        *,
+        vmodel_id: str | None = None,
+        inputs: Any,
+        priority: int | None = None,
+        timeout_ms: float | None = None,
+    ) -> AsyncResult:
+        """Enqueue one request; returns the Celery AsyncResult (`.get()` gives the V2 response).
+
+        `inputs`: KServe V2 tensors (dicts or InferTensor), a numpy array, a list of arrays or
+        a dict name -> array. Unknown ids raise ModelNotFound here, before anything is sent.
+        """
+        tensors = encode_inputs(inputs)
+        size = payload_nbytes(tensors)
+        if size > self.settings.max_request_bytes:
+            raise RequestTooLarge(
+                f"request of ~{size} bytes exceeds MESH_MAX_REQUEST_BYTES="
+                f"{self.settings.max_request_bytes}; nothing was enqueued"
+            )
+        concrete = self.router.route(model_id, vmodel_id)
+        headers = {MODEL_HEADER: concrete}
+        if vmodel_id is not None:
+            headers[VMODEL_HEADER] = vmodel_id
+        expires = None
+        if timeout_ms is not None:
+            if timeout_ms <= 0:
+                raise InvalidArgument("timeout_ms must be positive")
+            expires = datetime.now(timezone.utc) + timedelta(milliseconds=timeout_ms)
+        return self.app.send_task(
+            INFER_TASK,
+            kwargs={"inputs": tensors},
+            queue=self.keys.model_queue(concrete),
+            headers=headers,
+            shadow=f"mesh.infer[{concrete}]",
+            priority=PRIORITY_NORMAL if priority is None else _check_priority(priority),
+            expires=expires,
+        )
+
+    def _priority_steps(self) -> list[int]:
+        return list(self.app.conf.broker_transport_options.get("priority_steps", [0]))
+
+
+def _default_app() -> Celery:
+    from .app import app
+
+    return app
+
+
+def _check_runtime(name: str) -> None:
+    from workers.runtimes import RUNTIME_NAMES
+
+    if name not in RUNTIME_NAMES:
+        raise InvalidArgument(f"unknown runtime {name!r}; known: {', '.join(sorted(RUNTIME_NAMES))}")
+
+
+def _check_priority(priority: int) -> int:
+    if priority not in (PRIORITY_HIGH, PRIORITY_NORMAL):
+        raise InvalidArgument(f"priority must be {PRIORITY_HIGH} (high) or {PRIORITY_NORMAL} (normal)")
+    return priority

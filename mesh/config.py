@@ -1,0 +1,53 @@
+"""Effective per-model configuration and where each value came from (seed 004's precedence).
+
+Precedence, highest first: per-request value (where allowed) > management API (`ModelInfo`)
+> model manifest (repository) > global settings (`MESH_*`) > built-in defaults. Pure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from .models import BatchingConfig, ModelInfo
+from .settings import MeshSettings
+
+BATCHING_FIELDS = ("max_batch_size", "max_batch_delay_ms")
+
+
+class Setting(BaseModel):
+    value: Any
+    source: str  # request | api | manifest | global | default
+
+
+class EffectiveConfig(BaseModel):
+    model_id: str
+    values: dict[str, Setting]
+
+    def value(self, name: str) -> Any:
+        return self.values[name].value
+
+
+def effective_config(
+    model_id: str,
+    info: ModelInfo,
+    settings: MeshSettings,
+    *,
+    manifest: BatchingConfig | None = None,
+) -> EffectiveConfig:
+    env_set = settings.model_fields_set
+    defaults = MeshSettings.model_construct()
+    values: dict[str, Setting] = {}
+    for name in BATCHING_FIELDS:
+        api = getattr(info.batching, name) if info.batching else None
+        man = getattr(manifest, name) if manifest else None
+        if api is not None:
+            values[name] = Setting(value=api, source="api")
+        elif man is not None:
+            values[name] = Setting(value=man, source="manifest")
+        elif name in env_set:
+            values[name] = Setting(value=getattr(settings, name), source="global")
+        else:
+            values[name] = Setting(value=getattr(defaults, name), source="default")
+    return EffectiveConfig(model_id=model_id, values=values)

@@ -1,0 +1,72 @@
+"""Names of every Redis key and queue, all under one prefix (ModelMesh's `root_prefix`).
+
+Keeping the naming in one place is what lets two meshes (or parallel tests) share a Redis:
+nothing outside this module builds a key or queue name by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .ids import validate_id
+
+# kombu's Redis transport stores priority sub-queues as `<queue>\x06\x16<priority>`.
+KOMBU_PRIORITY_SEP = "\x06\x16"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.prefix, "prefix")
+
+    # --- queues (Celery names; kombu stores them under `kombu_prefix`)
+    def model_queue(self, model_id: str) -> str:
+        return f"{self.prefix}.model.{model_id}"
+
+    def worker_queue(self, worker: str) -> str:
+        return f"{self.prefix}.worker.{worker}"
+
+    def model_from_queue(self, queue: str) -> str | None:
+        head = f"{self.prefix}.model."
+        return queue[len(head) :] if queue.startswith(head) else None
+
+    @property
+    def kombu_prefix(self) -> str:
+        """kombu's `global_keyprefix` and the result backend's: every Celery key is under it."""
+        return f"{self.prefix}:"
+
+    def queue_list_keys(self, queue: str, priority_steps: list[int]) -> list[str]:
+        """The Redis lists holding a queue's messages, one per priority step."""
+        base = self.kombu_prefix + queue
+        return [base if p == 0 else f"{base}{KOMBU_PRIORITY_SEP}{p}" for p in priority_steps]
+
+    # --- control-plane state
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    @property
+    def vmodels(self) -> str:
+        return f"{self.prefix}:vmodels"
+
+    def copies(self, model_id: str) -> str:
+        return f"{self.prefix}:copies:{model_id}"
+
+    def failures(self, model_id: str) -> str:
+        return f"{self.prefix}:failures:{model_id}"
+
+    def load_claim(self, model_id: str) -> str:
+        return f"{self.prefix}:loadclaim:{model_id}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    @property
+    def worker_key_prefix(self) -> str:
+        return f"{self.prefix}:worker:"
+
+    def worker(self, name: str) -> str:
+        return self.worker_key_prefix + name

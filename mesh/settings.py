@@ -1,0 +1,70 @@
+"""Global settings (pydantic-settings, environment prefix `MESH_`).
+
+This is the lowest level of configuration precedence above the built-in defaults:
+per-request > management API (ModelInfo) > model manifest > these settings > defaults.
+docs/configuration.md lists every field with its default and where it applies.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .ids import validate_id
+
+
+class MeshSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MESH_", extra="ignore")
+
+    # --- where state lives
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for broker, results and state. Unset: 127.0.0.1:6379 if it answers, "
+        "else the scripts/`mesh up` start an embedded redis-server.",
+    )
+    prefix: str = Field(
+        default="mesh",
+        description="Namespace of every Redis key and queue name (ModelMesh's root_prefix).",
+    )
+
+    # --- worker
+    worker_capacity_bytes: int = Field(default=2 * 1024**3, ge=1)
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=6.0, gt=0)
+    load_timeout_s: float = Field(default=120.0, gt=0)
+    loading_concurrency: int = Field(default=1, ge=1, le=64)
+    prefetch_floor: int = Field(
+        default=64, ge=1, description="prefetch when no model is loaded (commands, cold loads)"
+    )
+
+    # --- batching defaults (global level of precedence)
+    max_batch_size: int = Field(default=32, ge=1, le=65536)
+    max_batch_delay_ms: float = Field(default=5.0, ge=0, le=60_000)
+
+    # --- failures and requests
+    load_failure_expiry_s: float = Field(
+        default=300.0, gt=0, description="a failure record blocks loads on that worker this long"
+    )
+    max_load_attempts: int = Field(
+        default=3, ge=1, description="fresh failures after which requests fail fast"
+    )
+    max_request_bytes: int = Field(default=16 * 1024**2, ge=1024)
+    result_expires_s: int = Field(default=3600, ge=1)
+    visibility_timeout_s: int = Field(
+        default=300, ge=10, description="unacked messages of a dead worker return after this"
+    )
+    polling_interval_s: float = Field(
+        default=0.1, gt=0, description="BRPOP timeout: how soon a newly added queue is polled"
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _valid_prefix(cls, v: str) -> str:
+        return validate_id(v, "prefix")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> MeshSettings:
+    return MeshSettings()

@@ -1,0 +1,313 @@
+"""The control-plane state in Redis: registry, copies, failure records, load claims, heartbeats.
+
+Every method is one atomic step (a Lua script or WATCH/MULTI) when it touches more than one
+record, so concurrent producers, workers and the scheduler never see half a change.
+Decisions (status, placement) are pure functions in mesh/status.py and mesh/placement.py;
+this module only reads and writes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+import redis
+
+from .errors import AlreadyExists, FailedPrecondition, ModelLoadFailed
+from .ids import validate_id
+from .keys import Keys
+from .models import (
+    CopyInfo,
+    CopyState,
+    FailedCopy,
+    ModelInfo,
+    ModelRecord,
+    ModelStatus,
+    WorkerState,
+)
+from .placement import choose_worker, fresh_failures
+from .settings import MeshSettings
+from .status import model_status
+
+
+class Route(IntEnum):
+    NOT_FOUND = 0
+    SERVING = 1  # a live copy exists (loading or loaded): just enqueue
+    CLAIMED = 2  # no copy and no load in progress: the caller must place a load
+    PENDING = 3  # another client is placing a load right now
+
+
+# One round trip on the hot path. A claim whose holder is a dead worker is taken over, so a
+# worker that died mid-load does not block the model until the claim's TTL runs out.
+_ROUTE_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+for _, w in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if redis.call('EXISTS', ARGV[2] .. w) == 1 then return 1 end
+end
+local holder = redis.call('GET', KEYS[3])
+if holder then
+  if string.sub(holder, 1, 8) == 'pending:' or redis.call('EXISTS', ARGV[2] .. holder) == 1 then
+    return 3
+  end
+end
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
+return 2
+"""
+
+# A worker reports a copy only while the model is still registered: an unregister that raced
+# with the load must not leave a copy record behind.
+_MARK_COPY_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('HDEL', KEYS[4], ARGV[2])
+  local holder = redis.call('GET', KEYS[3])
+  if holder == ARGV[2] then redis.call('DEL', KEYS[3]) end
+end
+return 1
+"""
+
+PENDING_CLAIM_MS = 5000
+
+
+@dataclass(frozen=True)
+class Placement:
+    worker: str | None
+    error: str | None = None  # set when the model failed everywhere it may load
+
+
+class StateStore:
+    def __init__(self, client: redis.Redis, keys: Keys, settings: MeshSettings) -> None:
+        self.r = client
+        self.keys = keys
+        self.settings = settings
+        self._route = client.register_script(_ROUTE_LUA)
+        self._mark_copy = client.register_script(_MARK_COPY_LUA)
+
+    # ------------------------------------------------------------------ registry
+    def register_model(
+        self, model_id: str, info: ModelInfo, *, auto_delete: bool = False
+    ) -> tuple[ModelRecord, bool]:
+        """Create the record; identical info is idempotent, different info is ALREADY_EXISTS."""
+        validate_id(model_id)
+        new = ModelRecord(model_id=model_id, info=info, auto_delete=auto_delete)
+        with self.r.pipeline() as p:
+            while True:
+                try:
+                    p.watch(self.keys.models)
+                    raw = p.hget(self.keys.models, model_id)
+                    if raw is not None:
+                        rec = ModelRecord.model_validate_json(raw)
+                        if rec.info.same_model(info):
+                            p.reset()
+                            return rec, False
+                        raise AlreadyExists(
+                            f"model {model_id!r} already exists with different info "
+                            "(models are immutable: register a new id)"
+                        )
+                    p.multi()
+                    p.hset(self.keys.models, model_id, new.model_dump_json())
+                    p.execute()
+                    return new, True
+                except redis.WatchError:
+                    continue
+
+    def unregister_model(self, model_id: str) -> list[str]:
+        """Delete the record and its copies/failures; returns the workers that held a copy.
+
+        Idempotent when absent. FAILED_PRECONDITION while a vmodel references the model.
+        """
+        validate_id(model_id)
+        k = self.keys
+        with self.r.pipeline() as p:
+            while True:
+                try:
+                    p.watch(k.models, k.copies(model_id))
+                    raw = p.hget(k.models, model_id)
+                    if raw is None:
+                        p.reset()
+                        return []
+                    rec = ModelRecord.model_validate_json(raw)
+                    if rec.refs > 0:
+                        raise FailedPrecondition(
+                            f"model {model_id!r} has referents ({rec.refs} vmodel reference(s))"
+                        )
+                    holders = [w.decode() for w in p.hkeys(k.copies(model_id))]
+                    p.multi()
+                    p.hdel(k.models, model_id)
+                    p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id))
+                    p.execute()
+                    return holders
+                except redis.WatchError:
+                    continue
+
+    def get_record(self, model_id: str) -> ModelRecord | None:
+        raw = self.r.hget(self.keys.models, model_id)
+        return None if raw is None else ModelRecord.model_validate_json(raw)
+
+    def list_records(self) -> list[ModelRecord]:
+        raw = self.r.hgetall(self.keys.models)
+        return sorted(
+            (ModelRecord.model_validate_json(v) for v in raw.values()), key=lambda r: r.model_id
+        )
+
+    def set_size(self, model_id: str, size_bytes: int) -> None:
+        """Remember the measured size for placement; a lost race only loses a hint."""
+        rec = self.get_record(model_id)
+        if rec is not None and rec.size_bytes != size_bytes:
+            rec.size_bytes = size_bytes
+            self.r.hset(self.keys.models, model_id, rec.model_dump_json())
+
+    # ------------------------------------------------------------------ status
+    def model_status(self, model_id: str) -> ModelStatus:
+        validate_id(model_id)
+        k = self.keys
+        with self.r.pipeline(transaction=False) as p:
+            p.hexists(k.models, model_id)
+            p.hgetall(k.copies(model_id))
+            p.hgetall(k.failures(model_id))
+            p.get(k.load_claim(model_id))
+            registered, raw_copies, raw_fail, claim = p.execute()
+        copies = [CopyInfo.model_validate_json(v) for v in raw_copies.values()]
+        failures = [FailedCopy.model_validate_json(v) for v in raw_fail.values()]
+        holders = {c.worker for c in copies}
+        claim_holder = claim.decode() if claim else None
+        if claim_holder and not claim_holder.startswith("pending:"):
+            holders.add(claim_holder)
+        live = self.alive(holders)
+        claimed = claim_holder is not None and (
+            claim_holder.startswith("pending:") or claim_holder in live
+        )
+        return model_status(
+            model_id,
+            registered=bool(registered),
+            copies=copies,
+            failures=failures,
+            live_workers=live,
+            load_claimed=claimed,
+            now=time.time(),
+            failure_expiry_s=self.settings.load_failure_expiry_s,
+        )
+
+    # ------------------------------------------------------------------ cold path
+    def route(self, model_id: str, claimant: str) -> Route:
+        k = self.keys
+        code = self._route(
+            keys=[k.models, k.copies(model_id), k.load_claim(model_id)],
+            args=[model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}"],
+        )
+        return Route(int(code))
+
+    def place_load(self, model_id: str, *, exclude: Iterable[str] = ()) -> Placement:
+        """Pick a worker for a new copy and record the copy as LOADING under a claim.
+
+        The caller holds the model's load claim (from `route`) or is a worker retrying a failed
+        load elsewhere. Returns Placement(None, error) when every live worker failed this model
+        recently (fail fast with the newest error), Placement(None) when no worker is up.
+        """
+        k = self.keys
+        now = time.time()
+        rec = self.get_record(model_id)
+        if rec is None:
+            self.r.delete(k.load_claim(model_id))
+            return Placement(None)
+        workers = self.live_workers()
+        failures = [
+            FailedCopy.model_validate_json(v) for v in self.r.hgetall(k.failures(model_id)).values()
+        ]
+        fresh = fresh_failures(failures, now, self.settings.load_failure_expiry_s)
+        size = rec.size_bytes or rec.info.size_bytes or 0
+        chosen = None
+        if len(fresh) < self.settings.max_load_attempts:
+            chosen = choose_worker(
+                workers, failed_on=[f.worker for f in fresh], exclude=exclude, size_hint=size
+            )
+        if chosen is None:
+            self.r.delete(k.load_claim(model_id))
+            return Placement(None, fresh[0].error if fresh else None)
+        copy = CopyInfo(worker=chosen, state=CopyState.LOADING, since=now)
+        with self.r.pipeline() as p:
+            p.hset(k.copies(model_id), chosen, copy.model_dump_json())
+            p.set(k.load_claim(model_id), chosen, px=int(self.settings.load_timeout_s * 1000) + 5000)
+            p.execute()
+        return Placement(chosen)
+
+    def check_not_failed(self, model_id: str) -> None:
+        """Raise ModelLoadFailed when the model has failed on enough workers to fail fast."""
+        failures = [
+            FailedCopy.model_validate_json(v)
+            for v in self.r.hgetall(self.keys.failures(model_id)).values()
+        ]
+        fresh = fresh_failures(failures, time.time(), self.settings.load_failure_expiry_s)
+        if fresh and len(fresh) >= self.settings.max_load_attempts:
+            raise ModelLoadFailed(fresh[0].error)
+
+    # ------------------------------------------------------------------ worker reports
+    def mark_copy(self, model_id: str, worker: str, state: CopyState) -> bool:
+        """Record this worker's copy; False when the model is no longer registered."""
+        k = self.keys
+        copy = CopyInfo(worker=worker, state=state, since=time.time())
+        done = self._mark_copy(
+            keys=[k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id)],
+            args=[model_id, worker, copy.model_dump_json(), "1" if state is CopyState.LOADED else "0"],
+        )
+        return bool(done)
+
+    def remove_copy(self, model_id: str, worker: str) -> None:
+        self.r.hdel(self.keys.copies(model_id), worker)
+
+    def record_failure(self, model_id: str, worker: str, error: str) -> None:
+        k = self.keys
+        rec = FailedCopy(worker=worker, error=error, time=time.time())
+        with self.r.pipeline() as p:
+            p.hdel(k.copies(model_id), worker)
+            p.hset(k.failures(model_id), worker, rec.model_dump_json())
+            p.execute()
+
+    def release_claim(self, model_id: str, holder: str | None = None) -> None:
+        key = self.keys.load_claim(model_id)
+        if holder is None or self.r.get(key) == holder.encode():
+            self.r.delete(key)
+
+    # ------------------------------------------------------------------ workers
+    def write_heartbeat(self, state: WorkerState, ttl_s: float) -> None:
+        with self.r.pipeline(transaction=False) as p:
+            p.set(self.keys.worker(state.name), state.model_dump_json(), px=int(ttl_s * 1000))
+            p.sadd(self.keys.workers, state.name)
+            p.execute()
+
+    def remove_worker(self, name: str, models: Iterable[str] = ()) -> None:
+        """A worker leaving cleanly: its copies and heartbeat go at once."""
+        with self.r.pipeline() as p:
+            for m in models:
+                p.hdel(self.keys.copies(m), name)
+            p.delete(self.keys.worker(name))
+            p.srem(self.keys.workers, name)
+            p.execute()
+
+    def live_workers(self) -> list[WorkerState]:
+        names = sorted(n.decode() for n in self.r.smembers(self.keys.workers))
+        if not names:
+            return []
+        raw = self.r.mget([self.keys.worker(n) for n in names])
+        return [WorkerState.model_validate_json(v) for v in raw if v is not None]
+
+    def alive(self, names: Iterable[str]) -> set[str]:
+        names = list(names)
+        if not names:
+            return set()
+        with self.r.pipeline(transaction=False) as p:
+            for n in names:
+                p.exists(self.keys.worker(n))
+            flags = p.execute()
+        return {n for n, f in zip(names, flags) if f}
+
+    # ------------------------------------------------------------------ queues
+    def queue_depth(self, model_id: str, priority_steps: list[int]) -> int:
+        keys = self.keys.queue_list_keys(self.keys.model_queue(model_id), priority_steps)
+        with self.r.pipeline(transaction=False) as p:
+            for key in keys:
+                p.llen(key)
+            return sum(p.execute())

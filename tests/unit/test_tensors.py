@@ -1,0 +1,348 @@
+"""mesh.tensors: V2 JSON tensors <-> numpy, and every way a client can get a tensor wrong."""
+
+from __future__ import annotations
+
+import json
+import math
+import timeit
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mesh.errors import InvalidInput
+from mesh.examples import SEED_DIGITS_INPUT, seed_digits_tensor
+from mesh.tensors import (
+    DATATYPE_TO_DTYPE,
+    DATATYPES,
+    InferTensor,
+    decode_inputs,
+    dtype_to_datatype,
+    encode_inputs,
+    encode_outputs,
+    from_numpy,
+    payload_nbytes,
+    to_numpy,
+)
+
+
+def tensor(data, shape=None, datatype="FP32", name="x"):
+    return {"name": name, "shape": [len(data)] if shape is None else shape,
+            "datatype": datatype, "data": data}
+
+
+def json_round_trip(obj):
+    return json.loads(json.dumps(obj))
+
+
+# --------------------------------------------------------------------------- round trips
+
+SAMPLES = {
+    "BOOL": np.array([[True, False, True]]),
+    "UINT8": np.array([0, 7, 255], dtype=np.uint8),
+    "UINT16": np.array([0, 65535], dtype=np.uint16),
+    "UINT32": np.array([[0], [2**32 - 1]], dtype=np.uint32),
+    "UINT64": np.array([0, 2**64 - 1], dtype=np.uint64),
+    "INT8": np.array([-128, 0, 127], dtype=np.int8),
+    "INT16": np.array([-(2**15), 2**15 - 1], dtype=np.int16),
+    "INT32": np.array([-(2**31), 2**31 - 1], dtype=np.int32),
+    "INT64": np.array([-(2**63), 2**63 - 1, 2**53 + 1], dtype=np.int64),
+    "FP16": np.array([0.5, -65504, np.inf], dtype=np.float16),
+    "FP32": np.arange(12, dtype=np.float32).reshape(2, 3, 2) / 7,
+    "FP64": np.array([np.pi, -np.inf, 1e-300]),
+    "BYTES": np.array(["", "héllo", 'quote " \\ back'], dtype=object),
+}
+
+
+def test_every_datatype_has_a_sample():
+    assert set(SAMPLES) == set(DATATYPES) == set(DATATYPE_TO_DTYPE)
+
+
+@pytest.mark.parametrize("datatype", DATATYPES)
+def test_round_trip_through_json(datatype):
+    arr = SAMPLES[datatype]
+    encoded = from_numpy("t", arr)
+    assert encoded["datatype"] == datatype
+    assert encoded["shape"] == list(arr.shape)
+    back = to_numpy(json_round_trip(encoded))
+    assert back.dtype == DATATYPE_TO_DTYPE[datatype]
+    assert back.shape == arr.shape
+    assert back.tolist() == arr.tolist()
+
+
+def test_dtype_to_datatype():
+    assert dtype_to_datatype(np.dtype(np.float32)) == "FP32"
+    assert dtype_to_datatype(np.dtype(">i2")) == "INT16"
+    assert dtype_to_datatype(np.dtype("U5")) == "BYTES"
+    assert dtype_to_datatype(np.dtype("S5")) == "BYTES"
+    assert dtype_to_datatype(np.dtype(object)) == "BYTES"
+    with pytest.raises(InvalidInput, match="complex128 has no V2 datatype"):
+        dtype_to_datatype(np.dtype(np.complex128))
+
+
+def test_from_numpy_scalars_and_strings():
+    assert from_numpy("s", np.float32(1.5)) == {"name": "s", "shape": [], "datatype": "FP32", "data": [1.5]}
+    assert from_numpy("i", 3)["shape"] == []
+    assert from_numpy("u", np.array(["a", "bc"]))["data"] == ["a", "bc"]
+    assert from_numpy("b", np.array([b"ab"]))["data"] == ["ab"]  # UTF-8 bytes travel as text
+    with pytest.raises(InvalidInput, match="not UTF-8"):
+        from_numpy("b", np.array([b"\xff"], dtype=object))
+    with pytest.raises(InvalidInput, match="index 1 is dict"):
+        from_numpy("o", np.array(["a", {}], dtype=object))
+    with pytest.raises(InvalidInput, match="has no V2 datatype"):
+        from_numpy("c", np.array([1j]))
+
+
+def test_from_numpy_data_is_plain_json():
+    out = from_numpy("x", np.arange(6, dtype=np.int16).reshape(2, 3))
+    assert out["data"] == [0, 1, 2, 3, 4, 5]
+    assert all(type(v) is int for v in out["data"])
+    json.dumps(out)
+
+
+def test_to_numpy_accepts_infer_tensor_and_nested_data():
+    t = InferTensor(name="x", shape=[2, 2], datatype="INT32", data=[[1, 2], [3, 4]])
+    assert to_numpy(t).tolist() == [[1, 2], [3, 4]]
+    assert to_numpy(tensor([[1.0], [2.0]], shape=[1, 2])).tolist() == [[1.0, 2.0]]
+    assert to_numpy(tensor([[True, False]], shape=[2], datatype="BOOL")).tolist() == [True, False]
+    assert to_numpy(tensor([["a"], ["b"]], shape=[2], datatype="BYTES")).tolist() == ["a", "b"]
+
+
+def test_to_numpy_value_conversions_that_are_fine():
+    assert to_numpy(tensor([1, 2.5])).dtype == np.float32  # ints in a float tensor
+    assert to_numpy(tensor([1.0, 2.0], datatype="INT64")).tolist() == [1, 2]  # integral floats
+    assert to_numpy(tensor([0, 1], datatype="BOOL")).tolist() == [False, True]
+    assert to_numpy(tensor([2**64 - 1], datatype="UINT64")).tolist() == [2**64 - 1]
+    # Mixed ints and floats stage through float64 in numpy; big ints must stay exact.
+    assert to_numpy(tensor([2**62 + 1, 0.0], datatype="INT64")).tolist() == [2**62 + 1, 0]
+    nan = to_numpy(tensor([float("nan"), float("inf"), -float("inf")], datatype="FP16"))
+    assert math.isnan(nan[0]) and nan[1] == np.inf and nan[2] == -np.inf
+    assert to_numpy(tensor([], shape=[0, 3], datatype="INT8")).shape == (0, 3)
+    scalar = to_numpy(tensor([4.0], shape=[]))
+    assert scalar.shape == () and scalar == 4.0
+    assert to_numpy(tensor(["a", b"b"], datatype="BYTES")).tolist() == ["a", b"b"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (tensor([1, 2, 3, 4, 5], shape=[2, 3]), "input 'x': shape [2, 3] needs 6 values, got 5"),
+        (tensor([[1, 2], [3, 4]], shape=[5]), "input 'x': shape [5] needs 5 values, got 4"),
+        (tensor([1.0, "2"]), "input 'x': FP32 value at index 1 is str '2'; expected a number"),
+        (tensor([None]), "input 'x': FP32 value at index 0 is null; expected a number"),
+        (tensor([{}]), "input 'x': FP32 value at index 0 is dict {}; expected a number"),
+        (tensor([1, 2.5], datatype="INT64"), "input 'x': INT64 value at index 1 is 2.5; INT64 needs whole numbers"),
+        (tensor([float("nan")], datatype="INT32"), "INT32 value at index 0 is nan; INT32 needs whole numbers"),
+        (tensor([127, 128], datatype="INT8"), "input 'x': INT8 value at index 1 is 128; INT8 holds -128..127"),
+        (tensor([-129], datatype="INT8"), "INT8 value at index 0 is -129; INT8 holds -128..127"),
+        (tensor([-1], datatype="UINT8"), "UINT8 value at index 0 is -1; UINT8 holds 0..255"),
+        (tensor([256], datatype="UINT8"), "UINT8 value at index 0 is 256; UINT8 holds 0..255"),
+        (tensor([300.0], datatype="UINT8"), "UINT8 value at index 0 is 300.0; UINT8 holds 0..255"),
+        (tensor([2**64], datatype="UINT64"), "UINT64 value at index 0 is 18446744073709551616"),
+        (tensor([10**400]), "FP32 value at index 0 is an integer of 1329 bits; it is out of range"),
+        (tensor([1e300]), "FP32 value at index 0 is 1e+300; it is out of range for FP32"),
+        (tensor([70000], datatype="FP16"), "FP16 value at index 0 is 70000; it is out of range"),
+        (tensor([2], datatype="BOOL"), "BOOL value at index 0 is 2; BOOL values must be true/false"),
+        (tensor([0.0], datatype="BOOL"), "BOOL value at index 0 is 0.0; BOOL values must be"),
+        (tensor(["yes"], datatype="BOOL"), "BOOL value at index 0 is str 'yes'; expected true or false"),
+        (tensor(["a", 1], datatype="BYTES"), "input 'x': BYTES value at index 1 is 1, not a string"),
+        (tensor([[1, 2], [3]], shape=[3]), "input 'x': nested data is ragged"),
+        (tensor([[1, 2], [[3], [4]]], shape=[4]), "input 'x': nested data is ragged"),
+        (tensor([1, [2]], shape=[2]), "input 'x': nested data is ragged"),
+        (tensor([1], datatype="FP8"), "input 'x': unknown datatype str 'FP8'; use one of BOOL"),
+        (tensor([1], datatype=None), "unknown datatype null"),
+        (tensor([1], shape=[-1]), "input 'x': shape must be a list of non-negative integers, got list [-1]"),
+        (tensor([1], shape=[1.0]), "shape must be a list of non-negative integers"),
+        (tensor([1], shape=[True]), "shape must be a list of non-negative integers"),
+        (tensor([1], shape="1"), "input 'x': shape must be a list of integers, got str '1'"),
+        (tensor([1], shape=[1] * 9), "input 'x': shape has 9 dimensions; the limit is 8"),
+        ({"name": "x", "shape": [1], "datatype": "FP32", "data": 1.0}, "input 'x': data must be a list of values, got float"),
+        ({"name": "x", "shape": [1], "datatype": "FP32", "data": "1"}, "data must be a list of values, got str"),
+        (tensor([1], name=""), "an input tensor's name must be a non-empty string, got str ''"),
+        (tensor([1], name=7), "an input tensor's name must be a non-empty string, got 7"),
+        (tensor([1], name="n" * 257), "is 257 characters long; the limit is 256"),
+        ({"name": "x", "shape": [1], "datatype": "FP32"}, "input 'x': missing data"),
+        ({"name": "x", "shape": [1], "datatype": "FP32", "data": [1], "extra": 1}, "input 'x': unknown field(s) 'extra'"),
+        ({}, "an input tensor: missing data, datatype, name, shape"),
+        ([1, 2], "an input tensor must be an object with name, shape, datatype and data, got list"),
+        ("x", "got str"),
+    ],
+)
+def test_to_numpy_rejects(bad, message):
+    with pytest.raises(InvalidInput) as err:
+        to_numpy(bad)
+    assert message in str(err.value)
+
+
+def test_deep_nesting_is_rejected_not_recursed():
+    data = [1.0]
+    for _ in range(5000):
+        data = [data]
+    with pytest.raises(InvalidInput, match="nested more than 32 levels"):
+        to_numpy(tensor(data, shape=[1]))
+
+
+def test_error_messages_do_not_echo_huge_values():
+    with pytest.raises(InvalidInput) as err:
+        to_numpy(tensor(["z" * 100_000]))
+    assert len(str(err.value)) < 200
+
+
+def test_decode_of_a_typical_request_is_fast():
+    t = tensor(np.random.default_rng(0).random(32 * 64).tolist(), shape=[32, 64])
+    to_numpy(t)
+    best = min(timeit.repeat(lambda: to_numpy(t), number=50, repeat=7)) / 50
+    assert best < 100e-6, f"decoding a 32x64 FP32 tensor took {best * 1e6:.0f} us"
+
+
+# --------------------------------------------------------------------------- property tests
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=5)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=30,
+)
+shapes = st.lists(st.integers(min_value=-2, max_value=6), max_size=4) | json_values
+tensors = st.fixed_dictionaries(
+    {
+        "name": st.text(max_size=4) | json_values,
+        "shape": shapes,
+        "datatype": st.sampled_from(DATATYPES) | json_values,
+        "data": st.lists(json_values, max_size=12) | st.lists(json_scalars, max_size=30) | json_values,
+    },
+    optional={"parameters": json_values},
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(tensors, json_values))
+def test_to_numpy_on_garbage_only_raises_invalid_input(garbage):
+    try:
+        arr = to_numpy(garbage)
+    except InvalidInput:
+        return
+    assert isinstance(arr, np.ndarray)
+    assert arr.dtype == DATATYPE_TO_DTYPE[garbage["datatype"]]
+    assert list(arr.shape) == garbage["shape"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(list(set(DATATYPES) - {"BYTES"})).flatmap(
+        lambda dt: hnp.arrays(
+            DATATYPE_TO_DTYPE[dt], hnp.array_shapes(min_dims=0, max_dims=4, max_side=4)
+        )
+    )
+)
+def test_numeric_round_trip_property(arr):
+    back = to_numpy(json_round_trip(from_numpy("p", arr)))
+    assert back.dtype == arr.dtype and back.shape == arr.shape
+    np.testing.assert_array_equal(back, arr)  # NaNs compare equal here
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+def test_encode_inputs_forms():
+    a, b = np.zeros((2, 3), dtype=np.float32), np.ones(2, dtype=np.int64)
+    assert [t["name"] for t in encode_inputs(a)] == ["input_0"]
+    assert [t["name"] for t in encode_inputs([a, b])] == ["input_0", "input_1"]
+    assert [t["name"] for t in encode_inputs((a, b))] == ["input_0", "input_1"]
+    from_dict = encode_inputs({"x": [[1.0, 2.0]], "y": b})
+    assert from_dict[0] == {"name": "x", "shape": [1, 2], "datatype": "FP64", "data": [1.0, 2.0]}
+    assert from_dict[1]["datatype"] == "INT64"
+    assert encode_inputs({"s": ["a", "b"]})[0]["datatype"] == "BYTES"
+
+
+def test_encode_inputs_validates_and_cleans_v2_tensors():
+    raw = {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [[1, 2], [3, 4]]}
+    (clean,) = encode_inputs([raw])
+    assert clean == {"name": "x", "shape": [2, 2], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}
+    assert all(type(v) is float for v in clean["data"])
+    seed = encode_inputs([InferTensor(**seed_digits_tensor())])
+    assert seed == [seed_digits_tensor()]
+    assert seed[0]["data"] == SEED_DIGITS_INPUT
+    with pytest.raises(InvalidInput, match="shape \\[3\\] needs 3 values, got 2"):
+        encode_inputs([tensor([1, 2], shape=[3])])
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ([], "no inputs"),
+        ({}, "no inputs"),
+        ([tensor([1]), tensor([2])], "duplicate input name 'x'"),
+        ([np.zeros(1), tensor([1])], "only numpy arrays or only V2 tensors, got dict, ndarray"),
+        (tensor([1]), "look like a single V2 tensor; wrap it in a list"),
+        (InferTensor(**tensor([1.0])), "wrap the single InferTensor in a list"),
+        ({"x": [[1], [2, 3]]}, "input 'x': cannot make an array of it"),
+        ({"x": np.array([1j])}, "has no V2 datatype"),
+        ({1: [1]}, "input names must be strings"),
+        ({"": [1]}, "name must be a non-empty string"),
+        ("text", "unsupported inputs of type str"),
+        (3.5, "unsupported inputs of type float"),
+        (None, "unsupported inputs of type NoneType"),
+    ],
+)
+def test_encode_inputs_rejects(bad, message):
+    with pytest.raises(InvalidInput) as err:
+        encode_inputs(bad)
+    assert message in str(err.value)
+
+
+def test_decode_inputs():
+    out = decode_inputs([seed_digits_tensor(), tensor(["a"], datatype="BYTES", name="s")])
+    assert list(out) == ["predict", "s"]
+    assert out["predict"].shape == (1, 64) and out["predict"].dtype == np.float32
+    with pytest.raises(InvalidInput, match="duplicate input name 'x'"):
+        decode_inputs([tensor([1]), tensor([2])])
+    with pytest.raises(InvalidInput, match="inputs must be a list of tensors, got dict"):
+        decode_inputs(tensor([1]))
+    with pytest.raises(InvalidInput, match="no inputs"):
+        decode_inputs([])
+    with pytest.raises(InvalidInput, match="an input tensor must be an object"):
+        decode_inputs([[1, 2]])
+
+
+def test_encode_outputs():
+    out = encode_outputs({"label": np.array([8]), "p": np.zeros((1, 2), dtype=np.float32)})
+    assert out == [
+        {"name": "label", "shape": [1], "datatype": "INT64", "data": [8]},
+        {"name": "p", "shape": [1, 2], "datatype": "FP32", "data": [0.0, 0.0]},
+    ]
+    with pytest.raises(InvalidInput, match="outputs must be a dict"):
+        encode_outputs([np.zeros(1)])
+
+
+@pytest.mark.parametrize(
+    "tensors",
+    [
+        [from_numpy("x", np.random.default_rng(1).random((64, 64)).astype(np.float32))],
+        [from_numpy("x", np.random.default_rng(2).random(1000))],
+        [from_numpy("i", np.arange(5000))],
+        [from_numpy("b", np.array([True, False] * 100))],
+        [from_numpy("s", np.array(["hello world"] * 300 + ['"quoted\\"'] * 10, dtype=object))],
+        [from_numpy("u", np.array(["žluťoučký kůň 🐎"] * 100, dtype=object))],
+        [seed_digits_tensor(), from_numpy("one", np.zeros(1))],
+        [from_numpy("empty", np.zeros((0, 4)))],
+    ],
+)
+def test_payload_nbytes_is_close_to_the_json_size(tensors):
+    actual = len(json.dumps(tensors))
+    estimate = payload_nbytes(tensors)
+    assert 0.8 * actual <= estimate <= 1.25 * actual, (estimate, actual)
+
+
+def test_payload_nbytes_catches_one_huge_string():
+    t = [from_numpy("s", np.array(["a", "x" * 5_000_000, "b"], dtype=object))]
+    assert payload_nbytes(t) >= 5_000_000

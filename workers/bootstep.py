@@ -1,0 +1,44 @@
+"""Celery bootsteps that turn a `celery worker` into a mesh worker.
+
+`MeshWorkerStep` (worker blueprint) makes the worker consume its private command queue and
+nothing else at start; model queues are added as models load. `MeshConsumerStep` (consumer
+blueprint) creates the MeshWorker before the Tasks step builds the strategies, starts its
+threads, and hands it connection loss and shutdown.
+"""
+
+from __future__ import annotations
+
+from celery import bootsteps
+
+from mesh.keys import Keys
+
+
+class MeshWorkerStep(bootsteps.Step):
+    def __init__(self, worker, **kwargs):
+        queues = worker.app.amqp.queues
+        private = Keys(worker.app.conf.mesh_prefix).worker_queue(worker.hostname)
+        if queues._consume_from is None:
+            # no -Q given: consume only the private queue, not the default queue
+            queues.select([private])
+        else:
+            queues.select_add(private)
+        super().__init__(worker, **kwargs)
+
+
+class MeshConsumerStep(bootsteps.StartStopStep):
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def __init__(self, consumer, **kwargs):
+        from .worker import MeshWorker
+
+        consumer.mesh = MeshWorker(consumer)
+        super().__init__(consumer, **kwargs)
+
+    def start(self, consumer):
+        consumer.mesh.start()
+
+    def stop(self, consumer):
+        consumer.mesh.on_connection_lost()
+
+    def shutdown(self, consumer):
+        consumer.mesh.shutdown()

@@ -1,0 +1,65 @@
+"""Heartbeat: the worker's state in Redis with a TTL, so a dead worker disappears by itself."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from mesh.models import WorkerState
+
+if TYPE_CHECKING:
+    from .worker import MeshWorker
+
+log = logging.getLogger("mesh.worker.heartbeat")
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, host: MeshWorker) -> None:
+        super().__init__(name="mesh-heartbeat", daemon=True)
+        self.host = host
+        self.interval = host.settings.heartbeat_interval_s
+        self.ttl = max(host.settings.heartbeat_ttl_s, 2 * self.interval)
+        self._stop_requested = threading.Event()
+        self._last = (time.monotonic(), 0)
+
+    def stop(self) -> None:
+        self._stop_requested.set()
+
+    def run(self) -> None:
+        while not self._stop_requested.is_set():
+            try:
+                self.beat()
+                self.host.maintenance()
+            except Exception as exc:  # Redis away: keep trying, the TTL tells the others
+                log.warning("heartbeat failed: %s", exc)
+            self._stop_requested.wait(self.interval)
+
+    def state(self) -> WorkerState:
+        h = self.host
+        models, loading, used = h.manager.snapshot()
+        stats = h.inference.stats
+        now_m = time.monotonic()
+        last_t, last_n = self._last
+        rate = (stats.requests - last_n) / (now_m - last_t) if now_m > last_t else 0.0
+        self._last = (now_m, stats.requests)
+        return WorkerState(
+            name=h.name,
+            host=h.host,
+            pid=h.pid,
+            capacity_bytes=h.settings.worker_capacity_bytes,
+            used_bytes=used,
+            models=models,
+            loading=loading,
+            shutting_down=h.shutting_down,
+            started_at=h.started_at,
+            updated_at=time.time(),
+            requests_total=stats.requests,
+            batches_total=stats.batches,
+            failures_total=stats.failures,
+            request_rate=round(rate, 3),
+        )
+
+    def beat(self) -> None:
+        self.host.store.write_heartbeat(self.state(), self.ttl)

@@ -1,0 +1,317 @@
+"""The model manager: an LRU of loaded models bounded by bytes, single-flight loads, safe eviction.
+
+Loads and unloads run on the manager's own threads; the consumer thread only submits work
+here and returns, so message intake never stalls behind a model load.
+
+Eviction order (DESIGN §4), so no request is lost or failed because its model left:
+1. stop accepting and stop consuming the model's queue,
+2. requeue its buffered requests (another copy, or this model's next load, answers them),
+3. wait for the batch that is running to finish,
+4. unload, then update Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cachetools import LRUCache
+
+from mesh.config import effective_config
+from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
+from mesh.models import CopyState, LoadedModel, ModelRecord
+from mesh.storage import local_path
+
+from .batcher import BatchPolicy
+from .runtimes import get_runtime
+from .runtimes.base import Loaded
+
+if TYPE_CHECKING:
+    from .worker import MeshWorker
+
+log = logging.getLogger("mesh.worker.manager")
+
+
+@dataclass
+class Entry:
+    model_id: str
+    record: ModelRecord
+    policy: BatchPolicy
+    state: str = "LOADING"  # LOADING | LOADED | EVICTING
+    loaded: Loaded | None = None
+    size_bytes: int = 0
+    loaded_at: float = 0.0
+    last_used: float = field(default_factory=time.time)
+    inflight: int = 0
+    reserved: int = 0  # bytes promised to this load until it is installed
+
+
+class _ModelLRU(LRUCache):
+    """cachetools' LRU by bytes. An entry it pops is only marked for retirement here (the
+    manager lock is held); the manager retires it after releasing the lock."""
+
+    def __init__(self, capacity: int, on_evict: Callable[[Entry], None]) -> None:
+        super().__init__(maxsize=capacity, getsizeof=lambda e: max(1, e.size_bytes))
+        self._on_evict = on_evict
+
+    def popitem(self):  # called by cachetools when an insert needs room
+        key, entry = super().popitem()
+        self._on_evict(entry)
+        return key, entry
+
+
+class ModelManager:
+    def __init__(self, host: MeshWorker) -> None:
+        self.host = host
+        s = host.settings
+        self.capacity = s.worker_capacity_bytes
+        self.load_timeout_s = s.load_timeout_s
+        self.evict_grace_s = 1.0
+        self._lock = threading.RLock()  # guards _entries, _lru, _victims, _reserved
+        self._inflight = threading.Condition()
+        self._entries: dict[str, Entry] = {}
+        self._victims: list[Entry] = []
+        self._lru = _ModelLRU(self.capacity, self._victims.append)
+        self._reserved = 0  # bytes promised to loads in progress
+        self._pool = ThreadPoolExecutor(
+            max_workers=s.loading_concurrency, thread_name_prefix="mesh-loader"
+        )
+        self._closing = False
+
+    # ------------------------------------------------------------ commands (any thread)
+    def request_load(self, model_id: str) -> None:
+        """Single-flight: a load already running or done for this model is not repeated."""
+        with self._lock:
+            if self._closing:
+                return
+            entry = self._entries.get(model_id)
+            if entry is not None:
+                if entry.state == "LOADED":
+                    # a duplicate command (e.g. a retried claim): re-assert the copy record
+                    self._pool.submit(self._reassert, model_id)
+                return
+            self._entries[model_id] = Entry(model_id, None, BatchPolicy(1, 0.0))  # type: ignore[arg-type]
+        self._pool.submit(self._load, model_id)
+
+    def request_unload(self, model_id: str, fail_with: MeshError | None = None) -> None:
+        with self._lock:
+            if self._closing:
+                return
+        self._pool.submit(self._unload, model_id, fail_with)
+
+    # ------------------------------------------------------------ inference thread
+    def acquire(self, model_id: str) -> Entry | None:
+        """Pin a model for one batch; None if it is not (or no longer) served here.
+
+        A model being evicted may still answer what it had buffered (the grace period):
+        that is what guarantees progress when models take turns in a full cache.
+        """
+        with self._lock:
+            entry = self._entries.get(model_id)
+            if entry is None or entry.loaded is None or entry.state == "LOADING":
+                return None
+            if entry.state == "LOADED":
+                self._lru[model_id]  # touch: most recently used
+            with self._inflight:
+                entry.inflight += 1
+            entry.last_used = time.time()
+            return entry
+
+    def release(self, entry: Entry) -> None:
+        with self._inflight:
+            entry.inflight -= 1
+            self._inflight.notify_all()
+
+    # ------------------------------------------------------------ reporting
+    def snapshot(self) -> tuple[list[LoadedModel], list[str], int]:
+        """(loaded models, models loading, used bytes) for the heartbeat."""
+        buffered = self.host.batcher.buffered()
+        with self._lock:
+            loaded = [
+                LoadedModel(
+                    model_id=e.model_id,
+                    size_bytes=e.size_bytes,
+                    last_used=e.last_used,
+                    loaded_at=e.loaded_at,
+                    inflight=e.inflight,
+                    buffered=buffered.get(e.model_id, 0),
+                )
+                for e in self._entries.values()
+                if e.state == "LOADED"
+            ]
+            loading = [m for m, e in self._entries.items() if e.state == "LOADING"]
+            return loaded, loading, self._lru.currsize + self._reserved
+
+    def loaded_ids(self) -> list[str]:
+        with self._lock:
+            return [m for m, e in self._entries.items() if e.state == "LOADED"]
+
+    # ------------------------------------------------------------ loader threads
+    def _load(self, model_id: str) -> None:
+        store, name = self.host.store, self.host.name
+        started = time.monotonic()
+        try:
+            record = store.get_record(model_id)
+            if record is None:
+                raise ModelNotFound(f"model {model_id!r} is not registered")
+            cfg = effective_config(model_id, record.info, self.host.settings)
+            policy = BatchPolicy(
+                cfg.value("max_batch_size"), cfg.value("max_batch_delay_ms") / 1000.0
+            )
+            store.mark_copy(model_id, name, CopyState.LOADING)
+            predicted = record.size_bytes or record.info.size_bytes or 0
+            with self._lock:
+                entry = self._entries[model_id]
+                entry.record, entry.policy = record, policy
+                self._evict_until_fits(predicted)
+                self._reserve(entry, predicted)
+            self._retire_victims()
+            loaded = self._load_with_timeout(record)
+            self._install(entry, loaded)
+        except ModelNotFound as exc:
+            log.info("not loading %s: %s", model_id, exc)
+            self._forget(model_id)
+            store.remove_copy(model_id, name)
+            store.release_claim(model_id, name)
+            return
+        except Exception as exc:  # any load failure becomes a failure record, never a crash
+            message = str(exc) if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "loading %s failed after %.2fs: %s", model_id, time.monotonic() - started, message
+            )
+            self._forget(model_id)
+            self.host.on_load_failed(model_id, message)
+            return
+        log.info(
+            "loaded %s (%d bytes) in %.3fs", model_id, entry.size_bytes, time.monotonic() - started
+        )
+
+    def _reserve(self, entry: Entry, nbytes: int) -> None:
+        self._reserved += nbytes - entry.reserved
+        entry.reserved = nbytes
+
+    def _forget(self, model_id: str) -> None:
+        with self._lock:
+            entry = self._entries.get(model_id)
+            if entry is not None and entry.state == "LOADING":
+                del self._entries[model_id]
+                self._reserve(entry, 0)
+
+    def _load_with_timeout(self, record: ModelRecord) -> Loaded:
+        """Run the runtime's load on a throwaway thread so a hung load cannot hang the worker."""
+        result: dict[str, Any] = {}
+        done = threading.Event()
+        abandoned = threading.Event()
+
+        def run() -> None:
+            try:
+                runtime = get_runtime(record.info.runtime)
+                result["loaded"] = runtime.load(local_path(record.info.uri), record.info)
+            except BaseException as exc:  # handed to the loader thread below
+                result["error"] = exc
+            finally:
+                done.set()
+                if abandoned.is_set() and "loaded" in result:
+                    result["loaded"].runtime.unload(result["loaded"].model)
+
+        threading.Thread(target=run, name=f"mesh-load-{record.model_id}", daemon=True).start()
+        if not done.wait(self.load_timeout_s):
+            abandoned.set()
+            raise ModelLoadFailed(
+                f"loading {record.model_id!r} timed out after {self.load_timeout_s:g}s"
+            )
+        if "error" in result:
+            raise result["error"]
+        return result["loaded"]
+
+    def _install(self, entry: Entry, loaded: Loaded) -> None:
+        model_id = entry.model_id
+        size = max(1, int(loaded.size_bytes))
+        if size > self.capacity:
+            loaded.runtime.unload(loaded.model)
+            raise ModelLoadFailed(
+                f"model {model_id!r} needs {size} bytes, more than this worker's capacity "
+                f"of {self.capacity} bytes (MESH_WORKER_CAPACITY_BYTES)"
+            )
+        with self._lock:
+            self._reserve(entry, 0)
+            entry.loaded, entry.size_bytes = loaded, size
+            entry.loaded_at = entry.last_used = time.time()
+            self._evict_until_fits(size)
+            self._lru[model_id] = entry
+            entry.state = "LOADED"
+        self._retire_victims()
+        self.host.batcher.open(model_id, entry.policy)
+        self.host.consume(model_id)
+        if not self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED):
+            # unregistered while we were loading: undo, and fail anything that queued meanwhile
+            self._unload(model_id, ModelNotFound(f"model {model_id!r} was unregistered"))
+            return
+        self.host.store.set_size(model_id, size)
+        self.host.update_prefetch()
+
+    def _reassert(self, model_id: str) -> None:
+        self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED)
+
+    def _evict_until_fits(self, needed: int) -> None:
+        """Pop least recently used models until `needed` more bytes fit (lock held)."""
+        while self._lru and self._lru.currsize + self._reserved + needed > self.capacity:
+            victim = self._lru.popitem()[1]
+            victim.state = "EVICTING"
+            log.info("evicting %s (%d bytes) to make room", victim.model_id, victim.size_bytes)
+
+    def _retire_victims(self) -> None:
+        with self._lock:
+            victims, self._victims[:] = list(self._victims), []
+        for victim in victims:
+            self._retire(victim, fail_with=None)
+
+    def _unload(self, model_id: str, fail_with: MeshError | None) -> None:
+        with self._lock:
+            entry = self._entries.get(model_id)
+            if entry is None or entry.state == "LOADING":
+                # nothing here (or a load that will find the record gone and undo itself)
+                if fail_with is not None:
+                    self.host.fail_model(model_id, fail_with)
+                return
+            if entry.state == "EVICTING":
+                return
+            del self._lru[model_id]
+            entry.state = "EVICTING"
+        self._retire(entry, fail_with)
+
+    def _retire(self, entry: Entry, fail_with: MeshError | None) -> None:
+        """Stop intake, let buffered requests finish (bounded), requeue the rest, unload."""
+        model_id = entry.model_id
+        if fail_with is not None:
+            self.host.fail_model(model_id, fail_with)
+        else:
+            self.host.stop_consuming(model_id)
+            self.host.batcher.seal(model_id)
+            self.host.batcher.wait_empty(model_id, self.evict_grace_s)
+            self.host.requeue(self.host.batcher.close(model_id))
+        with self._inflight:
+            while entry.inflight:
+                self._inflight.wait(1.0)
+        with self._lock:
+            if self._entries.get(model_id) is entry:
+                del self._entries[model_id]
+        if entry.loaded is not None:
+            try:
+                entry.loaded.runtime.unload(entry.loaded.model)
+            except Exception:
+                log.exception("runtime unload of %s raised; dropping it anyway", model_id)
+        entry.loaded = None
+        self.host.store.remove_copy(model_id, self.host.name)
+        self.host.update_prefetch()
+        self.host.after_unload(model_id, unregistered=fail_with is not None)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._closing = True
+        self._pool.shutdown(wait=False, cancel_futures=True)

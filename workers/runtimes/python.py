@@ -1,0 +1,137 @@
+"""User-defined Python models (after Cortex's Python predictor).
+
+`ModelInfo.python_class` names the class as "package.module:ClassName"; the module must be
+importable on the worker. The contract, checked at load time:
+
+- Construction: if the class defines `load`, the worker calls `cls()` and then
+  `instance.load(path)`; otherwise it calls `cls(path)`. `path` is the local `pathlib.Path` of
+  the model's files (a file or a directory; the class decides what to read from it).
+- `predict(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]` (required). Inputs are
+  batched: the first dimension of every input is the batch rows, and the first dimension of
+  every output must equal those rows. Raise `mesh.errors.InvalidInput` for bad input; any
+  other exception fails the batch as an `InferenceError`.
+- `signature() -> list[TensorSpec | dict]` (optional): the inputs the model expects, so that
+  bad requests are rejected one by one before batching (see `Runtime.check_inputs`).
+- `size_bytes() -> int` (optional): the model's memory; otherwise it is estimated by walking
+  the instance's attributes (`estimate_nbytes`).
+- `unload()` (optional): release resources beyond Python memory (files, sessions, threads).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from mesh.errors import InferenceError, MeshError, ModelLoadFailed
+from mesh.models import ModelInfo
+
+from .base import Loaded, Runtime, TensorSpec, estimate_nbytes
+
+log = logging.getLogger(__name__)
+
+
+class PythonRuntime(Runtime):
+    name = "python"
+
+    def load(self, path: Path, info: ModelInfo) -> Loaded:
+        spec = info.python_class
+        if not spec:
+            raise ModelLoadFailed(
+                "runtime 'python' needs python_class ('package.module:ClassName') in the model info"
+            )
+        cls = _import_class(spec)
+        try:
+            if callable(getattr(cls, "load", None)):
+                model = cls()
+                model.load(Path(path))
+            else:
+                model = cls(Path(path))
+        except MeshError:
+            raise
+        except Exception as e:
+            raise ModelLoadFailed(
+                f"cannot load python model {spec} from {path}: {type(e).__name__}: {e}"
+            ) from e
+        if not callable(getattr(model, "predict", None)):
+            raise ModelLoadFailed(f"python model class {spec} has no predict(inputs) method")
+        return Loaded(
+            model=model,
+            size_bytes=_size(spec, model),
+            signature=_signature(spec, model),
+            runtime=self,
+        )
+
+    def predict(self, model: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = next(iter(inputs.values())).shape[0] if inputs else 0
+        try:
+            outputs = model.predict(inputs)
+        except MeshError:
+            raise
+        except Exception as e:
+            raise InferenceError(
+                f"{type(model).__name__}.predict failed: {type(e).__name__}: {e}"
+            ) from e
+        return self._batched_outputs(type(model).__name__, outputs, rows)
+
+    def unload(self, model: Any) -> None:
+        unload = getattr(model, "unload", None)
+        if callable(unload):
+            try:
+                unload()
+            except Exception:
+                # The model is being dropped either way; a failing cleanup must not stop the
+                # worker from freeing the slot.
+                log.exception("%s.unload() failed", type(model).__name__)
+
+
+def _import_class(spec: str) -> type:
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ModelLoadFailed(f"python_class {spec!r} must look like 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:
+        raise ModelLoadFailed(
+            f"cannot import module {module_name!r} of python_class {spec!r}: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ModelLoadFailed(f"module {module_name!r} has no attribute {class_name!r}")
+    if not isinstance(cls, type):
+        raise ModelLoadFailed(f"python_class {spec!r} is a {type(cls).__name__}, not a class")
+    return cls
+
+
+def _size(spec: str, model: Any) -> int:
+    size_fn = getattr(model, "size_bytes", None)
+    if not callable(size_fn):
+        return estimate_nbytes(model)
+    try:
+        size = size_fn()
+    except Exception as e:
+        raise ModelLoadFailed(f"{spec}.size_bytes() failed: {type(e).__name__}: {e}") from e
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+        raise ModelLoadFailed(f"{spec}.size_bytes() must return a non-negative int, got {size!r}")
+    return int(size)
+
+
+def _signature(spec: str, model: Any) -> list[TensorSpec] | None:
+    sig_fn = getattr(model, "signature", None)
+    if not callable(sig_fn):
+        return None
+    try:
+        raw = sig_fn()
+    except Exception as e:
+        raise ModelLoadFailed(f"{spec}.signature() failed: {type(e).__name__}: {e}") from e
+    if raw is None:
+        return None
+    try:
+        return [s if isinstance(s, TensorSpec) else TensorSpec.model_validate(s) for s in raw]
+    except (ValidationError, TypeError) as e:
+        raise ModelLoadFailed(f"{spec}.signature() returned an invalid signature: {e}") from e

@@ -1,0 +1,91 @@
+"""Strategies: what the consumer thread does with each `mesh.infer` / `mesh.command` message.
+
+Celery calls a task's Strategy once per consumer start to build the message handler
+(reference/celery.md §1). Ours keeps what Celery's default strategy does for bookkeeping
+(revoked/expired check, task_reserved, the task-received event) and then, instead of
+executing through the pool, appends the request to its model's buffer. Nothing here blocks:
+the inference thread and the model manager do the work.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from celery.worker.request import Request, create_request_cls
+from celery.worker.state import task_reserved
+from kombu.utils.imports import symbol_by_name
+from pydantic import ValidationError
+
+from mesh.models import Command
+
+log = logging.getLogger("mesh.worker.strategy")
+
+
+def infer_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
+    mesh = consumer.mesh
+    hostname = consumer.hostname
+    eventer = consumer.event_dispatcher
+    send_events = bool(eventer and eventer.enabled and task.send_events)
+    Req = create_request_cls(
+        symbol_by_name(task.Request) if isinstance(task.Request, str) else task.Request,
+        task, consumer.pool, hostname, eventer, app=app,
+    )
+    revoked_tasks = consumer.controller.state.revoked
+    utc = app.uses_utc_timezone()
+    model_from_queue = mesh.keys.model_from_queue
+
+    def handler(message, body, ack, reject, callbacks, **kw):
+        if body is not None:
+            # protocol 1 / hybrid messages come from foreign producers we do not speak to
+            log.error("rejecting a mesh.infer message in an old task protocol")
+            reject(log, consumer.connection_errors, False)
+            return
+        req = Req(
+            message, on_ack=ack, on_reject=reject, app=app, hostname=hostname,
+            eventer=eventer, task=task, connection_errors=consumer.connection_errors,
+            body=message.body, headers=message.headers, decoded=False, utc=utc,
+        )
+        if (req.expires or req.id in revoked_tasks) and req.revoked():
+            return
+        # the queue a message came from is authoritative: it is the concrete model
+        routing_key = (message.delivery_info or {}).get("routing_key") or ""
+        model_id = model_from_queue(routing_key) or message.headers.get("mm-model-id")
+        signals.task_received.send(sender=consumer, request=req)
+        task_reserved(req)
+        if send_events:
+            req.send_event(
+                "task-received",
+                name=f"mesh.infer[{model_id}]",
+                args=req.argsrepr, kwargs=req.kwargsrepr,
+                root_id=req.root_id, parent_id=req.parent_id, retries=0,
+                eta=None, expires=req.expires and req.expires.isoformat(),
+                model=model_id, vmodel=message.headers.get("mm-vmodel-id"),
+            )
+        mesh.on_request(model_id, req)
+
+    return handler
+
+
+def command_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
+    mesh = consumer.mesh
+
+    def handler(message, body, ack, reject, callbacks, **kw):
+        # Commands are acked at once: they are idempotent, and a worker that dies before
+        # acting on one is noticed by its missing heartbeat (the load claim is taken over).
+        try:
+            payload = message.payload
+            kwargs_ = payload[1] if isinstance(payload, (list, tuple)) and len(payload) > 1 else None
+            cmd = Command.model_validate(kwargs_)
+        except (ValidationError, TypeError, ValueError) as exc:
+            log.error("rejecting a malformed mesh.command: %s", exc)
+            reject(log, consumer.connection_errors, False)
+            return
+        ack(log, consumer.connection_errors)
+        mesh.on_command(cmd)
+
+    return handler
+
+
+__all__ = ["infer_strategy", "command_strategy", "Request"]

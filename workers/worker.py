@@ -1,0 +1,231 @@
+"""MeshWorker: one worker process's model serving, wired into a Celery consumer.
+
+It owns the batcher, the model manager, the inference thread and the heartbeat, and is the
+only place that touches the Celery consumer (queues, QoS, acks), always through
+`consumer.call_soon`, because kombu channels belong to the consumer thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+import redis
+
+from mesh.commands import send_command
+from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
+from mesh.keys import Keys
+from mesh.models import Command
+from mesh.settings import MeshSettings
+from mesh.state import Route, StateStore
+
+from .batcher import Batcher, BatchPolicy, Pending
+from .heartbeat import Heartbeat
+from .inference import InferenceLoop
+from .manager import ModelManager
+
+log = logging.getLogger("mesh.worker")
+
+# A failed model's queue is drained (every request answered with the error) at least this
+# long after the failure, then the consumer is cancelled once the queue stays empty.
+FAILED_DRAIN_MIN_S = 3.0
+
+
+class MeshWorker:
+    def __init__(self, consumer: Any) -> None:
+        self.c = consumer
+        self.app = consumer.app
+        conf = self.app.conf
+        # the app's prefix/URL win over the environment, so a worker built for a custom
+        # MeshClient app (tests) and its producers always agree
+        self.settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_url)
+        self.name: str = consumer.hostname
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.keys = Keys(self.settings.prefix)
+        self.store = StateStore(
+            redis.Redis.from_url(conf.mesh_redis_url, health_check_interval=25),
+            self.keys,
+            self.settings,
+        )
+        self.priority_steps = list(conf.broker_transport_options.get("priority_steps", [0]))
+        self.batcher = Batcher(self._queue_depths)
+        self.manager = ModelManager(self)
+        self.inference = InferenceLoop(self)
+        self.heartbeat = Heartbeat(self)
+        self.started_at = time.time()
+        self.shutting_down = False
+        self._threads_started = False
+
+    @property
+    def event_dispatcher(self) -> Any:
+        return self.c.event_dispatcher
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Called on every (re)connection of the consumer."""
+        if not self._threads_started:
+            self._threads_started = True
+            self.inference.start()
+            self.heartbeat.start()
+            log.info("mesh worker %s up: capacity %d bytes", self.name, self.settings.worker_capacity_bytes)
+        else:
+            # after a reconnect the buffered requests were dropped with the old channel;
+            # re-consume the queues of everything still loaded
+            for model_id in self.manager.loaded_ids():
+                self.consume(model_id)
+        self.update_prefetch()
+
+    def on_connection_lost(self) -> None:
+        # The ack promises of buffered requests point at a dead channel; Redis redelivers them.
+        policies = self.batcher.policies()
+        loaded = set(self.manager.loaded_ids())
+        for model_id in list(self.batcher.buffered()):
+            self.batcher.close(model_id)
+            if model_id in loaded and model_id in policies:
+                self.batcher.open(model_id, policies[model_id])
+
+    def manager_policy(self, model_id: str) -> BatchPolicy:
+        return self.batcher.policies().get(model_id) or BatchPolicy(
+            self.settings.max_batch_size, self.settings.max_batch_delay_ms / 1000.0
+        )
+
+    def shutdown(self) -> None:
+        """Warm shutdown: hand our models to other workers, finish the running batch, leave.
+
+        Requests still buffered are unacked, so closing the channel requeues them.
+        """
+        self.shutting_down = True
+        loaded = self.manager.loaded_ids()
+        try:
+            self.heartbeat.beat()  # announce shutting_down so placement skips us
+            for model_id in loaded:
+                self._hand_over(model_id)
+        except (redis.RedisError, MeshError) as exc:
+            log.warning("could not hand over models on shutdown: %s", exc)
+        self.batcher.stop()
+        self.inference.stop()
+        self.inference.join(timeout=30)
+        self.heartbeat.stop()
+        self.manager.shutdown()
+        try:
+            self.store.remove_worker(self.name, loaded)
+        except redis.RedisError as exc:
+            log.warning("could not remove worker record on shutdown: %s", exc)
+
+    def _hand_over(self, model_id: str) -> None:
+        others = self.store.alive(
+            w.worker for w in self.store.model_status(model_id).copies if w.worker != self.name
+        )
+        if others:
+            return
+        self.store.remove_copy(model_id, self.name)
+        placement = self.store.place_load(model_id, exclude=[self.name])
+        if placement.worker:
+            send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+            log.info("handed %s over to %s", model_id, placement.worker)
+
+    # ------------------------------------------------------------------ consumer thread
+    def on_request(self, model_id: str | None, req: Any) -> None:
+        if model_id is None or not self.batcher.add(model_id, req):
+            # not (or no longer) served here: back to its queue for the copy that is
+            self.requeue([Pending(req)], now=True)
+
+    def on_command(self, cmd: Command) -> None:
+        if cmd.op == "load":
+            self.manager.request_load(cmd.model_id)
+        else:
+            fail = ModelNotFound(cmd.reason or f"model {cmd.model_id!r} was unregistered") if cmd.fail_queued else None
+            self.manager.request_unload(cmd.model_id, fail)
+
+    # ------------------------------------------------------------------ consumer plumbing
+    def call_soon(self, fn: Any, *args: Any) -> None:
+        self.c.call_soon(fn, *args)
+
+    def consume(self, model_id: str) -> None:
+        self.call_soon(self._add_queue, self.keys.model_queue(model_id))
+
+    def _add_queue(self, queue: str) -> None:
+        if self.c.task_consumer is not None and not self.c.task_consumer.consuming_from(queue):
+            self.c.add_task_queue(queue)
+
+    def stop_consuming(self, model_id: str) -> None:
+        self.call_soon(self._cancel_queue, self.keys.model_queue(model_id))
+
+    def _cancel_queue(self, queue: str) -> None:
+        if self.c.task_consumer is not None and self.c.task_consumer.consuming_from(queue):
+            self.c.cancel_task_queue(queue)
+
+    def requeue(self, items: list[Pending], now: bool = False) -> None:
+        if not items:
+            return
+        if now:
+            _reject_requeue(items)
+        else:
+            self.call_soon(_reject_requeue, items)
+
+    def update_prefetch(self) -> None:
+        """Budget prefetch from the served models' batch sizes so batches can fill."""
+        budget = sum(2 * p.max_batch_size for p in self.batcher.policies().values())
+        self.call_soon(self._set_qos, max(self.settings.prefetch_floor, budget))
+
+    def _set_qos(self, count: int) -> None:
+        if self.c.qos is not None and self.c.qos.value != count:
+            self.c.qos.set(count)
+
+    # ------------------------------------------------------------------ failure paths
+    def fail_model(self, model_id: str, error: MeshError) -> None:
+        """Answer every queued and arriving request of the model with `error` for a while."""
+        self.batcher.fail(model_id, error, self.manager_policy(model_id))
+        self.consume(model_id)
+
+    def on_load_failed(self, model_id: str, message: str) -> None:
+        self.store.record_failure(model_id, self.name, message)
+        placement = self.store.place_load(model_id, exclude=[self.name])
+        if placement.worker:
+            log.info("retrying the load of %s on %s", model_id, placement.worker)
+            send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+            return
+        self.fail_model(model_id, ModelLoadFailed(message))
+
+    def after_unload(self, model_id: str, unregistered: bool) -> None:
+        """An evicted model with requests still queued and no other copy gets a new load."""
+        if unregistered or self.shutting_down:
+            return
+        if self.store.queue_depth(model_id, self.priority_steps) == 0:
+            return
+        if self.store.route(model_id, claimant=self.name) is Route.CLAIMED:
+            placement = self.store.place_load(model_id)
+            if placement.worker:
+                send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+
+    def maintenance(self) -> None:
+        """Periodic (heartbeat thread): stop draining failed models whose queue is empty."""
+        now = time.monotonic()
+        for model_id, (since, buffered) in self.batcher.failed_models().items():
+            if now - since < FAILED_DRAIN_MIN_S or buffered:
+                continue
+            if self.store.queue_depth(model_id, self.priority_steps) == 0:
+                self.stop_consuming(model_id)
+                self.batcher.close(model_id)
+
+    def _queue_depths(self, model_ids: list[str]) -> dict[str, int]:
+        keys = self.keys
+        with self.store.r.pipeline(transaction=False) as p:
+            for m in model_ids:
+                for key in keys.queue_list_keys(keys.model_queue(m), self.priority_steps):
+                    p.llen(key)
+            flat = p.execute()
+        n = len(self.priority_steps)
+        return {m: sum(flat[i * n : (i + 1) * n]) for i, m in enumerate(model_ids)}
+
+
+def _reject_requeue(items: list[Pending]) -> None:
+    from celery.worker import state as worker_state
+
+    for p in items:
+        p.req.reject(requeue=True)
+        worker_state.task_ready(p.req)
