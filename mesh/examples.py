@@ -30,7 +30,12 @@ SEED_DIGITS_ANSWER = 8
 
 def seed_digits_tensor() -> dict[str, Any]:
     """The seed's V2 input tensor (its name, "predict", is not the model's input name)."""
-    return {"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": list(SEED_DIGITS_INPUT)}
+    return {
+        "name": "predict",
+        "shape": [1, 64],
+        "datatype": "FP32",
+        "data": list(SEED_DIGITS_INPUT),
+    }
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -63,10 +68,11 @@ def train_digits_svm(path: str | Path) -> Path:
 def train_digits_mlp(path: str | Path, hidden: tuple[int, ...] = (256, 256)) -> Path:
     """Train an MLPClassifier on all the digits and save it with joblib (~1 s on 2 cores).
 
-    This is the model where batching pays: its cost is dominated by per-call overhead and
-    matrix products that numpy runs more efficiently on more rows. Measured on 2 cores with the
-    default (256, 256): sklearn predict takes ~125 us for 1 row and ~250 us for 32 rows (about
-    2x for 32x the work); through its ONNX export, ~9 us for 1 row and ~33 us for 32 rows.
+    This is the model where batching pays: per-call overhead dominates a small batch, and
+    numpy's matrix products get cheaper per row as rows grow. Measured on 2 cores with the
+    default (256, 256) and one BLAS thread: sklearn predict takes ~125 us for 1 row and
+    ~280 us for 32 rows (2.3x the cost for 32x the work; ~215 us with 2 BLAS threads on an
+    idle machine); through its ONNX export (one intra-op thread), ~9 us and ~33 us.
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPClassifier

@@ -65,6 +65,7 @@ DATATYPE_TO_DTYPE: dict[str, np.dtype] = {
 }
 
 _TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
+_KEYS_TEXT = "name, shape, datatype and data"
 
 
 class InferTensor(BaseModel):
@@ -105,7 +106,7 @@ def to_numpy(t: InferTensor | Mapping[str, Any]) -> np.ndarray:
         name, shape, datatype, data = _fields(t)
     else:
         raise InvalidInput(
-            f"an input tensor must be an object with {_keys_text()}, got {type(t).__name__}"
+            f"an input tensor must be an object with {_KEYS_TEXT}, got {type(t).__name__}"
         )
     where = _check_name(name)
     dims = _check_shape(where, shape)
@@ -124,18 +125,15 @@ def to_numpy(t: InferTensor | Mapping[str, Any]) -> np.ndarray:
 
 def _fields(t: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
     if t.keys() != _TENSOR_KEYS:
-        label = f"input {t['name']!r}" if isinstance(t.get("name"), str) else "an input tensor"
+        name = t.get("name")
+        label = f"input {_clip(repr(name))}" if isinstance(name, str) else "an input tensor"
         missing = sorted(_TENSOR_KEYS - t.keys())
         extra = sorted(map(str, t.keys() - _TENSOR_KEYS))
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
             [f"unknown field(s) {', '.join(_clip(repr(k)) for k in extra)}"] if extra else []
         )
-        raise InvalidInput(f"{label}: {'; '.join(parts)} (a tensor has exactly {_keys_text()})")
+        raise InvalidInput(f"{label}: {'; '.join(parts)} (a tensor has exactly {_KEYS_TEXT})")
     return t["name"], t["shape"], t["datatype"], t["data"]
-
-
-def _keys_text() -> str:
-    return "name, shape, datatype and data"
 
 
 def _check_name(name: Any) -> str:
@@ -381,7 +379,9 @@ def encode_inputs(inputs: Any) -> list[dict[str, Any]]:
     if isinstance(inputs, np.ndarray):
         return [from_numpy("input_0", inputs)]
     if isinstance(inputs, InferTensor):
-        raise InvalidInput("inputs must be a list of tensors; wrap the single InferTensor in a list")
+        raise InvalidInput(
+            "inputs must be a list of tensors; wrap the single InferTensor in a list"
+        )
     if isinstance(inputs, Mapping):
         if not inputs:
             raise InvalidInput("no inputs: the dict of name -> array is empty")
@@ -407,7 +407,8 @@ def encode_inputs(inputs: Any) -> list[dict[str, Any]]:
             return encode_outputs(arrays)
         kinds = sorted({type(x).__name__ for x in inputs})
         raise InvalidInput(
-            f"a list of inputs must hold only numpy arrays or only V2 tensors, got {', '.join(kinds)}"
+            "a list of inputs must hold only numpy arrays or only V2 tensors, "
+            f"got {', '.join(kinds)}"
         )
     raise InvalidInput(
         f"unsupported inputs of type {type(inputs).__name__}: pass an ndarray, a list of "

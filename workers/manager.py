@@ -294,7 +294,7 @@ class ModelManager:
             self.host.stop_consuming(model_id)
             self.host.batcher.seal(model_id)
             self.host.batcher.wait_empty(model_id, self.evict_grace_s)
-            self.host.requeue(self.host.batcher.close(model_id))
+            self.host.requeue(self.host.batcher.close(model_id), wait_s=5.0)
         with self._inflight:
             while entry.inflight:
                 self._inflight.wait(1.0)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from typing import Any
 
 import redis
+from celery.worker import state as worker_state
 
 from mesh.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
@@ -32,6 +34,8 @@ log = logging.getLogger("mesh.worker")
 # A failed model's queue is drained (every request answered with the error) at least this
 # long after the failure, then the consumer is cancelled once the queue stays empty.
 FAILED_DRAIN_MIN_S = 3.0
+# After a model leaves this worker, watch its queue this long for requests that still arrive.
+ORPHAN_WATCH_S = 30.0
 
 
 class MeshWorker:
@@ -59,6 +63,8 @@ class MeshWorker:
         self.started_at = time.time()
         self.shutting_down = False
         self._threads_started = False
+        self._unloaded_lock = threading.Lock()
+        self._recently_unloaded: dict[str, float] = {}
 
     @property
     def event_dispatcher(self) -> Any:
@@ -159,13 +165,22 @@ class MeshWorker:
         if self.c.task_consumer is not None and self.c.task_consumer.consuming_from(queue):
             self.c.cancel_task_queue(queue)
 
-    def requeue(self, items: list[Pending], now: bool = False) -> None:
+    def requeue(self, items: list[Pending], now: bool = False, wait_s: float = 0.0) -> None:
+        """Put requests back on their queue (from the consumer thread, which owns the channel).
+
+        With `wait_s`, block until they are back in Redis, so a queue-depth check that follows
+        sees them.
+        """
         if not items:
             return
         if now:
             _reject_requeue(items)
-        else:
-            self.call_soon(_reject_requeue, items)
+            return
+        done = threading.Event()
+        # reject() itself defers the broker call with call_soon; a second hop runs after it
+        self.call_soon(_reject_requeue, items, lambda: self.call_soon(done.set))
+        if wait_s and not done.wait(wait_s):
+            log.warning("requeue of %d requests not confirmed within %.1fs", len(items), wait_s)
 
     def update_prefetch(self) -> None:
         """Budget prefetch from the served models' batch sizes so batches can fill."""
@@ -192,19 +207,37 @@ class MeshWorker:
         self.fail_model(model_id, ModelLoadFailed(message))
 
     def after_unload(self, model_id: str, unregistered: bool) -> None:
-        """An evicted model with requests still queued and no other copy gets a new load."""
+        """An evicted model with requests still queued and no other copy gets a new load.
+
+        Checked now and again by `maintenance` for a while: a producer that saw the copy just
+        before it left may enqueue after this check.
+        """
         if unregistered or self.shutting_down:
             return
+        with self._unloaded_lock:
+            self._recently_unloaded[model_id] = time.monotonic()
+        self._reload_if_orphaned(model_id)
+
+    def _reload_if_orphaned(self, model_id: str) -> bool:
         if self.store.queue_depth(model_id, self.priority_steps) == 0:
-            return
+            return False
         if self.store.route(model_id, claimant=self.name) is Route.CLAIMED:
             placement = self.store.place_load(model_id)
             if placement.worker:
+                log.info("%s has queued requests and no copy: loading it on %s", model_id, placement.worker)
                 send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+        return True
 
     def maintenance(self) -> None:
-        """Periodic (heartbeat thread): stop draining failed models whose queue is empty."""
+        """Periodic (heartbeat thread): watch models that left for orphaned requests, and stop
+        draining failed models whose queue is empty."""
         now = time.monotonic()
+        with self._unloaded_lock:
+            watch = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_WATCH_S]
+            self._recently_unloaded = {m: self._recently_unloaded[m] for m in watch}
+        for model_id in watch:
+            if not self.batcher.is_open(model_id):
+                self._reload_if_orphaned(model_id)
         for model_id, (since, buffered) in self.batcher.failed_models().items():
             if now - since < FAILED_DRAIN_MIN_S or buffered:
                 continue
@@ -223,9 +256,11 @@ class MeshWorker:
         return {m: sum(flat[i * n : (i + 1) * n]) for i, m in enumerate(model_ids)}
 
 
-def _reject_requeue(items: list[Pending]) -> None:
-    from celery.worker import state as worker_state
-
-    for p in items:
-        p.req.reject(requeue=True)
-        worker_state.task_ready(p.req)
+def _reject_requeue(items: list[Pending], then: Any = None) -> None:
+    try:
+        for p in items:
+            p.req.reject(requeue=True)
+            worker_state.task_ready(p.req)
+    finally:
+        if then is not None:
+            then()

@@ -29,8 +29,12 @@ from mesh.tensors import (
 
 
 def tensor(data, shape=None, datatype="FP32", name="x"):
-    return {"name": name, "shape": [len(data)] if shape is None else shape,
-            "datatype": datatype, "data": data}
+    return {
+        "name": name,
+        "shape": [len(data)] if shape is None else shape,
+        "datatype": datatype,
+        "data": data,
+    }
 
 
 def json_round_trip(obj):
@@ -83,7 +87,12 @@ def test_dtype_to_datatype():
 
 
 def test_from_numpy_scalars_and_strings():
-    assert from_numpy("s", np.float32(1.5)) == {"name": "s", "shape": [], "datatype": "FP32", "data": [1.5]}
+    assert from_numpy("s", np.float32(1.5)) == {
+        "name": "s",
+        "shape": [],
+        "datatype": "FP32",
+        "data": [1.5],
+    }
     assert from_numpy("i", 3)["shape"] == []
     assert from_numpy("u", np.array(["a", "bc"]))["data"] == ["a", "bc"]
     assert from_numpy("b", np.array([b"ab"]))["data"] == ["ab"]  # UTF-8 bytes travel as text
@@ -133,9 +142,18 @@ def test_to_numpy_value_conversions_that_are_fine():
         (tensor([1.0, "2"]), "input 'x': FP32 value at index 1 is str '2'; expected a number"),
         (tensor([None]), "input 'x': FP32 value at index 0 is null; expected a number"),
         (tensor([{}]), "input 'x': FP32 value at index 0 is dict {}; expected a number"),
-        (tensor([1, 2.5], datatype="INT64"), "input 'x': INT64 value at index 1 is 2.5; INT64 needs whole numbers"),
-        (tensor([float("nan")], datatype="INT32"), "INT32 value at index 0 is nan; INT32 needs whole numbers"),
-        (tensor([127, 128], datatype="INT8"), "input 'x': INT8 value at index 1 is 128; INT8 holds -128..127"),
+        (
+            tensor([1, 2.5], datatype="INT64"),
+            "input 'x': INT64 value at index 1 is 2.5; INT64 needs whole numbers",
+        ),
+        (
+            tensor([float("nan")], datatype="INT32"),
+            "INT32 value at index 0 is nan; INT32 needs whole numbers",
+        ),
+        (
+            tensor([127, 128], datatype="INT8"),
+            "input 'x': INT8 value at index 1 is 128; INT8 holds -128..127",
+        ),
         (tensor([-129], datatype="INT8"), "INT8 value at index 0 is -129; INT8 holds -128..127"),
         (tensor([-1], datatype="UINT8"), "UINT8 value at index 0 is -1; UINT8 holds 0..255"),
         (tensor([256], datatype="UINT8"), "UINT8 value at index 0 is 256; UINT8 holds 0..255"),
@@ -144,27 +162,48 @@ def test_to_numpy_value_conversions_that_are_fine():
         (tensor([10**400]), "FP32 value at index 0 is an integer of 1329 bits; it is out of range"),
         (tensor([1e300]), "FP32 value at index 0 is 1e+300; it is out of range for FP32"),
         (tensor([70000], datatype="FP16"), "FP16 value at index 0 is 70000; it is out of range"),
-        (tensor([2], datatype="BOOL"), "BOOL value at index 0 is 2; BOOL values must be true/false"),
+        (
+            tensor([2], datatype="BOOL"),
+            "BOOL value at index 0 is 2; BOOL values must be true/false",
+        ),
         (tensor([0.0], datatype="BOOL"), "BOOL value at index 0 is 0.0; BOOL values must be"),
-        (tensor(["yes"], datatype="BOOL"), "BOOL value at index 0 is str 'yes'; expected true or false"),
-        (tensor(["a", 1], datatype="BYTES"), "input 'x': BYTES value at index 1 is 1, not a string"),
+        (
+            tensor(["yes"], datatype="BOOL"),
+            "BOOL value at index 0 is str 'yes'; expected true or false",
+        ),
+        (
+            tensor(["a", 1], datatype="BYTES"),
+            "input 'x': BYTES value at index 1 is 1, not a string",
+        ),
         (tensor([[1, 2], [3]], shape=[3]), "input 'x': nested data is ragged"),
         (tensor([[1, 2], [[3], [4]]], shape=[4]), "input 'x': nested data is ragged"),
         (tensor([1, [2]], shape=[2]), "input 'x': nested data is ragged"),
         (tensor([1], datatype="FP8"), "input 'x': unknown datatype str 'FP8'; use one of BOOL"),
         (tensor([1], datatype=None), "unknown datatype null"),
-        (tensor([1], shape=[-1]), "input 'x': shape must be a list of non-negative integers, got list [-1]"),
+        (
+            tensor([1], shape=[-1]),
+            "input 'x': shape must be a list of non-negative integers, got list [-1]",
+        ),
         (tensor([1], shape=[1.0]), "shape must be a list of non-negative integers"),
         (tensor([1], shape=[True]), "shape must be a list of non-negative integers"),
         (tensor([1], shape="1"), "input 'x': shape must be a list of integers, got str '1'"),
         (tensor([1], shape=[1] * 9), "input 'x': shape has 9 dimensions; the limit is 8"),
-        ({"name": "x", "shape": [1], "datatype": "FP32", "data": 1.0}, "input 'x': data must be a list of values, got float"),
-        ({"name": "x", "shape": [1], "datatype": "FP32", "data": "1"}, "data must be a list of values, got str"),
+        (
+            {"name": "x", "shape": [1], "datatype": "FP32", "data": 1.0},
+            "input 'x': data must be a list of values, got float",
+        ),
+        (
+            {"name": "x", "shape": [1], "datatype": "FP32", "data": "1"},
+            "data must be a list of values, got str",
+        ),
         (tensor([1], name=""), "an input tensor's name must be a non-empty string, got str ''"),
         (tensor([1], name=7), "an input tensor's name must be a non-empty string, got 7"),
         (tensor([1], name="n" * 257), "is 257 characters long; the limit is 256"),
         ({"name": "x", "shape": [1], "datatype": "FP32"}, "input 'x': missing data"),
-        ({"name": "x", "shape": [1], "datatype": "FP32", "data": [1], "extra": 1}, "input 'x': unknown field(s) 'extra'"),
+        (
+            {"name": "x", "shape": [1], "datatype": "FP32", "data": [1], "extra": 1},
+            "input 'x': unknown field(s) 'extra'",
+        ),
         ({}, "an input tensor: missing data, datatype, name, shape"),
         ([1, 2], "an input tensor must be an object with name, shape, datatype and data, got list"),
         ("x", "got str"),
@@ -209,7 +248,9 @@ json_scalars = (
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
     max_leaves=30,
 )
 shapes = st.lists(st.integers(min_value=-2, max_value=6), max_size=4) | json_values
@@ -218,7 +259,9 @@ tensors = st.fixed_dictionaries(
         "name": st.text(max_size=4) | json_values,
         "shape": shapes,
         "datatype": st.sampled_from(DATATYPES) | json_values,
-        "data": st.lists(json_values, max_size=12) | st.lists(json_scalars, max_size=30) | json_values,
+        "data": st.lists(json_values, max_size=12)
+        | st.lists(json_scalars, max_size=30)
+        | json_values,
     },
     optional={"parameters": json_values},
 )

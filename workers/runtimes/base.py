@@ -63,6 +63,7 @@ class Runtime(abc.ABC):
 
     def unload(self, model: Any) -> None:
         """Release what `load` acquired beyond Python memory (default: nothing to release)."""
+        return None
 
     def check_inputs(self, loaded: Loaded, inputs: dict[str, np.ndarray]) -> None:
         """Reject one request whose inputs cannot be batched into this model."""
@@ -94,17 +95,14 @@ class Runtime(abc.ABC):
             missing = [n for n in expected if n not in inputs]
             if missing:
                 raise InvalidInput(
-                    f"the model expects inputs {expected}; got {list(inputs)} "
-                    f"(missing {missing})"
+                    f"the model expects inputs {expected}; got {list(inputs)} (missing {missing})"
                 )
             pairs = [((s.name, inputs[s.name]), s) for s in signature]
         for (name, arr), spec in pairs:
             _check_one(name, arr, spec)
 
     @staticmethod
-    def _batched_outputs(
-        runtime: str, outputs: Any, rows: int
-    ) -> dict[str, np.ndarray]:
+    def _batched_outputs(runtime: str, outputs: Any, rows: int) -> dict[str, np.ndarray]:
         """Outputs as arrays, each with the batch rows first, or an InferenceError."""
         if not isinstance(outputs, dict) or not outputs:
             raise InferenceError(
@@ -126,12 +124,10 @@ class Runtime(abc.ABC):
 def _check_one(name: str, arr: np.ndarray, spec: TensorSpec) -> None:
     shape = list(arr.shape)
     fits = len(shape) == len(spec.shape) and all(
-        want == -1 or got == want for got, want in zip(shape, spec.shape)
+        want == -1 or got == want for got, want in zip(shape, spec.shape, strict=True)
     )
     if not fits:
-        raise InvalidInput(
-            f"input {name!r} has shape {shape}; the model expects {spec.shape}"
-        )
+        raise InvalidInput(f"input {name!r} has shape {shape}; the model expects {spec.shape}")
     if spec.datatype is not None and not _castable(arr, DATATYPE_TO_DTYPE[spec.datatype]):
         try:
             got = dtype_to_datatype(arr.dtype)
@@ -186,16 +182,25 @@ def resolve_model_file(runtime: str, path: Path, suffixes: tuple[str, ...]) -> P
     raise ModelLoadFailed(f"cannot load {runtime} model from {path}: no such file")
 
 
-def load_failed(runtime: str, path: Path, exc: BaseException) -> ModelLoadFailed:
+def load_failed(runtime: str, path: Path, exc: BaseException, hint: str = "") -> ModelLoadFailed:
     """Wrap a library's exception so the message says what was being loaded, and from where."""
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "(no message)"
+    text = str(exc).strip()
+    detail = text.splitlines()[0][:500] if text else "(no message)"
     return ModelLoadFailed(
-        f"cannot load {runtime} model from {path}: {type(exc).__name__}: {detail[:500]}"
+        f"cannot load {runtime} model from {path}: {type(exc).__name__}: {detail}"
+        + (f" ({hint})" if hint else "")
     )
 
 
-_SKIP_TYPES = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType,
-               types.MethodType, types.CodeType, types.FrameType)
+_SKIP_TYPES = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    types.CodeType,
+    types.FrameType,
+)
 _OBJECT_GETSTATE = getattr(object, "__getstate__", None)  # Python >= 3.11 has a default one
 _ARRAY_HEADER = 112  # sys.getsizeof of an empty ndarray
 # Large containers are sampled rather than walked: a model holding a 10M-element Python list

@@ -36,9 +36,18 @@ _ONNX_TO_V2 = {
     "tensor(string)": "BYTES",
 }
 _V2_TO_NUMPY = {
-    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-    "UINT64": np.uint64, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-    "INT64": np.int64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
     "BYTES": np.object_,
 }
 
@@ -95,7 +104,7 @@ class OnnxRuntime(Runtime):
                 )
             arrays = {n: inputs[n] for n in model.input_names}
         feeds = {}
-        for (name, arr), dtype in zip(arrays.items(), model.input_dtypes):
+        for (name, arr), dtype in zip(arrays.items(), model.input_dtypes, strict=True):
             arr = np.asarray(arr)
             feeds[name] = arr if dtype is None else arr.astype(dtype, copy=False)
         first = next(iter(feeds.values()))
@@ -108,7 +117,9 @@ class OnnxRuntime(Runtime):
             raise
         except Exception as e:
             raise InferenceError(f"onnx predict failed: {type(e).__name__}: {e}") from e
-        return self._batched_outputs(self.name, dict(zip(model.output_names, results)), rows)
+        return self._batched_outputs(
+            self.name, dict(zip(model.output_names, results, strict=True)), rows
+        )
 
     def unload(self, model: OnnxModel) -> None:
         # Dropping the last reference frees the session; make sure this holder is not it.

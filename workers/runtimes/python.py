@@ -11,7 +11,9 @@ importable on the worker. The contract, checked at load time:
   every output must equal those rows. Raise `mesh.errors.InvalidInput` for bad input; any
   other exception fails the batch as an `InferenceError`.
 - `signature() -> list[TensorSpec | dict]` (optional): the inputs the model expects, so that
-  bad requests are rejected one by one before batching (see `Runtime.check_inputs`).
+  bad requests are rejected one by one before batching (see `Runtime.check_inputs`). With a
+  one-input signature, `predict` receives that input under the declared name whatever the
+  client called it.
 - `size_bytes() -> int` (optional): the model's memory; otherwise it is estimated by walking
   the instance's attributes (`estimate_nbytes`).
 - `unload()` (optional): release resources beyond Python memory (files, sessions, threads).
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
 
-from mesh.errors import InferenceError, MeshError, ModelLoadFailed
+from mesh.errors import InferenceError, InvalidInput, MeshError, ModelLoadFailed
 from mesh.models import ModelInfo
 
 from .base import Loaded, Runtime, TensorSpec, estimate_nbytes
@@ -59,34 +62,53 @@ class PythonRuntime(Runtime):
             ) from e
         if not callable(getattr(model, "predict", None)):
             raise ModelLoadFailed(f"python model class {spec} has no predict(inputs) method")
+        signature = _signature(spec, model)
         return Loaded(
-            model=model,
+            model=PythonModel(instance=model, signature=signature),
             size_bytes=_size(spec, model),
-            signature=_signature(spec, model),
+            signature=signature,
             runtime=self,
         )
 
-    def predict(self, model: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = next(iter(inputs.values())).shape[0] if inputs else 0
+    def predict(self, model: PythonModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not inputs:
+            raise InvalidInput("the request has no inputs")
+        first = next(iter(inputs.values()))
+        if first.ndim == 0:
+            raise InvalidInput("inputs need a first (batch) dimension; got a scalar")
+        sig = model.signature
+        # check_inputs accepts any name for a single-input model, so the user's predict gets
+        # the name it declared rather than whatever the client called it.
+        if sig is not None and len(sig) == 1 and len(inputs) == 1:
+            inputs = {sig[0].name: first}
+        user = model.instance
         try:
-            outputs = model.predict(inputs)
+            outputs = user.predict(inputs)
         except MeshError:
             raise
         except Exception as e:
             raise InferenceError(
-                f"{type(model).__name__}.predict failed: {type(e).__name__}: {e}"
+                f"{type(user).__name__}.predict failed: {type(e).__name__}: {e}"
             ) from e
-        return self._batched_outputs(type(model).__name__, outputs, rows)
+        return self._batched_outputs(f"{type(user).__name__}.predict", outputs, first.shape[0])
 
-    def unload(self, model: Any) -> None:
-        unload = getattr(model, "unload", None)
+    def unload(self, model: PythonModel) -> None:
+        unload = getattr(model.instance, "unload", None)
         if callable(unload):
             try:
                 unload()
             except Exception:
                 # The model is being dropped either way; a failing cleanup must not stop the
                 # worker from freeing the slot.
-                log.exception("%s.unload() failed", type(model).__name__)
+                log.exception("%s.unload() failed", type(model.instance).__name__)
+
+
+@dataclass
+class PythonModel:
+    """What `Loaded.model` holds for this runtime: the user's instance and its signature."""
+
+    instance: Any
+    signature: list[TensorSpec] | None
 
 
 def _import_class(spec: str) -> type:

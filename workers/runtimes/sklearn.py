@@ -30,7 +30,7 @@ class SklearnRuntime(Runtime):
         try:
             model = joblib.load(file)
         except Exception as e:  # unpickling can raise anything; the caller needs one type
-            raise load_failed(self.name, file, e) from e
+            raise load_failed(self.name, file, e, _hint(file, e)) from e
         if not callable(getattr(model, "predict", None)):
             raise load_failed(
                 self.name, file, TypeError(f"{type(model).__name__} object has no predict method")
@@ -48,7 +48,7 @@ class SklearnRuntime(Runtime):
             raise InvalidInput(
                 f"sklearn models take exactly one input tensor [rows, features]; got {len(inputs)}"
             )
-        (name, x), = inputs.items()
+        ((name, x),) = inputs.items()
         x = np.asarray(x)
         # A lone feature vector is a convenience for direct callers; batched requests are 2-D
         # (check_inputs enforces that before batching).
@@ -65,3 +65,12 @@ class SklearnRuntime(Runtime):
         except Exception as e:
             raise InferenceError(f"sklearn predict failed: {type(e).__name__}: {e}") from e
         return self._batched_outputs(self.name, {"predict": y}, x.shape[0])
+
+
+def _hint(file: Path, exc: Exception) -> str:
+    # Unpickling errors of a damaged file are cryptic (EOFError, KeyError: 0); say what they mean.
+    if isinstance(exc, (ImportError, AttributeError)):
+        return "the model needs a module or version that this worker does not have"
+    if file.stat().st_size == 0:
+        return "the file is empty"
+    return "not a file written by joblib.dump, or a damaged one"
