@@ -138,6 +138,8 @@ class LoadedModel(_Strict):
     loaded_at: float
     inflight: int = 0
     buffered: int = 0
+    requests_total: int = 0  # answered by this copy since the worker started
+    request_rate: float = 0.0  # requests/s over the last heartbeat interval
 
 
 class WorkerState(_Strict):

@@ -23,6 +23,7 @@ class Heartbeat(threading.Thread):
         self.ttl = max(host.settings.heartbeat_ttl_s, 2 * self.interval)
         self._stop_requested = threading.Event()
         self._last = (time.monotonic(), 0)
+        self._last_models: dict[str, int] = {}
 
     def stop(self) -> None:
         self._stop_requested.set()
@@ -42,8 +43,15 @@ class Heartbeat(threading.Thread):
         stats = h.inference.stats
         now_m = time.monotonic()
         last_t, last_n = self._last
-        rate = (stats.requests - last_n) / (now_m - last_t) if now_m > last_t else 0.0
+        elapsed = now_m - last_t
+        rate = (stats.requests - last_n) / elapsed if elapsed > 0 else 0.0
         self._last = (now_m, stats.requests)
+        totals = stats.model_totals()
+        for m in models:
+            m.requests_total = totals.get(m.model_id, 0)
+            done = m.requests_total - self._last_models.get(m.model_id, m.requests_total)
+            m.request_rate = round(done / elapsed, 3) if elapsed > 0 else 0.0
+        self._last_models = totals
         return WorkerState(
             name=h.name,
             host=h.host,

@@ -46,16 +46,24 @@ class Outcome:
 
 @dataclass
 class Stats:
+    """Counters for the heartbeat (totals; the heartbeat turns them into rates)."""
+
     requests: int = 0
     batches: int = 0
     failures: int = 0
+    per_model: dict[str, int] = field(default_factory=dict)  # requests answered per model
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, requests: int, failures: int) -> None:
+    def add(self, model_id: str, requests: int, failures: int) -> None:
         with self.lock:
             self.requests += requests
             self.batches += 1
             self.failures += failures
+            self.per_model[model_id] = self.per_model.get(model_id, 0) + requests
+
+    def model_totals(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.per_model)
 
 
 class InferenceLoop(threading.Thread):
@@ -192,7 +200,7 @@ class InferenceLoop(threading.Thread):
                 pipe.publish(key, value)
             pipe.execute()
         failures = sum(1 for o in outcomes if o.error is not None)
-        self.stats.add(len(outcomes), failures)
+        self.stats.add(model_id, len(outcomes), failures)
         now = time.monotonic()
         wait_ms = (now - compute_s - min(o.item.arrived for o in outcomes)) * 1000.0
         self.host.call_soon(

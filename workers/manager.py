@@ -254,6 +254,7 @@ class ModelManager:
             return
         self.host.store.set_size(model_id, size)
         self.host.update_prefetch()
+        self.host.on_copy_loaded(model_id)
 
     def _reassert(self, model_id: str) -> None:
         self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED)

@@ -206,6 +206,9 @@ class MeshWorker:
             return
         self.fail_model(model_id, ModelLoadFailed(message))
 
+    def on_copy_loaded(self, model_id: str) -> None:
+        """A copy of `model_id` is now serving here (hook for vmodel transitions)."""
+
     def after_unload(self, model_id: str, unregistered: bool) -> None:
         """An evicted model with requests still queued and no other copy gets a new load.
 
