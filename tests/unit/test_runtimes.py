@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import timeit
 from pathlib import Path
 
 import joblib
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 from sklearn.tree import DecisionTreeClassifier
-from threadpoolctl import threadpool_limits
 
 from mesh.errors import InferenceError, InvalidInput, ModelLoadFailed
 from mesh.examples import (
@@ -248,21 +246,6 @@ def test_onnx_predict_errors_are_typed(models):
         loaded.runtime.predict(loaded.model, {"x": np.zeros((2, 10), dtype=np.float32)})
 
 
-def test_mlp_batching_pays(models, tmp_path):
-    # The default (256, 256) network, as the docstring claims. One BLAS thread, as in a worker
-    # sharing the cores with others (and so that a busy machine cannot skew one side), the
-    # two sizes measured alternately, best of several runs.
-    loaded = load("sklearn", train_digits_mlp(tmp_path / "mlp.joblib"))
-    one, batch = {"x": DIGITS[:1]}, {"x": DIGITS[:32]}
-    best = {1: float("inf"), 32: float("inf")}
-    with threadpool_limits(1):
-        for _ in range(15):
-            for rows, x in ((1, one), (32, batch)):
-                t = timeit.timeit(lambda x=x: loaded.runtime.predict(loaded.model, x), number=10)
-                best[rows] = min(best[rows], t)
-    assert best[32] < 3 * best[1], best
-
-
 # --------------------------------------------------------------------------- check_inputs
 
 
@@ -469,7 +452,8 @@ def test_python_runtime_unload_errors_are_logged_not_raised(caplog):
         (None, "runtime 'python' needs python_class ('package.module:ClassName')"),
         (
             "no_such_module_xyz:Model",
-            "cannot import module 'no_such_module_xyz' of python_class 'no_such_module_xyz:Model': ModuleNotFoundError",
+            "cannot import module 'no_such_module_xyz' of python_class "
+            "'no_such_module_xyz:Model': ModuleNotFoundError",
         ),
         (python_class("Missing"), f"module {__name__!r} has no attribute 'Missing'"),
         (python_class("not_a_class"), "is a int, not a class"),
