@@ -35,6 +35,12 @@ class MeshSettings(BaseSettings):
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
     load_timeout_s: float = Field(default=120.0, gt=0)
     loading_concurrency: int = Field(default=1, ge=1, le=64)
+    intra_op_threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="BLAS/OpenMP threads per worker process (several workers share the cores)",
+    )
     prefetch_floor: int = Field(
         default=64, ge=1, description="prefetch when no model is loaded (commands, cold loads)"
     )

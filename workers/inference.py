@@ -122,6 +122,8 @@ class InferenceLoop(threading.Thread):
         loaded = entry.loaded
         runtime = loaded.runtime
         outcomes = [Outcome(p) for p in items]
+        sig = loaded.signature
+        single_input = sig[0].name if sig is not None and len(sig) == 1 else None
         for o in outcomes:
             try:
                 kwargs = o.item.req.kwargs
@@ -129,6 +131,10 @@ class InferenceLoop(threading.Thread):
                     raise InvalidInput("mesh.infer needs a keyword argument 'inputs' (KServe V2 tensors)")
                 o.inputs = decode_inputs(kwargs["inputs"])
                 runtime.check_inputs(loaded, o.inputs)
+                if single_input is not None and len(o.inputs) == 1:
+                    # a one-input model takes its input by position whatever the request
+                    # named it; renaming lets differently named requests share a batch
+                    o.inputs = {single_input: next(iter(o.inputs.values()))}
                 o.rows = _rows(o.inputs)
             except MeshError as exc:
                 o.error = exc

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis
 from celery.worker import state as worker_state
+from threadpoolctl import threadpool_limits
 
 from mesh.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
@@ -46,6 +47,9 @@ class MeshWorker:
         # the app's prefix/URL win over the environment, so a worker built for a custom
         # MeshClient app (tests) and its producers always agree
         self.settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_url)
+        # Several worker processes share the host's cores: one BLAS/OpenMP thread each by
+        # default, so batches do not fight over cores (the inference thread is the parallelism).
+        threadpool_limits(self.settings.intra_op_threads)
         self.name: str = consumer.hostname
         self.host = socket.gethostname()
         self.pid = os.getpid()
