@@ -1,0 +1,103 @@
+"""The Redis state store against a real Redis (no workers): registry, cold-path claims, copies."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from mesh.errors import AlreadyExists, FailedPrecondition
+from mesh.keys import Keys
+from mesh.launcher import wait_for
+from mesh.models import CopyState, ModelInfo, ModelRecord, ModelState, WorkerState
+from mesh.settings import MeshSettings
+from mesh.state import Route, StateStore
+
+
+@pytest.fixture
+def store(redis_url, prefix):
+    client = redis.Redis.from_url(redis_url)
+    yield StateStore(client, Keys(prefix), MeshSettings(prefix=prefix, max_load_attempts=2))
+    client.close()
+
+
+INFO = ModelInfo(runtime="sklearn", uri="file:///models/a.joblib")
+
+
+def heartbeat(store, name, ttl=30.0, **kw):
+    st = WorkerState(name=name, host="h", pid=1, capacity_bytes=1000, used_bytes=0,
+                     started_at=time.time(), updated_at=time.time(), **kw)
+    store.write_heartbeat(st, ttl)
+
+
+def test_register_is_idempotent_and_immutable(store):
+    rec, created = store.register_model("a", INFO)
+    assert created and rec.refs == 0
+    again, created = store.register_model("a", INFO)
+    assert not created and again == rec
+    with pytest.raises(AlreadyExists):
+        store.register_model("a", ModelInfo(runtime="onnx", uri="file:///models/a.onnx"))
+    assert [r.model_id for r in store.list_records()] == ["a"]
+
+
+def test_unregister_is_idempotent_and_refuses_referenced_models(store):
+    store.register_model("a", INFO)
+    store.mark_copy("a", "w1", CopyState.LOADED)
+    assert store.unregister_model("a") == ["w1"]
+    assert store.unregister_model("a") == []
+    assert store.get_record("a") is None
+    rec = ModelRecord(model_id="b", info=INFO, refs=1)
+    store.r.hset(store.keys.models, "b", rec.model_dump_json())
+    with pytest.raises(FailedPrecondition):
+        store.unregister_model("b")
+
+
+def test_a_copy_is_not_recorded_for_an_unregistered_model(store):
+    assert store.mark_copy("ghost", "w1", CopyState.LOADED) is False
+    assert store.r.exists(store.keys.copies("ghost")) == 0
+
+
+def test_route_claims_once_and_sees_live_copies(store):
+    assert store.route("a", "c1") is Route.NOT_FOUND
+    store.register_model("a", INFO)
+    assert store.route("a", "c1") is Route.CLAIMED
+    assert store.route("a", "c2") is Route.PENDING  # c1 is placing the load
+    heartbeat(store, "w1")
+    assert store.place_load("a").worker == "w1"
+    assert store.model_status("a").state is ModelState.LOADING
+    assert store.route("a", "c2") is Route.SERVING
+    store.mark_copy("a", "w1", CopyState.LOADED)
+    assert store.r.exists(store.keys.load_claim("a")) == 0  # a finished load releases the claim
+    assert store.model_status("a").state is ModelState.LOADED
+
+
+def test_a_claim_held_by_a_dead_worker_is_taken_over(store):
+    store.register_model("a", INFO)
+    store.r.set(store.keys.load_claim("a"), "dead-worker")
+    store.r.hset(store.keys.copies("a"), "dead-worker", '{"worker":"dead-worker","state":"LOADING","since":1}')
+    assert store.model_status("a").state is ModelState.NOT_LOADED
+    assert store.route("a", "c1") is Route.CLAIMED
+
+
+def test_place_load_fails_fast_once_every_worker_failed(store):
+    store.register_model("a", INFO)
+    heartbeat(store, "w1")
+    heartbeat(store, "w2")
+    store.record_failure("a", "w1", "boom 1")
+    assert store.place_load("a").worker == "w2"  # one retry elsewhere
+    store.record_failure("a", "w2", "boom 2")
+    placement = store.place_load("a")
+    assert placement.worker is None and placement.error == "boom 2"
+    status = store.model_status("a")
+    assert status.state is ModelState.LOADING_FAILED
+    assert status.errors[0] == "boom 2" and {f.worker for f in status.failed_copies} == {"w1", "w2"}
+
+
+def test_dead_workers_disappear_from_the_live_set(store):
+    heartbeat(store, "w1", ttl=30)
+    heartbeat(store, "w2", ttl=0.2)
+    wait_for(lambda: not store.r.exists(store.keys.worker("w2")), timeout=5, what="w2's heartbeat to expire")
+    assert [w.name for w in store.live_workers()] == ["w1"]
+    store.remove_worker("w1")
+    assert store.live_workers() == []
