@@ -10,7 +10,7 @@ import time
 from enum import Enum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .ids import validate_id
 
@@ -47,6 +47,19 @@ class ModelInfo(_Strict):
     size_bytes: int | None = Field(
         default=None, ge=0, description="size hint used for placement before the first load"
     )
+    # Copy bounds for the scheduler (docs/scheduler.md). None: not set at this level.
+    min_copies: int | None = Field(
+        default=None, ge=0, le=1024, description="copies kept loaded at all times (pinning)"
+    )
+    max_copies: int | None = Field(
+        default=None, ge=1, le=1024, description="upper bound on copies from load scaling"
+    )
+
+    @model_validator(mode="after")
+    def _copies_bounds(self) -> ModelInfo:
+        if self.min_copies is not None and self.max_copies is not None and self.min_copies > self.max_copies:
+            raise ValueError(f"min_copies ({self.min_copies}) > max_copies ({self.max_copies})")
+        return self
 
     def same_model(self, other: ModelInfo) -> bool:
         """ModelMesh treats type/path as immutable: identical info means the same model."""
