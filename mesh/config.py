@@ -10,10 +10,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .models import BatchingConfig, ModelInfo
+from .models import BatchingConfig, ModelInfo, ModelRecord
 from .settings import MeshSettings
 
-BATCHING_FIELDS = ("max_batch_size", "max_batch_delay_ms")
+BATCHING_FIELDS = (
+    "max_batch_size",
+    "max_batch_delay_ms",
+    "preferred_batch_sizes",
+    "max_queue_size",
+    "default_timeout_ms",
+    "default_priority",
+)
 
 
 class Setting(BaseModel):
@@ -27,6 +34,12 @@ class EffectiveConfig(BaseModel):
 
     def value(self, name: str) -> Any:
         return self.values[name].value
+
+
+def record_manifest(record: ModelRecord) -> BatchingConfig | None:
+    """The manifest level of a record (filled by the model repository; None otherwise)."""
+    manifest = getattr(record, "manifest", None)
+    return getattr(manifest, "batching", manifest) if manifest is not None else None
 
 
 def effective_config(

@@ -55,6 +55,13 @@ class FailedPrecondition(MeshError):
     code = "FAILED_PRECONDITION"
 
 
+class QueueFull(MeshError):
+    """The model's queue holds max_queue_size requests; nothing was enqueued (Triton's
+    "Exceeds maximum queue size")."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class DeadlineExceeded(MeshError, TimeoutError):
     code = "DEADLINE_EXCEEDED"
 

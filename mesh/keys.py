@@ -60,6 +60,23 @@ class Keys:
     def load_claim(self, model_id: str) -> str:
         return f"{self.prefix}:loadclaim:{model_id}"
 
+    # --- vmodel transitions (mesh/vmodels.py)
+    @property
+    def transitions(self) -> str:
+        """Hash vmodel_id -> target model id, for every vmodel with a pending transition."""
+        return f"{self.prefix}:transitions"
+
+    @property
+    def draining(self) -> str:
+        """Hash model_id -> drain entry: auto-deleted models whose copies still finish requests."""
+        return f"{self.prefix}:draining"
+
+    def vmodel_lock(self, vmodel_id: str) -> str:
+        return f"{self.prefix}:vmlock:{vmodel_id}"
+
+    def vmodel_dirty(self, vmodel_id: str) -> str:
+        return f"{self.prefix}:vmdirty:{vmodel_id}"
+
     @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"

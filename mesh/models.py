@@ -26,8 +26,31 @@ class BatchingConfig(_Strict):
     level of precedence (model manifest, then global settings, then defaults).
     """
 
-    max_batch_size: int | None = Field(default=None, ge=1, le=65536)
-    max_batch_delay_ms: float | None = Field(default=None, ge=0, le=60_000)
+    max_batch_size: int | None = Field(
+        default=None, ge=1, le=65536, description="items per batch (a request is one item)"
+    )
+    max_batch_delay_ms: float | None = Field(
+        default=None, ge=0, le=60_000, description="longest wait of the oldest request for a fuller batch"
+    )
+    preferred_batch_sizes: list[int] | None = Field(
+        default=None, description="batch sizes to form when more is buffered (Triton)"
+    )
+    max_queue_size: int | None = Field(
+        default=None, ge=0, description="requests waiting in Redis beyond which new ones are rejected (0: no limit)"
+    )
+    default_timeout_ms: float | None = Field(
+        default=None, ge=0, description="requests not started within this are never run (0: no timeout)"
+    )
+    default_priority: Literal["high", "normal"] | None = None
+
+    @field_validator("preferred_batch_sizes")
+    @classmethod
+    def _sizes(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return None
+        if not v or any(not isinstance(n, int) or n < 1 or n > 65536 for n in v):
+            raise ValueError("preferred_batch_sizes must be a non-empty list of integers in 1..65536")
+        return sorted(set(v))
 
 
 RUNTIME_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
@@ -37,7 +60,16 @@ class ModelInfo(_Strict):
     """What `register_model` needs: ModelMesh's ModelInfo (type, path) plus Mesh's per-model policy."""
 
     runtime: str = Field(pattern=RUNTIME_PATTERN, description="sklearn | onnx | python | ...")
-    uri: str = Field(min_length=1, max_length=4096, description="file:///... (s3://... later)")
+    uri: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="file:///abs/path, s3://bucket/key, or a key inside `storage_key`'s bucket",
+    )
+    storage_key: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,128}$",
+        description="entry of MESH_STORAGE_CONFIG holding the credentials (docs/storage.md)",
+    )
     batching: BatchingConfig | None = None
     python_class: str | None = Field(
         default=None,
@@ -66,6 +98,29 @@ class ModelInfo(_Strict):
         return self.model_dump(mode="json") == other.model_dump(mode="json")
 
 
+class ModelManifest(_Strict):
+    """Per-model settings from the model repository's `mesh.json` (docs/storage.md).
+
+    The "manifest" level of the precedence: management API (`ModelInfo`) > manifest > global
+    settings. `runtime`/`python_class` are fixed when a version is registered; the rest is read
+    by workers at each load.
+    """
+
+    runtime: str | None = Field(default=None, pattern=RUNTIME_PATTERN)
+    python_class: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+    )
+    batching: BatchingConfig | None = None
+    min_copies: int | None = Field(default=None, ge=0, le=1024)
+    max_copies: int | None = Field(default=None, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _manifest_copies_bounds(self) -> ModelManifest:
+        if self.min_copies is not None and self.max_copies is not None and self.min_copies > self.max_copies:
+            raise ValueError(f"min_copies ({self.min_copies}) > max_copies ({self.max_copies})")
+        return self
+
+
 class ModelRecord(_Strict):
     """The registry entry of a concrete model (ModelMesh's ModelRecord)."""
 
@@ -75,6 +130,9 @@ class ModelRecord(_Strict):
     auto_delete: bool = False
     created_at: float = Field(default_factory=time.time)
     size_bytes: int | None = None  # measured at the last successful load
+    # Set by the repository sync (mesh/repository.py): the merged manifest of a repository
+    # version. None for models registered only through the API.
+    manifest: ModelManifest | None = None
 
     @field_validator("model_id")
     @classmethod
@@ -83,17 +141,39 @@ class ModelRecord(_Strict):
 
 
 class VModelRecord(_Strict):
-    """A vmodel (alias): ModelMesh's VModelRecord (owner, active, target, target load failed)."""
+    """A vmodel (alias): ModelMesh's VModelRecord (owner, active, target, target load failed).
+
+    Requests for the vmodel go to `active_model_id`; while `target_model_id` differs, a
+    transition is pending (mesh/vmodels.py drives it). The vmodel holds one reference on each
+    distinct model it names: that is what `ModelRecord.refs` counts.
+    """
 
     vmodel_id: str
     owner: str = ""
     active_model_id: str
     target_model_id: str
-    target_load_failed: bool = False
+    target_load_failed: bool = False  # meaningful only while in transition
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+
+    @field_validator("vmodel_id")
+    @classmethod
+    def _valid_vmodel_id(cls, v: str) -> str:
+        return validate_id(v, "vmodel")
+
+    @field_validator("active_model_id", "target_model_id")
+    @classmethod
+    def _valid_model_ids(cls, v: str) -> str:
+        return validate_id(v)
 
     @property
     def in_transition(self) -> bool:
         return self.active_model_id != self.target_model_id
+
+    @property
+    def references(self) -> frozenset[str]:
+        """The models this vmodel holds a reference on (one each, even when active == target)."""
+        return frozenset((self.active_model_id, self.target_model_id))
 
 
 class ModelState(str, Enum):
@@ -142,6 +222,90 @@ class ModelStatus(_Strict):
     @property
     def serving_state(self) -> str:
         return self.state.serving_state
+
+
+class VModelState(str, Enum):
+    """ModelMesh's VModelStatus (§2.3)."""
+
+    NOT_FOUND = "NOT_FOUND"
+    DEFINED = "DEFINED"
+    TRANSITIONING = "TRANSITIONING"
+    TRANSITION_FAILED = "TRANSITION_FAILED"
+
+    @property
+    def transition_status(self) -> str | None:
+        """ModelMesh Serving's `transitionStatus` for the same state (None: no vmodel)."""
+        return {
+            "NOT_FOUND": None,
+            "DEFINED": "UpToDate",
+            "TRANSITIONING": "InProgress",
+            "TRANSITION_FAILED": "BlockedByFailedLoad",
+        }[self.value]
+
+
+class VModelStatus(_Strict):
+    """What `get_vmodel_status` / `set_vmodel` return: ModelMesh's VModelStatusInfo, with the
+    copies of both models and ModelMesh Serving's words as properties.
+
+    `target_model_*` are set only while a transition is pending (active != target). Unlike
+    ModelMesh, which always reports a transitioning target as LOADING, `target_model_state` is
+    the target's real state: it can be LOADED while the transition still waits for more copies.
+    """
+
+    vmodel_id: str
+    status: VModelState
+    active_model_id: str = ""
+    target_model_id: str = ""
+    owner: str = ""
+    active_model_state: ModelState | None = None
+    target_model_state: ModelState | None = None
+    active_model_copies: list[CopyInfo] = []
+    active_model_failed_copies: list[FailedCopy] = []
+    target_model_copies: list[CopyInfo] = []
+    target_model_failed_copies: list[FailedCopy] = []
+    errors: list[str] = []  # load errors, newest first: the target's while transitioning
+
+    @property
+    def in_transition(self) -> bool:
+        return self.status in (VModelState.TRANSITIONING, VModelState.TRANSITION_FAILED)
+
+    @property
+    def transition_status(self) -> str | None:
+        """UpToDate | InProgress | BlockedByFailedLoad (None when the vmodel does not exist).
+
+        As ModelMesh Serving does, a failed transition whose target is loading again (its
+        failure records expired and it is being retried) shows InProgress.
+        """
+        if self.status is VModelState.TRANSITION_FAILED and self.target_model_state is ModelState.LOADING:
+            return "InProgress"
+        return self.status.transition_status
+
+    @property
+    def active_model_serving_state(self) -> str:
+        """Standby | Loading | Loaded | FailedToLoad, or Pending when there is no active model."""
+        return (self.active_model_state or ModelState.NOT_FOUND).serving_state
+
+    @property
+    def target_model_serving_state(self) -> str | None:
+        return self.target_model_state.serving_state if self.target_model_state else None
+
+    @property
+    def copies(self) -> int:
+        """ModelMesh Serving's `totalCopies`: copies and failed copies of the active model, plus
+        the target's while transitioning."""
+        return (
+            len(self.active_model_copies)
+            + len(self.active_model_failed_copies)
+            + len(self.target_model_copies)
+            + len(self.target_model_failed_copies)
+        )
+
+    total_copies = copies
+
+    @property
+    def failed_copies(self) -> int:
+        """ModelMesh Serving's `failedCopies`."""
+        return len(self.active_model_failed_copies) + len(self.target_model_failed_copies)
 
 
 class LoadedModel(_Strict):

@@ -10,12 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from cachetools import TTLCache
 from celery import Celery
 
 from .commands import send_command
-from .errors import InvalidArgument, ModelLoadFailed, ModelNotFound
+from .config import EffectiveConfig, effective_config, record_manifest
+from .errors import InvalidArgument, ModelLoadFailed, ModelNotFound, QueueFull
 from .ids import validate_id
 from .keys import Keys
 from .models import Command, VModelRecord
@@ -26,6 +30,9 @@ log = logging.getLogger("mesh.routing")
 
 MODEL_HEADER = "mm-model-id"
 VMODEL_HEADER = "mm-vmodel-id"
+# kombu's Redis transport serves lower numbers first; two lanes (celery_config.PRIORITY_STEPS)
+PRIORITIES = {"high": 0, "normal": 5}
+CONFIG_TTL_S = 2.0
 
 
 class Router:
@@ -34,6 +41,9 @@ class Router:
         self.store = store
         self.keys: Keys = store.keys
         self.name = f"client:{socket.gethostname()}:{os.getpid()}"
+        self.priority_steps = list(app.conf.broker_transport_options.get("priority_steps", [0]))
+        self._configs: TTLCache = TTLCache(maxsize=10_000, ttl=CONFIG_TTL_S)
+        self._config_lock = threading.Lock()
 
     def resolve(self, model_id: str | None, vmodel_id: str | None) -> str:
         """The concrete model id to serve this request (a vmodel's active model)."""
@@ -47,11 +57,44 @@ class Router:
             raise ModelNotFound(f"vmodel {vmodel_id!r} not found")
         return VModelRecord.model_validate_json(raw).active_model_id
 
-    def prepare(self, model_id: str) -> None:
-        """Check the model exists; if it has no copy and no load in progress, start one now."""
-        route = self.store.route(model_id, claimant=self.name)
+    def model_config(self, model_id: str) -> EffectiveConfig | None:
+        """The model's effective per-model config, cached briefly (one HGET per model per TTL).
+
+        Only producer-side policy reads it (queue limit, default timeout and priority): a
+        change takes effect within CONFIG_TTL_S.
+        """
+        with self._config_lock:
+            if model_id in self._configs:
+                return self._configs[model_id]
+        record = self.store.get_record(model_id)
+        cfg = None if record is None else effective_config(
+            model_id, record.info, self.store.settings, manifest=record_manifest(record)
+        )
+        with self._config_lock:
+            self._configs[model_id] = cfg
+        return cfg
+
+    def prepare(self, model_id: str) -> EffectiveConfig:
+        """Check the model exists and its queue has room; if it has no copy and no load in
+        progress, start one now. Returns the model's effective config."""
+        cfg = self.model_config(model_id)
+        max_queue = cfg.value("max_queue_size") if cfg is not None else 0
+        route = self.store.route(
+            model_id, claimant=self.name, max_queue=max_queue, priority_steps=self.priority_steps
+        )
         if route is Route.NOT_FOUND:
+            with self._config_lock:
+                self._configs.pop(model_id, None)
             raise ModelNotFound(f"model {model_id!r} not found")
+        if route is Route.QUEUE_FULL:
+            raise QueueFull(
+                f"model {model_id!r} has {max_queue} requests waiting (max_queue_size); "
+                "nothing was enqueued"
+            )
+        if cfg is None:  # registered between the config read and the route
+            with self._config_lock:
+                self._configs.pop(model_id, None)
+            cfg = self.model_config(model_id)
         if route is Route.CLAIMED:
             placement = self.store.place_load(model_id)
             if placement.worker is not None:
@@ -60,11 +103,11 @@ class Router:
                 raise ModelLoadFailed(placement.error)
             else:
                 log.warning("no live mesh worker: requests for %s wait in its queue", model_id)
+        return cfg
 
-    def route(self, model_id: str | None, vmodel_id: str | None) -> str:
+    def route(self, model_id: str | None, vmodel_id: str | None) -> tuple[str, EffectiveConfig]:
         concrete = self.resolve(model_id, vmodel_id)
-        self.prepare(concrete)
-        return concrete
+        return concrete, self.prepare(concrete)
 
 
 def router_for(app: Celery) -> Router:
@@ -98,5 +141,10 @@ def route_task(name: str, args: Any, kwargs: Any, options: dict, task: Any = Non
             "mesh.infer needs a model: set the mm-model-id or mm-vmodel-id header "
             "(or a model_id / vmodel_id keyword argument)"
         )
-    concrete = router.route(model_id if model_id else None, None if model_id else vmodel_id)
-    return {"queue": router.keys.model_queue(concrete)}
+    concrete, cfg = router.route(model_id if model_id else None, None if model_id else vmodel_id)
+    # the producer's own priority/expires win (Celery merges explicit options over ours)
+    route = {"queue": router.keys.model_queue(concrete), "priority": PRIORITIES[cfg.value("default_priority")]}
+    timeout_ms = cfg.value("default_timeout_ms")
+    if timeout_ms:
+        route["expires"] = datetime.now(timezone.utc) + timedelta(milliseconds=timeout_ms)
+    return route

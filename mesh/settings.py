@@ -8,8 +8,9 @@ docs/configuration.md lists every field with its default and where it applies.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .ids import validate_id
@@ -45,9 +46,13 @@ class MeshSettings(BaseSettings):
         default=64, ge=1, description="prefetch when no model is loaded (commands, cold loads)"
     )
 
-    # --- batching defaults (global level of precedence)
+    # --- batching and queue policy defaults (global level of precedence)
     max_batch_size: int = Field(default=32, ge=1, le=65536)
     max_batch_delay_ms: float = Field(default=5.0, ge=0, le=60_000)
+    preferred_batch_sizes: list[int] = Field(default_factory=list, description="JSON list, e.g. [8,16]")
+    max_queue_size: int = Field(default=0, ge=0, description="0: no limit")
+    default_timeout_ms: float = Field(default=0.0, ge=0, description="0: no timeout")
+    default_priority: Literal["high", "normal"] = "normal"
 
     # --- failures and requests
     load_failure_expiry_s: float = Field(
@@ -63,6 +68,38 @@ class MeshSettings(BaseSettings):
     )
     polling_interval_s: float = Field(
         default=0.1, gt=0, description="BRPOP timeout: how soon a newly added queue is polled"
+    )
+
+    # --- storage, disk cache and model repository (docs/storage.md)
+    storage_config: SecretStr | None = Field(
+        default=None,
+        description="S3 storage config, ModelMesh Serving's shape ({key: {type: s3, "
+        "access_key_id, secret_access_key, endpoint_url, bucket, region, certificate}}): "
+        "a path to a JSON file or the JSON itself. Secret: never logged.",
+    )
+    disk_cache_dir: str | None = Field(
+        default=None,
+        description="per-host disk cache of downloaded models, shared by the host's workers "
+        "(unset: $XDG_CACHE_HOME or ~/.cache, then mesh/models)",
+    )
+    disk_cache_bytes: int = Field(
+        default=10 * 1024**3, ge=1, description="byte budget of the disk cache (LRU beyond it)"
+    )
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0, description="S3 connect timeout")
+    s3_read_timeout_s: float = Field(default=30.0, gt=0, description="S3 read timeout")
+    s3_max_attempts: int = Field(
+        default=3, ge=1, le=10, description="S3 attempts per call (retries of transient errors)"
+    )
+    model_dir: str | None = Field(
+        default=None,
+        description="model repository, a local directory or an s3://bucket/prefix: "
+        "<name>/<version>/... served as <name>@<version>, vmodel <name> = latest",
+    )
+    model_dir_storage_key: str | None = Field(
+        default=None, description="storage config key for an s3:// MESH_MODEL_DIR"
+    )
+    repository_sync_interval_s: float = Field(
+        default=10.0, gt=0, description="how often the beat scheduler syncs the repository"
     )
 
     @field_validator("prefix")

@@ -37,12 +37,19 @@ class Route(IntEnum):
     SERVING = 1  # a live copy exists (loading or loaded): just enqueue
     CLAIMED = 2  # no copy and no load in progress: the caller must place a load
     PENDING = 3  # another client is placing a load right now
+    QUEUE_FULL = 4  # max_queue_size requests already wait in Redis
 
 
 # One round trip on the hot path. A claim whose holder is a dead worker is taken over, so a
 # worker that died mid-load does not block the model until the claim's TTL runs out.
 _ROUTE_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local max_queue = tonumber(ARGV[5])
+if max_queue > 0 then
+  local depth = 0
+  for i = 4, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+  if depth >= max_queue then return 4 end
+end
 for _, w in ipairs(redis.call('HKEYS', KEYS[2])) do
   if redis.call('EXISTS', ARGV[2] .. w) == 1 then return 1 end
 end
@@ -192,11 +199,15 @@ class StateStore:
         )
 
     # ------------------------------------------------------------------ cold path
-    def route(self, model_id: str, claimant: str) -> Route:
+    def route(
+        self, model_id: str, claimant: str, *, max_queue: int = 0, priority_steps: list[int] = (0,)
+    ) -> Route:
+        """One round trip: exists? queue full? a live copy? else claim the load."""
         k = self.keys
+        queue_keys = k.queue_list_keys(k.model_queue(model_id), list(priority_steps)) if max_queue else []
         code = self._route(
-            keys=[k.models, k.copies(model_id), k.load_claim(model_id)],
-            args=[model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}"],
+            keys=[k.models, k.copies(model_id), k.load_claim(model_id), *queue_keys],
+            args=[model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}", max_queue],
         )
         return Route(int(code))
 

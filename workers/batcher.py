@@ -5,13 +5,14 @@ takes the oldest ready batch (`take`). Pull, never push: requests keep accumulat
 batch runs, which is what makes batches fill (reference/celery.md §1: a push design gave
 batches of 1.1). `select_ready` is the policy, a pure function over plain data.
 
-A buffer is ready when
-- it is full (`max_batch_size`), or
+Sizes count *items*: a request is one item, a client micro-batch (`infer_many`) is as many
+items as it carries. A buffer is ready when
+- it holds `max_batch_size` items (or the largest `preferred_batch_sizes` entry), or
 - its oldest request has waited `max_batch_delay_ms`, or
 - nothing more is arriving for it (its Redis queue is empty), so a lone request on an idle
   worker pays no batching delay.
 Among ready buffers the one whose oldest request is oldest goes first, so one model's flood
-cannot starve another model's requests.
+cannot starve another model's requests. Inside a buffer, high-priority requests go first.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -31,29 +32,41 @@ log = logging.getLogger("mesh.worker.batcher")
 class BatchPolicy:
     max_batch_size: int
     max_batch_delay_s: float
+    preferred_batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass
 class Pending:
-    """One buffered request: the Celery Request and when it reached this worker."""
+    """One buffered message: the Celery Request, its item count, when it arrived here."""
 
     req: Any
+    items: int = 1
+    high: bool = False
     arrived: float = field(default_factory=time.monotonic)
 
 
 class BufferView(NamedTuple):
     model_id: str
-    count: int
+    count: int  # items buffered
     oldest: float  # monotonic arrival of the oldest request
     max_batch_size: int
     max_batch_delay_s: float
     failed: bool
+    preferred: tuple[int, ...] = ()
 
 
 class Choice(NamedTuple):
     model_id: str
-    size: int
+    size: int  # items to take
     reason: str  # full | delay | idle | failed
+
+
+def batch_size(count: int, max_batch_size: int, preferred: Sequence[int]) -> int:
+    """Items to take from `count` buffered: the largest preferred size that fits, else all
+    up to max_batch_size (Triton's rule for preferred batch sizes)."""
+    cap = min(count, max_batch_size)
+    fitting = [p for p in preferred if p <= cap]
+    return max(fitting) if fitting else cap
 
 
 def select_ready(
@@ -65,9 +78,10 @@ def select_ready(
     for v in views:
         if v.count == 0:
             continue
+        full_at = min(v.max_batch_size, max(v.preferred)) if v.preferred else v.max_batch_size
         if v.failed:
             reason = "failed"
-        elif v.count >= v.max_batch_size:
+        elif v.count >= full_at:
             reason = "full"
         elif now - v.oldest >= v.max_batch_delay_s:
             reason = "delay"
@@ -77,7 +91,8 @@ def select_ready(
             due = v.oldest + v.max_batch_delay_s - now
             wait = due if wait is None else min(wait, due)
             continue
-        choice = Choice(v.model_id, min(v.count, v.max_batch_size), reason)
+        size = v.count if v.failed else batch_size(v.count, v.max_batch_size, v.preferred)
+        choice = Choice(v.model_id, size, reason)
         if best is None or v.oldest < best[0]:
             best = (v.oldest, choice)
     if best is not None:
@@ -93,13 +108,54 @@ class Batch:
     error: BaseException | None = None  # set for a failed model: answer every item with it
 
 
+class _Lanes:
+    """Two FIFO lanes (high, normal priority) with an item count."""
+
+    __slots__ = ("high", "normal", "units")
+
+    def __init__(self) -> None:
+        self.high: deque[Pending] = deque()
+        self.normal: deque[Pending] = deque()
+        self.units = 0
+
+    def append(self, p: Pending) -> None:
+        (self.high if p.high else self.normal).append(p)
+        self.units += p.items
+
+    def oldest(self, default: float) -> float:
+        heads = [lane[0].arrived for lane in (self.high, self.normal) if lane]
+        return min(heads) if heads else default
+
+    def take(self, units: int) -> list[Pending]:
+        """At least one message, then more while they fit in `units` (high lane first)."""
+        out: list[Pending] = []
+        taken = 0
+        for lane in (self.high, self.normal):
+            while lane and (not out or taken + lane[0].items <= units):
+                p = lane.popleft()
+                out.append(p)
+                taken += p.items
+        self.units -= taken
+        return out
+
+    def drain(self) -> list[Pending]:
+        out = list(self.high) + list(self.normal)
+        self.high.clear()
+        self.normal.clear()
+        self.units = 0
+        return out
+
+    def __len__(self) -> int:
+        return len(self.high) + len(self.normal)
+
+
 class _Buffer:
-    __slots__ = ("model_id", "policy", "items", "error", "opened", "sealed")
+    __slots__ = ("model_id", "policy", "lanes", "error", "opened", "sealed")
 
     def __init__(self, model_id: str, policy: BatchPolicy) -> None:
         self.model_id = model_id
         self.policy = policy
-        self.items: deque[Pending] = deque()
+        self.lanes = _Lanes()
         self.error: BaseException | None = None
         self.opened = time.monotonic()
         self.sealed = False  # being evicted: serve what is buffered, accept nothing new
@@ -115,13 +171,13 @@ class Batcher:
         self._running = True
 
     # ---------------------------------------------------------------- consumer thread
-    def add(self, model_id: str, req: Any) -> bool:
+    def add(self, model_id: str, req: Any, items: int = 1, high: bool = False) -> bool:
         """Buffer a request; False when this worker does not serve the model (requeue it)."""
         with self._cond:
             buf = self._buffers.get(model_id)
             if buf is None or buf.sealed:
                 return False
-            buf.items.append(Pending(req))
+            buf.lanes.append(Pending(req, items, high))
             self._cond.notify_all()
             return True
 
@@ -132,7 +188,7 @@ class Batcher:
             if buf is None:
                 self._buffers[model_id] = _Buffer(model_id, policy)
             else:
-                buf.policy, buf.error = policy, None
+                buf.policy, buf.error, buf.sealed = policy, None, False
 
     def seal(self, model_id: str) -> None:
         with self._cond:
@@ -144,14 +200,14 @@ class Batcher:
         """Wait until the model's buffer is empty (the inference thread took everything)."""
         with self._cond:
             return self._cond.wait_for(
-                lambda: not (b := self._buffers.get(model_id)) or not b.items, timeout
+                lambda: not (b := self._buffers.get(model_id)) or not b.lanes, timeout
             )
 
     def close(self, model_id: str) -> list[Pending]:
         """Stop accepting requests for the model; returns what was still buffered."""
         with self._cond:
             buf = self._buffers.pop(model_id, None)
-            return list(buf.items) if buf else []
+            return buf.lanes.drain() if buf else []
 
     def fail(self, model_id: str, error: BaseException, policy: BatchPolicy) -> None:
         """Answer everything buffered or arriving for the model with `error` (load failed,
@@ -161,6 +217,7 @@ class Batcher:
             if buf is None:
                 buf = self._buffers[model_id] = _Buffer(model_id, policy)
             buf.error = error
+            buf.sealed = False
             buf.opened = time.monotonic()
             self._cond.notify_all()
 
@@ -168,7 +225,7 @@ class Batcher:
         """model_id -> (monotonic time it entered failed mode, requests buffered)."""
         with self._cond:
             return {
-                m: (b.opened, len(b.items)) for m, b in self._buffers.items() if b.error is not None
+                m: (b.opened, len(b.lanes)) for m, b in self._buffers.items() if b.error is not None
             }
 
     def is_open(self, model_id: str) -> bool:
@@ -177,7 +234,7 @@ class Batcher:
 
     def buffered(self) -> dict[str, int]:
         with self._cond:
-            return {m: len(b.items) for m, b in self._buffers.items()}
+            return {m: len(b.lanes) for m, b in self._buffers.items()}
 
     def policies(self) -> dict[str, BatchPolicy]:
         with self._cond:
@@ -202,11 +259,12 @@ class Batcher:
                 views = [
                     BufferView(
                         b.model_id,
-                        len(b.items),
-                        b.items[0].arrived if b.items else now,
+                        b.lanes.units,
+                        b.lanes.oldest(now),
                         b.policy.max_batch_size,
                         b.policy.max_batch_delay_s,
                         b.error is not None,
+                        b.policy.preferred_batch_sizes,
                     )
                     for b in self._buffers.values()
                 ]
@@ -216,7 +274,7 @@ class Batcher:
                 choice, wait = select_ready(views, now, quiet)
                 if choice is not None:
                     buf = self._buffers[choice.model_id]
-                    items = [buf.items.popleft() for _ in range(choice.size)]
+                    items = buf.lanes.take(choice.size)
                     self._cond.notify_all()  # wait_empty() callers
                     return Batch(choice.model_id, items, choice.reason, buf.error)
                 remaining = deadline - now

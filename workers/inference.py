@@ -1,10 +1,14 @@
 """The inference thread: take the oldest ready batch, predict, store every result, then ack.
 
-Per batch: decode and check each request's tensors (a bad one fails alone, before batching),
-concatenate along the batch dimension, predict once, split the outputs back per request,
-store all results in one Redis pipeline, and only then (on the consumer thread) ack each
-message and send its task events. A predict that raises is bisected until the guilty
-requests are found; their batch-mates still succeed.
+Per batch: decode and check each item's tensors (a bad one fails alone, before batching),
+concatenate along the batch dimension, predict in chunks of at most `max_batch_size` items,
+split the outputs back per item, store every message's result in one Redis pipeline, and only
+then (on the consumer thread) ack each message and send its task events. A predict that raises
+is bisected until the guilty items are found; their batch-mates still succeed.
+
+A message is either one request (`kwargs["inputs"]`) or a client micro-batch
+(`kwargs["items"]`, from `MeshClient.infer_many`) whose items are batched like requests and
+answered together, each with its own outputs or error.
 """
 
 from __future__ import annotations
@@ -35,13 +39,29 @@ log = logging.getLogger("mesh.worker.inference")
 
 
 @dataclass
-class Outcome:
-    item: Pending
+class Unit:
+    """One item to predict: a request, or one element of a micro-batch."""
+
     inputs: dict[str, np.ndarray] | None = None
     rows: int = 0
     outputs: dict[str, np.ndarray] | None = None
     error: BaseException | None = None
     tb: str | None = None
+
+
+@dataclass
+class Message:
+    """One Celery message of the batch and its units (one, or one per micro-batch item)."""
+
+    pending: Pending
+    units: list[Unit]
+    many: bool = False
+    error: BaseException | None = None  # the whole message is malformed or its model failed
+    tb: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or (not self.many and self.units[0].error is not None)
 
 
 @dataclass
@@ -86,8 +106,15 @@ class InferenceLoop(threading.Thread):
             try:
                 self.process(batch)
             except Exception:  # the loop must survive anything a batch throws at it
-                log.exception("batch for %s failed unexpectedly; failing its requests", batch.model_id)
-                self._finish([Outcome(p, error=InferenceError("internal error in the batch loop")) for p in batch.items], batch, 0.0)
+                log.exception("batch of %s failed unexpectedly", batch.model_id)
+                self._fail_batch(batch, InferenceError("internal error in the batch loop"))
+
+    def _fail_batch(self, batch: Batch, error: MeshError) -> None:
+        try:
+            self._finish([Message(p, [Unit()], error=error) for p in batch.items], batch, 0.0)
+        except Exception:  # results cannot be stored (Redis away): leave them unacked
+            log.exception("could not store the failure of %d requests; they stay unacked "
+                          "and are redelivered", len(batch.items))
 
     # ------------------------------------------------------------------ one batch
     def process(self, batch: Batch) -> None:
@@ -95,7 +122,7 @@ class InferenceLoop(threading.Thread):
         if not items:
             return
         if batch.error is not None:
-            self._finish([Outcome(p, error=batch.error) for p in items], batch, 0.0)
+            self._finish([Message(p, [Unit()], error=batch.error) for p in items], batch, 0.0)
             return
         entry = self.host.manager.acquire(batch.model_id)
         if entry is None:  # evicted between buffering and now: another copy will answer
@@ -120,101 +147,135 @@ class InferenceLoop(threading.Thread):
 
     def _run(self, entry: Entry, items: list[Pending], batch: Batch) -> None:
         loaded = entry.loaded
-        runtime = loaded.runtime
-        outcomes = [Outcome(p) for p in items]
-        sig = loaded.signature
-        single_input = sig[0].name if sig is not None and len(sig) == 1 else None
-        for o in outcomes:
-            try:
-                kwargs = o.item.req.kwargs
-                if not isinstance(kwargs, dict) or "inputs" not in kwargs:
-                    raise InvalidInput("mesh.infer needs a keyword argument 'inputs' (KServe V2 tensors)")
-                o.inputs = decode_inputs(kwargs["inputs"])
-                runtime.check_inputs(loaded, o.inputs)
-                if single_input is not None and len(o.inputs) == 1:
-                    # a one-input model takes its input by position whatever the request
-                    # named it; renaming lets differently named requests share a batch
-                    o.inputs = {single_input: next(iter(o.inputs.values()))}
-                o.rows = _rows(o.inputs)
-            except MeshError as exc:
-                o.error = exc
-            except Exception as exc:  # a malformed request must never take the batch down
-                o.error = InvalidInput(f"{type(exc).__name__}: {exc}")
-        good = [o for o in outcomes if o.error is None]
+        messages = [self._decode(p, loaded) for p in items]
+        good = [u for m in messages if m.error is None for u in m.units if u.error is None]
+        compute_s = 0.0
         if good:
             start = time.monotonic()
-            self.host.call_soon(_accept_all, [o.item for o in good], self.pid, start)
-            self._predict(runtime, loaded.model, good)
+            started = [m.pending for m in messages if m.error is None and any(u.error is None for u in m.units)]
+            self.host.call_soon(_accept_all, started, self.pid, start)
+            size = entry.policy.max_batch_size
+            for i in range(0, len(good), size):
+                self._predict(loaded.runtime, loaded.model, good[i : i + size])
             compute_s = time.monotonic() - start
-        else:
-            compute_s = 0.0
-        self._finish(outcomes, batch, compute_s)
+        self._finish(messages, batch, compute_s)
 
-    def _predict(self, runtime: Any, model: Any, group: list[Outcome]) -> None:
+    def _decode(self, p: Pending, loaded: Any) -> Message:
+        kwargs = p.req.kwargs
+        if isinstance(kwargs, dict) and isinstance(kwargs.get("items"), list) and kwargs["items"]:
+            return Message(p, [self._unit(raw, loaded) for raw in kwargs["items"]], many=True)
+        if isinstance(kwargs, dict) and "inputs" in kwargs:
+            return Message(p, [self._unit(kwargs["inputs"], loaded)])
+        return Message(
+            p, [Unit()],
+            error=InvalidInput("mesh.infer needs 'inputs' (KServe V2 tensors) or a non-empty 'items' list"),
+        )
+
+    @staticmethod
+    def _unit(raw: Any, loaded: Any) -> Unit:
+        u = Unit()
+        try:
+            u.inputs = decode_inputs(raw)
+            loaded.runtime.check_inputs(loaded, u.inputs)
+            sig = loaded.signature
+            if sig is not None and len(sig) == 1 and len(u.inputs) == 1:
+                # a one-input model takes its input by position whatever the request named
+                # it; renaming lets differently named requests share a batch
+                u.inputs = {sig[0].name: next(iter(u.inputs.values()))}
+            u.rows = _rows(u.inputs)
+        except MeshError as exc:
+            u.error = exc
+        except Exception as exc:  # a malformed request must never take the batch down
+            u.error = InvalidInput(f"{type(exc).__name__}: {exc}")
+        return u
+
+    def _predict(self, runtime: Any, model: Any, group: list[Unit]) -> None:
         """Predict `group` as one batch; on an exception, bisect to isolate the culprits."""
         try:
             names = list(group[0].inputs)
-            if any(list(o.inputs) != names for o in group):
+            if any(list(u.inputs) != names for u in group):
                 raise InvalidInput("requests in one batch name different inputs")
-            feed = {n: np.concatenate([o.inputs[n] for o in group], axis=0) for n in names}
+            feed = (
+                group[0].inputs if len(group) == 1
+                else {n: np.concatenate([u.inputs[n] for u in group], axis=0) for n in names}
+            )
             outputs = runtime.predict(model, feed)
-            total = sum(o.rows for o in group)
+            total = sum(u.rows for u in group)
             for name, arr in outputs.items():
                 if np.ndim(arr) == 0 or len(arr) != total:
                     raise InferenceError(
-                        f"runtime returned output {name!r} with {np.shape(arr)} rows for a batch of {total}"
+                        f"runtime returned output {name!r} of shape {np.shape(arr)} for a batch of {total} rows"
                     )
-            bounds = np.cumsum([o.rows for o in group])[:-1]
+            if len(group) == 1:
+                group[0].outputs = {name: np.asarray(arr) for name, arr in outputs.items()}
+                return
+            bounds = np.cumsum([u.rows for u in group])[:-1]
             split = {name: np.split(np.asarray(arr), bounds) for name, arr in outputs.items()}
-            for i, o in enumerate(group):
-                o.outputs = {name: parts[i] for name, parts in split.items()}
+            for i, u in enumerate(group):
+                u.outputs = {name: parts[i] for name, parts in split.items()}
         except Exception as exc:
             if len(group) > 1:
                 mid = len(group) // 2
                 self._predict(runtime, model, group[:mid])
                 self._predict(runtime, model, group[mid:])
                 return
-            o = group[0]
-            o.error = exc if isinstance(exc, MeshError) else InferenceError(f"{type(exc).__name__}: {exc}")
-            o.tb = traceback.format_exc()
+            u = group[0]
+            u.error = exc if isinstance(exc, MeshError) else InferenceError(f"{type(exc).__name__}: {exc}")
+            u.tb = traceback.format_exc()
 
     # ------------------------------------------------------------------ results
-    def _finish(self, outcomes: list[Outcome], batch: Batch, compute_s: float) -> None:
+    def _finish(self, messages: list[Message], batch: Batch, compute_s: float) -> None:
         """Store every result in one pipeline, then ack and send events on the consumer thread."""
         backend = self.host.app.backend  # thread-local instance: this thread's own connection
         expires = self.host.settings.result_expires_s
         model_id = batch.model_id
         with backend.client.pipeline(transaction=False) as pipe:
-            for o in outcomes:
-                req = o.item.req
-                if o.error is None:
-                    result = {
-                        "model_name": model_id,
-                        "id": req.id,
-                        "outputs": encode_outputs(o.outputs),
-                    }
-                    meta = backend._get_result_meta(result, states.SUCCESS, None, req)
-                else:
-                    meta = backend._get_result_meta(
-                        backend.prepare_exception(o.error), states.FAILURE, o.tb, req
-                    )
-                    result = None
+            for m in messages:
+                req = m.pending.req
+                meta = _result_meta(backend, req, model_id, m)
                 meta["task_id"] = req.id
                 key = backend.get_key_for_task(req.id)
                 value = backend.encode(meta)
                 pipe.set(key, value, ex=expires)
                 pipe.publish(key, value)
             pipe.execute()
-        failures = sum(1 for o in outcomes if o.error is not None)
-        self.stats.add(model_id, len(outcomes), failures)
-        now = time.monotonic()
-        wait_ms = (now - compute_s - min(o.item.arrived for o in outcomes)) * 1000.0
+        failures = sum(1 for m in messages if m.failed)
+        self.stats.add(model_id, len(messages), failures)
+        wait_ms = (time.monotonic() - compute_s - min(m.pending.arrived for m in messages)) * 1000.0
         self.host.call_soon(
-            _complete_all, outcomes, compute_s, self.host.event_dispatcher,
-            {"model": model_id, "size": len(outcomes), "reason": batch.reason,
-             "failed": failures, "queue_wait_ms": round(wait_ms, 3),
-             "compute_ms": round(compute_s * 1000.0, 3)},
+            _complete_all, messages, compute_s, self.host.event_dispatcher,
+            {"model": model_id, "size": sum(len(m.units) for m in messages),
+             "messages": len(messages), "reason": batch.reason, "failed": failures,
+             "queue_wait_ms": round(wait_ms, 3), "compute_ms": round(compute_s * 1000.0, 3)},
         )
+
+
+def _error_entry(exc: BaseException) -> dict:
+    return {
+        "code": getattr(exc, "code", "INTERNAL"),
+        "type": type(exc).__name__,
+        "message": str(exc),
+    }
+
+
+def _result_meta(backend: Any, req: Any, model_id: str, m: Message) -> dict:
+    error = m.error if m.error is not None else (None if m.many else m.units[0].error)
+    if error is not None:
+        tb = m.tb if m.error is not None else m.units[0].tb
+        return backend._get_result_meta(backend.prepare_exception(error), states.FAILURE, tb, req)
+    if m.many:
+        result = {
+            "model_name": model_id,
+            "id": req.id,
+            "results": [
+                {"error": _error_entry(u.error)} if u.error is not None
+                else {"outputs": encode_outputs(u.outputs)}
+                for u in m.units
+            ],
+        }
+    else:
+        result = {"model_name": model_id, "id": req.id, "outputs": encode_outputs(m.units[0].outputs)}
+    return backend._get_result_meta(result, states.SUCCESS, None, req)
 
 
 def _rows(inputs: dict[str, np.ndarray]) -> int:
@@ -236,18 +297,25 @@ def _revoke_all(items: list[Pending]) -> None:
         worker_state.task_ready(p.req)
 
 
-def _complete_all(outcomes: list[Outcome], runtime_s: float, dispatcher: Any, batch_event: dict) -> None:
-    for o in outcomes:
-        req = o.item.req
-        worker_state.task_ready(req, successful=o.error is None)
+def _complete_all(messages: list[Message], runtime_s: float, dispatcher: Any, batch_event: dict) -> None:
+    for m in messages:
+        req = m.pending.req
+        worker_state.task_ready(req, successful=not m.failed)
         req.acknowledge()
-        if o.error is None:
-            req.send_event("task-succeeded", result=saferepr(_summary(o.outputs), maxlen=256), runtime=runtime_s)
+        if not m.failed:
+            req.send_event("task-succeeded", result=_summary(m), runtime=runtime_s)
         else:
-            req.send_event("task-failed", exception=saferepr(o.error), traceback=o.tb or "")
+            error = m.error if m.error is not None else m.units[0].error
+            tb = m.tb if m.error is not None else m.units[0].tb
+            req.send_event("task-failed", exception=saferepr(error), traceback=tb or "")
     if dispatcher is not None and dispatcher.enabled:
         dispatcher.send("mesh-batch", **batch_event)
 
 
-def _summary(outputs: dict[str, np.ndarray] | None) -> dict:
-    return {k: np.asarray(v).ravel()[:8].tolist() for k, v in (outputs or {}).items()}
+def _summary(m: Message) -> str:
+    """A short result for Flower: the first values of each output (or the item count)."""
+    if m.many:
+        failed = sum(1 for u in m.units if u.error is not None)
+        return f"{len(m.units)} items, {failed} failed"
+    outputs = m.units[0].outputs or {}
+    return saferepr({k: np.asarray(v).ravel()[:8].tolist() for k, v in outputs.items()}, maxlen=256)

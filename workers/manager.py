@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
-from mesh.config import effective_config
+from mesh.config import effective_config, record_manifest
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import CopyState, LoadedModel, ModelRecord
 from mesh.storage import local_path
@@ -159,9 +159,13 @@ class ModelManager:
             record = store.get_record(model_id)
             if record is None:
                 raise ModelNotFound(f"model {model_id!r} is not registered")
-            cfg = effective_config(model_id, record.info, self.host.settings)
+            cfg = effective_config(
+                model_id, record.info, self.host.settings, manifest=record_manifest(record)
+            )
             policy = BatchPolicy(
-                cfg.value("max_batch_size"), cfg.value("max_batch_delay_ms") / 1000.0
+                cfg.value("max_batch_size"),
+                cfg.value("max_batch_delay_ms") / 1000.0,
+                tuple(cfg.value("preferred_batch_sizes") or ()),
             )
             store.mark_copy(model_id, name, CopyState.LOADING)
             predicted = record.size_bytes or record.info.size_bytes or 0

@@ -19,6 +19,9 @@ from kombu.utils.imports import symbol_by_name
 from pydantic import ValidationError
 
 from mesh.models import Command
+from mesh.routing import PRIORITIES
+
+NORMAL_PRIORITY = PRIORITIES["normal"]
 
 log = logging.getLogger("mesh.worker.strategy")
 
@@ -63,7 +66,11 @@ def infer_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
                 eta=None, expires=req.expires and req.expires.isoformat(),
                 model=model_id, vmodel=message.headers.get("mm-vmodel-id"),
             )
-        mesh.on_request(model_id, req)
+        kwargs_ = req.kwargs
+        many = kwargs_.get("items") if isinstance(kwargs_, dict) else None
+        items = len(many) if isinstance(many, list) and many else 1
+        priority = req.delivery_info.get("priority")
+        mesh.on_request(model_id, req, items=items, high=priority is not None and priority < NORMAL_PRIORITY)
 
     return handler
 

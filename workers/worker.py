@@ -139,8 +139,8 @@ class MeshWorker:
             log.info("handed %s over to %s", model_id, placement.worker)
 
     # ------------------------------------------------------------------ consumer thread
-    def on_request(self, model_id: str | None, req: Any) -> None:
-        if model_id is None or not self.batcher.add(model_id, req):
+    def on_request(self, model_id: str | None, req: Any, items: int = 1, high: bool = False) -> None:
+        if model_id is None or not self.batcher.add(model_id, req, items, high):
             # not (or no longer) served here: back to its queue for the copy that is
             self.requeue([Pending(req)], now=True)
 
