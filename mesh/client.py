@@ -11,8 +11,8 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
-from .commands import send_command
-from .config import EffectiveConfig, effective_config
+from .commands import send_command, unload_unregistered
+from .config import EffectiveConfig, effective_config, record_manifest
 from .embedded import DEFAULT_LOCAL_URL, resolve_redis_url
 from .errors import DeadlineExceeded, InvalidArgument, ModelNotFound, RequestTooLarge
 from .ids import validate_id
@@ -85,7 +85,7 @@ class MeshClient:
         validate_id(model_id)
         if not isinstance(info, ModelInfo):
             info = ModelInfo.model_validate(info)
-        validate_uri(info.uri)
+        validate_uri(info.uri, info.storage_key)
         _check_runtime(info.runtime)
         self.store.register_model(model_id, info)
         if load_now:
@@ -99,17 +99,7 @@ class MeshClient:
         """
         validate_id(model_id)
         holders = self.store.unregister_model(model_id)
-        cmd = Command(
-            op="unload", model_id=model_id, fail_queued=True,
-            reason=f"model {model_id!r} was unregistered",
-        )
-        live = self.store.alive(holders)
-        if not live and self.store.queue_depth(model_id, self._priority_steps()) > 0:
-            # requests queued for a model nobody loaded: one worker answers them with the error
-            workers = [w.name for w in self.store.live_workers() if not w.shutting_down]
-            live = set(workers[:1])
-        for worker in sorted(live):
-            send_command(self.app, self.keys, worker, cmd)
+        unload_unregistered(self.app, self.store, model_id, holders)
 
     def get_model_status(self, model_id: str) -> ModelStatus:
         return self.store.model_status(model_id)
@@ -161,7 +151,7 @@ class MeshClient:
         record = self.store.get_record(validate_id(model_id))
         if record is None:
             raise ModelNotFound(f"model {model_id!r} not found")
-        return effective_config(model_id, record.info, self.settings)
+        return effective_config(model_id, record.info, self.settings, manifest=record_manifest(record))
 
     # ------------------------------------------------------------------ inference
     def infer(

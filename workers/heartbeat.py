@@ -29,9 +29,13 @@ class Heartbeat(threading.Thread):
         self._stop_requested.set()
 
     def run(self) -> None:
+        adopted = False
         while not self._stop_requested.is_set():
             try:
                 self.beat()
+                if not adopted:
+                    self.host.adopt_orphans()
+                    adopted = True
                 self.host.maintenance()
             except Exception as exc:  # Redis away: keep trying, the TTL tells the others
                 log.warning("heartbeat failed: %s", exc)

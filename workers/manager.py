@@ -25,7 +25,7 @@ from cachetools import LRUCache
 from mesh.config import effective_config, record_manifest
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import CopyState, LoadedModel, ModelRecord
-from mesh.storage import local_path
+from mesh.storage import acquire_model, release_model
 
 from .batcher import BatchPolicy
 from .runtimes import get_runtime
@@ -205,6 +205,7 @@ class ModelManager:
             if entry is not None and entry.state == "LOADING":
                 del self._entries[model_id]
                 self._reserve(entry, 0)
+        release_model(model_id)  # a failed load's files may leave the disk cache
 
     def _load_with_timeout(self, record: ModelRecord) -> Loaded:
         """Run the runtime's load on a throwaway thread so a hung load cannot hang the worker."""
@@ -215,13 +216,17 @@ class ModelManager:
         def run() -> None:
             try:
                 runtime = get_runtime(record.info.runtime)
-                result["loaded"] = runtime.load(local_path(record.info.uri), record.info)
+                # the files stay pinned in the disk cache until the model is unloaded
+                path = acquire_model(record.model_id, record.info, self.host.settings)
+                result["loaded"] = runtime.load(path, record.info)
             except BaseException as exc:  # handed to the loader thread below
                 result["error"] = exc
             finally:
                 done.set()
                 if abandoned.is_set() and "loaded" in result:
                     result["loaded"].runtime.unload(result["loaded"].model)
+                if abandoned.is_set():
+                    release_model(record.model_id)
 
         threading.Thread(target=run, name=f"mesh-load-{record.model_id}", daemon=True).start()
         if not done.wait(self.load_timeout_s):
@@ -312,6 +317,7 @@ class ModelManager:
             except Exception:
                 log.exception("runtime unload of %s raised; dropping it anyway", model_id)
         entry.loaded = None
+        release_model(model_id)  # its files may now leave the disk cache (LRU)
         self.host.store.remove_copy(model_id, self.host.name)
         self.host.update_prefetch()
         self.host.after_unload(model_id, unregistered=fail_with is not None)

@@ -235,6 +235,17 @@ class MeshWorker:
                 send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
         return True
 
+    def adopt_orphans(self) -> None:
+        """Load models whose requests wait in Redis with no copy anywhere (sent before any
+        worker was up, or while every copy was gone). Run once the worker is announced."""
+        records = self.store.list_records()
+        if not records:
+            return
+        depths = self._queue_depths([r.model_id for r in records])
+        for model_id, depth in depths.items():
+            if depth:
+                self._reload_if_orphaned(model_id)
+
     def maintenance(self) -> None:
         """Periodic (heartbeat thread): watch models that left for orphaned requests, and stop
         draining failed models whose queue is empty."""

@@ -1,0 +1,175 @@
+"""Batching and queue policy with real workers: micro-batches, queue limits, timeouts,
+priorities, fairness between models, error isolation, precedence, and Flower's view."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import numpy as np
+import pytest
+import requests
+from celery.exceptions import TaskRevokedError
+
+from mesh import BatchingConfig, InferenceError, InvalidInput, ModelInfo
+from mesh.client import raise_for_item
+from mesh.errors import QueueFull
+from mesh.launcher import start_flower, wait_for
+
+from .test_foundation import answer, seed_tensor, sklearn_info
+
+
+def test_infer_many_answers_every_item_and_fails_bad_ones_alone(client, workers, svm_path, seed_input):
+    workers("w1")
+    client.register_model("digits", sklearn_info(svm_path))
+    good = [seed_tensor(seed_input)]
+    bad_shape = [{"name": "predict", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]
+    rows = np.array([seed_input] * 3, dtype=np.float32)
+    response = client.infer_many(model_id="digits", inputs=[good, bad_shape, rows, good]).get(timeout=60)
+    assert response["model_name"] == "digits"
+    results = response["results"]
+    assert len(results) == 4
+    assert results[0]["outputs"][0]["data"] == [8]
+    assert results[1]["error"]["type"] == "InvalidInput" and "[1, 3]" in results[1]["error"]["message"]
+    assert results[2]["outputs"][0]["data"] == [8, 8, 8]
+    assert raise_for_item(results[3])["outputs"][0]["data"] == [8]
+    with pytest.raises(InvalidInput):
+        raise_for_item(results[1])
+    with pytest.raises(Exception):
+        client.infer_many(model_id="digits", inputs=[])
+
+
+def test_a_full_queue_rejects_new_requests_at_once(client, svm_path, seed_input):
+    # no worker: requests wait in Redis, so the queue really fills
+    client.register_model("digits", sklearn_info(svm_path, max_queue_size=3))
+    for _ in range(3):
+        client.infer(model_id="digits", inputs=[seed_tensor(seed_input)])
+    with pytest.raises(QueueFull) as err:
+        client.infer(model_id="digits", inputs=[seed_tensor(seed_input)])
+    assert "max_queue_size" in str(err.value)
+
+
+def test_expired_requests_are_never_run(client, workers, svm_path, seed_input):
+    client.register_model("digits", sklearn_info(svm_path, default_timeout_ms=60_000))
+    short = client.infer(model_id="digits", inputs=[seed_tensor(seed_input)], timeout_ms=300)
+    by_default = client.infer(model_id="digits", inputs=[seed_tensor(seed_input)])  # 60 s
+    deadline = time.time() + 0.3
+    wait_for(lambda: time.time() > deadline + 0.2, timeout=5, what="the short timeout to pass")
+    workers("w1")  # only now can anything run
+    with pytest.raises(TaskRevokedError):
+        short.get(timeout=60)
+    assert short.state == "REVOKED"
+    assert answer(by_default.get(timeout=60)) == 8
+
+
+def test_high_priority_overtakes_normal_traffic(client, workers, svm_path, seed_input):
+    client.register_model("digits", sklearn_info(svm_path, max_batch_size=1))
+    normal = [client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]) for _ in range(30)]
+    urgent = client.infer(model_id="digits", inputs=[seed_tensor(seed_input)], priority="high")
+    with pytest.raises(Exception):
+        client.infer(model_id="digits", inputs=[seed_tensor(seed_input)], priority="urgent!")
+    workers("w1")
+    assert answer(urgent.get(timeout=60)) == 8
+    for r in normal:
+        r.get(timeout=60)
+    done = sorted(r.date_done for r in normal)
+    # sent last, answered among the first: it was taken from the high lane
+    assert urgent.date_done <= done[2]
+
+
+def test_one_models_flood_does_not_starve_another(client, workers, svm_path, model_dir, seed_input):
+    import shutil
+
+    shutil.copy(svm_path, model_dir / "flood.joblib")
+    client.register_model("flood", sklearn_info(model_dir / "flood.joblib", max_batch_size=4))
+    client.register_model("quiet", sklearn_info(svm_path, max_batch_size=4))
+    workers("w1")
+    client.ensure_loaded("flood", sync=True, timeout=60)
+    client.ensure_loaded("quiet", sync=True, timeout=60)
+    flood = [client.infer(model_id="flood", inputs=[seed_tensor(seed_input)]) for _ in range(400)]
+    quiet = [client.infer(model_id="quiet", inputs=[seed_tensor(seed_input)]) for _ in range(3)]
+    for r in quiet + flood:
+        r.get(timeout=120)
+    last_flood = max(r.date_done for r in flood)
+    assert max(r.date_done for r in quiet) < last_flood
+
+
+def test_a_raising_batch_is_bisected_to_the_guilty_requests(client, workers):
+    workers("w1")
+    client.register_model(
+        "picky",
+        ModelInfo(runtime="python", uri="file:///dev/null", python_class="tests.integration.pyclasses:Picky",
+                  batching=BatchingConfig(max_batch_size=16, max_batch_delay_ms=200)),
+    )
+    client.ensure_loaded("picky", sync=True, timeout=60)
+    values = [1.0, 2.0, -1.0, 3.0, 4.0, -5.0, 6.0, 7.0]
+    results = [client.infer(model_id="picky", inputs=np.array([[v]], dtype=np.float32)) for v in values]
+    for v, r in zip(values, results):
+        if v < 0:
+            with pytest.raises(InferenceError) as err:
+                r.get(timeout=60)
+            assert "negative input rejected by Picky" in str(err.value)
+        else:
+            assert r.get(timeout=60)["outputs"][0]["data"] == [2 * v]
+    # they really shared batches (so the bisection is what saved the good ones)
+    w = wait_for(lambda: (w := client.list_workers()[0]).requests_total >= len(values) and w,
+                 timeout=10, what="heartbeat counting the requests")
+    assert w.batches_total < w.requests_total
+
+
+def test_effective_config_shows_each_value_and_its_level(client, svm_path, monkeypatch):
+    client.register_model("digits", sklearn_info(svm_path, max_batch_size=8))
+    cfg = client.get_effective_config("digits")
+    assert cfg.values["max_batch_size"].value == 8 and cfg.values["max_batch_size"].source == "api"
+    assert cfg.values["max_batch_delay_ms"].source in ("global", "default")
+    assert cfg.values["max_queue_size"].value == 0
+    assert set(cfg.values) >= {"preferred_batch_sizes", "default_timeout_ms", "default_priority"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_request_shows_in_flower(client, workers, mesh_env, svm_path, seed_input, tmp_path):
+    workers("w1")
+    port = _free_port()
+    flower = start_flower(mesh_env, tmp_path / "logs", port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            try:
+                return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        wait_for(healthy, timeout=60, what="flower to answer")
+        client.register_model("digits", sklearn_info(svm_path))
+        ids = [client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]) for _ in range(5)]
+        bad = client.infer(model_id="digits", inputs=[{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}])
+        for r in ids:
+            r.get(timeout=60)
+        with pytest.raises(InvalidInput):
+            bad.get(timeout=60)
+
+        def tasks():
+            resp = requests.get(f"{base}/api/tasks", timeout=5)
+            resp.raise_for_status()
+            seen = resp.json()
+            wanted = [r.id for r in ids] + [bad.id]
+            if all(seen.get(i, {}).get("state") in ("SUCCESS", "FAILURE") for i in wanted):
+                return seen
+            return None
+
+        seen = wait_for(tasks, timeout=60, what="flower to see every request finished")
+        for r in ids:
+            task = seen[r.id]
+            assert task["name"] == "mesh.infer[digits]"
+            assert task["state"] == "SUCCESS"
+            assert task["received"] and task["started"] and task["succeeded"]
+            assert task["runtime"] is not None
+        assert seen[bad.id]["state"] == "FAILURE" and "InvalidInput" in seen[bad.id]["exception"]
+    finally:
+        flower.stop()
