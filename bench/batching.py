@@ -1,0 +1,283 @@
+"""`./scripts/bench batching`: plain Celery vs mesh vs mesh with infer_many vs the ceiling.
+
+Same machine, same Redis, same model, same request stream, one worker process each, in one
+run. For each model it measures:
+  (a) plain Celery: one task per request, the model cached in the worker (bench/plain.py);
+  (b) mesh: MeshClient.infer, one message per request, batched by the worker;
+  (c) mesh with MeshClient.infer_many: 32 requests per message;
+  (d) the in-process ceiling: the runtime's predict on full batches in a loop, no queue.
+Load: a closed loop keeping `--window` requests outstanding from two producer threads, then
+one request at a time for the unloaded latency. Producers, worker and Redis share the
+machine's cores, as they would on one host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mesh import BatchingConfig, MeshClient, ModelInfo
+from mesh.embedded import EmbeddedRedis, resolve_redis_url
+from mesh.examples import SEED_DIGITS_INPUT, seed_digits_tensor, train_digits_mlp, train_digits_svm
+from mesh.launcher import REPO_ROOT, Proc, start_worker, wait_for, wait_worker_ready
+
+RESULTS = REPO_ROOT / "bench" / "results"
+
+
+# ---------------------------------------------------------------------- models
+def heavy_mlp(path: Path) -> Path:
+    """A wide float32 MLP (2048x2048): one row costs ~0.5 ms, 32 rows ~3.5 ms on one core.
+    Quality is irrelevant here, so it trains for two epochs only."""
+    import warnings
+
+    import joblib
+    from sklearn.datasets import load_digits
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = load_digits(return_X_y=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = MLPClassifier((2048, 2048), max_iter=2, random_state=0).fit(x.astype(np.float32), y)
+    joblib.dump(model, path)
+    return path
+
+
+MODELS: dict[str, Callable[[Path], Path]] = {
+    "svm": lambda d: train_digits_svm(d / "svm.joblib"),
+    "mlp256": lambda d: train_digits_mlp(d / "mlp256.joblib"),
+    "mlp2048": lambda d: heavy_mlp(d / "mlp2048.joblib"),
+}
+
+
+# ---------------------------------------------------------------------- load generation
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def closed_loop(send: Callable[[], object], wait: Callable[[object], None], total: int,
+                window: int, threads: int = 2) -> dict:
+    """Keep `window` requests outstanding until `total` are answered; latency per request."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+    per_thread = [total // threads + (1 if i < total % threads else 0) for i in range(threads)]
+
+    def run(count: int) -> None:
+        inflight: deque = deque()
+        sent = done = 0
+        mine = []
+        w = max(1, window // threads)
+        while done < count:
+            while sent < count and len(inflight) < w:
+                inflight.append((time.perf_counter(), send()))
+                sent += 1
+            t0, handle = inflight.popleft()
+            wait(handle)
+            mine.append(time.perf_counter() - t0)
+            done += 1
+        with lock:
+            latencies.extend(mine)
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=run, args=(n,)) for n in per_thread]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return {"throughput": total / elapsed, "p50_ms": percentile(latencies, 0.5) * 1e3,
+            "p99_ms": percentile(latencies, 0.99) * 1e3, "n": total}
+
+
+def one_at_a_time(send: Callable[[], object], wait: Callable[[object], None], n: int) -> dict:
+    lat = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        wait(send())
+        lat.append(time.perf_counter() - t0)
+    return {"p50_ms": percentile(lat, 0.5) * 1e3, "p99_ms": percentile(lat, 0.99) * 1e3,
+            "mean_ms": statistics.fmean(lat) * 1e3, "n": n}
+
+
+def ceiling(path: Path, batch: int, seconds: float = 2.0) -> dict:
+    """The runtime's predict on full batches in a loop, in this process, one BLAS thread."""
+    from threadpoolctl import threadpool_limits
+
+    from workers.runtimes import get_runtime
+
+    info = ModelInfo(runtime="sklearn", uri=f"file://{path}")
+    loaded = get_runtime("sklearn").load(path, info)
+    x = {"input_0": np.asarray([SEED_DIGITS_INPUT] * batch, dtype=np.float32)}
+    with threadpool_limits(1):
+        loaded.runtime.predict(loaded.model, x)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            loaded.runtime.predict(loaded.model, x)
+            n += 1
+        elapsed = time.perf_counter() - t0
+    return {"throughput": n * batch / elapsed, "batch_ms": elapsed / n * 1e3}
+
+
+# ---------------------------------------------------------------------- the systems
+def bench_plain(url: str, model_path: Path, logs: Path, args) -> dict:
+    from bench import plain
+
+    prefix = f"benchplain{os.getpid()}"
+    env = {"MESH_REDIS_URL": url, "BENCH_PLAIN_PREFIX": prefix, "BENCH_MODEL_PATH": str(model_path),
+           "PYTHONPATH": str(REPO_ROOT)}
+    os.environ.update({"BENCH_PLAIN_PREFIX": prefix})
+    app = plain.Celery("plain-producer", broker=url, backend=url)
+    app.conf.update(plain.app.conf)
+    app.conf.update(broker_transport_options={"global_keyprefix": f"{prefix}:"},
+                    result_backend_transport_options={"global_keyprefix": f"{prefix}:"},
+                    task_default_queue=f"{prefix}.q")
+    proc = Proc("plain", [sys.executable, "-m", "celery", "-A", "bench.plain", "worker", "-P", "solo",
+                          "-E", "--without-mingle", "--without-gossip", "-Q", f"{prefix}.q",
+                          "-n", "plain@%h", "--loglevel", "WARNING"],
+                logs / "plain.log", env={**os.environ, **env}, cwd=REPO_ROOT)
+    request = [seed_digits_tensor()]
+    try:
+        send = lambda: app.send_task("plain.predict", args=[request])  # noqa: E731
+        wait = lambda r: r.get(timeout=120)  # noqa: E731
+        wait_for(lambda: _answers(send, wait), timeout=60, what="the plain worker")
+        seq = one_at_a_time(send, wait, args.sequential)
+        load = closed_loop(send, wait, args.requests, args.window)
+        return {"one_at_a_time": seq, "load": load}
+    finally:
+        proc.stop()
+        _clean(url, prefix)
+
+
+def bench_mesh(url: str, model_path: Path, logs: Path, args) -> dict:
+    prefix = f"benchmesh{os.getpid()}"
+    env = {"MESH_REDIS_URL": url, "MESH_PREFIX": prefix}
+    proc = start_worker("bench", env, logs, loglevel="WARNING")
+    client = MeshClient(redis_url=url, prefix=prefix)
+    try:
+        wait_worker_ready(url, prefix, proc.full_name, timeout=60, proc=proc)
+        client.register_model("m", ModelInfo(runtime="sklearn", uri=f"file://{model_path}",
+                                             batching=BatchingConfig(max_batch_size=args.batch,
+                                                                     max_batch_delay_ms=args.delay_ms)))
+        client.ensure_loaded("m", sync=True, timeout=120)
+        request = [seed_digits_tensor()]
+        send = lambda: client.infer(model_id="m", inputs=request)  # noqa: E731
+        wait = lambda r: r.get(timeout=120)  # noqa: E731
+        wait_for(lambda: _answers(send, wait), timeout=60, what="the mesh worker")
+        seq = one_at_a_time(send, wait, args.sequential)
+        before = client.list_workers()[0]
+        load = closed_loop(send, wait, args.requests, args.window)
+        after = wait_for(lambda: (w := client.list_workers()[0]).requests_total
+                         >= before.requests_total + args.requests and w, timeout=15, what="heartbeat")
+        load["mean_batch"] = (after.requests_total - before.requests_total) / max(
+            1, after.batches_total - before.batches_total)
+        items = [request] * args.batch
+        send_many = lambda: client.infer_many(model_id="m", inputs=items)  # noqa: E731
+        many = closed_loop(send_many, wait, max(4, args.requests // args.batch), max(2, args.window // args.batch))
+        many["throughput"] *= args.batch  # items per second
+        return {"one_at_a_time": seq, "load": load, "infer_many": many}
+    finally:
+        client.close()
+        proc.stop()
+        _clean(url, prefix)
+
+
+def _answers(send, wait) -> bool:
+    try:
+        wait(send())
+        return True
+    except Exception:  # the worker may still be starting: try again
+        return False
+
+
+def _clean(url: str, prefix: str) -> None:
+    import redis
+
+    r = redis.Redis.from_url(url)
+    for pattern in (f"{prefix}:*", f"{prefix}.*"):
+        keys = list(r.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(keys), 500):
+            r.delete(*keys[i : i + 500])
+    r.close()
+
+
+# ---------------------------------------------------------------------- report
+def report(results: dict) -> str:
+    lines = ["| model | system | throughput (req/s) | p50 ms | p99 ms | 1-at-a-time p50 ms | mean batch |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results["models"].items():
+        p, m = r["plain"], r["mesh"]
+        lines.append(f"| {name} | plain Celery | {p['load']['throughput']:.0f} | {p['load']['p50_ms']:.1f} | "
+                     f"{p['load']['p99_ms']:.1f} | {p['one_at_a_time']['p50_ms']:.2f} | 1 |")
+        lines.append(f"| {name} | mesh | {m['load']['throughput']:.0f} | {m['load']['p50_ms']:.1f} | "
+                     f"{m['load']['p99_ms']:.1f} | {m['one_at_a_time']['p50_ms']:.2f} | {m['load']['mean_batch']:.1f} |")
+        lines.append(f"| {name} | mesh infer_many ({results['batch']}/msg) | {m['infer_many']['throughput']:.0f} | "
+                     f"{m['infer_many']['p50_ms']:.1f} (per msg) | {m['infer_many']['p99_ms']:.1f} | | {results['batch']} |")
+        lines.append(f"| {name} | in-process ceiling | {r['ceiling']['throughput']:.0f} | | | | {results['batch']} |")
+    lines.append("")
+    lines.append("| model | mesh / plain throughput | mesh / plain p99 | 1-at-a-time mesh / plain p50 | infer_many / ceiling |")
+    lines.append("|---|---|---|---|---|")
+    for name, r in results["models"].items():
+        p, m = r["plain"], r["mesh"]
+        lines.append(f"| {name} | {m['load']['throughput'] / p['load']['throughput']:.2f}x | "
+                     f"{m['load']['p99_ms'] / p['load']['p99_ms']:.2f} | "
+                     f"{m['one_at_a_time']['p50_ms'] / p['one_at_a_time']['p50_ms']:.2f} | "
+                     f"{m['infer_many']['throughput'] / r['ceiling']['throughput']:.0%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="scripts/bench batching", description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mlp2048,mlp256,svm")
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--window", type=int, default=64, help="requests kept outstanding")
+    ap.add_argument("--sequential", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=32, help="max_batch_size and items per infer_many message")
+    ap.add_argument("--delay-ms", type=float, default=5.0)
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
+        tmpdir = Path(tmp)
+        url = resolve_redis_url()
+        embedded = None
+        if url is None:
+            embedded = EmbeddedRedis(tmpdir / "redis")
+            url = embedded.start()
+        try:
+            results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                   "python": platform.python_version()},
+                       "args": vars(args), "batch": args.batch, "models": {}}
+            for name in args.models.split(","):
+                path = MODELS[name](tmpdir)
+                print(f"== {name}", flush=True)
+                r = {"ceiling": ceiling(path, args.batch)}
+                r["plain"] = bench_plain(url, path, tmpdir / "logs", args)
+                print(f"   plain: {r['plain']['load']['throughput']:.0f} req/s", flush=True)
+                r["mesh"] = bench_mesh(url, path, tmpdir / "logs", args)
+                print(f"   mesh:  {r['mesh']['load']['throughput']:.0f} req/s, "
+                      f"infer_many {r['mesh']['infer_many']['throughput']:.0f} items/s, "
+                      f"ceiling {r['ceiling']['throughput']:.0f}", flush=True)
+                results["models"][name] = r
+        finally:
+            if embedded is not None:
+                embedded.stop()
+    table = report(results)
+    print()
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "batching.json"
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nraw figures: {out}")
+    return 0
