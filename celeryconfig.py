@@ -14,6 +14,9 @@ event_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
+# --- broker: kombu's Redis transport, hardened against garbage in a queue (mesh/transport.py)
+broker_transport = "mesh.transport:Transport"
+
 # --- delivery: ack after the result is stored (at-least-once; inference must be idempotent)
 task_acks_late = True
 task_reject_on_worker_lost = False  # solo pool: no child processes to lose

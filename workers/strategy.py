@@ -13,11 +13,13 @@ import logging
 from typing import Any
 
 from celery import signals
+from celery.exceptions import InvalidTaskError
 from celery.worker.request import Request, create_request_cls
 from celery.worker.state import task_reserved
 from kombu.utils.imports import symbol_by_name
 from pydantic import ValidationError
 
+from mesh.errors import RequestTooLarge
 from mesh.models import Command
 from mesh.routing import PRIORITIES
 
@@ -38,6 +40,8 @@ def infer_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
     revoked_tasks = consumer.controller.state.revoked
     utc = app.uses_utc_timezone()
     model_from_queue = mesh.keys.model_from_queue
+    # a message is decoded in full by Celery's Request; refuse oversized ones before that
+    max_bytes = mesh.settings.max_request_bytes * 2  # JSON body vs the client's estimate
 
     def handler(message, body, ack, reject, callbacks, **kw):
         if body is not None:
@@ -45,11 +49,20 @@ def infer_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
             log.error("rejecting a mesh.infer message in an old task protocol")
             reject(log, consumer.connection_errors, False)
             return
-        req = Req(
-            message, on_ack=ack, on_reject=reject, app=app, hostname=hostname,
-            eventer=eventer, task=task, connection_errors=consumer.connection_errors,
-            body=message.body, headers=message.headers, decoded=False, utc=utc,
-        )
+        if len(message.body or b"") > max_bytes:
+            _too_large(app, message, ack, consumer, max_bytes)
+            return
+        try:
+            req = Req(
+                message, on_ack=ack, on_reject=reject, app=app, hostname=hostname,
+                eventer=eventer, task=task, connection_errors=consumer.connection_errors,
+                body=message.body, headers=message.headers, decoded=False, utc=utc,
+            )
+            kwargs_ = req.kwargs
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            # Celery rejects InvalidTaskError with a logged reason; anything else would
+            # escape into the event loop
+            raise InvalidTaskError(f"malformed mesh.infer message: {type(exc).__name__}: {exc}") from exc
         if (req.expires or req.id in revoked_tasks) and req.revoked():
             return
         # the queue a message came from is authoritative: it is the concrete model
@@ -66,13 +79,24 @@ def infer_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
                 eta=None, expires=req.expires and req.expires.isoformat(),
                 model=model_id, vmodel=message.headers.get("mm-vmodel-id"),
             )
-        kwargs_ = req.kwargs
         many = kwargs_.get("items") if isinstance(kwargs_, dict) else None
         items = len(many) if isinstance(many, list) and many else 1
         priority = req.delivery_info.get("priority")
         mesh.on_request(model_id, req, items=items, high=priority is not None and priority < NORMAL_PRIORITY)
 
     return handler
+
+
+def _too_large(app: Any, message: Any, ack: Any, consumer: Any, max_bytes: int) -> None:
+    """Answer an oversized request with RequestTooLarge without decoding it, then ack it."""
+    task_id = (message.headers or {}).get("id")
+    size = len(message.body)
+    log.error("refusing a %d-byte mesh.infer message %s (limit %d)", size, task_id, max_bytes)
+    if task_id:
+        app.backend.mark_as_failure(
+            task_id, RequestTooLarge(f"request of {size} bytes exceeds the worker's limit of {max_bytes}")
+        )
+    ack(log, consumer.connection_errors)
 
 
 def command_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):

@@ -1,0 +1,70 @@
+"""kombu's Redis transport, hardened against garbage in a queue.
+
+Stock kombu decodes each popped list item inside the worker's event loop; an item that is not
+a JSON message envelope raises there and takes the consumer down (the worker reconnects and
+pops the next one; a queue full of garbage stalls it). Here such an item is logged with the
+reason and dropped; everything else is kombu's code unchanged. Celery uses it through
+`broker_transport` in celeryconfig.py (URLs stay `redis://` / `rediss://`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
+
+log = logging.getLogger("mesh.transport")
+
+_ENVELOPE_KEYS = ("body", "properties")
+
+
+def envelope_problem(item: object) -> str | None:
+    """Why a decoded list item is not a kombu message envelope (None when it is one)."""
+    if not isinstance(item, dict):
+        return f"not a message envelope (a JSON {type(item).__name__})"
+    missing = [k for k in _ENVELOPE_KEYS if k not in item]
+    if missing:
+        return f"message envelope without {', '.join(missing)}"
+    props = item["properties"]
+    if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), (str, int)):
+        return "message envelope without properties.delivery_tag"
+    if not isinstance(props.get("delivery_info", {}), dict):
+        return "message envelope with a malformed properties.delivery_info"
+    if "headers" in item and not isinstance(item["headers"], dict):
+        return "message envelope with non-object headers"
+    return None
+
+
+class Channel(kombu_redis.Channel):
+    def _brpop_read(self, **options):
+        # kombu 5.7.0's _brpop_read with the decode guarded (keep in step when upgrading)
+        try:
+            try:
+                dest__item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            if dest__item:
+                dest, item = dest__item
+                dest = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+                self._queue_cycle.rotate(dest)
+                try:
+                    message = loads(bytes_to_str(item))
+                    problem = envelope_problem(message)
+                except (ValueError, TypeError, UnicodeDecodeError) as exc:
+                    message, problem = None, f"not JSON ({exc})"
+                if problem is not None:
+                    log.error("dropped a malformed message from queue %s: %s; first bytes: %r",
+                              dest, problem, bytes(item[:80]))
+                    return True
+                self.connection._deliver(message, dest)
+                return True
+            raise kombu_redis.Empty()
+        finally:
+            self._in_poll = None
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
