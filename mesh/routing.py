@@ -30,6 +30,7 @@ log = logging.getLogger("mesh.routing")
 
 MODEL_HEADER = "mm-model-id"
 VMODEL_HEADER = "mm-vmodel-id"
+SENT_AT_HEADER = "mesh-sent-at"  # epoch seconds at send: the worker's queue-time metric
 # kombu's Redis transport serves lower numbers first; two lanes (celery_config.PRIORITY_STEPS)
 PRIORITIES = {"high": 0, "normal": 5}
 CONFIG_TTL_S = 2.0
@@ -107,7 +108,26 @@ class Router:
 
     def route(self, model_id: str | None, vmodel_id: str | None) -> tuple[str, EffectiveConfig]:
         concrete = self.resolve(model_id, vmodel_id)
-        return concrete, self.prepare(concrete)
+        try:
+            return concrete, self.prepare(concrete)
+        except ModelNotFound:
+            if vmodel_id is None:
+                raise
+            # ModelMesh §1.5: the active was switched (and auto-deleted) since we read the
+            # vmodel. Read it again once: its new active, or its target if the active is still
+            # the one not found.
+            retry = self._reresolve(vmodel_id, concrete)
+            return retry, self.prepare(retry)
+
+    def _reresolve(self, vmodel_id: str, not_found: str) -> str:
+        raw = self.store.r.hget(self.keys.vmodels, vmodel_id)
+        if raw is None:
+            raise ModelNotFound(f"vmodel {vmodel_id!r} not found")
+        rec = VModelRecord.model_validate_json(raw)
+        for candidate in (rec.active_model_id, rec.target_model_id):
+            if candidate != not_found:
+                return candidate
+        raise ModelNotFound(f"model {not_found!r} of vmodel {vmodel_id!r} not found")
 
 
 def router_for(app: Celery) -> Router:

@@ -44,6 +44,8 @@ class Heartbeat(threading.Thread):
     def state(self) -> WorkerState:
         h = self.host
         models, loading, used = h.manager.snapshot()
+        h.metrics.used_bytes.set(used)
+        h.metrics.models_loaded.set(len(models))
         stats = h.inference.stats
         now_m = time.monotonic()
         last_t, last_n = self._last

@@ -27,9 +27,12 @@ from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
 from mesh.errors import InferenceError, InvalidInput, MeshError
+from mesh.routing import SENT_AT_HEADER
 from mesh.tensors import decode_inputs, encode_outputs
 
 from .batcher import Batch, Pending
+from .metrics import outcome_of
+
 
 if TYPE_CHECKING:
     from .manager import Entry
@@ -93,6 +96,7 @@ class InferenceLoop(threading.Thread):
         self.stats = Stats()
         self._stop_requested = threading.Event()
         self.pid = os.getpid()
+        self._started_wall = 0.0
 
     def stop(self) -> None:
         self._stop_requested.set()
@@ -139,6 +143,9 @@ class InferenceLoop(threading.Thread):
         for p in items:
             exp = p.req.expires
             (expired if exp is not None and exp.timestamp() <= now else live).append(p)
+        for p in expired:
+            self.host.metrics.requests.labels(self.host.keys.model_from_queue(
+                (p.req.delivery_info or {}).get("routing_key") or "") or "", "expired").inc()
         if expired:
             # Request.revoked() marks REVOKED in the backend, acks and sends task-revoked;
             # it touches the channel, so it runs on the consumer thread.
@@ -150,6 +157,7 @@ class InferenceLoop(threading.Thread):
         messages = [self._decode(p, loaded) for p in items]
         good = [u for m in messages if m.error is None for u in m.units if u.error is None]
         compute_s = 0.0
+        self._started_wall = time.time()
         if good:
             start = time.monotonic()
             started = [m.pending for m in messages if m.error is None and any(u.error is None for u in m.units)]
@@ -241,6 +249,7 @@ class InferenceLoop(threading.Thread):
             pipe.execute()
         failures = sum(1 for m in messages if m.failed)
         self.stats.add(model_id, len(messages), failures)
+        self._observe(messages, model_id, compute_s)
         wait_ms = (time.monotonic() - compute_s - min(m.pending.arrived for m in messages)) * 1000.0
         self.host.call_soon(
             _complete_all, messages, compute_s, self.host.event_dispatcher,
@@ -248,6 +257,31 @@ class InferenceLoop(threading.Thread):
              "messages": len(messages), "reason": batch.reason, "failed": failures,
              "queue_wait_ms": round(wait_ms, 3), "compute_ms": round(compute_s * 1000.0, 3)},
         )
+
+
+    def _observe(self, messages: list[Message], model_id: str, compute_s: float) -> None:
+        mx = self.host.metrics
+        units = 0
+        for m in messages:
+            error = m.error if m.error is not None else (None if m.many else m.units[0].error)
+            mx.requests.labels(model_id, outcome_of(error)).inc()
+            if error is None:
+                sent = _sent_at(m.pending.req)
+                if sent is not None:
+                    mx.queue_seconds.labels(model_id).observe(max(0.0, self._started_wall - sent))
+                mx.compute_seconds.labels(model_id).observe(compute_s)
+                units += len(m.units)
+        if units:
+            mx.items.labels(model_id).inc(units)
+            mx.batch_size.labels(model_id).observe(units)
+            mx.cache.labels("hit").inc(len(messages))
+
+
+def _sent_at(req: Any) -> float | None:
+    try:
+        return float(req._request_dict.get(SENT_AT_HEADER))
+    except (TypeError, ValueError):
+        return None
 
 
 def _error_entry(exc: BaseException) -> dict:

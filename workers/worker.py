@@ -29,6 +29,7 @@ from .batcher import Batcher, BatchPolicy, Pending
 from .heartbeat import Heartbeat
 from .inference import InferenceLoop
 from .manager import ModelManager
+from .metrics import WorkerMetrics
 
 log = logging.getLogger("mesh.worker")
 
@@ -60,6 +61,8 @@ class MeshWorker:
             self.settings,
         )
         self.priority_steps = list(conf.broker_transport_options.get("priority_steps", [0]))
+        self.metrics = WorkerMetrics(self.name, self.settings.metrics_port)
+        self.metrics.capacity_bytes.set(self.settings.worker_capacity_bytes)
         self.batcher = Batcher(self._queue_depths)
         self.manager = ModelManager(self)
         self.inference = InferenceLoop(self)
@@ -121,6 +124,7 @@ class MeshWorker:
         self.inference.join(timeout=30)
         self.heartbeat.stop()
         self.manager.shutdown()
+        self.metrics.close()
         try:
             self.store.remove_worker(self.name, loaded)
         except redis.RedisError as exc:
@@ -177,6 +181,9 @@ class MeshWorker:
         """
         if not items:
             return
+        for p in items:
+            self.metrics.requests.labels(self.keys.model_from_queue(
+                (p.req.delivery_info or {}).get("routing_key") or "") or "", "requeued").inc()
         if now:
             _reject_requeue(items)
             return

@@ -1,0 +1,54 @@
+"""A worker's Prometheus endpoint, scraped while it serves (issue 7's metric set)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from mesh import InvalidInput
+from mesh.launcher import wait_for
+
+from .test_foundation import seed_tensor, sklearn_info
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_worker_metrics(client, workers, svm_path, seed_input):
+    port = free_port()
+    workers("w1", MESH_METRICS_PORT=port)
+    client.register_model("digits", sklearn_info(svm_path))
+    results = [client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]) for _ in range(20)]
+    bad = client.infer(model_id="digits", inputs=[{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}])
+    for r in results:
+        r.get(timeout=60)
+    with pytest.raises(InvalidInput):
+        bad.get(timeout=60)
+    m = wait_for(lambda: (m := scrape(port)).get(("mesh_worker_used_bytes", ())) and m,
+                 timeout=15, what="a heartbeat to set the gauges")
+    assert m[("mesh_requests_total", (("model", "digits"), ("outcome", "success")))] == 20
+    assert m[("mesh_requests_total", (("model", "digits"), ("outcome", "invalid_input")))] == 1
+    assert m[("mesh_model_loads_total", (("model", "digits"), ("outcome", "success")))] == 1
+    assert m[("mesh_model_load_seconds_count", (("model", "digits"),))] == 1
+    assert m[("mesh_batch_size_count", (("model", "digits"),))] >= 1
+    assert m[("mesh_batch_size_sum", (("model", "digits"),))] == 20
+    assert m[("mesh_request_queue_seconds_count", (("model", "digits"),))] == 20
+    assert m[("mesh_request_compute_seconds_count", (("model", "digits"),))] == 20
+    assert m[("mesh_cache_lookups_total", (("result", "miss"),))] == 1
+    assert m[("mesh_models_loaded", ())] == 1
+    assert 0 < m[("mesh_worker_used_bytes", ())] <= m[("mesh_worker_capacity_bytes", ())]
