@@ -50,6 +50,7 @@ def up(
     workers: int = typer.Option(2, "--workers", "-w", min=1, help="worker processes to start"),
     capacity: Optional[int] = typer.Option(None, help="bytes of models per worker (MESH_WORKER_CAPACITY_BYTES)"),
     flower_port: int = typer.Option(5555, help="Flower's port (0: no Flower)"),
+    metrics_port: int = typer.Option(9101, help="first worker's Prometheus port; worker i uses +i (0: off)"),
     state_dir: Path = typer.Option(Path(".mesh"), help="logs and the embedded Redis's data"),
 ) -> None:
     """Start a mesh on this machine: Redis (embedded if none is configured), workers, Flower.
@@ -62,6 +63,7 @@ def up(
     stack = LocalStack(
         state_dir=state_dir.resolve(), prefix=get_settings().prefix, workers=workers,
         worker_capacity_bytes=capacity, flower_port=flower_port or None, persist=True,
+        metrics_port=metrics_port or None,
         redis_url=get_settings().redis_url,
     )
     with console.status("starting the mesh ..."):
@@ -75,6 +77,9 @@ def up(
             console.print(f"{p.name:<8}pid {p.pid}  log {p.log_path}")
         if flower_port:
             console.print(f"flower  http://127.0.0.1:{flower_port}")
+        if metrics_port:
+            for i, p in enumerate(stack.worker_procs()):
+                console.print(f"metrics http://127.0.0.1:{metrics_port + i}/metrics  ({p.full_name})")
         console.print(f"\nexport MESH_REDIS_URL={stack.redis_url} MESH_PREFIX={stack.prefix}   # for other shells")
         console.print("Ctrl-C stops everything.")
         stopping.wait()

@@ -26,6 +26,7 @@ class LocalStack:
     beat: bool = False
     flower_port: int | None = None
     persist: bool = False  # persistence for the embedded Redis (mesh up); the demo needs none
+    metrics_port: int | None = None  # worker i serves /metrics on metrics_port + i
     extra_env: dict[str, str] = field(default_factory=dict)
     redis_url: str | None = None
     embedded: EmbeddedRedis | None = None
@@ -47,7 +48,10 @@ class LocalStack:
                 self.redis_url = self.embedded.start(timeout=20)
                 log.info("started an embedded redis-server at %s", self.redis_url)
             logs = self.state_dir / "logs"
-            started = [start_worker(f"w{i + 1}", self.env, logs) for i in range(self.workers)]
+            started = [
+                start_worker(f"w{i + 1}", {**self.env, **self._metrics_env(i)}, logs)
+                for i in range(self.workers)
+            ]
             self.procs.extend(started)
             for proc in started:
                 wait_worker_ready(self.redis_url, self.prefix, proc.full_name, timeout=ready_timeout, proc=proc)
@@ -59,6 +63,9 @@ class LocalStack:
             self.stop()
             raise
         return self
+
+    def _metrics_env(self, i: int) -> dict[str, str]:
+        return {"MESH_METRICS_PORT": str(self.metrics_port + i)} if self.metrics_port else {}
 
     def worker_procs(self) -> list[Proc]:
         return [p for p in self.procs if p.full_name]
