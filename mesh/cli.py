@@ -72,14 +72,14 @@ def up(
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
     try:
-        console.print(f"redis   {stack.redis_url}{'  (embedded)' if stack.embedded else ''}")
+        console.print(f"{'redis':<12}{stack.redis_url}{'  (embedded)' if stack.embedded else ''}")
         for p in stack.procs:
-            console.print(f"{p.name:<8}pid {p.pid}  log {p.log_path}")
+            console.print(f"{p.name:<12}pid {p.pid}  log {p.log_path}")
         if flower_port:
-            console.print(f"flower  http://127.0.0.1:{flower_port}")
+            console.print(f"{'flower':<12}http://127.0.0.1:{flower_port}")
         if metrics_port:
             for i, p in enumerate(stack.worker_procs()):
-                console.print(f"metrics http://127.0.0.1:{metrics_port + i}/metrics  ({p.full_name})")
+                console.print(f"{'metrics':<12}http://127.0.0.1:{metrics_port + i}/metrics  ({p.full_name})")
         console.print(f"\nexport MESH_REDIS_URL={stack.redis_url} MESH_PREFIX={stack.prefix}   # for other shells")
         console.print("Ctrl-C stops everything.")
         stopping.wait()

@@ -10,6 +10,7 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.result import AsyncResult
+from pydantic import ValidationError
 
 from .commands import send_command, unload_unregistered
 from .config import EffectiveConfig, effective_config, record_manifest
@@ -17,13 +18,23 @@ from .embedded import DEFAULT_LOCAL_URL, resolve_redis_url
 from .errors import DeadlineExceeded, InvalidArgument, ModelNotFound, RequestTooLarge
 from .ids import validate_id
 from .keys import Keys
-from .models import Command, ModelInfo, ModelRecord, ModelState, ModelStatus, WorkerState
-from .routing import MODEL_HEADER, PRIORITIES, VMODEL_HEADER, Router
+from .models import (
+    Command,
+    ModelInfo,
+    ModelRecord,
+    ModelState,
+    ModelStatus,
+    VModelRecord,
+    VModelStatus,
+    WorkerState,
+)
+from .routing import MODEL_HEADER, PRIORITIES, SENT_AT_HEADER, VMODEL_HEADER, Router
 from .settings import MeshSettings, get_settings
 from .state import Route, StateStore
 from .storage import validate_uri
 from .tasks import INFER_TASK
 from .tensors import encode_inputs, payload_nbytes
+from .vmodels import SYNC_TIMEOUT_S, VModelManager
 
 
 
@@ -221,7 +232,7 @@ class MeshClient:
         if timeout_ms is not None and timeout_ms <= 0:
             raise InvalidArgument("timeout_ms must be positive")
         concrete, cfg = self.router.route(model_id, vmodel_id)
-        headers = {MODEL_HEADER: concrete}
+        headers = {MODEL_HEADER: concrete, SENT_AT_HEADER: time.time()}
         if vmodel_id is not None:
             headers[VMODEL_HEADER] = vmodel_id
         timeout_ms = timeout_ms if timeout_ms is not None else (cfg.value("default_timeout_ms") or None)
@@ -241,6 +252,80 @@ class MeshClient:
     def _priority_steps(self) -> list[int]:
         return list(self.app.conf.broker_transport_options.get("priority_steps", [0]))
 
+
+    # ---- vmodels
+    # ModelMesh's vmodel API (modelmesh.md §1, docs/vmodels.md); the work is in mesh/vmodels.py.
+
+    @property
+    def vmodels(self) -> VModelManager:
+        """The vmodel store and transition driver of this mesh."""
+        manager = self.__dict__.get("_vmodel_manager")
+        if manager is None:
+            manager = self.__dict__["_vmodel_manager"] = VModelManager(self.app, self.store)
+        return manager
+
+    def set_vmodel(
+        self,
+        vmodel_id: str,
+        target_model_id: str,
+        model_info: ModelInfo | dict | None = None,
+        auto_delete_target_model: bool = False,
+        update_only: bool = False,
+        load_now: bool = False,
+        force: bool = False,
+        sync: bool = False,
+        expected_target_model_id: str | None = None,
+        owner: str | None = None,
+        *,
+        timeout: float = SYNC_TIMEOUT_S,
+    ) -> VModelStatus:
+        """Create a vmodel or set its target (ModelMesh's setVModel, every field).
+
+        The active model keeps serving until the target is loaded on as many copies as the
+        active has (unless `force`; at once if the active has no copy). `model_info` registers
+        the target (with `auto_delete_target_model` it is deleted once no vmodel references
+        it); `expected_target_model_id` makes the change a compare-and-set; `sync` waits for
+        the transition (or, for a new vmodel with `load_now`, for the load) and raises
+        DeadlineExceeded after `timeout` seconds.
+        """
+        validate_id(vmodel_id, "vmodel")
+        validate_id(target_model_id)
+        info = None
+        if model_info is not None:
+            try:
+                info = model_info if isinstance(model_info, ModelInfo) else ModelInfo.model_validate(model_info)
+            except ValidationError as exc:
+                raise InvalidArgument(f"invalid model_info for {target_model_id!r}: {exc}") from None
+            validate_uri(info.uri, info.storage_key)
+            _check_runtime(info.runtime)
+        if timeout <= 0:
+            raise InvalidArgument("timeout must be positive")
+        return self.vmodels.set_vmodel(
+            vmodel_id,
+            target_model_id,
+            model_info=info,
+            auto_delete_target_model=auto_delete_target_model,
+            update_only=update_only,
+            load_now=load_now,
+            force=force,
+            sync=sync,
+            expected_target_model_id=expected_target_model_id,
+            owner=owner,
+            timeout=timeout,
+        )
+
+    def get_vmodel_status(self, vmodel_id: str, owner: str | None = None) -> VModelStatus:
+        """Status NOT_FOUND | DEFINED | TRANSITIONING | TRANSITION_FAILED, both models' states
+        and copies; `.transition_status` etc. in ModelMesh Serving's words."""
+        return self.vmodels.status(vmodel_id, owner)
+
+    def delete_vmodel(self, vmodel_id: str, owner: str | None = None) -> None:
+        """Delete a vmodel (idempotent; another owner's vmodel is left alone). Models it
+        auto-created are deleted once nothing references them."""
+        self.vmodels.delete(vmodel_id, owner)
+
+    def list_vmodels(self) -> list[VModelRecord]:
+        return self.vmodels.list()
 
 def _default_app() -> Celery:
     from .app import app

@@ -87,3 +87,28 @@ class Keys:
 
     def worker(self, name: str) -> str:
         return self.worker_key_prefix + name
+
+    # --- the beat scheduler (mesh/rebalance.py)
+    @property
+    def control_queue(self) -> str:
+        """Celery queue of control-plane tasks (mesh.rebalance); every mesh worker consumes it."""
+        return f"{self.prefix}.control"
+
+    @property
+    def rebalance_lock(self) -> str:
+        return f"{self.prefix}:rebalance:lock"
+
+    @property
+    def rebalance_history(self) -> str:
+        """Sorted set of the scheduler's recent loads/unloads (JSON), scored by time."""
+        return f"{self.prefix}:rebalance:history"
+
+    @property
+    def rebalance_last(self) -> str:
+        """JSON summary of the last rebalance run."""
+        return f"{self.prefix}:rebalance:last"
+
+    @property
+    def usage(self) -> str:
+        """Hash model_id -> usage (last use, decayed request rate) that outlives its copies."""
+        return f"{self.prefix}:usage"

@@ -42,6 +42,9 @@ class MeshSettings(BaseSettings):
         le=256,
         description="BLAS/OpenMP threads per worker process (several workers share the cores)",
     )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Prometheus metrics port of a worker (0: off)"
+    )
     prefetch_floor: int = Field(
         default=64, ge=1, description="prefetch when no model is loaded (commands, cold loads)"
     )
@@ -100,6 +103,59 @@ class MeshSettings(BaseSettings):
     )
     repository_sync_interval_s: float = Field(
         default=10.0, gt=0, description="how often the beat scheduler syncs the repository"
+    )
+
+    # --- the beat scheduler (docs/scheduler.md; mesh/planner.py PlannerSettings)
+    rebalance_interval_s: float = Field(
+        default=5.0, gt=0, description="how often celery beat sends mesh.rebalance"
+    )
+    rebalance_lock_ttl_s: float = Field(
+        default=60.0, gt=0, description="leader lock lease: longer than the slowest run"
+    )
+    worker_control_queue: bool = Field(
+        default=True,
+        description="mesh workers also consume <prefix>.control (where mesh.rebalance runs); "
+        "false: only workers started with -Q <prefix>.control run it",
+    )
+    scale_up_rps_per_copy: float = Field(
+        default=50.0, gt=0, description="requests/s per copy above which a model gets more copies"
+    )
+    scale_up_queue_per_copy: int = Field(
+        default=64, ge=1, description="queued requests per loaded copy that add a copy"
+    )
+    scale_down_ratio: float = Field(
+        default=0.5, gt=0, le=1, description="hysteresis: n copies stay while rate > (n-1) x threshold x ratio"
+    )
+    copy_idle_s: float = Field(
+        default=300.0, gt=0, description="extra copies of a model unused this long are unloaded"
+    )
+    model_idle_s: float = Field(
+        default=0.0, ge=0, description="unload the last copy after this long unused (0: never)"
+    )
+    churn_age_s: float = Field(
+        default=60.0, ge=0, description="copies younger, or used more recently, are not evicted"
+    )
+    default_min_copies: int = Field(default=0, ge=0, le=1024, description="min copies when a model sets none")
+    default_max_copies: int | None = Field(
+        default=None, ge=1, le=1024, description="max copies when a model sets none (unset: no limit)"
+    )
+    proactive_loading: bool = Field(
+        default=True, description="load used-before models into free space and swap in valuable ones"
+    )
+    proactive_fill_fraction: float = Field(
+        default=0.9, gt=0, le=1, description="proactive loads fill a worker up to this fraction"
+    )
+    drain_recent_s: float = Field(
+        default=3600.0, ge=0, description="a draining worker's models used this recently move first"
+    )
+    max_loads_per_tick: int = Field(default=256, ge=1, description="loads one rebalance run may send")
+    max_loads_per_worker: int = Field(default=4, ge=1, description="loads per worker per run")
+    max_evictions_per_tick: int = Field(default=128, ge=0, description="evictions one run may send")
+    usage_decay_s: float = Field(
+        default=3600.0, gt=0, description="time constant of a model's decayed request rate (its value in cache)"
+    )
+    default_model_size_bytes: int = Field(
+        default=64 * 1024**2, ge=1, description="size assumed for placement before a model's first load"
     )
 
     @field_validator("prefix")

@@ -189,11 +189,15 @@ class ModelManager:
                 "loading %s failed after %.2fs: %s", model_id, time.monotonic() - started, message
             )
             self._forget(model_id)
+            self.host.metrics.loads.labels(model_id, "failed").inc()
             self.host.on_load_failed(model_id, message)
             return
-        log.info(
-            "loaded %s (%d bytes) in %.3fs", model_id, entry.size_bytes, time.monotonic() - started
-        )
+        elapsed = time.monotonic() - started
+        mx = self.host.metrics
+        mx.loads.labels(model_id, "success").inc()
+        mx.load_seconds.labels(model_id).observe(elapsed)
+        mx.cache.labels("miss").inc()
+        log.info("loaded %s (%d bytes) in %.3fs", model_id, entry.size_bytes, elapsed)
 
     def _reserve(self, entry: Entry, nbytes: int) -> None:
         self._reserved += nbytes - entry.reserved
@@ -317,6 +321,7 @@ class ModelManager:
             except Exception:
                 log.exception("runtime unload of %s raised; dropping it anyway", model_id)
         entry.loaded = None
+        self.host.metrics.unloads.labels(model_id, "unregistered" if fail_with is not None else "evicted").inc()
         release_model(model_id)  # its files may now leave the disk cache (LRU)
         self.host.store.remove_copy(model_id, self.host.name)
         self.host.update_prefetch()
