@@ -13,7 +13,7 @@ from celery.result import AsyncResult
 from pydantic import ValidationError
 
 from .commands import send_command, unload_unregistered
-from .config import EffectiveConfig, effective_config, record_manifest
+from .config import EffectiveConfig, copies_config, effective_config, record_manifest
 from .embedded import DEFAULT_LOCAL_URL, resolve_redis_url
 from .errors import DeadlineExceeded, InvalidArgument, ModelNotFound, RequestTooLarge
 from .ids import validate_id
@@ -162,7 +162,9 @@ class MeshClient:
         record = self.store.get_record(validate_id(model_id))
         if record is None:
             raise ModelNotFound(f"model {model_id!r} not found")
-        return effective_config(model_id, record.info, self.settings, manifest=record_manifest(record))
+        cfg = effective_config(model_id, record.info, self.settings, manifest=record_manifest(record))
+        cfg.values.update(copies_config(record, self.settings))
+        return cfg
 
     # ------------------------------------------------------------------ inference
     def infer(
@@ -293,7 +295,7 @@ class MeshClient:
         info = None
         if model_info is not None:
             try:
-                info = model_info if isinstance(model_info, ModelInfo) else ModelInfo.model_validate(model_info)
+                info = ModelInfo.model_validate(model_info)
             except ValidationError as exc:
                 raise InvalidArgument(f"invalid model_info for {target_model_id!r}: {exc}") from None
             validate_uri(info.uri, info.storage_key)

@@ -112,3 +112,9 @@ class Keys:
     def usage(self) -> str:
         """Hash model_id -> usage (last use, decayed request rate) that outlives its copies."""
         return f"{self.prefix}:usage"
+
+    # --- the model repository (mesh/repository.py)
+    @property
+    def repository_lock(self) -> str:
+        """Held while a repository sync runs, so two syncs never overlap."""
+        return f"{self.prefix}:repository:lock"

@@ -219,6 +219,16 @@ class MeshWorker:
 
     def on_copy_loaded(self, model_id: str) -> None:
         """A copy of `model_id` is now serving here (hook for vmodel transitions)."""
+        # a transition waiting for this copy completes now, not at the next beat tick; a
+        # failure here only delays it to that tick and must never break the worker
+        try:
+            from mesh.vmodels import advance_for_model
+
+            done = advance_for_model(self.store, self.app, model_id)
+            if done:
+                log.info("vmodel transition(s) to %s completed: %s", model_id, ", ".join(done))
+        except Exception:
+            log.exception("could not advance vmodel transitions to %s", model_id)
 
     def after_unload(self, model_id: str, unregistered: bool) -> None:
         """An evicted model with requests still queued and no other copy gets a new load.
