@@ -64,3 +64,38 @@ def effective_config(
         else:
             values[name] = Setting(value=getattr(defaults, name), source="default")
     return EffectiveConfig(model_id=model_id, values=values)
+
+
+# Copy bounds (the scheduler's min/max copies per model): management API (`ModelInfo`) >
+# manifest (`ModelRecord.manifest`) > global `MESH_DEFAULT_MIN_COPIES`/`MESH_DEFAULT_MAX_COPIES`.
+COPIES_FIELDS = {"min_copies": "default_min_copies", "max_copies": "default_max_copies"}
+
+
+def copies_bounds(record: ModelRecord) -> tuple[int | None, int | None]:
+    """(min_copies, max_copies) set for this model at the api or manifest level; None: not set
+    (the scheduler then applies the global default)."""
+    manifest = getattr(record, "manifest", None)
+    out = []
+    for name in COPIES_FIELDS:
+        api = getattr(record.info, name, None)
+        out.append(api if api is not None else getattr(manifest, name, None))
+    return out[0], out[1]
+
+
+def copies_config(record: ModelRecord, settings: MeshSettings) -> dict[str, Setting]:
+    """The copy bounds with their source, for `get_effective_config`."""
+    manifest = getattr(record, "manifest", None)
+    env_set = settings.model_fields_set
+    values: dict[str, Setting] = {}
+    for name, global_name in COPIES_FIELDS.items():
+        api = getattr(record.info, name, None)
+        man = getattr(manifest, name, None)
+        if api is not None:
+            values[name] = Setting(value=api, source="api")
+        elif man is not None:
+            values[name] = Setting(value=man, source="manifest")
+        elif global_name in env_set:
+            values[name] = Setting(value=getattr(settings, global_name, None), source="global")
+        else:
+            values[name] = Setting(value=getattr(MeshSettings.model_construct(), global_name, None), source="default")
+    return values
