@@ -20,7 +20,7 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
+import multiprocessing as mp
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,38 +68,72 @@ def percentile(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
-def closed_loop(send: Callable[[], object], wait: Callable[[object], None], total: int,
-                window: int, threads: int = 2) -> dict:
-    """Keep `window` requests outstanding until `total` are answered; latency per request."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    per_thread = [total // threads + (1 if i < total % threads else 0) for i in range(threads)]
-
-    def run(count: int) -> None:
-        inflight: deque = deque()
-        sent = done = 0
-        mine = []
-        w = max(1, window // threads)
-        while done < count:
-            while sent < count and len(inflight) < w:
-                inflight.append((time.perf_counter(), send()))
-                sent += 1
-            t0, handle = inflight.popleft()
-            wait(handle)
-            mine.append(time.perf_counter() - t0)
-            done += 1
-        with lock:
-            latencies.extend(mine)
-
-    t0 = time.perf_counter()
-    ts = [threading.Thread(target=run, args=(n,)) for n in per_thread]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    elapsed = time.perf_counter() - t0
+def closed_loop(kind: str, params: dict, total: int, window: int, processes: int = 2) -> dict:
+    """Keep `window` requests outstanding until `total` are answered, from `processes`
+    producer processes (a Python producer's own CPU must not be what is measured)."""
+    per = [total // processes + (1 if i < total % processes else 0) for i in range(processes)]
+    w = max(1, window // processes)
+    with mp.get_context("spawn").Pool(processes) as pool:
+        pool.starmap(_warm, [(kind, params)] * processes)
+        t0 = time.perf_counter()
+        parts = pool.starmap(_produce, [(kind, params, n, w) for n in per])
+        elapsed = time.perf_counter() - t0
+    latencies = [x for part in parts for x in part]
     return {"throughput": total / elapsed, "p50_ms": percentile(latencies, 0.5) * 1e3,
             "p99_ms": percentile(latencies, 0.99) * 1e3, "n": total}
+
+
+_SENDERS: dict = {}
+
+
+def sender(kind: str, params: dict) -> tuple[Callable[[], object], Callable[[object], None]]:
+    """(send, wait) for one producer process, built once per process."""
+    key = (kind, params["prefix"])
+    if key not in _SENDERS:
+        request = [seed_digits_tensor()]
+        if kind == "plain":
+            app = plain_producer(params["url"], params["prefix"])
+            send = lambda: app.send_task("plain.predict", args=[request])  # noqa: E731
+        else:
+            client = MeshClient(redis_url=params["url"], prefix=params["prefix"])
+            if kind == "mesh":
+                send = lambda: client.infer(model_id="m", inputs=request)  # noqa: E731
+            else:
+                items = [request] * params["batch"]
+                send = lambda: client.infer_many(model_id="m", inputs=items)  # noqa: E731
+        _SENDERS[key] = (send, lambda r: r.get(timeout=120))
+    return _SENDERS[key]
+
+
+def _warm(kind: str, params: dict) -> None:
+    send, wait = sender(kind, params)
+    wait(send())
+
+
+def _produce(kind: str, params: dict, count: int, window: int) -> list[float]:
+    send, wait = sender(kind, params)
+    inflight: deque = deque()
+    sent = 0
+    out = []
+    while len(out) < count:
+        while sent < count and len(inflight) < window:
+            inflight.append((time.perf_counter(), send()))
+            sent += 1
+        t0, handle = inflight.popleft()
+        wait(handle)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def plain_producer(url: str, prefix: str):
+    from bench import plain
+
+    app = plain.Celery("plain-producer", broker=url, backend=url)
+    app.conf.update(plain.app.conf)
+    app.conf.update(broker_transport_options={"global_keyprefix": f"{prefix}:"},
+                    result_backend_transport_options={"global_keyprefix": f"{prefix}:"},
+                    task_default_queue=f"{prefix}.q")
+    return app
 
 
 def one_at_a_time(send: Callable[[], object], wait: Callable[[object], None], n: int) -> dict:
@@ -133,28 +167,19 @@ def ceiling(path: Path, batch: int, seconds: float = 2.0) -> dict:
 
 # ---------------------------------------------------------------------- the systems
 def bench_plain(url: str, model_path: Path, logs: Path, args) -> dict:
-    from bench import plain
-
     prefix = f"benchplain{os.getpid()}"
     env = {"MESH_REDIS_URL": url, "BENCH_PLAIN_PREFIX": prefix, "BENCH_MODEL_PATH": str(model_path),
            "PYTHONPATH": str(REPO_ROOT)}
-    os.environ.update({"BENCH_PLAIN_PREFIX": prefix})
-    app = plain.Celery("plain-producer", broker=url, backend=url)
-    app.conf.update(plain.app.conf)
-    app.conf.update(broker_transport_options={"global_keyprefix": f"{prefix}:"},
-                    result_backend_transport_options={"global_keyprefix": f"{prefix}:"},
-                    task_default_queue=f"{prefix}.q")
     proc = Proc("plain", [sys.executable, "-m", "celery", "-A", "bench.plain", "worker", "-P", "solo",
                           "-E", "--without-mingle", "--without-gossip", "-Q", f"{prefix}.q",
                           "-n", "plain@%h", "--loglevel", "WARNING"],
                 logs / "plain.log", env={**os.environ, **env}, cwd=REPO_ROOT)
-    request = [seed_digits_tensor()]
+    params = {"url": url, "prefix": prefix}
     try:
-        send = lambda: app.send_task("plain.predict", args=[request])  # noqa: E731
-        wait = lambda r: r.get(timeout=120)  # noqa: E731
+        send, wait = sender("plain", params)
         wait_for(lambda: _answers(send, wait), timeout=60, what="the plain worker")
         seq = one_at_a_time(send, wait, args.sequential)
-        load = closed_loop(send, wait, args.requests, args.window)
+        load = closed_loop("plain", params, args.requests, args.window)
         return {"one_at_a_time": seq, "load": load}
     finally:
         proc.stop()
@@ -166,26 +191,23 @@ def bench_mesh(url: str, model_path: Path, logs: Path, args) -> dict:
     env = {"MESH_REDIS_URL": url, "MESH_PREFIX": prefix}
     proc = start_worker("bench", env, logs, loglevel="WARNING")
     client = MeshClient(redis_url=url, prefix=prefix)
+    params = {"url": url, "prefix": prefix, "batch": args.batch}
     try:
         wait_worker_ready(url, prefix, proc.full_name, timeout=60, proc=proc)
         client.register_model("m", ModelInfo(runtime="sklearn", uri=f"file://{model_path}",
                                              batching=BatchingConfig(max_batch_size=args.batch,
                                                                      max_batch_delay_ms=args.delay_ms)))
         client.ensure_loaded("m", sync=True, timeout=120)
-        request = [seed_digits_tensor()]
-        send = lambda: client.infer(model_id="m", inputs=request)  # noqa: E731
-        wait = lambda r: r.get(timeout=120)  # noqa: E731
+        send, wait = sender("mesh", params)
         wait_for(lambda: _answers(send, wait), timeout=60, what="the mesh worker")
         seq = one_at_a_time(send, wait, args.sequential)
         before = client.list_workers()[0]
-        load = closed_loop(send, wait, args.requests, args.window)
+        load = closed_loop("mesh", params, args.requests, args.window)
         after = wait_for(lambda: (w := client.list_workers()[0]).requests_total
                          >= before.requests_total + args.requests and w, timeout=15, what="heartbeat")
         load["mean_batch"] = (after.requests_total - before.requests_total) / max(
             1, after.batches_total - before.batches_total)
-        items = [request] * args.batch
-        send_many = lambda: client.infer_many(model_id="m", inputs=items)  # noqa: E731
-        many = closed_loop(send_many, wait, max(4, args.requests // args.batch), max(2, args.window // args.batch))
+        many = closed_loop("many", params, max(4, args.requests // args.batch), max(2, args.window // args.batch))
         many["throughput"] *= args.batch  # items per second
         return {"one_at_a_time": seq, "load": load, "infer_many": many}
     finally:
@@ -245,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=64, help="requests kept outstanding")
     ap.add_argument("--sequential", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size and items per infer_many message")
-    ap.add_argument("--delay-ms", type=float, default=5.0)
+    ap.add_argument("--delay-ms", type=float, default=0.0, help="max_batch_delay_ms of the mesh model")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:

@@ -51,7 +51,13 @@ class MeshSettings(BaseSettings):
 
     # --- batching and queue policy defaults (global level of precedence)
     max_batch_size: int = Field(default=32, ge=1, le=65536)
-    max_batch_delay_ms: float = Field(default=5.0, ge=0, le=60_000)
+    max_batch_delay_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=60_000,
+        description="0 (Triton's default): batches form from what accumulates while the "
+        "previous batch runs, and a lone request never waits",
+    )
     preferred_batch_sizes: list[int] = Field(default_factory=list, description="JSON list, e.g. [8,16]")
     max_queue_size: int = Field(default=0, ge=0, description="0: no limit")
     default_timeout_ms: float = Field(default=0.0, ge=0, description="0: no timeout")
