@@ -11,7 +11,7 @@ from celery import Celery
 
 from .celery_config import mesh_celery_settings
 from .settings import MeshSettings
-from .tasks import CommandTask, InferTask
+from .tasks import CommandTask, InferTask, RebalanceTask, SyncRepositoryTask
 
 
 def create_app(settings: MeshSettings | None = None, redis_url: str | None = None) -> Celery:
@@ -21,6 +21,8 @@ def create_app(settings: MeshSettings | None = None, redis_url: str | None = Non
         celery_app.conf.update(mesh_celery_settings(settings, redis_url))
     celery_app.register_task(InferTask())
     celery_app.register_task(CommandTask())
+    celery_app.register_task(RebalanceTask())
+    celery_app.register_task(SyncRepositoryTask())
     celery_app.steps["consumer"].add("workers.bootstep:MeshConsumerStep")
     celery_app.steps["worker"].add("workers.bootstep:MeshWorkerStep")
     return celery_app

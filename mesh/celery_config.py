@@ -47,4 +47,32 @@ def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | 
         "control_exchange": f"{s.prefix}.pidbox",
         "mesh_prefix": s.prefix,
         "mesh_redis_url": url,
+        # celery beat: the scheduler run, on the control queue that every mesh worker consumes;
+        # a message older than one interval is dropped (the next one is already on its way)
+        "beat_schedule": {
+            "mesh-rebalance": {
+                "task": "mesh.rebalance",
+                "schedule": s.rebalance_interval_s,
+                "options": {
+                    "queue": keys.control_queue,
+                    "expires": s.rebalance_interval_s,
+                    "priority": 0,
+                },
+            },
+            **_repository_schedule(s, keys),
+        },
+    }
+
+
+def _repository_schedule(s: MeshSettings, keys: Keys) -> dict[str, Any]:
+    """mesh.sync_repository, only when this (beat) process has MESH_MODEL_DIR (docs/storage.md)."""
+    if not s.model_dir:
+        return {}
+    return {
+        "mesh-sync-repository": {
+            "task": "mesh.sync_repository",
+            "schedule": s.repository_sync_interval_s,
+            "kwargs": {"model_dir": s.model_dir},
+            "options": {"queue": keys.control_queue, "expires": s.repository_sync_interval_s},
+        },
     }

@@ -3,11 +3,12 @@
 `mesh.infer` messages are buffered per model and answered in batches by the worker's
 inference thread (workers/strategy.py); `mesh.command` messages (load/unload on one worker's
 private queue) are handed to the model manager. Both run only in a mesh worker.
+`mesh.rebalance` (the scheduler run, sent by celery beat) is the exception: a normal task.
 """
 
 from __future__ import annotations
 
-from celery import Task
+from celery import Task, signals
 
 INFER_TASK = "mesh.infer"
 COMMAND_TASK = "mesh.command"
@@ -34,3 +35,79 @@ class CommandTask(Task):
 
     def run(self, *args, **kwargs):
         raise RuntimeError("mesh.command is handled by a mesh worker's model manager")
+
+
+REBALANCE_TASK = "mesh.rebalance"
+
+
+class RebalanceTask(Task):
+    """One scheduler run (mesh/rebalance.py), sent by celery beat to `<prefix>.control`.
+
+    A normal task: in a `-P solo` worker it runs inline in the consumer thread, so a run only
+    reads Redis, plans and sends commands (tens of milliseconds for a small pool). Acked early:
+    a run lost with its worker is simply the next tick's work.
+    """
+
+    name = REBALANCE_TASK
+    ignore_result = True
+    acks_late = False
+    typing = False
+
+    def run(self, *args, **kwargs):
+        from .rebalance import rebalance_from_app
+
+        report = rebalance_from_app(self.app)
+        return report.model_dump(mode="json") if report.ran else None
+
+
+def _consume_control_queue(sender=None, instance=None, conf=None, **kwargs):
+    """Every mesh worker also consumes `<prefix>.control` (MESH_WORKER_CONTROL_QUEUE, default
+    on), so scheduled runs need no extra process; the leader lock keeps them one at a time.
+    Sent after `-Q` and the MeshWorkerStep have chosen the queues, before consuming starts."""
+    app = getattr(instance, "app", None)
+    prefix = getattr(getattr(app, "conf", None), "mesh_prefix", None)
+    if app is None or not prefix:
+        return
+    from .keys import Keys
+    from .settings import MeshSettings
+
+    if MeshSettings(prefix=prefix).worker_control_queue:
+        app.amqp.queues.select_add(Keys(prefix).control_queue)
+
+
+signals.celeryd_after_setup.connect(_consume_control_queue, weak=False)
+
+
+SYNC_REPOSITORY_TASK = "mesh.sync_repository"
+
+
+class SyncRepositoryTask(Task):
+    """Sync the model repository into the registry (mesh/repository.py, docs/storage.md).
+
+    Sent by celery beat to `<prefix>.control` every MESH_REPOSITORY_SYNC_INTERVAL_S when the
+    beat has MESH_MODEL_DIR, and once when beat starts (stateless boot). `model_dir` is the
+    beat's; S3 credentials are the executing worker's own MESH_STORAGE_CONFIG. A Redis lock
+    keeps syncs one at a time; acked early like mesh.rebalance (a lost run is the next tick's).
+    """
+
+    name = SYNC_REPOSITORY_TASK
+    ignore_result = True
+    acks_late = False
+    typing = False
+
+    def run(self, model_dir=None, *args, **kwargs):
+        from .repository import sync_from_app
+
+        return sync_from_app(self.app, model_dir).model_dump(mode="json")
+
+
+def _sync_repository_at_beat_start(sender=None, **kwargs):
+    """Stateless boot: the first sync goes out when beat starts, not one interval later."""
+    app = getattr(sender, "app", None)
+    entry = getattr(getattr(app, "conf", None), "beat_schedule", {}).get("mesh-sync-repository")
+    if app is None or not entry:
+        return
+    app.send_task(SYNC_REPOSITORY_TASK, kwargs=entry.get("kwargs", {}), **entry.get("options", {}))
+
+
+signals.beat_init.connect(_sync_repository_at_beat_start, weak=False)
