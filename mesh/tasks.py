@@ -3,7 +3,8 @@
 `mesh.infer` messages are buffered per model and answered in batches by the worker's
 inference thread (workers/strategy.py); `mesh.command` messages (load/unload on one worker's
 private queue) are handed to the model manager. Both run only in a mesh worker.
-`mesh.rebalance` (the scheduler run, sent by celery beat) is the exception: a normal task.
+`mesh.rebalance` and `mesh.sync_repository` (scheduler runs sent by celery beat) go to the
+worker's control thread.
 """
 
 from __future__ import annotations
@@ -41,41 +42,23 @@ REBALANCE_TASK = "mesh.rebalance"
 
 
 class RebalanceTask(Task):
-    """One scheduler run (mesh/rebalance.py), sent by celery beat to `<prefix>.control`.
-
-    A normal task: in a `-P solo` worker it runs inline in the consumer thread, so a run only
-    reads Redis, plans and sends commands (tens of milliseconds for a small pool). Acked early:
-    a run lost with its worker is simply the next tick's work.
+    """One scheduler run (mesh/rebalance.py), sent by celery beat to `<prefix>.control`,
+    which every mesh worker consumes (MESH_WORKER_CONTROL_QUEUE). Its Strategy hands the run to
+    the worker's control thread, so intake never waits behind it; acked on receipt: a run lost
+    with its worker is simply the next tick's work.
     """
 
     name = REBALANCE_TASK
     ignore_result = True
     acks_late = False
     typing = False
+    Strategy = "workers.strategy:control_strategy"
 
     def run(self, *args, **kwargs):
         from .rebalance import rebalance_from_app
 
         report = rebalance_from_app(self.app)
         return report.model_dump(mode="json") if report.ran else None
-
-
-def _consume_control_queue(sender=None, instance=None, conf=None, **kwargs):
-    """Every mesh worker also consumes `<prefix>.control` (MESH_WORKER_CONTROL_QUEUE, default
-    on), so scheduled runs need no extra process; the leader lock keeps them one at a time.
-    Sent after `-Q` and the MeshWorkerStep have chosen the queues, before consuming starts."""
-    app = getattr(instance, "app", None)
-    prefix = getattr(getattr(app, "conf", None), "mesh_prefix", None)
-    if app is None or not prefix:
-        return
-    from .keys import Keys
-    from .settings import MeshSettings
-
-    if MeshSettings(prefix=prefix).worker_control_queue:
-        app.amqp.queues.select_add(Keys(prefix).control_queue)
-
-
-signals.celeryd_after_setup.connect(_consume_control_queue, weak=False)
 
 
 SYNC_REPOSITORY_TASK = "mesh.sync_repository"
@@ -94,6 +77,7 @@ class SyncRepositoryTask(Task):
     ignore_result = True
     acks_late = False
     typing = False
+    Strategy = "workers.strategy:control_strategy"
 
     def run(self, model_dir=None, *args, **kwargs):
         from .repository import sync_from_app

@@ -11,17 +11,23 @@ from __future__ import annotations
 from celery import bootsteps
 
 from mesh.keys import Keys
+from mesh.settings import MeshSettings
 
 
 class MeshWorkerStep(bootsteps.Step):
     def __init__(self, worker, **kwargs):
         queues = worker.app.amqp.queues
-        private = Keys(worker.app.conf.mesh_prefix).worker_queue(worker.hostname)
+        keys = Keys(worker.app.conf.mesh_prefix)
+        private = keys.worker_queue(worker.hostname)
         if queues._consume_from is None:
             # no -Q given: consume only the private queue, not the default queue
             queues.select([private])
         else:
             queues.select_add(private)
+        # every worker can take scheduler runs (mesh.rebalance, mesh.sync_repository), so
+        # beat needs no extra process; the leader locks keep runs one at a time
+        if MeshSettings(prefix=keys.prefix).worker_control_queue:
+            queues.select_add(keys.control_queue)
         super().__init__(worker, **kwargs)
 
 

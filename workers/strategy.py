@@ -10,16 +10,19 @@ the inference thread and the model manager do the work.
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timezone
 from typing import Any
 
 from celery import signals
 from celery.exceptions import InvalidTaskError
 from celery.worker.request import Request, create_request_cls
+from celery.utils.time import maybe_iso8601
 from celery.worker.state import task_reserved
+from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.utils.imports import symbol_by_name
 from pydantic import ValidationError
 
-from mesh.errors import RequestTooLarge
+from mesh.errors import InvalidArgument, RequestTooLarge
 from mesh.models import Command
 from mesh.routing import PRIORITIES
 
@@ -59,6 +62,11 @@ def infer_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
                 body=message.body, headers=message.headers, decoded=False, utc=utc,
             )
             kwargs_ = req.kwargs
+        except (ContentDisallowed, DecodeError) as exc:
+            # JSON only, never pickle: answer the request with the reason rather than leave
+            # its producer waiting (Celery would drop it silently)
+            _refuse(app, message, ack, consumer, InvalidArgument(f"mesh.infer message refused: {exc}"))
+            return
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             # Celery rejects InvalidTaskError with a logged reason; anything else would
             # escape into the event loop
@@ -97,6 +105,42 @@ def _too_large(app: Any, message: Any, ack: Any, consumer: Any, max_bytes: int) 
             task_id, RequestTooLarge(f"request of {size} bytes exceeds the worker's limit of {max_bytes}")
         )
     ack(log, consumer.connection_errors)
+
+
+def _refuse(app: Any, message: Any, ack: Any, consumer: Any, error: Exception) -> None:
+    """Answer an undecodable request with `error` (when it carries an id), then ack it."""
+    task_id = (message.headers or {}).get("id")
+    log.error("refusing mesh.infer message %r: %s", task_id, error)
+    if isinstance(task_id, str) and task_id:
+        app.backend.mark_as_failure(task_id, error)
+    ack(log, consumer.connection_errors)
+
+
+def control_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
+    """Scheduler runs (`mesh.rebalance`, `mesh.sync_repository`) go to the worker's control
+    thread: a run reads Redis (and may list S3) for a while, and must not stall intake."""
+    mesh = consumer.mesh
+
+    def handler(message, body, ack, reject, callbacks, **kw):
+        try:
+            payload = message.payload
+            kwargs_ = payload[1] if isinstance(payload, (list, tuple)) and len(payload) > 1 else {}
+            if not isinstance(kwargs_, dict):
+                raise TypeError(f"keyword arguments must be an object, not {type(kwargs_).__name__}")
+            expires = (message.headers or {}).get("expires")
+            expired = expires is not None and maybe_iso8601(expires) <= datetime.now(timezone.utc)
+        except (ContentDisallowed, DecodeError, TypeError, ValueError) as exc:
+            log.error("rejecting a malformed %s: %s", task.name, exc)
+            reject(log, consumer.connection_errors, False)
+            return
+        # acked at once: a run lost with its worker is simply the next tick's work
+        ack(log, consumer.connection_errors)
+        if expired:
+            log.info("dropping an expired %s", task.name)
+            return
+        mesh.run_control(task.name, task.run, kwargs_)
+
+    return handler
 
 
 def command_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -21,7 +22,7 @@ from threadpoolctl import threadpool_limits
 from mesh.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.keys import Keys
-from mesh.models import Command
+from mesh.models import Command, CopyState
 from mesh.settings import MeshSettings
 from mesh.state import Route, StateStore
 
@@ -70,6 +71,7 @@ class MeshWorker:
         self.started_at = time.time()
         self.shutting_down = False
         self._threads_started = False
+        self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-control")
         self._unloaded_lock = threading.Lock()
         self._recently_unloaded: dict[str, float] = {}
 
@@ -123,6 +125,7 @@ class MeshWorker:
         self.inference.stop()
         self.inference.join(timeout=30)
         self.heartbeat.stop()
+        self._control.shutdown(wait=False, cancel_futures=True)
         self.manager.shutdown()
         self.metrics.close()
         try:
@@ -147,6 +150,20 @@ class MeshWorker:
         if model_id is None or not self.batcher.add(model_id, req, items, high):
             # not (or no longer) served here: back to its queue for the copy that is
             self.requeue([Pending(req)], now=True)
+
+    def run_control(self, name: str, fn: Any, kwargs: dict) -> None:
+        """Run a scheduler task on the control thread (one at a time, in arrival order)."""
+        self._control.submit(self._run_control, name, fn, kwargs)
+
+    @staticmethod
+    def _run_control(name: str, fn: Any, kwargs: dict) -> None:
+        started = time.monotonic()
+        try:
+            fn(**kwargs)
+        except Exception:  # a failed run is logged; the next tick runs again
+            log.exception("%s failed", name)
+        else:
+            log.debug("%s ran in %.3fs", name, time.monotonic() - started)
 
     def on_command(self, cmd: Command) -> None:
         if cmd.op == "load":
@@ -264,8 +281,9 @@ class MeshWorker:
                 self._reload_if_orphaned(model_id)
 
     def maintenance(self) -> None:
-        """Periodic (heartbeat thread): watch models that left for orphaned requests, and stop
-        draining failed models whose queue is empty."""
+        """Periodic (heartbeat thread): announce copies whose records vanished, watch models
+        that left for orphaned requests, and stop draining failed models whose queue is empty."""
+        self.reassert_copies()
         now = time.monotonic()
         with self._unloaded_lock:
             watch = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_WATCH_S]
@@ -279,6 +297,33 @@ class MeshWorker:
             if self.store.queue_depth(model_id, self.priority_steps) == 0:
                 self.stop_consuming(model_id)
                 self.batcher.close(model_id)
+
+    def reassert_copies(self) -> None:
+        """Announce again the copies this worker serves whose records are gone from Redis
+        (emptied, or restored from an older snapshot), so routing and status see them without
+        a reload. Only for a model registered (again) with the info it was loaded from."""
+        if self.shutting_down:
+            return  # shutdown removes our copies; do not race it
+        loaded = self.manager.loaded_records()
+        if not loaded:
+            return
+        ids = list(loaded)
+        with self.store.r.pipeline(transaction=False) as p:
+            for model_id in ids:
+                p.hexists(self.keys.copies(model_id), self.name)
+            present = p.execute()
+        for model_id, ok in zip(ids, present):
+            if ok:
+                continue
+            record = self.store.get_record(model_id)
+            if record is None or not record.info.same_model(loaded[model_id].info):
+                continue
+            if not self.store.mark_copy(model_id, self.name, CopyState.LOADED):
+                continue
+            if model_id in self.manager.loaded_ids():
+                log.info("announced the copy of %s again (its record was missing from Redis)", model_id)
+            else:  # evicted while we announced it
+                self.store.remove_copy(model_id, self.name)
 
     def _queue_depths(self, model_ids: list[str]) -> dict[str, int]:
         keys = self.keys
