@@ -28,6 +28,7 @@ from celery.worker import state as worker_state
 
 from mesh.errors import InferenceError, InvalidInput, MeshError
 from mesh.routing import SENT_AT_HEADER
+from mesh.transport import ack_many
 from mesh.tensors import decode_inputs, encode_outputs
 
 from .batcher import Batch, Pending
@@ -332,10 +333,14 @@ def _revoke_all(items: list[Pending]) -> None:
 
 
 def _complete_all(messages: list[Message], runtime_s: float, dispatcher: Any, batch_event: dict) -> None:
+    try:
+        ack_many([m.pending.req._message for m in messages])
+    except Exception:  # connection trouble: unacked messages are redelivered (at-least-once)
+        log.exception("acking a batch of %d failed; they will be redelivered", len(messages))
     for m in messages:
         req = m.pending.req
         worker_state.task_ready(req, successful=not m.failed)
-        req.acknowledge()
+        req.acknowledged = True
         if not m.failed:
             req.send_event("task-succeeded", result=_summary(m), runtime=runtime_s)
         else:

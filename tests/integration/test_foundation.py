@@ -150,6 +150,11 @@ def test_concurrent_requests_are_batched(client, workers, mlp_path, seed_input):
     batches = after.batches_total - before.batches_total
     assert requests == 200
     assert requests / batches > 1.0, f"{requests} requests in {batches} batches"
+    # every message was acked (batch acks share a round trip): nothing left to redeliver
+    r = client.store.r
+    unacked = client.keys.kombu_prefix + "unacked"
+    wait_for(lambda: r.hlen(unacked) == 0 and r.zcard(unacked + "_index") == 0, timeout=10,
+             what="kombu's unacked index to empty")
 
 
 def test_unknown_ids_raise_at_once(client):
