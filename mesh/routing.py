@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -34,6 +35,7 @@ SENT_AT_HEADER = "mesh-sent-at"  # epoch seconds at send: the worker's queue-tim
 # kombu's Redis transport serves lower numbers first; two lanes (celery_config.PRIORITY_STEPS)
 PRIORITIES = {"high": 0, "normal": 5}
 CONFIG_TTL_S = 2.0
+NO_WORKER_WARN_S = 30.0
 
 
 class Router:
@@ -45,6 +47,7 @@ class Router:
         self.priority_steps = list(app.conf.broker_transport_options.get("priority_steps", [0]))
         self._configs: TTLCache = TTLCache(maxsize=10_000, ttl=CONFIG_TTL_S)
         self._config_lock = threading.Lock()
+        self._warned: dict[str, float] = {}
 
     def resolve(self, model_id: str | None, vmodel_id: str | None) -> str:
         """The concrete model id to serve this request (a vmodel's active model)."""
@@ -102,9 +105,18 @@ class Router:
                 send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
             elif placement.error is not None:
                 raise ModelLoadFailed(placement.error)
-            else:
+            elif self._warn_once(model_id):
                 log.warning("no live mesh worker: requests for %s wait in its queue", model_id)
         return cfg
+
+    def _warn_once(self, model_id: str) -> bool:
+        """True at most once per model per NO_WORKER_WARN_S (one line, not one per request)."""
+        now = time.monotonic()
+        with self._config_lock:
+            if now - self._warned.get(model_id, -NO_WORKER_WARN_S) < NO_WORKER_WARN_S:
+                return False
+            self._warned[model_id] = now
+            return True
 
     def route(self, model_id: str | None, vmodel_id: str | None) -> tuple[str, EffectiveConfig]:
         concrete = self.resolve(model_id, vmodel_id)
@@ -137,8 +149,8 @@ def router_for(app: Celery) -> Router:
 
         from .settings import MeshSettings
 
-        settings = MeshSettings(prefix=app.conf.mesh_prefix, redis_url=app.conf.mesh_redis_url)
-        client = redis.Redis.from_url(app.conf.mesh_redis_url)
+        settings = MeshSettings(prefix=app.conf.mesh_prefix, redis_url=app.conf.mesh_redis_backend_url)
+        client = redis.Redis.from_url(app.conf.mesh_redis_backend_url)
         router = Router(app, StateStore(client, Keys(settings.prefix), settings))
         app._mesh_router = router
     return router

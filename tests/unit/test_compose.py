@@ -1,0 +1,137 @@
+"""docker-compose.yml: valid for `docker compose config`, shaped as documented, and its init
+step (scripts/publish_example_model.py) publishes a servable model into an S3 repository.
+
+No Docker engine runs here, so the containers themselves are not started: the file is
+validated by the real compose CLI, every mesh service's environment is parsed by the
+settings the processes would use, and the init script runs against moto's S3 server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesh.repository import open_repository, scan
+from mesh.settings import MeshSettings
+from mesh.storage import load_storage_config
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+MESH_SERVICES = ("models-init", "worker", "beat", "flower")
+
+
+def compose(*args: str) -> subprocess.CompletedProcess:
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.fail("the docker CLI is not installed: docker-compose.yml cannot be validated")
+    version = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=60)
+    if version.returncode != 0:
+        pytest.fail(
+            "`docker compose version` failed: the compose CLI plugin is missing; "
+            f"run scripts/ensure-test-tools ({version.stderr.strip()[:200]})"
+        )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "REDIS_", "MINIO_", "FLOWER_"))}
+    return subprocess.run(
+        [docker, "compose", "-f", str(COMPOSE), *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    proc = compose("config", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_docker_compose_config_passes():
+    proc = compose("config", "--quiet")
+    assert proc.returncode == 0, f"docker compose config failed:\n{proc.stderr}"
+
+
+def test_the_stack_is_what_the_docs_say(config):
+    services = config["services"]
+    assert set(services) >= {"redis", "minio", "models-init", "worker", "beat", "flower"}
+
+    redis_cmd = " ".join(services["redis"]["command"])
+    assert "--maxmemory-policy noeviction" in redis_cmd and "--appendonly yes" in redis_cmd
+    assert services["worker"]["deploy"]["replicas"] == 2
+    flower_env = services["flower"]["environment"]
+    assert ":" in flower_env["FLOWER_BASIC_AUTH"] and "FLOWER_UNAUTHENTICATED_API" not in flower_env
+    assert all(p.get("host_ip") == "127.0.0.1" for s in services.values() for p in s.get("ports", []))
+
+    init = services["models-init"]["command"]
+    assert init[:2] == ["python", "scripts/publish_example_model.py"] and (ROOT / init[1]).is_file()
+    assert services["beat"]["depends_on"]["models-init"]["condition"] == "service_completed_successfully"
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in dockerfile and "pip install" in dockerfile
+
+    # every mesh process would start with these settings: same Redis and prefix, a storage
+    # config whose bucket holds the repository
+    for name in MESH_SERVICES:
+        env = services[name]["environment"]
+        settings = MeshSettings(**{k[len("MESH_"):].lower(): v for k, v in env.items() if k.startswith("MESH_")})
+        assert settings.redis_url == "redis://:mesh@redis:6379/0"
+        storage = load_storage_config(settings.storage_config)
+        entry = storage.root[settings.model_dir_storage_key]
+        assert settings.model_dir == f"s3://{entry.bucket}/repo"
+        assert entry.endpoint_url == "http://minio:9000"
+    assert services["worker"]["environment"]["MESH_METRICS_PORT"] == "9101"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_init_step_publishes_a_servable_model(config, tmp_path):
+    import boto3
+    import joblib
+    from moto.server import ThreadedMotoServer
+
+    from mesh.examples import SEED_DIGITS_INPUT
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        env = dict(config["services"]["models-init"]["environment"])
+        storage = json.loads(env["MESH_STORAGE_CONFIG"])
+        storage["minio"]["endpoint_url"] = f"http://127.0.0.1:{port}"  # moto stands in for MinIO
+        env["MESH_STORAGE_CONFIG"] = json.dumps(storage)
+        command = config["services"]["models-init"]["command"]
+        run_env = {**{k: v for k, v in os.environ.items() if not k.startswith("MESH_")}, **env}
+
+        def publish() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=run_env,
+                                  capture_output=True, text=True, timeout=120)  # fmt: skip
+
+        first = publish()
+        assert first.returncode == 0, first.stderr
+        assert "published s3://models/repo/mnist-svm/1/model.joblib" in first.stdout
+        again = publish()
+        assert again.returncode == 0 and "already published" in again.stdout, again.stderr
+
+        # the repository sync sees exactly one published version
+        settings = MeshSettings(storage_config=env["MESH_STORAGE_CONFIG"], model_dir_storage_key="minio")
+        repo = open_repository(env["MESH_MODEL_DIR"], settings)
+        scanned = scan(repo.list_files())
+        version = scanned.names["mnist-svm"].versions[1]
+        assert version.published and [f.relpath for f in version.files] == ["mnist-svm/1/model.joblib"]
+
+        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                          aws_access_key_id="minioadmin", aws_secret_access_key="minioadmin")  # fmt: skip
+        body = s3.get_object(Bucket="models", Key="repo/mnist-svm/1/model.joblib")["Body"].read()
+        model = joblib.load(io.BytesIO(body))  # our own upload, from the server this test started
+        assert model.predict([SEED_DIGITS_INPUT])[0] == 8
+    finally:
+        server.stop()
