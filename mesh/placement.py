@@ -7,6 +7,7 @@ request finds no copy, so the first request never waits for a scheduler tick.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 
 from .models import FailedCopy, WorkerState
@@ -17,9 +18,17 @@ def fresh_failures(failures: Iterable[FailedCopy], now: float, expiry_s: float) 
     return sorted((f for f in failures if now - f.time < expiry_s), key=lambda f: -f.time)
 
 
+def affinity(model_id: str, worker: str) -> int:
+    """Rendezvous (highest-random-weight) score of a model on a worker: stable, and spread
+    evenly over workers whatever their names."""
+    digest = hashlib.blake2b(f"{model_id}\x00{worker}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
 def choose_worker(
     workers: Iterable[WorkerState],
     *,
+    model_id: str = "",
     failed_on: Iterable[str] = (),
     exclude: Iterable[str] = (),
     size_hint: int = 0,
@@ -27,20 +36,21 @@ def choose_worker(
     """The worker to load a new copy on, or None when no live worker may take it.
 
     Rule (ModelMesh §3.4, simplified for the cold path): skip workers that are shutting down,
-    already failed this model recently, or are excluded (they already hold a copy); prefer
-    workers where the model fits without evicting anything, then the most free capacity,
-    then the fewest loaded models, then the name (deterministic).
+    already failed this model recently, or are excluded (they already hold a copy). Where the
+    model fits without evicting anything: the most free capacity, then the fewest loaded
+    models, then the name. Where it fits nowhere: the worker with the model's highest
+    rendezvous score. Full workers all look alike (no free bytes), so any fixed order would
+    send every eviction to one of them; the score gives each model a stable home instead, so
+    the workers' caches partition the models like one pooled cache.
     """
     blocked = set(failed_on) | set(exclude)
     candidates = [w for w in workers if not w.shutting_down and w.name not in blocked]
     if not candidates:
         return None
-
-    def rank(w: WorkerState) -> tuple:
-        fits = w.free_bytes >= size_hint
-        return (not fits, -w.free_bytes, len(w.models) + len(w.loading), w.name)
-
-    return min(candidates, key=rank).name
+    fitting = [w for w in candidates if w.free_bytes >= size_hint]
+    if fitting:
+        return min(fitting, key=lambda w: (-w.free_bytes, len(w.models) + len(w.loading), w.name)).name
+    return max(candidates, key=lambda w: (affinity(model_id, w.name), w.name)).name
 
 
 def workers_by_name(workers: Iterable[WorkerState]) -> Mapping[str, WorkerState]:

@@ -205,6 +205,7 @@ class ClusterSim:
         self.cfg = cfg
         self.trace = trace
         self.use_planner = use_planner
+        self._affinities: dict[int, np.ndarray] = {}
         self.settings = sim_planner_settings(cfg)
         cap = cfg.slots_per_worker * cfg.model_size
         self.workers = [_Worker(i, cap) for i in range(cfg.n_workers)]
@@ -332,6 +333,12 @@ class ClusterSim:
         self._sync(w)
         self._at(t, "loaded", (w, model_id))
 
+    def _affinity(self, mi: int) -> np.ndarray:
+        cached = self._affinities.get(mi)
+        if cached is None:
+            cached = self._affinities[mi] = np.random.default_rng(mi).random(len(self.workers))
+        return cached
+
     def _cold_target(self, mi: int) -> _Worker | None:
         """mesh/placement.py choose_worker: room first, most free bytes, fewest models, name;
         with cold_path='lru', full workers are ordered by their least recently used copy."""
@@ -343,6 +350,10 @@ class ClusterSim:
         fits = ok & (self.free >= self.cfg.model_size)
         if self.cfg.cold_path == "lru" and not fits.any():
             return self.workers[int(np.argmin(np.where(ok, self.oldest, math.inf)))]
+        if not fits.any():
+            # the model's rendezvous home among the usable workers (mesh.placement.affinity;
+            # a seeded random score per (model, worker) has the same distribution)
+            return self.workers[int(np.argmax(np.where(ok, self._affinity(mi), -math.inf)))]
         score = np.where(ok, self.free * 1e4 - self.nmod + np.where(fits, 1e15, 0.0), -math.inf)
         return self.workers[int(np.argmax(score))]
 

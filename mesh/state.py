@@ -144,7 +144,8 @@ class StateStore:
                     holders = [w.decode() for w in p.hkeys(k.copies(model_id))]
                     p.multi()
                     p.hdel(k.models, model_id)
-                    p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id))
+                    p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
+                             *k.queue_bindings(k.model_queue(model_id)))
                     p.execute()
                     return holders
                 except redis.WatchError:
@@ -233,7 +234,8 @@ class StateStore:
         chosen = None
         if len(fresh) < self.settings.max_load_attempts:
             chosen = choose_worker(
-                workers, failed_on=[f.worker for f in fresh], exclude=exclude, size_hint=size
+                workers,
+                model_id=model_id, failed_on=[f.worker for f in fresh], exclude=exclude, size_hint=size
             )
         if chosen is None:
             self.r.delete(k.load_claim(model_id))

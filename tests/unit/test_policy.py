@@ -29,8 +29,20 @@ def test_choose_worker_prefers_room_then_free_bytes_then_fewest_models():
     assert choose_worker(ws, size_hint=20) == "c"  # b and c have room and equal free bytes
     ws.append(worker("d", used=5, models=9))
     assert choose_worker(ws, size_hint=20) == "d"  # the most free bytes wins before model count
-    assert choose_worker(ws, size_hint=99) == "d"  # nobody fits: still the most free bytes
     assert choose_worker(ws, exclude=["b", "c", "d"]) == "a"
+
+
+def test_when_nothing_fits_each_model_has_a_stable_home_and_homes_spread():
+    ws = [worker(f"w{i}", capacity=100, used=100, models=5) for i in range(4)]
+    homes = {m: choose_worker(ws, model_id=m, size_hint=10) for m in (f"m{i}" for i in range(400))}
+    assert homes == {m: choose_worker(list(reversed(ws)), model_id=m, size_hint=10) for m in homes}
+    counts = [list(homes.values()).count(w.name) for w in ws]
+    assert min(counts) > 60, counts  # ~100 each: no worker takes every eviction
+    # a model's home only moves when its home leaves
+    gone = homes["m1"]
+    rest = [w for w in ws if w.name != gone]
+    moved = sum(1 for m, h in homes.items() if h != gone and choose_worker(rest, model_id=m, size_hint=10) != h)
+    assert moved == 0
 
 
 def test_choose_worker_skips_failed_excluded_and_draining_workers():
