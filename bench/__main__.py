@@ -4,18 +4,43 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 
 MODES = {
     "batching": "bench.batching",
+    "multimodel": "bench.multimodel",
+    "coldstart": "bench.coldstart",
+    "cutover": "bench.cutover",
+    "overhead": "bench.overhead",
+    "plot": "bench.plot",
+    "soak": "bench.soak",  # not in `all`: ten minutes by default (docs/reliability.md)
 }
+# `all`: every mode with its defaults, in this order (docs/benchmarks.md records the figures)
+ALL = ["batching", "multimodel", "coldstart", "cutover", "overhead", "plot"]
+
+
+def run_all() -> int:
+    took = {}
+    for mode in ALL:
+        print(f"\n######## scripts/bench {mode}", flush=True)
+        started = time.monotonic()
+        rc = importlib.import_module(MODES[mode]).main([])
+        took[mode] = time.monotonic() - started
+        if rc:
+            print(f"scripts/bench {mode} failed ({rc})")
+            return rc
+    print("\n" + ", ".join(f"{m} {s:.0f} s" for m, s in took.items()) + f"; total {sum(took.values()):.0f} s")
+    return 0
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in MODES:
-        print(f"usage: scripts/bench {{{'|'.join(MODES)}}} [options]  (--help per mode)")
+    if len(sys.argv) < 2 or sys.argv[1] not in (*MODES, "all"):
+        print(f"usage: scripts/bench {{{'|'.join([*MODES, 'all'])}}} [options]  (--help per mode)")
         return 2
     mode = sys.argv.pop(1)
     sys.argv[0] = f"scripts/bench {mode}"
+    if mode == "all":
+        return run_all()
     return importlib.import_module(MODES[mode]).main(sys.argv[1:])
 
 

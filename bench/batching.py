@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import multiprocessing as mp
@@ -28,6 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import answers as _answers
+from bench.common import clean as _clean
+from bench.common import one_at_a_time, percentile, plain_producer
 from mesh import BatchingConfig, MeshClient, ModelInfo
 from mesh.embedded import EmbeddedRedis, resolve_redis_url
 from mesh.examples import SEED_DIGITS_INPUT, seed_digits_tensor, train_digits_mlp, train_digits_svm
@@ -63,11 +65,6 @@ MODELS: dict[str, Callable[[Path], Path]] = {
 
 
 # ---------------------------------------------------------------------- load generation
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
-
-
 def closed_loop(kind: str, params: dict, total: int, window: int, processes: int = 2) -> dict:
     """Keep `window` requests outstanding until `total` are answered, from `processes`
     producer processes (a Python producer's own CPU must not be what is measured)."""
@@ -123,27 +120,6 @@ def _produce(kind: str, params: dict, count: int, window: int) -> list[float]:
         wait(handle)
         out.append(time.perf_counter() - t0)
     return out
-
-
-def plain_producer(url: str, prefix: str):
-    from bench import plain
-
-    app = plain.Celery("plain-producer", broker=url, backend=url)
-    app.conf.update(plain.app.conf)
-    app.conf.update(broker_transport_options={"global_keyprefix": f"{prefix}:"},
-                    result_backend_transport_options={"global_keyprefix": f"{prefix}:"},
-                    task_default_queue=f"{prefix}.q")
-    return app
-
-
-def one_at_a_time(send: Callable[[], object], wait: Callable[[object], None], n: int) -> dict:
-    lat = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        wait(send())
-        lat.append(time.perf_counter() - t0)
-    return {"p50_ms": percentile(lat, 0.5) * 1e3, "p99_ms": percentile(lat, 0.99) * 1e3,
-            "mean_ms": statistics.fmean(lat) * 1e3, "n": n}
 
 
 def ceiling(path: Path, batch: int, seconds: float = 2.0) -> dict:
@@ -214,25 +190,6 @@ def bench_mesh(url: str, model_path: Path, logs: Path, args) -> dict:
         client.close()
         proc.stop()
         _clean(url, prefix)
-
-
-def _answers(send, wait) -> bool:
-    try:
-        wait(send())
-        return True
-    except Exception:  # the worker may still be starting: try again
-        return False
-
-
-def _clean(url: str, prefix: str) -> None:
-    import redis
-
-    r = redis.Redis.from_url(url)
-    for pattern in (f"{prefix}:*", f"{prefix}.*"):
-        keys = list(r.scan_iter(match=pattern, count=1000))
-        for i in range(0, len(keys), 500):
-            r.delete(*keys[i : i + 500])
-    r.close()
 
 
 # ---------------------------------------------------------------------- report
