@@ -349,7 +349,9 @@ class WorkerState(_Strict):
 class Command(_Strict):
     """A command sent to one worker's private queue."""
 
-    op: Literal["load", "unload"]
+    # "wake" does nothing: a worker sends it to itself so that the BRPOP in flight returns
+    # and the next one includes a queue it just added (see MeshWorker.consume)
+    op: Literal["load", "unload", "wake"]
     model_id: str
     # For "unload": why, and whether requests still queued for the model must fail
     # (the model was unregistered) rather than wait for another copy.

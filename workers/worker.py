@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,7 +49,7 @@ class MeshWorker:
         conf = self.app.conf
         # the app's prefix/URL win over the environment, so a worker built for a custom
         # MeshClient app (tests) and its producers always agree
-        self.settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_url)
+        self.settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_backend_url)
         # Several worker processes share the host's cores: one BLAS/OpenMP thread each by
         # default, so batches do not fight over cores (the inference thread is the parallelism).
         threadpool_limits(self.settings.intra_op_threads)
@@ -57,7 +58,7 @@ class MeshWorker:
         self.pid = os.getpid()
         self.keys = Keys(self.settings.prefix)
         self.store = StateStore(
-            redis.Redis.from_url(conf.mesh_redis_url, health_check_interval=25),
+            redis.Redis.from_url(conf.mesh_redis_backend_url, health_check_interval=25),
             self.keys,
             self.settings,
         )
@@ -73,6 +74,8 @@ class MeshWorker:
         self._threads_started = False
         self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-control")
         self._unloaded_lock = threading.Lock()
+        self._soon: deque = deque()  # consumer-thread callbacks, in order (call_soon)
+        self._soon_lock = threading.Lock()
         self._recently_unloaded: dict[str, float] = {}
 
     @property
@@ -166,6 +169,8 @@ class MeshWorker:
             log.debug("%s ran in %.3fs", name, time.monotonic() - started)
 
     def on_command(self, cmd: Command) -> None:
+        if cmd.op == "wake":
+            return
         if cmd.op == "load":
             self.manager.request_load(cmd.model_id)
         else:
@@ -174,10 +179,37 @@ class MeshWorker:
 
     # ------------------------------------------------------------------ consumer plumbing
     def call_soon(self, fn: Any, *args: Any) -> None:
-        self.c.call_soon(fn, *args)
+        """Run `fn(*args)` on the consumer thread, in the order of the calls.
+
+        kombu's hub keeps its ready callbacks in a set: a batch's "accepted" could run after
+        its "completed", leaving the request in Celery's active requests forever (a leak the
+        soak found). Ours go through a FIFO: whichever drain runs first runs them all, in order.
+        """
+        with self._soon_lock:
+            self._soon.append((fn, args))
+        self.c.call_soon(self._run_soon)
+
+    def _run_soon(self) -> None:
+        with self._soon_lock:
+            todo, self._soon = self._soon, deque()
+        for fn, args in todo:
+            try:
+                fn(*args)
+            except Exception:  # one failing callback must not drop the ones after it
+                log.exception("consumer-thread callback %r failed", fn)
 
     def consume(self, model_id: str) -> None:
+        """Start consuming the model's queue, at once.
+
+        kombu adds a queue to the next BRPOP only, and the one in flight waits up to the
+        polling interval (0.1 s) before returning: most of a cold request's overhead. A no-op
+        command on our private queue (which that BRPOP watches) makes it return now.
+        """
         self.call_soon(self._add_queue, self.keys.model_queue(model_id))
+        try:
+            send_command(self.app, self.keys, self.name, Command(op="wake", model_id=model_id))
+        except Exception as exc:  # only costs the polling interval
+            log.warning("could not wake the consumer for %s: %s", model_id, exc)
 
     def _add_queue(self, queue: str) -> None:
         if self.c.task_consumer is not None and not self.c.task_consumer.consuming_from(queue):
