@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from . import MeshClient, ModelInfo
+from . import BatchingConfig, MeshClient, ModelInfo
 from .examples import SEED_DIGITS_ANSWER, seed_digits_tensor, train_digits_svm
 from .launcher import wait_for
 from .stack import LocalStack
@@ -50,7 +50,9 @@ def run(stack: LocalStack, state: Path, args: argparse.Namespace) -> int:
     client = MeshClient(redis_url=stack.redis_url, prefix=stack.prefix)
     try:
         model_path = train_digits_svm(state / "mnist-svm.joblib")
-        info = ModelInfo(runtime="sklearn", uri=f"file://{model_path}")
+        # DESIGN's example policy: up to 32 per batch, the oldest waits at most 5 ms for company
+        info = ModelInfo(runtime="sklearn", uri=f"file://{model_path}",
+                         batching=BatchingConfig(max_batch_size=32, max_batch_delay_ms=5))
         status = client.register_model(MODEL_ID, info)
         print(f"\nregistered {MODEL_ID}: {status.state.value} ({status.serving_state})")
 
@@ -68,6 +70,7 @@ def run(stack: LocalStack, state: Path, args: argparse.Namespace) -> int:
             print(f"UNEXPECTED: the example's answer is {SEED_DIGITS_ANSWER}")
             return 1
         burst(client, args.requests, args.producers)
+        micro_batched(client, args.requests)
         return 0
     finally:
         client.close()
@@ -109,6 +112,20 @@ def burst(client: MeshClient, n: int, producers: int) -> None:
     print(f"  latency (enqueue to result, with the burst queued): p50 {latencies[n // 2] * 1000:.1f} ms, "
           f"p99 {latencies[int(n * 0.99) - 1] * 1000:.1f} ms")
     print(f"  worker batches: {batches}, mean batch size {reqs / max(1, batches):.1f}")
+
+
+def micro_batched(client: MeshClient, n: int, per_message: int = 32) -> None:
+    """The same requests sent 32 to a message with infer_many (docs/batching.md)."""
+    request = [seed_digits_tensor()]
+    print(f"\nmicro-batched: {n} requests, {per_message} per message (infer_many) ...", flush=True)
+    t0 = time.perf_counter()
+    handles = [client.infer_many(model_id=MODEL_ID, inputs=[request] * min(per_message, n - i))
+               for i in range(0, n, per_message)]
+    answers = [item for h in handles for item in h.get(timeout=120)["results"]]
+    elapsed = time.perf_counter() - t0
+    wrong = sum(1 for a in answers if a.get("outputs", [{}])[0].get("data") != [SEED_DIGITS_ANSWER])
+    print(f"  {len(answers)} answered in {elapsed:.2f} s: {len(answers) / elapsed:.0f} requests/s"
+          f"{'' if not wrong else f', {wrong} wrong'}")
 
 
 def _clean(redis_url: str | None, prefix: str) -> None:

@@ -151,6 +151,11 @@ class ModelManager:
         with self._lock:
             return [m for m, e in self._entries.items() if e.state == "LOADED"]
 
+    def loaded_records(self) -> dict[str, ModelRecord]:
+        """model id -> the record each loaded model was loaded from."""
+        with self._lock:
+            return {m: e.record for m, e in self._entries.items() if e.state == "LOADED"}
+
     # ------------------------------------------------------------ loader threads
     def _load(self, model_id: str) -> None:
         store, name = self.host.store, self.host.name
@@ -260,11 +265,12 @@ class ModelManager:
             entry.state = "LOADED"
         self._retire_victims()
         self.host.batcher.open(model_id, entry.policy)
-        self.host.consume(model_id)
+        # the copy is LOADED in Redis before the first request can be answered from it
         if not self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED):
             # unregistered while we were loading: undo, and fail anything that queued meanwhile
             self._unload(model_id, ModelNotFound(f"model {model_id!r} was unregistered"))
             return
+        self.host.consume(model_id)
         self.host.store.set_size(model_id, size)
         self.host.update_prefetch()
         self.host.on_copy_loaded(model_id)
