@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .embedded import DEFAULT_LOCAL_URL, resolve_redis_url
+from .embedded import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
 from .keys import Keys
+from .results import backend_setting
 from .settings import MeshSettings, get_settings
 
 # Two lanes: 0 (urgent) and 5 (normal). Each step is one more Redis list per queue in every
@@ -20,10 +21,12 @@ PRIORITY_STEPS = [0, 5]
 def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | None = None) -> dict[str, Any]:
     s = settings or get_settings()
     url = redis_url or resolve_redis_url(s.redis_url) or DEFAULT_LOCAL_URL
+    url = with_tls_options(url, s.redis_ca_certs, s.redis_certfile, s.redis_keyfile)
     keys = Keys(s.prefix)
     return {
         "broker_url": url,
-        "result_backend": url,
+        # Celery's Redis backend whose producers outlive a Redis outage (mesh/results.py)
+        "result_backend": backend_setting(url),
         "result_expires": s.result_expires_s,
         "broker_transport_options": {
             "global_keyprefix": keys.kombu_prefix,
@@ -46,7 +49,9 @@ def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | 
         "event_exchange": f"{s.prefix}.celeryev",
         "control_exchange": f"{s.prefix}.pidbox",
         "mesh_prefix": s.prefix,
-        "mesh_redis_url": url,
+        # the URL may hold a password: Celery's `inspect conf` (Flower's worker page) shows
+        # every setting and masks the password only in keys named like this one
+        "mesh_redis_backend_url": url,
         # celery beat: the scheduler run, on the control queue that every mesh worker consumes;
         # a message older than one interval is dropped (the next one is already on its way)
         "beat_schedule": {

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from .commands import send_command, unload_unregistered
 from .config import EffectiveConfig, copies_config, effective_config, record_manifest
-from .embedded import DEFAULT_LOCAL_URL, resolve_redis_url
+from .embedded import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
 from .errors import DeadlineExceeded, InvalidArgument, ModelNotFound, RequestTooLarge
 from .ids import validate_id
 from .keys import Keys
@@ -36,6 +36,7 @@ from .tasks import INFER_TASK
 from .tensors import encode_inputs, payload_nbytes
 from .vmodels import SYNC_TIMEOUT_S, VModelManager
 
+MAX_TIMEOUT_MS = 365 * 24 * 3600 * 1000.0  # a request deadline beyond a year is a mistake
 
 
 class MeshClient:
@@ -57,6 +58,7 @@ class MeshClient:
             settings = MeshSettings(**overrides) if overrides else get_settings()
         self.settings = settings
         url = resolve_redis_url(settings.redis_url) or DEFAULT_LOCAL_URL
+        url = with_tls_options(url, settings.redis_ca_certs, settings.redis_certfile, settings.redis_keyfile)
         self.redis_url = url
         self.keys = Keys(settings.prefix)
         if settings is get_settings():
@@ -95,7 +97,10 @@ class MeshClient:
         """Register a concrete model (idempotent with identical info; ALREADY_EXISTS otherwise)."""
         validate_id(model_id)
         if not isinstance(info, ModelInfo):
-            info = ModelInfo.model_validate(info)
+            try:
+                info = ModelInfo.model_validate(info)
+            except ValidationError as exc:  # INVALID_ARGUMENT, like every management error
+                raise InvalidArgument(f"invalid model info for {model_id!r}: {exc}") from None
         validate_uri(info.uri, info.storage_key)
         _check_runtime(info.runtime)
         self.store.register_model(model_id, info)
@@ -110,6 +115,7 @@ class MeshClient:
         """
         validate_id(model_id)
         holders = self.store.unregister_model(model_id)
+        self.router.forget(model_id)
         unload_unregistered(self.app, self.store, model_id, holders)
 
     def get_model_status(self, model_id: str) -> ModelStatus:
@@ -229,10 +235,13 @@ class MeshClient:
         priority: str | None,
         timeout_ms: float | None,
     ) -> AsyncResult:
-        if priority is not None and priority not in PRIORITIES:
+        if priority is not None and (not isinstance(priority, str) or priority not in PRIORITIES):
             raise InvalidArgument(f"priority must be one of {sorted(PRIORITIES)}, not {priority!r}")
-        if timeout_ms is not None and timeout_ms <= 0:
-            raise InvalidArgument("timeout_ms must be positive")
+        if timeout_ms is not None and not (
+            isinstance(timeout_ms, (int, float)) and not isinstance(timeout_ms, bool)
+            and 0 < timeout_ms <= MAX_TIMEOUT_MS  # also refuses NaN
+        ):  # fmt: skip
+            raise InvalidArgument(f"timeout_ms must be a number in (0, {MAX_TIMEOUT_MS:g}], not {timeout_ms!r}")
         concrete, cfg = self.router.route(model_id, vmodel_id)
         headers = {MODEL_HEADER: concrete, SENT_AT_HEADER: time.time()}
         if vmodel_id is not None:

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis
 
@@ -41,6 +42,7 @@ __all__ = [
     "resolve_redis_url",
     "start_detached",
     "stop_detached",
+    "with_tls_options",
 ]
 
 
@@ -80,6 +82,36 @@ def resolve_redis_url(explicit: str | None = None) -> str | None:
     if probe(DEFAULT_LOCAL_URL):
         return DEFAULT_LOCAL_URL
     return None
+
+
+def with_tls_options(
+    url: str,
+    ca_certs: str | None = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+) -> str:
+    """A ``rediss://`` URL carrying its TLS options as query parameters.
+
+    redis-py, kombu and Celery's result backend all read them from the URL, so every client
+    built from it (producers, workers, scheduler) verifies the server the same way. The
+    certificate is verified (``ssl_cert_reqs=required``) unless the URL says otherwise, and
+    options already in the URL win. Any other URL is returned unchanged.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "rediss":
+        return url
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    wanted = {
+        "ssl_cert_reqs": "required",
+        "ssl_ca_certs": ca_certs,
+        "ssl_certfile": certfile,
+        "ssl_keyfile": keyfile,
+    }
+    added = {k: v for k, v in wanted.items() if v and k not in query}
+    if not added:
+        return url
+    query.update(added)
+    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote, safe="/")))
 
 
 def redis_server_executable() -> str:
@@ -182,10 +214,13 @@ class EmbeddedRedis:
     called. Use it as a context manager to be sure it is stopped.
     """
 
-    def __init__(self, directory: Path, port: int | None = None, persist: bool = False) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, persist: bool = False, password: str | None = None
+    ) -> None:
         self.directory = Path(directory)
         self.port: int | None = port
         self.persist = persist
+        self.password = password  # requirepass; it goes in a 0600 file, never on the command line
         self._popen: subprocess.Popen[bytes] | None = None
         self._url: str | None = None
 
@@ -207,9 +242,21 @@ class EmbeddedRedis:
         return self._popen is not None and self._popen.poll() is None
 
     # --- lifecycle
+    def _auth_file(self) -> list[str]:
+        """A config file holding requirepass (the process list shows the command line)."""
+        if not self.password:
+            return []
+        path = self.directory / "auth.conf"
+        escaped = self.password.replace("\\", "\\\\").replace('"', '\\"')
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f'requirepass "{escaped}"\n')
+        return [str(path.resolve())]
+
     def _command(self, port: int) -> list[str]:
         cmd = [
             redis_server_executable(),
+            *self._auth_file(),
             "--bind", "127.0.0.1",
             "--port", str(port),
             "--dir", str(self.directory.resolve()),
@@ -233,7 +280,8 @@ class EmbeddedRedis:
         last_error = ""
         for _ in range(attempts):
             port = self.port if self.port is not None else _free_port()
-            url = f"redis://127.0.0.1:{port}/0"
+            auth = f":{quote(self.password, safe='')}@" if self.password else ""
+            url = f"redis://{auth}127.0.0.1:{port}/0"
             with open(self.directory / STDIO_FILE, "ab") as out:
                 popen = subprocess.Popen(
                     self._command(port),
@@ -291,7 +339,8 @@ class EmbeddedRedis:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"EmbeddedRedis(directory={str(self.directory)!r}, url={self._url!r}, pid={self.pid})"
+        url = self._url if not self.password or self._url is None else self._url.replace(quote(self.password, safe=""), "***")
+        return f"EmbeddedRedis(directory={str(self.directory)!r}, url={url!r}, pid={self.pid})"
 
 
 def _kill_popen(popen: subprocess.Popen[bytes], timeout: float = 5) -> None:

@@ -42,6 +42,13 @@ class Keys:
         base = self.kombu_prefix + queue
         return [base if p == 0 else f"{base}{KOMBU_PRIORITY_SEP}{p}" for p in priority_steps]
 
+    def queue_bindings(self, queue: str) -> list[str]:
+        """kombu's binding tables of a queue, which it keeps for every queue ever declared.
+        Routing on the anonymous exchange never reads them, so they go with their model
+        (else each model id ever used leaves two keys behind)."""
+        base = f"{self.kombu_prefix}_kombu.binding"
+        return [f"{base}.{queue}", f"{base}_permanent.{queue}"]
+
     # --- control-plane state
     @property
     def models(self) -> str:

@@ -496,8 +496,8 @@ def rebalance(
 def rebalance_from_app(app: Celery) -> RebalanceReport:
     """The `mesh.rebalance` task body: the store and settings of the app's mesh."""
     conf = app.conf
-    settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_url)
-    client = _client_for(conf.mesh_redis_url)
+    settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_backend_url)
+    client = _client_for(conf.mesh_redis_backend_url)
     return rebalance(app, StateStore(client, Keys(settings.prefix), settings), settings=settings)
 
 

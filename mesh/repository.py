@@ -705,13 +705,13 @@ def sync_from_app(app: Any, model_dir: str | None = None) -> SyncReport:
     from .settings import get_settings
 
     conf = app.conf
-    key = (conf.mesh_prefix, conf.mesh_redis_url)
+    key = (conf.mesh_prefix, conf.mesh_redis_backend_url)
     client = _clients.get(key)
     if client is None:
         base = get_settings()
         if (base.prefix, base.redis_url) == key:
             settings = base
         else:
-            settings = base.model_copy(update={"prefix": conf.mesh_prefix, "redis_url": conf.mesh_redis_url})
+            settings = base.model_copy(update={"prefix": conf.mesh_prefix, "redis_url": conf.mesh_redis_backend_url})
         client = _clients[key] = MeshClient(settings=settings)
     return sync_repository(client, model_dir=model_dir)

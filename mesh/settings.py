@@ -29,6 +29,17 @@ class MeshSettings(BaseSettings):
         default="mesh",
         description="Namespace of every Redis key and queue name (ModelMesh's root_prefix).",
     )
+    redis_ca_certs: str | None = Field(
+        default=None,
+        description="rediss:// only: CA bundle (PEM) that signed the Redis server's certificate "
+        "(unset: the system's CAs). The certificate is always verified.",
+    )
+    redis_certfile: str | None = Field(
+        default=None, description="rediss:// only: client certificate (PEM) when Redis asks for one"
+    )
+    redis_keyfile: str | None = Field(
+        default=None, description="rediss:// only: private key (PEM) of MESH_REDIS_CERTFILE"
+    )
 
     # --- worker
     worker_capacity_bytes: int = Field(default=2 * 1024**3, ge=1)

@@ -1,0 +1,73 @@
+"""Celery's Redis result backend, made to outlive a Redis outage of any length.
+
+Producers wait for results on a pub/sub subscription (reference/celery.md §4). When Redis goes
+away, Celery 5.7's result consumer retries for a few seconds, then gives up ("the Celery
+application must be restarted") and is left without a subscription: every result still
+pending in that process then arrives only when its `get()` times out, even after Redis is
+back. Here a consumer that lost its connection simply tries again at its next drain or
+subscription: once Redis answers it fetches what completed meanwhile and subscribes to
+everything still pending, so `get()` returns as soon as the answer exists. Celery uses it
+through `result_backend` (mesh/celery_config.py); nothing else changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from contextlib import contextmanager
+
+from celery.backends.redis import RedisBackend as _RedisBackend
+from celery.backends.redis import ResultConsumer as _ResultConsumer
+
+log = logging.getLogger("mesh.results")
+
+BACKEND = "mesh.results:RedisBackend"
+RETRY_PAUSE_S = 0.25  # between reconnection attempts of a waiting get()
+
+
+class ResultConsumer(_ResultConsumer):
+    @contextmanager
+    def reconnect_on_error(self):
+        try:
+            yield
+        except socket.timeout:  # a polling timeout, not a connection error
+            raise
+        except self._connection_errors as exc:
+            try:
+                self._reconnect()
+            except self._connection_errors:
+                # still away: stay unsubscribed; the next drain or subscription tries again
+                log.warning("result store unreachable (%s); waiting results reconnect when it is back", exc)
+                self._pubsub = None
+
+    def _heal(self) -> bool:
+        """One reconnection attempt when pending results have no subscription."""
+        with self._locked():
+            if self._pubsub is not None or not self.subscribed_to:
+                return True
+            try:
+                self._reconnect_pubsub()  # fetches what completed meanwhile, re-subscribes
+                return True
+            except self._connection_errors:
+                self._pubsub = None
+                return False
+
+    def drain_events(self, timeout=None):
+        if self._pubsub is None and self.subscribed_to and not self._heal():
+            time.sleep(min(timeout or RETRY_PAUSE_S, RETRY_PAUSE_S))
+            return None
+        return super().drain_events(timeout)
+
+    def consume_from(self, task_id):
+        self._heal()
+        return super().consume_from(task_id)
+
+
+class RedisBackend(_RedisBackend):
+    ResultConsumer = ResultConsumer
+
+
+def backend_setting(url: str) -> str:
+    """The `result_backend` value naming this class for a Redis URL (Celery's `cls+url` form)."""
+    return f"{BACKEND}+{url}"

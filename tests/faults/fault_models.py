@@ -1,0 +1,39 @@
+"""`python`-runtime models for the fault tests, imported by the test workers.
+
+Each reads a small JSON spec from its model file, so one class serves many test models:
+  {"size": bytes, "delay": seconds per batch, "gate": "/path"}
+`delay` keeps batches in flight long enough to kill a worker under them; while the `gate`
+file exists the load blocks (a worker can be killed in the middle of a load, and the test
+opens the gate by deleting the file).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+GATE_LIMIT_S = 120.0  # a forgotten gate must not block a worker forever
+
+
+class Slow:
+    def __init__(self, path):
+        spec = json.loads(Path(path).read_text())
+        self._size = int(spec.get("size", 1_000_000))
+        self._delay = float(spec.get("delay", 0.0))
+        gate = spec.get("gate")
+        if gate:
+            deadline = time.monotonic() + GATE_LIMIT_S
+            while Path(gate).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    def size_bytes(self) -> int:
+        return self._size
+
+    def predict(self, inputs):
+        (x,) = inputs.values()
+        if self._delay:
+            time.sleep(self._delay)
+        return {"y": np.asarray(x, dtype=np.float32).sum(axis=1)}

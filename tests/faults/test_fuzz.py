@@ -1,0 +1,242 @@
+"""Fuzzing (hypothesis): tensor decoding, id validation, the management calls and the worker's
+intake never crash and only raise the project's typed errors (MeshError subclasses). Random
+ids never create a Redis key outside the mesh's prefix, nor a key or queue name holding
+anything but a valid id.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mesh import MeshClient
+from mesh.embedded import EmbeddedRedis
+from mesh.errors import InvalidId, InvalidInput, MeshError
+from mesh.ids import ID_PATTERN, is_valid_id, validate_id
+from mesh.keys import KOMBU_PRIORITY_SEP, Keys
+from mesh.tasks import INFER_TASK
+from mesh.tensors import DATATYPES, decode_inputs, encode_inputs, payload_nbytes
+from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
+
+FIXTURES_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+json_scalars = (
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    | st.integers(min_value=-(2**80), max_value=2**80)
+)  # fmt: skip
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=25,
+)
+valid_ids = st.from_regex(ID_PATTERN, fullmatch=True)
+tricky_ids = st.sampled_from([
+    "", " ", "a b", "a*", "a?", "[a]", "a\n", "a\r\nSET x 1", "a\x00", "../x", "a/b", "x\\y", "é",
+    f"a{KOMBU_PRIORITY_SEP}5", "x:models", "*", "a" * 200, "a" * 201, "mesh.model.x", "{x}",
+])  # fmt: skip
+pool_ids = st.sampled_from(["m1", "m2", "v1", "ns:m@3"])  # so that calls meet the same ids
+ids = st.one_of(pool_ids, valid_ids, tricky_ids, st.text(max_size=40), json_scalars)
+tensor_dicts = st.fixed_dictionaries(
+    {
+        "name": st.text(max_size=6) | json_scalars,
+        "shape": st.lists(st.integers(min_value=-1, max_value=5), max_size=4) | json_values,
+        "datatype": st.sampled_from(DATATYPES) | json_scalars,
+        "data": st.lists(json_scalars, max_size=12) | json_values,
+    },
+    optional={"extra": json_values},
+)
+arrays = st.sampled_from(
+    ["f4", "f8", "i8", "u1", "b1", "U3", "c8", "M8[s]", "O", "S3", "f2"]
+).flatmap(lambda dt: st.lists(st.integers(0, 3), min_size=0, max_size=3).map(
+    lambda shape: np.zeros(shape, dtype=dt)))  # fmt: skip
+client_inputs = st.one_of(
+    st.lists(tensor_dicts, max_size=3),
+    arrays,
+    st.lists(arrays, max_size=3),
+    st.dictionaries(st.text(max_size=4) | st.integers(), arrays | json_values, max_size=3),
+    json_values,
+)
+infos = st.one_of(
+    st.fixed_dictionaries(
+        {"runtime": st.sampled_from(["sklearn", "onnx", "python", "nope"]) | st.text(max_size=6),
+         "uri": st.sampled_from(["file:///m/a.joblib", "s3://b/k", "file:///m/../etc", "x"]) | st.text(max_size=12)},
+        optional={"batching": json_values | st.fixed_dictionaries({"max_batch_size": json_scalars}),
+                  "storage_key": ids, "python_class": st.text(max_size=10), "size_bytes": json_scalars,
+                  "min_copies": json_scalars, "max_copies": json_scalars, "bogus": json_values},
+    ),
+    json_values,
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- pure functions
+
+
+@settings(max_examples=500, deadline=None)
+@given(ids)
+def test_validate_id_accepts_exactly_the_pattern(value):
+    try:
+        out = validate_id(value)
+    except InvalidId:
+        assert not is_valid_id(value)
+        return
+    assert out == value and ID_PATTERN.fullmatch(value)
+    # a valid id never splits a key or a queue name
+    keys = Keys("p")
+    for name in (keys.copies(value), keys.failures(value), keys.load_claim(value), keys.model_queue(value)):
+        assert not re.search(r"[\s*?\[\]/\\\x00-\x1f]", name)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(tensor_dicts, max_size=4) | json_values)
+def test_decode_inputs_only_raises_invalid_input(raw):
+    try:
+        out = decode_inputs(raw)
+    except InvalidInput:
+        return
+    assert isinstance(out, dict) and out and all(isinstance(a, np.ndarray) for a in out.values())
+
+
+@settings(max_examples=400, deadline=None)
+@given(client_inputs)
+def test_encode_inputs_only_raises_invalid_input_and_its_output_decodes(inputs):
+    try:
+        tensors = encode_inputs(inputs)
+    except InvalidInput:
+        return
+    assert payload_nbytes(tensors) > 0
+    assert set(decode_inputs(tensors)) == {t["name"] for t in tensors}
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+@pytest.fixture
+def private_client(tmp_path: Path, prefix: str) -> Iterator[MeshClient]:
+    """A client on a Redis of its own, so every key in it can be attributed to this test."""
+    with EmbeddedRedis(tmp_path / "redis") as server:
+        client = MeshClient(redis_url=server.url, prefix=prefix)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+GOOD = [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]
+ops = st.one_of(
+    st.tuples(st.just("register"), ids, infos),
+    st.tuples(st.just("register_valid"), pool_ids | valid_ids),
+    st.tuples(st.just("unregister"), ids),
+    st.tuples(st.just("delete_vmodel"), pool_ids),
+    st.tuples(st.just("status"), ids),
+    st.tuples(st.just("ensure_loaded"), ids),
+    st.tuples(st.just("config"), ids),
+    st.tuples(st.just("set_vmodel"), ids, ids, infos | st.none()),
+    st.tuples(st.just("set_vmodel"), pool_ids, pool_ids, st.none()),
+    st.tuples(st.just("vstatus"), ids),
+    st.tuples(st.just("delete_vmodel"), ids),
+    st.tuples(st.just("infer"), ids, client_inputs),
+    st.tuples(st.just("infer_vmodel"), ids, client_inputs),
+    st.tuples(st.just("infer_vmodel"), pool_ids, st.just(GOOD)),
+    st.tuples(st.just("infer_options"), st.sampled_from(["high", "normal", "urgent", ""]) | json_scalars,
+              json_scalars),
+)  # fmt: skip
+
+
+def run_op(client: MeshClient, op: tuple) -> None:
+    kind, *args = op
+    if kind == "register":
+        client.register_model(args[0], args[1])
+    elif kind == "register_valid":
+        client.register_model(args[0], {"runtime": "sklearn", "uri": "file:///m/model.joblib"})
+    elif kind == "unregister":
+        client.unregister_model(args[0])
+    elif kind == "status":
+        client.get_model_status(args[0])
+    elif kind == "ensure_loaded":
+        client.ensure_loaded(args[0])
+    elif kind == "config":
+        client.get_effective_config(args[0])
+    elif kind == "set_vmodel":
+        client.set_vmodel(args[0], args[1], model_info=args[2])
+    elif kind == "vstatus":
+        client.get_vmodel_status(args[0])
+    elif kind == "delete_vmodel":
+        client.delete_vmodel(args[0])
+    elif kind == "infer":
+        client.infer(model_id=args[0], inputs=args[1]).forget()
+    elif kind == "infer_vmodel":
+        client.infer(vmodel_id=args[0], inputs=args[1]).forget()
+    elif kind == "infer_options":
+        client.register_model("known", {"runtime": "sklearn", "uri": "file:///m/model.joblib"})
+        client.infer(model_id="known", inputs=GOOD, priority=args[0], timeout_ms=args[1]).forget()
+
+
+def test_management_calls_only_raise_typed_errors_and_keys_stay_under_the_prefix(private_client, prefix):
+    client = private_client
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=FIXTURES_OK)
+    @given(st.lists(ops, min_size=1, max_size=6))
+    def check(program):
+        for op in program:
+            try:
+                run_op(client, op)
+            except MeshError:
+                pass  # typed, with a ModelMesh code: what a caller can handle
+
+    check()
+    # every key the fuzzed calls created lies under the prefix, and every id in a key or queue
+    # name is a valid id (nothing a random id could inject)
+    keys = Keys(prefix)
+    per_id = re.compile(rf"^{re.escape(prefix)}:(copies|failures|loadclaim|vmlock|vmdirty):(?P<id>.*)$")
+    queue = re.compile(
+        rf"^{re.escape(keys.kombu_prefix)}(_kombu\.binding\.)?{re.escape(prefix)}\.model\.(?P<id>[^\x06]*)"
+        rf"({KOMBU_PRIORITY_SEP}\d+)?$"
+    )
+    seen = [k.decode("utf-8", "replace") for k in client.store.r.scan_iter(count=1000)]
+    assert seen, "the fuzz created nothing: it did not reach Redis"
+    for key in seen:
+        assert key.startswith(f"{prefix}:"), f"key outside the prefix: {key!r}"
+        m = per_id.match(key) or queue.match(key)
+        if m:
+            assert is_valid_id(m.group("id")), f"an invalid id reached a key: {key!r}"
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+worker_kwargs = st.one_of(
+    st.fixed_dictionaries({"inputs": st.lists(tensor_dicts, max_size=3) | json_values}),
+    st.fixed_dictionaries({"items": st.lists(st.lists(tensor_dicts, max_size=2) | json_values, max_size=3)
+                           | json_values}),
+    st.dictionaries(st.text(max_size=6), json_values, max_size=3),
+)  # fmt: skip
+
+
+def test_worker_answers_random_requests_with_typed_errors_and_keeps_serving(client, workers, svm_path, seed_input):
+    """What any Celery producer can put in a mesh.infer message (bypassing the client's checks)."""
+    w = workers("w1")
+    client.register_model("digits", sklearn_info(svm_path, max_batch_delay_ms=1))
+    client.ensure_loaded("digits", sync=True, timeout=60)
+    queue = client.keys.model_queue("digits")
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=FIXTURES_OK)
+    @given(worker_kwargs)
+    def check(kwargs):
+        r = client.app.send_task(INFER_TASK, kwargs=kwargs, queue=queue, headers={"mm-model-id": "digits"})
+        try:
+            r.get(timeout=60)
+        except MeshError:
+            pass
+        # anything else (a timeout above all) fails the test
+
+    check()
+    assert answer(client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=60)) == 8
+    assert w.alive()
+    assert "Traceback" not in w.tail(5000)

@@ -1,0 +1,109 @@
+"""Worker death (DESIGN §9): a worker SIGKILLed in the middle of batches loses nothing, and one
+killed while loading leaves no stuck LOADING state.
+
+Redelivery is Redis's visibility timeout: the killed worker's unacked requests (its buffers
+and its running batch) return to their queue MESH_VISIBILITY_TIMEOUT_S after delivery, at the
+next restore sweep of a surviving worker (every 10 s), and the other copy answers them. The
+tests use the minimum, 10 s (docs/reliability.md has the trade-off).
+"""
+
+from __future__ import annotations
+
+from mesh.commands import send_command
+from mesh.launcher import wait_for
+from mesh.models import Command, ModelState
+from mesh.rebalance import rebalance
+
+from .helpers import X, Producer, copies_of, outcomes, served_by, slow_info, wait_loaded, wait_state
+
+FAST_REDELIVERY = {"MESH_VISIBILITY_TIMEOUT_S": "10"}
+
+
+def test_sigkill_mid_batch_every_request_is_answered(client, workers, tmp_path):
+    w1 = workers("w1", **FAST_REDELIVERY)
+    w2 = workers("w2", **FAST_REDELIVERY)
+    # 20 ms per batch of up to 8: both copies are busy for seconds with the backlog below
+    client.register_model("m", slow_info(tmp_path, "m", delay=0.02))
+    wait_loaded(client, "m")
+    first = next(iter(copies_of(client, "m")))
+    victim, survivor = (w1, w2) if first == w2.full_name else (w2, w1)
+    # the second copy, on the other worker, by the same command the scheduler would send
+    send_command(client.app, client.keys, victim.full_name, Command(op="load", model_id="m"))
+    wait_for(lambda: copies_of(client, "m") == {w1.full_name: "LOADED", w2.full_name: "LOADED"},
+             60, what="a copy of m on both workers")  # fmt: skip
+
+    producer = Producer(client, "m", total=800)
+    producer.start()
+    # kill once the victim is answering (its heartbeat counts requests) and a backlog waits,
+    # so it holds buffered requests and a batch in flight when it dies
+    unacked = client.keys.kombu_prefix + "unacked"
+    wait_for(
+        lambda: served_by(client, "m").get(victim.full_name, 0) > 0
+        and client.store.queue_depth("m", [0, 5]) > 0,
+        60, interval=0.02, what="the victim to be answering with a backlog waiting",
+    )  # fmt: skip
+    held = client.store.r.hlen(unacked)
+    victim.kill()
+    results = producer.finish()
+    assert held > 0  # requests were delivered and unacked when the worker died
+
+    counts = outcomes(results, timeout=120)
+    assert counts == {"answered": len(results), "wrong": 0, "failed": 0}, counts
+    assert len(results) == 800
+    # nothing left behind in the broker: every redelivered request was acked by the survivor
+    wait_for(lambda: client.store.r.hlen(unacked) == 0, 30, what="the unacked set to drain")
+    assert survivor.alive()
+    status = client.get_model_status("m")
+    assert status.state is ModelState.LOADED
+    assert [c.worker for c in status.copies] == [survivor.full_name]
+
+
+def test_worker_killed_while_loading_leaves_no_stuck_loading(client, workers, tmp_path):
+    w1 = workers("w1")
+    w2 = workers("w2")
+    gate = tmp_path / "gate"
+    gate.touch()
+    client.register_model("g", slow_info(tmp_path, "g", gate=gate))
+    # a request arrives before any copy: the cold path places a load, which blocks on the gate
+    early = client.infer(model_id="g", inputs=[X])
+    loader = wait_for(
+        lambda: next((w.name for w in client.list_workers() if "g" in w.loading), None),
+        30, what="a worker to report g as loading",
+    )  # fmt: skip
+    victim, survivor = (w1, w2) if loader == w1.full_name else (w2, w1)
+    assert client.get_model_status("g").state is ModelState.LOADING
+    victim.kill()
+
+    # its heartbeat expires (TTL 3 s in the tests): its LOADING copy and its load claim stop
+    # counting, so the model is plainly NOT_LOADED, not stuck
+    wait_state(client, "g", ModelState.NOT_LOADED, 30)
+    assert client.get_model_status("g").copies == []
+    gate.unlink()
+
+    # the request queued before the kill is picked up by the scheduler's next run (what beat
+    # does every few seconds), and a new request would have claimed the load itself
+    wait_for(lambda: rebalance(client.app, client.store).ran, 30, what="a rebalance run")
+    assert early.get(timeout=60)["outputs"][0]["data"] == [10.0]
+    late = client.infer(model_id="g", inputs=[X])
+    assert late.get(timeout=60)["outputs"][0]["data"] == [10.0]
+    assert copies_of(client, "g") == {survivor.full_name: "LOADED"}
+
+
+def test_new_request_takes_over_the_load_claim_of_a_dead_loader(client, workers, tmp_path):
+    """No scheduler at all: the first request after the loader's death claims a new load."""
+    w1 = workers("w1")
+    w2 = workers("w2")
+    gate = tmp_path / "gate"
+    gate.touch()
+    client.register_model("h", slow_info(tmp_path, "h", gate=gate))
+    client.ensure_loaded("h")
+    loader = wait_for(
+        lambda: next((w.name for w in client.list_workers() if "h" in w.loading), None),
+        30, what="a worker to report h as loading",
+    )  # fmt: skip
+    victim, survivor = (w1, w2) if loader == w1.full_name else (w2, w1)
+    victim.kill()
+    gate.unlink()
+    wait_state(client, "h", ModelState.NOT_LOADED, 30)
+    assert client.infer(model_id="h", inputs=[X]).get(timeout=60)["outputs"][0]["data"] == [10.0]
+    assert copies_of(client, "h") == {survivor.full_name: "LOADED"}
