@@ -12,6 +12,7 @@ Celery uses it through `broker_transport` in celeryconfig.py (URLs stay `redis:/
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import contextmanager
 
 from kombu.transport import redis as kombu_redis
@@ -20,6 +21,10 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import loads
 
 log = logging.getLogger("mesh.transport")
+
+# global_keyprefix -> messages popped but never recorded as unacked (Channel._keep_unrecorded)
+_unrecorded: dict[str, list[dict]] = {}
+_unrecorded_lock = threading.Lock()
 
 _ENVELOPE_KEYS = ("body", "properties")
 
@@ -81,11 +86,48 @@ class Channel(kombu_redis.Channel):
                     log.error("dropped a malformed message from queue %s: %s; first bytes: %r",
                               dest, problem, bytes(item[:80]))
                     return True
-                self.connection._deliver(message, dest)
+                try:
+                    self.connection._deliver(message, dest)
+                except self.connection_errors:
+                    self._keep_unrecorded(message)
+                    raise
                 return True
             raise kombu_redis.Empty()
         finally:
             self._in_poll = None
+
+    # BRPOP removes a message from its queue and kombu records it as unacked with a second
+    # command: if Redis goes away in between (a restart, a dropped connection), stock kombu
+    # loses the message. It is kept here, in the process, and put back at the head of its
+    # queue as soon as Redis answers again (the fault suite's Redis restart found this).
+    def _keep_unrecorded(self, message: dict) -> None:
+        tag = message["properties"]["delivery_tag"]
+        if tag in self.qos._delivered:
+            return  # recorded as unacked: the visibility timeout brings it back
+        with _unrecorded_lock:
+            _unrecorded.setdefault(self.global_keyprefix, []).append(message)
+        log.warning("Redis went away between popping message %s and recording it; "
+                    "it goes back to its queue on reconnection", tag)
+
+    def _brpop_start(self, timeout=None):
+        if _unrecorded.get(self.global_keyprefix):
+            self._restore_unrecorded()
+        return super()._brpop_start(timeout)
+
+    def _restore_unrecorded(self) -> None:
+        with _unrecorded_lock:
+            messages = _unrecorded.pop(self.global_keyprefix, [])
+        try:
+            with self.conn_or_acquire() as client, client.pipeline() as pipe:
+                for m in messages:
+                    info = m["properties"].get("delivery_info") or {}
+                    self._do_restore_message(m, info.get("exchange", ""), info.get("routing_key"), pipe)
+                pipe.execute()
+        except Exception:
+            with _unrecorded_lock:
+                _unrecorded.setdefault(self.global_keyprefix, [])[:0] = messages
+            raise
+        log.info("put %d message(s) popped before a Redis outage back on their queues", len(messages))
 
 
 def ack_many(messages: list) -> None:
