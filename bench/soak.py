@@ -40,9 +40,21 @@ import redis
 from mesh import BatchingConfig, MeshClient, ModelInfo
 from mesh.embedded import EmbeddedRedis
 from mesh.errors import InvalidInput
-from mesh.examples import SEED_DIGITS_ANSWER, seed_digits_tensor, train_digits_mlp, train_digits_svm
+from mesh.examples import (
+    SEED_DIGITS_ANSWER,
+    seed_digits_tensor,
+    train_digits_mlp,
+    train_digits_svm,
+)
 from mesh.keys import Keys
-from mesh.launcher import REPO_ROOT, Proc, start_beat, start_worker, wait_for, wait_worker_ready
+from mesh.launcher import (
+    REPO_ROOT,
+    Proc,
+    start_beat,
+    start_worker,
+    wait_for,
+    wait_worker_ready,
+)
 from mesh.models import VModelState
 
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -293,10 +305,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             "errors": dict(errors.most_common(10)),
             "churn": {"versions": churn.version, "errors": dict(churn.errors)},
             "workers_alive": alive,
-            "rss": {name: {"before_traffic": rss_before[name], "after_warmup": base.get(name),
-                           "end": rss_end.get(name), "max": max(s["rss"].get(name, 0) for s in samples),
-                           "growth_vs_warmup": (rss_end[name] / base[name] - 1) if name in rss_end and base.get(name) else None}
-                    for name in rss_before},  # fmt: skip
+            "rss": {name: rss_figures(name, rss_before, base, rss_end, samples) for name in rss_before},
             "queue_depth_after": {m: d for m, d in depths.items() if d},
             "unacked_after": unacked,
             "keys_before_traffic": flat(keys_before),
@@ -316,13 +325,19 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             embedded.stop()
 
 
+def rss_figures(name: str, before: dict, warm: dict, end: dict, samples: list[dict]) -> dict:
+    growth = end[name] / warm[name] - 1 if name in end and warm.get(name) else None
+    return {"before_traffic": before[name], "after_warmup": warm.get(name), "end": end.get(name),
+            "max": max(s["rss"].get(name, 0) for s in samples), "growth_vs_warmup": growth}  # fmt: skip
+
+
 def report(res: dict) -> str:
     o = res["outcomes"]
     sent = sum(o.values())
     lines = [
-        f"soak: {res['traffic_s']:.0f} s of traffic, {res['args']['workers']} workers (capacity "
-        f"{res['capacity_bytes'] / 2**20:.1f} MB, models of ~{res['model_bytes'] / 2**20:.1f} MB), "
-        f"{res['args']['models']} models + a vmodel re-targeted {res['churn']['versions'] - 1} times",
+        (f"soak: {res['traffic_s']:.0f} s of traffic, {res['args']['workers']} workers (capacity "
+         f"{res['capacity_bytes'] / 2**20:.1f} MB, models of ~{res['model_bytes'] / 2**20:.1f} MB), "
+         f"{res['args']['models']} models + a vmodel re-targeted {res['churn']['versions'] - 1} times"),
         "",
         "| outcome | requests |", "|---|---|",
         *(f"| {k} | {v} |" for k, v in sorted(o.items())),
@@ -343,10 +358,10 @@ def report(res: dict) -> str:
         lines.append(f"| {k} | {before.get(k, 0)} | {after.get(k, 0)} |")
     lines += [
         "",
-        f"queues not empty after traffic: {res['queue_depth_after'] or 'none'}; "
-        f"unacked messages: {res['unacked_after']}; per-model records of unregistered models: "
-        f"{res['per_model_records_of_unregistered_models'] or 'none'}; workers alive: "
-        f"{all(res['workers_alive'].values())}",
+        (f"queues not empty after traffic: {res['queue_depth_after'] or 'none'}; "
+         f"unacked messages: {res['unacked_after']}; per-model records of unregistered models: "
+         f"{res['per_model_records_of_unregistered_models'] or 'none'}; workers alive: "
+         f"{all(res['workers_alive'].values())}"),
     ]
     if res["errors"] or res["churn"]["errors"]:
         lines += ["", f"errors: {json.dumps(res['errors'])} churn errors: {json.dumps(res['churn']['errors'])}"]

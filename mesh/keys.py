@@ -14,6 +14,12 @@ from .ids import validate_id
 KOMBU_PRIORITY_SEP = "\x06\x16"
 
 
+def queue_bell(queue: str) -> str:
+    """The list idle consumers of `queue` block on (mesh/transport.py), without kombu's
+    global_keyprefix (kombu's client adds it)."""
+    return f"_kombu.bell.{queue}"
+
+
 @dataclass(frozen=True)
 class Keys:
     prefix: str
@@ -48,6 +54,10 @@ class Keys:
         (else each model id ever used leaves two keys behind)."""
         base = f"{self.kombu_prefix}_kombu.binding"
         return [f"{base}.{queue}", f"{base}_permanent.{queue}"]
+
+    def queue_bell(self, queue: str) -> str:
+        """A queue's bell (mesh/transport.py), which goes with its model like its bindings."""
+        return self.kombu_prefix + queue_bell(queue)
 
     # --- control-plane state
     @property

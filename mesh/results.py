@@ -6,24 +6,27 @@ application must be restarted") and is left without a subscription: every result
 pending in that process then arrives only when its `get()` times out, even after Redis is
 back. Here a consumer that lost its connection simply tries again at its next drain or
 subscription: once Redis answers it fetches what completed meanwhile and subscribes to
-everything still pending, so `get()` returns as soon as the answer exists. Celery uses it
-through `result_backend` (mesh/celery_config.py); nothing else changes.
+everything still pending, so `get()` returns as soon as the answer exists. Commands are also
+retried through a short outage (workers store results through this backend too). Celery uses
+it through `result_backend` (mesh/celery_config.py); nothing else changes.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from contextlib import contextmanager
 
 from celery.backends.redis import RedisBackend as _RedisBackend
 from celery.backends.redis import ResultConsumer as _ResultConsumer
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 log = logging.getLogger("mesh.results")
 
 BACKEND = "mesh.results:RedisBackend"
 RETRY_PAUSE_S = 0.25  # between reconnection attempts of a waiting get()
+COMMAND_RETRIES = 32  # x up to 0.5 s: ~15 s
 
 
 class ResultConsumer(_ResultConsumer):
@@ -31,7 +34,7 @@ class ResultConsumer(_ResultConsumer):
     def reconnect_on_error(self):
         try:
             yield
-        except socket.timeout:  # a polling timeout, not a connection error
+        except TimeoutError:  # a polling timeout, not a connection error
             raise
         except self._connection_errors as exc:
             try:
@@ -66,6 +69,13 @@ class ResultConsumer(_ResultConsumer):
 
 class RedisBackend(_RedisBackend):
     ResultConsumer = ResultConsumer
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Celery's pool has no retries at all: a restart, a failover or Redis still loading
+        # its data ("LOADING") would fail the batch whose results are being stored. Each
+        # command is retried for ~15 s instead.
+        self.connparams.setdefault("retry", Retry(ExponentialBackoff(cap=0.5, base=0.02), COMMAND_RETRIES))
 
 
 def backend_setting(url: str) -> str:

@@ -145,7 +145,7 @@ class StateStore:
                     p.multi()
                     p.hdel(k.models, model_id)
                     p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
-                             *k.queue_bindings(k.model_queue(model_id)))
+                             k.queue_bell(k.model_queue(model_id)), *k.queue_bindings(k.model_queue(model_id)))
                     p.execute()
                     return holders
                 except redis.WatchError:
@@ -162,11 +162,23 @@ class StateStore:
         )
 
     def set_size(self, model_id: str, size_bytes: int) -> None:
-        """Remember the measured size for placement; a lost race only loses a hint."""
-        rec = self.get_record(model_id)
-        if rec is not None and rec.size_bytes != size_bytes:
-            rec.size_bytes = size_bytes
-            self.r.hset(self.keys.models, model_id, rec.model_dump_json())
+        """Remember the measured size for placement.
+
+        The record also holds reference counts that vmodel transactions change concurrently:
+        a plain read-modify-write here could put back a stale count, so it is one WATCH/MULTI
+        step like theirs."""
+
+        def write(p: redis.client.Pipeline) -> None:
+            raw = p.hget(self.keys.models, model_id)
+            if raw is None:
+                return
+            rec = ModelRecord.model_validate_json(raw)
+            if rec.size_bytes != size_bytes:
+                rec.size_bytes = size_bytes
+                p.multi()
+                p.hset(self.keys.models, model_id, rec.model_dump_json())
+
+        self.r.transaction(write, self.keys.models)
 
     # ------------------------------------------------------------------ status
     def model_status(self, model_id: str) -> ModelStatus:

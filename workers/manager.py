@@ -265,13 +265,14 @@ class ModelManager:
             entry.state = "LOADED"
         self._retire_victims()
         self.host.batcher.open(model_id, entry.policy)
+        # placement reads the measured size: known by the time anyone sees the copy LOADED
+        self.host.store.set_size(model_id, size)
         # the copy is LOADED in Redis before the first request can be answered from it
         if not self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED):
             # unregistered while we were loading: undo, and fail anything that queued meanwhile
             self._unload(model_id, ModelNotFound(f"model {model_id!r} was unregistered"))
             return
         self.host.consume(model_id)
-        self.host.store.set_size(model_id, size)
         self.host.update_prefetch()
         self.host.on_copy_loaded(model_id)
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

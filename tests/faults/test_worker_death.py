@@ -1,27 +1,73 @@
-"""Worker death (DESIGN §9): a worker killed while loading leaves no stuck LOADING state, and
-its load claim is taken over.
-
-Not here (yet): "a worker SIGKILLed mid-batch loses nothing". The fault suite showed kombu's
-Redis transport loses a message when the kill lands between BRPOP (which removes it from the
-queue) and the write that records it as unacked: 1 of 800 requests in one of two CI runs. The
-test comes back with a reliable pop (BLMOVE into a per-worker processing list); see the issue
-note. tests/integration/test_scheduler.py still kills a worker under load (200 requests).
+"""Worker death (DESIGN §9): a worker SIGKILLed in the middle of batches loses nothing, and one
+killed while loading leaves no stuck LOADING state (its load claim is taken over).
 
 Redelivery is Redis's visibility timeout: the killed worker's unacked requests (its buffers
 and its running batch) return to their queue MESH_VISIBILITY_TIMEOUT_S after delivery, at the
 next restore sweep of a surviving worker (every 10 s), and the other copy answers them. The
-tests use the minimum, 10 s (docs/reliability.md has the trade-off).
+tests use the minimum, 10 s (docs/reliability.md has the trade-off). Stock kombu could lose a
+message here: it pops (BRPOP) and records it as unacked with a second command, and a kill in
+between lost it (1 of 800 requests in one CI run). mesh/transport.py takes every message off
+its queue with one atomic pop-and-record script (tests/unit/test_transport.py).
 """
 
 from __future__ import annotations
 
+from mesh.commands import send_command
 from mesh.launcher import wait_for
-from mesh.models import ModelState
+from mesh.models import Command, ModelState
 from mesh.rebalance import rebalance
 
-from .helpers import X, copies_of, slow_info, wait_state
+from .helpers import (
+    Producer,
+    X,
+    copies_of,
+    outcomes,
+    served_by,
+    slow_info,
+    wait_loaded,
+    wait_state,
+)
 
 FAST_REDELIVERY = {"MESH_VISIBILITY_TIMEOUT_S": "10"}
+
+
+def test_sigkill_mid_batch_every_request_is_answered(client, workers, tmp_path):
+    w1 = workers("w1", **FAST_REDELIVERY)
+    w2 = workers("w2", **FAST_REDELIVERY)
+    # 20 ms per batch of up to 8: both copies are busy for seconds with the backlog below
+    client.register_model("m", slow_info(tmp_path, "m", delay=0.02))
+    wait_loaded(client, "m")
+    first = next(iter(copies_of(client, "m")))
+    victim, survivor = (w1, w2) if first == w2.full_name else (w2, w1)
+    # the second copy, on the other worker, by the same command the scheduler would send
+    send_command(client.app, client.keys, victim.full_name, Command(op="load", model_id="m"))
+    wait_for(lambda: copies_of(client, "m") == {w1.full_name: "LOADED", w2.full_name: "LOADED"},
+             60, what="a copy of m on both workers")  # fmt: skip
+
+    producer = Producer(client, "m", total=800)
+    producer.start()
+    # kill once the victim is answering (its heartbeat counts requests) and a backlog waits,
+    # so it holds buffered requests and a batch in flight when it dies
+    unacked = client.keys.kombu_prefix + "unacked"
+    wait_for(
+        lambda: served_by(client, "m").get(victim.full_name, 0) > 0
+        and client.store.queue_depth("m", [0, 5]) > 0,
+        60, interval=0.02, what="the victim to be answering with a backlog waiting",
+    )  # fmt: skip
+    held = client.store.r.hlen(unacked)
+    victim.kill()
+    results = producer.finish()
+    assert held > 0  # requests were delivered and unacked when the worker died
+
+    counts = outcomes(results, timeout=120)
+    assert counts == {"answered": len(results), "wrong": 0, "failed": 0}, counts
+    assert len(results) == 800
+    # nothing left behind in the broker: every redelivered request was acked by the survivor
+    wait_for(lambda: client.store.r.hlen(unacked) == 0, 30, what="the unacked set to drain")
+    assert survivor.alive()
+    status = client.get_model_status("m")
+    assert status.state is ModelState.LOADED
+    assert [c.worker for c in status.copies] == [survivor.full_name]
 
 
 def test_worker_killed_while_loading_leaves_no_stuck_loading(client, workers, tmp_path):

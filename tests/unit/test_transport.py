@@ -1,0 +1,166 @@
+"""mesh/transport.py against a real Redis and a real kombu consumer: a message never leaves its
+queue unrecorded, idle consumers wait on bells, and bells neither pile up nor stay behind."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from mesh.keys import Keys
+from mesh.transport import BELL_TTL_MS, POP_AND_RECORD
+
+TRANSPORT = "mesh.transport:Transport"
+
+
+@pytest.fixture
+def conn(redis_url: str, prefix: str) -> Iterator[Connection]:
+    c = Connection(
+        redis_url,
+        transport=TRANSPORT,
+        transport_options={"global_keyprefix": Keys(prefix).kombu_prefix, "polling_interval": 0.1},
+    )
+    try:
+        yield c
+    finally:
+        c.release()
+
+
+def drain(conn: Connection, seconds: float) -> None:
+    try:
+        conn.drain_events(timeout=seconds)
+    except TimeoutError:
+        pass
+
+
+def _queue(prefix: str) -> Queue:
+    name = f"{prefix}.t.{uuid.uuid4().hex[:8]}"
+    return Queue(name, Exchange("", type="direct"), routing_key=name)
+
+
+def test_pop_script_records_the_message_in_the_same_step(redis_url: str, prefix: str) -> None:
+    r = redis.Redis.from_url(redis_url)
+    p = Keys(prefix).kombu_prefix
+    envelope = {
+        "body": "e30=",
+        "properties": {"delivery_tag": "tag-1", "delivery_info": {"exchange": "", "routing_key": "q"}},
+    }
+    r.lpush(p + "q", json.dumps(envelope))
+    r.lpush(p + "q", "not json")
+    script = r.register_script(POP_AND_RECORD)
+    queue_key, raw, tag = script(keys=[p + "unacked", p + "unacked_index", p + "empty", p + "q"], args=[123.5, 1 << 20])
+    assert (queue_key.decode(), tag.decode()) == (p + "q", "tag-1")
+    # recorded as kombu's QoS.append would: hash [message, exchange, routing_key], index by time
+    assert json.loads(r.hget(p + "unacked", "tag-1")) == [envelope, "", "q"]
+    assert r.zscore(p + "unacked_index", "tag-1") == 123.5
+    assert json.loads(raw) == envelope
+    # garbage comes back unrecorded (no tag) for the consumer to drop; an empty queue gives nil
+    assert script(keys=[p + "unacked", p + "unacked_index", p + "q"], args=[1, 1 << 20]) == [
+        (p + "q").encode(),
+        b"not json",
+    ]
+    assert script(keys=[p + "unacked", p + "unacked_index", p + "q"], args=[1, 1 << 20]) is None
+    assert r.hlen(p + "unacked") == 1
+    r.delete(p + "unacked", p + "unacked_index")
+
+
+def test_consumer_never_pops_a_queue_unrecorded_and_idles_on_bells(
+    conn: Connection, redis_url: str, prefix: str
+) -> None:
+    queue = _queue(prefix)
+    r = redis.Redis.from_url(redis_url)
+    unacked = Keys(prefix).kombu_prefix + "unacked"
+    queue_key = Keys(prefix).kombu_prefix + queue.name
+    seen: list[str] = []
+    recorded_at_delivery: list[bool] = []
+
+    def on_message(body, message) -> None:
+        recorded_at_delivery.append(r.hexists(unacked, message.delivery_tag))
+        seen.append(body["n"])
+        message.ack()
+
+    commands: list[str] = []
+    monitor_ready = threading.Event()
+    stop = threading.Event()
+
+    def watch() -> None:
+        with r.monitor() as m:
+            monitor_ready.set()
+            for cmd in m.listen():
+                if cmd.get("client_type") != "lua":  # commands a script runs are listed too
+                    commands.append(cmd["command"])
+                if stop.is_set():
+                    return
+
+    threading.Thread(target=watch, daemon=True).start()
+    monitor_ready.wait(5)
+    with conn.channel() as pub_channel, conn.clone() as consumer_conn:
+        producer = Producer(pub_channel)
+        consumer_channel = consumer_conn.channel()
+        with Consumer(consumer_channel, [queue], callbacks=[on_message], accept=["json"]):
+            sent = 0
+            for burst in (1, 5, 1, 20, 1):  # single messages to an idle consumer, and bursts
+                for _ in range(burst):
+                    producer.publish({"n": str(sent)}, exchange=queue.exchange, routing_key=queue.name,
+                                     declare=[queue], serializer="json")  # fmt: skip
+                    sent += 1
+                deadline = time.monotonic() + 10
+                while len(seen) < sent and time.monotonic() < deadline:
+                    drain(consumer_conn, 0.5)
+                drain(consumer_conn, 0.3)  # idle: the consumer goes back to waiting on the bell
+        consumer_channel.close()
+    stop.set()
+    r.ping()  # one more command so the monitor thread sees `stop`
+
+    assert seen == [str(i) for i in range(sent)]
+    assert all(recorded_at_delivery)
+    ours = [c for c in commands if queue.name in c]
+    # the queue's lists are only ever popped by the script (EVALSHA); BRPOP waits on bells only
+    assert not [c for c in ours if c.startswith(("BRPOP", "RPOP", "BLMOVE", "LMOVE")) and
+                f"{queue_key} " in c + " "], ours[:10]  # fmt: skip
+    assert any(c.startswith("BRPOP") and "_kombu.bell." in c for c in ours)
+    assert any(c.startswith("EVALSHA") for c in ours)
+    # every message was acked: nothing left in the unacked set for this queue
+    assert not [v for v in r.hvals(unacked) if queue.name.encode() in v]
+
+
+def test_bell_holds_at_most_one_ring_expires_and_goes_with_the_queue(
+    conn: Connection, redis_url: str, prefix: str
+) -> None:
+    queue = _queue(prefix)
+    r = redis.Redis.from_url(redis_url)
+    bell = Keys(prefix).queue_bell(queue.name)
+    with conn.channel() as channel:
+        producer = Producer(channel)
+        for n in range(50):  # nobody consumes: the bell must not grow with the queue
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.name,
+                             declare=[queue], serializer="json")  # fmt: skip
+        assert r.llen(bell) == 1
+        assert 0 < r.pttl(bell) <= BELL_TTL_MS
+        assert channel.queue_purge(queue.name) == 50
+        assert not r.exists(bell)
+        producer.publish({"n": 0}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
+        channel._delete(queue.name, "", queue.name, None)
+    assert not r.exists(bell)
+    assert not r.exists(Keys(prefix).kombu_prefix + queue.name)
+
+
+def test_message_pushed_without_a_bell_is_still_consumed(conn: Connection, redis_url: str, prefix: str) -> None:
+    # a producer on stock kombu pushes without ringing: the consumer's timed-out wait polls
+    queue = _queue(prefix)
+    got: list[int] = []
+    with conn.channel() as channel, Consumer(channel, [queue], callbacks=[lambda b, m: (got.append(b["n"]), m.ack())],
+                                             accept=["json"]):  # fmt: skip
+        with Connection(redis_url, transport_options={"global_keyprefix": Keys(prefix).kombu_prefix}) as stock:
+            Producer(stock.channel()).publish({"n": 7}, exchange=queue.exchange, routing_key=queue.name,
+                                              serializer="json")  # fmt: skip
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:
+            drain(conn, 0.5)
+    assert got == [7]
