@@ -40,6 +40,7 @@ log = logging.getLogger("mesh.worker")
 FAILED_DRAIN_MIN_S = 3.0
 # After a model leaves this worker, watch its queue this long for requests that still arrive.
 ORPHAN_WATCH_S = 30.0
+EVENT_BUFFER_LIMIT = 256  # buffered events per flush (Celery: 24); flushed every loop turn anyway
 
 
 class MeshWorker:
@@ -80,7 +81,15 @@ class MeshWorker:
 
     @property
     def event_dispatcher(self) -> Any:
-        return self.c.event_dispatcher
+        d = self.c.event_dispatcher
+        if d is not None and d.on_send_buffered is not None and "mesh" not in d.buffer_group:
+            # Celery buffers task events and publishes them once per event-loop turn as one
+            # `task.multi` message; `mesh-batch` events join that (one `mesh.multi` per turn,
+            # not a PUBLISH per batch), and a turn's buffer may hold a whole large batch's
+            # events (Celery flushes every 24). Receivers (Flower) take lists as they come.
+            d.buffer_group = frozenset(d.buffer_group) | {"mesh"}
+            d.buffer_limit = max(d.buffer_limit, EVENT_BUFFER_LIMIT)
+        return d
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

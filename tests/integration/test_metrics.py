@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import requests
@@ -52,3 +53,48 @@ def test_worker_metrics(client, workers, svm_path, seed_input):
     assert m[("mesh_cache_lookups_total", (("result", "miss"),))] == 1
     assert m[("mesh_models_loaded", ())] == 1
     assert 0 < m[("mesh_worker_used_bytes", ())] <= m[("mesh_worker_capacity_bytes", ())]
+
+
+def test_task_and_batch_events_reach_an_event_receiver(client, workers, svm_path, seed_input):
+    """What Flower sees: per request task-received/started/succeeded under mesh.infer[<model>],
+    and one mesh-batch event per batch (Celery's receiver, buffered `*.multi` lists included)."""
+    import threading
+
+    workers("w1")
+    client.register_model("digits", sklearn_info(svm_path))
+    client.ensure_loaded("digits", sync=True)
+    events: list[dict] = []
+    ready = threading.Event()
+    stop = threading.Event()
+
+    def listen() -> None:
+        with client.app.connection_for_read() as conn:
+            recv = client.app.events.Receiver(conn, handlers={"*": events.append})
+            ready.set()
+            for _ in recv.itercapture(limit=None, timeout=None, wakeup=False):
+                if stop.is_set():
+                    return
+
+    threading.Thread(target=listen, daemon=True).start()
+    assert ready.wait(10)
+    time.sleep(0.5)  # the receiver's queue is bound
+    results = [client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]) for _ in range(30)]
+    ids = {r.id for r in results}
+    for r in results:
+        r.get(timeout=60)
+
+    def batches() -> list[dict]:
+        return [e for e in events if e["type"] == "mesh-batch" and e["model"] == "digits"]
+
+    wait_for(lambda: sum(e["size"] for e in batches()) >= 30, 20, what="mesh-batch events for 30 requests")
+    stop.set()
+    assert sum(e["size"] for e in batches()) == 30
+    assert all(e["reason"] and e["failed"] == 0 and e["compute_ms"] >= 0 for e in batches())
+    by_type: dict[str, set[str]] = {}
+    for e in events:
+        if e.get("uuid") in ids:
+            by_type.setdefault(e["type"], set()).add(e["uuid"])
+    for kind in ("task-received", "task-started", "task-succeeded"):
+        assert by_type.get(kind) == ids, kind
+    received = [e for e in events if e["type"] == "task-received" and e.get("uuid") in ids]
+    assert {e["name"] for e in received} == {"mesh.infer[digits]"}
