@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .placement import affinity
+
 INF = math.inf
 
 # --------------------------------------------------------------------------- inputs
@@ -787,6 +789,19 @@ class _Plan:
                 return chosen
         return None
 
+    def _at_home(self, m: _M, bar: tuple[float, float], min_idle: float) -> tuple[_W, list[tuple[str, int]]] | None:
+        """A proactive swap-in on the model's rendezvous home, or nowhere.
+
+        When every worker is full the cold path loads a model on its home
+        (`mesh.placement.choose_worker`). A copy the planner swaps in elsewhere is evicted
+        sooner or later and then reloaded on its home: two loads for one. Swapping in only
+        on the home keeps the planner and the cold path placing a model in the same place."""
+        home = max(self.usable, key=lambda w: (affinity(m.id, w.name), w.name), default=None)
+        if home is None or not self._eligible(home, m):
+            return None
+        victims = self._victims(home, m, bar, True, min_idle)
+        return None if victims is None else (home, victims)
+
     def _place(self, m: _M, w: _W, reason: str, victims: Iterable[tuple[str, int]] = ()) -> None:
         for mid, _size in victims:
             victim = self.models[mid]
@@ -874,7 +889,7 @@ class _Plan:
             if m.score <= 0 or self.evictions_left <= s.max_evictions_per_tick // 2:
                 misses += 1  # half the eviction budget stays for demand
                 continue
-            found = self._pick_evict(m, (m.score, m.last_used), proactive=True, min_idle=s.churn_age_s)
+            found = self._at_home(m, (m.score, m.last_used), min_idle=s.churn_age_s)
             if found is None:
                 misses += 1
                 continue

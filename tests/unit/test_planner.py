@@ -509,6 +509,30 @@ def test_proactive_swap_replaces_only_copies_worth_far_less():
     assert run(ws, [model("low", on=["w1"], score=0.1), model("top", last_used=NOW - 500, score=0.5)]) == []
 
 
+def test_proactive_swap_happens_only_on_the_models_rendezvous_home():
+    """A full pool: the cold path would load "top" on its rendezvous home, so the planner
+    swaps it in there (and not on the worker with the cheapest victim), or not at all."""
+    from mesh.placement import affinity
+
+    cap = 10 * MB
+    names = ["w1", "w2", "w3"]
+    home = max(names, key=lambda n: (affinity("top", n), n))
+    others = [n for n in names if n != home]
+    # the home's copy is worth the most of the three, yet still far less than "top"
+    ws = [worker(n, copy(f"low-{n}", idle=100), capacity=cap) for n in names]
+    scores = {home: 0.2, others[0]: 0.01, others[1]: 0.05}
+    ms = [model(f"low-{n}", on=[n], score=scores[n]) for n in names]
+    ms.append(model("top", last_used=NOW - 500, score=1.0))
+    actions = run(ws, ms)
+    assert loads(actions) == [("top", home, "proactive")]
+    assert unloads(actions) == [(f"low-{home}", home, "space")]
+    # the home's copy is worth more than half of "top": no swap anywhere
+    scores[home] = 0.6
+    ms = [model(f"low-{n}", on=[n], score=scores[n]) for n in names]
+    ms.append(model("top", last_used=NOW - 500, score=1.0))
+    assert run(ws, ms) == []
+
+
 def test_victims_are_chosen_by_usage_score_then_recency():
     cap = 30 * MB
     ws = [worker("w1", copy("freq", idle=4000), copy("rare", idle=100), copy("mid", idle=2000), capacity=cap)]
