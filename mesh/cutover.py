@@ -181,17 +181,19 @@ def drain_decision(
     queue or in a worker's buffer, and unloading with `fail_queued` would fail them. So the
     copies stay until: `grace_s` passed (a producer between its route check and its send),
     the queue was seen empty, and every live holder then reported, in a heartbeat written
-    after that, nothing of the model buffered or in flight. After `max_s` they go anyway
-    (what is left gets a clear NOT_FOUND rather than waiting forever). `None` in `holders`
-    means the worker has no heartbeat (dead).
+    after that, nothing of the model buffered or in flight. Without a live copy it goes once
+    `grace_s` passed. After `max_s` they go anyway. On UNLOAD the requests still queued that
+    came through a vmodel move to its active model (VModels._reroute); the rest get a clear
+    NOT_FOUND rather than waiting forever. `None` in `holders` means the worker has no
+    heartbeat (dead).
     """
     live = {w: r for w, r in holders.items() if r is not None}
-    if not live:
-        return DrainAction.UNLOAD
     if now - since >= max_s:
         return DrainAction.UNLOAD
     if now - since < grace_s:
-        return DrainAction.WAIT
+        return DrainAction.WAIT  # even without a copy: what is still on its way gets re-routed too
+    if not live:
+        return DrainAction.UNLOAD
     if queue_depth > 0:
         return DrainAction.RESET if drained_at is not None else DrainAction.WAIT
     if drained_at is None:

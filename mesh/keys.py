@@ -14,6 +14,11 @@ from .ids import validate_id
 KOMBU_PRIORITY_SEP = "\x06\x16"
 
 
+# A bell outlives its last ring this long: a bell nobody waits on (its consumers are busy, or
+# gone) does not stay behind. Waiting consumers pop it within milliseconds.
+BELL_TTL_MS = 30_000
+
+
 def queue_bell(queue: str) -> str:
     """The list idle consumers of `queue` block on (mesh/transport.py), without kombu's
     global_keyprefix (kombu's client adds it)."""

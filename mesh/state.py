@@ -8,8 +8,9 @@ this module only reads and writes.
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -17,7 +18,7 @@ import redis
 
 from .errors import AlreadyExists, FailedPrecondition, ModelLoadFailed
 from .ids import validate_id
-from .keys import Keys
+from .keys import BELL_TTL_MS, Keys
 from .models import (
     CopyInfo,
     CopyState,
@@ -65,6 +66,18 @@ return 2
 
 # A worker reports a copy only while the model is still registered: an unregister that raced
 # with the load must not leave a copy record behind.
+# Move one queued message (ARGV[1]) from list KEYS[1] to the consuming end of list KEYS[2],
+# rewritten as ARGV[2], and ring the destination queue's bell (KEYS[3], mesh/transport.py);
+# 0 when the message is no longer in KEYS[1] (a worker took it meanwhile).
+_MOVE_LUA = """
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LPUSH', KEYS[3], 1)
+redis.call('LTRIM', KEYS[3], 0, 0)
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return 1
+"""
+
 _MARK_COPY_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
@@ -92,6 +105,7 @@ class StateStore:
         self.settings = settings
         self._route = client.register_script(_ROUTE_LUA)
         self._mark_copy = client.register_script(_MARK_COPY_LUA)
+        self._move = client.register_script(_MOVE_LUA)
 
     # ------------------------------------------------------------------ registry
     def register_model(
@@ -330,6 +344,37 @@ class StateStore:
         return {n for n, f in zip(names, flags) if f}
 
     # ------------------------------------------------------------------ queues
+    def reroute_queued(
+        self, model_id: str, priority_steps: list[int], destination: Callable[[dict], str | None]
+    ) -> dict[str, int]:
+        """Move the requests queued for `model_id` to the queue of `destination(message)` (a
+        model id, or None to leave a message where it is); returns the count moved per model.
+
+        Each message moves in one atomic step (it is in exactly one of the two queues), keeps
+        its priority, and is served before what was already queued there: it waited longer.
+        The worker takes a message's model from its routing key, rewritten here."""
+        k = self.keys
+        src_keys = k.queue_list_keys(k.model_queue(model_id), priority_steps)
+        moved: dict[str, int] = {}
+        for step, src in enumerate(src_keys):
+            for raw in self.r.lrange(src, 0, -1):  # newest first: each moved one goes behind the last
+                try:
+                    message = json.loads(raw)
+                    dst_model = destination(message)
+                except (ValueError, TypeError, AttributeError):
+                    continue
+                if dst_model is None or dst_model == model_id:
+                    continue
+                validate_id(dst_model)
+                queue = k.model_queue(dst_model)
+                message["properties"]["delivery_info"]["routing_key"] = queue
+                if "mm-model-id" in (message.get("headers") or {}):
+                    message["headers"]["mm-model-id"] = dst_model
+                dst = k.queue_list_keys(queue, priority_steps)[step]
+                if self._move(keys=[src, dst, k.queue_bell(queue)], args=[raw, json.dumps(message), BELL_TTL_MS]):
+                    moved[dst_model] = moved.get(dst_model, 0) + 1
+        return moved
+
     def queue_depth(self, model_id: str, priority_steps: list[int]) -> int:
         keys = self.keys.queue_list_keys(self.keys.model_queue(model_id), priority_steps)
         with self.r.pipeline(transaction=False) as p:

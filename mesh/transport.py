@@ -27,7 +27,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from .keys import queue_bell
+from .keys import BELL_TTL_MS, queue_bell
 
 log = logging.getLogger("mesh.transport")
 
@@ -84,9 +84,6 @@ end
 return false
 """
 SCRIPT_RECORD_MAX_BYTES = 4 * 1024 * 1024  # bigger ones are not decoded inside Redis
-# A bell outlives its last ring this long: a bell nobody waits on (its consumers are busy, or
-# gone) does not stay behind. Waiting consumers pop it within milliseconds.
-BELL_TTL_MS = 30_000
 
 
 def ring(pipe, queue: str, prefix: str) -> None:

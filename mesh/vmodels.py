@@ -769,6 +769,7 @@ class VModelManager:
             return False  # auto-deleted again meanwhile: the new entry decides
         current = self.store.get_record(model_id)
         if current is None:
+            self._reroute(model_id, steps)
             told = unload_unregistered(
                 self.app, self.store, model_id, entry.holders,
                 reason=f"model {model_id!r} was auto-deleted (no vmodel references it)",
@@ -784,6 +785,33 @@ class VModelManager:
             )  # fmt: skip
         log.info("unloading auto-deleted %s from %s", model_id, told or "no live worker")
         return True
+
+
+    def _reroute(self, model_id: str, steps: list[int]) -> None:
+        """Requests still queued for an auto-deleted model that came through a vmodel go to
+        that vmodel's active model instead of failing NOT_FOUND (ModelMesh §1.5's retry on a
+        just-switched active, for queued requests). They are there when the model had no copy
+        at the switch (evicted, or never loaded): nothing would ever answer them otherwise."""
+        active: dict[str, str | None] = {}
+
+        def destination(message: dict) -> str | None:
+            vmodel_id = (message.get("headers") or {}).get("mm-vmodel-id")
+            if not isinstance(vmodel_id, str):
+                return None
+            if vmodel_id not in active:
+                try:
+                    rec = self.get(vmodel_id)
+                except MeshError:
+                    rec = None
+                active[vmodel_id] = None if rec is None else next(
+                    (m for m in (rec.active_model_id, rec.target_model_id) if m != model_id), None
+                )
+            return active[vmodel_id]
+
+        moved = self.store.reroute_queued(model_id, steps, destination)
+        for target, count in moved.items():
+            self.ensure_copies(target, 1)  # a cold target gets its load claimed, as by a producer
+            log.info("moved %d queued request(s) of auto-deleted %s to %s", count, model_id, target)
 
 
 def _holder_report(beat: WorkerState | None, model_id: str) -> HolderReport | None:

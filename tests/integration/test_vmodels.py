@@ -212,6 +212,31 @@ def test_auto_delete_es_1_is_gone_after_the_cutover(
     assert client.list_models() == []
 
 
+def test_requests_queued_for_an_auto_deleted_model_without_a_copy_go_to_the_new_active(
+    client, workers, svm_path, mlp_path, seed_input
+):
+    """es_1 has no copy anywhere (here: no worker yet; in a busy pool: evicted) while requests
+    for the vmodel wait in its queue. The switch to es_2 is then immediate and es_1 goes with
+    its last reference. Nothing would ever load es_1 again: its queued requests must move to
+    es_2, not fail NOT_FOUND (the soak caught 11 of them failing)."""
+    from mesh.vmodels import DRAIN_GRACE_S
+
+    client.set_vmodel("es", "es_1", model_info=sklearn_info(svm_path), auto_delete_target_model=True)
+    queued = [client.infer(vmodel_id="es", inputs=[seed_tensor(seed_input)]) for _ in range(12)]
+    assert client.store.queue_depth("es_1", [0, 5]) == 12
+    client.set_vmodel("es", "es_2", model_info=sklearn_info(mlp_path), auto_delete_target_model=True)
+    assert client.get_vmodel_status("es").active_model_id == "es_2"
+    assert client.get_model_status("es_1").state is ModelState.NOT_FOUND
+    time.sleep(DRAIN_GRACE_S)
+    client.vmodels.drain_all()  # what the beat's tick runs
+    assert client.store.queue_depth("es_1", [0, 5]) == 0
+    assert client.store.queue_depth("es_2", [0, 5]) == 12
+    workers("w1")  # adopts es_2's waiting requests: loads it and answers them
+    responses = [r.get(timeout=90) for r in queued]
+    assert {r["model_name"] for r in responses} == {"es_2"}
+    assert [answer(r) for r in responses] == [8] * 12
+
+
 def test_sync_returns_only_when_the_transition_is_done(client, workers, svm_path, mlp_path, seed_input):
     workers("w1")
     workers("w2")

@@ -263,9 +263,13 @@ def drain(**kw):
     return drain_decision(**base)
 
 
-def test_drain_no_live_holder_unloads_at_once():
-    assert drain(holders={}, now=100.0) is DrainAction.UNLOAD
-    assert drain(holders={"w1": None}, now=100.0, queue_depth=5) is DrainAction.UNLOAD
+def test_drain_no_live_holder_unloads_once_the_grace_period_passed():
+    # requests a producer is sending right now must find the drain still pending: on UNLOAD
+    # the queued ones move to the vmodel's new active (they would fail NOT_FOUND after it)
+    assert drain(holders={}, now=100.0) is DrainAction.WAIT
+    assert drain(holders={"w1": None}, now=100.5, queue_depth=5) is DrainAction.WAIT
+    assert drain(holders={}, now=101.0) is DrainAction.UNLOAD
+    assert drain(holders={"w1": None}, now=101.0, queue_depth=5) is DrainAction.UNLOAD
 
 
 def test_drain_waits_for_the_grace_period():

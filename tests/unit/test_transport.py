@@ -13,8 +13,8 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from mesh.keys import Keys
-from mesh.transport import BELL_TTL_MS, POP_AND_RECORD
+from mesh.keys import BELL_TTL_MS, Keys
+from mesh.transport import POP_AND_RECORD
 
 TRANSPORT = "mesh.transport:Transport"
 
