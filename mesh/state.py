@@ -64,8 +64,6 @@ redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
 return 2
 """
 
-# A worker reports a copy only while the model is still registered: an unregister that raced
-# with the load must not leave a copy record behind.
 # Move one queued message (ARGV[1]) from list KEYS[1] to the consuming end of list KEYS[2],
 # rewritten as ARGV[2], and ring the destination queue's bell (KEYS[3], mesh/transport.py);
 # 0 when the message is no longer in KEYS[1] (a worker took it meanwhile).
@@ -78,6 +76,8 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return 1
 """
 
+# A worker reports a copy only while the model is still registered: an unregister that raced
+# with the load must not leave a copy record behind.
 _MARK_COPY_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
@@ -361,15 +361,14 @@ class StateStore:
                 try:
                     message = json.loads(raw)
                     dst_model = destination(message)
-                except (ValueError, TypeError, AttributeError):
-                    continue
-                if dst_model is None or dst_model == model_id:
-                    continue
-                validate_id(dst_model)
-                queue = k.model_queue(dst_model)
-                message["properties"]["delivery_info"]["routing_key"] = queue
-                if "mm-model-id" in (message.get("headers") or {}):
-                    message["headers"]["mm-model-id"] = dst_model
+                    if dst_model is None or dst_model == model_id:
+                        continue
+                    queue = k.model_queue(validate_id(dst_model))
+                    message["properties"]["delivery_info"]["routing_key"] = queue
+                    if "mm-model-id" in (message.get("headers") or {}):
+                        message["headers"]["mm-model-id"] = dst_model
+                except (ValueError, TypeError, AttributeError, KeyError):
+                    continue  # not a request envelope: left for the worker to refuse
                 dst = k.queue_list_keys(queue, priority_steps)[step]
                 if self._move(keys=[src, dst, k.queue_bell(queue)], args=[raw, json.dumps(message), BELL_TTL_MS]):
                     moved[dst_model] = moved.get(dst_model, 0) + 1

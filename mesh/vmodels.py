@@ -786,7 +786,6 @@ class VModelManager:
         log.info("unloading auto-deleted %s from %s", model_id, told or "no live worker")
         return True
 
-
     def _reroute(self, model_id: str, steps: list[int]) -> None:
         """Requests still queued for an auto-deleted model that came through a vmodel go to
         that vmodel's active model instead of failing NOT_FOUND (ModelMesh §1.5's retry on a
