@@ -39,6 +39,9 @@ SERVING_TTL_S = 1.0
 NO_WORKER_WARN_S = 30.0
 
 
+_UNCACHED = object()
+
+
 class Router:
     def __init__(self, app: Celery, store: StateStore) -> None:
         self.app = app
@@ -74,8 +77,10 @@ class Router:
         change takes effect within CONFIG_TTL_S.
         """
         with self._config_lock:
-            if model_id in self._configs:
-                return self._configs[model_id]
+            # one lookup: TTLCache expires an entry between `in` and `[]` (a KeyError the soak hit)
+            cached = self._configs.get(model_id, _UNCACHED)
+        if cached is not _UNCACHED:
+            return cached
         record = self.store.get_record(model_id)
         cfg = None if record is None else effective_config(
             model_id, record.info, self.store.settings, manifest=record_manifest(record)
