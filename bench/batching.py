@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.common import answers as _answers
 from bench.common import clean as _clean
-from bench.common import one_at_a_time, percentile, plain_producer
+from bench.common import cpu_seconds, one_at_a_time, percentile, plain_producer
 from mesh import BatchingConfig, MeshClient, ModelInfo
 from mesh.embedded import EmbeddedRedis, resolve_redis_url
 from mesh.examples import SEED_DIGITS_INPUT, seed_digits_tensor, train_digits_mlp, train_digits_svm
@@ -155,7 +155,9 @@ def bench_plain(url: str, model_path: Path, logs: Path, args) -> dict:
         send, wait = sender("plain", params)
         wait_for(lambda: _answers(send, wait), timeout=60, what="the plain worker")
         seq = one_at_a_time(send, wait, args.sequential)
+        cpu0 = cpu_seconds([proc.popen.pid])
         load = closed_loop("plain", params, args.requests, args.window)
+        load["worker_cpu_ms_per_req"] = (cpu_seconds([proc.popen.pid]) - cpu0) * 1e3 / args.requests
         return {"one_at_a_time": seq, "load": load}
     finally:
         proc.stop()
@@ -178,7 +180,9 @@ def bench_mesh(url: str, model_path: Path, logs: Path, args) -> dict:
         wait_for(lambda: _answers(send, wait), timeout=60, what="the mesh worker")
         seq = one_at_a_time(send, wait, args.sequential)
         before = client.list_workers()[0]
+        cpu0 = cpu_seconds([proc.popen.pid])
         load = closed_loop("mesh", params, args.requests, args.window)
+        load["worker_cpu_ms_per_req"] = (cpu_seconds([proc.popen.pid]) - cpu0) * 1e3 / args.requests
         after = wait_for(lambda: (w := client.list_workers()[0]).requests_total
                          >= before.requests_total + args.requests and w, timeout=15, what="heartbeat")
         load["mean_batch"] = (after.requests_total - before.requests_total) / max(
@@ -193,18 +197,23 @@ def bench_mesh(url: str, model_path: Path, logs: Path, args) -> dict:
 
 
 # ---------------------------------------------------------------------- report
+def _cpu(system: dict) -> str:
+    v = system["load"].get("worker_cpu_ms_per_req")
+    return "" if v is None else f"{v:.2f}"
+
+
 def report(results: dict) -> str:
-    lines = ["| model | system | throughput (req/s) | p50 ms | p99 ms | 1-at-a-time p50 ms | mean batch |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | system | throughput (req/s) | p50 ms | p99 ms | 1-at-a-time p50 ms | mean batch | worker CPU ms/req |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in results["models"].items():
         p, m = r["plain"], r["mesh"]
         lines.append(f"| {name} | plain Celery | {p['load']['throughput']:.0f} | {p['load']['p50_ms']:.1f} | "
-                     f"{p['load']['p99_ms']:.1f} | {p['one_at_a_time']['p50_ms']:.2f} | 1 |")
+                     f"{p['load']['p99_ms']:.1f} | {p['one_at_a_time']['p50_ms']:.2f} | 1 | {_cpu(p)} |")
         lines.append(f"| {name} | mesh | {m['load']['throughput']:.0f} | {m['load']['p50_ms']:.1f} | "
-                     f"{m['load']['p99_ms']:.1f} | {m['one_at_a_time']['p50_ms']:.2f} | {m['load']['mean_batch']:.1f} |")
+                     f"{m['load']['p99_ms']:.1f} | {m['one_at_a_time']['p50_ms']:.2f} | {m['load']['mean_batch']:.1f} | {_cpu(m)} |")
         lines.append(f"| {name} | mesh infer_many ({results['batch']}/msg) | {m['infer_many']['throughput']:.0f} | "
-                     f"{m['infer_many']['p50_ms']:.1f} (per msg) | {m['infer_many']['p99_ms']:.1f} | | {results['batch']} |")
-        lines.append(f"| {name} | in-process ceiling | {r['ceiling']['throughput']:.0f} | | | | {results['batch']} |")
+                     f"{m['infer_many']['p50_ms']:.1f} (per msg) | {m['infer_many']['p99_ms']:.1f} | | {results['batch']} | |")
+        lines.append(f"| {name} | in-process ceiling | {r['ceiling']['throughput']:.0f} | | | | {results['batch']} | |")
     lines.append("")
     lines.append("| model | mesh / plain throughput | mesh / plain p99 | 1-at-a-time mesh / plain p50 | infer_many / ceiling |")
     lines.append("|---|---|---|---|---|")

@@ -87,7 +87,7 @@ class MeshSettings(BaseSettings):
         default=300, ge=10, description="unacked messages of a dead worker return after this"
     )
     polling_interval_s: float = Field(
-        default=0.1, gt=0, description="BRPOP timeout: how soon a newly added queue is polled"
+        default=0.1, gt=0, description="idle wait on the queues' bells before polling them anyway"
     )
 
     # --- storage, disk cache and model repository (docs/storage.md)

@@ -55,35 +55,46 @@ def envelope_problem(item: object) -> str | None:
     return None
 
 
-# Takes the first message of the first non-empty list (KEYS[3..], in BRPOP's order) and, in
-# the same atomic step, records it as unacked exactly as kombu's QoS.append does (index score:
-# ARGV[1], the time; hash value: [message, exchange, routing_key]) and returns {list, message,
-# delivery tag}. Messages over ARGV[2] bytes or without the fields are returned unrecorded
-# ({list, message}): kombu records them as usual (mesh producers never send such messages).
+# Takes up to ARGV[3] messages off the lists KEYS[3..], first list first (BRPOP's order), and,
+# in the same atomic step, records each as unacked exactly as kombu's QoS.append does (index
+# score: ARGV[1], the time; hash value: [message, exchange, routing_key]). Returns a flat
+# array of {list, message, delivery tag} triples. Messages over ARGV[2] bytes or without the
+# fields come back unrecorded (tag ''): kombu records them as usual (mesh producers never
+# send such messages). Nothing to take: an empty array.
 POP_AND_RECORD = """
+local out, n, most = {}, 0, tonumber(ARGV[3])
 for i = 3, #KEYS do
-  local raw = redis.call('RPOP', KEYS[i])
-  if raw then
+  while n < most do
+    local raw = redis.call('RPOP', KEYS[i])
+    if not raw then break end
+    local tag = ''
     if #raw <= tonumber(ARGV[2]) then
       local ok, m = pcall(cjson.decode, raw)
       if ok and type(m) == 'table' and type(m.properties) == 'table' then
-        local tag = m.properties.delivery_tag
+        local t = m.properties.delivery_tag
         local info = m.properties.delivery_info
-        if type(tag) == 'string' and type(info) == 'table'
+        if type(t) == 'string' and t ~= '' and type(info) == 'table'
             and type(info.exchange) == 'string' and type(info.routing_key) == 'string' then
-          redis.call('ZADD', KEYS[2], ARGV[1], tag)
-          redis.call('HSET', KEYS[1], tag,
+          redis.call('ZADD', KEYS[2], ARGV[1], t)
+          redis.call('HSET', KEYS[1], t,
                      '[' .. raw .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
-          return {KEYS[i], raw, tag}
+          tag = t
         end
       end
     end
-    return {KEYS[i], raw}
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = raw
+    out[#out + 1] = tag
+    n = n + 1
   end
+  if n >= most then break end
 end
-return false
+return out
 """
 SCRIPT_RECORD_MAX_BYTES = 4 * 1024 * 1024  # bigger ones are not decoded inside Redis
+# Messages one poll takes at most (fewer when the prefetch limit leaves less room): under load
+# one round trip brings a batch's worth instead of one message.
+POP_MAX = 16
 
 
 def ring(pipe, queue: str, prefix: str) -> None:
@@ -133,12 +144,13 @@ class Channel(kombu_redis.Channel):
     # Consuming, with no moment where a message is neither in its queue nor recorded as
     # unacked. Stock kombu BRPOPs the queues and records the message with a second command; a
     # SIGKILL between the two lost it (1 of 800 requests in a CI run). Here:
-    # - busy (the last poll found a message, or something rang): the pop script takes the next
-    #   message and records it atomically, one round trip instead of kombu's two;
+    # - busy (the last poll found messages, or a wait timed out): the pop script takes up to
+    #   POP_MAX messages and records them atomically, one round trip (kombu: two per message);
     # - idle: BRPOP on the queues' bells, which every publish and requeue ring (`_put`,
-    #   `_do_restore_message`). Popping a bell loses nothing; it only says "poll now". A wait
-    #   that times out (`polling_interval`) polls once anyway, for messages pushed by a
-    #   producer without this transport.
+    #   `_do_restore_message`). Popping a bell loses nothing; it only says "take now", which
+    #   the same read does with the script before returning. A wait that times out
+    #   (`polling_interval`) polls with the script anyway, for messages pushed by a producer
+    #   without this transport.
     _busy = True  # poll with the script next, rather than wait for a bell
     _sent: str | None = None  # the command of the poll in flight: "BRPOP" or "EVALSHA"
     _recorded_tag: str | None = None  # delivered now, already recorded by the script
@@ -150,21 +162,44 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        p = self.global_keyprefix
         if self._busy:
-            if self._pop_sha is None:
-                with self.conn_or_acquire() as client:
-                    self._pop_sha = client.script_load(POP_AND_RECORD)
-            keys = [p + self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
-            command = ["EVALSHA", self._pop_sha, 2 + len(keys), p + self.unacked_key,
-                       p + self.unacked_index_key, *keys, repr(time()), SCRIPT_RECORD_MAX_BYTES]  # fmt: skip
+            command = self._pop_command(queues)
         else:
+            p = self.global_keyprefix
             timeout = self.brpop_timeout if timeout is None else timeout
             command = ["BRPOP", *(p + queue_bell(queue) for queue in queues), timeout or 0]
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()
         self._sent = command[0]
         self.client.connection.send_command(*command)
+
+    def _pop_command(self, queues: list[str]) -> list:
+        if self._pop_sha is None:
+            with self.conn_or_acquire() as client:
+                self._pop_sha = client.script_load(POP_AND_RECORD)
+        p = self.global_keyprefix
+        keys = [p + self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        room = self.qos.can_consume_max_estimate()
+        most = POP_MAX if room is None else max(1, min(POP_MAX, room))
+        return ["EVALSHA", self._pop_sha, 2 + len(keys), p + self.unacked_key, p + self.unacked_index_key,
+                *keys, repr(time()), SCRIPT_RECORD_MAX_BYTES, most]  # fmt: skip
+
+    def _pop_now(self):
+        """The pop script, run at once on the poll connection (idle again: the bell's reply
+        was read), so a rung bell costs one round trip before delivery, not a loop turn too."""
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return None
+        connection = self.client.connection
+        for attempt in (1, 2):
+            connection.send_command(*self._pop_command(queues))
+            try:
+                return self.client.parse_response(connection, "EVALSHA")
+            except kombu_redis.redis.exceptions.NoScriptError:  # Redis restarted or was emptied
+                self._pop_sha = None
+                if attempt == 2:
+                    raise
+        return None
 
     def _brpop_read(self, **options):
         # kombu 5.7.0's _brpop_read, reading the pop script's or the bell wait's reply, with
@@ -173,49 +208,61 @@ class Channel(kombu_redis.Channel):
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, sent or "BRPOP", **options)
+                if sent != "EVALSHA":
+                    self._busy = True  # a bell rang, or the wait timed out: take with the script
+                    if not reply:
+                        raise kombu_redis.Empty()
+                    reply = self._pop_now()
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
             except kombu_redis.redis.exceptions.NoScriptError:  # Redis restarted or was emptied
                 self._pop_sha = None
                 raise kombu_redis.Empty() from None
-            if sent != "EVALSHA":  # a bell rang, or the wait timed out: poll next either way
-                self._busy = True
-                raise kombu_redis.Empty()
             if not reply:
                 self._busy = False
                 raise kombu_redis.Empty()
             self._busy = True
-            dest, item = bytes_to_str(reply[0])[len(self.global_keyprefix) :], reply[1]
-            recorded = bytes_to_str(reply[2]) if len(reply) > 2 else None
-            dest = dest.rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(dest)
-            try:
-                message = loads(bytes_to_str(item))
-                problem = envelope_problem(message)
-            except (ValueError, TypeError, UnicodeDecodeError) as exc:
-                message, problem = None, f"not JSON ({exc})"
-            if problem is not None:
-                log.error("dropped a malformed message from queue %s: %s; first bytes: %r",
-                          dest, problem, bytes(item[:80]))  # fmt: skip
-                if recorded is not None:  # the script recorded it: forget it, or it comes back
-                    self.qos._remove_from_indices(recorded).execute()
-                return True
-            self._recorded_tag = recorded
-            try:
-                self.connection._deliver(message, dest)
-            except self.connection_errors:
-                if recorded is None:
-                    self._keep_unrecorded(message)
-                raise
-            finally:
-                self._recorded_tag = None
+            popped = [(reply[i], reply[i + 1], bytes_to_str(reply[i + 2]) or None) for i in range(0, len(reply), 3)]
+            for n, (key, item, recorded) in enumerate(popped):
+                try:
+                    self._take(key, item, recorded)
+                except self.connection_errors:
+                    for _key, rest, tag in popped[n + 1 :]:
+                        if tag is None:  # recorded ones come back after the visibility timeout
+                            self._keep_unrecorded_raw(rest)
+                    raise
             return True
         finally:
             self._in_poll = None
             flush_reauth = getattr(self, "_flush_brpop_reauth", None)
             if flush_reauth is not None:
                 flush_reauth()
+
+    def _take(self, key: bytes, item: bytes, recorded: str | None) -> None:
+        """Deliver one popped message to its consumer, or drop it with the reason."""
+        dest = bytes_to_str(key)[len(self.global_keyprefix) :].rsplit(self.sep, 1)[0]
+        self._queue_cycle.rotate(dest)
+        try:
+            message = loads(bytes_to_str(item))
+            problem = envelope_problem(message)
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            message, problem = None, f"not JSON ({exc})"
+        if problem is not None:
+            log.error("dropped a malformed message from queue %s: %s; first bytes: %r",
+                      dest, problem, bytes(item[:80]))  # fmt: skip
+            if recorded is not None:  # the script recorded it: forget it, or it comes back
+                self.qos._remove_from_indices(recorded).execute()
+            return
+        self._recorded_tag = recorded
+        try:
+            self.connection._deliver(message, dest)
+        except self.connection_errors:
+            if recorded is None:
+                self._keep_unrecorded(message)
+            raise
+        finally:
+            self._recorded_tag = None
 
     def _put(self, queue, message, **kwargs):
         """kombu's publish (LPUSH), ringing the queue's bell in the same round trip."""
@@ -272,6 +319,14 @@ class Channel(kombu_redis.Channel):
             _unrecorded.setdefault(self.global_keyprefix, []).append(message)
         log.warning("Redis went away between popping message %s and recording it; "
                     "it goes back to its queue on reconnection", tag)
+
+    def _keep_unrecorded_raw(self, item: bytes) -> None:
+        try:
+            message = loads(bytes_to_str(item))
+        except (ValueError, TypeError, UnicodeDecodeError):
+            return  # garbage: it would have been dropped anyway
+        if envelope_problem(message) is None:
+            self._keep_unrecorded(message)
 
     def _restore_unrecorded(self) -> None:
         with _unrecorded_lock:

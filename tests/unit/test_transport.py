@@ -44,29 +44,33 @@ def _queue(prefix: str) -> Queue:
     return Queue(name, Exchange("", type="direct"), routing_key=name)
 
 
-def test_pop_script_records_the_message_in_the_same_step(redis_url: str, prefix: str) -> None:
+def test_pop_script_records_each_message_in_the_same_step(redis_url: str, prefix: str) -> None:
     r = redis.Redis.from_url(redis_url)
     p = Keys(prefix).kombu_prefix
-    envelope = {
-        "body": "e30=",
-        "properties": {"delivery_tag": "tag-1", "delivery_info": {"exchange": "", "routing_key": "q"}},
-    }
-    r.lpush(p + "q", json.dumps(envelope))
-    r.lpush(p + "q", "not json")
+    hi, lo = p + "q\x06\x160", p + "q\x06\x165"
+
+    def envelope(tag: str) -> dict:
+        return {"body": "e30=", "properties": {"delivery_tag": tag,
+                                               "delivery_info": {"exchange": "", "routing_key": "q"}}}  # fmt: skip
+
+    for tag in ("a", "b", "c"):
+        r.lpush(lo, json.dumps(envelope(tag)))
+    r.lpush(hi, json.dumps(envelope("h")))
+    r.lpush(hi, "not json")
     script = r.register_script(POP_AND_RECORD)
-    queue_key, raw, tag = script(keys=[p + "unacked", p + "unacked_index", p + "empty", p + "q"], args=[123.5, 1 << 20])
-    assert (queue_key.decode(), tag.decode()) == (p + "q", "tag-1")
+    keys = [p + "unacked", p + "unacked_index", hi, lo]
+    # at most 3: the first list first, oldest first; garbage comes back unrecorded (tag '')
+    out = script(keys=keys, args=[123.5, 1 << 20, 3])
+    triples = [(out[i].decode(), out[i + 1], out[i + 2].decode()) for i in range(0, len(out), 3)]
+    assert [(k, t) for k, _, t in triples] == [(hi, "h"), (hi, ""), (lo, "a")]
+    assert json.loads(triples[0][1]) == envelope("h") and triples[1][1] == b"not json"
     # recorded as kombu's QoS.append would: hash [message, exchange, routing_key], index by time
-    assert json.loads(r.hget(p + "unacked", "tag-1")) == [envelope, "", "q"]
-    assert r.zscore(p + "unacked_index", "tag-1") == 123.5
-    assert json.loads(raw) == envelope
-    # garbage comes back unrecorded (no tag) for the consumer to drop; an empty queue gives nil
-    assert script(keys=[p + "unacked", p + "unacked_index", p + "q"], args=[1, 1 << 20]) == [
-        (p + "q").encode(),
-        b"not json",
-    ]
-    assert script(keys=[p + "unacked", p + "unacked_index", p + "q"], args=[1, 1 << 20]) is None
-    assert r.hlen(p + "unacked") == 1
+    assert json.loads(r.hget(p + "unacked", "a")) == [envelope("a"), "", "q"]
+    assert r.zscore(p + "unacked_index", "h") == 123.5
+    assert sorted(r.hkeys(p + "unacked")) == [b"a", b"h"]
+    out = script(keys=keys, args=[1, 1 << 20, 16])
+    assert out[2::3] == [b"b", b"c"]
+    assert script(keys=keys, args=[1, 1 << 20, 16]) == []
     r.delete(p + "unacked", p + "unacked_index")
 
 
