@@ -770,6 +770,10 @@ class VModelManager:
         current = self.store.get_record(model_id)
         if current is None:
             self._reroute(model_id, steps)
+            # a producer that routed here just before the switch re-declared the queue's
+            # bindings when it published (the soak found them left behind): they go now
+            queue = self.keys.model_queue(model_id)
+            self.r.delete(*self.keys.queue_bindings(queue), self.keys.queue_bell(queue))
             told = unload_unregistered(
                 self.app, self.store, model_id, entry.holders,
                 reason=f"model {model_id!r} was auto-deleted (no vmodel references it)",
