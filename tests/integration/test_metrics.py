@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 import requests
@@ -77,7 +76,10 @@ def test_task_and_batch_events_reach_an_event_receiver(client, workers, svm_path
 
     threading.Thread(target=listen, daemon=True).start()
     assert ready.wait(10)
-    time.sleep(0.5)  # the receiver's queue is bound
+    # the receiver listens once a probe event of our own comes back through it
+    with client.app.events.default_dispatcher() as probe:
+        wait_for(lambda: probe.send("mesh-probe") or any(e["type"] == "mesh-probe" for e in events),
+                 10, interval=0.1, what="the event receiver to listen")  # fmt: skip
     results = [client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]) for _ in range(30)]
     ids = {r.id for r in results}
     for r in results:
