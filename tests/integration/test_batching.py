@@ -80,21 +80,25 @@ def test_high_priority_overtakes_normal_traffic(client, workers, svm_path, seed_
 def test_one_models_flood_does_not_starve_another(client, workers, svm_path, seed_input, tmp_path):
     from tests.faults.helpers import X, slow_info
 
-    # 10 ms per batch of 4: 400 requests are a second of work, sent faster than that, so a
-    # backlog is queued when the quiet model's requests arrive (with a fast model the worker
-    # may keep pace with the sender and there is nothing to starve behind)
-    client.register_model("flood", slow_info(tmp_path, "flood", delay=0.01, max_batch_size=4))
+    # 50 ms per batch of 4: 400 requests are five seconds of work, sent in about one, so a
+    # deep backlog is queued when the quiet model's requests arrive (with a fast model the
+    # worker keeps pace with the sender and there is nothing to starve behind)
+    client.register_model("flood", slow_info(tmp_path, "flood", delay=0.05, max_batch_size=4))
     client.register_model("quiet", sklearn_info(svm_path, max_batch_size=4))
     workers("w1")
     client.ensure_loaded("flood", sync=True, timeout=60)
     client.ensure_loaded("quiet", sync=True, timeout=60)
     flood = [client.infer(model_id="flood", inputs=[X]) for _ in range(400)]
-    assert client.store.queue_depth("flood", [0, 5]) > 0  # the backlog is there
     quiet = [client.infer(model_id="quiet", inputs=[seed_tensor(seed_input)]) for _ in range(3)]
+    backlog = client.store.queue_depth("flood", [0, 5])
+    assert backlog >= 100, f"the premise: a backlog when the quiet requests arrive ({backlog})"
     for r in quiet + flood:
         r.get(timeout=120)
-    # the quiet requests did not wait for the flood's backlog to drain
-    assert max(r.date_done for r in quiet) < sorted(r.date_done for r in flood)[300]
+    # the quiet requests did not wait for the flood's backlog to drain: most of it was
+    # answered after them
+    quiet_done = max(r.date_done for r in quiet)
+    after = sum(1 for r in flood if r.date_done > quiet_done)
+    assert after >= backlog // 2, (after, backlog)
 
 
 def test_a_raising_batch_is_bisected_to_the_guilty_requests(client, workers):
