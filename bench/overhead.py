@@ -227,5 +227,8 @@ def _answered_with_event(send, events: EventLog) -> bool:
         handle.get(timeout=5)
     except Exception:  # the worker is still starting
         return False
-    time.sleep(0.05)
+    # the event trails the result by a little: give it a bounded moment, not a fixed one
+    deadline = time.monotonic() + 0.5
+    while handle.id not in events.received and time.monotonic() < deadline:
+        time.sleep(0.01)
     return handle.id in events.received

@@ -22,6 +22,7 @@ __all__ = [
     "REPO_ROOT",
     "start_beat",
     "start_flower",
+    "wait_flower_ready",
     "start_worker",
     "wait_for",
     "wait_worker_ready",
@@ -287,6 +288,24 @@ def wait_for(
             break
         time.sleep(min(interval, remaining))
     raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def wait_flower_ready(port: int, proc: Proc | None = None, timeout: float = 60) -> None:
+    """Wait until Flower on 127.0.0.1:`port` answers its /healthcheck; if `proc` dies first,
+    raise RuntimeError with its log tail at once."""
+    from urllib.error import URLError
+    from urllib.request import urlopen
+
+    def healthy() -> bool:
+        try:
+            with urlopen(f"http://127.0.0.1:{port}/healthcheck", timeout=2) as r:
+                return r.status == 200
+        except (URLError, OSError):
+            if proc is not None and not proc.alive():
+                raise RuntimeError(f"flower exited before answering:\n{proc.tail()}") from None
+            return False
+
+    wait_for(healthy, timeout, interval=0.2, what="flower to answer")
 
 
 def wait_worker_ready(

@@ -25,7 +25,7 @@ from celery.result import AsyncResult
 from mesh import MeshClient, ModelInfo, ModelLoadFailed
 from mesh.embedded import EmbeddedRedis
 from mesh.errors import InvalidArgument
-from mesh.launcher import Proc, start_flower, start_worker, wait_for
+from mesh.launcher import Proc, start_flower, start_worker, wait_flower_ready, wait_for
 from mesh.models import ModelState
 from mesh.settings import MeshSettings
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
@@ -146,14 +146,7 @@ def test_password_redis_end_to_end_and_no_credential_in_logs_events_or_redis(
     client = MeshClient(redis_url=url, prefix=prefix)
     try:
         base = f"http://127.0.0.1:{port}"
-
-        def healthy():
-            try:
-                return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_for(healthy, timeout=60, what="flower to answer")
+        wait_flower_ready(port, flower)
         # end to end over the password-protected Redis: registry, routing, batch, result
         client.register_model("digits", sklearn_info(svm_path))
         client.set_vmodel("latest", "digits")

@@ -14,7 +14,7 @@ from celery.exceptions import TaskRevokedError
 from mesh import BatchingConfig, InferenceError, InvalidInput, ModelInfo
 from mesh.client import raise_for_item
 from mesh.errors import QueueFull
-from mesh.launcher import start_flower, wait_for
+from mesh.launcher import start_flower, wait_flower_ready, wait_for
 
 from .test_foundation import answer, seed_tensor, sklearn_info
 
@@ -145,14 +145,7 @@ def test_every_request_shows_in_flower(client, workers, mesh_env, svm_path, seed
     flower = start_flower(mesh_env, tmp_path / "logs", port)
     try:
         base = f"http://127.0.0.1:{port}"
-
-        def healthy():
-            try:
-                return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
-            except requests.RequestException:
-                return False
-
-        wait_for(healthy, timeout=60, what="flower to answer")
+        wait_flower_ready(port, flower)
         client.register_model("digits", sklearn_info(svm_path))
         ids = [client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]) for _ in range(5)]
         bad = client.infer(model_id="digits", inputs=[{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mesh.launcher import start_flower, wait_for
+from mesh.launcher import start_flower, wait_flower_ready, wait_for
 
 from .test_foundation import seed_tensor, sklearn_info
 
@@ -60,16 +60,7 @@ def test_flower_tasks_page_shows_the_request_by_model_name(client, workers, mesh
     flower = start_flower(mesh_env, tmp_path / "logs", port)
     base = f"http://127.0.0.1:{port}"
     try:
-
-        def healthy() -> bool:
-            try:
-                return requests.get(f"{base}/healthcheck", timeout=2).status_code == 200
-            except requests.RequestException:
-                if not flower.alive():
-                    raise RuntimeError(f"flower exited:\n{flower.tail()}") from None
-                return False
-
-        wait_for(healthy, timeout=60, interval=0.2, what="flower to answer")
+        wait_flower_ready(port, flower)
         client.register_model(MODEL, sklearn_info(svm_path))
         result = client.infer(model_id=MODEL, inputs=[seed_tensor(seed_input)])
         assert result.get(timeout=60)["outputs"][0]["data"] == [8]
