@@ -47,6 +47,18 @@ class MeshSettings(BaseSettings):
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
     load_timeout_s: float = Field(default=120.0, gt=0)
     loading_concurrency: int = Field(default=1, ge=1, le=64)
+    eviction_policy: Literal["usage", "lru"] = Field(
+        default="usage",
+        description="which model a full worker evicts first: 'usage' = lowest decayed request "
+        "count, then least recently used (the planner's order); 'lru' = least recently used "
+        "(ModelMesh's)",
+    )
+    eviction_decay_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="time constant of the request counts the 'usage' eviction policy compares "
+        "(a count falls by e in this time)",
+    )
     intra_op_threads: int = Field(
         default=1,
         ge=1,

@@ -129,7 +129,7 @@ class InferenceLoop(threading.Thread):
         if batch.error is not None:
             self._finish([Message(p, [Unit()], error=batch.error) for p in items], batch, 0.0)
             return
-        entry = self.host.manager.acquire(batch.model_id)
+        entry = self.host.manager.acquire(batch.model_id, len(items))
         if entry is None:  # evicted between buffering and now: another copy will answer
             self.host.requeue(items)
             return

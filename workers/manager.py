@@ -1,4 +1,7 @@
-"""The model manager: an LRU of loaded models bounded by bytes, single-flight loads, safe eviction.
+"""The model manager: a cache of loaded models bounded by bytes, single-flight loads, safe eviction.
+
+Which model leaves a full cache is the retention policy's call (workers/retention.py: decayed
+request count then last use by default, or plain LRU).
 
 Loads and unloads run on the manager's own threads; the consumer thread only submits work
 here and returns, so message intake never stalls behind a model load.
@@ -12,15 +15,16 @@ Eviction order (DESIGN §4), so no request is lost or failed because its model l
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cachetools import LRUCache
+from cachetools import Cache
 
 from mesh.config import effective_config, record_manifest
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
@@ -28,6 +32,7 @@ from mesh.models import CopyState, LoadedModel, ModelRecord
 from mesh.storage import acquire_model, release_model
 
 from .batcher import BatchPolicy
+from .retention import FRESH_S, Candidate, UsageMeter, first_victim
 from .runtimes import get_runtime
 from .runtimes.base import Loaded
 
@@ -49,18 +54,25 @@ class Entry:
     last_used: float = field(default_factory=time.time)
     inflight: int = 0
     reserved: int = 0  # bytes promised to this load until it is installed
+    touched: int = 0  # order of last use (a sequence number: no two uses tie)
+    served: bool = False  # answered a batch since its load (retention.FRESH_S)
 
 
-class _ModelLRU(LRUCache):
-    """cachetools' LRU by bytes. An entry it pops is only marked for retirement here (the
-    manager lock is held); the manager retires it after releasing the lock."""
+class _ModelCache(Cache):
+    """cachetools' cache bounded by bytes, whose victim the retention policy names. An entry
+    it pops is only marked for retirement here (the manager lock is held); the manager retires
+    it after releasing the lock."""
 
-    def __init__(self, capacity: int, on_evict: Callable[[Entry], None]) -> None:
+    def __init__(self, capacity: int, victim: Callable[[], str | None], on_evict: Callable[[Entry], None]) -> None:
         super().__init__(maxsize=capacity, getsizeof=lambda e: max(1, e.size_bytes))
+        self._victim = victim
         self._on_evict = on_evict
 
-    def popitem(self):  # called by cachetools when an insert needs room
-        key, entry = super().popitem()
+    def popitem(self):  # called by cachetools when an insert needs room, and by the manager
+        key = self._victim()
+        if key is None:
+            raise KeyError("the cache is empty")
+        entry = self.pop(key)
         self._on_evict(entry)
         return key, entry
 
@@ -72,11 +84,14 @@ class ModelManager:
         self.capacity = s.worker_capacity_bytes
         self.load_timeout_s = s.load_timeout_s
         self.evict_grace_s = 1.0
-        self._lock = threading.RLock()  # guards _entries, _lru, _victims, _reserved
+        self._lock = threading.RLock()  # guards _entries, _cache, _usage, _victims, _reserved
         self._inflight = threading.Condition()
         self._entries: dict[str, Entry] = {}
         self._victims: list[Entry] = []
-        self._lru = _ModelLRU(self.capacity, self._victims.append)
+        self.eviction_policy = s.eviction_policy
+        self._usage = UsageMeter(s.eviction_decay_s)
+        self._uses = itertools.count(1)
+        self._cache = _ModelCache(self.capacity, self._first_victim, self._victims.append)
         self._reserved = 0  # bytes promised to loads in progress
         self._pool = ThreadPoolExecutor(
             max_workers=s.loading_concurrency, thread_name_prefix="mesh-loader"
@@ -105,8 +120,8 @@ class ModelManager:
         self._pool.submit(self._unload, model_id, fail_with)
 
     # ------------------------------------------------------------ inference thread
-    def acquire(self, model_id: str) -> Entry | None:
-        """Pin a model for one batch; None if it is not (or no longer) served here.
+    def acquire(self, model_id: str, requests: int = 1) -> Entry | None:
+        """Pin a model for one batch of `requests`; None if it is not (or no longer) served here.
 
         A model being evicted may still answer what it had buffered (the grace period):
         that is what guarantees progress when models take turns in a full cache.
@@ -115,11 +130,12 @@ class ModelManager:
             entry = self._entries.get(model_id)
             if entry is None or entry.loaded is None or entry.state == "LOADING":
                 return None
-            if entry.state == "LOADED":
-                self._lru[model_id]  # touch: most recently used
             with self._inflight:
                 entry.inflight += 1
             entry.last_used = time.time()
+            entry.touched = next(self._uses)
+            entry.served = True
+            self._usage.record(model_id, requests, time.monotonic())
             return entry
 
     def release(self, entry: Entry) -> None:
@@ -145,7 +161,7 @@ class ModelManager:
                 if e.state == "LOADED"
             ]
             loading = [m for m, e in self._entries.items() if e.state == "LOADING"]
-            return loaded, loading, self._lru.currsize + self._reserved
+            return loaded, loading, self._cache.currsize + self._reserved
 
     def loaded_ids(self) -> list[str]:
         with self._lock:
@@ -174,10 +190,11 @@ class ModelManager:
             )
             store.mark_copy(model_id, name, CopyState.LOADING)
             predicted = record.size_bytes or record.info.size_bytes or 0
+            waiting = self.host.batcher.buffered()
             with self._lock:
                 entry = self._entries[model_id]
                 entry.record, entry.policy = record, policy
-                self._evict_until_fits(predicted)
+                self._evict_until_fits(predicted, waiting)
                 self._reserve(entry, predicted)
             # The victims retire (stop intake, finish or requeue their buffered requests, wait
             # for a running batch, unload) while the runtime loads this model, not before it:
@@ -266,12 +283,14 @@ class ModelManager:
                 f"model {model_id!r} needs {size} bytes, more than this worker's capacity "
                 f"of {self.capacity} bytes (MESH_WORKER_CAPACITY_BYTES)"
             )
+        waiting = self.host.batcher.buffered()
         with self._lock:
             self._reserve(entry, 0)
             entry.loaded, entry.size_bytes = loaded, size
             entry.loaded_at = entry.last_used = time.time()
-            self._evict_until_fits(size)
-            self._lru[model_id] = entry
+            entry.touched = next(self._uses)
+            self._evict_until_fits(size, waiting)
+            self._cache[model_id] = entry
             entry.state = "LOADED"
         self._retire_victims()
         self.host.batcher.open(model_id, entry.policy)
@@ -289,10 +308,29 @@ class ModelManager:
     def _reassert(self, model_id: str) -> None:
         self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED)
 
-    def _evict_until_fits(self, needed: int) -> None:
-        """Pop least recently used models until `needed` more bytes fit (lock held)."""
-        while self._lru and self._lru.currsize + self._reserved + needed > self.capacity:
-            victim = self._lru.popitem()[1]
+    def _first_victim(self, waiting: Mapping[str, int] | None = None) -> str | None:
+        """The loaded model the retention policy gives up first (lock held). `waiting`: the
+        requests buffered per model (read before the lock: the batcher has its own)."""
+        now, wall = time.monotonic(), time.time()
+        waiting = waiting or {}
+        return first_victim(
+            (
+                Candidate(
+                    m,
+                    self._usage.score(m, now) + waiting.get(m, 0) + e.inflight,
+                    e.touched,
+                    fresh=not e.served and wall - e.loaded_at < FRESH_S,
+                )
+                for m, e in self._cache.items()
+            ),
+            self.eviction_policy,
+        )
+
+    def _evict_until_fits(self, needed: int, waiting: Mapping[str, int] | None = None) -> None:
+        """Evict the policy's victims until `needed` more bytes fit (lock held)."""
+        while self._cache and self._cache.currsize + self._reserved + needed > self.capacity:
+            victim = self._cache.pop(self._first_victim(waiting))
+            self._victims.append(victim)
             victim.state = "EVICTING"
             log.info("evicting %s (%d bytes) to make room", victim.model_id, victim.size_bytes)
 
@@ -312,8 +350,10 @@ class ModelManager:
                 return
             if entry.state == "EVICTING":
                 return
-            del self._lru[model_id]
+            del self._cache[model_id]
             entry.state = "EVICTING"
+            if fail_with is not None:  # unregistered: a model registered again starts afresh
+                self._usage.forget(model_id)
         self._retire(entry, fail_with)
 
     def _retire(self, entry: Entry, fail_with: MeshError | None) -> None:
