@@ -254,7 +254,8 @@ class ModelManager:
                 runtime = get_runtime(record.info.runtime)
                 # the files stay pinned in the disk cache until the model is unloaded
                 path = acquire_model(record.model_id, record.info, self.host.settings)
-                result["loaded"] = runtime.load(path, record.info)
+                # a reload reuses the size measured at the first load (models are immutable)
+                result["loaded"] = runtime.load(path, record.info, known_size=record.size_bytes)
             except BaseException as exc:  # handed to the loader thread below
                 result["error"] = exc
             finally:
@@ -295,7 +296,9 @@ class ModelManager:
         self._retire_victims()
         self.host.batcher.open(model_id, entry.policy)
         # placement reads the measured size: known by the time anyone sees the copy LOADED
-        self.host.store.set_size(model_id, size)
+        # (a reload measured nothing new: its record already holds it)
+        if entry.record.size_bytes != size:
+            self.host.store.set_size(model_id, size)
         # the copy is LOADED in Redis before the first request can be answered from it
         if not self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED):
             # unregistered while we were loading: undo, and fail anything that queued meanwhile

@@ -184,6 +184,30 @@ def test_sklearn_load(models):
     assert loaded.size_bytes >= loaded.model.support_vectors_.nbytes
 
 
+def test_a_known_size_is_reported_without_walking_the_model_again(models, monkeypatch, tmp_path):
+    """Reloads pass the size measured at the first load: sklearn's walk of the model (a quarter
+    of a small model's load) is not repeated, and a python model without size_bytes() neither;
+    a python model's own size_bytes() still wins."""
+    import workers.runtimes.python as python_runtime
+    import workers.runtimes.sklearn as sklearn_runtime
+
+    first = load("sklearn", models["svm"])
+
+    def walk(_obj):
+        raise AssertionError("estimate_nbytes ran on a reload")
+
+    monkeypatch.setattr(sklearn_runtime, "estimate_nbytes", walk)
+    monkeypatch.setattr(python_runtime, "estimate_nbytes", walk)
+    again = get_runtime("sklearn").load(models["svm"], info("sklearn", models["svm"]), known_size=first.size_bytes)
+    assert again.size_bytes == first.size_bytes
+    path = tmp_path / "factor.txt"
+    path.write_text("2.5")
+    scaler = info("python", path, python_class=python_class("Scaler"))
+    assert get_runtime("python").load(path, scaler, known_size=4321).size_bytes == 4321
+    own = info("python", tmp_path, python_class=python_class("TwoInputs"))
+    assert get_runtime("python").load(tmp_path, own, known_size=4321).size_bytes == 12345
+
+
 def test_onnx_load(models):
     loaded = load("onnx", models["svm_onnx"])
     assert loaded.signature == [TensorSpec(name="input_0", datatype="FP32", shape=[-1, 64])]

@@ -54,8 +54,13 @@ class Runtime(abc.ABC):
     loading_concurrency: ClassVar[int] = 1
 
     @abc.abstractmethod
-    def load(self, path: Path, info: ModelInfo) -> Loaded:
-        """Load the model at `path`; raise `ModelLoadFailed` with a clear message on failure."""
+    def load(self, path: Path, info: ModelInfo, known_size: int | None = None) -> Loaded:
+        """Load the model at `path`; raise `ModelLoadFailed` with a clear message on failure.
+
+        `known_size`: the size this same model measured at an earlier load (models are
+        immutable), given on reloads. A runtime that estimates its size by walking the loaded
+        objects (sklearn: about a quarter of the load) reports it instead of walking again.
+        """
 
     @abc.abstractmethod
     def predict(self, model: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

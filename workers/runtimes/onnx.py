@@ -63,7 +63,7 @@ class OnnxModel:
 class OnnxRuntime(Runtime):
     name = "onnx"
 
-    def load(self, path: Path, info: ModelInfo) -> Loaded:
+    def load(self, path: Path, info: ModelInfo, known_size: int | None = None) -> Loaded:
         file = resolve_model_file(self.name, path, (".onnx",))
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1

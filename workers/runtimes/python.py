@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class PythonRuntime(Runtime):
     name = "python"
 
-    def load(self, path: Path, info: ModelInfo) -> Loaded:
+    def load(self, path: Path, info: ModelInfo, known_size: int | None = None) -> Loaded:
         spec = info.python_class
         if not spec:
             raise ModelLoadFailed(
@@ -65,7 +65,7 @@ class PythonRuntime(Runtime):
         signature = _signature(spec, model)
         return Loaded(
             model=PythonModel(instance=model, signature=signature),
-            size_bytes=_size(spec, model),
+            size_bytes=_size(spec, model, known_size),
             signature=signature,
             runtime=self,
         )
@@ -130,10 +130,10 @@ def _import_class(spec: str) -> type:
     return cls
 
 
-def _size(spec: str, model: Any) -> int:
+def _size(spec: str, model: Any, known_size: int | None) -> int:
     size_fn = getattr(model, "size_bytes", None)
-    if not callable(size_fn):
-        return estimate_nbytes(model)
+    if not callable(size_fn):  # the model's own report wins; the estimate is done once
+        return known_size or estimate_nbytes(model)
     try:
         size = size_fn()
     except Exception as e:

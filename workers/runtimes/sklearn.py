@@ -25,7 +25,7 @@ class SklearnRuntime(Runtime):
 
     name = "sklearn"
 
-    def load(self, path: Path, info: ModelInfo) -> Loaded:
+    def load(self, path: Path, info: ModelInfo, known_size: int | None = None) -> Loaded:
         file = resolve_model_file(self.name, path, _SUFFIXES)
         try:
             model = joblib.load(file)
@@ -40,7 +40,7 @@ class SklearnRuntime(Runtime):
         if isinstance(n_features, (int, np.integer)) and n_features > 0:
             # Pipelines may take strings or mixed columns, so the datatype is left open.
             signature = [TensorSpec(name="input_0", datatype=None, shape=[-1, int(n_features)])]
-        size = max(estimate_nbytes(model), file.stat().st_size)
+        size = known_size or max(estimate_nbytes(model), file.stat().st_size)
         return Loaded(model=model, size_bytes=size, signature=signature, runtime=self)
 
     def predict(self, model: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
