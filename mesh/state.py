@@ -284,15 +284,39 @@ class StateStore:
             raise ModelLoadFailed(fresh[0].error)
 
     # ------------------------------------------------------------------ worker reports
-    def mark_copy(self, model_id: str, worker: str, state: CopyState) -> bool:
-        """Record this worker's copy; False when the model is no longer registered."""
+    def mark_copy(self, model_id: str, worker: str, state: CopyState, *, ring: str | None = None) -> bool:
+        """Record this worker's copy; False when the model is no longer registered.
+
+        `ring`: a queue whose bell (mesh/transport.py) rings in the same round trip: a worker
+        that starts consuming a model's queue rings its own command queue, so its consumer's
+        wait returns and takes the new queue into the next one.
+        """
+        if ring is None:
+            return bool(self._mark_copy(**self._mark_copy_args(model_id, worker, state)))
+        with self.r.pipeline(transaction=False) as p:
+            self._mark_copy(**self._mark_copy_args(model_id, worker, state), client=p)
+            bell = self.keys.queue_bell(ring)
+            p.lpush(bell, 1)
+            p.ltrim(bell, 0, 0)
+            p.pexpire(bell, BELL_TTL_MS)
+            return bool(p.execute()[0])
+
+    def begin_load(self, model_id: str, worker: str) -> ModelRecord | None:
+        """The model's record, and this worker's copy marked LOADING, in one round trip; None
+        (and nothing marked) when the model is not registered."""
+        with self.r.pipeline(transaction=False) as p:
+            p.hget(self.keys.models, model_id)
+            self._mark_copy(**self._mark_copy_args(model_id, worker, CopyState.LOADING), client=p)
+            raw, _ = p.execute()
+        return None if raw is None else ModelRecord.model_validate_json(raw)
+
+    def _mark_copy_args(self, model_id: str, worker: str, state: CopyState) -> dict:
         k = self.keys
         copy = CopyInfo(worker=worker, state=state, since=time.time())
-        done = self._mark_copy(
-            keys=[k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id)],
-            args=[model_id, worker, copy.model_dump_json(), "1" if state is CopyState.LOADED else "0"],
-        )
-        return bool(done)
+        return {
+            "keys": [k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id)],
+            "args": [model_id, worker, copy.model_dump_json(), "1" if state is CopyState.LOADED else "0"],
+        }
 
     def remove_copy(self, model_id: str, worker: str) -> None:
         self.r.hdel(self.keys.copies(model_id), worker)

@@ -177,7 +177,9 @@ class ModelManager:
         store, name = self.host.store, self.host.name
         started = time.monotonic()
         try:
-            record = store.get_record(model_id)
+            # the record, and our copy marked LOADING, in one round trip: loads run one after
+            # another, so every round trip here delays the next cold request too
+            record = store.begin_load(model_id, name)
             if record is None:
                 raise ModelNotFound(f"model {model_id!r} is not registered")
             cfg = effective_config(
@@ -188,7 +190,6 @@ class ModelManager:
                 cfg.value("max_batch_delay_ms") / 1000.0,
                 tuple(cfg.value("preferred_batch_sizes") or ()),
             )
-            store.mark_copy(model_id, name, CopyState.LOADING)
             predicted = record.size_bytes or record.info.size_bytes or 0
             waiting = self.host.batcher.buffered()
             with self._lock:
@@ -299,12 +300,15 @@ class ModelManager:
         # (a reload measured nothing new: its record already holds it)
         if entry.record.size_bytes != size:
             self.host.store.set_size(model_id, size)
-        # the copy is LOADED in Redis before the first request can be answered from it
-        if not self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED):
+        # Consume the model's queue, and mark the copy LOADED in the same round trip that
+        # rings our command queue's bell, so an idle consumer's wait returns and takes the
+        # queue now (the consumer thread adds it on its next turn, queued before the ring).
+        self.host.consume(model_id, wake=False)
+        if not self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED,
+                                         ring=self.host.keys.worker_queue(self.host.name)):  # fmt: skip
             # unregistered while we were loading: undo, and fail anything that queued meanwhile
             self._unload(model_id, ModelNotFound(f"model {model_id!r} was unregistered"))
             return
-        self.host.consume(model_id)
         self.host.update_prefetch()
         self.host.on_copy_loaded(model_id)
 

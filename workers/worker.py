@@ -207,14 +207,18 @@ class MeshWorker:
             except Exception:  # one failing callback must not drop the ones after it
                 log.exception("consumer-thread callback %r failed", fn)
 
-    def consume(self, model_id: str) -> None:
+    def consume(self, model_id: str, wake: bool = True) -> None:
         """Start consuming the model's queue, at once.
 
-        kombu adds a queue to the next BRPOP only, and the one in flight waits up to the
+        kombu adds a queue to the next wait only, and the one in flight waits up to the
         polling interval (0.1 s) before returning: most of a cold request's overhead. A no-op
-        command on our private queue (which that BRPOP watches) makes it return now.
+        command on our private queue (whose bell that wait watches) makes it return now.
+        `wake=False`: the caller rings that bell itself (the model manager, with the copy's
+        LOADED mark in one round trip).
         """
         self.call_soon(self._add_queue, self.keys.model_queue(model_id))
+        if not wake:
+            return
         try:
             send_command(self.app, self.keys, self.name, Command(op="wake", model_id=model_id))
         except Exception as exc:  # only costs the polling interval
@@ -276,17 +280,20 @@ class MeshWorker:
         self.fail_model(model_id, ModelLoadFailed(message))
 
     def on_copy_loaded(self, model_id: str) -> None:
-        """A copy of `model_id` is now serving here (hook for vmodel transitions)."""
-        # a transition waiting for this copy completes now, not at the next beat tick; a
-        # failure here only delays it to that tick and must never break the worker
+        """A copy of `model_id` is now serving here: a vmodel transition waiting for it
+        completes now, not at the next beat tick. On the control thread, so the next load does
+        not wait for it; a failure there only delays the transition to that tick."""
         try:
-            from mesh.vmodels import advance_for_model
+            self.run_control("vmodel transitions", self._advance_transitions, {"model_id": model_id})
+        except RuntimeError:  # shutting down: the control thread is gone, the next owner's tick does it
+            pass
 
-            done = advance_for_model(self.store, self.app, model_id)
-            if done:
-                log.info("vmodel transition(s) to %s completed: %s", model_id, ", ".join(done))
-        except Exception:
-            log.exception("could not advance vmodel transitions to %s", model_id)
+    def _advance_transitions(self, model_id: str) -> None:
+        from mesh.vmodels import advance_for_model
+
+        done = advance_for_model(self.store, self.app, model_id)
+        if done:
+            log.info("vmodel transition(s) to %s completed: %s", model_id, ", ".join(done))
 
     def after_unload(self, model_id: str, unregistered: bool) -> None:
         """An evicted model with requests still queued and no other copy gets a new load.
@@ -300,8 +307,10 @@ class MeshWorker:
             self._recently_unloaded[model_id] = time.monotonic()
         self._reload_if_orphaned(model_id)
 
-    def _reload_if_orphaned(self, model_id: str) -> bool:
-        if self.store.queue_depth(model_id, self.priority_steps) == 0:
+    def _reload_if_orphaned(self, model_id: str, depth: int | None = None) -> bool:
+        if depth is None:
+            depth = self.store.queue_depth(model_id, self.priority_steps)
+        if depth == 0:
             return False
         if self.store.route(model_id, claimant=self.name) is Route.CLAIMED:
             placement = self.store.place_load(model_id)
@@ -318,8 +327,7 @@ class MeshWorker:
             return
         depths = self._queue_depths([r.model_id for r in records])
         for model_id, depth in depths.items():
-            if depth:
-                self._reload_if_orphaned(model_id)
+            self._reload_if_orphaned(model_id, depth)
 
     def maintenance(self) -> None:
         """Periodic (heartbeat thread): announce copies whose records vanished, watch models
@@ -329,9 +337,10 @@ class MeshWorker:
         with self._unloaded_lock:
             watch = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_WATCH_S]
             self._recently_unloaded = {m: self._recently_unloaded[m] for m in watch}
-        for model_id in watch:
-            if not self.batcher.is_open(model_id):
-                self._reload_if_orphaned(model_id)
+        # one round trip for every watched queue (hundreds under churn), not one each
+        gone = [m for m in watch if not self.batcher.is_open(m)]
+        for model_id, depth in (self._queue_depths(gone) if gone else {}).items():
+            self._reload_if_orphaned(model_id, depth)
         for model_id, (since, buffered) in self.batcher.failed_models().items():
             if now - since < FAILED_DRAIN_MIN_S or buffered:
                 continue
