@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import tempfile
 import time
 
 MODES = {
@@ -34,6 +36,19 @@ def run_all() -> int:
 
 
 def main() -> int:
+    # The benchmarks' workers get a disk cache of their own (downloads, reload snapshots of
+    # the models each run creates), removed afterwards, not the user's ~/.cache/mesh.
+    if "MESH_DISK_CACHE_DIR" not in os.environ:
+        with tempfile.TemporaryDirectory(prefix="mesh-bench-cache-") as cache:
+            os.environ["MESH_DISK_CACHE_DIR"] = cache
+            try:
+                return _main()
+            finally:
+                del os.environ["MESH_DISK_CACHE_DIR"]
+    return _main()
+
+
+def _main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in (*MODES, "all"):
         print(f"usage: scripts/bench {{{'|'.join([*MODES, 'all'])}}} [options]  (--help per mode)")
         return 2

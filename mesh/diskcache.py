@@ -199,6 +199,30 @@ class DiskCache:
             os.close(fd)
             raise
 
+    def lookup(self, key: str) -> CacheLease | None:
+        """A lease on `key`'s entry if it is complete now, else None: never downloads, and
+        never waits for a download or an eviction of it in progress."""
+        digest = _digest(key)
+        fd = os.open(self._locks / f"{digest}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            lease = self._hit(key, digest, fd)
+        except BaseException:
+            lease = None
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
+        if lease is None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        return lease
+
     def entries(self) -> list[EntryInfo]:
         """Complete entries, least recently used first (for status and tests)."""
         out = []

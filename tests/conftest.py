@@ -95,11 +95,13 @@ def prefix(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def mesh_env(redis_url: str, prefix: str) -> dict[str, str]:
+def mesh_env(redis_url: str, prefix: str, tmp_path: Path) -> dict[str, str]:
     """Environment for child processes (merged over os.environ by the launcher)."""
     return {
         "MESH_REDIS_URL": redis_url,
         "MESH_PREFIX": prefix,
+        # the test's own disk cache (downloads, reload snapshots), not the user's ~/.cache
+        "MESH_DISK_CACHE_DIR": str(tmp_path / "disk-cache"),
         "MESH_HEARTBEAT_INTERVAL_S": "0.5",
         "MESH_HEARTBEAT_TTL_S": "3",
     }

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cachetools import Cache
@@ -35,6 +36,7 @@ from .batcher import BatchPolicy
 from .retention import FRESH_S, Candidate, UsageMeter, first_victim
 from .runtimes import get_runtime
 from .runtimes.base import Loaded
+from .snapshots import Snapshots
 
 if TYPE_CHECKING:
     from .worker import MeshWorker
@@ -92,6 +94,7 @@ class ModelManager:
         self._usage = UsageMeter(s.eviction_decay_s)
         self._uses = itertools.count(1)
         self._cache = _ModelCache(self.capacity, self._first_victim, self._victims.append)
+        self.snapshots = Snapshots(s)
         self._reserved = 0  # bytes promised to loads in progress
         self._pool = ThreadPoolExecutor(
             max_workers=s.loading_concurrency, thread_name_prefix="mesh-loader"
@@ -206,7 +209,7 @@ class ModelManager:
                                         daemon=True)  # fmt: skip
             retiring.start()
             try:
-                loaded = self._load_with_timeout(record)
+                loaded, path, restored = self._load_with_timeout(record)
             finally:
                 retiring.join()
             self._install(entry, loaded)
@@ -230,7 +233,12 @@ class ModelManager:
         mx.loads.labels(model_id, "success").inc()
         mx.load_seconds.labels(model_id).observe(elapsed)
         mx.cache.labels("miss").inc()
-        log.info("loaded %s (%d bytes) in %.3fs", model_id, entry.size_bytes, elapsed)
+        log.info("loaded %s (%d bytes) in %.3fs%s", model_id, entry.size_bytes, elapsed,
+                 " from its snapshot" if restored else "")  # fmt: skip
+        if restored:
+            mx.restores.labels(model_id).inc()
+        elif entry.state == "LOADED":  # serving already: only the next load waits for this
+            self.snapshots.save(loaded.runtime, record.info, path, loaded.model)
 
     def _reserve(self, entry: Entry, nbytes: int) -> None:
         self._reserved += nbytes - entry.reserved
@@ -244,8 +252,9 @@ class ModelManager:
                 self._reserve(entry, 0)
         release_model(model_id)  # a failed load's files may leave the disk cache
 
-    def _load_with_timeout(self, record: ModelRecord) -> Loaded:
-        """Run the runtime's load on a throwaway thread so a hung load cannot hang the worker."""
+    def _load_with_timeout(self, record: ModelRecord) -> tuple[Loaded, Path, bool]:
+        """Run the runtime's load on a throwaway thread so a hung load cannot hang the worker.
+        Returns (loaded, the model's local path, whether it came from its reload snapshot)."""
         result: dict[str, Any] = {}
         done = threading.Event()
         abandoned = threading.Event()
@@ -255,8 +264,12 @@ class ModelManager:
                 runtime = get_runtime(record.info.runtime)
                 # the files stay pinned in the disk cache until the model is unloaded
                 path = acquire_model(record.model_id, record.info, self.host.settings)
-                # a reload reuses the size measured at the first load (models are immutable)
-                result["loaded"] = runtime.load(path, record.info, known_size=record.size_bytes)
+                result["path"] = path
+                result["loaded"] = self.snapshots.restore(runtime, record.info, path, record.size_bytes)
+                result["restored"] = result["loaded"] is not None
+                if not result["restored"]:
+                    # a reload reuses the size measured at the first load (models are immutable)
+                    result["loaded"] = runtime.load(path, record.info, known_size=record.size_bytes)
             except BaseException as exc:  # handed to the loader thread below
                 result["error"] = exc
             finally:
@@ -274,7 +287,7 @@ class ModelManager:
             )
         if "error" in result:
             raise result["error"]
-        return result["loaded"]
+        return result["loaded"], result["path"], result["restored"]
 
     def _install(self, entry: Entry, loaded: Loaded) -> None:
         model_id = entry.model_id

@@ -49,6 +49,8 @@ class WorkerMetrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.loads = Counter("mesh_model_loads", "Model loads by outcome (success, failed)",
                              ["model", "outcome"], registry=r)
+        self.restores = Counter("mesh_model_snapshot_restores", "Successful loads read from the "
+                                "worker's reload snapshot instead of the model's files", ["model"], registry=r)
         self.load_seconds = Histogram("mesh_model_load_seconds", "Time to load a model",
                                       ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.unloads = Counter("mesh_model_unloads", "Model unloads by reason (evicted, unregistered, requested)",

@@ -62,6 +62,22 @@ class Runtime(abc.ABC):
         objects (sklearn: about a quarter of the load) reports it instead of walking again.
         """
 
+    # Fast reloads (workers/snapshots.py). A runtime whose load is slow Python work may write a
+    # loaded model as bytes that `restore` reads back much faster; the worker keeps them in
+    # the host's disk cache. Default: no snapshots.
+    def snapshot(self, model: Any) -> bytes | None:
+        """The loaded model as bytes for `restore`, or None when this runtime has none."""
+        return None
+
+    def snapshot_tag(self) -> str:
+        """What a snapshot depends on besides the model's files (library versions): a
+        snapshot written under another tag is never read."""
+        return ""
+
+    def restore(self, snapshot: Path, info: ModelInfo, known_size: int) -> Loaded:
+        """Load from a file `snapshot` wrote, for a model whose size is known."""
+        raise NotImplementedError(f"runtime {self.name!r} has no snapshots")
+
     @abc.abstractmethod
     def predict(self, model: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; every output's first dimension equals the inputs' batch rows."""

@@ -1,16 +1,21 @@
 """scikit-learn models saved with joblib (`joblib.dump(estimator, "model.joblib")`).
 
 joblib files are pickles: loading one runs code, so only register model files you trust. That
-is the model file on local disk, never the wire (requests and results are JSON).
+is the model file on local disk, never the wire (requests and results are JSON). The same holds
+for the reload snapshots a worker writes of them into the host's disk cache
+(workers/snapshots.py): keep MESH_DISK_CACHE_DIR writable by the workers' user only.
 """
 
 from __future__ import annotations
 
+import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
 import joblib
 import numpy as np
+import sklearn
 
 from mesh.errors import InferenceError, InvalidInput, MeshError
 from mesh.models import ModelInfo
@@ -31,6 +36,23 @@ class SklearnRuntime(Runtime):
             model = joblib.load(file)
         except Exception as e:  # unpickling can raise anything; the caller needs one type
             raise load_failed(self.name, file, e, _hint(file, e)) from e
+        return self._loaded(model, file, known_size or max(estimate_nbytes(model), file.stat().st_size))
+
+    # joblib unpickles with the pure-Python pickle implementation (to rebuild its numpy
+    # arrays); the C unpickler reads the same model pickled by the worker 5-7x faster
+    # (the gradient-boosting model of the multimodel bench: 22 ms -> 3 ms).
+    def snapshot(self, model: Any) -> bytes:
+        return pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def snapshot_tag(self) -> str:
+        return f"python {sys.version_info[0]}.{sys.version_info[1]} sklearn {sklearn.__version__} numpy {np.__version__}"
+
+    def restore(self, snapshot: Path, info: ModelInfo, known_size: int) -> Loaded:
+        with open(snapshot, "rb") as f:
+            model = pickle.load(f)
+        return self._loaded(model, snapshot, known_size)
+
+    def _loaded(self, model: Any, file: Path, size: int) -> Loaded:
         if not callable(getattr(model, "predict", None)):
             raise load_failed(
                 self.name, file, TypeError(f"{type(model).__name__} object has no predict method")
@@ -40,7 +62,6 @@ class SklearnRuntime(Runtime):
         if isinstance(n_features, (int, np.integer)) and n_features > 0:
             # Pipelines may take strings or mixed columns, so the datatype is left open.
             signature = [TensorSpec(name="input_0", datatype=None, shape=[-1, int(n_features)])]
-        size = known_size or max(estimate_nbytes(model), file.stat().st_size)
         return Loaded(model=model, size_bytes=size, signature=signature, runtime=self)
 
     def predict(self, model: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
