@@ -12,6 +12,9 @@ from mesh.models import WorkerState
 if TYPE_CHECKING:
     from .worker import MeshWorker
 
+# between heartbeats, the worker's watch for requests that reach a model just evicted
+ORPHAN_FAST_CHECK_S = 0.1
+
 log = logging.getLogger("mesh.worker.heartbeat")
 
 
@@ -39,7 +42,14 @@ class Heartbeat(threading.Thread):
                 self.host.maintenance()
             except Exception as exc:  # Redis away: keep trying, the TTL tells the others
                 log.warning("heartbeat failed: %s", exc)
-            self._stop_requested.wait(self.interval)
+            until = time.monotonic() + self.interval
+            while not self._stop_requested.wait(min(ORPHAN_FAST_CHECK_S, max(0.0, until - time.monotonic()))):
+                if time.monotonic() >= until:
+                    break
+                try:
+                    self.host.watch_fresh_orphans()
+                except Exception as exc:
+                    log.warning("orphan watch failed: %s", exc)
 
     def state(self) -> WorkerState:
         h = self.host

@@ -95,6 +95,7 @@ class ModelManager:
         self._uses = itertools.count(1)
         self._cache = _ModelCache(self.capacity, self._first_victim, self._victims.append)
         self.snapshots = Snapshots(s)
+        self._snapshot_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-snapshot")
         self._reserved = 0  # bytes promised to loads in progress
         self._pool = ThreadPoolExecutor(
             max_workers=s.loading_concurrency, thread_name_prefix="mesh-loader"
@@ -237,8 +238,9 @@ class ModelManager:
                  " from its snapshot" if restored else "")  # fmt: skip
         if restored:
             mx.restores.labels(model_id).inc()
-        elif entry.state == "LOADED":  # serving already: only the next load waits for this
-            self.snapshots.save(loaded.runtime, record.info, path, loaded.model)
+        elif entry.state == "LOADED" and self.snapshots.offered(loaded.runtime):
+            # on its own thread: the next load (and its cold requests) does not wait for it
+            self._snapshot_pool.submit(self.snapshots.save, loaded.runtime, record.info, path, loaded.model)
 
     def _reserve(self, entry: Entry, nbytes: int) -> None:
         self._reserved += nbytes - entry.reserved
@@ -408,3 +410,4 @@ class ModelManager:
         with self._lock:
             self._closing = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._snapshot_pool.shutdown(wait=False, cancel_futures=True)

@@ -7,6 +7,7 @@ only place that touches the Celery consumer (queues, QoS, acks), always through
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -24,6 +25,7 @@ from mesh.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.keys import Keys
 from mesh.models import Command, CopyState
+from mesh.routing import SERVING_TTL_S
 from mesh.settings import MeshSettings
 from mesh.state import Route, StateStore
 
@@ -38,8 +40,15 @@ log = logging.getLogger("mesh.worker")
 # A failed model's queue is drained (every request answered with the error) at least this
 # long after the failure, then the consumer is cancelled once the queue stays empty.
 FAILED_DRAIN_MIN_S = 3.0
-# After a model leaves this worker, watch its queue this long for requests that still arrive.
+# After a model leaves this worker, watch its queue this long for requests that still arrive:
+# every heartbeat, and every heartbeat.ORPHAN_FAST_CHECK_S for the first ORPHAN_FAST_S (the producers'
+# serving cache, mesh.routing.SERVING_TTL_S, plus a margin).
 ORPHAN_WATCH_S = 30.0
+ORPHAN_FAST_S = SERVING_TTL_S + 0.5
+# The cyclic GC's generation thresholds (Python's: 700, 10, 10). A worker allocates fast
+# (requests, model loads) and frees nearly everything by reference counting; with the default
+# a full collection, which walks every loaded model, came every few seconds.
+GC_THRESHOLDS = (50_000, 20, 100)
 EVENT_BUFFER_LIMIT = 256  # buffered events per flush (Celery: 24); flushed every loop turn anyway
 
 
@@ -96,6 +105,13 @@ class MeshWorker:
         """Called on every (re)connection of the consumer."""
         if not self._threads_started:
             self._threads_started = True
+            # Everything allocated so far (Celery, kombu, the libraries: most of the heap) lives
+            # as long as the process. Frozen, the cyclic GC stops walking it on every full
+            # collection; with models loading and leaving, those came every few seconds and
+            # stopped the whole worker for 120-260 ms each (multimodel bench).
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(*GC_THRESHOLDS)
             self.inference.start()
             self.heartbeat.start()
             log.info("mesh worker %s up: capacity %d bytes", self.name, self.settings.worker_capacity_bytes)
@@ -337,16 +353,31 @@ class MeshWorker:
         with self._unloaded_lock:
             watch = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_WATCH_S]
             self._recently_unloaded = {m: self._recently_unloaded[m] for m in watch}
-        # one round trip for every watched queue (hundreds under churn), not one each
-        gone = [m for m in watch if not self.batcher.is_open(m)]
-        for model_id, depth in (self._queue_depths(gone) if gone else {}).items():
-            self._reload_if_orphaned(model_id, depth)
+        self._reload_orphans(watch)
         for model_id, (since, buffered) in self.batcher.failed_models().items():
             if now - since < FAILED_DRAIN_MIN_S or buffered:
                 continue
             if self.store.queue_depth(model_id, self.priority_steps) == 0:
                 self.stop_consuming(model_id)
                 self.batcher.close(model_id)
+
+    def watch_fresh_orphans(self) -> None:
+        """Between heartbeats (every heartbeat.ORPHAN_FAST_CHECK_S): models that left this worker less
+        than ORPHAN_FAST_S ago. Producers skip the route script for a model seen serving in
+        the last second (mesh.routing.SERVING_TTL_S), so in that second requests still reach a
+        queue nobody consumes and nobody claims; under churn (a rarely used model evicted by
+        the next load) that is common, and waiting for the heartbeat cost them up to 2 s."""
+        now = time.monotonic()
+        with self._unloaded_lock:
+            fresh = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_FAST_S]
+        if fresh:
+            self._reload_orphans(fresh)
+
+    def _reload_orphans(self, model_ids: list[str]) -> None:
+        # one round trip for every watched queue (hundreds under churn), not one each
+        gone = [m for m in model_ids if not self.batcher.is_open(m)]
+        for model_id, depth in (self._queue_depths(gone) if gone else {}).items():
+            self._reload_if_orphaned(model_id, depth)
 
     def reassert_copies(self) -> None:
         """Announce again the copies this worker serves whose records are gone from Redis

@@ -48,8 +48,9 @@ class SklearnRuntime(Runtime):
         return f"python {sys.version_info[0]}.{sys.version_info[1]} sklearn {sklearn.__version__} numpy {np.__version__}"
 
     def restore(self, snapshot: Path, info: ModelInfo, known_size: int) -> Loaded:
-        with open(snapshot, "rb") as f:
-            model = pickle.load(f)
+        # one read, then unpickle from memory: pickle.load on a file refills its buffer with a
+        # syscall every 8 KB, and a worker's busy threads make each one wait for the GIL again
+        model = pickle.loads(snapshot.read_bytes())
         return self._loaded(model, snapshot, known_size)
 
     def _loaded(self, model: Any, file: Path, size: int) -> Loaded:
