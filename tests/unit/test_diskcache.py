@@ -144,6 +144,28 @@ def test_lru_by_bytes_evicts_the_least_recently_used_entry(tmp_path):
     assert cache.used_bytes() <= 250
 
 
+def test_the_ledger_spares_the_scan_while_there_is_room_and_never_undercounts(tmp_path, monkeypatch):
+    """A download that fits by the ledger does not read every entry's metadata; a missing or
+    stale ledger is rebuilt by a scan, and evictions still keep the budget."""
+    cache = DiskCache(tmp_path / "c", 250)
+    cache.acquire("a", FakeSource({"m": b"a" * 100})).release()  # no ledger yet: scans, writes it
+    ledger = tmp_path / "c" / "ledger"
+    assert int(ledger.read_text()) == 100
+
+    real_scan = cache._scan
+    monkeypatch.setattr(cache, "_scan", lambda: pytest.fail("scanned although the ledger said it fits"))
+    cache.acquire("b", FakeSource({"m": b"b" * 100})).release()
+    assert int(ledger.read_text()) == 200
+    monkeypatch.setattr(cache, "_scan", real_scan)
+
+    ledger.unlink()  # lost (or written by a process that died): rebuilt from a scan
+    cache.acquire("c", FakeSource({"m": b"c" * 100})).release()  # 300 > 250: evicts the oldest
+    assert cache.used_bytes() <= 250
+    assert int(ledger.read_text()) == cache.used_bytes()
+    cache.evict_unused()
+    assert int(ledger.read_text()) == cache.used_bytes() == 0
+
+
 def test_entries_in_use_are_never_evicted_and_the_budget_holds(tmp_path):
     cache = DiskCache(tmp_path / "c", 250)
     pinned = cache.acquire("a", FakeSource({"m": b"a" * 100}))
