@@ -87,6 +87,7 @@ class MeshWorker:
         self._soon: deque = deque()  # consumer-thread callbacks, in order (call_soon)
         self._soon_lock = threading.Lock()
         self._recently_unloaded: dict[str, float] = {}
+        self._declared: set[str] = set()  # model queues this worker declared (consumer thread)
 
     @property
     def event_dispatcher(self) -> Any:
@@ -123,6 +124,8 @@ class MeshWorker:
         self.update_prefetch()
 
     def on_connection_lost(self) -> None:
+        # A Redis that comes back may have lost the bindings: declare every queue afresh.
+        self._declared.clear()
         # The ack promises of buffered requests point at a dead channel; Redis redelivers them.
         policies = self.batcher.policies()
         loaded = set(self.manager.loaded_ids())
@@ -241,8 +244,21 @@ class MeshWorker:
             log.warning("could not wake the consumer for %s: %s", model_id, exc)
 
     def _add_queue(self, queue: str) -> None:
-        if self.c.task_consumer is not None and not self.c.task_consumer.consuming_from(queue):
+        consumer = self.c.task_consumer
+        if consumer is None or consumer.consuming_from(queue):
+            return
+        if queue not in self._declared:
             self.c.add_task_queue(queue)
+            self._declared.add(queue)
+            return
+        # Declared by this worker before: its binding stays until the model is unregistered
+        # (which forgets it here), so kombu's declare (a binding write and a queue-length read,
+        # two round trips on this thread, on every reload) is skipped.
+        auto, consumer.auto_declare = consumer.auto_declare, False
+        try:
+            self.c.add_task_queue(queue)
+        finally:
+            consumer.auto_declare = auto
 
     def stop_consuming(self, model_id: str) -> None:
         self.call_soon(self._cancel_queue, self.keys.model_queue(model_id))
@@ -317,6 +333,9 @@ class MeshWorker:
         Checked now and again by `maintenance` for a while: a producer that saw the copy just
         before it left may enqueue after this check.
         """
+        if unregistered:
+            # its queue's binding may go with it (a drain deletes it): declare it afresh next time
+            self.call_soon(self._declared.discard, self.keys.model_queue(model_id))
         if unregistered or self.shutting_down:
             return
         with self._unloaded_lock:
