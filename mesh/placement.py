@@ -13,6 +13,10 @@ from collections.abc import Iterable, Mapping
 from .models import FailedCopy, WorkerState
 
 
+# Loads a home worker may have waiting beyond the least busy one's before a cold load skips it.
+SPILL_BACKLOG = 4
+
+
 def fresh_failures(failures: Iterable[FailedCopy], now: float, expiry_s: float) -> list[FailedCopy]:
     """Failure records younger than `expiry_s`, newest first."""
     return sorted((f for f in failures if now - f.time < expiry_s), key=lambda f: -f.time)
@@ -41,7 +45,8 @@ def choose_worker(
     models, then the name. Where it fits nowhere: the worker with the model's highest
     rendezvous score. Full workers all look alike (no free bytes), so any fixed order would
     send every eviction to one of them; the score gives each model a stable home instead, so
-    the workers' caches partition the models like one pooled cache.
+    the workers' caches partition the models like one pooled cache. Unless that home has
+    SPILL_BACKLOG more loads waiting than the least busy worker: then that one.
     """
     blocked = set(failed_on) | set(exclude)
     candidates = [w for w in workers if not w.shutting_down and w.name not in blocked]
@@ -50,7 +55,16 @@ def choose_worker(
     fitting = [w for w in candidates if w.free_bytes >= size_hint]
     if fitting:
         return min(fitting, key=lambda w: (-w.free_bytes, len(w.models) + len(w.loading), w.name)).name
-    return max(candidates, key=lambda w: (affinity(model_id, w.name), w.name)).name
+    home = max(candidates, key=lambda w: (affinity(model_id, w.name), w.name))
+    # A worker loads one model after another: behind a long line of loads the request would
+    # wait for all of them. The home worker of the most requested models also loads the most
+    # (multimodel bench: ~1 s in its line while the other's was empty), so a load goes past it
+    # when its line is SPILL_BACKLOG longer than the shortest (heartbeat figures, a second or
+    # two old: the margin keeps that from swinging every load to the other side).
+    shortest = min(candidates, key=lambda w: (len(w.loading), -affinity(model_id, w.name), w.name))
+    if len(home.loading) - len(shortest.loading) >= SPILL_BACKLOG:
+        return shortest.name
+    return home.name
 
 
 def workers_by_name(workers: Iterable[WorkerState]) -> Mapping[str, WorkerState]:

@@ -9,7 +9,7 @@ from mesh.errors import InvalidId
 from mesh.ids import validate_id
 from mesh.keys import Keys
 from mesh.models import BatchingConfig, CopyInfo, CopyState, FailedCopy, ModelInfo, ModelState, WorkerState
-from mesh.placement import choose_worker, fresh_failures
+from mesh.placement import SPILL_BACKLOG, choose_worker, fresh_failures
 from mesh.settings import MeshSettings
 from mesh.status import model_status
 
@@ -43,6 +43,25 @@ def test_when_nothing_fits_each_model_has_a_stable_home_and_homes_spread():
     rest = [w for w in ws if w.name != gone]
     moved = sum(1 for m, h in homes.items() if h != gone and choose_worker(rest, model_id=m, size_hint=10) != h)
     assert moved == 0
+
+
+def test_a_full_home_with_a_long_line_of_loads_is_skipped():
+    def full(name, loading):
+        w = worker(name, used=100, models=5)
+        return w.model_copy(update={"loading": [f"l{i}" for i in range(loading)]})
+
+    ws = [full("a", 0), full("b", 0)]
+    homes = {m: choose_worker(ws, model_id=m, size_hint=10) for m in (f"m{i}" for i in range(40))}
+    busy = homes["m0"]
+    other = "b" if busy == "a" else "a"
+    lines = {busy: SPILL_BACKLOG - 1, other: 0}
+    ws = [full(n, lines[n]) for n in ("a", "b")]
+    assert choose_worker(ws, model_id="m0", size_hint=10) == busy  # a short line: still home
+    lines[busy] = SPILL_BACKLOG
+    ws = [full(n, lines[n]) for n in ("a", "b")]
+    assert choose_worker(ws, model_id="m0", size_hint=10) == other
+    # models whose home is the idle worker stay there
+    assert all(choose_worker(ws, model_id=m, size_hint=10) == other for m, h in homes.items() if h == other)
 
 
 def test_choose_worker_skips_failed_excluded_and_draining_workers():
