@@ -70,7 +70,7 @@ class _ModelCache(Cache):
         self._victim = victim
         self._on_evict = on_evict
 
-    def popitem(self):  # called by cachetools when an insert needs room, and by the manager
+    def popitem(self):  # called by cachetools if an insert overflows (the manager evicts first)
         key = self._victim()
         if key is None:
             raise KeyError("the cache is empty")
