@@ -232,8 +232,9 @@ def produce(sender: Sender, items: Sequence[Any], window: int, start_at: float |
     oldest first would leave the window short of requests behind it, capping the throughput of
     exactly the systems that answer out of order. Each result handle gets a promise callback
     (Celery's `AsyncResult.then`); the loop reads the result backend's pub/sub messages
-    (`drain_events`), which fulfils the promises of the results that arrived, with no polling
-    of the result keys. Both systems of a benchmark use this same loop.
+    (`drain_events`, every waiting message, also between sends, since an arrival is timed when
+    it is read), which fulfils the promises of the results that arrived, with no polling of
+    the result keys. Both systems of a benchmark use this same loop.
     """
     if start_at is not None:
         time.sleep(max(0.0, start_at - time.monotonic()))
@@ -246,6 +247,17 @@ def produce(sender: Sender, items: Sequence[Any], window: int, start_at: float |
     out: list[Record] = []
     sent, n = 0, len(items)
     last_heard = time.monotonic()
+    consumer = None
+
+    def drain_waiting() -> None:
+        """Read every result message already waiting, without blocking: one drain reads one
+        message, and a result read late is recorded late and replaced late."""
+        for _ in range(4 * window):
+            before = len(ready)
+            consumer.drain_events(timeout=0)
+            if len(ready) == before:
+                return
+
     while sent < n or inflight:
         while sent < n and len(inflight) < window:
             if stop_at is not None and time.monotonic() >= stop_at:
@@ -256,15 +268,19 @@ def produce(sender: Sender, items: Sequence[Any], window: int, start_at: float |
                 handle = sender.send(items[sent])
                 inflight[handle.id] = (sent, t, handle)
                 handle.then(on_ready)
+                consumer = handle.backend.result_consumer
             except Exception as exc:  # refused at enqueue: a failed request too
                 out.append(Record(sent, t, time.monotonic(), f"{type(exc).__name__}: {exc}", None))
             sent += 1
+            if consumer is not None:
+                drain_waiting()  # between sends too: arrivals are timed when read
         if not inflight:
             continue
         if not ready:
             oldest = next(iter(inflight))
             _, t_oldest, handle = inflight[oldest]
-            handle.backend.result_consumer.drain_events(timeout=DRAIN_S)
+            consumer.drain_events(timeout=DRAIN_S)
+            drain_waiting()
             now = time.monotonic()
             if ready:
                 last_heard = now
