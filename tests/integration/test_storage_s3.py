@@ -140,7 +140,25 @@ def upload_version(s3: Any, bucket: str, name: str, version: int, model: bytes, 
 
 
 def cache_data_bytes(cache_dir: Path) -> int:
-    """Model bytes in the disk cache: complete entries and downloads in progress."""
+    """Model bytes in the disk cache: complete entries and downloads in progress.
+
+    Read under the cache's global lock, as one moment: the worker keeps writing to the cache
+    after a response (the model's reload snapshot, which may evict an entry first), and a walk
+    that saw an entry before its eviction and the new file after it would count both.
+    """
+    import fcntl
+
+    if not cache_dir.is_dir():  # the worker has not created it yet
+        return 0
+    lock = os.open(cache_dir / "cache.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _walk_data_bytes(cache_dir)
+    finally:
+        os.close(lock)
+
+
+def _walk_data_bytes(cache_dir: Path) -> int:
     total = 0
     for sub in ("entries", "tmp"):
         for dirpath, _, filenames in os.walk(cache_dir / sub):  # tolerates directories vanishing
