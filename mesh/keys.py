@@ -110,6 +110,11 @@ class Keys:
     def worker(self, name: str) -> str:
         return self.worker_key_prefix + name
 
+    def load_line(self, worker: str) -> str:
+        """Sorted set model_id -> time the load was sent: the loads a worker has been told to do
+        and has not finished (its line of loads, read live by the cold path's placement)."""
+        return f"{self.prefix}:loadline:{worker}"
+
     # --- the beat scheduler (mesh/rebalance.py)
     @property
     def control_queue(self) -> str:

@@ -14,7 +14,7 @@ from .models import FailedCopy, WorkerState
 
 
 # Loads a home worker may have waiting beyond the least busy one's before a cold load skips it.
-SPILL_BACKLOG = 4
+SPILL_BACKLOG = 2
 
 
 def fresh_failures(failures: Iterable[FailedCopy], now: float, expiry_s: float) -> list[FailedCopy]:
@@ -36,6 +36,7 @@ def choose_worker(
     failed_on: Iterable[str] = (),
     exclude: Iterable[str] = (),
     size_hint: int = 0,
+    backlog: Mapping[str, int] | None = None,
 ) -> str | None:
     """The worker to load a new copy on, or None when no live worker may take it.
 
@@ -47,22 +48,27 @@ def choose_worker(
     send every eviction to one of them; the score gives each model a stable home instead, so
     the workers' caches partition the models like one pooled cache. Unless that home has
     SPILL_BACKLOG more loads waiting than the least busy worker: then that one.
+
+    `backlog`: loads each worker has been sent and not finished, read live (Keys.load_line);
+    without it, the heartbeat's list of loads in progress (up to an interval old).
     """
     blocked = set(failed_on) | set(exclude)
     candidates = [w for w in workers if not w.shutting_down and w.name not in blocked]
     if not candidates:
         return None
+    line = {w.name: len(w.loading) if backlog is None else backlog.get(w.name, 0) for w in candidates}
     fitting = [w for w in candidates if w.free_bytes >= size_hint]
     if fitting:
-        return min(fitting, key=lambda w: (-w.free_bytes, len(w.models) + len(w.loading), w.name)).name
+        return min(fitting, key=lambda w: (-w.free_bytes, len(w.models) + line[w.name], w.name)).name
     home = max(candidates, key=lambda w: (affinity(model_id, w.name), w.name))
     # A worker loads one model after another: behind a long line of loads the request would
     # wait for all of them. The home worker of the most requested models also loads the most
     # (multimodel bench: ~1 s in its line while the other's was empty), so a load goes past it
-    # when its line is SPILL_BACKLOG longer than the shortest (heartbeat figures, a second or
-    # two old: the margin keeps that from swinging every load to the other side).
-    shortest = min(candidates, key=lambda w: (len(w.loading), -affinity(model_id, w.name), w.name))
-    if len(home.loading) - len(shortest.loading) >= SPILL_BACKLOG:
+    # when its line is SPILL_BACKLOG longer than the shortest. Read live (see `backlog`), the
+    # lines are exact to a round trip; the margin keeps a model at home while lines are short
+    # (multimodel bench, margins 1, 2 and 4: 2 had the best throughput and p99).
+    shortest = min(candidates, key=lambda w: (line[w.name], -affinity(model_id, w.name), w.name))
+    if line[home.name] - line[shortest.name] >= SPILL_BACKLOG:
         return shortest.name
     return home.name
 

@@ -423,6 +423,9 @@ class Rebalancer:
                     record = CopyInfo(worker=a.worker, state=CopyState.LOADING, since=now).model_dump_json()
                     if not self._mark_loading(keys=[k.models, k.copies(a.model_id)], args=[a.model_id, a.worker, record]):
                         continue  # unregistered meanwhile, or a copy record appeared: nothing to do
+                    with self.r.pipeline(transaction=False) as p:
+                        self.store.add_to_load_line(p, a.worker, a.model_id, now)
+                        p.execute()
                     history[_past(now, a)] = now
                 send_command(self.app, k, a.worker, Command(op="load", model_id=a.model_id))
         with self.r.pipeline(transaction=False) as p:

@@ -77,7 +77,8 @@ return 1
 """
 
 # A worker reports a copy only while the model is still registered: an unregister that raced
-# with the load must not leave a copy record behind.
+# with the load must not leave a copy record behind. A LOADED copy also leaves the worker's
+# line of loads (Keys.load_line).
 _MARK_COPY_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
@@ -85,6 +86,7 @@ if ARGV[4] == '1' then
   redis.call('HDEL', KEYS[4], ARGV[2])
   local holder = redis.call('GET', KEYS[3])
   if holder == ARGV[2] then redis.call('DEL', KEYS[3]) end
+  redis.call('ZREM', KEYS[5], ARGV[1])
 end
 return 1
 """
@@ -244,34 +246,66 @@ class StateStore:
         The caller holds the model's load claim (from `route`) or is a worker retrying a failed
         load elsewhere. Returns Placement(None, error) when every live worker failed this model
         recently (fail fast with the newest error), Placement(None) when no worker is up.
+        Three round trips: a cold request waits for them.
         """
         k = self.keys
         now = time.time()
-        rec = self.get_record(model_id)
-        if rec is None:
+        with self.r.pipeline(transaction=False) as p:
+            p.hget(k.models, model_id)
+            p.hgetall(k.failures(model_id))
+            p.smembers(k.workers)
+            raw, raw_failures, names = p.execute()
+        if raw is None:
             self.r.delete(k.load_claim(model_id))
             return Placement(None)
-        workers = self.live_workers()
-        failures = [
-            FailedCopy.model_validate_json(v) for v in self.r.hgetall(k.failures(model_id)).values()
-        ]
+        rec = ModelRecord.model_validate_json(raw)
+        workers, lines = self._workers_and_lines(sorted(n.decode() for n in names), now)
+        failures = [FailedCopy.model_validate_json(v) for v in raw_failures.values()]
         fresh = fresh_failures(failures, now, self.settings.load_failure_expiry_s)
         size = rec.size_bytes or rec.info.size_bytes or 0
         chosen = None
         if len(fresh) < self.settings.max_load_attempts:
             chosen = choose_worker(
-                workers,
-                model_id=model_id, failed_on=[f.worker for f in fresh], exclude=exclude, size_hint=size
-            )
+                workers, model_id=model_id, failed_on=[f.worker for f in fresh], exclude=exclude,
+                size_hint=size, backlog=lines,
+            )  # fmt: skip
         if chosen is None:
             self.r.delete(k.load_claim(model_id))
             return Placement(None, fresh[0].error if fresh else None)
         copy = CopyInfo(worker=chosen, state=CopyState.LOADING, since=now)
         with self.r.pipeline() as p:
             p.hset(k.copies(model_id), chosen, copy.model_dump_json())
-            p.set(k.load_claim(model_id), chosen, px=int(self.settings.load_timeout_s * 1000) + 5000)
+            p.set(k.load_claim(model_id), chosen, px=self._load_ttl_ms())
+            self.add_to_load_line(p, chosen, model_id, now)
             p.execute()
         return Placement(chosen)
+
+    def _load_ttl_ms(self) -> int:
+        return int(self.settings.load_timeout_s * 1000) + 5000
+
+    def add_to_load_line(self, pipe: redis.client.Pipeline, worker: str, model_id: str, now: float) -> None:
+        """Queue `model_id` on `worker`'s line of loads (in the caller's pipeline, with the
+        load command's bookkeeping). The worker takes it off when the copy is LOADED
+        (mark_copy), fails or goes (remove_copy, record_failure); a worker that dies takes
+        its line with it (the key expires; entries older than a load's timeout never count)."""
+        line = self.keys.load_line(worker)
+        pipe.zadd(line, {model_id: now})
+        pipe.pexpire(line, self._load_ttl_ms())
+
+    def _workers_and_lines(self, names: list[str], now: float) -> tuple[list[WorkerState], dict[str, int]]:
+        """Live workers' states and the length of each one's line of loads, in one round trip.
+        The heartbeat's list of loads is up to an interval old; a line grows by tens of loads
+        a second under churn, so placement reads it live."""
+        if not names:
+            return [], {}
+        since = now - self.settings.load_timeout_s
+        with self.r.pipeline(transaction=False) as p:
+            p.mget([self.keys.worker(n) for n in names])
+            for n in names:
+                p.zcount(self.keys.load_line(n), since, "+inf")
+            raw, *counts = p.execute()
+        workers = [WorkerState.model_validate_json(v) for v in raw if v is not None]
+        return workers, dict(zip(names, counts))
 
     def check_not_failed(self, model_id: str) -> None:
         """Raise ModelLoadFailed when the model has failed on enough workers to fail fast."""
@@ -314,12 +348,17 @@ class StateStore:
         k = self.keys
         copy = CopyInfo(worker=worker, state=state, since=time.time())
         return {
-            "keys": [k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id)],
+            "keys": [k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id),
+                     k.load_line(worker)],
             "args": [model_id, worker, copy.model_dump_json(), "1" if state is CopyState.LOADED else "0"],
         }
 
     def remove_copy(self, model_id: str, worker: str) -> None:
-        self.r.hdel(self.keys.copies(model_id), worker)
+        """The worker holds no copy (evicted, unloaded, or a load given up)."""
+        with self.r.pipeline(transaction=False) as p:
+            p.hdel(self.keys.copies(model_id), worker)
+            p.zrem(self.keys.load_line(worker), model_id)
+            p.execute()
 
     def record_failure(self, model_id: str, worker: str, error: str) -> None:
         k = self.keys
@@ -327,6 +366,7 @@ class StateStore:
         with self.r.pipeline() as p:
             p.hdel(k.copies(model_id), worker)
             p.hset(k.failures(model_id), worker, rec.model_dump_json())
+            p.zrem(k.load_line(worker), model_id)
             p.execute()
 
     def release_claim(self, model_id: str, holder: str | None = None) -> None:
@@ -346,7 +386,7 @@ class StateStore:
         with self.r.pipeline() as p:
             for m in models:
                 p.hdel(self.keys.copies(m), name)
-            p.delete(self.keys.worker(name))
+            p.delete(self.keys.worker(name), self.keys.load_line(name))
             p.srem(self.keys.workers, name)
             p.execute()
 

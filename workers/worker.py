@@ -113,6 +113,8 @@ class MeshWorker:
             gc.collect()
             gc.freeze()
             gc.set_threshold(*GC_THRESHOLDS)
+            # a line of loads left by an earlier process of this name would only mislead placement
+            self.store.r.delete(self.keys.load_line(self.name))
             self.inference.start()
             self.heartbeat.start()
             log.info("mesh worker %s up: capacity %d bytes", self.name, self.settings.worker_capacity_bytes)

@@ -64,6 +64,18 @@ def test_a_full_home_with_a_long_line_of_loads_is_skipped():
     assert all(choose_worker(ws, model_id=m, size_hint=10) == other for m, h in homes.items() if h == other)
 
 
+def test_live_lines_of_loads_outrank_the_heartbeats_list():
+    ws = [worker("a", used=100, models=5), worker("b", used=100, models=5)]
+    busy = choose_worker(ws, model_id="m0", size_hint=10)
+    other = "b" if busy == "a" else "a"
+    # the heartbeat says nothing is loading; the live lines say the home has a long one
+    assert choose_worker(ws, model_id="m0", size_hint=10, backlog={busy: SPILL_BACKLOG}) == other
+    assert choose_worker(ws, model_id="m0", size_hint=10, backlog={busy: SPILL_BACKLOG - 1}) == busy
+    # and a stale heartbeat list of loads counts for nothing once the live figures are there
+    stale = [w.model_copy(update={"loading": ["x"] * 9}) if w.name == busy else w for w in ws]
+    assert choose_worker(stale, model_id="m0", size_hint=10, backlog={}) == busy
+
+
 def test_choose_worker_skips_failed_excluded_and_draining_workers():
     ws = [worker("a"), worker("b", shutting_down=True), worker("c")]
     assert choose_worker(ws, failed_on=["a"]) == "c"

@@ -94,6 +94,44 @@ def test_place_load_fails_fast_once_every_worker_failed(store):
     assert status.errors[0] == "boom 2" and {f.worker for f in status.failed_copies} == {"w1", "w2"}
 
 
+def line(store, worker):
+    return [m.decode() for m in store.r.zrange(store.keys.load_line(worker), 0, -1)]
+
+
+def test_a_workers_line_of_loads_holds_the_loads_it_has_not_finished(store):
+    for m in ("a", "b", "c", "d"):
+        store.register_model(m, INFO)
+    heartbeat(store, "w1")
+    for m in ("a", "b", "c", "d"):
+        assert store.place_load(m).worker == "w1"
+    assert line(store, "w1") == ["a", "b", "c", "d"]
+    assert 0 < store.r.pttl(store.keys.load_line("w1")) <= store.settings.load_timeout_s * 1000 + 5000
+    store.mark_copy("a", "w1", CopyState.LOADING)
+    assert "a" in line(store, "w1")  # still loading
+    store.mark_copy("a", "w1", CopyState.LOADED)
+    store.record_failure("b", "w1", "boom")
+    store.remove_copy("c", "w1")  # given up (or evicted before it finished)
+    assert line(store, "w1") == ["d"]
+    store.remove_worker("w1", ["d"])
+    assert store.r.exists(store.keys.load_line("w1")) == 0
+
+
+def test_placement_reads_the_lines_live_and_skips_a_home_with_a_long_one(store):
+    heartbeat(store, "w1")
+    heartbeat(store, "w2")
+    # heartbeats say the same (nothing loading, room for all); so a model goes where it fits
+    # best, and then a long line of loads keeps the next loads off that worker
+    models = [f"m{i}" for i in range(12)]
+    for m in models:
+        store.register_model(m, INFO)
+    since = time.time()
+    store.r.zadd(store.keys.load_line("w1"), {f"x{i}": since for i in range(5)})
+    store.r.zadd(store.keys.load_line("w2"), {"old": since - store.settings.load_timeout_s - 1})
+    _, lines = store._workers_and_lines(["w1", "w2"], time.time())
+    assert lines == {"w1": 5, "w2": 0}  # an entry older than a load's timeout never counts
+    assert {store.place_load(m).worker for m in models[:3]} == {"w2"}
+
+
 def test_dead_workers_disappear_from_the_live_set(store):
     heartbeat(store, "w1", ttl=30)
     heartbeat(store, "w2", ttl=0.2)
