@@ -47,6 +47,13 @@ class MeshSettings(BaseSettings):
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
     load_timeout_s: float = Field(default=120.0, gt=0)
     loading_concurrency: int = Field(default=1, ge=1, le=64)
+    load_prefetch: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="loads waiting in a worker's line whose record, files and reload snapshot "
+        "are fetched while the loads ahead of them run (0: fetch each when its turn comes)",
+    )
     eviction_policy: Literal["usage", "lru"] = Field(
         default="usage",
         description="which model a full worker evicts first: 'usage' = lowest decayed request "

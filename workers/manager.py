@@ -6,6 +6,17 @@ request count then last use by default, or plain LRU).
 Loads and unloads run on the manager's own threads; the consumer thread only submits work
 here and returns, so message intake never stalls behind a model load.
 
+A load goes through the worker's line in two stages (`_Job`):
+- fetch (MESH_LOAD_PREFETCH threads, up to that many loads ahead): the registry record, the
+  model's files (downloaded into the disk cache if remote) and its reload snapshot's bytes.
+  I/O only: nothing is evicted and no memory is promised yet.
+- load (MESH_LOADING_CONCURRENCY threads): make room, build the model (from the snapshot's
+  bytes, else the runtime's load), install it, mark the copy LOADED.
+Every blocking call gives up the interpreter lock, and with the intake and inference threads
+busy, taking it back costs up to the switch interval (5 ms): a reload that needs 3 ms of CPU
+took ~22 ms in a busy worker, most of it in the ~25 round trips and file operations around
+the unpickling (multimodel bench). The fetch stage does those while the previous load runs.
+
 Eviction order (DESIGN §4), so no request is lost or failed because its model left:
 1. stop accepting and stop consuming the model's queue,
 2. requeue its buffered requests (another copy, or this model's next load, answers them),
@@ -19,8 +30,9 @@ import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +70,23 @@ class Entry:
     reserved: int = 0  # bytes promised to this load until it is installed
     touched: int = 0  # order of last use (a sequence number: no two uses tie)
     served: bool = False  # answered a batch since its load (retention.FRESH_S)
+
+
+@dataclass
+class _Job:
+    """One load on its way through the line: fetched, then loaded."""
+
+    model_id: str
+    requested: float  # time.monotonic() when the load was asked for
+    record: ModelRecord | None = None
+    path: Path | None = None
+    snapshot: bytes | None = None  # the reload snapshot's bytes, when there is one
+    fetch_s: float = 0.0  # time spent fetching (part of the load's own time)
+
+
+# Victim retirements still running when the next load starts making room: beyond this the load
+# waits, so memory above capacity stays bounded by a few loads' victims.
+RETIRE_BACKLOG = 2
 
 
 class _ModelCache(Cache):
@@ -100,6 +129,17 @@ class ModelManager:
         self._pool = ThreadPoolExecutor(
             max_workers=s.loading_concurrency, thread_name_prefix="mesh-loader"
         )
+        self.prefetch = s.load_prefetch
+        self._fetchers = (
+            ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="mesh-fetch")
+            if self.prefetch else None
+        )  # fmt: skip
+        # jobs between the start of their fetch and the end of their load: bounds the snapshots
+        # held in memory ahead of their load
+        self._ahead = threading.Semaphore(self.prefetch + s.loading_concurrency)
+        self._retirer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-retire")
+        self._retiring: deque[Future] = deque()
+        self._retiring_lock = threading.Lock()
         self._closing = False
 
     # ------------------------------------------------------------ commands (any thread)
@@ -115,7 +155,11 @@ class ModelManager:
                     self._pool.submit(self._reassert, model_id)
                 return
             self._entries[model_id] = Entry(model_id, None, BatchPolicy(1, 0.0))  # type: ignore[arg-type]
-        self._pool.submit(self._load, model_id)
+        job = _Job(model_id, time.monotonic())
+        if self._fetchers is not None:
+            self._fetchers.submit(self._fetch_then_queue, job)
+        else:
+            self._pool.submit(self._fetch_and_load, job)
 
     def request_unload(self, model_id: str, fail_with: MeshError | None = None) -> None:
         with self._lock:
@@ -177,13 +221,29 @@ class ModelManager:
             return {m: e.record for m, e in self._entries.items() if e.state == "LOADED"}
 
     # ------------------------------------------------------------ loader threads
-    def _load(self, model_id: str) -> None:
-        store, name = self.host.store, self.host.name
+    def _fetch_then_queue(self, job: _Job) -> None:
+        """Fetch stage (fetch threads): then the job joins the load stage's line."""
+        self._ahead.acquire()
+        if self._fetch(job):
+            self._pool.submit(self._load, job)
+        else:
+            self._ahead.release()
+
+    def _fetch_and_load(self, job: _Job) -> None:
+        """Both stages on a loader thread (MESH_LOAD_PREFETCH=0)."""
+        self._ahead.acquire()
+        if self._fetch(job):
+            self._load(job)
+        else:
+            self._ahead.release()
+
+    def _fetch(self, job: _Job) -> bool:
+        """The record (and our copy marked LOADING), the files and the reload snapshot's bytes.
+        False if the load ended here (failed, or the model is not registered)."""
         started = time.monotonic()
+        model_id = job.model_id
         try:
-            # the record, and our copy marked LOADING, in one round trip: loads run one after
-            # another, so every round trip here delays the next cold request too
-            record = store.begin_load(model_id, name)
+            record = self.host.store.begin_load(model_id, self.host.name)  # one round trip
             if record is None:
                 raise ModelNotFound(f"model {model_id!r} is not registered")
             cfg = effective_config(
@@ -194,53 +254,95 @@ class ModelManager:
                 cfg.value("max_batch_delay_ms") / 1000.0,
                 tuple(cfg.value("preferred_batch_sizes") or ()),
             )
+            with self._lock:
+                entry = self._entries[model_id]
+                entry.record, entry.policy = record, policy
+            job.record = record
+            job.path, job.snapshot = self._with_timeout(record, self.load_timeout_s, self._fetch_files, record)
+        except Exception as exc:
+            self._failed(job, exc, started)
+            return False
+        job.fetch_s = time.monotonic() - started
+        return True
+
+    def _fetch_files(self, record: ModelRecord) -> tuple[Path, bytes | None]:
+        runtime = get_runtime(record.info.runtime)
+        # the files stay pinned in the disk cache until the model is unloaded
+        path = acquire_model(record.model_id, record.info, self.host.settings)
+        return path, self.snapshots.read(runtime, record.info, path, record.size_bytes)
+
+    def _load(self, job: _Job) -> None:
+        """Load stage: make room, build the model, install it."""
+        started = time.monotonic()
+        model_id, record = job.model_id, job.record
+        assert record is not None and job.path is not None
+        try:
             predicted = record.size_bytes or record.info.size_bytes or 0
             waiting = self.host.batcher.buffered()
             with self._lock:
                 entry = self._entries[model_id]
-                entry.record, entry.policy = record, policy
                 self._evict_until_fits(predicted, waiting)
                 self._reserve(entry, predicted)
             # The victims retire (stop intake, finish or requeue their buffered requests, wait
             # for a running batch, unload) while the runtime loads this model, not before it:
             # in sequence a cold request waited for both (multimodel bench: a load took 88 ms
             # inside the worker against 35 ms in a plain Celery task). Memory may exceed the
-            # capacity by the victims' size for that overlap.
-            retiring = threading.Thread(target=self._retire_victims, name=f"mesh-retire-for-{model_id}",
-                                        daemon=True)  # fmt: skip
-            retiring.start()
-            try:
-                loaded, path, restored = self._load_with_timeout(record)
-            finally:
-                retiring.join()
+            # capacity by the retiring victims' size meanwhile (RETIRE_BACKLOG loads' worth).
+            self._retire_victims_soon()
+            loaded, restored = self._build(job, started)
             self._install(entry, loaded)
-        except ModelNotFound as exc:
-            log.info("not loading %s: %s", model_id, exc)
-            self._forget(model_id)
-            store.remove_copy(model_id, name)
-            store.release_claim(model_id, name)
+        except Exception as exc:
+            self._failed(job, exc, started - job.fetch_s)
             return
-        except Exception as exc:  # any load failure becomes a failure record, never a crash
-            message = str(exc) if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
-            log.warning(
-                "loading %s failed after %.2fs: %s", model_id, time.monotonic() - started, message
-            )
-            self._forget(model_id)
-            self.host.metrics.loads.labels(model_id, "failed").inc()
-            self.host.on_load_failed(model_id, message)
-            return
-        elapsed = time.monotonic() - started
+        finally:
+            self._ahead.release()
+        now = time.monotonic()
+        own = job.fetch_s + now - started  # the load's own time, without its wait in the line
         mx = self.host.metrics
         mx.loads.labels(model_id, "success").inc()
-        mx.load_seconds.labels(model_id).observe(elapsed)
+        mx.load_seconds.labels(model_id).observe(own)
+        mx.load_wait_seconds.observe(max(0.0, now - job.requested - own))
         mx.cache.labels("miss").inc()
-        log.info("loaded %s (%d bytes) in %.3fs%s", model_id, entry.size_bytes, elapsed,
+        log.info("loaded %s (%d bytes) in %.3fs%s", model_id, entry.size_bytes, own,
                  " from its snapshot" if restored else "")  # fmt: skip
         if restored:
             mx.restores.labels(model_id).inc()
         elif entry.state == "LOADED" and self.snapshots.offered(loaded.runtime):
             # on its own thread: the next load (and its cold requests) does not wait for it
-            self._snapshot_pool.submit(self.snapshots.save, loaded.runtime, record.info, path, loaded.model)
+            self._snapshot_pool.submit(self.snapshots.save, loaded.runtime, record.info, job.path, loaded.model)
+
+    def _build(self, job: _Job, started: float) -> tuple[Loaded, bool]:
+        """(the loaded model, whether it came from its reload snapshot)."""
+        record = job.record
+        runtime = get_runtime(record.info.runtime)
+        if job.snapshot is not None:
+            data, job.snapshot = job.snapshot, None
+            # bytes in memory, unpickled on this thread: no I/O that could hang, and none of
+            # the thread hand-offs a guarded load costs
+            loaded = self.snapshots.restore_bytes(runtime, record.info, data, record.size_bytes)
+            if loaded is not None:
+                return loaded, True
+        remaining = self.load_timeout_s - job.fetch_s - (time.monotonic() - started)
+        # a reload reuses the size measured at the first load (models are immutable)
+        loaded = self._with_timeout(record, remaining, runtime.load, job.path, record.info,
+                                    known_size=record.size_bytes)  # fmt: skip
+        return loaded, False
+
+    def _failed(self, job: _Job, exc: Exception, started: float) -> None:
+        """A load that ended in an error: never a crash, a failure record (or, for a model no
+        longer registered, nothing)."""
+        model_id, store, name = job.model_id, self.host.store, self.host.name
+        if isinstance(exc, ModelNotFound):
+            log.info("not loading %s: %s", model_id, exc)
+            self._forget(model_id)
+            store.remove_copy(model_id, name)
+            store.release_claim(model_id, name)
+            return
+        message = str(exc) if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
+        log.warning("loading %s failed after %.2fs: %s", model_id, time.monotonic() - started, message)
+        self._forget(model_id)
+        self.host.metrics.loads.labels(model_id, "failed").inc()
+        self.host.on_load_failed(model_id, message)
 
     def _reserve(self, entry: Entry, nbytes: int) -> None:
         self._reserved += nbytes - entry.reserved
@@ -254,42 +356,37 @@ class ModelManager:
                 self._reserve(entry, 0)
         release_model(model_id)  # a failed load's files may leave the disk cache
 
-    def _load_with_timeout(self, record: ModelRecord) -> tuple[Loaded, Path, bool]:
-        """Run the runtime's load on a throwaway thread so a hung load cannot hang the worker.
-        Returns (loaded, the model's local path, whether it came from its reload snapshot)."""
+    def _with_timeout(self, record: ModelRecord, timeout_s: float, fn: Callable[..., Any], *args: Any,
+                      **kwargs: Any) -> Any:  # fmt: skip
+        """fn(*args, **kwargs) on a throwaway thread, so a hung download or runtime load cannot
+        hang the worker: after `timeout_s` the load fails and whatever fn returns later is
+        dropped (a model unloaded, the files unpinned)."""
         result: dict[str, Any] = {}
         done = threading.Event()
         abandoned = threading.Event()
 
         def run() -> None:
             try:
-                runtime = get_runtime(record.info.runtime)
-                # the files stay pinned in the disk cache until the model is unloaded
-                path = acquire_model(record.model_id, record.info, self.host.settings)
-                result["path"] = path
-                result["loaded"] = self.snapshots.restore(runtime, record.info, path, record.size_bytes)
-                result["restored"] = result["loaded"] is not None
-                if not result["restored"]:
-                    # a reload reuses the size measured at the first load (models are immutable)
-                    result["loaded"] = runtime.load(path, record.info, known_size=record.size_bytes)
-            except BaseException as exc:  # handed to the loader thread below
+                result["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # handed to the calling thread below
                 result["error"] = exc
             finally:
                 done.set()
-                if abandoned.is_set() and "loaded" in result:
-                    result["loaded"].runtime.unload(result["loaded"].model)
                 if abandoned.is_set():
+                    value = result.get("value")
+                    if isinstance(value, Loaded):
+                        value.runtime.unload(value.model)
                     release_model(record.model_id)
 
         threading.Thread(target=run, name=f"mesh-load-{record.model_id}", daemon=True).start()
-        if not done.wait(self.load_timeout_s):
+        if not done.wait(max(0.0, timeout_s)):
             abandoned.set()
             raise ModelLoadFailed(
                 f"loading {record.model_id!r} timed out after {self.load_timeout_s:g}s"
             )
         if "error" in result:
             raise result["error"]
-        return result["loaded"], result["path"], result["restored"]
+        return result["value"]
 
     def _install(self, entry: Entry, loaded: Loaded) -> None:
         model_id = entry.model_id
@@ -309,7 +406,7 @@ class ModelManager:
             self._evict_until_fits(size, waiting)
             self._cache[model_id] = entry
             entry.state = "LOADED"
-        self._retire_victims()
+        self._retire_victims_soon()
         self.host.batcher.open(model_id, entry.policy)
         # placement reads the measured size: known by the time anyone sees the copy LOADED
         # (a reload measured nothing new: its record already holds it)
@@ -324,6 +421,10 @@ class ModelManager:
             # unregistered while we were loading: undo, and fail anything that queued meanwhile
             self._unload(model_id, ModelNotFound(f"model {model_id!r} was unregistered"))
             return
+        if entry.state != "LOADED":
+            # evicted by a concurrent load before its copy was announced: its retirement may
+            # have removed the copy record before we wrote it (the retire thread runs in order)
+            self._retirer.submit(self._drop_copy_unless_held, model_id)
         self.host.update_prefetch()
         self.host.on_copy_loaded(model_id)
 
@@ -356,11 +457,32 @@ class ModelManager:
             victim.state = "EVICTING"
             log.info("evicting %s (%d bytes) to make room", victim.model_id, victim.size_bytes)
 
-    def _retire_victims(self) -> None:
+    def _retire_victims_soon(self) -> None:
+        """Retire the evicted models on the retire thread, in eviction order; wait only while
+        RETIRE_BACKLOG earlier retirements are still running."""
         with self._lock:
             victims, self._victims[:] = list(self._victims), []
+        if victims:
+            self._retire_soon(victims)
+
+    def _retire_soon(self, victims: list[Entry]) -> None:
+        with self._retiring_lock:  # loader threads (MESH_LOADING_CONCURRENCY) share the backlog
+            while self._retiring and (self._retiring[0].done() or len(self._retiring) >= RETIRE_BACKLOG):
+                self._retiring.popleft().result()
+            self._retiring.append(self._retirer.submit(self._retire_all, victims))
+
+    def _drop_copy_unless_held(self, model_id: str) -> None:
+        with self._lock:
+            if model_id in self._entries:
+                return
+        self.host.store.remove_copy(model_id, self.host.name)
+
+    def _retire_all(self, victims: list[Entry]) -> None:
         for victim in victims:
-            self._retire(victim, fail_with=None)
+            try:
+                self._retire(victim, fail_with=None)
+            except Exception:  # one failed retirement must not keep the others in memory
+                log.exception("retiring %s failed", victim.model_id)
 
     def _unload(self, model_id: str, fail_with: MeshError | None) -> None:
         with self._lock:
@@ -410,4 +532,7 @@ class ModelManager:
         with self._lock:
             self._closing = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._fetchers is not None:
+            self._fetchers.shutdown(wait=False, cancel_futures=True)
+        self._retirer.shutdown(wait=False, cancel_futures=True)
         self._snapshot_pool.shutdown(wait=False, cancel_futures=True)

@@ -17,6 +17,7 @@ log = logging.getLogger("mesh.worker.metrics")
 # seconds: from 100 us (a batch of a small model) to 60 s (a cold load under load)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LOAD_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -53,6 +54,10 @@ class WorkerMetrics:
                                 "worker's reload snapshot instead of the model's files", ["model"], registry=r)
         self.load_seconds = Histogram("mesh_model_load_seconds", "Time to load a model",
                                       ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.load_wait_seconds = Histogram(
+            "mesh_model_load_wait_seconds", "Time a load waited in the worker's line of loads "
+            "(from the load command to its start, excluding its own fetch and load)",
+            buckets=LOAD_WAIT_BUCKETS, registry=r)
         self.unloads = Counter("mesh_model_unloads", "Model unloads by reason (evicted, unregistered, requested)",
                                ["model", "reason"], registry=r)
         self.cache = Counter(

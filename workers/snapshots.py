@@ -87,8 +87,11 @@ class Snapshots:
     def offered(self, runtime: Runtime) -> bool:
         return self.enabled and type(runtime).snapshot is not Runtime.snapshot
 
-    def restore(self, runtime: Runtime, info: ModelInfo, path: Path, known_size: int | None) -> Loaded | None:
-        """The model from its snapshot, or None (no snapshot, or it could not be read)."""
+    def read(self, runtime: Runtime, info: ModelInfo, path: Path, known_size: int | None) -> bytes | None:
+        """The model's snapshot as bytes, or None (no snapshot, or it could not be read).
+
+        Read ahead of the load (the model manager's fetch stage): the file operations happen
+        while the previous load runs, and the load itself only unpickles."""
         if not known_size or not self.offered(runtime):
             return None
         try:
@@ -99,13 +102,27 @@ class Snapshots:
         if lease is None:
             return None
         try:
-            return runtime.restore(lease.path, info, known_size)
-        except Exception as exc:  # damaged, or written by something else: load from the files
-            log.warning("could not restore %s from its snapshot (%s: %s); loading its files",
-                        info.uri, type(exc).__name__, exc)  # fmt: skip
+            return lease.path.read_bytes()
+        except OSError as exc:
+            log.warning("could not read the snapshot of %s: %s", info.uri, exc)
             return None
         finally:
             lease.release()
+
+    def restore_bytes(self, runtime: Runtime, info: ModelInfo, data: bytes, known_size: int) -> Loaded | None:
+        """The model from snapshot bytes `read` returned, or None when they cannot be restored
+        (damaged, or written by something else: the caller loads the files instead)."""
+        try:
+            return runtime.restore(data, info, known_size)
+        except Exception as exc:
+            log.warning("could not restore %s from its snapshot (%s: %s); loading its files",
+                        info.uri, type(exc).__name__, exc)  # fmt: skip
+            return None
+
+    def restore(self, runtime: Runtime, info: ModelInfo, path: Path, known_size: int | None) -> Loaded | None:
+        """`read` then `restore_bytes`: the model from its snapshot, or None."""
+        data = self.read(runtime, info, path, known_size)
+        return None if data is None else self.restore_bytes(runtime, info, data, known_size)
 
     def save(self, runtime: Runtime, info: ModelInfo, path: Path, model: Any) -> bool:
         """Write the snapshot of a model just loaded from its files; False if none was written."""

@@ -45,6 +45,7 @@ def test_worker_metrics(client, workers, svm_path, seed_input):
     assert m[("mesh_requests_total", (("model", "digits"), ("outcome", "invalid_input")))] == 1
     assert m[("mesh_model_loads_total", (("model", "digits"), ("outcome", "success")))] == 1
     assert m[("mesh_model_load_seconds_count", (("model", "digits"),))] == 1
+    assert m[("mesh_model_load_wait_seconds_count", ())] == 1
     assert m[("mesh_batch_size_count", (("model", "digits"),))] >= 1
     assert m[("mesh_batch_size_sum", (("model", "digits"),))] == 20
     assert m[("mesh_request_queue_seconds_count", (("model", "digits"),))] == 20

@@ -74,8 +74,8 @@ class Runtime(abc.ABC):
         snapshot written under another tag is never read."""
         return ""
 
-    def restore(self, snapshot: Path, info: ModelInfo, known_size: int) -> Loaded:
-        """Load from a file `snapshot` wrote, for a model whose size is known."""
+    def restore(self, data: bytes, info: ModelInfo, known_size: int) -> Loaded:
+        """The model from bytes `snapshot` returned, for a model whose size is known."""
         raise NotImplementedError(f"runtime {self.name!r} has no snapshots")
 
     @abc.abstractmethod
@@ -203,7 +203,7 @@ def resolve_model_file(runtime: str, path: Path, suffixes: tuple[str, ...]) -> P
     raise ModelLoadFailed(f"cannot load {runtime} model from {path}: no such file")
 
 
-def load_failed(runtime: str, path: Path, exc: BaseException, hint: str = "") -> ModelLoadFailed:
+def load_failed(runtime: str, path: Path | str, exc: BaseException, hint: str = "") -> ModelLoadFailed:
     """Wrap a library's exception so the message says what was being loaded, and from where."""
     text = str(exc).strip()
     detail = text.splitlines()[0][:500] if text else "(no message)"

@@ -47,13 +47,14 @@ class SklearnRuntime(Runtime):
     def snapshot_tag(self) -> str:
         return f"python {sys.version_info[0]}.{sys.version_info[1]} sklearn {sklearn.__version__} numpy {np.__version__}"
 
-    def restore(self, snapshot: Path, info: ModelInfo, known_size: int) -> Loaded:
-        # one read, then unpickle from memory: pickle.load on a file refills its buffer with a
-        # syscall every 8 KB, and a worker's busy threads make each one wait for the GIL again
-        model = pickle.loads(snapshot.read_bytes())
-        return self._loaded(model, snapshot, known_size)
+    def restore(self, data: bytes, info: ModelInfo, known_size: int) -> Loaded:
+        # from memory (workers/snapshots.py reads the file in one go, ahead of the load):
+        # pickle.load on a file refills its buffer with a syscall every 8 KB, and a worker's
+        # busy threads make each one wait for the GIL again
+        model = pickle.loads(data)
+        return self._loaded(model, f"the reload snapshot of {info.uri}", known_size)
 
-    def _loaded(self, model: Any, file: Path, size: int) -> Loaded:
+    def _loaded(self, model: Any, file: Path | str, size: int) -> Loaded:
         if not callable(getattr(model, "predict", None)):
             raise load_failed(
                 self.name, file, TypeError(f"{type(model).__name__} object has no predict method")
