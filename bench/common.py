@@ -165,6 +165,35 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     return total
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far (Linux /proc/stat), to tell how
+    close to saturated the machine was during a phase."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return float("nan"), float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
+class CpuMeter:
+    """CPU used by some processes and by the whole machine between `start()` and `stop()`."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+
+    def start(self) -> CpuMeter:
+        self._procs0, self._machine0 = cpu_seconds(self.pids), machine_cpu()
+        return self
+
+    def stop(self) -> dict:
+        procs, (busy, total) = cpu_seconds(self.pids), machine_cpu()
+        busy0, total0 = self._machine0
+        return {"cpu_s": procs - self._procs0,
+                "machine_busy": (busy - busy0) / (total - total0) if total > total0 else float("nan")}
+
+
 # ---------------------------------------------------------------------- Prometheus metrics
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     """A worker's metrics: {(sample name, sorted labels): value}."""
@@ -351,6 +380,10 @@ class Producers:
     @property
     def processes(self) -> int:
         return len(self._conns)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
 
     def start(self, streams: Sequence[Sequence[Any]], window: int, duration: float | None = None,
               delay: float = 0.2) -> float:

@@ -31,12 +31,12 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import (
+    CpuMeter,
     Producers,
     Sender,
     answers,
     clean,
     command_line,
-    cpu_seconds,
     free_port,
     load_summary,
     machine,
@@ -180,12 +180,12 @@ def run_plain(url: str, model_dir: Path, logs: Path, warm: list[str], measured: 
             send = lambda: app.send_task("plain_multi.predict", args=[warm[0], [seed_digits_tensor()]])  # noqa: E731
             wait_for(lambda: answers(send, lambda r: r.get(timeout=30)), timeout=60, what="the plain workers")
             producers.run(split(warm, producers.processes), args.window // producers.processes)
-            cpu0 = cpu_seconds([p.pid for p in procs])
+            workers_cpu, producers_cpu = CpuMeter([p.pid for p in procs]).start(), CpuMeter(producers.pids).start()
             parts = producers.run(split(measured, producers.processes), args.window // producers.processes)
-            cpu1 = cpu_seconds([p.pid for p in procs])
+            wcpu, pcpu = workers_cpu.stop(), producers_cpu.stop()
         records = [r for part in parts for r in part]
         out = load_summary(records)
-        out["worker_cpu_ms_per_request"] = 1e3 * (cpu1 - cpu0) / len(records)
+        out.update(cpu_report(wcpu, pcpu, len(records)))
         loads = sum(1 for r in records if r.error is None and r.info[1] > 0)
         load_s = [r.info[1] for r in records if r.error is None and r.info[1] > 0]
         out.update(loads=loads, loads_per_1000=1000.0 * loads / len(records),
@@ -220,13 +220,13 @@ def run_mesh(url: str, model_dir: Path, logs: Path, ids: list[str], size: int, w
         with Producers("bench.multimodel:mesh_sender", params) as producers:
             producers.run(split(warm, producers.processes), args.window // producers.processes)
             before = [scrape(p) for p in ports]
-            cpu0 = cpu_seconds([p.pid for p in procs])
+            workers_cpu, producers_cpu = CpuMeter([p.pid for p in procs]).start(), CpuMeter(producers.pids).start()
             parts = producers.run(split(measured, producers.processes), args.window // producers.processes)
-            cpu1 = cpu_seconds([p.pid for p in procs])
+            wcpu, pcpu = workers_cpu.stop(), producers_cpu.stop()
             after = [scrape(p) for p in ports]
         records = [r for part in parts for r in part]
         out = load_summary(records)
-        out["worker_cpu_ms_per_request"] = 1e3 * (cpu1 - cpu0) / len(records)
+        out.update(cpu_report(wcpu, pcpu, len(records)))
 
         def delta(name: str, **labels: str) -> list[float]:
             return [metric_sum(a, name, **labels) - metric_sum(b, name, **labels) for a, b in zip(after, before)]
@@ -236,6 +236,8 @@ def run_mesh(url: str, model_dir: Path, logs: Path, ids: list[str], size: int, w
                    loads_per_worker=[int(x) for x in loads],
                    requests_per_worker=[int(x) for x in delta("mesh_requests_total", outcome="success")],
                    load_ms_mean=1e3 * sum(delta("mesh_model_load_seconds_sum")) / max(1.0, sum(delta("mesh_model_load_seconds_count"))),
+                   load_wait_ms_mean=1e3 * sum(delta("mesh_model_load_wait_seconds_sum"))
+                   / max(1.0, sum(delta("mesh_model_load_wait_seconds_count"))),
                    mean_batch=sum(delta("mesh_items_total")) / max(1.0, sum(delta("mesh_batch_size_count"))),
                    capacity_bytes=capacity, beat=bool(args.beat), placement=args.placement)
         return out
@@ -249,23 +251,32 @@ def run_mesh(url: str, model_dir: Path, logs: Path, ids: list[str], size: int, w
 
 
 # ---------------------------------------------------------------------- report
+def cpu_report(workers: dict, producers: dict, requests: int) -> dict:
+    """CPU per request of the workers and of the producers, and how busy the machine was."""
+    return {"worker_cpu_ms_per_request": 1e3 * workers["cpu_s"] / requests,
+            "producer_cpu_ms_per_request": 1e3 * producers["cpu_s"] / requests,
+            "machine_busy": workers["machine_busy"]}
+
+
 def report(r: dict) -> str:
     p, m, b = r["plain"], r["mesh"], r["lru_bound"]
     lines = [
-        "| system | throughput (req/s) | p50 ms | p99 ms | model loads / 1,000 req | worker CPU ms / req | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| system | throughput (req/s) | p50 ms | p99 ms | model loads / 1,000 req | worker CPU ms / req "
+        "| producer CPU ms / req | machine busy | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| plain Celery, 2 processes, LRU of {r['args']['cache']} each | {p['throughput']:.0f} | {p['p50_ms']:.1f} | "
-        f"{p['p99_ms']:.1f} | {p['loads_per_1000']:.0f} | {p['worker_cpu_ms_per_request']:.2f} | {p['failed']} |",
+        f"{p['p99_ms']:.1f} | {p['loads_per_1000']:.0f} | {p['worker_cpu_ms_per_request']:.2f} | "
+        f"{p['producer_cpu_ms_per_request']:.2f} | {p['machine_busy']:.0%} | {p['failed']} |",
         f"| mesh, 2 workers with room for {r['args']['cache']} each{' + beat' if m['beat'] else ''}"
         f"{' (placement: spread EXPERIMENT)' if m['placement'] == 'spread' else ''} | {m['throughput']:.0f} | "
         f"{m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['loads_per_1000']:.0f} | {m['worker_cpu_ms_per_request']:.2f} | "
-        f"{m['failed']} |",
+        f"{m['producer_cpu_ms_per_request']:.2f} | {m['machine_busy']:.0%} | {m['failed']} |",
         f"| ideal LRU on this stream: 2 x LRU {r['args']['cache']} / one LRU {2 * r['args']['cache']} | | | | "
-        f"{b['two_lrus_per_1000']:.0f} / {b['pooled_lru_per_1000']:.0f} | | |",
+        f"{b['two_lrus_per_1000']:.0f} / {b['pooled_lru_per_1000']:.0f} | | | | |",
         "",
         f"Mesh loads per worker: {m['loads_per_worker']}, requests per worker: {m['requests_per_worker']}, "
-        f"mean load {m['load_ms_mean']:.0f} ms inside the worker (plain: {p['load_ms_mean']:.0f} ms in the task), "
-        f"mean batch {m['mean_batch']:.2f}.",
+        f"mean load {m['load_ms_mean']:.0f} ms inside the worker after a mean {m['load_wait_ms_mean']:.0f} ms "
+        f"in its line of loads (plain: {p['load_ms_mean']:.0f} ms in the task), mean batch {m['mean_batch']:.2f}.",
         "",
         "| mesh / plain | throughput | p99 | fewer loads | less worker CPU per request |",
         "|---|---:|---:|---:|---:|",
