@@ -157,9 +157,9 @@ class ModelManager:
             self._entries[model_id] = Entry(model_id, None, BatchPolicy(1, 0.0))  # type: ignore[arg-type]
         job = _Job(model_id, time.monotonic())
         if self._fetchers is not None:
-            self._fetchers.submit(self._fetch_then_queue, job)
+            self._fetchers.submit(self._fetch_then, job, self._queue_load)
         else:
-            self._pool.submit(self._fetch_and_load, job)
+            self._pool.submit(self._fetch_then, job, self._load)
 
     def request_unload(self, model_id: str, fail_with: MeshError | None = None) -> None:
         with self._lock:
@@ -221,21 +221,17 @@ class ModelManager:
             return {m: e.record for m, e in self._entries.items() if e.state == "LOADED"}
 
     # ------------------------------------------------------------ loader threads
-    def _fetch_then_queue(self, job: _Job) -> None:
-        """Fetch stage (fetch threads): then the job joins the load stage's line."""
+    def _fetch_then(self, job: _Job, then: Callable[[_Job], Any]) -> None:
+        """Fetch stage, then `then(job)`: queue it for the load stage (on a fetch thread), or
+        load it right here (on a loader thread, MESH_LOAD_PREFETCH=0)."""
         self._ahead.acquire()
         if self._fetch(job):
-            self._pool.submit(self._load, job)
+            then(job)
         else:
             self._ahead.release()
 
-    def _fetch_and_load(self, job: _Job) -> None:
-        """Both stages on a loader thread (MESH_LOAD_PREFETCH=0)."""
-        self._ahead.acquire()
-        if self._fetch(job):
-            self._load(job)
-        else:
-            self._ahead.release()
+    def _queue_load(self, job: _Job) -> None:
+        self._pool.submit(self._load, job)
 
     def _fetch(self, job: _Job) -> bool:
         """The record (and our copy marked LOADING), the files and the reload snapshot's bytes.
