@@ -2,9 +2,16 @@
 
 Per batch: decode and check each item's tensors (a bad one fails alone, before batching),
 concatenate along the batch dimension, predict in chunks of at most `max_batch_size` items,
-split the outputs back per item, store every message's result in one Redis pipeline, and only
-then (on the consumer thread) ack each message and send its task events. A predict that raises
-is bisected until the guilty items are found; their batch-mates still succeed.
+split the outputs back per item and encode them; then the results thread stores every
+message's result in one Redis pipeline, and only then (on the consumer thread) each message is
+acked and its task events sent. A predict that raises is bisected until the guilty items are
+found; their batch-mates still succeed.
+
+Why a results thread: a thread that waits on a socket gives up the interpreter lock, and in a
+busy worker (loads unpickling, the consumer decoding) taking it back costs up to the switch
+interval (5 ms). Storing the results inline made the inference thread pay that once per batch
+before it could start the next one; handed off, the next batch is predicted meanwhile
+(multimodel bench: docs/benchmarks.md, "Results off the inference thread").
 
 A message is either one request (`kwargs["inputs"]`) or a client micro-batch
 (`kwargs["items"]`, from `MeshClient.infer_many`) whose items are batched like requests and
@@ -18,6 +25,7 @@ import os
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +48,11 @@ if TYPE_CHECKING:
     from .worker import MeshWorker
 
 log = logging.getLogger("mesh.worker.inference")
+
+# Batches whose results may wait for the results thread. Past that the inference thread waits
+# too (Redis slow or away): memory stays bounded, and a worker that cannot store results stops
+# taking work from its buffers, which then go back to their queues on eviction or shutdown.
+RESULTS_BACKLOG = 4
 
 
 @dataclass
@@ -97,7 +110,8 @@ class InferenceLoop(threading.Thread):
         self.stats = Stats()
         self._stop_requested = threading.Event()
         self.pid = os.getpid()
-        self._started_wall = 0.0
+        self._results = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-results")
+        self._results_room = threading.BoundedSemaphore(RESULTS_BACKLOG)
 
     def stop(self) -> None:
         self._stop_requested.set()
@@ -113,12 +127,15 @@ class InferenceLoop(threading.Thread):
             except Exception:  # the loop must survive anything a batch throws at it
                 log.exception("batch of %s failed unexpectedly", batch.model_id)
                 self._fail_batch(batch, InferenceError("internal error in the batch loop"))
+        # the batches predicted before the stop are stored and acked before the thread ends
+        # (the worker's shutdown joins it)
+        self._results.shutdown(wait=True)
 
     def _fail_batch(self, batch: Batch, error: MeshError) -> None:
         try:
             self._finish([Message(p, [Unit()], error=error) for p in batch.items], batch, 0.0)
-        except Exception:  # results cannot be stored (Redis away): leave them unacked
-            log.exception("could not store the failure of %d requests; they stay unacked "
+        except Exception:  # the failure could not even be encoded: leave them unacked
+            log.exception("could not answer the failure of %d requests; they stay unacked "
                           "and are redelivered", len(batch.items))
 
     # ------------------------------------------------------------------ one batch
@@ -158,7 +175,7 @@ class InferenceLoop(threading.Thread):
         messages = [self._decode(p, loaded) for p in items]
         good = [u for m in messages if m.error is None for u in m.units if u.error is None]
         compute_s = 0.0
-        self._started_wall = time.time()
+        started_wall = time.time()
         if good:
             start = time.monotonic()
             started = [m.pending for m in messages if m.error is None and any(u.error is None for u in m.units)]
@@ -167,7 +184,7 @@ class InferenceLoop(threading.Thread):
             for i in range(0, len(good), size):
                 self._predict(loaded.runtime, loaded.model, good[i : i + size])
             compute_s = time.monotonic() - start
-        self._finish(messages, batch, compute_s)
+        self._finish(messages, batch, compute_s, started_wall)
 
     def _decode(self, p: Pending, loaded: Any) -> Message:
         kwargs = p.req.kwargs
@@ -233,25 +250,45 @@ class InferenceLoop(threading.Thread):
             u.tb = traceback.format_exc()
 
     # ------------------------------------------------------------------ results
-    def _finish(self, messages: list[Message], batch: Batch, compute_s: float) -> None:
-        """Store every result in one pipeline, then ack and send events on the consumer thread."""
+    def _finish(self, messages: list[Message], batch: Batch, compute_s: float, started_wall: float = 0.0) -> None:
+        """Encode every result here, then hand them to the results thread (`_store`)."""
         backend = self.host.app.backend  # thread-local instance: this thread's own connection
-        expires = self.host.settings.result_expires_s
+        results = []
+        for m in messages:
+            req = m.pending.req
+            meta = _result_meta(backend, req, batch.model_id, m)
+            meta["task_id"] = req.id
+            results.append((backend.get_key_for_task(req.id), backend.encode(meta)))
+        wait_ms = (time.monotonic() - compute_s - min(m.pending.arrived for m in messages)) * 1000.0
+        self._results_room.acquire()
+        try:
+            self._results.submit(self._store, results, messages, batch, compute_s, started_wall, wait_ms)
+        except RuntimeError:  # shut down under us: nothing stored, nothing acked (redelivered)
+            self._results_room.release()
+            raise
+
+    def _store(self, results: list[tuple[str, bytes]], messages: list[Message], batch: Batch,
+               compute_s: float, started_wall: float, wait_ms: float) -> None:  # fmt: skip
+        """Results thread: store a batch's results in one pipeline (SET for late readers,
+        PUBLISH for waiting ones), then ack and send events on the consumer thread."""
         model_id = batch.model_id
-        with backend.client.pipeline(transaction=False) as pipe:
-            for m in messages:
-                req = m.pending.req
-                meta = _result_meta(backend, req, model_id, m)
-                meta["task_id"] = req.id
-                key = backend.get_key_for_task(req.id)
-                value = backend.encode(meta)
-                pipe.set(key, value, ex=expires)
-                pipe.publish(key, value)
-            pipe.execute()
+        try:
+            backend = self.host.app.backend  # the results thread's own instance and connection
+            expires = self.host.settings.result_expires_s
+            with backend.client.pipeline(transaction=False) as pipe:
+                for key, value in results:
+                    pipe.set(key, value, ex=expires)
+                    pipe.publish(key, value)
+                pipe.execute()
+        except Exception:  # results cannot be stored (Redis away): leave them unacked
+            log.exception("could not store the results of %d requests of %s; they stay unacked "
+                          "and are redelivered", len(messages), model_id)  # fmt: skip
+            return
+        finally:
+            self._results_room.release()
         failures = sum(1 for m in messages if m.failed)
         self.stats.add(model_id, len(messages), failures)
-        self._observe(messages, model_id, compute_s)
-        wait_ms = (time.monotonic() - compute_s - min(m.pending.arrived for m in messages)) * 1000.0
+        self._observe(messages, model_id, compute_s, started_wall)
         self.host.call_soon(
             _complete_all, messages, compute_s, self.host.event_dispatcher,
             {"model": model_id, "size": sum(len(m.units) for m in messages),
@@ -260,7 +297,7 @@ class InferenceLoop(threading.Thread):
         )
 
 
-    def _observe(self, messages: list[Message], model_id: str, compute_s: float) -> None:
+    def _observe(self, messages: list[Message], model_id: str, compute_s: float, started_wall: float) -> None:
         mx = self.host.metrics
         units = 0
         for m in messages:
@@ -269,7 +306,7 @@ class InferenceLoop(threading.Thread):
             if error is None:
                 sent = _sent_at(m.pending.req)
                 if sent is not None:
-                    mx.queue_seconds.labels(model_id).observe(max(0.0, self._started_wall - sent))
+                    mx.queue_seconds.labels(model_id).observe(max(0.0, started_wall - sent))
                 mx.compute_seconds.labels(model_id).observe(compute_s)
                 units += len(m.units)
         if units:

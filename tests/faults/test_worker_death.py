@@ -119,3 +119,37 @@ def test_new_request_takes_over_the_load_claim_of_a_dead_loader(client, workers,
     wait_state(client, "h", ModelState.NOT_LOADED, 30)
     assert client.infer(model_id="h", inputs=[X]).get(timeout=60)["outputs"][0]["data"] == [10.0]
     assert copies_of(client, "h") == {survivor.full_name: "LOADED"}
+
+
+def test_warm_shutdown_under_load_stores_and_acks_every_batch_it_predicted(client, workers, tmp_path):
+    # A worker stopped (SIGTERM) in the middle of batches: what it buffered goes back to the
+    # queue, what it predicted is stored (the results thread drains before the worker exits,
+    # workers/inference.py) and acked. The default visibility timeout (300 s) is far longer
+    # than this test waits: a request dropped or left unacked on the way out is never answered
+    # here, and the unacked set does not drain.
+    w1 = workers("w1")
+    w2 = workers("w2")
+    client.register_model("m", slow_info(tmp_path, "m", delay=0.02))
+    wait_loaded(client, "m")
+    first = next(iter(copies_of(client, "m")))
+    victim, survivor = (w1, w2) if first == w2.full_name else (w2, w1)
+    send_command(client.app, client.keys, victim.full_name, Command(op="load", model_id="m"))
+    wait_for(lambda: copies_of(client, "m") == {w1.full_name: "LOADED", w2.full_name: "LOADED"},
+             60, what="a copy of m on both workers")  # fmt: skip
+
+    producer = Producer(client, "m", total=600)
+    producer.start()
+    wait_for(
+        lambda: served_by(client, "m").get(victim.full_name, 0) > 0
+        and client.store.queue_depth("m", [0, 5]) > 0,
+        60, interval=0.02, what="the victim to be answering with a backlog waiting",
+    )  # fmt: skip
+    assert victim.stop(timeout=60) == 0  # SIGTERM: warm shutdown, a clean exit
+    results = producer.finish()
+
+    counts = outcomes(results, timeout=60)
+    assert counts == {"answered": len(results), "wrong": 0, "failed": 0}, counts
+    assert len(results) == 600
+    unacked = client.keys.kombu_prefix + "unacked"
+    wait_for(lambda: client.store.r.hlen(unacked) == 0, 30, what="the unacked set to drain")
+    assert survivor.alive()
