@@ -11,7 +11,7 @@ Why a results thread: a thread that waits on a socket gives up the interpreter l
 busy worker (loads unpickling, the consumer decoding) taking it back costs up to the switch
 interval (5 ms). Storing the results inline made the inference thread pay that once per batch
 before it could start the next one; handed off, the next batch is predicted meanwhile
-(multimodel bench: docs/benchmarks.md, "Results off the inference thread").
+(multimodel bench: docs/benchmarks.md, "results off the inference thread, hiredis").
 
 A message is either one request (`kwargs["inputs"]`) or a client micro-batch
 (`kwargs["items"]`, from `MeshClient.infer_many`) whose items are batched like requests and

@@ -31,10 +31,11 @@ from .helpers import (
 FAST_REDELIVERY = {"MESH_VISIBILITY_TIMEOUT_S": "10"}
 
 
-def test_sigkill_mid_batch_every_request_is_answered(client, workers, tmp_path):
-    w1 = workers("w1", **FAST_REDELIVERY)
-    w2 = workers("w2", **FAST_REDELIVERY)
-    # 20 ms per batch of up to 8: both copies are busy for seconds with the backlog below
+def _slow_model_on_two_workers(client, workers, tmp_path, **env):
+    """(victim, survivor): two workers, each with a copy of the slow model "m"."""
+    w1 = workers("w1", **env)
+    w2 = workers("w2", **env)
+    # 20 ms per batch of up to 8: both copies are busy for seconds with the backlogs below
     client.register_model("m", slow_info(tmp_path, "m", delay=0.02))
     wait_loaded(client, "m")
     first = next(iter(copies_of(client, "m")))
@@ -43,6 +44,11 @@ def test_sigkill_mid_batch_every_request_is_answered(client, workers, tmp_path):
     send_command(client.app, client.keys, victim.full_name, Command(op="load", model_id="m"))
     wait_for(lambda: copies_of(client, "m") == {w1.full_name: "LOADED", w2.full_name: "LOADED"},
              60, what="a copy of m on both workers")  # fmt: skip
+    return victim, survivor
+
+
+def test_sigkill_mid_batch_every_request_is_answered(client, workers, tmp_path):
+    victim, survivor = _slow_model_on_two_workers(client, workers, tmp_path, **FAST_REDELIVERY)
 
     producer = Producer(client, "m", total=800)
     producer.start()
@@ -127,15 +133,7 @@ def test_warm_shutdown_under_load_stores_and_acks_every_batch_it_predicted(clien
     # workers/inference.py) and acked. The default visibility timeout (300 s) is far longer
     # than this test waits: a request dropped or left unacked on the way out is never answered
     # here, and the unacked set does not drain.
-    w1 = workers("w1")
-    w2 = workers("w2")
-    client.register_model("m", slow_info(tmp_path, "m", delay=0.02))
-    wait_loaded(client, "m")
-    first = next(iter(copies_of(client, "m")))
-    victim, survivor = (w1, w2) if first == w2.full_name else (w2, w1)
-    send_command(client.app, client.keys, victim.full_name, Command(op="load", model_id="m"))
-    wait_for(lambda: copies_of(client, "m") == {w1.full_name: "LOADED", w2.full_name: "LOADED"},
-             60, what="a copy of m on both workers")  # fmt: skip
+    victim, survivor = _slow_model_on_two_workers(client, workers, tmp_path)
 
     producer = Producer(client, "m", total=600)
     producer.start()
