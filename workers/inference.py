@@ -36,7 +36,7 @@ from celery.worker import state as worker_state
 
 from mesh.errors import InferenceError, InvalidInput, MeshError
 from mesh.routing import SENT_AT_HEADER
-from mesh.transport import ack_many
+from mesh.transport import ack_in, ack_many, forget_acked, redis_server
 from mesh.tensors import decode_inputs, encode_outputs
 
 from .batcher import Batch, Pending
@@ -270,7 +270,8 @@ class InferenceLoop(threading.Thread):
     def _store(self, results: list[tuple[str, bytes]], messages: list[Message], batch: Batch,
                compute_s: float, started_wall: float, wait_ms: float) -> None:  # fmt: skip
         """Results thread: store a batch's results in one pipeline (SET for late readers,
-        PUBLISH for waiting ones), then ack and send events on the consumer thread."""
+        PUBLISH for waiting ones) that also acks them in Redis when the broker is the same
+        server, then finish the acks and send events on the consumer thread."""
         model_id = batch.model_id
         try:
             backend = self.host.app.backend  # the results thread's own instance and connection
@@ -279,6 +280,8 @@ class InferenceLoop(threading.Thread):
                 for key, value in results:
                     pipe.set(key, value, ex=expires)
                     pipe.publish(key, value)
+                # after the results: a message is never acked without its result stored
+                acked = ack_in(pipe, [m.pending.req._message for m in messages], redis_server(backend.client))
                 pipe.execute()
         except Exception:  # results cannot be stored (Redis away): leave them unacked
             log.exception("could not store the results of %d requests of %s; they stay unacked "
@@ -290,7 +293,7 @@ class InferenceLoop(threading.Thread):
         self.stats.add(model_id, len(messages), failures)
         self._observe(messages, model_id, compute_s, started_wall)
         self.host.call_soon(
-            _complete_all, messages, compute_s, self.host.event_dispatcher,
+            _complete_all, messages, acked, compute_s, self.host.event_dispatcher,
             {"model": model_id, "size": sum(len(m.units) for m in messages),
              "messages": len(messages), "reason": batch.reason, "failed": failures,
              "queue_wait_ms": round(wait_ms, 3), "compute_ms": round(compute_s * 1000.0, 3)},
@@ -369,9 +372,10 @@ def _revoke_all(items: list[Pending]) -> None:
         worker_state.task_ready(p.req)
 
 
-def _complete_all(messages: list[Message], runtime_s: float, dispatcher: Any, batch_event: dict) -> None:
+def _complete_all(messages: list[Message], acked: list, runtime_s: float, dispatcher: Any, batch_event: dict) -> None:
     try:
-        ack_many([m.pending.req._message for m in messages])
+        forget_acked(acked)  # acked in Redis by the results pipeline
+        ack_many([m.pending.req._message for m in messages])  # the others (none on one Redis)
     except Exception:  # connection trouble: unacked messages are redelivered (at-least-once)
         log.exception("acking a batch of %d failed; they will be redelivered", len(messages))
     for m in messages:

@@ -14,7 +14,7 @@ import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from mesh.keys import BELL_TTL_MS, Keys
-from mesh.transport import POP_AND_RECORD
+from mesh.transport import POP_AND_RECORD, ack_in, forget_acked, redis_server
 
 TRANSPORT = "mesh.transport:Transport"
 
@@ -168,3 +168,43 @@ def test_message_pushed_without_a_bell_is_still_consumed(conn: Connection, redis
         while not got and time.monotonic() < deadline:
             drain(conn, 0.5)
     assert got == [7]
+
+
+def test_acks_ride_in_another_pipeline_on_the_same_redis_and_only_there(
+    conn: Connection, redis_url: str, prefix: str
+) -> None:
+    # the worker's results thread acks a batch in its results pipeline (ack_in), the consumer
+    # thread then forgets the messages locally (forget_acked): nothing stays in kombu's
+    # unacked records, and a restore of the channel's unacked messages puts nothing back
+    queue = _queue(prefix)
+    r = redis.Redis.from_url(redis_url)
+    kp = Keys(prefix).kombu_prefix
+    got: list = []
+    with conn.channel() as channel, Consumer(channel, [queue], callbacks=[lambda b, m: got.append(m)],
+                                             accept=["json"]):  # fmt: skip
+        producer = Producer(channel)
+        for n in range(3):
+            producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.name,
+                             declare=[queue], serializer="json")  # fmt: skip
+        deadline = time.monotonic() + 5
+        while len(got) < 3 and time.monotonic() < deadline:
+            drain(conn, 0.5)
+        assert len(got) == 3 and r.hlen(kp + "unacked") == 3
+
+        elsewhere = redis.Redis(host="192.0.2.1", port=6379, db=0)  # another server: not added
+        with elsewhere.pipeline(transaction=False) as other:
+            assert ack_in(other, got, redis_server(elsewhere)) == []
+            assert len(other.command_stack) == 0
+
+        with r.pipeline(transaction=False) as pipe:
+            added = ack_in(pipe, got[:2], redis_server(r))
+            pipe.execute()
+        assert added == got[:2]
+        assert r.hlen(kp + "unacked") == 1 and r.zcard(kp + "unacked_index") == 1
+        forget_acked(added)
+        assert all(m.acknowledged for m in added) and not got[2].acknowledged
+        assert set(channel.qos._delivered) - channel.qos._dirty == {got[2].delivery_tag}
+
+        channel.qos.restore_unacked()  # what a lost connection does: only the third goes back
+        assert r.llen(kp + queue.name) == 1 and r.hlen(kp + "unacked") == 0
+        channel.queue_purge(queue.name)
