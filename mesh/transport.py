@@ -407,7 +407,7 @@ def forget_acked(messages: list) -> None:
 
 
 def redis_server(client) -> tuple | None:
-    """(host, port, db) or (unix socket path, db) of a redis-py client; None if unknown."""
+    """((host, port), db) or (unix socket path, db) of a redis-py client; None if unknown."""
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
     if not kwargs:
         return None
