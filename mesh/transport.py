@@ -365,9 +365,7 @@ def ack_many(messages: list) -> None:
             for m in msgs:
                 qos._remove_from_indices(m.delivery_tag, pipe)
             pipe.execute()
-        for m in msgs:
-            virtual.QoS.ack(qos, m.delivery_tag)  # forget it locally; Redis is done above
-            m._state = "ACK"
+        forget_acked(msgs)  # Redis is done above
 
 
 def ack_in(pipe, messages: list, server: tuple | None) -> list:
@@ -381,21 +379,34 @@ def ack_in(pipe, messages: list, server: tuple | None) -> list:
     broker is the same Redis server and database as `server` are added; the rest are left
     for `ack_many`. Any thread: this reads the messages' channels, it does not change them.
     """
+    if server is None:
+        return []
     added = []
+    keys: dict[int, tuple[str, str] | None] = {}  # per channel: its unacked index and hash
     for m in messages:
-        if m.acknowledged or server is None:
+        if m.acknowledged:
             continue
         channel = m.channel
-        qos = getattr(channel, "qos", None)
-        # the channel's own client, if it has one: reading `channel.client` would create it
-        client = vars(channel).get("client") if hasattr(channel, "__dict__") else None
-        if not isinstance(qos, kombu_redis.QoS) or redis_server(client) != server:
+        if id(channel) not in keys:
+            keys[id(channel)] = _unacked_keys(channel, server)
+        if keys[id(channel)] is None:
             continue
-        prefix = getattr(channel, "global_keyprefix", "") or ""
-        pipe.zrem(prefix + qos.unacked_index_key, m.delivery_tag)
-        pipe.hdel(prefix + qos.unacked_key, m.delivery_tag)
+        index_key, hash_key = keys[id(channel)]
+        pipe.zrem(index_key, m.delivery_tag)
+        pipe.hdel(hash_key, m.delivery_tag)
         added.append(m)
     return added
+
+
+def _unacked_keys(channel, server: tuple) -> tuple[str, str] | None:
+    """A Redis channel's unacked index and hash, prefixed, if its broker is `server`."""
+    qos = getattr(channel, "qos", None)
+    # the channel's own client, if it has one: reading `channel.client` would create it
+    client = vars(channel).get("client") if hasattr(channel, "__dict__") else None
+    if not isinstance(qos, kombu_redis.QoS) or redis_server(client) != server:
+        return None
+    prefix = getattr(channel, "global_keyprefix", "") or ""
+    return prefix + qos.unacked_index_key, prefix + qos.unacked_key
 
 
 def forget_acked(messages: list) -> None:
