@@ -17,6 +17,12 @@ busy, taking it back costs up to the switch interval (5 ms): a reload that needs
 took ~22 ms in a busy worker, most of it in the ~25 round trips and file operations around
 the unpickling (multimodel bench). The fetch stage does those while the previous load runs.
 
+Capacity is enforced here, not by cachetools (its cache only keeps the byte count): before a
+load the manager evicts the policy's victims until the model fits. One exception: when the
+copy the policy would give up first is still fresh (loaded, nothing answered yet), the worker
+holds it beyond capacity, by that one copy at most, and evicts once it has answered (`trim`;
+workers/retention.py says why).
+
 Eviction order (DESIGN §4), so no request is lost or failed because its model left:
 1. stop accepting and stop consuming the model's queue,
 2. requeue its buffered requests (another copy, or this model's next load, answers them),
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -45,7 +52,7 @@ from mesh.models import CopyState, LoadedModel, ModelRecord
 from mesh.storage import acquire_model, release_model
 
 from .batcher import BatchPolicy
-from .retention import FRESH_S, Candidate, UsageMeter, first_victim
+from .retention import FRESH_S, Candidate, UsageMeter, deferrable, first_victim
 from .runtimes import get_runtime
 from .runtimes.base import Loaded
 from .snapshots import Snapshots
@@ -70,6 +77,7 @@ class Entry:
     reserved: int = 0  # bytes promised to this load until it is installed
     touched: int = 0  # order of last use (a sequence number: no two uses tie)
     served: bool = False  # answered a batch since its load (retention.FRESH_S)
+    trim_after: bool = False  # its first batch may end a deferral: trim when it is done
 
 
 @dataclass
@@ -85,27 +93,8 @@ class _Job:
 
 
 # Victim retirements still running when the next load starts making room: beyond this the load
-# waits, so memory above capacity stays bounded by a few loads' victims.
+# waits, so memory above capacity stays bounded by a few loads' victims (and one deferred copy).
 RETIRE_BACKLOG = 2
-
-
-class _ModelCache(Cache):
-    """cachetools' cache bounded by bytes, whose victim the retention policy names. An entry
-    it pops is only marked for retirement here (the manager lock is held); the manager retires
-    it after releasing the lock."""
-
-    def __init__(self, capacity: int, victim: Callable[[], str | None], on_evict: Callable[[Entry], None]) -> None:
-        super().__init__(maxsize=capacity, getsizeof=lambda e: max(1, e.size_bytes))
-        self._victim = victim
-        self._on_evict = on_evict
-
-    def popitem(self):  # called by cachetools if an insert overflows (the manager evicts first)
-        key = self._victim()
-        if key is None:
-            raise KeyError("the cache is empty")
-        entry = self.pop(key)
-        self._on_evict(entry)
-        return key, entry
 
 
 class ModelManager:
@@ -122,7 +111,9 @@ class ModelManager:
         self.eviction_policy = s.eviction_policy
         self._usage = UsageMeter(s.eviction_decay_s)
         self._uses = itertools.count(1)
-        self._cache = _ModelCache(self.capacity, self._first_victim, self._victims.append)
+        # unbounded for cachetools: the manager evicts (the policy's victims, after a deferral)
+        self._cache: Cache = Cache(maxsize=math.inf, getsizeof=lambda e: max(1, e.size_bytes))
+        self._over = False  # above capacity after a deferral, until `trim`
         self.snapshots = Snapshots(s)
         self._snapshot_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-snapshot")
         self._reserved = 0  # bytes promised to loads in progress
@@ -182,6 +173,8 @@ class ModelManager:
                 entry.inflight += 1
             entry.last_used = time.time()
             entry.touched = next(self._uses)
+            if not entry.served and self._over:
+                entry.trim_after = True
             entry.served = True
             self._usage.record(model_id, requests, time.monotonic())
             return entry
@@ -190,6 +183,25 @@ class ModelManager:
         with self._inflight:
             entry.inflight -= 1
             self._inflight.notify_all()
+        if entry.trim_after:
+            entry.trim_after = False
+            self.trim()
+
+    def trim(self) -> None:
+        """Back to capacity after a deferral, unless a fresh copy still needs the room: after a
+        copy's first batch (any thread may call it; the heartbeat does, for a copy nobody asks
+        for, which stops being fresh after FRESH_S)."""
+        if not self._over:
+            return
+        waiting = self.host.batcher.buffered()
+        with self._lock:
+            self._evict_until_fits(0, waiting)
+            victims, self._victims[:] = list(self._victims), []
+        if victims:
+            # not through _retire_soon: that may wait for earlier retirements, and the caller
+            # is the inference thread
+            with self._retiring_lock:
+                self._retiring.append(self._retirer.submit(self._retire_all, victims))
 
     # ------------------------------------------------------------ reporting
     def snapshot(self) -> tuple[list[LoadedModel], list[str], int]:
@@ -427,31 +439,37 @@ class ModelManager:
     def _reassert(self, model_id: str) -> None:
         self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED)
 
-    def _first_victim(self, waiting: Mapping[str, int] | None = None) -> str | None:
-        """The loaded model the retention policy gives up first (lock held). `waiting`: the
+    def _candidates(self, waiting: Mapping[str, int] | None) -> list[Candidate]:
+        """The loaded models as the retention policy sees them (lock held). `waiting`: the
         requests buffered per model (read before the lock: the batcher has its own)."""
         now, wall = time.monotonic(), time.time()
         waiting = waiting or {}
-        return first_victim(
-            (
-                Candidate(
-                    m,
-                    self._usage.score(m, now) + waiting.get(m, 0) + e.inflight,
-                    e.touched,
-                    fresh=not e.served and wall - e.loaded_at < FRESH_S,
-                )
-                for m, e in self._cache.items()
-            ),
-            self.eviction_policy,
-        )
+        return [
+            Candidate(
+                m,
+                self._usage.score(m, now) + waiting.get(m, 0) + e.inflight,
+                e.touched,
+                fresh=not e.served and wall - e.loaded_at < FRESH_S,
+            )
+            for m, e in self._cache.items()
+        ]
 
     def _evict_until_fits(self, needed: int, waiting: Mapping[str, int] | None = None) -> None:
-        """Evict the policy's victims until `needed` more bytes fit (lock held)."""
-        while self._cache and self._cache.currsize + self._reserved + needed > self.capacity:
-            victim = self._cache.pop(self._first_victim(waiting))
+        """Evict the policy's victims until `needed` more bytes fit (lock held), holding at
+        most one fresh copy beyond capacity instead of a model that ranks above it."""
+        limit = self.capacity
+        while self._cache and self._cache.currsize + self._reserved + needed > limit:
+            candidates = self._candidates(waiting)
+            if limit == self.capacity:
+                fresh = deferrable(candidates, self.eviction_policy)
+                if fresh is not None:
+                    limit += self._cache[fresh].size_bytes
+                    continue
+            victim = self._cache.pop(first_victim(candidates, self.eviction_policy))
             self._victims.append(victim)
             victim.state = "EVICTING"
             log.info("evicting %s (%d bytes) to make room", victim.model_id, victim.size_bytes)
+        self._over = self._cache.currsize + self._reserved + needed > self.capacity
 
     def _retire_victims_soon(self) -> None:
         """Retire the evicted models on the retire thread, in eviction order; wait only while

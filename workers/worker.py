@@ -368,8 +368,10 @@ class MeshWorker:
 
     def maintenance(self) -> None:
         """Periodic (heartbeat thread): announce copies whose records vanished, watch models
-        that left for orphaned requests, and stop draining failed models whose queue is empty."""
+        that left for orphaned requests, stop draining failed models whose queue is empty, and
+        come back to capacity after a deferral whose fresh copy nobody asked for."""
         self.reassert_copies()
+        self.manager.trim()
         now = time.monotonic()
         with self._unloaded_lock:
             watch = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_WATCH_S]

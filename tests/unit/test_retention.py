@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from workers.retention import Candidate, UsageMeter, eviction_key, first_victim
+from workers.retention import Candidate, UsageMeter, deferrable, eviction_key, first_victim
 
 
 def test_usage_evicts_the_least_requested_and_lru_the_least_recent():
@@ -24,6 +24,21 @@ def test_usage_breaks_ties_by_last_use():
 
 def test_no_candidate_no_victim():
     assert first_victim([], "usage") is None
+    assert deferrable([], "usage") is None
+
+
+def test_a_fresh_copy_below_every_other_is_deferred_to_not_replaced_by_a_used_model():
+    hot = Candidate("hot", 20.0, last_used=1.0)
+    fresh = Candidate("fresh", 0.0, last_used=5.0, fresh=True)
+    assert first_victim([hot, fresh], "usage") == "hot"  # freshness alone would evict hot
+    assert deferrable([hot, fresh], "usage") == "fresh"  # so the worker holds both for now
+    # a served copy ranks lowest: evict it, nothing to defer
+    once = Candidate("once", 1.0, last_used=2.0)
+    assert deferrable([hot, once, Candidate("fresh", 3.0, 5.0, fresh=True)], "usage") is None
+    assert first_victim([hot, once, Candidate("fresh", 3.0, 5.0, fresh=True)], "usage") == "once"
+    # lru ranks by last use: a fresh copy (used at its load) defers to an older one
+    assert deferrable([Candidate("old", 9.0, 1.0), Candidate("new", 0.0, 5.0, fresh=True)], "lru") is None
+    assert deferrable([Candidate("old", 9.0, 9.0), Candidate("new", 0.0, 5.0, fresh=True)], "lru") == "new"
 
 
 def test_meter_counts_requests_and_decays_them():
