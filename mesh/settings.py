@@ -65,6 +65,14 @@ class MeshSettings(BaseSettings):
         description="keep a snapshot of each loaded model in the disk cache that reloads read "
         "instead of the model's files, where the runtime offers one (sklearn: 5-7x faster)",
     )
+    fresh_overcommit_fraction: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="how far above its capacity (a fraction of it) a worker may hold copies "
+        "that have not answered since their load, rather than evict a more used model in "
+        "their place; they are evicted first once they have answered (0: never above capacity)",
+    )
     eviction_decay_s: float = Field(
         default=120.0,
         gt=0,

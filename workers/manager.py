@@ -18,10 +18,10 @@ took ~22 ms in a busy worker, most of it in the ~25 round trips and file operati
 the unpickling (multimodel bench). The fetch stage does those while the previous load runs.
 
 Capacity is enforced here, not by cachetools (its cache only keeps the byte count): before a
-load the manager evicts the policy's victims until the model fits. One exception: when the
-copy the policy would give up first is still fresh (loaded, nothing answered yet), the worker
-holds it beyond capacity, by that one copy at most, and evicts once it has answered (`trim`;
-workers/retention.py says why).
+load the manager evicts the policy's victims until the model fits. One exception: copies the
+policy would give up first that are still fresh (loaded, nothing answered yet) are held above
+capacity instead, by at most MESH_FRESH_OVERCOMMIT_FRACTION of it, and evicted once they have
+answered (`trim`; workers/retention.py says why).
 
 Eviction order (DESIGN §4), so no request is lost or failed because its model left:
 1. stop accepting and stop consuming the model's queue,
@@ -52,7 +52,7 @@ from mesh.models import CopyState, LoadedModel, ModelRecord
 from mesh.storage import acquire_model, release_model
 
 from .batcher import BatchPolicy
-from .retention import FRESH_S, Candidate, UsageMeter, deferrable, first_victim
+from .retention import FRESH_S, Candidate, UsageMeter, make_room
 from .runtimes import get_runtime
 from .runtimes.base import Loaded
 from .snapshots import Snapshots
@@ -77,7 +77,7 @@ class Entry:
     reserved: int = 0  # bytes promised to this load until it is installed
     touched: int = 0  # order of last use (a sequence number: no two uses tie)
     served: bool = False  # answered a batch since its load (retention.FRESH_S)
-    trim_after: bool = False  # its first batch may end a deferral: trim when it is done
+    trim_after: bool = False  # held above capacity for: trim when its first batch is done
 
 
 @dataclass
@@ -109,11 +109,12 @@ class ModelManager:
         self._entries: dict[str, Entry] = {}
         self._victims: list[Entry] = []
         self.eviction_policy = s.eviction_policy
+        self.overcommit = int(s.worker_capacity_bytes * s.fresh_overcommit_fraction)
         self._usage = UsageMeter(s.eviction_decay_s)
         self._uses = itertools.count(1)
         # unbounded for cachetools: the manager evicts (the policy's victims, after a deferral)
         self._cache: Cache = Cache(maxsize=math.inf, getsizeof=lambda e: max(1, e.size_bytes))
-        self._over = False  # above capacity after a deferral, until `trim`
+        self._over = False  # above capacity, holding fresh copies, until `trim`
         self.snapshots = Snapshots(s)
         self._snapshot_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-snapshot")
         self._reserved = 0  # bytes promised to loads in progress
@@ -188,9 +189,9 @@ class ModelManager:
             self.trim()
 
     def trim(self) -> None:
-        """Back to capacity after a deferral, unless a fresh copy still needs the room: after a
-        copy's first batch (any thread may call it; the heartbeat does, for a copy nobody asks
-        for, which stops being fresh after FRESH_S)."""
+        """Back to capacity, as far as no fresh copy still needs the room: after a copy's first
+        batch, and from the heartbeat (for a copy nobody asks for, which stops being fresh
+        after FRESH_S). Any thread."""
         if not self._over:
             return
         waiting = self.host.batcher.buffered()
@@ -450,22 +451,20 @@ class ModelManager:
                 self._usage.score(m, now) + waiting.get(m, 0) + e.inflight,
                 e.touched,
                 fresh=not e.served and wall - e.loaded_at < FRESH_S,
+                size=e.size_bytes,
             )
             for m, e in self._cache.items()
         ]
 
     def _evict_until_fits(self, needed: int, waiting: Mapping[str, int] | None = None) -> None:
-        """Evict the policy's victims until `needed` more bytes fit (lock held), holding at
-        most one fresh copy beyond capacity instead of a model that ranks above it."""
-        limit = self.capacity
-        while self._cache and self._cache.currsize + self._reserved + needed > limit:
-            candidates = self._candidates(waiting)
-            if limit == self.capacity:
-                fresh = deferrable(candidates, self.eviction_policy)
-                if fresh is not None:
-                    limit += self._cache[fresh].size_bytes
-                    continue
-            victim = self._cache.pop(first_victim(candidates, self.eviction_policy))
+        """Evict the policy's victims until `needed` more bytes fit (lock held), or as far as
+        retention.make_room holds fresh copies above capacity instead."""
+        victims = make_room(
+            self._candidates(waiting), self.eviction_policy, used=self._cache.currsize + self._reserved,
+            needed=needed, capacity=self.capacity, overcommit=self.overcommit,
+        )  # fmt: skip
+        for model_id in victims:
+            victim = self._cache.pop(model_id)
             self._victims.append(victim)
             victim.state = "EVICTING"
             log.info("evicting %s (%d bytes) to make room", victim.model_id, victim.size_bytes)

@@ -27,12 +27,12 @@ Requests waiting for a copy on this worker (buffered, or in a running batch) add
 evicting it would send them back to be loaded again.
 
 That protection must not cost a popular model its place, though. Under churn a worker holds
-one to five fresh copies at a time (loads come every 25-50 ms, a copy answers its first batch
-~30 ms after its load, p99 180 ms): when the copy the policy would give up first is one of them,
-the victim used to be the next in line, often a model ranked 15-40 with a high count, which
-was then loaded again within a second. Now the worker defers (`deferrable`): it holds that
-fresh copy beyond its capacity until the copy has answered, then evicts by the policy again
-(workers/manager.py). Multimodel bench: 269-280 loads per 1,000 instead of 284-287.
+up to nine fresh copies at once (in a burst of reloads one lands every 10-15 ms, and a copy
+answers its first batch ~30 ms after its load, p90 80 ms): when the copies the policy would
+give up first are fresh, the victim used to be the next in line, often a model ranked 15-40
+with a high count, which was loaded again within a second. Now `make_room` holds such fresh
+copies beyond capacity instead (`deferrable`), by up to MESH_FRESH_OVERCOMMIT_FRACTION of it,
+and the worker evicts by the policy again once they have answered (workers/manager.py, `trim`).
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class Candidate:
     score: float
     last_used: float
     fresh: bool = False
+    size: int = 1  # bytes
 
 
 def eviction_key(c: Candidate, policy: Policy) -> tuple[float, ...]:
@@ -88,6 +89,26 @@ def deferrable(candidates: Iterable[Candidate], policy: Policy) -> str | None:
     the worker holds the copy beyond capacity until it has answered, then evicts again."""
     best = min(candidates, key=lambda c: eviction_key(c, policy)[1:], default=None)
     return best.model_id if best is not None and best.fresh else None
+
+
+def make_room(
+    candidates: Iterable[Candidate], policy: Policy, *, used: int, needed: int, capacity: int,
+    overcommit: int = 0,
+) -> list[str]:  # fmt: skip
+    """The models to evict, in order, so that `needed` more bytes fit beside `used` in
+    `capacity`; a fresh copy the policy would evict first but for its freshness (`deferrable`)
+    is held instead, above capacity by at most `overcommit` bytes for all such copies."""
+    left = {c.model_id: c for c in candidates}
+    limit, victims = capacity, []
+    while left and used + needed > limit:
+        fresh = deferrable(left.values(), policy)
+        if fresh is not None and limit + left[fresh].size <= capacity + overcommit:
+            limit += left.pop(fresh).size
+            continue
+        victim = left.pop(first_victim(left.values(), policy))  # type: ignore[arg-type]
+        victims.append(victim.model_id)
+        used -= victim.size
+    return victims
 
 
 class UsageMeter:

@@ -46,9 +46,9 @@ def test_a_load_holds_a_fresh_copy_beyond_capacity_instead_of_evicting_a_used_mo
 ):
     """Room for two: m_hot (used six times) and a fresh copy nobody has asked for yet (a
     proactive load). A third model's load must not evict m_hot in the fresh copy's place: the
-    worker holds all three, then comes back to capacity by evicting the fresh copy once it is
-    no longer fresh (the heartbeat's trim, after FRESH_S). A fresh copy that answers ends its
-    deferral at once (the trim after its first batch)."""
+    worker holds all three (MESH_FRESH_OVERCOMMIT_FRACTION), then comes back to capacity by
+    evicting the fresh copy once it is no longer fresh (the heartbeat's trim, after FRESH_S).
+    A fresh copy that answers is evicted by the policy again (the trim after its first batch)."""
     from mesh.commands import send_command
     from mesh.models import Command
     from workers.retention import FRESH_S
@@ -56,7 +56,8 @@ def test_a_load_holds_a_fresh_copy_beyond_capacity_instead_of_evicting_a_used_mo
 
     info = ModelInfo(runtime="sklearn", uri=f"file://{svm_path}")
     size = get_runtime("sklearn").load(svm_path, info).size_bytes
-    w = workers("w1", MESH_WORKER_CAPACITY_BYTES=int(size * 2.5))
+    # room for two models, and for one fresh copy above that
+    w = workers("w1", MESH_WORKER_CAPACITY_BYTES=int(size * 2.5), MESH_FRESH_OVERCOMMIT_FRACTION=0.5)
     for model_id in ("m_hot", "m_fresh", "m_new", "m_fresh2", "m_last"):
         path = model_dir / f"defer_{model_id}.joblib"
         shutil.copy(svm_path, path)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from workers.retention import Candidate, UsageMeter, deferrable, eviction_key, first_victim
+from workers.retention import Candidate, UsageMeter, deferrable, eviction_key, first_victim, make_room
 
 
 def test_usage_evicts_the_least_requested_and_lru_the_least_recent():
@@ -39,6 +39,40 @@ def test_a_fresh_copy_below_every_other_is_deferred_to_not_replaced_by_a_used_mo
     # lru ranks by last use: a fresh copy (used at its load) defers to an older one
     assert deferrable([Candidate("old", 9.0, 1.0), Candidate("new", 0.0, 5.0, fresh=True)], "lru") is None
     assert deferrable([Candidate("old", 9.0, 9.0), Candidate("new", 0.0, 5.0, fresh=True)], "lru") == "new"
+
+
+def _room(candidates, needed=10, overcommit=0, capacity=30):
+    used = sum(c.size for c in candidates)
+    return make_room(candidates, "usage", used=used, needed=needed, capacity=capacity, overcommit=overcommit)
+
+
+def test_make_room_evicts_by_the_policy_until_the_load_fits():
+    a, b, c = (Candidate(m, score, 0.0, size=10) for m, score in (("a", 5.0), ("b", 1.0), ("c", 3.0)))
+    assert _room([a, b, c]) == ["b"]
+    assert _room([a, b, c], needed=20) == ["b", "c"]
+    assert _room([a, b], needed=10) == []  # it fits
+    big = Candidate("big", 0.5, 0.0, size=25)
+    assert _room([a, big], needed=10, capacity=30) == ["big"]  # one big victim frees enough
+
+
+def test_make_room_holds_fresh_copies_above_capacity_as_far_as_the_overcommit_allows():
+    hot, warm = Candidate("hot", 20.0, 1.0, size=10), Candidate("warm", 8.0, 2.0, size=10)
+    f1 = Candidate("f1", 0.0, 5.0, fresh=True, size=10)
+    f2 = Candidate("f2", 1.0, 6.0, fresh=True, size=10)
+    # without room above capacity, freshness protects the fresh copies: the used ones go
+    assert _room([hot, warm, f1]) == ["warm"]
+    assert _room([hot, warm, f1, f2], needed=10, capacity=40) == ["warm"]
+    # with room for one fresh copy above capacity: nothing is evicted for one load
+    assert _room([hot, warm, f1], overcommit=10) == []
+    # two fresh copies below the used ones, room above capacity for one: the next victim goes
+    assert _room([hot, warm, f1, f2], needed=20, capacity=40, overcommit=10) == ["warm"]
+    assert _room([hot, warm, f1, f2], needed=20, capacity=40, overcommit=20) == []
+    # a fresh copy larger than the overcommit is not held: the used one goes
+    assert _room([hot, Candidate("f", 0.0, 5.0, fresh=True, size=15)], needed=10, capacity=25, overcommit=10) == ["hot"]
+    # a used copy below every fresh one is evicted as before, overcommit or not
+    once = Candidate("once", 0.5, 3.0, size=10)
+    assert _room([hot, once, f2], overcommit=10) == ["once"]
+    assert _room([hot, once, f1], overcommit=10) == []  # f1 (count 0) ranks below it
 
 
 def test_meter_counts_requests_and_decays_them():
