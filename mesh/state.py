@@ -39,6 +39,7 @@ class Route(IntEnum):
     CLAIMED = 2  # no copy and no load in progress: the caller must place a load
     PENDING = 3  # another client is placing a load right now
     QUEUE_FULL = 4  # max_queue_size requests already wait in Redis
+    IDLE = 5  # asked with if_queued, and no request waits in Redis: nothing to load
 
 
 # One round trip on the hot path. A claim whose holder is a dead worker is taken over, so a
@@ -46,11 +47,9 @@ class Route(IntEnum):
 _ROUTE_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 local max_queue = tonumber(ARGV[5])
-if max_queue > 0 then
-  local depth = 0
-  for i = 4, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
-  if depth >= max_queue then return 4 end
-end
+local depth = 0
+for i = 4, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+if max_queue > 0 and depth >= max_queue then return 4 end
 for _, w in ipairs(redis.call('HKEYS', KEYS[2])) do
   if redis.call('EXISTS', ARGV[2] .. w) == 1 then return 1 end
 end
@@ -60,6 +59,7 @@ if holder then
     return 3
   end
 end
+if ARGV[6] == '1' and depth == 0 then return 5 end
 redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
 return 2
 """
@@ -229,15 +229,25 @@ class StateStore:
 
     # ------------------------------------------------------------------ cold path
     def route(
-        self, model_id: str, claimant: str, *, max_queue: int = 0, priority_steps: list[int] = (0,)
-    ) -> Route:
-        """One round trip: exists? queue full? a live copy? else claim the load."""
+        self, model_id: str, claimant: str, *, max_queue: int = 0, priority_steps: list[int] = (0,),
+        if_queued: bool = False,
+    ) -> Route:  # fmt: skip
+        """One round trip: exists? queue full? a live copy? else claim the load.
+
+        `if_queued`: claim only while requests wait in the model's queue (else Route.IDLE). For
+        a worker's orphan watch, whose read of the queue's depth is a round trip older: a copy
+        leaving may have answered those requests meanwhile, and a load then would be for
+        nothing.
+        """
         k = self.keys
-        queue_keys = k.queue_list_keys(k.model_queue(model_id), list(priority_steps)) if max_queue else []
+        queue_keys = (
+            k.queue_list_keys(k.model_queue(model_id), list(priority_steps)) if max_queue or if_queued else []
+        )
         code = self._route(
             keys=[k.models, k.copies(model_id), k.load_claim(model_id), *queue_keys],
-            args=[model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}", max_queue],
-        )
+            args=[model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}", max_queue,
+                  "1" if if_queued else "0"],
+        )  # fmt: skip
         return Route(int(code))
 
     def place_load(self, model_id: str, *, exclude: Iterable[str] = ()) -> Placement:

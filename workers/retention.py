@@ -27,12 +27,13 @@ Requests waiting for a copy on this worker (buffered, or in a running batch) add
 evicting it would send them back to be loaded again.
 
 That protection must not cost a popular model its place, though. Under churn a worker holds
-up to nine fresh copies at once (in a burst of reloads one lands every 10-15 ms, and a copy
-answers its first batch ~30 ms after its load, p90 80 ms): when the copies the policy would
-give up first are fresh, the victim used to be the next in line, often a model ranked 15-40
-with a high count, which was loaded again within a second. Now `make_room` holds such fresh
-copies beyond capacity instead (`deferrable`), by up to MESH_FRESH_OVERCOMMIT_FRACTION of it,
-and the worker evicts by the policy again once they have answered (workers/manager.py, `trim`).
+several fresh copies at once (five to nine at the peaks of the multimodel bench: in a burst of
+reloads one lands every 10-15 ms, and a copy answers its first batch ~30 ms after its load, p90
+80 ms). When the copies the policy would give up first were all fresh, the victim used to be
+the next in line, often a model ranked 15-40 with a high count, loaded again within a second.
+Now `make_room` holds such fresh copies above capacity instead (`deferrable`), by up to
+MESH_FRESH_OVERCOMMIT_FRACTION of it, and the worker evicts by the policy again once they have
+answered (workers/manager.py, `trim`).
 """
 
 from __future__ import annotations

@@ -349,12 +349,13 @@ class MeshWorker:
             depth = self.store.queue_depth(model_id, self.priority_steps)
         if depth == 0:
             return False
-        if self.store.route(model_id, claimant=self.name) is Route.CLAIMED:
+        route = self.store.route(model_id, claimant=self.name, priority_steps=self.priority_steps, if_queued=True)
+        if route is Route.CLAIMED:
             placement = self.store.place_load(model_id)
             if placement.worker:
                 log.info("%s has queued requests and no copy: loading it on %s", model_id, placement.worker)
                 send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
-        return True
+        return route is not Route.IDLE
 
     def adopt_orphans(self) -> None:
         """Load models whose requests wait in Redis with no copy anywhere (sent before any

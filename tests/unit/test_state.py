@@ -72,6 +72,22 @@ def test_route_claims_once_and_sees_live_copies(store):
     assert store.model_status("a").state is ModelState.LOADED
 
 
+def test_an_orphan_claim_needs_requests_still_queued(store):
+    """A worker's orphan watch reads queue depths, then claims a round trip later: by then the
+    copy that was leaving may have answered them. if_queued claims only while one still waits."""
+    store.register_model("a", INFO)
+    steps = [0, 5]
+    assert store.route("a", "w1", priority_steps=steps, if_queued=True) is Route.IDLE
+    assert store.r.exists(store.keys.load_claim("a")) == 0  # nothing claimed
+    low_lane = store.keys.queue_list_keys(store.keys.model_queue("a"), steps)[-1]
+    store.r.lpush(low_lane, "a request")
+    assert store.route("a", "w1", priority_steps=steps, if_queued=True) is Route.CLAIMED
+    store.r.delete(store.keys.load_claim("a"))
+    store.mark_copy("a", "w2", CopyState.LOADED)
+    heartbeat(store, "w2")
+    assert store.route("a", "w1", priority_steps=steps, if_queued=True) is Route.SERVING
+
+
 def test_a_claim_held_by_a_dead_worker_is_taken_over(store):
     store.register_model("a", INFO)
     store.r.set(store.keys.load_claim("a"), "dead-worker")
