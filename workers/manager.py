@@ -93,7 +93,8 @@ class _Job:
 
 
 # Victim retirements still running when the next load starts making room: beyond this the load
-# waits, so memory above capacity stays bounded by a few loads' victims (and one deferred copy).
+# waits, so memory above capacity stays bounded by a few loads' victims (plus the fresh copies
+# retention.make_room holds, MESH_FRESH_OVERCOMMIT_FRACTION).
 RETIRE_BACKLOG = 2
 
 
@@ -112,7 +113,7 @@ class ModelManager:
         self.overcommit = int(s.worker_capacity_bytes * s.fresh_overcommit_fraction)
         self._usage = UsageMeter(s.eviction_decay_s)
         self._uses = itertools.count(1)
-        # unbounded for cachetools: the manager evicts (the policy's victims, after a deferral)
+        # unbounded for cachetools: the manager evicts (retention.make_room)
         self._cache: Cache = Cache(maxsize=math.inf, getsizeof=lambda e: max(1, e.size_bytes))
         self._over = False  # above capacity, holding fresh copies, until `trim`
         self.snapshots = Snapshots(s)

@@ -27,7 +27,7 @@ def test_no_candidate_no_victim():
     assert deferrable([], "usage") is None
 
 
-def test_a_fresh_copy_below_every_other_is_deferred_to_not_replaced_by_a_used_model():
+def test_a_fresh_copy_the_policy_would_evict_but_for_its_freshness_is_deferrable():
     hot = Candidate("hot", 20.0, last_used=1.0)
     fresh = Candidate("fresh", 0.0, last_used=5.0, fresh=True)
     assert first_victim([hot, fresh], "usage") == "hot"  # freshness alone would evict hot
