@@ -71,7 +71,8 @@ class MeshSettings(BaseSettings):
         le=1,
         description="how far above its capacity (a fraction of it) a worker may hold copies "
         "that have not answered since their load, rather than evict a more used model in "
-        "their place; they are evicted first once they have answered (0: never above capacity)",
+        "their place; once one has answered, the worker evicts by its policy again, usually that "
+        "copy (0: never above capacity)",
     )
     eviction_decay_s: float = Field(
         default=120.0,

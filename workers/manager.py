@@ -187,23 +187,26 @@ class ModelManager:
             self._inflight.notify_all()
         if entry.trim_after:
             entry.trim_after = False
-            self.trim()
+            try:
+                self.trim()
+            except Exception:  # the batch is answered; the heartbeat trims again
+                log.exception("trimming back to capacity failed")
 
     def trim(self) -> None:
         """Back to capacity, as far as no fresh copy still needs the room: after a copy's first
         batch, and from the heartbeat (for a copy nobody asks for, which stops being fresh
         after FRESH_S). Any thread."""
-        if not self._over:
+        if not self._over or self._closing:
             return
         waiting = self.host.batcher.buffered()
         with self._lock:
             self._evict_until_fits(0, waiting)
             victims, self._victims[:] = list(self._victims), []
         if victims:
-            # not through _retire_soon: that may wait for earlier retirements, and the caller
-            # is the inference thread
-            with self._retiring_lock:
-                self._retiring.append(self._retirer.submit(self._retire_all, victims))
+            # Without _retiring_lock: a loader holds it while it waits for earlier retirements,
+            # which may need the inference thread (our caller) to drain their buffers. deque
+            # appends are atomic; the next load waits for these retirements like any other.
+            self._retiring.append(self._retirer.submit(self._retire_all, victims))
 
     # ------------------------------------------------------------ reporting
     def snapshot(self) -> tuple[list[LoadedModel], list[str], int]:
@@ -298,7 +301,7 @@ class ModelManager:
             # in sequence a cold request waited for both (multimodel bench: a load took 88 ms
             # inside the worker against 35 ms in a plain Celery task). Memory may exceed the
             # capacity by the retiring victims' size meanwhile (RETIRE_BACKLOG loads' worth).
-            self._retire_victims_soon()
+            self._retire_victims_soon(wait=True)
             loaded, restored = self._build(job, started)
             self._install(entry, loaded)
         except Exception as exc:
@@ -471,19 +474,19 @@ class ModelManager:
             log.info("evicting %s (%d bytes) to make room", victim.model_id, victim.size_bytes)
         self._over = self._cache.currsize + self._reserved + needed > self.capacity
 
-    def _retire_victims_soon(self) -> None:
-        """Retire the evicted models on the retire thread, in eviction order; wait only while
-        RETIRE_BACKLOG earlier retirements are still running."""
+    def _retire_victims_soon(self, wait: bool = False) -> None:
+        """Retire the evicted models on the retire thread, in eviction order, once fewer than
+        RETIRE_BACKLOG earlier retirements are still running. `wait`: wait for that even with
+        no victims of our own (a load about to build: a trim's retirements count too)."""
         with self._lock:
             victims, self._victims[:] = list(self._victims), []
-        if victims:
-            self._retire_soon(victims)
-
-    def _retire_soon(self, victims: list[Entry]) -> None:
+        if not victims and not wait:
+            return
         with self._retiring_lock:  # loader threads (MESH_LOADING_CONCURRENCY) share the backlog
             while self._retiring and (self._retiring[0].done() or len(self._retiring) >= RETIRE_BACKLOG):
                 self._retiring.popleft().result()
-            self._retiring.append(self._retirer.submit(self._retire_all, victims))
+            if victims:
+                self._retiring.append(self._retirer.submit(self._retire_all, victims))
 
     def _drop_copy_unless_held(self, model_id: str) -> None:
         with self._lock:

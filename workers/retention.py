@@ -100,15 +100,24 @@ def make_room(
     `capacity`; a fresh copy the policy would evict first but for its freshness (`deferrable`)
     is held instead, above capacity by at most `overcommit` bytes for all such copies."""
     left = {c.model_id: c for c in candidates}
-    limit, victims = capacity, []
+    limit, victims, held = capacity, [], []
     while left and used + needed > limit:
         fresh = deferrable(left.values(), policy)
         if fresh is not None and limit + left[fresh].size <= capacity + overcommit:
-            limit += left.pop(fresh).size
+            held.append(left.pop(fresh))
+            limit += held[-1].size
             continue
         victim = left.pop(first_victim(left.values(), policy))  # type: ignore[arg-type]
         victims.append(victim.model_id)
         used -= victim.size
+    if used + needed > limit:
+        # nothing else left to evict and still too full (loads in progress reserve the rest):
+        # the held copies go too, as they would without the allowance
+        for copy in held:
+            if used + needed <= capacity:
+                break
+            victims.append(copy.model_id)
+            used -= copy.size
     return victims
 
 

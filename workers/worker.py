@@ -371,8 +371,8 @@ class MeshWorker:
         """Periodic (heartbeat thread): announce copies whose records vanished, watch models
         that left for orphaned requests, stop draining failed models whose queue is empty, and
         come back to capacity after a deferral whose fresh copy nobody asked for."""
+        self.manager.trim()  # first: local only, whatever Redis does
         self.reassert_copies()
-        self.manager.trim()
         now = time.monotonic()
         with self._unloaded_lock:
             watch = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_WATCH_S]

@@ -73,6 +73,10 @@ def test_make_room_holds_fresh_copies_above_capacity_as_far_as_the_overcommit_al
     once = Candidate("once", 0.5, 3.0, size=10)
     assert _room([hot, once, f2], overcommit=10) == ["once"]
     assert _room([hot, once, f1], overcommit=10) == []  # f1 (count 0) ranks below it
+    # loads in progress reserve 25 or 35 more: within capacity + overcommit both copies stay;
+    # beyond it, with nothing else to evict, they go as they would without the allowance
+    assert make_room([f1, f2], "usage", used=20 + 25, needed=10, capacity=40, overcommit=20) == []
+    assert make_room([f1, f2], "usage", used=20 + 35, needed=10, capacity=40, overcommit=20) == ["f1", "f2"]
 
 
 def test_meter_counts_requests_and_decays_them():

@@ -81,6 +81,7 @@ def test_an_orphan_claim_needs_requests_still_queued(store):
     assert store.r.exists(store.keys.load_claim("a")) == 0  # nothing claimed
     low_lane = store.keys.queue_list_keys(store.keys.model_queue("a"), steps)[-1]
     store.r.lpush(low_lane, "a request")
+    assert store.route("a", "w1", priority_steps=steps, if_queued=True, max_queue=1) is Route.QUEUE_FULL
     assert store.route("a", "w1", priority_steps=steps, if_queued=True) is Route.CLAIMED
     store.r.delete(store.keys.load_claim("a"))
     store.mark_copy("a", "w2", CopyState.LOADED)
