@@ -198,6 +198,10 @@ class ModelManager:
         after FRESH_S). Any thread."""
         if not self._over or self._closing:
             return
+        if sum(not f.done() for f in self._retiring.copy()) >= RETIRE_BACKLOG:
+            # retirements are behind: the held copies stay (within the allowance) until the
+            # next first batch or heartbeat, rather than pile up more memory being freed
+            return
         waiting = self.host.batcher.buffered()
         with self._lock:
             self._evict_until_fits(0, waiting)
@@ -205,7 +209,7 @@ class ModelManager:
         if victims:
             # Without _retiring_lock: a loader holds it while it waits for earlier retirements,
             # which may need the inference thread (our caller) to drain their buffers. deque
-            # appends are atomic; the next load waits for these retirements like any other.
+            # appends (and copies) are atomic; a load that evicts waits for these like any other.
             self._retiring.append(self._retirer.submit(self._retire_all, victims))
 
     # ------------------------------------------------------------ reporting
@@ -301,7 +305,7 @@ class ModelManager:
             # in sequence a cold request waited for both (multimodel bench: a load took 88 ms
             # inside the worker against 35 ms in a plain Celery task). Memory may exceed the
             # capacity by the retiring victims' size meanwhile (RETIRE_BACKLOG loads' worth).
-            self._retire_victims_soon(wait=True)
+            self._retire_victims_soon()
             loaded, restored = self._build(job, started)
             self._install(entry, loaded)
         except Exception as exc:
@@ -474,19 +478,17 @@ class ModelManager:
             log.info("evicting %s (%d bytes) to make room", victim.model_id, victim.size_bytes)
         self._over = self._cache.currsize + self._reserved + needed > self.capacity
 
-    def _retire_victims_soon(self, wait: bool = False) -> None:
+    def _retire_victims_soon(self) -> None:
         """Retire the evicted models on the retire thread, in eviction order, once fewer than
-        RETIRE_BACKLOG earlier retirements are still running. `wait`: wait for that even with
-        no victims of our own (a load about to build: a trim's retirements count too)."""
+        RETIRE_BACKLOG earlier retirements (a trim's too) are still running."""
         with self._lock:
             victims, self._victims[:] = list(self._victims), []
-        if not victims and not wait:
+        if not victims:
             return
         with self._retiring_lock:  # loader threads (MESH_LOADING_CONCURRENCY) share the backlog
             while self._retiring and (self._retiring[0].done() or len(self._retiring) >= RETIRE_BACKLOG):
                 self._retiring.popleft().result()
-            if victims:
-                self._retiring.append(self._retirer.submit(self._retire_all, victims))
+            self._retiring.append(self._retirer.submit(self._retire_all, victims))
 
     def _drop_copy_unless_held(self, model_id: str) -> None:
         with self._lock:
