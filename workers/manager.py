@@ -467,9 +467,13 @@ class ModelManager:
     def _evict_until_fits(self, needed: int, waiting: Mapping[str, int] | None = None) -> None:
         """Evict the policy's victims until `needed` more bytes fit (lock held), or as far as
         retention.make_room holds fresh copies above capacity instead."""
+        used = self._cache.currsize + self._reserved
+        if used + needed <= self.capacity:  # it fits: no candidates to score
+            self._over = False
+            return
         victims = make_room(
-            self._candidates(waiting), self.eviction_policy, used=self._cache.currsize + self._reserved,
-            needed=needed, capacity=self.capacity, overcommit=self.overcommit,
+            self._candidates(waiting), self.eviction_policy, used=used, needed=needed,
+            capacity=self.capacity, overcommit=self.overcommit,
         )  # fmt: skip
         for model_id in victims:
             victim = self._cache.pop(model_id)
