@@ -5,7 +5,7 @@ variables through mesh.settings; everything else is a plain Celery setting you m
 The reasons behind each choice are in reference/celery.md §9 and docs/configuration.md.
 """
 
-from mesh.celery_config import mesh_celery_settings
+from mesh.broker.celery_options import mesh_celery_settings
 
 # --- serialization: JSON only, never pickle (a pickle message is rejected by the worker)
 task_serializer = "json"
@@ -14,15 +14,15 @@ event_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-# --- broker: kombu's Redis transport, hardened against garbage in a queue (mesh/transport.py)
-broker_transport = "mesh.transport:Transport"
+# --- broker: kombu's Redis transport, hardened against garbage in a queue (mesh/broker/transport.py)
+broker_transport = "mesh.broker.transport:Transport"
 
 # --- delivery: ack after the result is stored (at-least-once; inference must be idempotent)
 task_acks_late = True
 task_reject_on_worker_lost = False  # solo pool: no child processes to lose
 task_default_priority = 5  # 0 is the urgent lane; normal traffic uses 5 (see priority_steps)
 task_create_missing_queues = True
-task_routes = ("mesh.routing.route_task",)
+task_routes = ("mesh.control.routing.route_task",)
 
 # --- worker: one process per device slot, our own Strategy and inference thread
 worker_prefetch_multiplier = 64  # raised at run time from the loaded models' batch sizes

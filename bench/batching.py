@@ -31,9 +31,9 @@ from bench.common import answers as _answers
 from bench.common import clean as _clean
 from bench.common import cpu_seconds, one_at_a_time, percentile, plain_producer
 from mesh import BatchingConfig, MeshClient, ModelInfo
-from mesh.embedded import EmbeddedRedis, resolve_redis_url
-from mesh.examples import SEED_DIGITS_INPUT, seed_digits_tensor, train_digits_mlp, train_digits_svm
-from mesh.launcher import REPO_ROOT, Proc, start_worker, wait_for, wait_worker_ready
+from mesh.tools.embedded import EmbeddedRedis, resolve_redis_url
+from mesh.tools.examples import SEED_DIGITS_INPUT, seed_digits_tensor, train_digits_mlp, train_digits_svm
+from mesh.tools.launcher import REPO_ROOT, Proc, start_worker, wait_for, wait_worker_ready
 
 RESULTS = REPO_ROOT / "bench" / "results"
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mesh.launcher import REPO_ROOT, Proc
+from mesh.tools.launcher import REPO_ROOT, Proc
 
 RESULTS = REPO_ROOT / "bench" / "results"
 
@@ -64,7 +64,7 @@ def one_at_a_time(send: Callable[[], object], wait: Callable[[object], None], n:
 @contextlib.contextmanager
 def redis_for_bench(tmpdir: Path) -> Iterator[str]:
     """MESH_REDIS_URL, else 127.0.0.1:6379 if it answers, else an embedded redis-server."""
-    from mesh.embedded import EmbeddedRedis, resolve_redis_url
+    from mesh.tools.embedded import EmbeddedRedis, resolve_redis_url
 
     url = resolve_redis_url()
     if url is not None:

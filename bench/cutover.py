@@ -31,8 +31,8 @@ from bench.common import (
 )
 from bench.multimodel import copy_models, model_factories
 from mesh import MeshClient, ModelInfo
-from mesh.examples import seed_digits_tensor
-from mesh.launcher import start_worker, wait_for, wait_worker_ready
+from mesh.tools.examples import seed_digits_tensor
+from mesh.tools.launcher import start_worker, wait_for, wait_worker_ready
 from mesh.models import VModelState
 
 

@@ -49,8 +49,8 @@ from bench.common import (
     start_plain_worker,
 )
 from mesh import MeshClient, ModelInfo
-from mesh.examples import seed_digits_tensor
-from mesh.launcher import start_beat, start_worker, wait_for, wait_worker_ready
+from mesh.tools.examples import seed_digits_tensor
+from mesh.tools.launcher import start_beat, start_worker, wait_for, wait_worker_ready
 
 
 # ---------------------------------------------------------------------- the model
@@ -149,9 +149,9 @@ def known_popularity_misses(stream: list[int], capacity: int, count_from: int = 
 # ---------------------------------------------------------------------- senders (producer processes)
 def mesh_sender(params: dict) -> Sender:
     if params.get("placement") == "spread":
-        import mesh.state
+        import mesh.store.state
 
-        mesh.state.choose_worker = choose_worker_spread  # the experiment of --placement spread
+        mesh.store.state.choose_worker = choose_worker_spread  # the experiment of --placement spread
     client = MeshClient(redis_url=params["url"], prefix=params["prefix"])
     request = [seed_digits_tensor()]
     return Sender(lambda model_id: client.infer(model_id=model_id, inputs=request),
@@ -166,7 +166,7 @@ def plain_sender(params: dict) -> Sender:
 
 
 def choose_worker_spread(workers, *, failed_on=(), exclude=(), size_hint=0):
-    """EXPERIMENT (`--placement spread`), not the mesh's rule: mesh/placement.py's
+    """EXPERIMENT (`--placement spread`), not the mesh's rule: mesh/policy/placement.py's
     choose_worker, except that when the model fits nowhere, a random candidate is chosen
     instead of the (free bytes, model count, name) order, which ties once every worker is full
     and then sends every cold load to the same worker. Patched into the producers only."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from celery import Celery
 
 from mesh.models import ModelInfo
-from mesh.tensors import decode_inputs, encode_outputs
+from mesh.protocol.tensors import decode_inputs, encode_outputs
 
 PREFIX = os.environ.get("BENCH_PLAIN_PREFIX", "benchplain")
 URL = os.environ.get("MESH_REDIS_URL", "redis://127.0.0.1:6379/0")

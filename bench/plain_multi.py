@@ -22,9 +22,9 @@ from cachetools import LRUCache
 from celery import Celery
 
 from bench import plain
-from mesh.ids import validate_id
+from mesh.protocol.ids import validate_id
 from mesh.models import ModelInfo
-from mesh.tensors import decode_inputs, encode_outputs
+from mesh.protocol.tensors import decode_inputs, encode_outputs
 
 app = Celery("plain_multi", broker=plain.URL, backend=plain.URL)
 app.conf.update(plain.app.conf)

@@ -31,8 +31,8 @@ from bench.common import (
     start_plain_worker,
 )
 from mesh import BatchingConfig, MeshClient, ModelInfo
-from mesh.examples import seed_digits_tensor
-from mesh.launcher import REPO_ROOT, start_worker, wait_for, wait_worker_ready
+from mesh.tools.examples import seed_digits_tensor
+from mesh.tools.launcher import REPO_ROOT, start_worker, wait_for, wait_worker_ready
 
 PNG = REPO_ROOT / "docs" / "img" / "throughput_p99.png"
 LABELS = {"svm": "digits SVM (predict ~0.1 ms/row)", "mlp2048": "MLP 2048x2048 (predict ~0.5 ms/row)",

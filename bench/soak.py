@@ -38,16 +38,16 @@ from typing import Any
 import redis
 
 from mesh import BatchingConfig, MeshClient, ModelInfo
-from mesh.embedded import EmbeddedRedis
+from mesh.tools.embedded import EmbeddedRedis
 from mesh.errors import InvalidInput
-from mesh.examples import (
+from mesh.tools.examples import (
     SEED_DIGITS_ANSWER,
     seed_digits_tensor,
     train_digits_mlp,
     train_digits_svm,
 )
-from mesh.keys import Keys
-from mesh.launcher import (
+from mesh.protocol.keys import Keys
+from mesh.tools.launcher import (
     REPO_ROOT,
     Proc,
     start_beat,

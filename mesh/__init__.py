@@ -1,8 +1,8 @@
 """Mesh: a multi-model inference worker pool on Celery and Redis."""
 
-from .client import MeshClient
-from .config import EffectiveConfig
-from .errors import (
+from mesh.client import MeshClient
+from mesh.policy.precedence import EffectiveConfig
+from mesh.errors import (
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
@@ -15,7 +15,7 @@ from .errors import (
     ModelNotFound,
     RequestTooLarge,
 )
-from .models import BatchingConfig, ModelInfo, ModelState, ModelStatus, WorkerState
+from mesh.models import BatchingConfig, ModelInfo, ModelState, ModelStatus, WorkerState
 
 __all__ = [
     "MeshClient",

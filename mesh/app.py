@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from celery import Celery
 
-from .celery_config import mesh_celery_settings
-from .settings import MeshSettings
-from .tasks import CommandTask, InferTask, RebalanceTask, SyncRepositoryTask
+from mesh.broker.celery_options import mesh_celery_settings
+from mesh.settings import MeshSettings
+from mesh.broker.tasks import CommandTask, InferTask, RebalanceTask, SyncRepositoryTask
 
 
 def create_app(settings: MeshSettings | None = None, redis_url: str | None = None) -> Celery:

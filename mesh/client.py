@@ -12,13 +12,14 @@ from celery import Celery
 from celery.result import AsyncResult
 from pydantic import ValidationError
 
-from .commands import send_command, unload_unregistered
-from .config import EffectiveConfig, copies_config, effective_config, record_manifest
-from .embedded import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
-from .errors import DeadlineExceeded, InvalidArgument, ModelNotFound, RequestTooLarge
-from .ids import validate_id
-from .keys import Keys
-from .models import (
+import mesh.errors
+from mesh.control.commands import send_command, unload_unregistered
+from mesh.policy.precedence import EffectiveConfig, copies_config, effective_config, record_manifest
+from mesh.broker.redis_url import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
+from mesh.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, RequestTooLarge
+from mesh.protocol.ids import validate_id
+from mesh.protocol.keys import Keys
+from mesh.models import (
     Command,
     ModelInfo,
     ModelRecord,
@@ -28,13 +29,13 @@ from .models import (
     VModelStatus,
     WorkerState,
 )
-from .routing import MODEL_HEADER, PRIORITIES, SENT_AT_HEADER, VMODEL_HEADER, Router
-from .settings import MeshSettings, get_settings
-from .state import Route, StateStore
-from .storage import validate_uri
-from .tasks import INFER_TASK
-from .tensors import encode_inputs, payload_nbytes
-from .vmodels import SYNC_TIMEOUT_S, VModelManager
+from mesh.control.routing import Router
+from mesh.settings import MeshSettings, get_settings
+from mesh.store.state import Route, StateStore
+from mesh.storage.sources import validate_uri
+from mesh.protocol.messages import INFER_TASK, RUNTIME_NAMES, MODEL_HEADER, PRIORITIES, SENT_AT_HEADER, VMODEL_HEADER
+from mesh.protocol.tensors import encode_inputs, payload_nbytes
+from mesh.control.vmodels import SYNC_TIMEOUT_S, VModelManager
 
 MAX_TIMEOUT_MS = 365 * 24 * 3600 * 1000.0  # a request deadline beyond a year is a mistake
 
@@ -62,11 +63,11 @@ class MeshClient:
         self.redis_url = url
         self.keys = Keys(settings.prefix)
         if settings is get_settings():
-            from .app import app as default_app
+            from mesh.app import app as default_app
 
             self.app: Celery = default_app
         else:
-            from .app import create_app
+            from mesh.app import create_app
 
             self.app = create_app(settings, url)
         self._redis = redis.Redis.from_url(url)
@@ -265,7 +266,7 @@ class MeshClient:
 
 
     # ---- vmodels
-    # ModelMesh's vmodel API (modelmesh.md §1, docs/vmodels.md); the work is in mesh/vmodels.py.
+    # ModelMesh's vmodel API (modelmesh.md §1, docs/vmodels.md); the work is in mesh/control/vmodels.py.
 
     @property
     def vmodels(self) -> VModelManager:
@@ -339,14 +340,12 @@ class MeshClient:
         return self.vmodels.list()
 
 def _default_app() -> Celery:
-    from .app import app
+    from mesh.app import app
 
     return app
 
 
 def _check_runtime(name: str) -> None:
-    from workers.runtimes import RUNTIME_NAMES
-
     if name not in RUNTIME_NAMES:
         raise InvalidArgument(f"unknown runtime {name!r}; known: {', '.join(sorted(RUNTIME_NAMES))}")
 
@@ -356,9 +355,7 @@ def raise_for_item(item: dict) -> dict:
     err = item.get("error")
     if err is None:
         return item
-    from . import errors
-
-    cls = getattr(errors, err.get("type", ""), None)
-    if not (isinstance(cls, type) and issubclass(cls, errors.MeshError)):
-        cls = errors.InferenceError
+    cls = getattr(mesh.errors, err.get("type", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, mesh.errors.MeshError)):
+        cls = mesh.errors.InferenceError
     raise cls(err.get("message", ""))

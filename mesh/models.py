@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .ids import validate_id
+from mesh.protocol.ids import validate_id
 
 
 class _Strict(BaseModel):
@@ -130,7 +130,7 @@ class ModelRecord(_Strict):
     auto_delete: bool = False
     created_at: float = Field(default_factory=time.time)
     size_bytes: int | None = None  # measured at the last successful load
-    # Set by the repository sync (mesh/repository.py): the merged manifest of a repository
+    # Set by the repository sync (mesh/control/repository.py): the merged manifest of a repository
     # version. None for models registered only through the API.
     manifest: ModelManifest | None = None
 
@@ -144,7 +144,7 @@ class VModelRecord(_Strict):
     """A vmodel (alias): ModelMesh's VModelRecord (owner, active, target, target load failed).
 
     Requests for the vmodel go to `active_model_id`; while `target_model_id` differs, a
-    transition is pending (mesh/vmodels.py drives it). The vmodel holds one reference on each
+    transition is pending (mesh/control/vmodels.py drives it). The vmodel holds one reference on each
     distinct model it names: that is what `ModelRecord.refs` counts.
     """
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .ids import validate_id
+from mesh.protocol.ids import validate_id
 
 
 class MeshSettings(BaseSettings):
@@ -155,7 +155,7 @@ class MeshSettings(BaseSettings):
         default=10.0, gt=0, description="how often the beat scheduler syncs the repository"
     )
 
-    # --- the beat scheduler (docs/scheduler.md; mesh/planner.py PlannerSettings)
+    # --- the beat scheduler (docs/scheduler.md; mesh/policy/planner.py PlannerSettings)
     rebalance_interval_s: float = Field(
         default=5.0, gt=0, description="how often celery beat sends mesh.rebalance"
     )

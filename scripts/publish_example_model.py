@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Publish seed 003's digits model into an S3 model repository (docker-compose's init step).
 
-Trains the digits SVM (mesh.examples.train_digits_svm: the model whose answer to the seed's
+Trains the digits SVM (mesh.tools.examples.train_digits_svm: the model whose answer to the seed's
 input is 8) and uploads it in the repository layout of docs/storage.md §4:
 
     s3://<bucket>/<prefix>/<name>/<version>/model.joblib
@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from mesh.examples import train_digits_svm
-from mesh.repository import READY_MARKER
+from mesh.tools.examples import train_digits_svm
+from mesh.control.repository import READY_MARKER
 from mesh.settings import MeshSettings
-from mesh.storage import S3Store, load_storage_config
+from mesh.storage.sources import S3Store, load_storage_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,8 @@ from uuid import uuid4
 import pytest
 import redis
 
-from mesh.embedded import DEFAULT_LOCAL_URL, EmbeddedRedis, probe
-from mesh.launcher import Proc, start_worker, wait_worker_ready
+from mesh.tools.embedded import DEFAULT_LOCAL_URL, EmbeddedRedis, probe
+from mesh.tools.launcher import Proc, start_worker, wait_worker_ready
 
 WORKER_READY_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 80
@@ -167,21 +167,21 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def svm_path(model_dir: Path) -> Path:
-    from mesh import examples
+    from mesh.tools import examples
 
     return Path(examples.train_digits_svm(model_dir / "digits-svm.joblib"))
 
 
 @pytest.fixture(scope="session")
 def mlp_path(model_dir: Path) -> Path:
-    from mesh import examples
+    from mesh.tools import examples
 
     return Path(examples.train_digits_mlp(model_dir / "digits-mlp.joblib"))
 
 
 @pytest.fixture(scope="session")
 def onnx_path(model_dir: Path, mlp_path: Path) -> Path:
-    from mesh import examples
+    from mesh.tools import examples
 
     return Path(examples.export_onnx(mlp_path, model_dir / "digits-mlp.onnx"))
 
@@ -189,7 +189,7 @@ def onnx_path(model_dir: Path, mlp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def seed_input() -> list[float]:
     """64 floats of a digits image; every example model answers 8."""
-    from mesh import examples
+    from mesh.tools import examples
 
     return list(examples.SEED_DIGITS_INPUT)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from celery import bootsteps
 
-from mesh.keys import Keys
+from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
 
 

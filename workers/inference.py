@@ -35,9 +35,9 @@ from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
 from mesh.errors import InferenceError, InvalidInput, MeshError
-from mesh.routing import SENT_AT_HEADER
-from mesh.transport import ack_in, ack_many, forget_acked, redis_server
-from mesh.tensors import decode_inputs, encode_outputs
+from mesh.protocol.messages import SENT_AT_HEADER
+from mesh.broker.transport import ack_in, ack_many, forget_acked, redis_server
+from mesh.protocol.tensors import decode_inputs, encode_outputs
 
 from .batcher import Batch, Pending
 from .metrics import outcome_of

@@ -46,10 +46,10 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import Cache
 
-from mesh.config import effective_config, record_manifest
+from mesh.policy.precedence import effective_config, record_manifest
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import CopyState, LoadedModel, ModelRecord
-from mesh.storage import acquire_model, release_model
+from mesh.storage.sources import acquire_model, release_model
 
 from .batcher import BatchPolicy
 from .retention import FRESH_S, Candidate, UsageMeter, make_room

@@ -4,7 +4,7 @@ Two policies (MESH_EVICTION_POLICY):
 
 - ``lru``: the least recently used model goes first (ModelMesh's weighted LRU, §3.2).
 - ``usage`` (default): the model with the lowest decayed request count goes first, the least
-  recently used among equals: the order the planner uses for its victims (mesh/planner.py),
+  recently used among equals: the order the planner uses for its victims (mesh/policy/planner.py),
   applied by the worker on every cold load.
 
 Why ``usage`` is the default: under skewed traffic a cache of N models answers most requests

@@ -8,7 +8,7 @@ first load, 5-7x faster. A runtime offers snapshots through `Runtime.snapshot` /
 (workers/runtimes/base.py); this module decides when to write and read them.
 
 - Written once, after a model's first load from its files (off the request's path: its copy is
-  already serving), into the disk cache (mesh/diskcache.py: LRU by bytes under
+  already serving), into the disk cache (mesh/storage/diskcache.py: LRU by bytes under
   MESH_DISK_CACHE_BYTES, shared by the host's workers, atomic, single flight).
 - Read on a reload, when the record knows the model's size. The key names the runtime, its
   library versions (`snapshot_tag`), the model's location and the size and modification time
@@ -25,10 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mesh.diskcache import DiskCache, Listing, RemoteFile
+from mesh.storage.diskcache import DiskCache, Listing, RemoteFile
 from mesh.models import ModelInfo
 from mesh.settings import MeshSettings
-from mesh.storage import get_storage
+from mesh.storage.sources import get_storage
 
 from .runtimes.base import Loaded, Runtime
 

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from mesh.errors import InvalidArgument, RequestTooLarge
 from mesh.models import Command
-from mesh.routing import PRIORITIES
+from mesh.protocol.messages import PRIORITIES
 
 NORMAL_PRIORITY = PRIORITIES["normal"]
 
@@ -42,7 +42,7 @@ def infer_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
     )
     revoked_tasks = consumer.controller.state.revoked
     utc = app.uses_utc_timezone()
-    model_from_queue = mesh.keys.model_from_queue
+    model_from_queue = mesh.protocol.keys.model_from_queue
     # a message is decoded in full by Celery's Request; refuse oversized ones before that
     max_bytes = mesh.settings.max_request_bytes * 2  # JSON body vs the client's estimate
 

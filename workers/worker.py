@@ -21,13 +21,13 @@ import redis
 from celery.worker import state as worker_state
 from threadpoolctl import threadpool_limits
 
-from mesh.commands import send_command
+from mesh.control.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
-from mesh.keys import Keys
+from mesh.protocol.keys import Keys
 from mesh.models import Command, CopyState
-from mesh.routing import SERVING_TTL_S
+from mesh.protocol.messages import SERVING_TTL_S
 from mesh.settings import MeshSettings
-from mesh.state import Route, StateStore
+from mesh.store.state import Route, StateStore
 
 from .batcher import Batcher, BatchPolicy, Pending
 from .heartbeat import Heartbeat
@@ -42,7 +42,7 @@ log = logging.getLogger("mesh.worker")
 FAILED_DRAIN_MIN_S = 3.0
 # After a model leaves this worker, watch its queue this long for requests that still arrive:
 # every heartbeat, and every heartbeat.ORPHAN_FAST_CHECK_S for the first ORPHAN_FAST_S (the producers'
-# serving cache, mesh.routing.SERVING_TTL_S, plus a margin).
+# serving cache, mesh.protocol.messages.SERVING_TTL_S, plus a margin).
 ORPHAN_WATCH_S = 30.0
 ORPHAN_FAST_S = SERVING_TTL_S + 0.5
 # The cyclic GC's generation thresholds (Python's: 700, 10, 10). A worker allocates fast
@@ -323,7 +323,7 @@ class MeshWorker:
             pass
 
     def _advance_transitions(self, model_id: str) -> None:
-        from mesh.vmodels import advance_for_model
+        from mesh.control.vmodels import advance_for_model
 
         done = advance_for_model(self.store, self.app, model_id)
         if done:
@@ -388,7 +388,7 @@ class MeshWorker:
     def watch_fresh_orphans(self) -> None:
         """Between heartbeats (every heartbeat.ORPHAN_FAST_CHECK_S): models that left this worker less
         than ORPHAN_FAST_S ago. Producers skip the route script for a model seen serving in
-        the last second (mesh.routing.SERVING_TTL_S), so in that second requests still reach a
+        the last second (mesh.protocol.messages.SERVING_TTL_S), so in that second requests still reach a
         queue nobody consumes and nobody claims; under churn (a rarely used model evicted by
         the next load) that is common, and waiting for the heartbeat cost them up to 2 s."""
         now = time.monotonic()

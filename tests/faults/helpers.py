@@ -8,7 +8,7 @@ from pathlib import Path
 
 from celery.result import AsyncResult
 
-from mesh.launcher import wait_for
+from mesh.tools.launcher import wait_for
 from mesh.models import BatchingConfig, ModelInfo, ModelState
 
 MB = 1_000_000

@@ -6,10 +6,10 @@ Each test runs its own redis-server (never the shared one): it is stopped, resta
 flushed here.
 
 The restart under load found four ways to lose or strand a request, each fixed where it
-happens: a message popped just as Redis went away (mesh/transport.py puts it back), a worker
-stopped by kombu's AttributeError while closing its dead channel (mesh/transport.py), a batch
+happens: a message popped just as Redis went away (mesh/broker/transport.py puts it back), a worker
+stopped by kombu's AttributeError while closing its dead channel (mesh/broker/transport.py), a batch
 failed because Redis answered "LOADING" while storing its results, and producers whose result
-subscription never came back (both mesh/results.py). docs/reliability.md.
+subscription never came back (both mesh/broker/results.py). docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import pytest
 import redis
 
 from mesh import MeshClient, ModelNotFound
-from mesh.embedded import EmbeddedRedis
-from mesh.launcher import wait_for
+from mesh.tools.embedded import EmbeddedRedis
+from mesh.tools.launcher import wait_for
 from mesh.models import ModelState
-from mesh.repository import READY_MARKER, sync_repository
+from mesh.control.repository import READY_MARKER, sync_repository
 from tests.integration.test_foundation import answer, seed_tensor
 
 from .helpers import X, copies_of, outcomes, slow_info, wait_loaded

@@ -23,9 +23,9 @@ import requests
 from celery.result import AsyncResult
 
 from mesh import MeshClient, ModelInfo, ModelLoadFailed
-from mesh.embedded import EmbeddedRedis
+from mesh.tools.embedded import EmbeddedRedis
 from mesh.errors import InvalidArgument
-from mesh.launcher import Proc, start_flower, start_worker, wait_flower_ready, wait_for
+from mesh.tools.launcher import Proc, start_flower, start_worker, wait_flower_ready, wait_for
 from mesh.models import ModelState
 from mesh.settings import MeshSettings
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
@@ -283,7 +283,7 @@ def test_tls_redis_end_to_end(tls_redis, prefix, tmp_path, svm_path, seed_input)
 
 
 def test_storage_paths_cannot_escape_their_root(client, tmp_path, svm_path):
-    from mesh.repository import READY_MARKER, sync_repository
+    from mesh.control.repository import READY_MARKER, sync_repository
 
     escaping = [
         ("file:///models/../etc/passwd", None),

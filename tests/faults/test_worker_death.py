@@ -6,16 +6,16 @@ and its running batch) return to their queue MESH_VISIBILITY_TIMEOUT_S after del
 next restore sweep of a surviving worker (every 10 s), and the other copy answers them. The
 tests use the minimum, 10 s (docs/reliability.md has the trade-off). Stock kombu could lose a
 message here: it pops (BRPOP) and records it as unacked with a second command, and a kill in
-between lost it (1 of 800 requests in one CI run). mesh/transport.py takes every message off
+between lost it (1 of 800 requests in one CI run). mesh/broker/transport.py takes every message off
 its queue with one atomic pop-and-record script (tests/unit/test_transport.py).
 """
 
 from __future__ import annotations
 
-from mesh.commands import send_command
-from mesh.launcher import wait_for
+from mesh.control.commands import send_command
+from mesh.tools.launcher import wait_for
 from mesh.models import Command, ModelState
-from mesh.rebalance import rebalance
+from mesh.control.rebalance import rebalance
 
 from .helpers import (
     Producer,

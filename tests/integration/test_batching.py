@@ -14,7 +14,7 @@ from celery.exceptions import TaskRevokedError
 from mesh import BatchingConfig, InferenceError, InvalidInput, ModelInfo
 from mesh.client import raise_for_item
 from mesh.errors import QueueFull
-from mesh.launcher import start_flower, wait_flower_ready, wait_for
+from mesh.tools.launcher import start_flower, wait_flower_ready, wait_for
 
 from .test_foundation import answer, seed_tensor, sklearn_info
 

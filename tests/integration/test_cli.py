@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mesh.examples import SEED_DIGITS_INPUT, seed_digits_tensor
+from mesh.tools.examples import SEED_DIGITS_INPUT, seed_digits_tensor
 
 MESH = Path(sys.executable).parent / "mesh"
 
@@ -145,7 +145,7 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
     import signal
     import socket
 
-    from mesh.launcher import wait_for
+    from mesh.tools.launcher import wait_for
 
     def free_port() -> int:
         with socket.socket() as s:

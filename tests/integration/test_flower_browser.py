@@ -1,6 +1,6 @@
 """Flower in a real browser: its tasks page shows a mesh request by model name.
 
-Flower is started by the test (mesh.launcher.start_flower) against a real worker; headless
+Flower is started by the test (mesh.tools.launcher.start_flower) against a real worker; headless
 Chromium (Debian's `chromium`, installed by scripts/ensure-test-tools) loads the pages. The
 tasks page is rendered client-side from Flower's datatable API, so the DOM is dumped after a
 virtual-time budget that lets those requests finish; a task's own page is server-rendered.
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mesh.launcher import start_flower, wait_flower_ready, wait_for
+from mesh.tools.launcher import start_flower, wait_flower_ready, wait_for
 
 from .test_foundation import seed_tensor, sklearn_info
 

@@ -22,7 +22,7 @@ from mesh import (
     ModelNotFound,
     ModelState,
 )
-from mesh.launcher import REPO_ROOT, wait_for
+from mesh.tools.launcher import REPO_ROOT, wait_for
 
 
 def seed_tensor(seed_input: list[float]) -> dict:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from mesh import ModelInfo, ModelLoadFailed, ModelState
-from mesh.launcher import wait_for
+from mesh.tools.launcher import wait_for
 from tests.faults.helpers import X, slow_info
 
 from .test_foundation import answer, seed_tensor

@@ -9,7 +9,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import InvalidInput
-from mesh.launcher import wait_for
+from mesh.tools.launcher import wait_for
 
 from .test_foundation import seed_tensor, sklearn_info
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from mesh import ModelInfo
-from mesh.launcher import wait_for
+from mesh.tools.launcher import wait_for
 
 
 def seed_tensor(seed_input: list[float]) -> dict:
@@ -49,7 +49,7 @@ def test_a_load_holds_a_fresh_copy_beyond_capacity_instead_of_evicting_a_used_mo
     worker holds all three (MESH_FRESH_OVERCOMMIT_FRACTION), then comes back to capacity by
     evicting the fresh copy once it is no longer fresh (the heartbeat's trim, after FRESH_S).
     A fresh copy that answers is evicted by the policy again (the trim after its first batch)."""
-    from mesh.commands import send_command
+    from mesh.control.commands import send_command
     from mesh.models import Command
     from workers.retention import FRESH_S
     from workers.runtimes import get_runtime

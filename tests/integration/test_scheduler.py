@@ -1,6 +1,6 @@
 """The beat scheduler against real workers.
 
-Most tests call the rebalance run directly in the test process (`mesh.rebalance.rebalance`
+Most tests call the rebalance run directly in the test process (`mesh.control.rebalance.rebalance`
 with the test's app and store: exactly what the `mesh.rebalance` task does), so each step is
 driven and observed deterministically, with planner settings scaled to a test's seconds. One
 test starts a real `celery beat` to prove the schedule fires and a worker runs it.
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from celery.result import AsyncResult
 
-from mesh.launcher import start_beat, wait_for
+from mesh.tools.launcher import start_beat, wait_for
 from mesh.models import BatchingConfig, CopyState, ModelInfo, ModelState, WorkerState
-from mesh.planner import PlannerSettings
-from mesh.rebalance import RebalanceReport, Rebalancer, rebalance
-from mesh.status_view import render_status, status_text
+from mesh.policy.planner import PlannerSettings
+from mesh.control.rebalance import RebalanceReport, Rebalancer, rebalance
+from mesh.tools.dashboard import render_status, status_text
 
 MB = 1_000_000
 X = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}  # y = 10

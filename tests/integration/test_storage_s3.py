@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from mesh import InvalidArgument, MeshClient, ModelInfo, ModelLoadFailed, ModelState
-from mesh.launcher import wait_for
-from mesh.repository import READY_MARKER, sync_repository
+from mesh.tools.launcher import wait_for
+from mesh.control.repository import READY_MARKER, sync_repository
 from mesh.settings import MeshSettings
 
 REGION = "us-east-1"
@@ -197,7 +197,7 @@ class Traffic:
 
 def switched(client: MeshClient, vmodel_id: str, model_id: str) -> bool:
     """Whether the cutover is done, driving pending transitions as each beat tick does."""
-    from mesh.vmodels import advance_all
+    from mesh.control.vmodels import advance_all
 
     advance_all(client.store, client.app)
     return client.get_vmodel_status(vmodel_id).active_model_id == model_id
@@ -369,7 +369,7 @@ def test_stateless_boot_from_the_repository_with_no_api_call(
 ):
     """Workers and beat started with MESH_MODEL_DIR: the mesh serves the repository's models
     with no management call (the sync runs when beat starts, then every interval)."""
-    from mesh.launcher import start_beat
+    from mesh.tools.launcher import start_beat
 
     s3 = s3_server.client()
     upload_version(s3, bucket, "digits", 1, svm_path.read_bytes())

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from mesh import MeshClient, ModelInfo
 from mesh.errors import FailedPrecondition, MeshError
-from mesh.launcher import wait_for
+from mesh.tools.launcher import wait_for
 from mesh.models import CopyInfo, CopyState, ModelState, VModelState, WorkerState
 
 from .test_foundation import answer, seed_tensor, sklearn_info
@@ -219,7 +219,7 @@ def test_requests_queued_for_an_auto_deleted_model_without_a_copy_go_to_the_new_
     for the vmodel wait in its queue. The switch to es_2 is then immediate and es_1 goes with
     its last reference. Nothing would ever load es_1 again: its queued requests must move to
     es_2, not fail NOT_FOUND (the soak caught 11 of them failing)."""
-    from mesh.vmodels import DRAIN_GRACE_S
+    from mesh.control.vmodels import DRAIN_GRACE_S
 
     client.set_vmodel("es", "es_1", model_info=sklearn_info(svm_path), auto_delete_target_model=True)
     queued = [client.infer(vmodel_id="es", inputs=[seed_tensor(seed_input)]) for _ in range(12)]

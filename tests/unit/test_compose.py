@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from mesh.repository import open_repository, scan
+from mesh.control.repository import open_repository, scan
 from mesh.settings import MeshSettings
-from mesh.storage import load_storage_config
+from mesh.storage.sources import load_storage_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -98,7 +98,7 @@ def test_init_step_publishes_a_servable_model(config, tmp_path):
     import joblib
     from moto.server import ThreadedMotoServer
 
-    from mesh.examples import SEED_DIGITS_INPUT
+    from mesh.tools.examples import SEED_DIGITS_INPUT
 
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

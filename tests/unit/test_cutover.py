@@ -1,4 +1,4 @@
-"""The cutover policy (mesh/cutover.py): pure decisions over plain data."""
+"""The cutover policy (mesh/policy/cutover.py): pure decisions over plain data."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from mesh.cutover import (
+from mesh.policy.cutover import (
     Action,
     DrainAction,
     HolderReport,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.diskcache import DiskCache, Listing, RemoteFile, join_inside, safe_relpath
+from mesh.storage.diskcache import DiskCache, Listing, RemoteFile, join_inside, safe_relpath
 from mesh.errors import InvalidArgument, ModelLoadFailed
 
 
@@ -209,7 +209,7 @@ def test_join_inside_keeps_paths_under_the_root(tmp_path):
 
 
 def test_download_progress_is_logged(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="mesh.diskcache")
+    caplog.set_level(logging.INFO, logger="mesh.storage.diskcache")
     cache = DiskCache(tmp_path / "c", 10_000)
     cache.acquire("k", FakeSource({"m": b"x" * 100})).release()
     text = caplog.text

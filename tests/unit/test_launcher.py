@@ -1,4 +1,4 @@
-"""mesh.launcher: Proc lifecycle by pid / process group, commands, wait helpers."""
+"""mesh.tools.launcher: Proc lifecycle by pid / process group, commands, wait helpers."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from mesh.embedded import _pid_alive
-from mesh.launcher import (
+from mesh.tools.embedded import _pid_alive
+from mesh.tools.launcher import (
     REPO_ROOT,
     Proc,
     _child_env,

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from mesh.models import ModelInfo
-from mesh.planner import (
+from mesh.policy.planner import (
     ClearFailure,
     ClusterState,
     CopyView,
@@ -512,7 +512,7 @@ def test_proactive_swap_replaces_only_copies_worth_far_less():
 def test_proactive_swap_happens_only_on_the_models_rendezvous_home():
     """A full pool: the cold path would load "top" on its rendezvous home, so the planner
     swaps it in there (and not on the worker with the cheapest victim), or not at all."""
-    from mesh.placement import affinity
+    from mesh.policy.placement import affinity
 
     cap = 10 * MB
     names = ["w1", "w2", "w3"]
@@ -557,7 +557,7 @@ def test_second_copy_for_a_regularly_used_model_only_into_free_space():
 def test_a_thousand_workers_and_a_hundred_thousand_models_plan_quickly():
     """Not a timing assertion (the benchmark reports the time): it must simply finish and
     place what the rules say at that size."""
-    from mesh.simulator import synthetic_cluster
+    from mesh.tools.simulator import synthetic_cluster
 
     cluster = synthetic_cluster(n_workers=1000, n_models=100_000, seed=3, now=NOW)
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from mesh.errors import InvalidArgument
 from mesh.models import BatchingConfig, ModelInfo, ModelManifest, ModelRecord, VModelRecord
-from mesh.repository import (
+from mesh.control.repository import (
     MANIFEST_FILE,
     READY_MARKER,
     REPO_OWNER,
@@ -318,7 +318,7 @@ def test_local_repository_listing(tmp_path):
 
 
 def test_sync_a_local_repository_and_the_manifest_level_in_effective_config(client, tmp_path, svm_path):
-    from mesh.repository import sync_repository
+    from mesh.control.repository import sync_repository
 
     root = tmp_path / "repo"
     write_version(root, "digits", 1, svm_path.read_bytes(), manifest={"batching": {"max_batch_size": 4}})
@@ -372,7 +372,7 @@ def test_a_key_escaping_its_version_freezes_the_name():
 
 
 def test_two_syncs_never_overlap(client, tmp_path, svm_path):
-    from mesh.repository import sync_repository
+    from mesh.control.repository import sync_repository
 
     root = tmp_path / "repo"
     write_version(root, "digits", 1, svm_path.read_bytes())
@@ -387,8 +387,8 @@ def test_two_syncs_never_overlap(client, tmp_path, svm_path):
 
 
 def test_manifest_copy_bounds_reach_the_scheduler_and_effective_config(client, tmp_path, svm_path):
-    from mesh.config import copies_bounds
-    from mesh.repository import sync_repository
+    from mesh.policy.precedence import copies_bounds
+    from mesh.control.repository import sync_repository
 
     root = tmp_path / "repo"
     (root / "pinned").mkdir(parents=True)

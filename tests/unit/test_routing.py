@@ -1,4 +1,4 @@
-"""mesh/routing.py's producer-side caches, against a real Redis."""
+"""mesh/control/routing.py's producer-side caches, against a real Redis."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 from cachetools import TTLCache
 
 from mesh import ModelInfo
-from mesh.routing import CONFIG_TTL_S
+from mesh.control.routing import CONFIG_TTL_S
 
 
 def test_a_config_expiring_during_the_lookup_is_read_again_not_a_key_error(client, tmp_path):

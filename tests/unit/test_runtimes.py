@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.tree import DecisionTreeClassifier
 
 from mesh.errors import InferenceError, InvalidInput, ModelLoadFailed
-from mesh.examples import (
+from mesh.tools.examples import (
     SEED_DIGITS_INPUT,
     export_onnx,
     seed_digits_tensor,
@@ -22,7 +22,7 @@ from mesh.examples import (
     train_digits_svm,
 )
 from mesh.models import ModelInfo
-from mesh.tensors import decode_inputs
+from mesh.protocol.tensors import decode_inputs
 from workers.runtimes import (
     RUNTIME_NAMES,
     Loaded,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mesh.simulator import ClusterSim, SimConfig, belady_result, make_trace, report, run_all
+from mesh.tools.simulator import ClusterSim, SimConfig, belady_result, make_trace, report, run_all
 
 
 def small(**kw) -> SimConfig:

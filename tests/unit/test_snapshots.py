@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from mesh.examples import train_digits_svm
+from mesh.tools.examples import train_digits_svm
 from mesh.models import ModelInfo
 from mesh.settings import MeshSettings
 from workers.runtimes import get_runtime
@@ -83,7 +83,7 @@ def test_off_unknown_size_or_no_support_means_no_snapshot(tmp_path, svm, snaps):
 def test_lookup_never_waits_for_an_entry_being_written(tmp_path):
     import fcntl
 
-    from mesh.diskcache import DiskCache, _digest
+    from mesh.storage.diskcache import DiskCache, _digest
 
     cache = DiskCache(tmp_path / "c", 1024**2)
     fd = os.open(tmp_path / "c" / "locks" / f"{_digest('k')}.lock", os.O_RDWR | os.O_CREAT)

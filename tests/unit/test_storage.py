@@ -10,7 +10,7 @@ import pytest
 from mesh.errors import InvalidArgument, ModelLoadFailed
 from mesh.models import ModelInfo
 from mesh.settings import MeshSettings
-from mesh.storage import (
+from mesh.storage.sources import (
     Location,
     Storage,
     _md5_of,

@@ -1,4 +1,4 @@
-"""mesh.tensors: V2 JSON tensors <-> numpy, and every way a client can get a tensor wrong."""
+"""mesh.protocol.tensors: V2 JSON tensors <-> numpy, and every way a client can get a tensor wrong."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mesh.errors import InvalidInput
-from mesh.examples import SEED_DIGITS_INPUT, seed_digits_tensor
-from mesh.tensors import (
+from mesh.tools.examples import SEED_DIGITS_INPUT, seed_digits_tensor
+from mesh.protocol.tensors import (
     DATATYPE_TO_DTYPE,
     DATATYPES,
     InferTensor,

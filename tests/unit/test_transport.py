@@ -1,4 +1,4 @@
-"""mesh/transport.py against a real Redis and a real kombu consumer: a message never leaves its
+"""mesh/broker/transport.py against a real Redis and a real kombu consumer: a message never leaves its
 queue unrecorded, idle consumers wait on bells, and bells neither pile up nor stay behind."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from mesh.keys import BELL_TTL_MS, Keys
-from mesh.transport import POP_AND_RECORD, ack_in, forget_acked, redis_server
+from mesh.protocol.keys import BELL_TTL_MS, Keys
+from mesh.broker.transport import POP_AND_RECORD, ack_in, forget_acked, redis_server
 
-TRANSPORT = "mesh.transport:Transport"
+TRANSPORT = "mesh.broker.transport:Transport"
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The vmodel store and transition driver (mesh/vmodels.py) against a real Redis, no workers.
+"""The vmodel store and transition driver (mesh/control/vmodels.py) against a real Redis, no workers.
 
 Workers are simulated by their heartbeats and copy records (what a worker writes), so every
 state of a transition can be set up exactly; the commands sent to them just sit in their
@@ -29,7 +29,7 @@ from mesh.models import (
     VModelState,
     WorkerState,
 )
-from mesh.vmodels import DRAIN_GRACE_S, DrainEntry, VModelManager
+from mesh.control.vmodels import DRAIN_GRACE_S, DrainEntry, VModelManager
 
 INFO = ModelInfo(runtime="sklearn", uri="file:///models/a.joblib")
 INFO_B = ModelInfo(runtime="sklearn", uri="file:///models/b.joblib")

@@ -10,6 +10,7 @@ import importlib
 import threading
 
 from mesh.errors import ModelLoadFailed
+from mesh.protocol.messages import RUNTIME_NAMES
 
 from .base import Loaded, Runtime, TensorSpec, estimate_nbytes
 
@@ -18,7 +19,7 @@ _RUNTIMES: dict[str, tuple[str, str]] = {
     "onnx": ("workers.runtimes.onnx", "OnnxRuntime"),
     "python": ("workers.runtimes.python", "PythonRuntime"),
 }
-RUNTIME_NAMES: tuple[str, ...] = tuple(_RUNTIMES)
+assert tuple(_RUNTIMES) == RUNTIME_NAMES, "mesh.protocol.messages.RUNTIME_NAMES names every runtime"
 
 _instances: dict[str, Runtime] = {}
 _lock = threading.Lock()  # the worker loads models from several threads

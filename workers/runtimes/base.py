@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mesh.errors import InferenceError, InvalidInput, ModelLoadFailed
 from mesh.models import ModelInfo
-from mesh.tensors import DATATYPE_TO_DTYPE, Datatype, dtype_to_datatype
+from mesh.protocol.tensors import DATATYPE_TO_DTYPE, Datatype, dtype_to_datatype
 
 
 class TensorSpec(BaseModel):

@@ -1,0 +1,2 @@
+"""Celery and kombu glue: the task classes, the Celery options Mesh computes, the hardened Redis
+transport, the result backend, and which Redis URL to use."""

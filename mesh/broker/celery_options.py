@@ -1,0 +1,81 @@
+"""The mesh-dependent part of the Celery configuration (URL, prefixes, timeouts).
+
+celeryconfig.py holds the static Celery settings; this computes the rest from MeshSettings so
+that a MeshClient with its own `redis_url`/`prefix` gets a correctly namespaced Celery app.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mesh.broker.redis_url import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
+from mesh.protocol.keys import Keys
+from mesh.protocol.messages import PRIORITY_STEPS
+from mesh.broker.results import backend_setting
+from mesh.settings import MeshSettings, get_settings
+
+
+
+def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | None = None) -> dict[str, Any]:
+    s = settings or get_settings()
+    url = redis_url or resolve_redis_url(s.redis_url) or DEFAULT_LOCAL_URL
+    url = with_tls_options(url, s.redis_ca_certs, s.redis_certfile, s.redis_keyfile)
+    keys = Keys(s.prefix)
+    return {
+        "broker_url": url,
+        # Celery's Redis backend whose producers outlive a Redis outage (mesh/broker/results.py)
+        "result_backend": backend_setting(url),
+        "result_expires": s.result_expires_s,
+        "broker_transport_options": {
+            "global_keyprefix": keys.kombu_prefix,
+            "visibility_timeout": s.visibility_timeout_s,
+            "polling_interval": s.polling_interval_s,
+            "priority_steps": PRIORITY_STEPS,
+            "queue_order_strategy": "round_robin",
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
+            "socket_timeout": 10,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+            "health_check_interval": 25,
+        },
+        "result_backend_transport_options": {
+            "global_keyprefix": keys.kombu_prefix,
+            "retry_policy": {"timeout": 5.0},
+        },
+        "task_default_queue": f"{s.prefix}.default",
+        "event_exchange": f"{s.prefix}.celeryev",
+        "control_exchange": f"{s.prefix}.pidbox",
+        "mesh_prefix": s.prefix,
+        # the URL may hold a password: Celery's `inspect conf` (Flower's worker page) shows
+        # every setting and masks the password only in keys named like this one
+        "mesh_redis_backend_url": url,
+        # celery beat: the scheduler run, on the control queue that every mesh worker consumes;
+        # a message older than one interval is dropped (the next one is already on its way)
+        "beat_schedule": {
+            "mesh-rebalance": {
+                "task": "mesh.rebalance",
+                "schedule": s.rebalance_interval_s,
+                "options": {
+                    "queue": keys.control_queue,
+                    "expires": s.rebalance_interval_s,
+                    "priority": 0,
+                },
+            },
+            **_repository_schedule(s, keys),
+        },
+    }
+
+
+def _repository_schedule(s: MeshSettings, keys: Keys) -> dict[str, Any]:
+    """mesh.sync_repository, only when this (beat) process has MESH_MODEL_DIR (docs/storage.md)."""
+    if not s.model_dir:
+        return {}
+    return {
+        "mesh-sync-repository": {
+            "task": "mesh.sync_repository",
+            "schedule": s.repository_sync_interval_s,
+            "kwargs": {"model_dir": s.model_dir},
+            "options": {"queue": keys.control_queue, "expires": s.repository_sync_interval_s},
+        },
+    }

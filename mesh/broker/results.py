@@ -1,0 +1,83 @@
+"""Celery's Redis result backend, made to outlive a Redis outage of any length.
+
+Producers wait for results on a pub/sub subscription (reference/celery.md §4). When Redis goes
+away, Celery 5.7's result consumer retries for a few seconds, then gives up ("the Celery
+application must be restarted") and is left without a subscription: every result still
+pending in that process then arrives only when its `get()` times out, even after Redis is
+back. Here a consumer that lost its connection simply tries again at its next drain or
+subscription: once Redis answers it fetches what completed meanwhile and subscribes to
+everything still pending, so `get()` returns as soon as the answer exists. Commands are also
+retried through a short outage (workers store results through this backend too). Celery uses
+it through `result_backend` (mesh/broker/celery_options.py); nothing else changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+from celery.backends.redis import RedisBackend as _RedisBackend
+from celery.backends.redis import ResultConsumer as _ResultConsumer
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+log = logging.getLogger("mesh.broker.results")
+
+BACKEND = "mesh.broker.results:RedisBackend"
+RETRY_PAUSE_S = 0.25  # between reconnection attempts of a waiting get()
+COMMAND_RETRIES = 32  # x up to 0.5 s: ~15 s
+
+
+class ResultConsumer(_ResultConsumer):
+    @contextmanager
+    def reconnect_on_error(self):
+        try:
+            yield
+        except TimeoutError:  # a polling timeout, not a connection error
+            raise
+        except self._connection_errors as exc:
+            try:
+                self._reconnect()
+            except self._connection_errors:
+                # still away: stay unsubscribed; the next drain or subscription tries again
+                log.warning("result store unreachable (%s); waiting results reconnect when it is back", exc)
+                self._pubsub = None
+
+    def _heal(self) -> bool:
+        """One reconnection attempt when pending results have no subscription."""
+        with self._locked():
+            if self._pubsub is not None or not self.subscribed_to:
+                return True
+            try:
+                self._reconnect_pubsub()  # fetches what completed meanwhile, re-subscribes
+                return True
+            except self._connection_errors:
+                self._pubsub = None
+                return False
+
+    def drain_events(self, timeout=None):
+        if self._pubsub is None and self.subscribed_to and not self._heal():
+            time.sleep(min(timeout or RETRY_PAUSE_S, RETRY_PAUSE_S))
+            return None
+        return super().drain_events(timeout)
+
+    def consume_from(self, task_id):
+        self._heal()
+        return super().consume_from(task_id)
+
+
+class RedisBackend(_RedisBackend):
+    ResultConsumer = ResultConsumer
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # Celery's pool has no retries at all: a restart, a failover or Redis still loading
+        # its data ("LOADING") would fail the batch whose results are being stored. Each
+        # command is retried for ~15 s instead.
+        self.connparams.setdefault("retry", Retry(ExponentialBackoff(cap=0.5, base=0.02), COMMAND_RETRIES))
+
+
+def backend_setting(url: str) -> str:
+    """The `result_backend` value naming this class for a Redis URL (Celery's `cls+url` form)."""
+    return f"{BACKEND}+{url}"

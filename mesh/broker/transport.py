@@ -1,0 +1,440 @@
+"""kombu's Redis transport, hardened against garbage in a queue and against losing messages.
+
+Changes to stock kombu, nothing else:
+- kombu decodes each popped list item inside the worker's event loop; an item that is not a
+  JSON message envelope raises there and takes the consumer down (the worker reconnects and
+  pops the next one; a queue full of garbage stalls it). Here it is logged and dropped.
+- one redis client per connection pool instead of a new one per operation (see
+  `conn_or_acquire`).
+- kombu pops a message (BRPOP) and records it as unacked with a second command: a worker
+  killed, or a Redis gone, in between loses the message. Here a message only ever leaves its
+  queue through one Lua script that pops it and records it in the same atomic step
+  (`POP_AND_RECORD`). An idle worker blocks on the queues' *bells* instead (`ring`): every
+  publish and every requeue rings its queue's bell, a one-element list whose pop loses
+  nothing. docs/reliability.md.
+Celery uses it through `broker_transport` in celeryconfig.py (URLs stay `redis://`/`rediss://`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from time import monotonic, time
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+
+from mesh.protocol.keys import BELL_TTL_MS, queue_bell
+
+log = logging.getLogger("mesh.broker.transport")
+
+# global_keyprefix -> messages popped but never recorded as unacked (Channel._keep_unrecorded)
+_unrecorded: dict[str, list[dict]] = {}
+_unrecorded_lock = threading.Lock()
+
+_ENVELOPE_KEYS = ("body", "properties")
+
+
+def envelope_problem(item: object) -> str | None:
+    """Why a decoded list item is not a kombu message envelope (None when it is one)."""
+    if not isinstance(item, dict):
+        return f"not a message envelope (a JSON {type(item).__name__})"
+    missing = [k for k in _ENVELOPE_KEYS if k not in item]
+    if missing:
+        return f"message envelope without {', '.join(missing)}"
+    props = item["properties"]
+    if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), (str, int)):
+        return "message envelope without properties.delivery_tag"
+    if not isinstance(props.get("delivery_info", {}), dict):
+        return "message envelope with a malformed properties.delivery_info"
+    if "headers" in item and not isinstance(item["headers"], dict):
+        return "message envelope with non-object headers"
+    return None
+
+
+# Takes up to ARGV[3] messages off the lists KEYS[3..], first list first (BRPOP's order), and,
+# in the same atomic step, records each as unacked exactly as kombu's QoS.append does (index
+# score: ARGV[1], the time; hash value: [message, exchange, routing_key]). Returns a flat
+# array of {list, message, delivery tag} triples. Messages over ARGV[2] bytes or without the
+# fields come back unrecorded (tag ''): kombu records them as usual (mesh producers never
+# send such messages). Nothing to take: an empty array.
+POP_AND_RECORD = """
+local out, n, most = {}, 0, tonumber(ARGV[3])
+for i = 3, #KEYS do
+  while n < most do
+    local raw = redis.call('RPOP', KEYS[i])
+    if not raw then break end
+    local tag = ''
+    if #raw <= tonumber(ARGV[2]) then
+      local ok, m = pcall(cjson.decode, raw)
+      if ok and type(m) == 'table' and type(m.properties) == 'table' then
+        local t = m.properties.delivery_tag
+        local info = m.properties.delivery_info
+        if type(t) == 'string' and t ~= '' and type(info) == 'table'
+            and type(info.exchange) == 'string' and type(info.routing_key) == 'string' then
+          redis.call('ZADD', KEYS[2], ARGV[1], t)
+          redis.call('HSET', KEYS[1], t,
+                     '[' .. raw .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
+          tag = t
+        end
+      end
+    end
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = raw
+    out[#out + 1] = tag
+    n = n + 1
+  end
+  if n >= most then break end
+end
+return out
+"""
+SCRIPT_RECORD_MAX_BYTES = 4 * 1024 * 1024  # bigger ones are not decoded inside Redis
+# Messages one poll takes at most (fewer when the prefetch limit leaves less room): under load
+# one round trip brings a batch's worth instead of one message.
+POP_MAX = 16
+
+
+def ring(pipe, queue: str, prefix: str) -> None:
+    """Queue commands on a kombu (prefixed) pipeline that ring `queue`'s bell: a list of at
+    most one element that idle consumers block on with BRPOP (see Channel)."""
+    bell = queue_bell(queue)
+    pipe.lpush(bell, 1)
+    pipe.execute_command("LTRIM", prefix + bell, 0, 0)  # kombu's client does not prefix LTRIM
+    pipe.pexpire(bell, BELL_TTL_MS)
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message, delivery_tag):
+        if delivery_tag == self.channel._recorded_tag:  # the pop script recorded it already
+            virtual.QoS.append(self, message, delivery_tag)
+            return
+        super().append(message, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+    @contextmanager
+    def conn_or_acquire(self, client=None):
+        """kombu builds a new redis.Redis for every QoS append, ack and publish, and each
+        construction rebuilds redis-py's ~165-entry response-callback table: measured at
+        ~3.4 constructions per message and ~10% of a worker's consumer-thread CPU
+        (reference/celery.md §7, redis-py#3624). A client only borrows connections from the
+        pool per command, so one per pool is safe to share; a new pool (reconnect) gets a new one.
+        """
+        if client:
+            yield client
+            return
+        if self._pool is None and getattr(self.connection, "client", None) is None:
+            # closing after the connection was detached (a reconnect): kombu would raise an
+            # AttributeError here and Celery stops the worker ("Unrecoverable error"); as a
+            # connection error it is ignored, and unacked messages return after the
+            # visibility timeout (the fault suite's Redis restart found this)
+            raise kombu_redis.redis.ConnectionError("the broker connection is closed")
+        pool = self.pool
+        cached = self.__dict__.get("_mesh_client")
+        if cached is None or cached[0] is not pool:
+            cached = (pool, self._create_client())
+            self.__dict__["_mesh_client"] = cached
+        yield cached[1]
+
+    # Consuming, with no moment where a message is neither in its queue nor recorded as
+    # unacked. Stock kombu BRPOPs the queues and records the message with a second command; a
+    # SIGKILL between the two lost it (1 of 800 requests in a CI run). Here:
+    # - busy (the last poll found messages, or a wait timed out): the pop script takes up to
+    #   POP_MAX messages and records them atomically, one round trip (kombu: two per message);
+    # - idle: BRPOP on the queues' bells, which every publish and requeue ring (`_put`,
+    #   `_do_restore_message`). Popping a bell loses nothing; it only says "take now", which
+    #   the same read does with the script before returning. A wait that times out
+    #   (`polling_interval`) polls with the script anyway, for messages pushed by a producer
+    #   without this transport.
+    _busy = True  # poll with the script next, rather than wait for a bell
+    _sent: str | None = None  # the command of the poll in flight: "BRPOP" or "EVALSHA"
+    _recorded_tag: str | None = None  # delivered now, already recorded by the script
+    _pop_sha: str | None = None
+
+    def _brpop_start(self, timeout=None):
+        if _unrecorded.get(self.global_keyprefix):
+            self._restore_unrecorded()
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        if self._busy:
+            command = self._pop_command(queues)
+        else:
+            p = self.global_keyprefix
+            timeout = self.brpop_timeout if timeout is None else timeout
+            command = ["BRPOP", *(p + queue_bell(queue) for queue in queues), timeout or 0]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()
+        self._sent = command[0]
+        self.client.connection.send_command(*command)
+
+    def _pop_command(self, queues: list[str]) -> list:
+        if self._pop_sha is None:
+            with self.conn_or_acquire() as client:
+                self._pop_sha = client.script_load(POP_AND_RECORD)
+        p = self.global_keyprefix
+        keys = [p + self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        room = self.qos.can_consume_max_estimate()
+        most = POP_MAX if room is None else max(1, min(POP_MAX, room))
+        return ["EVALSHA", self._pop_sha, 2 + len(keys), p + self.unacked_key, p + self.unacked_index_key,
+                *keys, repr(time()), SCRIPT_RECORD_MAX_BYTES, most]  # fmt: skip
+
+    def _pop_now(self):
+        """The pop script, run at once on the poll connection (idle again: the bell's reply
+        was read), so a rung bell costs one round trip before delivery, not a loop turn too."""
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return None
+        connection = self.client.connection
+        for attempt in (1, 2):
+            connection.send_command(*self._pop_command(queues))
+            try:
+                return self.client.parse_response(connection, "EVALSHA")
+            except kombu_redis.redis.exceptions.NoScriptError:  # Redis restarted or was emptied
+                self._pop_sha = None
+                if attempt == 2:
+                    raise
+        return None
+
+    def _brpop_read(self, **options):
+        # kombu 5.7.0's _brpop_read, reading the pop script's or the bell wait's reply, with
+        # the decode guarded (keep in step when upgrading)
+        sent, self._sent = self._sent, None
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, sent or "BRPOP", **options)
+                if sent != "EVALSHA":
+                    self._busy = True  # a bell rang, or the wait timed out: take with the script
+                    if not reply:
+                        raise kombu_redis.Empty()
+                    reply = self._pop_now()
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except kombu_redis.redis.exceptions.NoScriptError:  # Redis restarted or was emptied
+                self._pop_sha = None
+                raise kombu_redis.Empty() from None
+            if not reply:
+                self._busy = False
+                raise kombu_redis.Empty()
+            self._busy = True
+            popped = [(reply[i], reply[i + 1], bytes_to_str(reply[i + 2]) or None) for i in range(0, len(reply), 3)]
+            for n, (key, item, recorded) in enumerate(popped):
+                try:
+                    self._take(key, item, recorded)
+                except self.connection_errors:
+                    for _key, rest, tag in popped[n + 1 :]:
+                        if tag is None:  # recorded ones come back after the visibility timeout
+                            self._keep_unrecorded_raw(rest)
+                    raise
+            return True
+        finally:
+            self._in_poll = None
+            flush_reauth = getattr(self, "_flush_brpop_reauth", None)
+            if flush_reauth is not None:
+                flush_reauth()
+
+    def _take(self, key: bytes, item: bytes, recorded: str | None) -> None:
+        """Deliver one popped message to its consumer, or drop it with the reason."""
+        dest = bytes_to_str(key)[len(self.global_keyprefix) :].rsplit(self.sep, 1)[0]
+        self._queue_cycle.rotate(dest)
+        try:
+            message = loads(bytes_to_str(item))
+            problem = envelope_problem(message)
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            message, problem = None, f"not JSON ({exc})"
+        if problem is not None:
+            log.error("dropped a malformed message from queue %s: %s; first bytes: %r",
+                      dest, problem, bytes(item[:80]))  # fmt: skip
+            if recorded is not None:  # the script recorded it: forget it, or it comes back
+                self.qos._remove_from_indices(recorded).execute()
+            return
+        self._recorded_tag = recorded
+        try:
+            self.connection._deliver(message, dest)
+        except self.connection_errors:
+            if recorded is None:
+                self._keep_unrecorded(message)
+            raise
+        finally:
+            self._recorded_tag = None
+
+    def _put(self, queue, message, **kwargs):
+        """kombu's publish (LPUSH), ringing the queue's bell in the same round trip."""
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        batch = kwargs.pop("_publish_batch", None)
+        if batch is not None:
+            pipe = _BatchCommands(batch)
+            pipe.lpush(key, dumps(message))
+            self._expire_queue(pipe, queue)
+            ring(pipe, queue, self.global_keyprefix)
+            return
+        with self.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
+            pipe.lpush(key, dumps(message))
+            self._expire_queue(pipe, queue)
+            ring(pipe, queue, self.global_keyprefix)
+            pipe.execute()
+
+    def _expire_queue(self, pipe, queue) -> None:
+        # kombu's x-expires support, as in its _put
+        if self._expires and queue in self._expires:
+            for pri in self.priority_steps:
+                pipe.pexpire(self._q_for_pri(queue, pri), self._expires[queue])
+
+    def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
+        """kombu's requeue (a reject, the visibility-timeout sweep, a put-back), ringing the
+        bells of the queues it pushes to so idle consumers take the message at once."""
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        try:
+            queues = self._lookup(exchange, routing_key)
+        except kombu_redis.InconsistencyError:
+            return  # kombu logged why it could not route the message; nothing was pushed
+        for queue in queues:
+            ring(pipe, queue, self.global_keyprefix)
+
+    def _delete(self, queue, *args, **kwargs):
+        super()._delete(queue, *args, **kwargs)
+        with self.conn_or_acquire(client=kwargs.get("client")) as client:
+            client.delete(queue_bell(queue))
+
+    def _purge(self, queue):
+        with self.conn_or_acquire() as client:
+            client.delete(queue_bell(queue))
+        return super()._purge(queue)
+
+    # A message too big for the pop script is recorded by kombu with a second command: if
+    # Redis goes away in between (a restart, a dropped connection), stock kombu loses it. It
+    # is kept here, in the process, and put back at the head of its queue as soon as Redis
+    # answers again (the fault suite's Redis restart found this, before the pop script).
+    def _keep_unrecorded(self, message: dict) -> None:
+        tag = message["properties"]["delivery_tag"]
+        if tag in self.qos._delivered:
+            return  # recorded as unacked: the visibility timeout brings it back
+        with _unrecorded_lock:
+            _unrecorded.setdefault(self.global_keyprefix, []).append(message)
+        log.warning("Redis went away between popping message %s and recording it; "
+                    "it goes back to its queue on reconnection", tag)
+
+    def _keep_unrecorded_raw(self, item: bytes) -> None:
+        try:
+            message = loads(bytes_to_str(item))
+        except (ValueError, TypeError, UnicodeDecodeError):
+            return  # garbage: it would have been dropped anyway
+        if envelope_problem(message) is None:
+            self._keep_unrecorded(message)
+
+    def _restore_unrecorded(self) -> None:
+        with _unrecorded_lock:
+            messages = _unrecorded.pop(self.global_keyprefix, [])
+        try:
+            with self.conn_or_acquire() as client, client.pipeline() as pipe:
+                for m in messages:
+                    info = m["properties"].get("delivery_info") or {}
+                    self._do_restore_message(m, info.get("exchange", ""), info.get("routing_key"), pipe)
+                pipe.execute()
+        except Exception:
+            with _unrecorded_lock:
+                _unrecorded.setdefault(self.global_keyprefix, [])[:0] = messages
+            raise
+        log.info("put %d message(s) popped before a Redis outage back on their queues", len(messages))
+
+
+def ack_many(messages: list) -> None:
+    """Ack delivered messages in one Redis round trip per channel instead of one each.
+
+    kombu's Redis ack emulation removes each acked message from its unacked index with its own
+    pipeline (ZREM + HDEL); a batch's acks share one here. Consumer thread only (kombu
+    channels belong to it). Messages of other transports are acked one by one.
+    """
+    channels: dict[int, tuple[object, list]] = {}
+    for m in messages:
+        if not m.acknowledged:
+            channels.setdefault(id(m.channel), (m.channel, []))[1].append(m)
+    for channel, msgs in channels.values():
+        qos = getattr(channel, "qos", None)
+        if not isinstance(qos, kombu_redis.QoS):
+            for m in msgs:
+                m.ack()
+            continue
+        with qos.pipe_or_acquire() as pipe:
+            for m in msgs:
+                qos._remove_from_indices(m.delivery_tag, pipe)
+            pipe.execute()
+        forget_acked(msgs)  # Redis is done above
+
+
+def ack_in(pipe, messages: list, server: tuple | None) -> list:
+    """Add the Redis half of acking `messages` to `pipe` (a plain redis-py pipeline on
+    `server`, e.g. the result backend's, whose keys carry no kombu prefix); returns the
+    messages added. The caller runs `forget_acked` on them, on the consumer thread, once the
+    pipeline has run.
+
+    Why: a batch's results and its acks then take one round trip on the results thread
+    instead of a second one on the consumer thread. Only messages of this transport whose
+    broker is the same Redis server and database as `server` are added; the rest are left
+    for `ack_many`. Any thread: this reads the messages' channels, it does not change them.
+    """
+    if server is None:
+        return []
+    added = []
+    keys: dict[int, tuple[str, str] | None] = {}  # per channel: its unacked index and hash
+    for m in messages:
+        if m.acknowledged:
+            continue
+        channel = m.channel
+        if id(channel) not in keys:
+            keys[id(channel)] = _unacked_keys(channel, server)
+        if keys[id(channel)] is None:
+            continue
+        index_key, hash_key = keys[id(channel)]
+        pipe.zrem(index_key, m.delivery_tag)
+        pipe.hdel(hash_key, m.delivery_tag)
+        added.append(m)
+    return added
+
+
+def _unacked_keys(channel, server: tuple) -> tuple[str, str] | None:
+    """A Redis channel's unacked index and hash, prefixed, if its broker is `server`."""
+    qos = getattr(channel, "qos", None)
+    # the channel's own client, if it has one: reading `channel.client` would create it
+    client = vars(channel).get("client") if hasattr(channel, "__dict__") else None
+    if not isinstance(qos, kombu_redis.QoS) or redis_server(client) != server:
+        return None
+    prefix = getattr(channel, "global_keyprefix", "") or ""
+    return prefix + qos.unacked_index_key, prefix + qos.unacked_key
+
+
+def forget_acked(messages: list) -> None:
+    """The local half of an ack whose Redis half `ack_in` did. Consumer thread only."""
+    for m in messages:
+        if not m.acknowledged:
+            virtual.QoS.ack(m.channel.qos, m.delivery_tag)
+            m._state = "ACK"
+
+
+def redis_server(client) -> tuple | None:
+    """((host, port), db) or (unix socket path, db) of a redis-py client; None if unknown."""
+    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
+    if not kwargs:
+        return None
+    where = kwargs.get("path") or (kwargs.get("host"), kwargs.get("port"))
+    return (where, int(kwargs.get("db") or 0))
+
+
+class _BatchCommands:
+    """A pipeline look-alike that adds commands to kombu's PublishBatch instead."""
+
+    def __init__(self, batch) -> None:
+        self._batch = batch
+
+    def __getattr__(self, name: str):
+        return lambda *args: self._batch.add(name, *args)
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel

@@ -1,0 +1,57 @@
+"""Commands to one worker's private queue (load/unload), sent as `mesh.command` tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from celery import Celery
+
+from mesh.protocol.keys import Keys
+from mesh.models import Command
+from mesh.protocol.messages import COMMAND_TASK
+
+if TYPE_CHECKING:
+    from mesh.store.state import StateStore
+
+
+def send_command(app: Celery, keys: Keys, worker: str, cmd: Command) -> None:
+    app.send_task(
+        COMMAND_TASK,
+        kwargs=cmd.model_dump(mode="json"),
+        queue=keys.worker_queue(worker),
+        ignore_result=True,
+        priority=0,  # commands overtake requests waiting in the same worker's lists
+    )
+
+
+def unload_unregistered(
+    app: Celery,
+    store: StateStore,
+    model_id: str,
+    holders: Iterable[str],
+    *,
+    fail_queued: bool = True,
+    reason: str | None = None,
+) -> list[str]:
+    """Tell the live workers in `holders` to drop a model whose record is gone (unregistered or
+    auto-deleted); returns the workers told.
+
+    With `fail_queued` the requests still queued for it fail with NOT_FOUND, and when no live
+    worker holds it, one live worker answers them: a request never waits for a model that no
+    longer exists. Without it the copies retire gracefully (a re-registered model with the same
+    id answers what was queued).
+    """
+    cmd = Command(
+        op="unload", model_id=model_id, fail_queued=fail_queued,
+        reason=reason or f"model {model_id!r} was unregistered",
+    )  # fmt: skip
+    live = store.alive(holders)
+    if fail_queued and not live:
+        steps = list(app.conf.broker_transport_options.get("priority_steps", [0]))
+        if store.queue_depth(model_id, steps) > 0:
+            workers = [w.name for w in store.live_workers() if not w.shutting_down]
+            live = set(workers[:1])
+    for worker in sorted(live):
+        send_command(app, store.keys, worker, cmd)
+    return sorted(live)

@@ -1,0 +1,931 @@
+"""The scheduler's planner: one pure function from the cluster's state to a list of actions.
+
+`plan(cluster, settings, now)` decides, for the whole pool, what ModelMesh decides in every pod
+(reference/modelmesh.md §3): where new copies go, how many copies each model gets, which
+copies leave when space is needed, what happens to dead and draining workers and to failed
+loads. It does no I/O: mesh/control/rebalance.py reads Redis into a `ClusterState`, calls `plan` and
+sends the actions; mesh/tools/simulator.py runs it over a modelled cluster. docs/scheduler.md states
+every rule with the ModelMesh number it follows or the pain point it fixes.
+
+It must stay fast at 1,000 workers x 100,000 models (< 1 s per tick on 2 cores), so nothing
+here loops over workers x models: models with no copy and no demand take a constant-time path,
+placement uses heaps over workers (most free space; oldest evictable copy) with lazy re-keying,
+and each worker's eviction candidates are sorted only when that worker is considered.
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mesh.policy.placement import affinity
+
+INF = math.inf
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(slots=True)
+class CopyView:
+    """A model loaded on a worker, as the worker's heartbeat reports it."""
+
+    model_id: str
+    size: int
+    last_used: float
+    loaded_at: float
+    rate: float = 0.0  # requests/s answered by this copy
+
+
+@dataclass(slots=True)
+class WorkerView:
+    name: str
+    capacity: int
+    used: int = 0  # includes bytes reserved for loads in progress
+    models: dict[str, CopyView] = field(default_factory=dict)
+    loading: set[str] = field(default_factory=set)
+    shutting_down: bool = False
+    alive: bool = True  # False: listed in the worker set but its heartbeat expired
+    rate: float = 0.0  # requests/s over all its models
+    started_at: float = 0.0  # registry records older than this belong to a previous incarnation
+
+
+@dataclass(slots=True)
+class RegistryCopy:
+    """A copy record in the registry (what routing sees), with its raw form for compare-and-delete."""
+
+    state: Literal["LOADING", "LOADED"]
+    since: float
+    raw: str = ""
+
+
+@dataclass(slots=True)
+class FailureView:
+    time: float
+    error: str = ""
+    raw: str = ""
+
+
+@dataclass(slots=True)
+class ModelView:
+    model_id: str
+    size: int = 0  # bytes; 0 = unknown (the settings' default size is assumed)
+    min_copies: int | None = None  # None: the settings' default
+    max_copies: int | None = None
+    copies: dict[str, RegistryCopy] = field(default_factory=dict)  # worker -> registry record
+    failures: dict[str, FailureView] = field(default_factory=dict)  # worker -> failure record
+    queue_depth: int = 0  # requests waiting in the model's queue
+    last_used: float = 0.0  # newest use ever seen (heartbeats fold in newer values)
+    score: float = 0.0  # long-run request rate (req/s, exponentially decayed): its value in cache
+    rate: float | None = None  # requests/s; None: the sum of its copies' heartbeat rates
+
+
+@dataclass(slots=True)
+class PastAction:
+    """An action a previous run sent: the planner's memory for pending work and the churn guard."""
+
+    time: float
+    op: Literal["load", "unload"]
+    model_id: str
+    worker: str
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class ClusterState:
+    workers: list[WorkerView]
+    models: list[ModelView]
+    history: list[PastAction] = field(default_factory=list)
+    # Not registered any more, but their copies stay until the requests already routed to them
+    # are answered (vmodel auto-delete, mesh/control/vmodels.py drain): not ours to unload.
+    retiring: set[str] = field(default_factory=set)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    model_id: str
+    worker: str
+    reason: str
+    op: Literal["load"] = "load"
+
+
+@dataclass(frozen=True, slots=True)
+class Unload:
+    model_id: str
+    worker: str
+    reason: str
+    op: Literal["unload"] = "unload"
+
+
+@dataclass(frozen=True, slots=True)
+class DropCopy:
+    """Delete a registry copy record (its worker is dead, or it never loaded)."""
+
+    model_id: str
+    worker: str
+    reason: str
+    raw: str = ""  # delete only if the record is still exactly this
+    op: Literal["drop_copy"] = "drop_copy"
+
+
+@dataclass(frozen=True, slots=True)
+class ClearFailure:
+    """Delete an expired failure record, which lets the model be retried on that worker."""
+
+    model_id: str
+    worker: str
+    raw: str = ""
+    op: Literal["clear_failure"] = "clear_failure"
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetWorker:
+    """Remove a dead worker (no heartbeat) from the worker set."""
+
+    worker: str
+    op: Literal["forget_worker"] = "forget_worker"
+
+
+Action = Load | Unload | DropCopy | ClearFailure | ForgetWorker
+
+# Reasons. Unloads for these reasons free space for something else: the churn guard does not
+# let the same model come back by evicting another within `churn_age_s` (no cascades).
+R_ORPHAN = "queued-requests"
+R_DRAIN = "drain"
+R_PINNED = "min-copies"
+R_SCALE = "scale-up"
+R_REDUNDANT = "second-copy"
+R_PROACTIVE = "proactive"
+R_SPACE = "space"
+R_IDLE = "idle"
+R_MAX = "max-copies"
+R_UNREGISTERED = "unregistered"
+R_DEAD = "dead-worker"
+R_STALE = "stale"
+R_REASSERT = "reassert"
+EVICTING_REASONS = frozenset({R_SPACE, R_IDLE, R_MAX})
+
+# Registry records and heartbeats carry different hosts' clocks.
+CLOCK_SKEW_S = 5.0
+
+_LOWEST = (0, 0.0, 0.0)  # evict-heap key of a worker holding a surplus copy; also a lower bound
+
+# Need classes, served in this order; the first three may evict anything unprotected.
+ORPHAN, DRAIN, PINNED, SCALE, REDUNDANT = range(5)
+_REASON = {ORPHAN: R_ORPHAN, DRAIN: R_DRAIN, PINNED: R_PINNED, SCALE: R_SCALE, REDUNDANT: R_REDUNDANT}
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerSettings:
+    """Every knob of the planner; docs/scheduler.md gives the reasoning behind each default."""
+
+    # copies from load (ModelMesh §3.5: 2000 rpm per copy), with hysteresis
+    scale_up_rps_per_copy: float = 50.0
+    scale_up_queue_per_copy: int = 64
+    scale_down_ratio: float = 0.5  # keep n copies while rate > (n-1) * threshold * ratio
+    # idle behaviour (pain point: "LRU is not time-based")
+    copy_idle_s: float = 300.0  # extra copies of a model unused this long are unloaded
+    model_idle_s: float = 0.0  # >0: the last copy of a model unused this long is unloaded
+    # churn guard (ModelMesh §3.4 minChurnAge) and pending work
+    churn_age_s: float = 60.0
+    pending_action_ttl_s: float = 15.0
+    stale_copy_s: float = 30.0
+    # failures (ModelMesh §3.8)
+    failure_expiry_s: float = 300.0
+    max_load_failures: int = 3
+    # drain (ModelMesh §3.9 pre-shutdown: copies used in the last hour)
+    drain_recent_s: float = 3600.0
+    # proactive loading (ModelMesh §3.7) and the usage-pattern second copy (§3.5)
+    proactive: bool = True
+    proactive_fill_fraction: float = 0.9
+    swap_factor: float = 2.0  # a proactive load may replace copies worth this many times less
+    redundancy_free_fraction: float = 0.10
+    second_copy_min_age_s: float = 420.0
+    # budgets per run
+    max_loads_per_tick: int = 256
+    max_loads_per_worker: int = 4  # loads in progress on one worker, this run's included
+    max_evictions_per_tick: int = 128
+    # placement
+    busy_factor: float = 1.5  # a worker above this x the mean request rate is placed on last
+    search_limit: int = 16
+    default_model_size: int = 1024 * 1024
+    default_min_copies: int = 0
+    default_max_copies: int | None = None
+
+
+# --------------------------------------------------------------------------- planner internals
+
+
+class _W:
+    __slots__ = (
+        "view", "name", "free", "rate", "loads", "draining", "planned", "leaving",
+        "version", "victims",
+    )  # fmt: skip
+
+    def __init__(self, view: WorkerView) -> None:
+        self.view = view
+        self.name = view.name
+        self.free = view.capacity - view.used
+        self.rate = view.rate
+        self.loads = len(view.loading)  # loads in progress count against max_loads_per_worker
+        self.draining = view.shutting_down
+        self.planned: set[str] = set()  # models pending or planned here (loads)
+        self.leaving: set[str] = set()  # models pending or planned to leave (unloads)
+        self.version = 0
+        self.victims: list[tuple[int, float, float, str]] | None = None
+
+
+class _M:
+    __slots__ = (
+        "view", "id", "size", "minc", "maxc", "loaded", "loading", "draining", "rate",
+        "last_used", "queue", "failed_on", "n_fresh", "surplus", "floor", "touched",
+        "copy_age", "score",
+    )  # fmt: skip
+
+    def __init__(self, view: ModelView, s: PlannerSettings) -> None:
+        self.view = view
+        self.id = view.model_id
+        self.size = view.size or s.default_model_size
+        minc = view.min_copies if view.min_copies is not None else s.default_min_copies
+        maxc = view.max_copies if view.max_copies is not None else s.default_max_copies
+        self.minc = minc
+        self.maxc = max(minc, maxc) if maxc is not None else 1 << 30
+        self.loaded: list[_W] = []
+        self.loading: list[_W] = []
+        self.draining: list[_W] = []
+        self.rate = 0.0
+        self.last_used = view.last_used
+        self.score = view.score
+        self.queue = view.queue_depth
+        self.failed_on: set[str] = set()
+        self.n_fresh = 0
+        self.surplus = 0
+        self.floor = 0
+        self.touched = False  # needed or placed this run: not an eviction victim
+        self.copy_age = 0.0  # age of its oldest loaded copy
+
+
+@dataclass(slots=True)
+class _Need:
+    cls: int
+    order: float
+    model: _M
+    count: int
+
+
+class _Plan:
+    def __init__(self, cluster: ClusterState, s: PlannerSettings, now: float) -> None:
+        self.c = cluster
+        self.s = s
+        self.now = now
+        self.head: list[Action] = []  # bookkeeping: forget workers, drop records, clear failures
+        self.unloads: list[Unload] = []
+        self.loads: list[Load] = []
+        self.workers: dict[str, _W] = {}
+        self.models: dict[str, _M] = {}
+        self.lazy: dict[str, tuple[ModelView, list[tuple[_W, CopyView]]]] = {}
+        self.needs: list[_Need] = []
+        self.idle_models: list[ModelView] = []  # no copy, no demand: proactive candidates
+        self.loads_left = s.max_loads_per_tick
+        self.evictions_left = s.max_evictions_per_tick
+        self.fit_heap: list[tuple[int, int, str]] = []
+        # built on the first eviction search: most runs never need one
+        self.evict_heap: list[tuple[tuple[int, float, float], int, str]] | None = None
+        self.recently_evicted: dict[str, float] = {}
+        self.evicted_from: set[tuple[str, str]] = set()
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> list[Action]:
+        by_model, loading_by_model = self._index_workers()
+        pend_load, pend_unload = self._read_history()
+        views = {mv.model_id: mv for mv in self.c.models}
+        self._resolve_pending(views, pend_load, pend_unload, loading_by_model)
+        for mv in self.c.models:
+            self._model(mv, by_model.pop(mv.model_id, None), loading_by_model.pop(mv.model_id, None))
+        for model_id, copies in by_model.items():  # loaded but no longer registered
+            if model_id in self.c.retiring:
+                continue
+            for w, _ in copies:
+                if model_id not in w.leaving:
+                    self._unload(model_id, w, R_UNREGISTERED, size=copies[0][1].size)
+        self._build_heaps()
+        self.needs.sort(key=lambda n: (n.cls, n.order))
+        for need in self.needs:
+            self._serve(need)
+        if self.s.proactive:
+            self._proactive()
+        return [*self.head, *self.unloads, *self.loads]
+
+    # ------------------------------------------------------------------ indexing
+    def _index_workers(self) -> tuple[dict[str, list[tuple[_W, CopyView]]], dict[str, list[_W]]]:
+        by_model: dict[str, list[tuple[_W, CopyView]]] = {}
+        loading_by_model: dict[str, list[_W]] = {}
+        for wv in self.c.workers:
+            if not wv.alive:
+                # ModelMesh prunes a vanished instance's registrations (§3.7); the heartbeat TTL
+                # is our grace period, so a worker without one is gone
+                self.head.append(ForgetWorker(wv.name))
+                continue
+            w = _W(wv)
+            self.workers[wv.name] = w
+            for model_id, copy in wv.models.items():
+                lst = by_model.get(model_id)
+                if lst is None:
+                    by_model[model_id] = [(w, copy)]
+                else:
+                    lst.append((w, copy))
+            for model_id in wv.loading:
+                loading_by_model.setdefault(model_id, []).append(w)
+        return by_model, loading_by_model
+
+    def _read_history(self) -> tuple[dict[tuple[str, str], float], set[tuple[str, str]]]:
+        now, s = self.now, self.s
+        pend_load: dict[tuple[str, str], float] = {}
+        pend_unload: set[tuple[str, str]] = set()
+        for a in self.c.history:
+            age = now - a.time
+            key = (a.model_id, a.worker)
+            if a.op == "load":
+                if age < s.pending_action_ttl_s:
+                    pend_load[key] = max(a.time, pend_load.get(key, 0.0))
+            elif a.op == "unload":
+                if age < s.pending_action_ttl_s:
+                    pend_unload.add(key)
+                if age < s.churn_age_s and a.reason in EVICTING_REASONS:
+                    self.recently_evicted[a.model_id] = max(a.time, self.recently_evicted.get(a.model_id, 0.0))
+                    self.evicted_from.add(key)
+        return pend_load, pend_unload
+
+    def _resolve_pending(
+        self,
+        views: dict[str, ModelView],
+        pend_load: dict[tuple[str, str], float],
+        pend_unload: set[tuple[str, str]],
+        loading_by_model: dict[str, list[_W]],
+    ) -> None:
+        """Apply what earlier runs sent and the heartbeats do not show yet, so a run that
+        follows closely neither repeats a load nor counts a leaving copy."""
+        for (model_id, name), t in pend_load.items():
+            w = self.workers.get(name)
+            mv = views.get(model_id)
+            if w is None or mv is None or model_id in w.view.models or model_id in w.view.loading:
+                continue
+            failure = mv.failures.get(name)
+            if failure is not None and failure.time >= t:
+                continue  # it was tried and failed
+            w.planned.add(model_id)
+            w.loads += 1
+            w.free -= mv.size or self.s.default_model_size
+            loading_by_model.setdefault(model_id, []).append(w)
+        for model_id, name in pend_unload:
+            w = self.workers.get(name)
+            if w is not None and model_id in w.view.models:
+                w.leaving.add(model_id)  # its bytes stay counted until the worker reports them free
+
+    # ------------------------------------------------------------------ per model
+    def _model(
+        self,
+        mv: ModelView,
+        hb: list[tuple[_W, CopyView]] | None,
+        loading: list[_W] | None,
+    ) -> None:
+        # Two shortcuts cover nearly every model of a large cluster; anything unusual (failures,
+        # queued requests, loads in progress, pinning, several copies) takes the full path.
+        if (
+            not mv.failures
+            and not mv.queue_depth
+            and loading is None
+            and mv.rate is None
+            and not (mv.min_copies if mv.min_copies is not None else self.s.default_min_copies)
+        ):
+            if hb is None and not mv.copies:  # not loaded anywhere and nothing asks for it
+                if mv.last_used > 0 or mv.score > 0:
+                    self.idle_models.append(mv)
+                return
+            if hb is not None and len(hb) == 1 and len(mv.copies) == 1 and hb[0][0].name in mv.copies and self._quiet(mv, *hb[0]):
+                # one copy, registered, nothing to change: its planning state is built only
+                # if the copy is considered as an eviction victim
+                self.lazy[mv.model_id] = (mv, hb)
+                return
+        self._model_full(mv, hb, loading)
+
+    def _model_full(
+        self,
+        mv: ModelView,
+        hb: list[tuple[_W, CopyView]] | None,
+        loading: list[_W] | None,
+    ) -> None:
+        s, now = self.s, self.now
+        if mv.copies:
+            placing = self._check_records(mv)
+            if placing:  # being loaded by someone else (cold path, vmodel driver): a load in progress
+                size = mv.size or s.default_model_size
+                for w in placing:
+                    w.free -= size
+                loading = [*(loading or ()), *placing]
+        fresh = 0
+        failed_on: set[str] | None = None
+        if mv.failures:
+            failed_on = set()
+            for name, f in mv.failures.items():
+                if now - f.time >= s.failure_expiry_s:
+                    self.head.append(ClearFailure(mv.model_id, name, f.raw))
+                else:
+                    fresh += 1
+                    failed_on.add(name)
+        minc = mv.min_copies if mv.min_copies is not None else s.default_min_copies
+        if hb is None and loading is None and not mv.queue_depth and not minc:
+            if fresh == 0 and (mv.last_used > 0 or mv.score > 0):
+                self.idle_models.append(mv)
+            return
+        m = self._build(mv, hb, loading)
+        m.n_fresh = fresh
+        if failed_on:
+            m.failed_on = failed_on
+        self._demand(m)
+
+    def _quiet(self, mv: ModelView, w: _W, copy: CopyView) -> bool:
+        """Would `_demand` leave this single-copy model alone?"""
+        s, now = self.s, self.now
+        last_used = mv.last_used if mv.last_used > copy.last_used else copy.last_used
+        return (
+            not w.draining
+            and copy.rate <= s.scale_up_rps_per_copy
+            and mv.model_id not in w.leaving
+            and not (  # the usage-pattern second copy
+                copy.rate > 0
+                and now - last_used < s.copy_idle_s
+                and now - copy.loaded_at >= s.second_copy_min_age_s
+                and (mv.max_copies if mv.max_copies is not None else s.default_max_copies or 2) >= 2
+            )
+            and not (s.model_idle_s > 0 and now - last_used >= s.model_idle_s)
+        )
+
+    def _m(self, model_id: str) -> _M | None:
+        m = self.models.get(model_id)
+        if m is None:
+            lazy = self.lazy.pop(model_id, None)
+            if lazy is None:
+                return None
+            m = self._build(lazy[0], lazy[1], None)
+            m.floor = 0
+            m.surplus = 0
+        return m
+
+    def _build(
+        self,
+        mv: ModelView,
+        hb: list[tuple[_W, CopyView]] | None,
+        loading: list[_W] | None,
+    ) -> _M:
+        s, now = self.s, self.now
+        m = _M(mv, s)
+        self.models[m.id] = m
+        rate = 0.0
+        for w, copy in hb or ():
+            rate += copy.rate
+            if copy.last_used > m.last_used:
+                m.last_used = copy.last_used
+            if m.id in w.leaving:
+                continue
+            if w.draining:
+                m.draining.append(w)
+            else:
+                m.loaded.append(w)
+                m.copy_age = max(m.copy_age, now - copy.loaded_at)
+            if w.name not in mv.copies and now - copy.loaded_at > s.stale_copy_s:
+                # loaded but missing from the registry (e.g. dropped while its heartbeat lagged):
+                # a load of a loaded model makes the worker re-assert its copy record
+                self.loads.append(Load(m.id, w.name, R_REASSERT))
+        m.rate = mv.rate if mv.rate is not None else rate
+        if hb and mv.size == 0:
+            m.size = max(c.size for _, c in hb) or m.size
+        if loading:
+            seen = {w.name for w in m.loaded}
+            for w in loading:
+                if not w.draining and w.name not in seen:
+                    m.loading.append(w)
+                    seen.add(w.name)
+        return m
+
+    def _check_records(self, mv: ModelView) -> list[_W]:
+        """Registry copies on dead workers go; so do copies a live worker never loaded or held
+        before it restarted. Returns the workers whose record is fresh but not in their
+        heartbeat yet: loads someone else just placed."""
+        now, workers, model_id = self.now, self.workers, mv.model_id
+        placing: list[_W] = []
+        for name, rc in mv.copies.items():
+            w = workers.get(name)
+            if w is None:
+                self.head.append(DropCopy(model_id, name, R_DEAD, rc.raw))
+            elif model_id in w.view.models or model_id in w.view.loading or model_id in w.planned:
+                continue
+            elif now - rc.since > self.s.stale_copy_s or rc.since < w.view.started_at - CLOCK_SKEW_S:
+                self.head.append(DropCopy(model_id, name, R_STALE, rc.raw))
+            elif not w.draining:
+                placing.append(w)
+        return placing
+
+    def _demand(self, m: _M) -> None:
+        s, now = self.s, self.now
+        n_loaded = len(m.loaded)
+        n_live = n_loaded + len(m.loading)
+        threshold = s.scale_up_rps_per_copy
+        idle_for = now - m.last_used
+
+        # copies wanted from load: up when a copy is over the threshold or the queue grows
+        want = math.ceil(m.rate / threshold) if m.rate > 0 else 0
+        if n_loaded and not m.loading and m.queue > s.scale_up_queue_per_copy * n_loaded:
+            want = max(want, n_live + 1)
+        # hysteresis: n copies stay while rate > (n-1) * threshold * ratio
+        keep = math.ceil(m.rate / (threshold * s.scale_down_ratio)) if m.rate > 0 else 0
+        if m.queue:
+            keep = max(keep, n_loaded)
+        want = min(max(want, m.minc), m.maxc)
+        keep = min(max(keep, m.minc, 1), m.maxc)
+        m.floor = max(m.minc, 1 if m.queue else 0)
+        m.surplus = max(0, n_loaded - keep)
+
+        cls = SCALE
+        if n_live == 0 and m.queue:
+            want, cls = max(want, 1), ORPHAN
+        elif n_live == 0 and m.draining and (idle_for < s.drain_recent_s or m.minc):
+            want, cls = max(want, 1), DRAIN
+        elif n_live < m.minc:
+            cls = PINNED
+        if (
+            want <= 1
+            and n_loaded == 1
+            and not m.loading
+            and m.maxc >= 2
+            and m.rate > 0
+            and idle_for < s.copy_idle_s
+            and m.copy_age >= s.second_copy_min_age_s
+        ):
+            want, cls = 2, REDUNDANT  # ModelMesh §3.5 "used regularly": a second copy in free space
+
+        if m.n_fresh >= s.max_load_failures:
+            want = 0  # fail fast until a failure record expires (ModelMesh §3.4/§3.8)
+        elif m.n_fresh and want > n_live:
+            want = n_live + 1  # a failing model gets one retry at a time, elsewhere
+        if want > n_live:
+            count = want - n_live
+            if cls == SCALE:
+                count = min(count, max(1, n_live))  # load-driven copies at most double per run
+            order = -m.queue if cls == ORPHAN else -m.last_used
+            self.needs.append(_Need(cls, order, m, count))
+            m.touched = True
+            return
+
+        # scale-down without space pressure: only past max_copies, or idle (pain point §7)
+        if n_live > m.maxc:
+            self._shed(m, n_live - m.maxc, R_MAX)
+        elif n_loaded > max(1, m.minc) and idle_for >= s.copy_idle_s:
+            self._shed(m, n_loaded - max(1, m.minc), R_IDLE)
+        elif s.model_idle_s > 0 and n_loaded and not m.minc and not m.queue and idle_for >= s.model_idle_s:
+            self._shed(m, n_loaded, R_IDLE)
+
+    def _shed(self, m: _M, count: int, reason: str) -> None:
+        """Unload `count` loaded copies, from the fullest workers first; young copies stay."""
+        now = self.now
+        candidates = []
+        for w in m.loaded:
+            copy = w.view.models.get(m.id)
+            if copy is None or (reason != R_MAX and now - copy.loaded_at < self.s.churn_age_s):
+                continue
+            if (m.id, w.name) in self.evicted_from:
+                continue
+            candidates.append(w)
+        candidates.sort(key=lambda w: (w.free, w.name))
+        for w in candidates[:count]:
+            m.loaded.remove(w)
+            self._unload(m.id, w, reason, size=m.size)
+        m.surplus = max(0, m.surplus - min(count, len(candidates)))
+
+    def _unload(self, model_id: str, w: _W, reason: str, size: int) -> None:
+        w.leaving.add(model_id)
+        copy = w.view.models.get(model_id)
+        w.free += copy.size if copy is not None else size
+        w.version += 1
+        self.unloads.append(Unload(model_id, w.name, reason))
+
+    # ------------------------------------------------------------------ placement
+    def _build_heaps(self) -> None:
+        usable = [w for w in self.workers.values() if not w.draining]
+        if usable:
+            mean = sum(w.rate for w in usable) / len(usable)
+            self.busy_rate = max(1.0, self.s.busy_factor * mean)
+            cap = sum(w.view.capacity for w in usable)
+            self.free_fraction = sum(max(0, w.free) for w in usable) / cap if cap else 0.0
+        else:
+            self.busy_rate = INF
+            self.free_fraction = 0.0
+        self.usable = usable
+        self.fit_heap = [(-w.free, w.version, w.name) for w in usable]
+        heapq.heapify(self.fit_heap)
+
+    def _eligible(self, w: _W, m: _M) -> bool:
+        return (
+            w.loads < self.s.max_loads_per_worker
+            and m.id not in w.view.models
+            and m.id not in w.view.loading
+            and m.id not in w.planned
+            and w.name not in m.failed_on
+            and (m.id, w.name) not in self.evicted_from
+        )
+
+    def _pick_fit(self, m: _M, reserve_fraction: float = 0.0) -> _W | None:
+        """The worker with the most free space that fits `m` without evicting, preferring one
+        that is not busy (ModelMesh §3.4: non-full first, more free space, load-aware)."""
+        popped: list[_W] = []
+        chosen = fallback = None
+        size = m.size
+        while self.fit_heap and len(popped) < self.s.search_limit:
+            _, version, name = heapq.heappop(self.fit_heap)
+            w = self.workers[name]
+            if version != w.version:
+                continue
+            popped.append(w)
+            if w.free < size:
+                break  # ordered by free space: nobody further fits
+            if not self._eligible(w, m):
+                continue
+            if w.free - size < reserve_fraction * w.view.capacity:
+                continue
+            if w.rate > self.busy_rate:
+                fallback = fallback or w
+                continue
+            chosen = w
+            break
+        for w in popped:
+            heapq.heappush(self.fit_heap, (-w.free, w.version, w.name))
+        return chosen or fallback
+
+    def _pick_evict(
+        self, m: _M, bar: tuple[float, float], proactive: bool, min_idle: float
+    ) -> tuple[_W, list[tuple[str, int]]] | None:
+        """A worker where evicting only less valuable, unprotected copies makes room for `m`,
+        taking the worker whose least valuable evictable copy is least valuable (ModelMesh §3.4
+        orders full workers by LRU; we order by (usage score, last use), see _value)."""
+        if self.evict_heap is None:
+            self.evict_heap = [(self._evict_head(w, rough=True), w.version, w.name) for w in self.usable]
+            heapq.heapify(self.evict_heap)
+        popped: list[_W] = []
+        found = None
+        while self.evict_heap and len(popped) < self.s.search_limit:
+            key, version, name = heapq.heappop(self.evict_heap)
+            w = self.workers[name]
+            if version != w.version:
+                continue
+            popped.append(w)
+            if key[0] == 1 and not self._below(key[1], key[2], m, bar, proactive):
+                break  # every other worker's least valuable copy is worth more still
+            if not self._eligible(w, m):
+                continue
+            victims = self._victims(w, m, bar, proactive, min_idle)
+            if victims is not None:
+                found = (w, victims)
+                break
+        for w in popped:
+            if found is None or w is not found[0]:
+                heapq.heappush(self.evict_heap, (self._evict_head(w), w.version, w.name))
+        return found
+
+    def _below(self, score: float, last_used: float, m: _M, bar: tuple[float, float], proactive: bool) -> bool:
+        """May a copy of this value make room for `m`? A proactive swap needs `m` to be worth
+        `swap_factor` times more, so two similar models never take turns."""
+        if proactive:
+            return score * self.s.swap_factor < m.score
+        return (score, last_used) < bar
+
+    def _sorted_victims(self, w: _W) -> list[tuple[int, float, float, str]]:
+        if w.victims is None:
+            victims = []
+            for mid, c in w.view.models.items():
+                if mid in w.leaving:
+                    continue
+                m = self._m(mid)
+                if m is not None:  # None: not registered (being unloaded)
+                    victims.append((0 if m.surplus > 0 else 1, m.score, c.last_used, mid))
+            victims.sort()
+            w.victims = victims
+        return w.victims
+
+    def _evict_head(self, w: _W, rough: bool = False) -> tuple[int, float, float]:
+        """Heap key: (0, ...) if the worker holds a surplus copy, else (1, score, last use) of
+        its least valuable evictable copy ((2, INF, INF) if none). `rough` skips the sort and
+        the protection checks: it gives a lower bound, refined when the worker is popped."""
+        if rough:
+            best_s = best_t = INF
+            models, lazy, leaving = self.models, self.lazy, w.leaving
+            for mid, c in w.view.models.items():
+                m = models.get(mid)
+                if m is None:
+                    quiet = lazy.get(mid)
+                    if quiet is None:
+                        continue
+                    score = quiet[0].score
+                elif m.surplus > 0:
+                    return _LOWEST
+                else:
+                    score = m.score
+                if score < best_s or (score == best_s and c.last_used < best_t):
+                    if mid not in leaving:
+                        best_s, best_t = score, c.last_used
+            return (1, best_s, best_t) if best_s < INF or best_t < INF else (2, INF, INF)
+        for tier, score, last_used, mid in self._sorted_victims(w):
+            if mid in w.leaving:
+                continue
+            m = self.models[mid]  # built by _sorted_victims
+            if self._protected(w, m):
+                continue
+            return _LOWEST if (tier == 0 and m.surplus > 0) else (1, score, last_used)
+        return (2, INF, INF)
+
+    def _protected(self, w: _W, victim: _M) -> bool:
+        copy = w.view.models[victim.id]
+        return (
+            victim.touched
+            or self.now - copy.loaded_at < self.s.churn_age_s  # churn guard: a young copy stays
+            or len(victim.loaded) - 1 < victim.floor  # min copies; the last copy of a queued model
+        )
+
+    def _victims(
+        self, w: _W, m: _M, bar: tuple[float, float], proactive: bool, min_idle: float
+    ) -> list[tuple[str, int]] | None:
+        now = self.now
+        need = m.size - w.free
+        chosen: list[tuple[str, int]] = []
+        freed = 0
+        budget = self.evictions_left
+        for tier, score, last_used, mid in self._sorted_victims(w):
+            if mid in w.leaving:
+                continue
+            victim = self.models[mid]
+            if self._protected(w, victim):
+                continue
+            if not (tier == 0 and victim.surplus > 0):
+                if now - last_used < min_idle:
+                    continue  # churn guard: used too recently
+                if not self._below(score, last_used, m, bar, proactive):
+                    if tier == 1:
+                        break  # sorted by value: the rest are worth more
+                    continue
+            size = w.view.models[mid].size
+            chosen.append((mid, size))
+            freed += size
+            if len(chosen) > budget:
+                return None
+            if freed >= need:
+                return chosen
+        return None
+
+    def _at_home(self, m: _M, bar: tuple[float, float], min_idle: float) -> tuple[_W, list[tuple[str, int]]] | None:
+        """A proactive swap-in on the model's rendezvous home, or nowhere.
+
+        When every worker is full the cold path loads a model on its home
+        (`mesh.policy.placement.choose_worker`). A copy the planner swaps in elsewhere is evicted
+        sooner or later and then reloaded on its home: two loads for one. Swapping in only
+        on the home keeps the planner and the cold path placing a model in the same place."""
+        home = max(self.usable, key=lambda w: (affinity(m.id, w.name), w.name), default=None)
+        if home is None or not self._eligible(home, m):
+            return None
+        victims = self._victims(home, m, bar, True, min_idle)
+        return None if victims is None else (home, victims)
+
+    def _place(self, m: _M, w: _W, reason: str, victims: Iterable[tuple[str, int]] = ()) -> None:
+        for mid, _size in victims:
+            victim = self.models[mid]
+            if w in victim.loaded:
+                victim.loaded.remove(w)
+            victim.surplus = max(0, victim.surplus - 1)
+            self._unload(mid, w, R_SPACE, size=victim.size)
+            self.evictions_left -= 1
+        w.free -= m.size
+        w.loads += 1
+        w.planned.add(m.id)
+        w.rate += m.rate / (len(m.loaded) + len(m.loading) + 1)
+        w.version += 1
+        m.loading.append(w)
+        m.touched = True
+        self.loads_left -= 1
+        self.loads.append(Load(m.id, w.name, reason))
+        heapq.heappush(self.fit_heap, (-w.free, w.version, w.name))
+        if self.evict_heap is not None:  # a lower bound, made exact if the worker is popped
+            heapq.heappush(self.evict_heap, (_LOWEST, w.version, w.name))
+
+    def _serve(self, need: _Need) -> None:
+        m, cls = need.model, need.cls
+        reason = _REASON[cls]
+        for _ in range(need.count):
+            if self.loads_left <= 0:
+                return
+            if cls == REDUNDANT:
+                if self.free_fraction < self.s.redundancy_free_fraction:
+                    return
+                w = self._pick_fit(m, reserve_fraction=1.0 - self.s.proactive_fill_fraction)
+                if w is None:
+                    return
+                self._place(m, w, reason)
+                continue
+            w = self._pick_fit(m)
+            if w is not None:
+                self._place(m, w, reason)
+                continue
+            # no room anywhere: evict less valuable copies, unless this model was itself just
+            # evicted for space (no cascades) and nothing waits for it
+            if cls not in (ORPHAN, PINNED) and m.id in self.recently_evicted:
+                return
+            if cls in (ORPHAN, PINNED):
+                bar = (INF, INF)
+            elif cls == DRAIN:
+                bar = (m.score, m.last_used)
+            else:  # a model scaling up is worth at least its current rate
+                bar = (max(m.score, m.rate), self.now)
+            # waiting requests outrank the idle-age half of the churn guard (never the copy-age half)
+            min_idle = 0.0 if cls == ORPHAN else self.s.churn_age_s
+            found = self._pick_evict(m, bar, proactive=False, min_idle=min_idle)
+            if found is None:
+                return
+            self._place(m, found[0], reason, found[1])
+
+    def _proactive(self) -> None:
+        """Load the most valuable models that have no copy (ModelMesh §3.7, valued by usage
+        score then recency): into free space up to the fill fraction, or in place of copies
+        worth `swap_factor` times less (seed 002: keep the top N most queried models)."""
+        s = self.s
+        if self.loads_left <= 0 or not self.idle_models:
+            return
+        horizon = self.now - s.model_idle_s if s.model_idle_s > 0 else -INF
+        candidates = heapq.nlargest(
+            self.loads_left * 2,
+            (
+                mv for mv in self.idle_models
+                if mv.last_used > horizon and mv.model_id not in self.recently_evicted
+            ),
+            key=lambda mv: (mv.score, mv.last_used),
+        )  # fmt: skip
+        misses = 0
+        reserve = 1.0 - s.proactive_fill_fraction
+        for mv in candidates:
+            if self.loads_left <= 0 or misses >= s.search_limit:
+                return
+            m = _M(mv, s)
+            w = self._pick_fit(m, reserve_fraction=reserve)
+            if w is not None:
+                self.models[m.id] = m
+                self._place(m, w, R_PROACTIVE)
+                misses = 0
+                continue
+            if m.score <= 0 or self.evictions_left <= s.max_evictions_per_tick // 2:
+                misses += 1  # half the eviction budget stays for demand
+                continue
+            found = self._at_home(m, (m.score, m.last_used), min_idle=s.churn_age_s)
+            if found is None:
+                misses += 1
+                continue
+            self.models[m.id] = m
+            self._place(m, found[0], R_PROACTIVE, found[1])
+            misses = 0
+
+
+def plan(cluster: ClusterState, settings: PlannerSettings, now: float) -> list[Action]:
+    """The actions that bring the cluster closer to what the rules want, in the order to send
+    them: bookkeeping first, then unloads (they free the space later loads use), then loads."""
+    # A run allocates ~10 objects per model and frees them all at the end, without cycles;
+    # the cyclic collector would rescan the whole cluster state many times over for nothing.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _Plan(cluster, settings, now).run()
+    finally:
+        if enabled:
+            gc.enable()
+
+
+__all__ = [
+    "Action",
+    "ClearFailure",
+    "ClusterState",
+    "CopyView",
+    "DropCopy",
+    "FailureView",
+    "ForgetWorker",
+    "Load",
+    "ModelView",
+    "PastAction",
+    "PlannerSettings",
+    "RegistryCopy",
+    "Unload",
+    "WorkerView",
+    "plan",
+]

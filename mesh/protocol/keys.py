@@ -1,0 +1,147 @@
+"""Names of every Redis key and queue, all under one prefix (ModelMesh's `root_prefix`).
+
+Keeping the naming in one place is what lets two meshes (or parallel tests) share a Redis:
+nothing outside this module builds a key or queue name by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh.protocol.ids import validate_id
+
+# kombu's Redis transport stores priority sub-queues as `<queue>\x06\x16<priority>`.
+KOMBU_PRIORITY_SEP = "\x06\x16"
+
+
+# A bell outlives its last ring this long: a bell nobody waits on (its consumers are busy, or
+# gone) does not stay behind. Waiting consumers pop it within milliseconds.
+BELL_TTL_MS = 30_000
+
+
+def queue_bell(queue: str) -> str:
+    """The list idle consumers of `queue` block on (mesh/broker/transport.py), without kombu's
+    global_keyprefix (kombu's client adds it)."""
+    return f"_kombu.bell.{queue}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    def __post_init__(self) -> None:
+        validate_id(self.prefix, "prefix")
+
+    # --- queues (Celery names; kombu stores them under `kombu_prefix`)
+    def model_queue(self, model_id: str) -> str:
+        return f"{self.prefix}.model.{model_id}"
+
+    def worker_queue(self, worker: str) -> str:
+        return f"{self.prefix}.worker.{worker}"
+
+    def model_from_queue(self, queue: str) -> str | None:
+        head = f"{self.prefix}.model."
+        return queue[len(head) :] if queue.startswith(head) else None
+
+    @property
+    def kombu_prefix(self) -> str:
+        """kombu's `global_keyprefix` and the result backend's: every Celery key is under it."""
+        return f"{self.prefix}:"
+
+    def queue_list_keys(self, queue: str, priority_steps: list[int]) -> list[str]:
+        """The Redis lists holding a queue's messages, one per priority step."""
+        base = self.kombu_prefix + queue
+        return [base if p == 0 else f"{base}{KOMBU_PRIORITY_SEP}{p}" for p in priority_steps]
+
+    def queue_bindings(self, queue: str) -> list[str]:
+        """kombu's binding tables of a queue, which it keeps for every queue ever declared.
+        Routing on the anonymous exchange never reads them, so they go with their model
+        (else each model id ever used leaves two keys behind)."""
+        base = f"{self.kombu_prefix}_kombu.binding"
+        return [f"{base}.{queue}", f"{base}_permanent.{queue}"]
+
+    def queue_bell(self, queue: str) -> str:
+        """A queue's bell (mesh/broker/transport.py), which goes with its model like its bindings."""
+        return self.kombu_prefix + queue_bell(queue)
+
+    # --- control-plane state
+    @property
+    def models(self) -> str:
+        return f"{self.prefix}:models"
+
+    @property
+    def vmodels(self) -> str:
+        return f"{self.prefix}:vmodels"
+
+    def copies(self, model_id: str) -> str:
+        return f"{self.prefix}:copies:{model_id}"
+
+    def failures(self, model_id: str) -> str:
+        return f"{self.prefix}:failures:{model_id}"
+
+    def load_claim(self, model_id: str) -> str:
+        return f"{self.prefix}:loadclaim:{model_id}"
+
+    # --- vmodel transitions (mesh/control/vmodels.py)
+    @property
+    def transitions(self) -> str:
+        """Hash vmodel_id -> target model id, for every vmodel with a pending transition."""
+        return f"{self.prefix}:transitions"
+
+    @property
+    def draining(self) -> str:
+        """Hash model_id -> drain entry: auto-deleted models whose copies still finish requests."""
+        return f"{self.prefix}:draining"
+
+    def vmodel_lock(self, vmodel_id: str) -> str:
+        return f"{self.prefix}:vmlock:{vmodel_id}"
+
+    def vmodel_dirty(self, vmodel_id: str) -> str:
+        return f"{self.prefix}:vmdirty:{vmodel_id}"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    @property
+    def worker_key_prefix(self) -> str:
+        return f"{self.prefix}:worker:"
+
+    def worker(self, name: str) -> str:
+        return self.worker_key_prefix + name
+
+    def load_line(self, worker: str) -> str:
+        """Sorted set model_id -> time the load was sent: the loads a worker has been told to do
+        and has not finished (its line of loads, read live by the cold path's placement)."""
+        return f"{self.prefix}:loadline:{worker}"
+
+    # --- the beat scheduler (mesh/control/rebalance.py)
+    @property
+    def control_queue(self) -> str:
+        """Celery queue of control-plane tasks (mesh.rebalance); every mesh worker consumes it."""
+        return f"{self.prefix}.control"
+
+    @property
+    def rebalance_lock(self) -> str:
+        return f"{self.prefix}:rebalance:lock"
+
+    @property
+    def rebalance_history(self) -> str:
+        """Sorted set of the scheduler's recent loads/unloads (JSON), scored by time."""
+        return f"{self.prefix}:rebalance:history"
+
+    @property
+    def rebalance_last(self) -> str:
+        """JSON summary of the last rebalance run."""
+        return f"{self.prefix}:rebalance:last"
+
+    @property
+    def usage(self) -> str:
+        """Hash model_id -> usage (last use, decayed request rate) that outlives its copies."""
+        return f"{self.prefix}:usage"
+
+    # --- the model repository (mesh/control/repository.py)
+    @property
+    def repository_lock(self) -> str:
+        """Held while a repository sync runs, so two syncs never overlap."""
+        return f"{self.prefix}:repository:lock"

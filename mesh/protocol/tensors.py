@@ -1,0 +1,471 @@
+"""KServe V2 (Open Inference Protocol) JSON tensors <-> numpy arrays.
+
+Requests cross the broker as JSON, so a tensor travels as `{"name", "shape", "datatype", "data"}`
+with `data` a flat row-major list. Everything a client sends is untrusted: every malformed
+tensor raises `mesh.errors.InvalidInput` with a message naming the tensor, never a numpy
+exception, so the API can answer INVALID_ARGUMENT instead of failing a whole batch later.
+
+Decoding is on the hot path of every request. `to_numpy` therefore lets numpy build the array
+first and only falls back to an element-by-element walk when the fast path sees something it
+cannot accept as-is; that walk is the single source of truth for what is rejected and why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any, Literal, get_args
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, Strict
+
+from mesh.errors import InvalidInput
+
+Datatype = Literal[
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
+DATATYPES: tuple[str, ...] = get_args(Datatype)
+
+MAX_NAME_LENGTH = 256
+MAX_DIMS = 8
+# Nested `data` is a convenience for Python callers; anything deeper than this is garbage and
+# must not be allowed to recurse without bound.
+_MAX_NESTING = 32
+# Beyond 2**53 a float64 no longer holds every integer, so a float64 staging array cannot be
+# trusted to carry an integer tensor exactly; such data takes the exact (slow) path.
+_EXACT_FLOAT_INT = 2**53
+
+DATATYPE_TO_DTYPE: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+
+_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
+_KEYS_TEXT = "name, shape, datatype and data"
+
+
+class InferTensor(BaseModel):
+    """One V2 tensor as it appears in a JSON request or response."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Strict(), Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+    shape: Annotated[list[Annotated[int, Strict(), Field(ge=0)]], Field(max_length=MAX_DIMS)]
+    datatype: Datatype
+    data: list
+
+
+def dtype_to_datatype(dtype: np.dtype | type | str) -> str:
+    """The V2 datatype carrying `dtype`; str/bytes/object arrays all travel as BYTES."""
+    dt = np.dtype(dtype)
+    kind, size = dt.kind, dt.itemsize
+    if kind == "b":
+        return "BOOL"
+    if kind in "iu" and size in (1, 2, 4, 8):
+        return f"{'UINT' if kind == 'u' else 'INT'}{size * 8}"
+    if kind == "f" and size in (2, 4, 8):
+        return f"FP{size * 8}"
+    if kind in "USO":
+        return "BYTES"
+    raise InvalidInput(f"numpy dtype {dt} has no V2 datatype (supported: {', '.join(DATATYPES)})")
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+
+
+def to_numpy(t: InferTensor | Mapping[str, Any]) -> np.ndarray:
+    """Validate one V2 tensor and return it as an array of its datatype and shape."""
+    if isinstance(t, InferTensor):
+        name, shape, datatype, data = t.name, t.shape, t.datatype, t.data
+    elif isinstance(t, Mapping):
+        name, shape, datatype, data = _fields(t)
+    else:
+        raise InvalidInput(
+            f"an input tensor must be an object with {_KEYS_TEXT}, got {type(t).__name__}"
+        )
+    where = _check_name(name)
+    dims = _check_shape(where, shape)
+    if not isinstance(datatype, str) or datatype not in DATATYPE_TO_DTYPE:
+        raise InvalidInput(
+            f"{where}: unknown datatype {_show(datatype)}; use one of {', '.join(DATATYPES)}"
+        )
+    if not isinstance(data, (list, tuple)):
+        raise InvalidInput(f"{where}: data must be a list of values, got {type(data).__name__}")
+    needed = math.prod(dims)
+    arr = None if datatype == "BYTES" else _fast_convert(data, DATATYPE_TO_DTYPE[datatype], needed)
+    if arr is None:
+        arr = _exact_convert(where, dims, datatype, data, needed)
+    return arr.reshape(dims)
+
+
+def _fields(t: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
+    if t.keys() != _TENSOR_KEYS:
+        name = t.get("name")
+        label = f"input {_clip(repr(name))}" if isinstance(name, str) else "an input tensor"
+        missing = sorted(_TENSOR_KEYS - t.keys())
+        extra = sorted(map(str, t.keys() - _TENSOR_KEYS))
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown field(s) {', '.join(_clip(repr(k)) for k in extra)}"] if extra else []
+        )
+        raise InvalidInput(f"{label}: {'; '.join(parts)} (a tensor has exactly {_KEYS_TEXT})")
+    return t["name"], t["shape"], t["datatype"], t["data"]
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"an input tensor's name must be a non-empty string, got {_show(name)}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidInput(
+            f"input name {name[:40]!r}... is {len(name)} characters long; "
+            f"the limit is {MAX_NAME_LENGTH}"
+        )
+    return f"input {name!r}"
+
+
+def _check_shape(where: str, shape: Any) -> list[int]:
+    if not isinstance(shape, (list, tuple)):
+        raise InvalidInput(f"{where}: shape must be a list of integers, got {_show(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"{where}: shape has {len(shape)} dimensions; the limit is {MAX_DIMS}")
+    dims = []
+    for d in shape:
+        # bool is an int subclass, but `true` in a shape is a client bug, not a dimension.
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise InvalidInput(
+                f"{where}: shape must be a list of non-negative integers, got {_show(shape)}"
+            )
+        dims.append(int(d))
+    return dims
+
+
+def _fast_convert(data: Sequence[Any], dtype: np.dtype, needed: int) -> np.ndarray | None:
+    """numpy's own conversion when it is provably lossless, else None (take the exact path)."""
+    try:
+        src = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return None
+    if src.size != needed:
+        return None  # the exact path flattens and reports the count precisely
+    src = src.reshape(-1)
+    kind, target = src.dtype.kind, dtype.kind
+    if kind == "b":
+        return src.astype(dtype)
+    if kind == "f":
+        if target == "f":
+            if dtype.itemsize >= src.dtype.itemsize:
+                return src.astype(dtype)
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = src.astype(dtype)
+            # NaN and +-inf are legal values; a finite value turning into inf is an overflow.
+            if not np.isfinite(out).all() and (np.isinf(out) & np.isfinite(src)).any():
+                return None
+            return out
+        if target in "iu":
+            if src.size:
+                if not np.isfinite(src).all() or (np.trunc(src) != src).any():
+                    return None
+                lo, hi = src.min(), src.max()
+                if max(-lo, hi) > _EXACT_FLOAT_INT or not _int_range_ok(dtype, lo, hi):
+                    return None
+            return src.astype(dtype)
+        return None  # floats are never booleans
+    if kind in "iu":
+        if target == "f":
+            # Only FP16 is narrow enough for an integer to overflow it.
+            if dtype.itemsize == 2 and src.size:
+                if max(-int(src.min()), int(src.max())) > float(np.finfo(dtype).max):
+                    return None
+            return src.astype(dtype)
+        if src.size:
+            lo, hi = src.min(), src.max()
+            if target == "b":
+                return src.astype(dtype) if lo >= 0 and hi <= 1 else None
+            if not _int_range_ok(dtype, lo, hi):
+                return None
+        return src.astype(dtype)
+    return None
+
+
+def _int_range_ok(dtype: np.dtype, lo: Any, hi: Any) -> bool:
+    info = np.iinfo(dtype)
+    return int(lo) >= info.min and int(hi) <= info.max
+
+
+def _exact_convert(
+    where: str, dims: list[int], datatype: str, data: Sequence[Any], needed: int
+) -> np.ndarray:
+    """Element-by-element conversion; raises the precise InvalidInput for the first bad value."""
+    flat = _flatten(where, data)
+    if len(flat) != needed:
+        raise InvalidInput(f"{where}: shape {dims} needs {needed} values, got {len(flat)}")
+    dtype = DATATYPE_TO_DTYPE[datatype]
+    if datatype == "BYTES":
+        for i, v in enumerate(flat):
+            if not isinstance(v, (str, bytes)):
+                raise InvalidInput(f"{where}: BYTES value at index {i} is {_show(v)}, not a string")
+        out = np.empty(len(flat), dtype=object)
+        out[:] = flat
+        return out
+    kind = dtype.kind
+    converted: list[Any] = []
+    for i, v in enumerate(flat):
+        converted.append(_convert_scalar(where, datatype, dtype, kind, i, v))
+    return np.array(converted, dtype=dtype).reshape(-1)
+
+
+def _convert_scalar(where: str, datatype: str, dtype: np.dtype, kind: str, i: int, v: Any) -> Any:
+    def bad(why: str) -> InvalidInput:
+        return InvalidInput(f"{where}: {datatype} value at index {i} is {_show(v)}; {why}")
+
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v) if kind == "b" else int(v)
+    if isinstance(v, (int, np.integer)):
+        v = int(v)
+        if kind == "b":
+            if v in (0, 1):
+                return bool(v)
+            raise bad("BOOL values must be true/false (or 0/1)")
+        if kind == "f":
+            try:
+                f = float(v)
+            except OverflowError:
+                raise bad(f"it is out of range for {datatype}") from None
+            with np.errstate(over="ignore"):
+                if math.isinf(dtype.type(f)):
+                    raise bad(f"it is out of range for {datatype}")
+            return f
+        info = np.iinfo(dtype)
+        if not info.min <= v <= info.max:
+            raise bad(f"{datatype} holds {info.min}..{info.max}")
+        return v
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        if kind == "b":
+            raise bad("BOOL values must be true/false (or 0/1)")
+        if kind == "f":
+            if math.isfinite(v):
+                with np.errstate(over="ignore"):
+                    if math.isinf(dtype.type(v)):
+                        raise bad(f"it is out of range for {datatype}")
+            return v
+        if not v.is_integer():
+            raise bad(f"{datatype} needs whole numbers")
+        info = np.iinfo(dtype)
+        if not info.min <= int(v) <= info.max:
+            raise bad(f"{datatype} holds {info.min}..{info.max}")
+        return int(v)
+    raise bad("expected a number" if kind != "b" else "expected true or false")
+
+
+def _flatten(where: str, data: Sequence[Any]) -> list[Any]:
+    """Flatten (possibly nested) data, insisting nested lists are rectangular."""
+    if not any(isinstance(v, (list, tuple)) for v in data):
+        return list(data)
+    out: list[Any] = []
+    lengths: list[int] = []  # the length every list at each depth must have
+    leaf_depth: list[int] = []  # the depth holding values, once known
+
+    def ragged() -> InvalidInput:
+        return InvalidInput(f"{where}: nested data is ragged (not a rectangular array)")
+
+    def walk(node: Sequence[Any], depth: int) -> None:
+        if depth > _MAX_NESTING:
+            raise InvalidInput(f"{where}: data is nested more than {_MAX_NESTING} levels deep")
+        if len(lengths) <= depth:
+            lengths.append(len(node))
+        elif lengths[depth] != len(node):
+            raise ragged()
+        nested = [isinstance(v, (list, tuple)) for v in node]
+        if any(nested):
+            if not all(nested) or (leaf_depth and depth >= leaf_depth[0]):
+                raise ragged()
+            for v in node:
+                walk(v, depth + 1)
+            return
+        if not leaf_depth:
+            leaf_depth.append(depth)
+        elif leaf_depth[0] != depth:
+            raise ragged()
+        out.extend(node)
+
+    walk(data, 0)
+    return out
+
+
+def _show(v: Any) -> str:
+    """A short description of a client's value for an error message (never the whole payload)."""
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple, dict)) and len(v) > 8:
+        return f"a {type(v).__name__} of length {len(v)}"
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 128:
+        # repr of a huge int is slow and may even raise (sys.int_info.str_digits_check_threshold)
+        return f"an integer of {v.bit_length()} bits"
+    try:
+        text = repr(v)
+    except Exception:  # a hostile __repr__ must not replace the InvalidInput being built
+        text = f"<{type(v).__name__}>"
+    if isinstance(v, (int, float)):
+        return _clip(text)
+    return f"{type(v).__name__} {_clip(text)}"
+
+
+def _clip(s: str, limit: int = 60) -> str:
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------
+# encoding
+
+
+def from_numpy(name: str, arr: Any) -> dict[str, Any]:
+    """A JSON-ready V2 tensor dict for `arr` (numpy scalars become shape [])."""
+    _check_name(name)
+    arr = np.asarray(arr)
+    datatype = dtype_to_datatype(arr.dtype)
+    data = arr.ravel().tolist()
+    if datatype == "BYTES":
+        data = [_json_string(name, i, v) for i, v in enumerate(data)]
+    return {"name": name, "shape": list(arr.shape), "datatype": datatype, "data": data}
+
+
+def _json_string(name: str, i: int, v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bytes):
+        # JSON cannot carry raw bytes; UTF-8 text is the only lossless case without base64.
+        try:
+            return v.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"tensor {name!r}: BYTES value at index {i} is not UTF-8 text and cannot be "
+                "sent as JSON"
+            ) from None
+    raise InvalidInput(f"tensor {name!r}: BYTES value at index {i} is {_show(v)}, not a string")
+
+
+def encode_inputs(inputs: Any) -> list[dict[str, Any]]:
+    """Normalize what a client passes into a validated list of V2 tensor dicts.
+
+    Accepted: one ndarray (named "input_0"); a list/tuple of ndarrays ("input_0", "input_1",
+    ...); a dict of name -> array-like; a list of `InferTensor`s or V2 dicts (validated and
+    re-emitted clean: flat data of the declared datatype).
+    """
+    if isinstance(inputs, np.ndarray):
+        return [from_numpy("input_0", inputs)]
+    if isinstance(inputs, InferTensor):
+        raise InvalidInput(
+            "inputs must be a list of tensors; wrap the single InferTensor in a list"
+        )
+    if isinstance(inputs, Mapping):
+        if not inputs:
+            raise InvalidInput("no inputs: the dict of name -> array is empty")
+        if _TENSOR_KEYS <= inputs.keys():
+            raise InvalidInput("inputs look like a single V2 tensor; wrap it in a list")
+        out = []
+        for name, value in inputs.items():
+            if not isinstance(name, str):
+                raise InvalidInput(f"input names must be strings, got {_show(name)}")
+            try:
+                arr = np.asarray(value)
+            except (ValueError, TypeError, OverflowError) as e:
+                raise InvalidInput(f"input {name!r}: cannot make an array of it: {e}") from None
+            out.append(from_numpy(name, arr))
+        return out
+    if isinstance(inputs, (list, tuple)):
+        if not inputs:
+            raise InvalidInput("no inputs: the list of tensors is empty")
+        if all(isinstance(x, np.ndarray) for x in inputs):
+            return [from_numpy(f"input_{i}", a) for i, a in enumerate(inputs)]
+        if all(isinstance(x, (InferTensor, Mapping)) for x in inputs):
+            arrays = decode_inputs(list(inputs))
+            return encode_outputs(arrays)
+        kinds = sorted({type(x).__name__ for x in inputs})
+        raise InvalidInput(
+            "a list of inputs must hold only numpy arrays or only V2 tensors, "
+            f"got {', '.join(kinds)}"
+        )
+    raise InvalidInput(
+        f"unsupported inputs of type {type(inputs).__name__}: pass an ndarray, a list of "
+        "ndarrays, a dict of name -> array, or a list of V2 tensors"
+    )
+
+
+def decode_inputs(raw: Any) -> dict[str, np.ndarray]:
+    """Validate a request's list of V2 tensors and return name -> array (names unique)."""
+    if not isinstance(raw, list):
+        raise InvalidInput(f"inputs must be a list of tensors, got {type(raw).__name__}")
+    if not raw:
+        raise InvalidInput("no inputs: the list of tensors is empty")
+    out: dict[str, np.ndarray] = {}
+    for t in raw:
+        arr = to_numpy(t)
+        name = t.name if isinstance(t, InferTensor) else t["name"]
+        if name in out:
+            raise InvalidInput(f"duplicate input name {name!r}")
+        out[name] = arr
+    return out
+
+
+def encode_outputs(outputs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The V2 tensor dicts of a model's outputs, in the dict's order."""
+    if not isinstance(outputs, Mapping):
+        raise InvalidInput(f"outputs must be a dict of name -> array, got {type(outputs).__name__}")
+    return [from_numpy(name, arr) for name, arr in outputs.items()]
+
+
+def payload_nbytes(tensors: Sequence[Mapping[str, Any]]) -> int:
+    """Estimate the JSON size of `tensors` without serializing all of their data.
+
+    Numbers are estimated from an evenly spaced sample of at most ~128 elements (a tensor's
+    numbers have similar lengths); strings are measured one by one, because one huge string
+    is exactly what this guard is for.
+    """
+    total = 2  # the enclosing brackets
+    for t in tensors:
+        if not isinstance(t, Mapping):
+            total += len(json.dumps(t, default=repr)) + 2
+            continue
+        header = {k: v for k, v in t.items() if k != "data"}
+        total += len(json.dumps(header, default=repr)) + 14  # `, "data": []` and separators
+        data = t.get("data")
+        if isinstance(data, (list, tuple)) and data:
+            if t.get("datatype") == "BYTES":
+                total += sum(_string_nbytes(s) for s in data)
+            else:
+                step = max(1, len(data) // 64)
+                sample = list(data[::step])
+                per_item = (len(json.dumps(sample, default=repr)) + 2) / len(sample)
+                total += math.ceil(per_item * len(data))
+    return total
+
+
+def _string_nbytes(s: Any) -> int:
+    if isinstance(s, str) and s.isascii() and s.isprintable():
+        return len(s) + 4 + s.count('"') + s.count("\\")
+    return len(json.dumps(s, default=repr)) + 2

