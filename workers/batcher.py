@@ -2,8 +2,9 @@
 
 The consumer thread appends requests (`add`); the inference thread, whenever it is free,
 takes the oldest ready batch (`take`). Pull, never push: requests keep accumulating while a
-batch runs, which is what makes batches fill (reference/celery.md §1: a push design gave
-batches of 1.1). `select_ready` is the policy, a pure function over plain data.
+batch runs, which is what makes batches fill (a push design, flushing on a timer as
+celery-batches does in clokep/celery-batches celery_batches/__init__.py, gave batches of 1.1;
+docs/architecture.md, "The request path"). `select_ready` is the policy, a pure function over plain data.
 
 Sizes count *items*: a request is one item, a client micro-batch (`infer_many`) is as many
 items as it carries. A buffer is ready when

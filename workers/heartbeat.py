@@ -5,12 +5,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mesh.models import WorkerState
 
 if TYPE_CHECKING:
-    from .worker import MeshWorker
+    from mesh.store.state import StateStore
+
+    from .inference import Stats
+    from .manager import ModelManager
+    from .metrics import WorkerMetrics
 
 # between heartbeats, the worker's watch for requests that reach a model just evicted
 ORPHAN_FAST_CHECK_S = 0.1
@@ -18,12 +24,46 @@ ORPHAN_FAST_CHECK_S = 0.1
 log = logging.getLogger("mesh.worker.heartbeat")
 
 
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """What a heartbeat says about the process, fixed for its life."""
+
+    name: str  # Celery node name (w1@host): the worker's id in Redis
+    hostname: str  # the machine's
+    pid: int
+    started_at: float
+    capacity_bytes: int
+
+
 class Heartbeat(threading.Thread):
-    def __init__(self, host: MeshWorker) -> None:
+    """Writes the worker's state every `interval_s`, then runs the `after_beat` duties; between
+    beats, every ORPHAN_FAST_CHECK_S, the `between_beats` ones. A duty that raises is logged
+    and the rest of that round skipped; the next round runs them all again."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        identity: WorkerIdentity,
+        manager: ModelManager,
+        stats: Stats,
+        metrics: WorkerMetrics,
+        shutting_down: Callable[[], bool],
+        interval_s: float,
+        ttl_s: float,
+        after_beat: Sequence[Callable[[], None]] = (),
+        between_beats: Sequence[Callable[[], None]] = (),
+    ) -> None:
         super().__init__(name="mesh-heartbeat", daemon=True)
-        self.host = host
-        self.interval = host.settings.heartbeat_interval_s
-        self.ttl = max(host.settings.heartbeat_ttl_s, 2 * self.interval)
+        self.store = store
+        self.identity = identity
+        self.manager = manager
+        self.stats = stats
+        self.metrics = metrics
+        self.shutting_down = shutting_down
+        self.interval = interval_s
+        self.ttl = max(ttl_s, 2 * interval_s)
+        self.after_beat = list(after_beat)
+        self.between_beats = list(between_beats)
         self._stop_requested = threading.Event()
         self._last = (time.monotonic(), 0)
         self._last_models: dict[str, int] = {}
@@ -32,14 +72,11 @@ class Heartbeat(threading.Thread):
         self._stop_requested.set()
 
     def run(self) -> None:
-        adopted = False
         while not self._stop_requested.is_set():
             try:
                 self.beat()
-                if not adopted:
-                    self.host.adopt_orphans()
-                    adopted = True
-                self.host.maintenance()
+                for duty in self.after_beat:
+                    duty()
             except Exception as exc:  # Redis away: keep trying, the TTL tells the others
                 log.warning("heartbeat failed: %s", exc)
             until = time.monotonic() + self.interval
@@ -47,16 +84,16 @@ class Heartbeat(threading.Thread):
                 if time.monotonic() >= until:
                     break
                 try:
-                    self.host.watch_fresh_orphans()
+                    for duty in self.between_beats:
+                        duty()
                 except Exception as exc:
                     log.warning("orphan watch failed: %s", exc)
 
     def state(self) -> WorkerState:
-        h = self.host
-        models, loading, used = h.manager.snapshot()
-        h.metrics.used_bytes.set(used)
-        h.metrics.models_loaded.set(len(models))
-        stats = h.inference.stats
+        models, loading, used = self.manager.snapshot()
+        self.metrics.used_bytes.set(used)
+        self.metrics.models_loaded.set(len(models))
+        stats, me = self.stats, self.identity
         now_m = time.monotonic()
         last_t, last_n = self._last
         elapsed = now_m - last_t
@@ -69,15 +106,15 @@ class Heartbeat(threading.Thread):
             m.request_rate = round(done / elapsed, 3) if elapsed > 0 else 0.0
         self._last_models = totals
         return WorkerState(
-            name=h.name,
-            host=h.host,
-            pid=h.pid,
-            capacity_bytes=h.settings.worker_capacity_bytes,
+            name=me.name,
+            host=me.hostname,
+            pid=me.pid,
+            capacity_bytes=me.capacity_bytes,
             used_bytes=used,
             models=models,
             loading=loading,
-            shutting_down=h.shutting_down,
-            started_at=h.started_at,
+            shutting_down=self.shutting_down(),
+            started_at=me.started_at,
             updated_at=time.time(),
             requests_total=stats.requests,
             batches_total=stats.batches,
@@ -86,4 +123,4 @@ class Heartbeat(threading.Thread):
         )
 
     def beat(self) -> None:
-        self.host.store.write_heartbeat(self.state(), self.ttl)
+        self.store.write_heartbeat(self.state(), self.ttl)

@@ -26,6 +26,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,13 +40,16 @@ from mesh.protocol.messages import SENT_AT_HEADER
 from mesh.broker.transport import ack_in, ack_many, forget_acked, redis_server
 from mesh.protocol.tensors import decode_inputs, encode_outputs
 
-from .batcher import Batch, Pending
+from .batcher import Batch, Batcher, Pending
 from .metrics import outcome_of
 
 
 if TYPE_CHECKING:
-    from .manager import Entry
-    from .worker import MeshWorker
+    from mesh.protocol.keys import Keys
+
+    from .manager import Entry, ModelManager
+    from .metrics import WorkerMetrics
+    from .ports import ConsumerPort
 
 log = logging.getLogger("mesh.worker.inference")
 
@@ -104,9 +108,30 @@ class Stats:
 
 
 class InferenceLoop(threading.Thread):
-    def __init__(self, host: MeshWorker) -> None:
+    """The inference thread, with its results thread.
+
+    `backend` returns Celery's result backend for the calling thread (`app.backend` is
+    thread-local: each thread stores through its own connection).
+    """
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        manager: ModelManager,
+        consumer: ConsumerPort,
+        metrics: WorkerMetrics,
+        keys: Keys,
+        backend: Callable[[], Any],
+        result_expires_s: float,
+    ) -> None:
         super().__init__(name="mesh-inference", daemon=True)
-        self.host = host
+        self.batcher = batcher
+        self.manager = manager
+        self.consumer = consumer
+        self.metrics = metrics
+        self.keys = keys
+        self.backend = backend
+        self.result_expires_s = result_expires_s
         self.stats = Stats()
         self._stop_requested = threading.Event()
         self.pid = os.getpid()
@@ -117,7 +142,7 @@ class InferenceLoop(threading.Thread):
         self._stop_requested.set()
 
     def run(self) -> None:
-        batcher = self.host.batcher
+        batcher = self.batcher
         while not self._stop_requested.is_set():
             batch = batcher.take(timeout=0.5)
             if batch is None:
@@ -146,14 +171,14 @@ class InferenceLoop(threading.Thread):
         if batch.error is not None:
             self._finish([Message(p, [Unit()], error=batch.error) for p in items], batch, 0.0)
             return
-        entry = self.host.manager.acquire(batch.model_id, len(items))
+        entry = self.manager.acquire(batch.model_id, len(items))
         if entry is None:  # evicted between buffering and now: another copy will answer
-            self.host.requeue(items)
+            self.consumer.requeue(items)
             return
         try:
             self._run(entry, items, batch)
         finally:
-            self.host.manager.release(entry)
+            self.manager.release(entry)
 
     def _drop_expired(self, items: list[Pending]) -> list[Pending]:
         now = time.time()
@@ -162,12 +187,12 @@ class InferenceLoop(threading.Thread):
             exp = p.req.expires
             (expired if exp is not None and exp.timestamp() <= now else live).append(p)
         for p in expired:
-            self.host.metrics.requests.labels(self.host.keys.model_from_queue(
+            self.metrics.requests.labels(self.keys.model_from_queue(
                 (p.req.delivery_info or {}).get("routing_key") or "") or "", "expired").inc()
         if expired:
             # Request.revoked() marks REVOKED in the backend, acks and sends task-revoked;
             # it touches the channel, so it runs on the consumer thread.
-            self.host.call_soon(_revoke_all, expired)
+            self.consumer.call_soon(_revoke_all, expired)
         return live
 
     def _run(self, entry: Entry, items: list[Pending], batch: Batch) -> None:
@@ -179,7 +204,7 @@ class InferenceLoop(threading.Thread):
         if good:
             start = time.monotonic()
             started = [m.pending for m in messages if m.error is None and any(u.error is None for u in m.units)]
-            self.host.call_soon(_accept_all, started, self.pid, start)
+            self.consumer.call_soon(_accept_all, started, self.pid, start)
             size = entry.policy.max_batch_size
             for i in range(0, len(good), size):
                 self._predict(loaded.runtime, loaded.model, good[i : i + size])
@@ -252,7 +277,7 @@ class InferenceLoop(threading.Thread):
     # ------------------------------------------------------------------ results
     def _finish(self, messages: list[Message], batch: Batch, compute_s: float, started_wall: float = 0.0) -> None:
         """Encode every result here, then hand them to the results thread (`_store`)."""
-        backend = self.host.app.backend  # thread-local instance: this thread's own connection
+        backend = self.backend()  # thread-local instance: this thread's own connection
         results = []
         for m in messages:
             req = m.pending.req
@@ -274,8 +299,8 @@ class InferenceLoop(threading.Thread):
         server, then finish the acks and send events on the consumer thread."""
         model_id = batch.model_id
         try:
-            backend = self.host.app.backend  # the results thread's own instance and connection
-            expires = self.host.settings.result_expires_s
+            backend = self.backend()  # the results thread's own instance and connection
+            expires = self.result_expires_s
             with backend.client.pipeline(transaction=False) as pipe:
                 for key, value in results:
                     pipe.set(key, value, ex=expires)
@@ -292,8 +317,8 @@ class InferenceLoop(threading.Thread):
         failures = sum(1 for m in messages if m.failed)
         self.stats.add(model_id, len(messages), failures)
         self._observe(messages, model_id, compute_s, started_wall)
-        self.host.call_soon(
-            _complete_all, messages, acked, compute_s, self.host.event_dispatcher,
+        self.consumer.call_soon(
+            _complete_all, messages, acked, compute_s, self.consumer.event_dispatcher(),
             {"model": model_id, "size": sum(len(m.units) for m in messages),
              "messages": len(messages), "reason": batch.reason, "failed": failures,
              "queue_wait_ms": round(wait_ms, 3), "compute_ms": round(compute_s * 1000.0, 3)},
@@ -301,7 +326,7 @@ class InferenceLoop(threading.Thread):
 
 
     def _observe(self, messages: list[Message], model_id: str, compute_s: float, started_wall: float) -> None:
-        mx = self.host.metrics
+        mx = self.metrics
         units = 0
         for m in messages:
             error = m.error if m.error is not None else (None if m.many else m.units[0].error)

@@ -23,7 +23,7 @@ policy would give up first that are still fresh (loaded, nothing answered yet) a
 capacity instead, by at most MESH_FRESH_OVERCOMMIT_FRACTION of it, and evicted once they have
 answered (`trim`; workers/retention.py says why).
 
-Eviction order (DESIGN §4), so no request is lost or failed because its model left:
+Eviction order (docs/architecture.md, "The worker"), so no request is lost or failed because its model left:
 1. stop accepting and stop consuming the model's queue,
 2. requeue its buffered requests (another copy, or this model's next load, answers them),
 3. wait for the batch that is running to finish,
@@ -58,7 +58,12 @@ from .runtimes.base import Loaded
 from .snapshots import Snapshots
 
 if TYPE_CHECKING:
-    from .worker import MeshWorker
+    from mesh.settings import MeshSettings
+    from mesh.store.state import StateStore
+
+    from .batcher import Batcher
+    from .metrics import WorkerMetrics
+    from .ports import ConsumerPort, CopyEvents
 
 log = logging.getLogger("mesh.worker.manager")
 
@@ -99,9 +104,24 @@ RETIRE_BACKLOG = 2
 
 
 class ModelManager:
-    def __init__(self, host: MeshWorker) -> None:
-        self.host = host
-        s = host.settings
+    def __init__(
+        self,
+        settings: MeshSettings,
+        name: str,
+        store: StateStore,
+        batcher: Batcher,
+        metrics: WorkerMetrics,
+        consumer: ConsumerPort,
+        events: CopyEvents,
+    ) -> None:
+        self.settings = settings
+        self.name = name  # this worker's node name (its copies' owner in Redis)
+        self.store = store
+        self.batcher = batcher
+        self.metrics = metrics
+        self.consumer = consumer
+        self.events = events
+        s = settings
         self.capacity = s.worker_capacity_bytes
         self.load_timeout_s = s.load_timeout_s
         self.evict_grace_s = 1.0
@@ -202,7 +222,7 @@ class ModelManager:
             # retirements are behind: the held copies stay (within the allowance) until the
             # next first batch or heartbeat, rather than pile up more memory being freed
             return
-        waiting = self.host.batcher.buffered()
+        waiting = self.batcher.buffered()
         with self._lock:
             self._evict_until_fits(0, waiting)
             victims, self._victims[:] = list(self._victims), []
@@ -215,7 +235,7 @@ class ModelManager:
     # ------------------------------------------------------------ reporting
     def snapshot(self) -> tuple[list[LoadedModel], list[str], int]:
         """(loaded models, models loading, used bytes) for the heartbeat."""
-        buffered = self.host.batcher.buffered()
+        buffered = self.batcher.buffered()
         with self._lock:
             loaded = [
                 LoadedModel(
@@ -260,11 +280,11 @@ class ModelManager:
         started = time.monotonic()
         model_id = job.model_id
         try:
-            record = self.host.store.begin_load(model_id, self.host.name)  # one round trip
+            record = self.store.begin_load(model_id, self.name)  # one round trip
             if record is None:
                 raise ModelNotFound(f"model {model_id!r} is not registered")
             cfg = effective_config(
-                model_id, record.info, self.host.settings, manifest=record_manifest(record)
+                model_id, record.info, self.settings, manifest=record_manifest(record)
             )
             policy = BatchPolicy(
                 cfg.value("max_batch_size"),
@@ -285,7 +305,7 @@ class ModelManager:
     def _fetch_files(self, record: ModelRecord) -> tuple[Path, bytes | None]:
         runtime = get_runtime(record.info.runtime)
         # the files stay pinned in the disk cache until the model is unloaded
-        path = acquire_model(record.model_id, record.info, self.host.settings)
+        path = acquire_model(record.model_id, record.info, self.settings)
         return path, self.snapshots.read(runtime, record.info, path, record.size_bytes)
 
     def _load(self, job: _Job) -> None:
@@ -295,7 +315,7 @@ class ModelManager:
         assert record is not None and job.path is not None
         try:
             predicted = record.size_bytes or record.info.size_bytes or 0
-            waiting = self.host.batcher.buffered()
+            waiting = self.batcher.buffered()
             with self._lock:
                 entry = self._entries[model_id]
                 self._evict_until_fits(predicted, waiting)
@@ -315,7 +335,7 @@ class ModelManager:
             self._ahead.release()
         now = time.monotonic()
         own = job.fetch_s + now - started  # the load's own time, without its wait in the line
-        mx = self.host.metrics
+        mx = self.metrics
         mx.loads.labels(model_id, "success").inc()
         mx.load_seconds.labels(model_id).observe(own)
         mx.load_wait_seconds.observe(max(0.0, now - job.requested - own))
@@ -348,7 +368,7 @@ class ModelManager:
     def _failed(self, job: _Job, exc: Exception, started: float) -> None:
         """A load that ended in an error: never a crash, a failure record (or, for a model no
         longer registered, nothing)."""
-        model_id, store, name = job.model_id, self.host.store, self.host.name
+        model_id, store, name = job.model_id, self.store, self.name
         if isinstance(exc, ModelNotFound):
             log.info("not loading %s: %s", model_id, exc)
             self._forget(model_id)
@@ -358,8 +378,8 @@ class ModelManager:
         message = str(exc) if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
         log.warning("loading %s failed after %.2fs: %s", model_id, time.monotonic() - started, message)
         self._forget(model_id)
-        self.host.metrics.loads.labels(model_id, "failed").inc()
-        self.host.on_load_failed(model_id, message)
+        self.metrics.loads.labels(model_id, "failed").inc()
+        self.events.load_failed(model_id, message)
 
     def _reserve(self, entry: Entry, nbytes: int) -> None:
         self._reserved += nbytes - entry.reserved
@@ -414,7 +434,7 @@ class ModelManager:
                 f"model {model_id!r} needs {size} bytes, more than this worker's capacity "
                 f"of {self.capacity} bytes (MESH_WORKER_CAPACITY_BYTES)"
             )
-        waiting = self.host.batcher.buffered()
+        waiting = self.batcher.buffered()
         with self._lock:
             self._reserve(entry, 0)
             entry.loaded, entry.size_bytes = loaded, size
@@ -424,17 +444,17 @@ class ModelManager:
             self._cache[model_id] = entry
             entry.state = "LOADED"
         self._retire_victims_soon()
-        self.host.batcher.open(model_id, entry.policy)
+        self.batcher.open(model_id, entry.policy)
         # placement reads the measured size: known by the time anyone sees the copy LOADED
         # (a reload measured nothing new: its record already holds it)
         if entry.record.size_bytes != size:
-            self.host.store.set_size(model_id, size)
+            self.store.set_size(model_id, size)
         # Consume the model's queue, and mark the copy LOADED in the same round trip that
         # rings our command queue's bell, so an idle consumer's wait returns and takes the
         # queue now (the consumer thread adds it on its next turn, queued before the ring).
-        self.host.consume(model_id, wake=False)
-        if not self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED,
-                                         ring=self.host.keys.worker_queue(self.host.name)):  # fmt: skip
+        self.consumer.consume(model_id, wake=False)
+        if not self.store.mark_copy(model_id, self.name, CopyState.LOADED,
+                                         ring=self.store.keys.worker_queue(self.name)):  # fmt: skip
             # unregistered while we were loading: undo, and fail anything that queued meanwhile
             self._unload(model_id, ModelNotFound(f"model {model_id!r} was unregistered"))
             return
@@ -442,11 +462,11 @@ class ModelManager:
             # evicted by a concurrent load before its copy was announced: its retirement may
             # have removed the copy record before we wrote it (the retire thread runs in order)
             self._retirer.submit(self._drop_copy_unless_held, model_id)
-        self.host.update_prefetch()
-        self.host.on_copy_loaded(model_id)
+        self.consumer.update_prefetch()
+        self.events.copy_loaded(model_id)
 
     def _reassert(self, model_id: str) -> None:
-        self.host.store.mark_copy(model_id, self.host.name, CopyState.LOADED)
+        self.store.mark_copy(model_id, self.name, CopyState.LOADED)
 
     def _candidates(self, waiting: Mapping[str, int] | None) -> list[Candidate]:
         """The loaded models as the retention policy sees them (lock held). `waiting`: the
@@ -498,7 +518,7 @@ class ModelManager:
         with self._lock:
             if model_id in self._entries:
                 return
-        self.host.store.remove_copy(model_id, self.host.name)
+        self.store.remove_copy(model_id, self.name)
 
     def _retire_all(self, victims: list[Entry]) -> None:
         for victim in victims:
@@ -513,7 +533,7 @@ class ModelManager:
             if entry is None or entry.state == "LOADING":
                 # nothing here (or a load that will find the record gone and undo itself)
                 if fail_with is not None:
-                    self.host.fail_model(model_id, fail_with)
+                    self.events.fail_model(model_id, fail_with)
                 return
             if entry.state == "EVICTING":
                 return
@@ -527,12 +547,12 @@ class ModelManager:
         """Stop intake, let buffered requests finish (bounded), requeue the rest, unload."""
         model_id = entry.model_id
         if fail_with is not None:
-            self.host.fail_model(model_id, fail_with)
+            self.events.fail_model(model_id, fail_with)
         else:
-            self.host.stop_consuming(model_id)
-            self.host.batcher.seal(model_id)
-            self.host.batcher.wait_empty(model_id, self.evict_grace_s)
-            self.host.requeue(self.host.batcher.close(model_id), wait_s=5.0)
+            self.consumer.stop_consuming(model_id)
+            self.batcher.seal(model_id)
+            self.batcher.wait_empty(model_id, self.evict_grace_s)
+            self.consumer.requeue(self.batcher.close(model_id), wait_s=5.0)
         with self._inflight:
             while entry.inflight:
                 self._inflight.wait(1.0)
@@ -545,11 +565,11 @@ class ModelManager:
             except Exception:
                 log.exception("runtime unload of %s raised; dropping it anyway", model_id)
         entry.loaded = None
-        self.host.metrics.unloads.labels(model_id, "unregistered" if fail_with is not None else "evicted").inc()
+        self.metrics.unloads.labels(model_id, "unregistered" if fail_with is not None else "evicted").inc()
         release_model(model_id)  # its files may now leave the disk cache (LRU)
-        self.host.store.remove_copy(model_id, self.host.name)
-        self.host.update_prefetch()
-        self.host.after_unload(model_id, unregistered=fail_with is not None)
+        self.store.remove_copy(model_id, self.name)
+        self.consumer.update_prefetch()
+        self.events.copy_unloaded(model_id, unregistered=fail_with is not None)
 
     def shutdown(self) -> None:
         with self._lock:

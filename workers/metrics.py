@@ -1,4 +1,5 @@
-"""Prometheus metrics of one worker, modelled on Triton's set (peers.md §2).
+"""Prometheus metrics of one worker, modelled on Triton's set
+(triton-inference-server/server docs/user_guide/metrics.md).
 
 Served on MESH_METRICS_PORT (0: off) by prometheus-client's own HTTP server thread, from a
 registry of this worker's own, so several workers in one process (tests) never collide.

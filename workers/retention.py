@@ -2,7 +2,8 @@
 
 Two policies (MESH_EVICTION_POLICY):
 
-- ``lru``: the least recently used model goes first (ModelMesh's weighted LRU, §3.2).
+- ``lru``: the least recently used model goes first (ModelMesh's weighted LRU: kserve/modelmesh
+  src/main/java/com/ibm/watson/modelmesh/clhm/ConcurrentLinkedHashMap.java).
 - ``usage`` (default): the model with the lowest decayed request count goes first, the least
   recently used among equals: the order the planner uses for its victims (mesh/policy/planner.py),
   applied by the worker on every cold load.

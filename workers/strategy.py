@@ -1,7 +1,9 @@
 """Strategies: what the consumer thread does with each `mesh.infer` / `mesh.command` message.
 
 Celery calls a task's Strategy once per consumer start to build the message handler
-(reference/celery.md §1). Ours keeps what Celery's default strategy does for bookkeeping
+(celery/worker/consumer/consumer.py `Consumer.update_strategies`, celery/app/task.py
+`Task.start_strategy`). Ours keeps what Celery's default strategy (celery/worker/strategy.py
+`default`) does for bookkeeping
 (revoked/expired check, task_reserved, the task-received event) and then, instead of
 executing through the pool, appends the request to its model's buffer. Nothing here blocks:
 the inference thread and the model manager do the work.
@@ -42,7 +44,7 @@ def infer_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
     )
     revoked_tasks = consumer.controller.state.revoked
     utc = app.uses_utc_timezone()
-    model_from_queue = mesh.protocol.keys.model_from_queue
+    model_from_queue = mesh.keys.model_from_queue
     # a message is decoded in full by Celery's Request; refuse oversized ones before that
     max_bytes = mesh.settings.max_request_bytes * 2  # JSON body vs the client's estimate
 

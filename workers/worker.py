@@ -1,8 +1,18 @@
 """MeshWorker: one worker process's model serving, wired into a Celery consumer.
 
-It owns the batcher, the model manager, the inference thread and the heartbeat, and is the
-only place that touches the Celery consumer (queues, QoS, acks), always through
-`consumer.call_soon`, because kombu channels belong to the consumer thread.
+It builds the parts and hands each exactly its collaborators (Celery's
+`celery/worker/consumer/heart.py` does the same: `Heart(timer, eventer, interval)`):
+
+- `CeleryConsumer` (workers/consumer.py): the consumer port, the only part touching the
+  Celery consumer (queues, QoS, requeues), always through its `call_soon`;
+- `Batcher`: per-model buffers; `ModelManager`: the byte-bounded cache of loaded models;
+  `InferenceLoop`: the inference and results threads; `Heartbeat`: the worker's state in
+  Redis, with this worker's periodic duties attached as hooks.
+
+What the parts tell the worker comes back through `CopyEvents` (workers/ports.py), which this
+class implements: a copy loaded, a load failed, a copy left, a model failed. The worker's own
+duties are the cold path's safety nets: orphaned requests (a model whose requests wait with
+no copy anywhere) and copies whose records vanished from Redis.
 """
 
 from __future__ import annotations
@@ -13,24 +23,23 @@ import os
 import socket
 import threading
 import time
-from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
-from celery.worker import state as worker_state
 from threadpoolctl import threadpool_limits
 
 from mesh.control.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
-from mesh.protocol.keys import Keys
 from mesh.models import Command, CopyState
 from mesh.protocol.messages import SERVING_TTL_S
 from mesh.settings import MeshSettings
 from mesh.store.state import Route, StateStore
+from mesh.protocol.keys import Keys
 
 from .batcher import Batcher, BatchPolicy, Pending
-from .heartbeat import Heartbeat
+from .consumer import CeleryConsumer
+from .heartbeat import Heartbeat, WorkerIdentity
 from .inference import InferenceLoop
 from .manager import ModelManager
 from .metrics import WorkerMetrics
@@ -41,65 +50,69 @@ log = logging.getLogger("mesh.worker")
 # long after the failure, then the consumer is cancelled once the queue stays empty.
 FAILED_DRAIN_MIN_S = 3.0
 # After a model leaves this worker, watch its queue this long for requests that still arrive:
-# every heartbeat, and every heartbeat.ORPHAN_FAST_CHECK_S for the first ORPHAN_FAST_S (the producers'
-# serving cache, mesh.protocol.messages.SERVING_TTL_S, plus a margin).
+# every heartbeat, and every heartbeat.ORPHAN_FAST_CHECK_S for the first ORPHAN_FAST_S (the
+# producers' serving cache, mesh.protocol.messages.SERVING_TTL_S, plus a margin).
 ORPHAN_WATCH_S = 30.0
 ORPHAN_FAST_S = SERVING_TTL_S + 0.5
 # The cyclic GC's generation thresholds (Python's: 700, 10, 10). A worker allocates fast
 # (requests, model loads) and frees nearly everything by reference counting; with the default
 # a full collection, which walks every loaded model, came every few seconds.
 GC_THRESHOLDS = (50_000, 20, 100)
-EVENT_BUFFER_LIMIT = 256  # buffered events per flush (Celery: 24); flushed every loop turn anyway
 
 
 class MeshWorker:
+    """Builds a worker's parts around one Celery consumer and implements `CopyEvents`."""
+
     def __init__(self, consumer: Any) -> None:
-        self.c = consumer
         self.app = consumer.app
         conf = self.app.conf
         # the app's prefix/URL win over the environment, so a worker built for a custom
         # MeshClient app (tests) and its producers always agree
-        self.settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_backend_url)
+        self.settings = settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_backend_url)
         # Several worker processes share the host's cores: one BLAS/OpenMP thread each by
         # default, so batches do not fight over cores (the inference thread is the parallelism).
-        threadpool_limits(self.settings.intra_op_threads)
-        self.name: str = consumer.hostname
-        self.host = socket.gethostname()
-        self.pid = os.getpid()
-        self.keys = Keys(self.settings.prefix)
+        threadpool_limits(settings.intra_op_threads)
+        self.name: str = consumer.hostname  # Celery node name, e.g. w1@vm
+        self.keys = Keys(settings.prefix)
         self.store = StateStore(
             redis.Redis.from_url(conf.mesh_redis_backend_url, health_check_interval=25),
             self.keys,
-            self.settings,
+            settings,
         )
         self.priority_steps = list(conf.broker_transport_options.get("priority_steps", [0]))
-        self.metrics = WorkerMetrics(self.name, self.settings.metrics_port)
-        self.metrics.capacity_bytes.set(self.settings.worker_capacity_bytes)
+        self.metrics = WorkerMetrics(self.name, settings.metrics_port)
+        self.metrics.capacity_bytes.set(settings.worker_capacity_bytes)
         self.batcher = Batcher(self._queue_depths)
-        self.manager = ModelManager(self)
-        self.inference = InferenceLoop(self)
-        self.heartbeat = Heartbeat(self)
-        self.started_at = time.time()
+        self.consumer = CeleryConsumer(
+            consumer, self.keys, self.name, self.batcher, self.metrics,
+            self._send_command, settings.prefetch_floor,
+        )  # fmt: skip
+        self.manager = ModelManager(
+            settings, self.name, self.store, self.batcher, self.metrics, self.consumer, events=self,
+        )  # fmt: skip
+        self.inference = InferenceLoop(
+            self.batcher, self.manager, self.consumer, self.metrics, self.keys,
+            backend=lambda: self.app.backend, result_expires_s=settings.result_expires_s,
+        )  # fmt: skip
         self.shutting_down = False
+        self._adopted = False
+        self.heartbeat = Heartbeat(
+            self.store,
+            WorkerIdentity(self.name, socket.gethostname(), os.getpid(), time.time(),
+                           settings.worker_capacity_bytes),  # fmt: skip
+            self.manager, self.inference.stats, self.metrics,
+            shutting_down=lambda: self.shutting_down,
+            interval_s=settings.heartbeat_interval_s, ttl_s=settings.heartbeat_ttl_s,
+            after_beat=[self.adopt_orphans_once, self.maintenance],
+            between_beats=[self.watch_fresh_orphans],
+        )  # fmt: skip
         self._threads_started = False
         self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-control")
         self._unloaded_lock = threading.Lock()
-        self._soon: deque = deque()  # consumer-thread callbacks, in order (call_soon)
-        self._soon_lock = threading.Lock()
         self._recently_unloaded: dict[str, float] = {}
-        self._declared: set[str] = set()  # model queues this worker declared (consumer thread)
 
-    @property
-    def event_dispatcher(self) -> Any:
-        d = self.c.event_dispatcher
-        if d is not None and d.on_send_buffered is not None and "mesh" not in d.buffer_group:
-            # Celery buffers task events and publishes them once per event-loop turn as one
-            # `task.multi` message; `mesh-batch` events join that (one `mesh.multi` per turn,
-            # not a PUBLISH per batch), and a turn's buffer may hold a whole large batch's
-            # events (Celery flushes every 24). Receivers (Flower) take lists as they come.
-            d.buffer_group = frozenset(d.buffer_group) | {"mesh"}
-            d.buffer_limit = max(d.buffer_limit, EVENT_BUFFER_LIMIT)
-        return d
+    def _send_command(self, worker: str, cmd: Command) -> None:
+        send_command(self.app, self.keys, worker, cmd)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -114,7 +127,7 @@ class MeshWorker:
             gc.freeze()
             gc.set_threshold(*GC_THRESHOLDS)
             # a line of loads left by an earlier process of this name would only mislead placement
-            self.store.r.delete(self.keys.load_line(self.name))
+            self.store.clear_load_line(self.name)
             self.inference.start()
             self.heartbeat.start()
             log.info("mesh worker %s up: capacity %d bytes", self.name, self.settings.worker_capacity_bytes)
@@ -122,12 +135,12 @@ class MeshWorker:
             # after a reconnect the buffered requests were dropped with the old channel;
             # re-consume the queues of everything still loaded
             for model_id in self.manager.loaded_ids():
-                self.consume(model_id)
-        self.update_prefetch()
+                self.consumer.consume(model_id)
+        self.consumer.update_prefetch()
 
     def on_connection_lost(self) -> None:
         # A Redis that comes back may have lost the bindings: declare every queue afresh.
-        self._declared.clear()
+        self.consumer.forget_declared()
         # The ack promises of buffered requests point at a dead channel; Redis redelivers them.
         policies = self.batcher.policies()
         loaded = set(self.manager.loaded_ids())
@@ -136,7 +149,7 @@ class MeshWorker:
             if model_id in loaded and model_id in policies:
                 self.batcher.open(model_id, policies[model_id])
 
-    def manager_policy(self, model_id: str) -> BatchPolicy:
+    def batch_policy(self, model_id: str) -> BatchPolicy:
         return self.batcher.policies().get(model_id) or BatchPolicy(
             self.settings.max_batch_size, self.settings.max_batch_delay_ms / 1000.0
         )
@@ -175,14 +188,14 @@ class MeshWorker:
         self.store.remove_copy(model_id, self.name)
         placement = self.store.place_load(model_id, exclude=[self.name])
         if placement.worker:
-            send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+            self._send_command(placement.worker, Command(op="load", model_id=model_id))
             log.info("handed %s over to %s", model_id, placement.worker)
 
     # ------------------------------------------------------------------ consumer thread
     def on_request(self, model_id: str | None, req: Any, items: int = 1, high: bool = False) -> None:
         if model_id is None or not self.batcher.add(model_id, req, items, high):
             # not (or no longer) served here: back to its queue for the copy that is
-            self.requeue([Pending(req)], now=True)
+            self.consumer.requeue([Pending(req)], now=True)
 
     def run_control(self, name: str, fn: Any, kwargs: dict) -> None:
         """Run a scheduler task on the control thread (one at a time, in arrival order)."""
@@ -207,113 +220,22 @@ class MeshWorker:
             fail = ModelNotFound(cmd.reason or f"model {cmd.model_id!r} was unregistered") if cmd.fail_queued else None
             self.manager.request_unload(cmd.model_id, fail)
 
-    # ------------------------------------------------------------------ consumer plumbing
-    def call_soon(self, fn: Any, *args: Any) -> None:
-        """Run `fn(*args)` on the consumer thread, in the order of the calls.
-
-        kombu's hub keeps its ready callbacks in a set: a batch's "accepted" could run after
-        its "completed", leaving the request in Celery's active requests forever (a leak the
-        soak found). Ours go through a FIFO: whichever drain runs first runs them all, in order.
-        """
-        with self._soon_lock:
-            self._soon.append((fn, args))
-        self.c.call_soon(self._run_soon)
-
-    def _run_soon(self) -> None:
-        with self._soon_lock:
-            todo, self._soon = self._soon, deque()
-        for fn, args in todo:
-            try:
-                fn(*args)
-            except Exception:  # one failing callback must not drop the ones after it
-                log.exception("consumer-thread callback %r failed", fn)
-
-    def consume(self, model_id: str, wake: bool = True) -> None:
-        """Start consuming the model's queue, at once.
-
-        kombu adds a queue to the next wait only, and the one in flight waits up to the
-        polling interval (0.1 s) before returning: most of a cold request's overhead. A no-op
-        command on our private queue (whose bell that wait watches) makes it return now.
-        `wake=False`: the caller rings that bell itself (the model manager, with the copy's
-        LOADED mark in one round trip).
-        """
-        self.call_soon(self._add_queue, self.keys.model_queue(model_id))
-        if not wake:
-            return
-        try:
-            send_command(self.app, self.keys, self.name, Command(op="wake", model_id=model_id))
-        except Exception as exc:  # only costs the polling interval
-            log.warning("could not wake the consumer for %s: %s", model_id, exc)
-
-    def _add_queue(self, queue: str) -> None:
-        consumer = self.c.task_consumer
-        if consumer is None or consumer.consuming_from(queue):
-            return
-        if queue not in self._declared:
-            self.c.add_task_queue(queue)
-            self._declared.add(queue)
-            return
-        # Declared by this worker before: its binding stays until the model is unregistered
-        # (which forgets it here), so kombu's declare (a binding write and a queue-length read,
-        # two round trips on this thread, on every reload) is skipped.
-        auto, consumer.auto_declare = consumer.auto_declare, False
-        try:
-            self.c.add_task_queue(queue)
-        finally:
-            consumer.auto_declare = auto
-
-    def stop_consuming(self, model_id: str) -> None:
-        self.call_soon(self._cancel_queue, self.keys.model_queue(model_id))
-
-    def _cancel_queue(self, queue: str) -> None:
-        if self.c.task_consumer is not None and self.c.task_consumer.consuming_from(queue):
-            self.c.cancel_task_queue(queue)
-
-    def requeue(self, items: list[Pending], now: bool = False, wait_s: float = 0.0) -> None:
-        """Put requests back on their queue (from the consumer thread, which owns the channel).
-
-        With `wait_s`, block until they are back in Redis, so a queue-depth check that follows
-        sees them.
-        """
-        if not items:
-            return
-        for p in items:
-            self.metrics.requests.labels(self.keys.model_from_queue(
-                (p.req.delivery_info or {}).get("routing_key") or "") or "", "requeued").inc()
-        if now:
-            _reject_requeue(items)
-            return
-        done = threading.Event()
-        # reject() itself defers the broker call with call_soon; a second hop runs after it
-        self.call_soon(_reject_requeue, items, lambda: self.call_soon(done.set))
-        if wait_s and not done.wait(wait_s):
-            log.warning("requeue of %d requests not confirmed within %.1fs", len(items), wait_s)
-
-    def update_prefetch(self) -> None:
-        """Budget prefetch from the served models' batch sizes so batches can fill."""
-        budget = sum(2 * p.max_batch_size for p in self.batcher.policies().values())
-        self.call_soon(self._set_qos, max(self.settings.prefetch_floor, budget))
-
-    def _set_qos(self, count: int) -> None:
-        if self.c.qos is not None and self.c.qos.value != count:
-            self.c.qos.set(count)
-
-    # ------------------------------------------------------------------ failure paths
+    # ------------------------------------------------------------------ CopyEvents
     def fail_model(self, model_id: str, error: MeshError) -> None:
         """Answer every queued and arriving request of the model with `error` for a while."""
-        self.batcher.fail(model_id, error, self.manager_policy(model_id))
-        self.consume(model_id)
+        self.batcher.fail(model_id, error, self.batch_policy(model_id))
+        self.consumer.consume(model_id)
 
-    def on_load_failed(self, model_id: str, message: str) -> None:
+    def load_failed(self, model_id: str, message: str) -> None:
         self.store.record_failure(model_id, self.name, message)
         placement = self.store.place_load(model_id, exclude=[self.name])
         if placement.worker:
             log.info("retrying the load of %s on %s", model_id, placement.worker)
-            send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+            self._send_command(placement.worker, Command(op="load", model_id=model_id))
             return
         self.fail_model(model_id, ModelLoadFailed(message))
 
-    def on_copy_loaded(self, model_id: str) -> None:
+    def copy_loaded(self, model_id: str) -> None:
         """A copy of `model_id` is now serving here: a vmodel transition waiting for it
         completes now, not at the next beat tick. On the control thread, so the next load does
         not wait for it; a failure there only delays the transition to that tick."""
@@ -329,7 +251,7 @@ class MeshWorker:
         if done:
             log.info("vmodel transition(s) to %s completed: %s", model_id, ", ".join(done))
 
-    def after_unload(self, model_id: str, unregistered: bool) -> None:
+    def copy_unloaded(self, model_id: str, unregistered: bool) -> None:
         """An evicted model with requests still queued and no other copy gets a new load.
 
         Checked now and again by `maintenance` for a while: a producer that saw the copy just
@@ -337,13 +259,14 @@ class MeshWorker:
         """
         if unregistered:
             # its queue's binding may go with it (a drain deletes it): declare it afresh next time
-            self.call_soon(self._declared.discard, self.keys.model_queue(model_id))
+            self.consumer.forget_declared(model_id)
         if unregistered or self.shutting_down:
             return
         with self._unloaded_lock:
             self._recently_unloaded[model_id] = time.monotonic()
         self._reload_if_orphaned(model_id)
 
+    # ------------------------------------------------------------------ heartbeat duties
     def _reload_if_orphaned(self, model_id: str, depth: int | None = None) -> bool:
         if depth is None:
             depth = self.store.queue_depth(model_id, self.priority_steps)
@@ -354,23 +277,26 @@ class MeshWorker:
             placement = self.store.place_load(model_id)
             if placement.worker:
                 log.info("%s has queued requests and no copy: loading it on %s", model_id, placement.worker)
-                send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+                self._send_command(placement.worker, Command(op="load", model_id=model_id))
         return route is not Route.IDLE
 
-    def adopt_orphans(self) -> None:
-        """Load models whose requests wait in Redis with no copy anywhere (sent before any
-        worker was up, or while every copy was gone). Run once the worker is announced."""
-        records = self.store.list_records()
-        if not records:
+    def adopt_orphans_once(self) -> None:
+        """After the first heartbeat that reached Redis (then the worker is announced): load
+        the models whose requests wait with no copy anywhere (sent before any worker was up,
+        or while every copy was gone)."""
+        if self._adopted:
             return
-        depths = self._queue_depths([r.model_id for r in records])
-        for model_id, depth in depths.items():
-            self._reload_if_orphaned(model_id, depth)
+        records = self.store.list_records()
+        if records:
+            depths = self._queue_depths([r.model_id for r in records])
+            for model_id, depth in depths.items():
+                self._reload_if_orphaned(model_id, depth)
+        self._adopted = True
 
     def maintenance(self) -> None:
-        """Periodic (heartbeat thread): announce copies whose records vanished, watch models
-        that left for orphaned requests, stop draining failed models whose queue is empty, and
-        come back to capacity after a deferral whose fresh copy nobody asked for."""
+        """Every heartbeat: announce copies whose records vanished, watch models that left for
+        orphaned requests, stop draining failed models whose queue is empty, and come back to
+        capacity after a deferral whose fresh copy nobody asked for."""
         self.manager.trim()  # first: local only, whatever Redis does
         self.reassert_copies()
         now = time.monotonic()
@@ -382,15 +308,15 @@ class MeshWorker:
             if now - since < FAILED_DRAIN_MIN_S or buffered:
                 continue
             if self.store.queue_depth(model_id, self.priority_steps) == 0:
-                self.stop_consuming(model_id)
+                self.consumer.stop_consuming(model_id)
                 self.batcher.close(model_id)
 
     def watch_fresh_orphans(self) -> None:
         """Between heartbeats (every heartbeat.ORPHAN_FAST_CHECK_S): models that left this worker less
         than ORPHAN_FAST_S ago. Producers skip the route script for a model seen serving in
-        the last second (mesh.protocol.messages.SERVING_TTL_S), so in that second requests still reach a
-        queue nobody consumes and nobody claims; under churn (a rarely used model evicted by
-        the next load) that is common, and waiting for the heartbeat cost them up to 2 s."""
+        the last second (mesh.protocol.messages.SERVING_TTL_S), so in that second requests still
+        reach a queue nobody consumes and nobody claims; under churn (a rarely used model evicted
+        by the next load) that is common, and waiting for the heartbeat cost them up to 2 s."""
         now = time.monotonic()
         with self._unloaded_lock:
             fresh = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_FAST_S]
@@ -412,12 +338,7 @@ class MeshWorker:
         loaded = self.manager.loaded_records()
         if not loaded:
             return
-        ids = list(loaded)
-        with self.store.r.pipeline(transaction=False) as p:
-            for model_id in ids:
-                p.hexists(self.keys.copies(model_id), self.name)
-            present = p.execute()
-        for model_id, ok in zip(ids, present):
+        for model_id, ok in self.store.copies_recorded(list(loaded), self.name).items():
             if ok:
                 continue
             record = self.store.get_record(model_id)
@@ -431,21 +352,4 @@ class MeshWorker:
                 self.store.remove_copy(model_id, self.name)
 
     def _queue_depths(self, model_ids: list[str]) -> dict[str, int]:
-        keys = self.keys
-        with self.store.r.pipeline(transaction=False) as p:
-            for m in model_ids:
-                for key in keys.queue_list_keys(keys.model_queue(m), self.priority_steps):
-                    p.llen(key)
-            flat = p.execute()
-        n = len(self.priority_steps)
-        return {m: sum(flat[i * n : (i + 1) * n]) for i, m in enumerate(model_ids)}
-
-
-def _reject_requeue(items: list[Pending], then: Any = None) -> None:
-    try:
-        for p in items:
-            p.req.reject(requeue=True)
-            worker_state.task_ready(p.req)
-    finally:
-        if then is not None:
-            then()
+        return self.store.queue_depths(model_ids, self.priority_steps)

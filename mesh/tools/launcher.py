@@ -35,7 +35,7 @@ T = TypeVar("T")
 
 #: The checkout this module lives in; put on the children's PYTHONPATH so that `mesh.app` and
 #: `celeryconfig` import even when the project is not pip-installed and the cwd is elsewhere.
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 _HAS_WAITID = hasattr(os, "waitid") and hasattr(os, "WNOWAIT")
 

@@ -109,7 +109,8 @@ class Runtime(abc.ABC):
                 f"{list(inputs)}"
             )
         # With one input on each side the name carries no information: clients commonly send
-        # their own name (the ModelMesh seed example sends "predict").
+        # their own name (ModelMesh Serving's digits
+        # example, kserve/modelmesh-serving docs/predictors/README.md, sends "predict").
         if len(signature) == 1:
             pairs = [(next(iter(inputs.items())), signature[0])]
         else:

@@ -1,0 +1,178 @@
+"""`ConsumerPort` over a real Celery consumer: queues, QoS and requeues, on the consumer thread.
+
+kombu channels belong to the consumer thread, so everything here goes through `call_soon`;
+this is the only module of the worker that touches the Celery consumer's internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery.worker import state as worker_state
+
+from mesh.models import Command
+
+if TYPE_CHECKING:
+    from mesh.protocol.keys import Keys
+
+    from .batcher import Batcher, Pending
+    from .metrics import WorkerMetrics
+
+log = logging.getLogger("mesh.worker.consumer")
+
+EVENT_BUFFER_LIMIT = 256  # buffered events per flush (Celery: 24); flushed every loop turn anyway
+
+
+class CeleryConsumer:
+    """The worker's `ConsumerPort` (workers/ports.py).
+
+    `send_command(worker, cmd)` sends a command to a worker's private queue: `consume` rings
+    our own with a no-op one. `batcher` gives the served models' batch policies, which the
+    prefetch budget is computed from.
+    """
+
+    def __init__(
+        self,
+        consumer: Any,
+        keys: Keys,
+        name: str,
+        batcher: Batcher,
+        metrics: WorkerMetrics,
+        send_command: Callable[[str, Command], None],
+        prefetch_floor: int,
+    ) -> None:
+        self.consumer = consumer
+        self.keys = keys
+        self.name = name
+        self.batcher = batcher
+        self.metrics = metrics
+        self.send_command = send_command
+        self.prefetch_floor = prefetch_floor
+        self._soon: deque = deque()  # consumer-thread callbacks, in order (call_soon)
+        self._soon_lock = threading.Lock()
+        self._declared: set[str] = set()  # model queues this worker declared (consumer thread)
+
+    def event_dispatcher(self) -> Any:
+        d = self.consumer.event_dispatcher
+        if d is not None and d.on_send_buffered is not None and "mesh" not in d.buffer_group:
+            # Celery buffers task events and publishes them once per event-loop turn as one
+            # `task.multi` message; `mesh-batch` events join that (one `mesh.multi` per turn,
+            # not a PUBLISH per batch), and a turn's buffer may hold a whole large batch's
+            # events (Celery flushes every 24). Receivers (Flower) take lists as they come.
+            d.buffer_group = frozenset(d.buffer_group) | {"mesh"}
+            d.buffer_limit = max(d.buffer_limit, EVENT_BUFFER_LIMIT)
+        return d
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` on the consumer thread, in the order of the calls.
+
+        kombu's hub keeps its ready callbacks in a set: a batch's "accepted" could run after
+        its "completed", leaving the request in Celery's active requests forever (a leak the
+        soak found). Ours go through a FIFO: whichever drain runs first runs them all, in order.
+        """
+        with self._soon_lock:
+            self._soon.append((fn, args))
+        self.consumer.call_soon(self._run_soon)
+
+    def _run_soon(self) -> None:
+        with self._soon_lock:
+            todo, self._soon = self._soon, deque()
+        for fn, args in todo:
+            try:
+                fn(*args)
+            except Exception:  # one failing callback must not drop the ones after it
+                log.exception("consumer-thread callback %r failed", fn)
+
+    def consume(self, model_id: str, wake: bool = True) -> None:
+        """Start consuming the model's queue, at once.
+
+        kombu adds a queue to the next wait only, and the one in flight waits up to the
+        polling interval (0.1 s) before returning: most of a cold request's overhead. A no-op
+        command on our private queue (whose bell that wait watches) makes it return now.
+        `wake=False`: the caller rings that bell itself (the model manager, with the copy's
+        LOADED mark in one round trip).
+        """
+        self.call_soon(self._add_queue, self.keys.model_queue(model_id))
+        if not wake:
+            return
+        try:
+            self.send_command(self.name, Command(op="wake", model_id=model_id))
+        except Exception as exc:  # only costs the polling interval
+            log.warning("could not wake the consumer for %s: %s", model_id, exc)
+
+    def _add_queue(self, queue: str) -> None:
+        task_consumer = self.consumer.task_consumer
+        if task_consumer is None or task_consumer.consuming_from(queue):
+            return
+        if queue not in self._declared:
+            self.consumer.add_task_queue(queue)
+            self._declared.add(queue)
+            return
+        # Declared by this worker before: its binding stays until the model is unregistered
+        # (which forgets it here), so kombu's declare (a binding write and a queue-length read,
+        # two round trips on this thread, on every reload) is skipped.
+        auto, task_consumer.auto_declare = task_consumer.auto_declare, False
+        try:
+            self.consumer.add_task_queue(queue)
+        finally:
+            task_consumer.auto_declare = auto
+
+    def forget_declared(self, model_id: str | None = None) -> None:
+        """Declare the model's queue (None: every queue) afresh next time: its binding may be
+        gone (a drain of an unregistered model deletes it; a Redis that came back lost all)."""
+        if model_id is None:
+            self._declared.clear()
+        else:
+            self.call_soon(self._declared.discard, self.keys.model_queue(model_id))
+
+    def stop_consuming(self, model_id: str) -> None:
+        self.call_soon(self._cancel_queue, self.keys.model_queue(model_id))
+
+    def _cancel_queue(self, queue: str) -> None:
+        task_consumer = self.consumer.task_consumer
+        if task_consumer is not None and task_consumer.consuming_from(queue):
+            self.consumer.cancel_task_queue(queue)
+
+    def requeue(self, items: list[Pending], now: bool = False, wait_s: float = 0.0) -> None:
+        """Put requests back on their queue (from the consumer thread, which owns the channel).
+
+        `now`: the caller is the consumer thread. With `wait_s`, block until they are back in
+        Redis, so a queue-depth check that follows sees them.
+        """
+        if not items:
+            return
+        for p in items:
+            self.metrics.requests.labels(self.keys.model_from_queue(
+                (p.req.delivery_info or {}).get("routing_key") or "") or "", "requeued").inc()
+        if now:
+            reject_requeue(items)
+            return
+        done = threading.Event()
+        # reject() itself defers the broker call with call_soon; a second hop runs after it
+        self.call_soon(reject_requeue, items, lambda: self.call_soon(done.set))
+        if wait_s and not done.wait(wait_s):
+            log.warning("requeue of %d requests not confirmed within %.1fs", len(items), wait_s)
+
+    def update_prefetch(self) -> None:
+        """Budget prefetch from the served models' batch sizes so batches can fill."""
+        budget = sum(2 * p.max_batch_size for p in self.batcher.policies().values())
+        self.call_soon(self._set_qos, max(self.prefetch_floor, budget))
+
+    def _set_qos(self, count: int) -> None:
+        qos = self.consumer.qos
+        if qos is not None and qos.value != count:
+            qos.set(count)
+
+
+def reject_requeue(items: list[Pending], then: Callable[[], Any] | None = None) -> None:
+    try:
+        for p in items:
+            p.req.reject(requeue=True)
+            worker_state.task_ready(p.req)
+    finally:
+        if then is not None:
+            then()
