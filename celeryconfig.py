@@ -2,7 +2,8 @@
 
 Values that depend on the mesh (Redis URL, key prefix, timeouts) come from MESH_* environment
 variables through mesh.settings; everything else is a plain Celery setting you may edit.
-The reasons behind each choice are in reference/celery.md §9 and docs/configuration.md.
+The reasons behind each choice are in docs/configuration.md and docs/architecture.md ("Why
+Celery's pieces, and where we step around them").
 """
 
 from mesh.broker.celery_options import mesh_celery_settings

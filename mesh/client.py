@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import redis
 from celery import Celery
 from celery.result import AsyncResult
 from pydantic import ValidationError
@@ -18,7 +17,6 @@ from mesh.policy.precedence import EffectiveConfig, copies_config, effective_con
 from mesh.broker.redis_url import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
 from mesh.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, RequestTooLarge
 from mesh.protocol.ids import validate_id
-from mesh.protocol.keys import Keys
 from mesh.models import (
     Command,
     ModelInfo,
@@ -31,7 +29,8 @@ from mesh.models import (
 )
 from mesh.control.routing import Router
 from mesh.settings import MeshSettings, get_settings
-from mesh.store.state import Route, StateStore
+from mesh.store.context import StoreContext
+from mesh.store.state import Route
 from mesh.storage.sources import validate_uri
 from mesh.protocol.messages import INFER_TASK, RUNTIME_NAMES, MODEL_HEADER, PRIORITIES, SENT_AT_HEADER, VMODEL_HEADER
 from mesh.protocol.tensors import encode_inputs, payload_nbytes
@@ -61,7 +60,10 @@ class MeshClient:
         url = resolve_redis_url(settings.redis_url) or DEFAULT_LOCAL_URL
         url = with_tls_options(url, settings.redis_ca_certs, settings.redis_certfile, settings.redis_keyfile)
         self.redis_url = url
-        self.keys = Keys(settings.prefix)
+        ctx = StoreContext.from_settings(settings, url)
+        self.keys = ctx.keys
+        self._redis = ctx.redis
+        self.store = ctx.store
         if settings is get_settings():
             from mesh.app import app as default_app
 
@@ -70,8 +72,6 @@ class MeshClient:
             from mesh.app import create_app
 
             self.app = create_app(settings, url)
-        self._redis = redis.Redis.from_url(url)
-        self.store = StateStore(self._redis, self.keys, settings)
         self.router = Router(self.app, self.store)
 
     def close(self) -> None:
@@ -266,7 +266,8 @@ class MeshClient:
 
 
     # ---- vmodels
-    # ModelMesh's vmodel API (modelmesh.md §1, docs/vmodels.md); the work is in mesh/control/vmodels.py.
+    # ModelMesh's vmodel API (kserve/modelmesh docs/vmodels.md; ours: docs/vmodels.md); the work is
+    # in mesh/control/vmodels.py.
 
     @property
     def vmodels(self) -> VModelManager:

@@ -225,7 +225,8 @@ class ModelStatus(_Strict):
 
 
 class VModelState(str, Enum):
-    """ModelMesh's VModelStatus (§2.3)."""
+    """ModelMesh's VModelStatus (`VModelStatusInfo` in kserve/modelmesh
+    src/main/proto/current/model-mesh.proto)."""
 
     NOT_FOUND = "NOT_FOUND"
     DEFINED = "DEFINED"

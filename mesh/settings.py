@@ -155,7 +155,7 @@ class MeshSettings(BaseSettings):
         default=10.0, gt=0, description="how often the beat scheduler syncs the repository"
     )
 
-    # --- the beat scheduler (docs/scheduler.md; mesh/policy/planner.py PlannerSettings)
+    # --- the beat scheduler (docs/scheduler.md); also the defaults of mesh/policy/planner.py PlannerSettings
     rebalance_interval_s: float = Field(
         default=5.0, gt=0, description="how often celery beat sends mesh.rebalance"
     )

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Publish seed 003's digits model into an S3 model repository (docker-compose's init step).
+"""Publish the digits example's model (docs/quickstart.md) into an S3 model repository
+(docker-compose's init step).
 
-Trains the digits SVM (mesh.tools.examples.train_digits_svm: the model whose answer to the seed's
-input is 8) and uploads it in the repository layout of docs/storage.md §4:
+Trains the digits SVM (mesh.tools.examples.train_digits_svm: the model whose answer to the
+example input of kserve/modelmesh-serving docs/predictors/README.md is 8) and uploads it in
+the repository layout of docs/storage.md §4:
 
     s3://<bucket>/<prefix>/<name>/<version>/model.joblib
     s3://<bucket>/<prefix>/<name>/<version>/_READY        written last: the publish marker
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 from mesh.tools.examples import train_digits_svm
-from mesh.control.repository import READY_MARKER
+from mesh.policy.repository import READY_MARKER
 from mesh.settings import MeshSettings
 from mesh.storage.sources import S3Store, load_storage_config
 

@@ -33,9 +33,8 @@ from mesh.control.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import Command, CopyState
 from mesh.protocol.messages import SERVING_TTL_S
-from mesh.settings import MeshSettings
-from mesh.store.state import Route, StateStore
-from mesh.protocol.keys import Keys
+from mesh.store.context import StoreContext
+from mesh.store.state import Route
 
 from .batcher import Batcher, BatchPolicy, Pending
 from .consumer import CeleryConsumer
@@ -66,19 +65,13 @@ class MeshWorker:
     def __init__(self, consumer: Any) -> None:
         self.app = consumer.app
         conf = self.app.conf
-        # the app's prefix/URL win over the environment, so a worker built for a custom
-        # MeshClient app (tests) and its producers always agree
-        self.settings = settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_backend_url)
+        ctx = StoreContext.from_app(self.app)  # the app's prefix and URL, not the environment's
+        self.settings = settings = ctx.settings
+        self.keys, self.store = ctx.keys, ctx.store
         # Several worker processes share the host's cores: one BLAS/OpenMP thread each by
         # default, so batches do not fight over cores (the inference thread is the parallelism).
         threadpool_limits(settings.intra_op_threads)
         self.name: str = consumer.hostname  # Celery node name, e.g. w1@vm
-        self.keys = Keys(settings.prefix)
-        self.store = StateStore(
-            redis.Redis.from_url(conf.mesh_redis_backend_url, health_check_interval=25),
-            self.keys,
-            settings,
-        )
         self.priority_steps = list(conf.broker_transport_options.get("priority_steps", [0]))
         self.metrics = WorkerMetrics(self.name, settings.metrics_port)
         self.metrics.capacity_bytes.set(settings.worker_capacity_bytes)

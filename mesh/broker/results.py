@@ -1,6 +1,7 @@
 """Celery's Redis result backend, made to outlive a Redis outage of any length.
 
-Producers wait for results on a pub/sub subscription (reference/celery.md §4). When Redis goes
+Producers wait for results on a pub/sub subscription (Celery's celery/backends/redis.py
+`ResultConsumer`). When Redis goes
 away, Celery 5.7's result consumer retries for a few seconds, then gives up ("the Celery
 application must be restarted") and is left without a subscription: every result still
 pending in that process then arrives only when its `get()` times out, even after Redis is

@@ -122,8 +122,8 @@ class Channel(kombu_redis.Channel):
         """kombu builds a new redis.Redis for every QoS append, ack and publish, and each
         construction rebuilds redis-py's ~165-entry response-callback table: measured at
         ~3.4 constructions per message and ~10% of a worker's consumer-thread CPU
-        (reference/celery.md §7, redis-py#3624). A client only borrows connections from the
-        pool per command, so one per pool is safe to share; a new pool (reconnect) gets a new one.
+        (kombu/transport/redis.py `Channel._create_client`, redis/redis-py#3624). A client only
+        borrows connections from the pool per command, so one per pool is safe to share; a new pool (reconnect) gets a new one.
         """
         if client:
             yield client

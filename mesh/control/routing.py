@@ -23,7 +23,8 @@ from mesh.policy.precedence import EffectiveConfig, effective_config, record_man
 from mesh.errors import InvalidArgument, ModelLoadFailed, ModelNotFound, QueueFull
 from mesh.protocol.ids import validate_id
 from mesh.protocol.keys import Keys
-from mesh.models import Command, VModelRecord
+from mesh.models import Command
+from mesh.store.context import StoreContext
 from mesh.store.state import Route, StateStore
 from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES, SENT_AT_HEADER, SERVING_TTL_S, VMODEL_HEADER
 
@@ -59,10 +60,10 @@ class Router:
         if model_id is not None:
             return validate_id(model_id)
         validate_id(vmodel_id, "vmodel")
-        raw = self.store.r.hget(self.keys.vmodels, vmodel_id)
-        if raw is None:
+        rec = self.store.get_vmodel(vmodel_id)
+        if rec is None:
             raise ModelNotFound(f"vmodel {vmodel_id!r} not found")
-        return VModelRecord.model_validate_json(raw).active_model_id
+        return rec.active_model_id
 
     def model_config(self, model_id: str) -> EffectiveConfig | None:
         """The model's effective per-model config, cached briefly (one HGET per model per TTL).
@@ -143,17 +144,17 @@ class Router:
         except ModelNotFound:
             if vmodel_id is None:
                 raise
-            # ModelMesh §1.5: the active was switched (and auto-deleted) since we read the
+            # ModelMesh's `ModelMeshApi.callModel` retry (kserve/modelmesh
+            # src/main/java/com/ibm/watson/modelmesh/ModelMeshApi.java): the active was switched (and auto-deleted) since we read the
             # vmodel. Read it again once: its new active, or its target if the active is still
             # the one not found.
             retry = self._reresolve(vmodel_id, concrete)
             return retry, self.prepare(retry)
 
     def _reresolve(self, vmodel_id: str, not_found: str) -> str:
-        raw = self.store.r.hget(self.keys.vmodels, vmodel_id)
-        if raw is None:
+        rec = self.store.get_vmodel(vmodel_id)
+        if rec is None:
             raise ModelNotFound(f"vmodel {vmodel_id!r} not found")
-        rec = VModelRecord.model_validate_json(raw)
         for candidate in (rec.active_model_id, rec.target_model_id):
             if candidate != not_found:
                 return candidate
@@ -163,13 +164,7 @@ class Router:
 def router_for(app: Celery) -> Router:
     router = getattr(app, "_mesh_router", None)
     if router is None:
-        import redis
-
-        from mesh.settings import MeshSettings
-
-        settings = MeshSettings(prefix=app.conf.mesh_prefix, redis_url=app.conf.mesh_redis_backend_url)
-        client = redis.Redis.from_url(app.conf.mesh_redis_backend_url)
-        router = Router(app, StateStore(client, Keys(settings.prefix), settings))
+        router = Router(app, StoreContext.from_app(app).store)
         app._mesh_router = router
     return router
 

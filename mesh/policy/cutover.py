@@ -3,7 +3,8 @@ it is blocked by a failed load, and when an auto-deleted model's copies may be u
 
 Pure functions over plain data, no I/O: mesh/control/vmodels.py reads Redis, asks these, and acts.
 
-The rule (the seed's promise, which ModelMesh's own code does not keep: it switches as soon
+The rule (the promise of ModelMesh's kserve/modelmesh docs/vmodels.md, "scaled out to the
+same degree as the existing active model", which ModelMesh's own code does not keep: it switches as soon
 as ONE copy of the target is loaded): requests keep going to the active model until the
 target is LOADED on as many copies as the active has, unless `force`, and at once when the
 active has no copy at all. One refinement: a switch also waits while a copy of the active is

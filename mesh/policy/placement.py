@@ -40,8 +40,9 @@ def choose_worker(
 ) -> str | None:
     """The worker to load a new copy on, or None when no live worker may take it.
 
-    Rule (ModelMesh §3.4, simplified for the cold path): skip workers that are shutting down,
-    already failed this model recently, or are excluded (they already hold a copy). Where the
+    Rule (ModelMesh's `PLACEMENT_ORDER`, kserve/modelmesh
+    src/main/java/com/ibm/watson/modelmesh/ModelMesh.java, simplified for the cold path): skip
+    workers that are shutting down, already failed this model recently, or are excluded (they already hold a copy). Where the
     model fits without evicting anything: the most free capacity, then the fewest loaded
     models, then the name. Where it fits nowhere: the worker with the model's highest
     rendezvous score. Full workers all look alike (no free bytes), so any fixed order would

@@ -1,11 +1,13 @@
 """The scheduler's planner: one pure function from the cluster's state to a list of actions.
 
 `plan(cluster, settings, now)` decides, for the whole pool, what ModelMesh decides in every pod
-(reference/modelmesh.md §3): where new copies go, how many copies each model gets, which
+(kserve/modelmesh src/main/java/com/ibm/watson/modelmesh/ModelMesh.java, "ModelMesh.java" below:
+placement, rate tracking, janitor, reaper, pre-shutdown): where new copies go, how many copies each model gets, which
 copies leave when space is needed, what happens to dead and draining workers and to failed
-loads. It does no I/O: mesh/control/rebalance.py reads Redis into a `ClusterState`, calls `plan` and
+loads. It does no I/O: mesh/store/cluster.py reads Redis into a `ClusterState`, mesh/control/rebalance.py calls `plan` and
 sends the actions; mesh/tools/simulator.py runs it over a modelled cluster. docs/scheduler.md states
-every rule with the ModelMesh number it follows or the pain point it fixes.
+every rule with the ModelMesh behaviour it follows or the user pain point (a GitHub issue) it
+fixes.
 
 It must stay fast at 1,000 workers x 100,000 models (< 1 s per tick on 2 cores), so nothing
 here loops over workers x models: models with no copy and no demand take a constant-time path,
@@ -20,9 +22,10 @@ import heapq
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from mesh.policy.placement import affinity
+from mesh.settings import MeshSettings
 
 INF = math.inf
 
@@ -70,7 +73,9 @@ class FailureView:
 
 
 @dataclass(slots=True)
-class ModelView:
+class RegisteredModel:
+    """A registered model as the registry, its queue and its usage statistics describe it."""
+
     model_id: str
     size: int = 0  # bytes; 0 = unknown (the settings' default size is assumed)
     min_copies: int | None = None  # None: the settings' default
@@ -97,7 +102,7 @@ class PastAction:
 @dataclass(slots=True)
 class ClusterState:
     workers: list[WorkerView]
-    models: list[ModelView]
+    models: list[RegisteredModel]
     history: list[PastAction] = field(default_factory=list)
     # Not registered any more, but their copies stay until the requests already routed to them
     # are answered (vmodel auto-delete, mesh/control/vmodels.py drain): not ours to unload.
@@ -152,7 +157,7 @@ class ForgetWorker:
     op: Literal["forget_worker"] = "forget_worker"
 
 
-Action = Load | Unload | DropCopy | ClearFailure | ForgetWorker
+PlanAction = Load | Unload | DropCopy | ClearFailure | ForgetWorker
 
 # Reasons. Unloads for these reasons free space for something else: the churn guard does not
 # let the same model come back by evicting another within `churn_age_s` (no cascades).
@@ -184,48 +189,101 @@ _REASON = {ORPHAN: R_ORPHAN, DRAIN: R_DRAIN, PINNED: R_PINNED, SCALE: R_SCALE, R
 # --------------------------------------------------------------------------- settings
 
 
+# PlannerSettings field -> the MeshSettings field (MESH_* variable) it is set by. The planner reads
+# these defaults from MeshSettings, so the beat, the simulator and the tests plan with the same
+# numbers unless they override one on purpose.
+SHARED_KNOBS: dict[str, str] = {
+    "scale_up_rps_per_copy": "scale_up_rps_per_copy",
+    "scale_up_queue_per_copy": "scale_up_queue_per_copy",
+    "scale_down_ratio": "scale_down_ratio",
+    "copy_idle_s": "copy_idle_s",
+    "model_idle_s": "model_idle_s",
+    "churn_age_s": "churn_age_s",
+    "failure_expiry_s": "load_failure_expiry_s",
+    "max_load_failures": "max_load_attempts",
+    "drain_recent_s": "drain_recent_s",
+    "proactive": "proactive_loading",
+    "proactive_fill_fraction": "proactive_fill_fraction",
+    "max_loads_per_tick": "max_loads_per_tick",
+    "max_loads_per_worker": "max_loads_per_worker",
+    "max_evictions_per_tick": "max_evictions_per_tick",
+    "default_model_size": "default_model_size_bytes",
+    "default_min_copies": "default_min_copies",
+    "default_max_copies": "default_max_copies",
+}
+
+# Planner-only knobs that from_settings derives from the beat period and the heartbeat TTL; the
+# floors keep a fast beat from resending a load, or dropping its registry record, while it is
+# still in flight.
+PENDING_ACTION_TTL_MIN_S = 15.0
+STALE_COPY_MIN_S = 30.0
+
+
+def _mesh_default(knob: str) -> Any:
+    return MeshSettings.model_fields[SHARED_KNOBS[knob]].default
+
+
 @dataclass(frozen=True, slots=True)
 class PlannerSettings:
-    """Every knob of the planner; docs/scheduler.md gives the reasoning behind each default."""
+    """Every knob of the planner; docs/scheduler.md gives the reasoning behind each default.
+    The knobs in SHARED_KNOBS take their defaults from MeshSettings: build the settings a
+    deployment runs with by `PlannerSettings.from_settings`."""
 
-    # copies from load (ModelMesh §3.5: 2000 rpm per copy), with hysteresis
-    scale_up_rps_per_copy: float = 50.0
-    scale_up_queue_per_copy: int = 64
-    scale_down_ratio: float = 0.5  # keep n copies while rate > (n-1) * threshold * ratio
-    # idle behaviour (pain point: "LRU is not time-based")
-    copy_idle_s: float = 300.0  # extra copies of a model unused this long are unloaded
-    model_idle_s: float = 0.0  # >0: the last copy of a model unused this long is unloaded
-    # churn guard (ModelMesh §3.4 minChurnAge) and pending work
-    churn_age_s: float = 60.0
-    pending_action_ttl_s: float = 15.0
-    stale_copy_s: float = 30.0
-    # failures (ModelMesh §3.8)
-    failure_expiry_s: float = 300.0
-    max_load_failures: int = 3
-    # drain (ModelMesh §3.9 pre-shutdown: copies used in the last hour)
-    drain_recent_s: float = 3600.0
-    # proactive loading (ModelMesh §3.7) and the usage-pattern second copy (§3.5)
-    proactive: bool = True
-    proactive_fill_fraction: float = 0.9
+    # copies from load (ModelMesh.java `rateTrackingTask`: 2000 rpm per copy), with hysteresis
+    scale_up_rps_per_copy: float = _mesh_default("scale_up_rps_per_copy")
+    scale_up_queue_per_copy: int = _mesh_default("scale_up_queue_per_copy")
+    # keep n copies while rate > (n-1) * threshold * ratio
+    scale_down_ratio: float = _mesh_default("scale_down_ratio")
+    # idle behaviour (kserve/modelmesh-serving#312: "LRU is not time-based"): extra copies of a model unused
+    # copy_idle_s are unloaded; with model_idle_s > 0, so is the last copy after that long
+    copy_idle_s: float = _mesh_default("copy_idle_s")
+    model_idle_s: float = _mesh_default("model_idle_s")
+    # churn guard (ModelMesh.java `minChurnAgeMs`) and pending work
+    churn_age_s: float = _mesh_default("churn_age_s")
+    pending_action_ttl_s: float = PENDING_ACTION_TTL_MIN_S
+    stale_copy_s: float = STALE_COPY_MIN_S
+    # failures (ModelMesh.java: load-failure records, `MAX_LOAD_FAILURES`)
+    failure_expiry_s: float = _mesh_default("failure_expiry_s")
+    max_load_failures: int = _mesh_default("max_load_failures")
+    # drain (ModelMesh.java `preShutdown`: copies used in the last hour)
+    drain_recent_s: float = _mesh_default("drain_recent_s")
+    # proactive loading (ModelMesh.java's leader reaper) and the usage-pattern second copy
+    # (`rateTrackingTask`)
+    proactive: bool = _mesh_default("proactive")
+    proactive_fill_fraction: float = _mesh_default("proactive_fill_fraction")
     swap_factor: float = 2.0  # a proactive load may replace copies worth this many times less
     redundancy_free_fraction: float = 0.10
     second_copy_min_age_s: float = 420.0
     # budgets per run
-    max_loads_per_tick: int = 256
-    max_loads_per_worker: int = 4  # loads in progress on one worker, this run's included
-    max_evictions_per_tick: int = 128
+    max_loads_per_tick: int = _mesh_default("max_loads_per_tick")
+    # loads in progress on one worker, this run's included
+    max_loads_per_worker: int = _mesh_default("max_loads_per_worker")
+    max_evictions_per_tick: int = _mesh_default("max_evictions_per_tick")
     # placement
     busy_factor: float = 1.5  # a worker above this x the mean request rate is placed on last
     search_limit: int = 16
-    default_model_size: int = 1024 * 1024
-    default_min_copies: int = 0
-    default_max_copies: int | None = None
+    default_model_size: int = _mesh_default("default_model_size")
+    default_min_copies: int = _mesh_default("default_min_copies")
+    default_max_copies: int | None = _mesh_default("default_max_copies")
+
+    @classmethod
+    def from_settings(cls, settings: MeshSettings) -> PlannerSettings:
+        """The planner's knobs as MESH_* settings set them (docs/scheduler.md lists them)."""
+        # an action stays pending until heartbeats can show it: two beats plus a heartbeat TTL
+        pending = max(PENDING_ACTION_TTL_MIN_S, 2 * settings.rebalance_interval_s + settings.heartbeat_ttl_s)
+        return cls(
+            pending_action_ttl_s=pending,
+            stale_copy_s=max(STALE_COPY_MIN_S, 2 * pending),
+            **{knob: getattr(settings, field) for knob, field in SHARED_KNOBS.items()},
+        )
 
 
 # --------------------------------------------------------------------------- planner internals
 
 
-class _W:
+class _WorkerPlan:
+    """A live worker as this run leaves it: free space and loads net of what the run plans."""
+
     __slots__ = (
         "view", "name", "free", "rate", "loads", "draining", "planned", "leaving",
         "version", "victims",
@@ -244,24 +302,26 @@ class _W:
         self.victims: list[tuple[int, float, float, str]] | None = None
 
 
-class _M:
+class _ModelPlan:
+    """A model this run plans for: its copies by state, demand, and effective copy bounds."""
+
     __slots__ = (
-        "view", "id", "size", "minc", "maxc", "loaded", "loading", "draining", "rate",
+        "view", "id", "size", "min_copies", "max_copies", "loaded", "loading", "draining", "rate",
         "last_used", "queue", "failed_on", "n_fresh", "surplus", "floor", "touched",
         "copy_age", "score",
     )  # fmt: skip
 
-    def __init__(self, view: ModelView, s: PlannerSettings) -> None:
+    def __init__(self, view: RegisteredModel, settings: PlannerSettings) -> None:
         self.view = view
         self.id = view.model_id
-        self.size = view.size or s.default_model_size
-        minc = view.min_copies if view.min_copies is not None else s.default_min_copies
-        maxc = view.max_copies if view.max_copies is not None else s.default_max_copies
-        self.minc = minc
-        self.maxc = max(minc, maxc) if maxc is not None else 1 << 30
-        self.loaded: list[_W] = []
-        self.loading: list[_W] = []
-        self.draining: list[_W] = []
+        self.size = view.size or settings.default_model_size
+        min_copies = view.min_copies if view.min_copies is not None else settings.default_min_copies
+        max_copies = view.max_copies if view.max_copies is not None else settings.default_max_copies
+        self.min_copies = min_copies
+        self.max_copies = max(min_copies, max_copies) if max_copies is not None else 1 << 30
+        self.loaded: list[_WorkerPlan] = []
+        self.loading: list[_WorkerPlan] = []
+        self.draining: list[_WorkerPlan] = []
         self.rate = 0.0
         self.last_used = view.last_used
         self.score = view.score
@@ -278,25 +338,25 @@ class _M:
 class _Need:
     cls: int
     order: float
-    model: _M
+    model: _ModelPlan
     count: int
 
 
 class _Plan:
-    def __init__(self, cluster: ClusterState, s: PlannerSettings, now: float) -> None:
-        self.c = cluster
-        self.s = s
+    def __init__(self, cluster: ClusterState, settings: PlannerSettings, now: float) -> None:
+        self.cluster = cluster
+        self.settings = settings
         self.now = now
-        self.head: list[Action] = []  # bookkeeping: forget workers, drop records, clear failures
+        self.head: list[PlanAction] = []  # bookkeeping: forget workers, drop records, clear failures
         self.unloads: list[Unload] = []
         self.loads: list[Load] = []
-        self.workers: dict[str, _W] = {}
-        self.models: dict[str, _M] = {}
-        self.lazy: dict[str, tuple[ModelView, list[tuple[_W, CopyView]]]] = {}
+        self.workers: dict[str, _WorkerPlan] = {}
+        self.models: dict[str, _ModelPlan] = {}
+        self.lazy: dict[str, tuple[RegisteredModel, list[tuple[_WorkerPlan, CopyView]]]] = {}
         self.needs: list[_Need] = []
-        self.idle_models: list[ModelView] = []  # no copy, no demand: proactive candidates
-        self.loads_left = s.max_loads_per_tick
-        self.evictions_left = s.max_evictions_per_tick
+        self.idle_models: list[RegisteredModel] = []  # no copy, no demand: proactive candidates
+        self.loads_left = settings.max_loads_per_tick
+        self.evictions_left = settings.max_evictions_per_tick
         self.fit_heap: list[tuple[int, int, str]] = []
         # built on the first eviction search: most runs never need one
         self.evict_heap: list[tuple[tuple[int, float, float], int, str]] | None = None
@@ -304,15 +364,15 @@ class _Plan:
         self.evicted_from: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ run
-    def run(self) -> list[Action]:
+    def run(self) -> list[PlanAction]:
         by_model, loading_by_model = self._index_workers()
         pend_load, pend_unload = self._read_history()
-        views = {mv.model_id: mv for mv in self.c.models}
+        views = {mv.model_id: mv for mv in self.cluster.models}
         self._resolve_pending(views, pend_load, pend_unload, loading_by_model)
-        for mv in self.c.models:
+        for mv in self.cluster.models:
             self._model(mv, by_model.pop(mv.model_id, None), loading_by_model.pop(mv.model_id, None))
         for model_id, copies in by_model.items():  # loaded but no longer registered
-            if model_id in self.c.retiring:
+            if model_id in self.cluster.retiring:
                 continue
             for w, _ in copies:
                 if model_id not in w.leaving:
@@ -321,21 +381,22 @@ class _Plan:
         self.needs.sort(key=lambda n: (n.cls, n.order))
         for need in self.needs:
             self._serve(need)
-        if self.s.proactive:
+        if self.settings.proactive:
             self._proactive()
         return [*self.head, *self.unloads, *self.loads]
 
     # ------------------------------------------------------------------ indexing
-    def _index_workers(self) -> tuple[dict[str, list[tuple[_W, CopyView]]], dict[str, list[_W]]]:
-        by_model: dict[str, list[tuple[_W, CopyView]]] = {}
-        loading_by_model: dict[str, list[_W]] = {}
-        for wv in self.c.workers:
+    def _index_workers(self) -> tuple[dict[str, list[tuple[_WorkerPlan, CopyView]]], dict[str, list[_WorkerPlan]]]:
+        by_model: dict[str, list[tuple[_WorkerPlan, CopyView]]] = {}
+        loading_by_model: dict[str, list[_WorkerPlan]] = {}
+        for wv in self.cluster.workers:
             if not wv.alive:
-                # ModelMesh prunes a vanished instance's registrations (§3.7); the heartbeat TTL
+                # ModelMesh prunes a vanished instance's registrations (its leader reaper,
+                # `ASSUME_INSTANCE_GONE_AFTER_MS` in ModelMesh.java); the heartbeat TTL
                 # is our grace period, so a worker without one is gone
                 self.head.append(ForgetWorker(wv.name))
                 continue
-            w = _W(wv)
+            w = _WorkerPlan(wv)
             self.workers[wv.name] = w
             for model_id, copy in wv.models.items():
                 lst = by_model.get(model_id)
@@ -348,10 +409,10 @@ class _Plan:
         return by_model, loading_by_model
 
     def _read_history(self) -> tuple[dict[tuple[str, str], float], set[tuple[str, str]]]:
-        now, s = self.now, self.s
+        now, s = self.now, self.settings
         pend_load: dict[tuple[str, str], float] = {}
         pend_unload: set[tuple[str, str]] = set()
-        for a in self.c.history:
+        for a in self.cluster.history:
             age = now - a.time
             key = (a.model_id, a.worker)
             if a.op == "load":
@@ -367,10 +428,10 @@ class _Plan:
 
     def _resolve_pending(
         self,
-        views: dict[str, ModelView],
+        views: dict[str, RegisteredModel],
         pend_load: dict[tuple[str, str], float],
         pend_unload: set[tuple[str, str]],
-        loading_by_model: dict[str, list[_W]],
+        loading_by_model: dict[str, list[_WorkerPlan]],
     ) -> None:
         """Apply what earlier runs sent and the heartbeats do not show yet, so a run that
         follows closely neither repeats a load nor counts a leaving copy."""
@@ -384,7 +445,7 @@ class _Plan:
                 continue  # it was tried and failed
             w.planned.add(model_id)
             w.loads += 1
-            w.free -= mv.size or self.s.default_model_size
+            w.free -= mv.size or self.settings.default_model_size
             loading_by_model.setdefault(model_id, []).append(w)
         for model_id, name in pend_unload:
             w = self.workers.get(name)
@@ -394,9 +455,9 @@ class _Plan:
     # ------------------------------------------------------------------ per model
     def _model(
         self,
-        mv: ModelView,
-        hb: list[tuple[_W, CopyView]] | None,
-        loading: list[_W] | None,
+        mv: RegisteredModel,
+        hb: list[tuple[_WorkerPlan, CopyView]] | None,
+        loading: list[_WorkerPlan] | None,
     ) -> None:
         # Two shortcuts cover nearly every model of a large cluster; anything unusual (failures,
         # queued requests, loads in progress, pinning, several copies) takes the full path.
@@ -405,7 +466,7 @@ class _Plan:
             and not mv.queue_depth
             and loading is None
             and mv.rate is None
-            and not (mv.min_copies if mv.min_copies is not None else self.s.default_min_copies)
+            and not (mv.min_copies if mv.min_copies is not None else self.settings.default_min_copies)
         ):
             if hb is None and not mv.copies:  # not loaded anywhere and nothing asks for it
                 if mv.last_used > 0 or mv.score > 0:
@@ -420,11 +481,11 @@ class _Plan:
 
     def _model_full(
         self,
-        mv: ModelView,
-        hb: list[tuple[_W, CopyView]] | None,
-        loading: list[_W] | None,
+        mv: RegisteredModel,
+        hb: list[tuple[_WorkerPlan, CopyView]] | None,
+        loading: list[_WorkerPlan] | None,
     ) -> None:
-        s, now = self.s, self.now
+        s, now = self.settings, self.now
         if mv.copies:
             placing = self._check_records(mv)
             if placing:  # being loaded by someone else (cold path, vmodel driver): a load in progress
@@ -442,8 +503,8 @@ class _Plan:
                 else:
                     fresh += 1
                     failed_on.add(name)
-        minc = mv.min_copies if mv.min_copies is not None else s.default_min_copies
-        if hb is None and loading is None and not mv.queue_depth and not minc:
+        min_copies = mv.min_copies if mv.min_copies is not None else s.default_min_copies
+        if hb is None and loading is None and not mv.queue_depth and not min_copies:
             if fresh == 0 and (mv.last_used > 0 or mv.score > 0):
                 self.idle_models.append(mv)
             return
@@ -453,9 +514,9 @@ class _Plan:
             m.failed_on = failed_on
         self._demand(m)
 
-    def _quiet(self, mv: ModelView, w: _W, copy: CopyView) -> bool:
+    def _quiet(self, mv: RegisteredModel, w: _WorkerPlan, copy: CopyView) -> bool:
         """Would `_demand` leave this single-copy model alone?"""
-        s, now = self.s, self.now
+        s, now = self.settings, self.now
         last_used = mv.last_used if mv.last_used > copy.last_used else copy.last_used
         return (
             not w.draining
@@ -470,7 +531,7 @@ class _Plan:
             and not (s.model_idle_s > 0 and now - last_used >= s.model_idle_s)
         )
 
-    def _m(self, model_id: str) -> _M | None:
+    def _m(self, model_id: str) -> _ModelPlan | None:
         m = self.models.get(model_id)
         if m is None:
             lazy = self.lazy.pop(model_id, None)
@@ -483,12 +544,12 @@ class _Plan:
 
     def _build(
         self,
-        mv: ModelView,
-        hb: list[tuple[_W, CopyView]] | None,
-        loading: list[_W] | None,
-    ) -> _M:
-        s, now = self.s, self.now
-        m = _M(mv, s)
+        mv: RegisteredModel,
+        hb: list[tuple[_WorkerPlan, CopyView]] | None,
+        loading: list[_WorkerPlan] | None,
+    ) -> _ModelPlan:
+        s, now = self.settings, self.now
+        m = _ModelPlan(mv, s)
         self.models[m.id] = m
         rate = 0.0
         for w, copy in hb or ():
@@ -517,26 +578,26 @@ class _Plan:
                     seen.add(w.name)
         return m
 
-    def _check_records(self, mv: ModelView) -> list[_W]:
+    def _check_records(self, mv: RegisteredModel) -> list[_WorkerPlan]:
         """Registry copies on dead workers go; so do copies a live worker never loaded or held
         before it restarted. Returns the workers whose record is fresh but not in their
         heartbeat yet: loads someone else just placed."""
         now, workers, model_id = self.now, self.workers, mv.model_id
-        placing: list[_W] = []
+        placing: list[_WorkerPlan] = []
         for name, rc in mv.copies.items():
             w = workers.get(name)
             if w is None:
                 self.head.append(DropCopy(model_id, name, R_DEAD, rc.raw))
             elif model_id in w.view.models or model_id in w.view.loading or model_id in w.planned:
                 continue
-            elif now - rc.since > self.s.stale_copy_s or rc.since < w.view.started_at - CLOCK_SKEW_S:
+            elif now - rc.since > self.settings.stale_copy_s or rc.since < w.view.started_at - CLOCK_SKEW_S:
                 self.head.append(DropCopy(model_id, name, R_STALE, rc.raw))
             elif not w.draining:
                 placing.append(w)
         return placing
 
-    def _demand(self, m: _M) -> None:
-        s, now = self.s, self.now
+    def _demand(self, m: _ModelPlan) -> None:
+        s, now = self.settings, self.now
         n_loaded = len(m.loaded)
         n_live = n_loaded + len(m.loading)
         threshold = s.scale_up_rps_per_copy
@@ -550,31 +611,32 @@ class _Plan:
         keep = math.ceil(m.rate / (threshold * s.scale_down_ratio)) if m.rate > 0 else 0
         if m.queue:
             keep = max(keep, n_loaded)
-        want = min(max(want, m.minc), m.maxc)
-        keep = min(max(keep, m.minc, 1), m.maxc)
-        m.floor = max(m.minc, 1 if m.queue else 0)
+        want = min(max(want, m.min_copies), m.max_copies)
+        keep = min(max(keep, m.min_copies, 1), m.max_copies)
+        m.floor = max(m.min_copies, 1 if m.queue else 0)
         m.surplus = max(0, n_loaded - keep)
 
         cls = SCALE
         if n_live == 0 and m.queue:
             want, cls = max(want, 1), ORPHAN
-        elif n_live == 0 and m.draining and (idle_for < s.drain_recent_s or m.minc):
+        elif n_live == 0 and m.draining and (idle_for < s.drain_recent_s or m.min_copies):
             want, cls = max(want, 1), DRAIN
-        elif n_live < m.minc:
+        elif n_live < m.min_copies:
             cls = PINNED
         if (
             want <= 1
             and n_loaded == 1
             and not m.loading
-            and m.maxc >= 2
+            and m.max_copies >= 2
             and m.rate > 0
             and idle_for < s.copy_idle_s
             and m.copy_age >= s.second_copy_min_age_s
         ):
-            want, cls = 2, REDUNDANT  # ModelMesh §3.5 "used regularly": a second copy in free space
+            # ModelMesh.java `rateTrackingTask`, "used regularly": a second copy in free space
+            want, cls = 2, REDUNDANT
 
         if m.n_fresh >= s.max_load_failures:
-            want = 0  # fail fast until a failure record expires (ModelMesh §3.4/§3.8)
+            want = 0  # fail fast until a failure record expires (ModelMesh.java `MAX_LOAD_FAILURES`)
         elif m.n_fresh and want > n_live:
             want = n_live + 1  # a failing model gets one retry at a time, elsewhere
         if want > n_live:
@@ -586,21 +648,22 @@ class _Plan:
             m.touched = True
             return
 
-        # scale-down without space pressure: only past max_copies, or idle (pain point §7)
-        if n_live > m.maxc:
-            self._shed(m, n_live - m.maxc, R_MAX)
-        elif n_loaded > max(1, m.minc) and idle_for >= s.copy_idle_s:
-            self._shed(m, n_loaded - max(1, m.minc), R_IDLE)
-        elif s.model_idle_s > 0 and n_loaded and not m.minc and not m.queue and idle_for >= s.model_idle_s:
+        # scale-down without space pressure: only past max_copies, or idle
+        # (kserve/modelmesh-serving#312)
+        if n_live > m.max_copies:
+            self._shed(m, n_live - m.max_copies, R_MAX)
+        elif n_loaded > max(1, m.min_copies) and idle_for >= s.copy_idle_s:
+            self._shed(m, n_loaded - max(1, m.min_copies), R_IDLE)
+        elif s.model_idle_s > 0 and n_loaded and not m.min_copies and not m.queue and idle_for >= s.model_idle_s:
             self._shed(m, n_loaded, R_IDLE)
 
-    def _shed(self, m: _M, count: int, reason: str) -> None:
+    def _shed(self, m: _ModelPlan, count: int, reason: str) -> None:
         """Unload `count` loaded copies, from the fullest workers first; young copies stay."""
         now = self.now
         candidates = []
         for w in m.loaded:
             copy = w.view.models.get(m.id)
-            if copy is None or (reason != R_MAX and now - copy.loaded_at < self.s.churn_age_s):
+            if copy is None or (reason != R_MAX and now - copy.loaded_at < self.settings.churn_age_s):
                 continue
             if (m.id, w.name) in self.evicted_from:
                 continue
@@ -611,7 +674,7 @@ class _Plan:
             self._unload(m.id, w, reason, size=m.size)
         m.surplus = max(0, m.surplus - min(count, len(candidates)))
 
-    def _unload(self, model_id: str, w: _W, reason: str, size: int) -> None:
+    def _unload(self, model_id: str, w: _WorkerPlan, reason: str, size: int) -> None:
         w.leaving.add(model_id)
         copy = w.view.models.get(model_id)
         w.free += copy.size if copy is not None else size
@@ -623,7 +686,7 @@ class _Plan:
         usable = [w for w in self.workers.values() if not w.draining]
         if usable:
             mean = sum(w.rate for w in usable) / len(usable)
-            self.busy_rate = max(1.0, self.s.busy_factor * mean)
+            self.busy_rate = max(1.0, self.settings.busy_factor * mean)
             cap = sum(w.view.capacity for w in usable)
             self.free_fraction = sum(max(0, w.free) for w in usable) / cap if cap else 0.0
         else:
@@ -633,9 +696,9 @@ class _Plan:
         self.fit_heap = [(-w.free, w.version, w.name) for w in usable]
         heapq.heapify(self.fit_heap)
 
-    def _eligible(self, w: _W, m: _M) -> bool:
+    def _eligible(self, w: _WorkerPlan, m: _ModelPlan) -> bool:
         return (
-            w.loads < self.s.max_loads_per_worker
+            w.loads < self.settings.max_loads_per_worker
             and m.id not in w.view.models
             and m.id not in w.view.loading
             and m.id not in w.planned
@@ -643,13 +706,14 @@ class _Plan:
             and (m.id, w.name) not in self.evicted_from
         )
 
-    def _pick_fit(self, m: _M, reserve_fraction: float = 0.0) -> _W | None:
+    def _pick_fit(self, m: _ModelPlan, reserve_fraction: float = 0.0) -> _WorkerPlan | None:
         """The worker with the most free space that fits `m` without evicting, preferring one
-        that is not busy (ModelMesh §3.4: non-full first, more free space, load-aware)."""
-        popped: list[_W] = []
+        that is not busy (ModelMesh.java `PLACEMENT_ORDER`: non-full first, more free space,
+        load-aware)."""
+        popped: list[_WorkerPlan] = []
         chosen = fallback = None
         size = m.size
-        while self.fit_heap and len(popped) < self.s.search_limit:
+        while self.fit_heap and len(popped) < self.settings.search_limit:
             _, version, name = heapq.heappop(self.fit_heap)
             w = self.workers[name]
             if version != w.version:
@@ -671,17 +735,17 @@ class _Plan:
         return chosen or fallback
 
     def _pick_evict(
-        self, m: _M, bar: tuple[float, float], proactive: bool, min_idle: float
-    ) -> tuple[_W, list[tuple[str, int]]] | None:
+        self, m: _ModelPlan, bar: tuple[float, float], proactive: bool, min_idle: float
+    ) -> tuple[_WorkerPlan, list[tuple[str, int]]] | None:
         """A worker where evicting only less valuable, unprotected copies makes room for `m`,
-        taking the worker whose least valuable evictable copy is least valuable (ModelMesh §3.4
-        orders full workers by LRU; we order by (usage score, last use), see _value)."""
+        taking the worker whose least valuable evictable copy is least valuable (ModelMesh.java
+        `PLACEMENT_ORDER` orders full workers by LRU; we order by (usage score, last use), see _value)."""
         if self.evict_heap is None:
             self.evict_heap = [(self._evict_head(w, rough=True), w.version, w.name) for w in self.usable]
             heapq.heapify(self.evict_heap)
-        popped: list[_W] = []
+        popped: list[_WorkerPlan] = []
         found = None
-        while self.evict_heap and len(popped) < self.s.search_limit:
+        while self.evict_heap and len(popped) < self.settings.search_limit:
             key, version, name = heapq.heappop(self.evict_heap)
             w = self.workers[name]
             if version != w.version:
@@ -700,14 +764,14 @@ class _Plan:
                 heapq.heappush(self.evict_heap, (self._evict_head(w), w.version, w.name))
         return found
 
-    def _below(self, score: float, last_used: float, m: _M, bar: tuple[float, float], proactive: bool) -> bool:
+    def _below(self, score: float, last_used: float, m: _ModelPlan, bar: tuple[float, float], proactive: bool) -> bool:
         """May a copy of this value make room for `m`? A proactive swap needs `m` to be worth
         `swap_factor` times more, so two similar models never take turns."""
         if proactive:
-            return score * self.s.swap_factor < m.score
+            return score * self.settings.swap_factor < m.score
         return (score, last_used) < bar
 
-    def _sorted_victims(self, w: _W) -> list[tuple[int, float, float, str]]:
+    def _sorted_victims(self, w: _WorkerPlan) -> list[tuple[int, float, float, str]]:
         if w.victims is None:
             victims = []
             for mid, c in w.view.models.items():
@@ -720,7 +784,7 @@ class _Plan:
             w.victims = victims
         return w.victims
 
-    def _evict_head(self, w: _W, rough: bool = False) -> tuple[int, float, float]:
+    def _evict_head(self, w: _WorkerPlan, rough: bool = False) -> tuple[int, float, float]:
         """Heap key: (0, ...) if the worker holds a surplus copy, else (1, score, last use) of
         its least valuable evictable copy ((2, INF, INF) if none). `rough` skips the sort and
         the protection checks: it gives a lower bound, refined when the worker is popped."""
@@ -751,16 +815,16 @@ class _Plan:
             return _LOWEST if (tier == 0 and m.surplus > 0) else (1, score, last_used)
         return (2, INF, INF)
 
-    def _protected(self, w: _W, victim: _M) -> bool:
+    def _protected(self, w: _WorkerPlan, victim: _ModelPlan) -> bool:
         copy = w.view.models[victim.id]
         return (
             victim.touched
-            or self.now - copy.loaded_at < self.s.churn_age_s  # churn guard: a young copy stays
+            or self.now - copy.loaded_at < self.settings.churn_age_s  # churn guard: a young copy stays
             or len(victim.loaded) - 1 < victim.floor  # min copies; the last copy of a queued model
         )
 
     def _victims(
-        self, w: _W, m: _M, bar: tuple[float, float], proactive: bool, min_idle: float
+        self, w: _WorkerPlan, m: _ModelPlan, bar: tuple[float, float], proactive: bool, min_idle: float
     ) -> list[tuple[str, int]] | None:
         now = self.now
         need = m.size - w.free
@@ -789,7 +853,7 @@ class _Plan:
                 return chosen
         return None
 
-    def _at_home(self, m: _M, bar: tuple[float, float], min_idle: float) -> tuple[_W, list[tuple[str, int]]] | None:
+    def _at_home(self, m: _ModelPlan, bar: tuple[float, float], min_idle: float) -> tuple[_WorkerPlan, list[tuple[str, int]]] | None:
         """A proactive swap-in on the model's rendezvous home, or nowhere.
 
         When every worker is full the cold path loads a model on its home
@@ -802,7 +866,7 @@ class _Plan:
         victims = self._victims(home, m, bar, True, min_idle)
         return None if victims is None else (home, victims)
 
-    def _place(self, m: _M, w: _W, reason: str, victims: Iterable[tuple[str, int]] = ()) -> None:
+    def _place(self, m: _ModelPlan, w: _WorkerPlan, reason: str, victims: Iterable[tuple[str, int]] = ()) -> None:
         for mid, _size in victims:
             victim = self.models[mid]
             if w in victim.loaded:
@@ -830,9 +894,9 @@ class _Plan:
             if self.loads_left <= 0:
                 return
             if cls == REDUNDANT:
-                if self.free_fraction < self.s.redundancy_free_fraction:
+                if self.free_fraction < self.settings.redundancy_free_fraction:
                     return
-                w = self._pick_fit(m, reserve_fraction=1.0 - self.s.proactive_fill_fraction)
+                w = self._pick_fit(m, reserve_fraction=1.0 - self.settings.proactive_fill_fraction)
                 if w is None:
                     return
                 self._place(m, w, reason)
@@ -852,17 +916,18 @@ class _Plan:
             else:  # a model scaling up is worth at least its current rate
                 bar = (max(m.score, m.rate), self.now)
             # waiting requests outrank the idle-age half of the churn guard (never the copy-age half)
-            min_idle = 0.0 if cls == ORPHAN else self.s.churn_age_s
+            min_idle = 0.0 if cls == ORPHAN else self.settings.churn_age_s
             found = self._pick_evict(m, bar, proactive=False, min_idle=min_idle)
             if found is None:
                 return
             self._place(m, found[0], reason, found[1])
 
     def _proactive(self) -> None:
-        """Load the most valuable models that have no copy (ModelMesh §3.7, valued by usage
-        score then recency): into free space up to the fill fraction, or in place of copies
-        worth `swap_factor` times less (seed 002: keep the top N most queried models)."""
-        s = self.s
+        """Load the most valuable models that have no copy (ModelMesh.java's leader reaper,
+        valued by usage score then recency): into free space up to the fill fraction, or in place of copies
+        worth `swap_factor` times less (cortexlabs/cortex#619: keep the top N most queried
+        models)."""
+        s = self.settings
         if self.loads_left <= 0 or not self.idle_models:
             return
         horizon = self.now - s.model_idle_s if s.model_idle_s > 0 else -INF
@@ -879,7 +944,7 @@ class _Plan:
         for mv in candidates:
             if self.loads_left <= 0 or misses >= s.search_limit:
                 return
-            m = _M(mv, s)
+            m = _ModelPlan(mv, s)
             w = self._pick_fit(m, reserve_fraction=reserve)
             if w is not None:
                 self.models[m.id] = m
@@ -898,7 +963,7 @@ class _Plan:
             misses = 0
 
 
-def plan(cluster: ClusterState, settings: PlannerSettings, now: float) -> list[Action]:
+def plan(cluster: ClusterState, settings: PlannerSettings, now: float) -> list[PlanAction]:
     """The actions that bring the cluster closer to what the rules want, in the order to send
     them: bookkeeping first, then unloads (they free the space later loads use), then loads."""
     # A run allocates ~10 objects per model and frees them all at the end, without cycles;
@@ -913,7 +978,7 @@ def plan(cluster: ClusterState, settings: PlannerSettings, now: float) -> list[A
 
 
 __all__ = [
-    "Action",
+    "SHARED_KNOBS",
     "ClearFailure",
     "ClusterState",
     "CopyView",
@@ -921,9 +986,10 @@ __all__ = [
     "FailureView",
     "ForgetWorker",
     "Load",
-    "ModelView",
     "PastAction",
+    "PlanAction",
     "PlannerSettings",
+    "RegisteredModel",
     "RegistryCopy",
     "Unload",
     "WorkerView",

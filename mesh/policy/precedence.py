@@ -1,4 +1,5 @@
-"""Effective per-model configuration and where each value came from (seed 004's precedence).
+"""Effective per-model configuration and where each value came from (the precedence
+proposed in awslabs/multi-model-server#770; docs/configuration.md).
 
 Precedence, highest first: per-request value (where allowed) > management API (`ModelInfo`)
 > model manifest (repository) > global settings (`MESH_*`) > built-in defaults. Pure.

@@ -1,4 +1,5 @@
-"""Model status from the registry's raw records: ModelMesh's cluster-level ModelStatus (§2.1).
+"""Model status from the registry's raw records: ModelMesh's cluster-level ModelStatus
+(`ModelStatusInfo` in kserve/modelmesh src/main/proto/current/model-mesh.proto).
 
 Pure: the state store reads the records and the live-worker set, this decides what they mean.
 """

@@ -44,35 +44,12 @@ from pathlib import Path
 from typing import Protocol
 
 from mesh.errors import InvalidArgument, ModelLoadFailed
+from mesh.protocol.paths import safe_relpath
 
 log = logging.getLogger("mesh.storage.diskcache")
 
-MAX_RELPATH = 1024
 PROGRESS_EVERY_S = 2.0
 _CHUNK = 1024 * 1024
-
-
-def safe_relpath(rel: str, what: str = "path") -> str:
-    """`rel` if it is a plain relative path that stays inside its root; InvalidArgument otherwise.
-
-    Rejects absolute paths, `.`/`..` segments, empty segments (`a//b`, a trailing `/`),
-    backslashes and control characters: a key like `models/../../etc/passwd` or `/etc/passwd`
-    names something outside the directory it must stay in.
-    """
-    if not isinstance(rel, str) or not rel:
-        raise InvalidArgument(f"{what} is empty")
-    if len(rel) > MAX_RELPATH:
-        raise InvalidArgument(f"{what} is longer than {MAX_RELPATH} characters")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in rel) or "\\" in rel:
-        raise InvalidArgument(f"{what} {rel!r} contains control characters or backslashes")
-    if rel.startswith("/"):
-        raise InvalidArgument(f"{what} {rel!r} is absolute: it escapes its root")
-    parts = rel.split("/")
-    if any(p in (".", "..") for p in parts):
-        raise InvalidArgument(f"{what} {rel!r} has a '.' or '..' segment: it escapes its root")
-    if any(p == "" for p in parts):
-        raise InvalidArgument(f"{what} {rel!r} has an empty segment")
-    return rel
 
 
 def join_inside(root: Path, rel: str) -> Path:

@@ -26,6 +26,7 @@ from mesh.models import (
     ModelInfo,
     ModelRecord,
     ModelStatus,
+    VModelRecord,
     WorkerState,
 )
 from mesh.policy.placement import choose_worker, fresh_failures
@@ -417,6 +418,19 @@ class StateStore:
             flags = p.execute()
         return {n for n, f in zip(names, flags) if f}
 
+    # ------------------------------------------------------------------ reads for routing and status
+    def get_vmodel(self, vmodel_id: str) -> VModelRecord | None:
+        raw = self.r.hget(self.keys.vmodels, vmodel_id)
+        return None if raw is None else VModelRecord.model_validate_json(raw)
+
+    def pending_transitions(self) -> list[str]:
+        """The vmodels whose cutover to a new target is still pending, sorted."""
+        return sorted(v.decode() for v in self.r.hkeys(self.keys.transitions))
+
+    def last_rebalance(self) -> bytes | None:
+        """The last scheduler run's report as it stored it (mesh/store/cluster.py, save_report)."""
+        return self.r.get(self.keys.rebalance_last)
+
     # ------------------------------------------------------------------ queues
     def reroute_queued(
         self, model_id: str, priority_steps: list[int], destination: Callable[[dict], str | None]
@@ -454,3 +468,26 @@ class StateStore:
             for key in keys:
                 p.llen(key)
             return sum(p.execute())
+
+    def queue_depths(self, model_ids: list[str], priority_steps: list[int]) -> dict[str, int]:
+        """Requests waiting per model, in one round trip for all of them (a worker watches
+        hundreds of queues under churn)."""
+        keys = self.keys
+        with self.r.pipeline(transaction=False) as p:
+            for m in model_ids:
+                for key in keys.queue_list_keys(keys.model_queue(m), priority_steps):
+                    p.llen(key)
+            flat = p.execute()
+        n = len(priority_steps)
+        return {m: sum(flat[i * n : (i + 1) * n]) for i, m in enumerate(model_ids)}
+
+    def copies_recorded(self, model_ids: list[str], worker: str) -> dict[str, bool]:
+        """Whether `worker`'s copy of each model has a record, in one round trip."""
+        with self.r.pipeline(transaction=False) as p:
+            for model_id in model_ids:
+                p.hexists(self.keys.copies(model_id), worker)
+            return dict(zip(model_ids, map(bool, p.execute())))
+
+    def clear_load_line(self, worker: str) -> None:
+        """Forget a worker's line of loads (left by an earlier process of the same name)."""
+        self.r.delete(self.keys.load_line(worker))

@@ -580,6 +580,7 @@ def repository_sync(
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Sync the repository once: register new versions, cut vmodels over, unregister removed ones."""
+    from mesh.control.registry import MeshRegistry
     from mesh.control.repository import sync_repository
 
     with _client() as c:
@@ -587,7 +588,8 @@ def repository_sync(
         if not where:
             _fail("no model repository: set MESH_MODEL_DIR or pass --model-dir")
         with err.status(f"syncing {where} ..."):
-            report = sync_repository(c, model_dir=where)
+            registry = MeshRegistry(c.app, c.store, vmodels=c.vmodels, router=c.router)
+            report = sync_repository(registry, model_dir=where)
     if as_json:
         _print_json(report.model_dump(mode="json"))
     else:

@@ -47,7 +47,7 @@ def _capacity_bar(used: int, capacity: int, width: int = 8) -> Text:
 
 def _transitions_table(client: MeshClient, limit: int) -> Table | None:
     """VModels whose cutover is pending: active and target, the target's copies, since when."""
-    pending = sorted(v.decode() if isinstance(v, bytes) else v for v in client.store.r.hkeys(client.keys.transitions))
+    pending = client.store.pending_transitions()
     if not pending:
         return None
     table = Table(title=f"Transitions in progress ({len(pending)})", title_justify="left", expand=False)
@@ -73,18 +73,11 @@ def _transitions_table(client: MeshClient, limit: int) -> Table | None:
 
 
 def _queue_depths(client: MeshClient, model_ids: list[str]) -> dict[str, int]:
-    keys = client.keys
     steps = list(client.app.conf.broker_transport_options.get("priority_steps", [0]))
     out: dict[str, int] = {}
+    # a thousand models per round trip: one pipeline for 100,000 would hold all the replies at once
     for i in range(0, len(model_ids), 1000):
-        chunk = model_ids[i : i + 1000]
-        with client.store.r.pipeline(transaction=False) as p:
-            for m in chunk:
-                for key in keys.queue_list_keys(keys.model_queue(m), steps):
-                    p.llen(key)
-            flat = p.execute()
-        n = len(steps)
-        out.update({m: sum(flat[j * n : (j + 1) * n]) for j, m in enumerate(chunk)})
+        out.update(client.store.queue_depths(model_ids[i : i + 1000], steps))
     return out
 
 
@@ -151,7 +144,7 @@ def render_status(client: MeshClient, *, limit: int = 50) -> Any:
     transitions = _transitions_table(client, limit)
     if transitions is not None:
         parts.append(transitions)
-    raw = client.store.r.get(client.keys.rebalance_last)
+    raw = client.store.last_rebalance()
     if raw:
         from mesh.control.rebalance import RebalanceReport
 

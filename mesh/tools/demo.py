@@ -1,4 +1,5 @@
-"""The demo (`./scripts/demo`): seed 003's digits example, end to end, then a short burst.
+"""The demo (`./scripts/demo`): the digits example (docs/quickstart.md; ModelMesh Serving's,
+kserve/modelmesh-serving docs/predictors/README.md), end to end, then a short burst.
 
 Starts a mesh on this machine (embedded Redis unless one is configured or answers on
 127.0.0.1:6379), trains the digits SVM of ModelMesh Serving's example, registers it, sends
@@ -50,7 +51,7 @@ def run(stack: LocalStack, state: Path, args: argparse.Namespace) -> int:
     client = MeshClient(redis_url=stack.redis_url, prefix=stack.prefix)
     try:
         model_path = train_digits_svm(state / "mnist-svm.joblib")
-        # DESIGN's example policy: up to 32 per batch, the oldest waits at most 5 ms for company
+        # the example policy of README.md and docs/batching.md: up to 32 per batch, the oldest waits at most 5 ms for company
         info = ModelInfo(runtime="sklearn", uri=f"file://{model_path}",
                          batching=BatchingConfig(max_batch_size=32, max_batch_delay_ms=5))
         status = client.register_model(MODEL_ID, info)

@@ -29,7 +29,8 @@ SEED_DIGITS_ANSWER = 8
 
 
 def seed_digits_tensor() -> dict[str, Any]:
-    """The seed's V2 input tensor (its name, "predict", is not the model's input name)."""
+    """The "seed" V2 input tensor: the example request of kserve/modelmesh-serving
+    docs/predictors/README.md (its name, "predict", is not the model's input name)."""
     return {
         "name": "predict",
         "shape": [1, 64],

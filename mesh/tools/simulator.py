@@ -39,9 +39,9 @@ from mesh.policy.planner import (
     FailureView,
     ForgetWorker,
     Load,
-    ModelView,
     PastAction,
     PlannerSettings,
+    RegisteredModel,
     RegistryCopy,
     Unload,
     WorkerView,
@@ -74,7 +74,8 @@ class SimConfig:
     roll_gap_s: float = 10.0
     restart_down_s: float = 5.0
     heartbeat_ttl_s: float = 3.0
-    cold_path: str = "foundation"  # foundation | lru (ModelMesh §3.4 order for full workers)
+    cold_path: str = "foundation"  # foundation | lru (ModelMesh's `PLACEMENT_ORDER` for full
+    # workers, kserve/modelmesh src/main/java/com/ibm/watson/modelmesh/ModelMesh.java)
     usage_decay_s: float = 3600.0  # time constant of the models' usage score (decayed req/s)
     seed: int = 1
 
@@ -89,12 +90,11 @@ class SimConfig:
 
 
 def sim_planner_settings(cfg: SimConfig) -> PlannerSettings:
+    # only what the modelled cluster makes different; every other knob is the deployed default
     return PlannerSettings(
         scale_up_rps_per_copy=cfg.copy_rps * 0.8,
         scale_up_queue_per_copy=int(cfg.copy_rps * 2),
         default_model_size=cfg.model_size,
-        churn_age_s=60.0,
-        copy_idle_s=300.0,
         pending_action_ttl_s=cfg.tick_s * 2,
         stale_copy_s=30.0,
         max_loads_per_worker=2,
@@ -212,7 +212,7 @@ class ClusterSim:
         self.by_name = {w.name: w for w in self.workers}
         self.ids = [f"m{i:05d}" for i in range(cfg.n_models)]
         self.index = {m: i for i, m in enumerate(self.ids)}
-        self.views = [ModelView(model_id=m, size=cfg.model_size) for m in self.ids]
+        self.views = [RegisteredModel(model_id=m, size=cfg.model_size) for m in self.ids]
         self.copies: list[set[_Worker]] = [set() for _ in self.ids]  # loaded, on live workers
         self.loads_in_flight: list[set[_Worker]] = [set() for _ in self.ids]
         self.backlog = np.zeros(cfg.n_models, dtype=np.float64)
@@ -393,7 +393,7 @@ class ClusterSim:
             copies = self.copies[mi]
             if copies:
                 view.last_used = max(view.last_used, max(w.view.models[view.model_id].last_used for w in copies))
-        # the usage score: an exponentially decayed request rate (mesh/control/rebalance.py keeps the
+        # the usage score: an exponentially decayed request rate (mesh/store/cluster.py keeps the
         # same in Redis from the heartbeats' per-copy rates)
         keep = math.exp(-cfg.tick_s / cfg.usage_decay_s)
         self.score *= keep
@@ -518,7 +518,7 @@ def synthetic_cluster(n_workers: int, n_models: int, seed: int, now: float) -> C
         WorkerView(name=f"w{i:04d}", capacity=slots * size)
         for i in range(n_workers)
     ]  # fmt: skip
-    models = [ModelView(model_id=f"m{i:06d}", size=size) for i in range(n_models)]
+    models = [RegisteredModel(model_id=f"m{i:06d}", size=size) for i in range(n_models)]
     # the most popular models get copies in proportion to their rate, then one copy each
     # down the popularity order until the cluster is full
     order = list(range(n_models))
@@ -577,7 +577,7 @@ def bench_plan(n_workers: int, n_models: int, runs: int, seed: int = 3) -> dict[
     t0 = time.perf_counter()
     cluster = synthetic_cluster(n_workers, n_models, seed, now)
     build = time.perf_counter() - t0
-    settings = PlannerSettings(default_model_size=64 * MB)
+    settings = PlannerSettings()  # every synthetic model has its size: the default is unused
     times = []
     n_actions = 0
     for _ in range(runs):

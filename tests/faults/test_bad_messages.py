@@ -1,5 +1,5 @@
 """Raw garbage pushed onto a model queue: each message is rejected with a logged reason, a
-request that can be identified gets a clear error, and the worker keeps serving (DESIGN §9)."""
+request that can be identified gets a clear error, and the worker keeps serving (docs/reliability.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Nothing is left behind in Redis (DESIGN §9, the soak's key check at test speed): once models
+"""Nothing is left behind in Redis (docs/reliability.md, the soak's key check at test speed): once models
 have come and gone (unregistered, auto-deleted by a vmodel cutover) and their results have
 expired, the keys under the prefix are the ones there were before."""
 

@@ -1,4 +1,4 @@
-"""Redis restarts (DESIGN §9): with persistence the registry survives and every process
+"""Redis restarts (docs/reliability.md): with persistence the registry survives and every process
 reconnects by itself; with Redis emptied, workers announce their copies again and the registry
 comes back from the model repository.
 
@@ -26,10 +26,17 @@ from mesh import MeshClient, ModelNotFound
 from mesh.tools.embedded import EmbeddedRedis
 from mesh.tools.launcher import wait_for
 from mesh.models import ModelState
-from mesh.control.repository import READY_MARKER, sync_repository
+from mesh.control.registry import MeshRegistry
+from mesh.control.repository import sync_repository
+from mesh.policy.repository import READY_MARKER
 from tests.integration.test_foundation import answer, seed_tensor
 
 from .helpers import X, copies_of, outcomes, slow_info, wait_loaded
+
+
+def registry_of(c: MeshClient) -> MeshRegistry:
+    """The registry a sync writes to, from a client's own parts (its caches see the changes)."""
+    return MeshRegistry(c.app, c.store, vmodels=c.vmodels, router=c.router)
 
 
 class PrivateRedis:
@@ -149,7 +156,7 @@ def test_flushed_redis_workers_reannounce_and_the_repository_restores_the_regist
     client = MeshClient(redis_url=private_redis.url, prefix=prefix)
     try:
         w = workers("w1", MESH_REDIS_URL=private_redis.url)
-        report = sync_repository(client, model_dir=str(repo))
+        report = sync_repository(registry_of(client), model_dir=str(repo))
         assert report.registered == ["digits@1"], report
         response = client.infer(vmodel_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=60)
         assert (response["model_name"], answer(response)) == ("digits@1", 8)
@@ -163,7 +170,7 @@ def test_flushed_redis_workers_reannounce_and_the_repository_restores_the_regist
         with pytest.raises(ModelNotFound):
             client.infer(vmodel_id="digits", inputs=[seed_tensor(seed_input)])
 
-        report = sync_repository(client, model_dir=str(repo))
+        report = sync_repository(registry_of(client), model_dir=str(repo))
         assert report.registered == ["digits@1"], report
         assert [v.active_model_id for v in client.list_vmodels()] == ["digits@1"]
         # the worker still holds the model: it announces its copy again, with no new load

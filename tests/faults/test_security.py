@@ -1,4 +1,4 @@
-"""Security (DESIGN §9): no pickle anywhere; Redis with a password and with TLS works end to
+"""Security (docs/reliability.md): no pickle anywhere; Redis with a password and with TLS works end to
 end; credentials never appear in logs, events, Flower or anything stored in Redis; storage
 paths cannot escape their root.
 
@@ -283,7 +283,9 @@ def test_tls_redis_end_to_end(tls_redis, prefix, tmp_path, svm_path, seed_input)
 
 
 def test_storage_paths_cannot_escape_their_root(client, tmp_path, svm_path):
-    from mesh.control.repository import READY_MARKER, sync_repository
+    from mesh.control.registry import MeshRegistry
+    from mesh.control.repository import sync_repository
+    from mesh.policy.repository import READY_MARKER
 
     escaping = [
         ("file:///models/../etc/passwd", None),
@@ -312,7 +314,8 @@ def test_storage_paths_cannot_escape_their_root(client, tmp_path, svm_path):
     shutil.copy(svm_path, outside / "1" / "model.joblib")
     (repo / "linkdir").symlink_to(outside, target_is_directory=True)
     (repo / "linkfile" / "1" / "model.joblib").symlink_to(outside / "1" / "model.joblib")
-    report = sync_repository(client, model_dir=str(repo))
+    registry = MeshRegistry(client.app, client.store, vmodels=client.vmodels, router=client.router)
+    report = sync_repository(registry, model_dir=str(repo))
     assert report.registered == ["good@1"], report
     assert [r.model_id for r in client.list_models()] == ["good@1"]
     assert all(str(outside) not in r.info.uri for r in client.list_models())

@@ -1,4 +1,4 @@
-"""Worker death (DESIGN §9): a worker SIGKILLed in the middle of batches loses nothing, and one
+"""Worker death (docs/reliability.md): a worker SIGKILLed in the middle of batches loses nothing, and one
 killed while loading leaves no stuck LOADING state (its load claim is taken over).
 
 Redelivery is Redis's visibility timeout: the killed worker's unacked requests (its buffers

@@ -20,7 +20,7 @@ from celery.result import AsyncResult
 from mesh.tools.launcher import start_beat, wait_for
 from mesh.models import BatchingConfig, CopyState, ModelInfo, ModelState, WorkerState
 from mesh.policy.planner import PlannerSettings
-from mesh.control.rebalance import RebalanceReport, Rebalancer, rebalance
+from mesh.control.rebalance import RebalanceReport, Rebalancer, cluster_store, rebalance
 from mesh.tools.dashboard import render_status, status_text
 
 MB = 1_000_000
@@ -113,7 +113,7 @@ def fake_worker(client, name: str, capacity: int = 100 * MB) -> None:
 def test_leader_lock_one_run_at_a_time_and_no_double_action(client, tmp_path):
     fake_worker(client, "solo@h")
     client.register_model("pin", sized(tmp_path, "pin", min_copies=1))
-    r = Rebalancer(client.app, client.store, planner=planner())
+    r = Rebalancer(client.app, cluster_store(client.app, client.store, client.settings), planner=planner())
     token = r.acquire()
     assert token is not None
     skipped = rebalance(client.app, client.store, planner=planner())

@@ -22,7 +22,9 @@ import requests
 
 from mesh import InvalidArgument, MeshClient, ModelInfo, ModelLoadFailed, ModelState
 from mesh.tools.launcher import wait_for
-from mesh.control.repository import READY_MARKER, sync_repository
+from mesh.control.registry import MeshRegistry
+from mesh.control.repository import sync_repository
+from mesh.policy.repository import READY_MARKER
 from mesh.settings import MeshSettings
 
 REGION = "us-east-1"
@@ -122,6 +124,11 @@ def repo_client(redis_url: str, prefix: str, storage_env: dict, bucket: str) -> 
         yield c
 
 
+def registry_of(c: MeshClient) -> MeshRegistry:
+    """The registry a sync writes to, from a client's own parts (its caches see the changes)."""
+    return MeshRegistry(c.app, c.store, vmodels=c.vmodels, router=c.router)
+
+
 def seed_tensor(seed_input: list[float]) -> list[dict]:
     return [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": seed_input}]
 
@@ -210,7 +217,7 @@ def test_repository_on_s3_versions_publish_rule_and_cutover_under_traffic(
     s3 = s3_server.client()
     upload_version(s3, bucket, "digits", 1, svm_path.read_bytes(), manifest={"batching": {"max_batch_size": 8}})
 
-    report = sync_repository(repo_client)
+    report = sync_repository(registry_of(repo_client))
     assert report.ok, report
     assert report.registered == ["digits@1"] and report.vmodels_set == {"digits": "digits@1"}
     response = repo_client.infer(vmodel_id="digits", inputs=seed_tensor(seed_input)).get(timeout=60)
@@ -229,17 +236,17 @@ def test_repository_on_s3_versions_publish_rule_and_cutover_under_traffic(
             # v2 published; v3 half uploaded (its files, no marker yet)
             upload_version(s3, bucket, "digits", 2, mlp_path.read_bytes())
             upload_version(s3, bucket, "digits", 3, svm_path.read_bytes(), ready=False)
-            report = sync_repository(repo_client)
+            report = sync_repository(registry_of(repo_client))
             assert report.registered == ["digits@2"], report
             assert report.vmodels_set == {"digits": "digits@2"}
             assert report.versions == {"digits": [1, 2]}
             wait_for(lambda: switched(repo_client, "digits", "digits@2"), timeout=120, what="the cutover to digits@2")
             wait_for(lambda: traffic.seen("digits@2"), timeout=60, what="traffic on digits@2")
             assert repo_client.get_model_status("digits@3").state is ModelState.NOT_FOUND
-            assert sync_repository(repo_client).registered == []  # still unpublished
+            assert sync_repository(registry_of(repo_client)).registered == []  # still unpublished
 
             s3.put_object(Bucket=bucket, Key=f"repo/digits/3/{READY_MARKER}", Body=b"")
-            report = sync_repository(repo_client)
+            report = sync_repository(registry_of(repo_client))
             assert report.registered == ["digits@3"] and report.vmodels_set == {"digits": "digits@3"}
             wait_for(lambda: switched(repo_client, "digits", "digits@3"), timeout=120, what="the cutover to digits@3")
             wait_for(lambda: traffic.seen("digits@3"), timeout=60, what="traffic on digits@3")
@@ -258,7 +265,7 @@ def test_repository_on_s3_versions_publish_rule_and_cutover_under_traffic(
     # a removed version is unregistered once nothing references it
     for key in ("model.joblib", "mesh.json", READY_MARKER):
         s3.delete_object(Bucket=bucket, Key=f"repo/digits/1/{key}")
-    report = sync_repository(repo_client)
+    report = sync_repository(registry_of(repo_client))
     assert report.unregistered == ["digits@1"]
     assert repo_client.get_model_status("digits@1").state is ModelState.NOT_FOUND
 
@@ -329,7 +336,7 @@ def test_keys_and_paths_escaping_their_root_are_rejected(workers, s3_server, buc
     assert not list(tmp_path.rglob("outside.joblib"))
 
     # the repository does not publish a version holding such a key
-    report = sync_repository(repo_client)
+    report = sync_repository(registry_of(repo_client))
     assert "escapes its root" in report.frozen["evil"]
     assert report.registered == [] and repo_client.get_model_status("evil@1").state is ModelState.NOT_FOUND
 

@@ -1,8 +1,8 @@
-"""VModels end to end: the seed's story under traffic, blocked transitions, auto-delete, sync,
+"""VModels end to end: the update story of docs/quickstart.md under traffic, blocked transitions, auto-delete, sync,
 and a property test of the reference counts under two concurrent clients.
 
 No beat scheduler runs here. Transitions complete through what the issue allows without it:
-at once inside set_vmodel when possible, by the worker's on_copy_loaded hook, by a sync
+at once inside set_vmodel when possible, by the worker's copy_loaded event, by a sync
 caller, and, where a scheduler tick is needed (unloading drained auto-deleted copies), by
 calling `advance_all` from the test, which is exactly what the beat's rebalance run calls.
 """
@@ -107,7 +107,7 @@ def test_seed_story_es_1_then_es_2_under_continuous_traffic(
         client.register_model("es_2", sklearn_info(copy_model(mlp_path, model_dir, "es_2")))
         st = client.set_vmodel("es", "es_2")
         assert st.target_model_id == "es_2"
-        # the worker that loads es_2 completes the transition (on_copy_loaded), no tick needed
+        # the worker that loads es_2 completes the transition (its copy_loaded event), no tick needed
         done = wait_for(
             lambda: (s := client.get_vmodel_status("es")).status is VModelState.DEFINED and s,
             120, what="the transition to es_2",
@@ -281,7 +281,8 @@ class Rec:
 
 @dataclass
 class Model:
-    """ModelMesh's semantics (modelmesh.md §1.2–1.4), with its refcount leaks fixed, for one
+    """ModelMesh's semantics (kserve/modelmesh VModelManager.java: setVModel, deleteVModel and
+    the transition driver), with its refcount leaks fixed, for one
     worker that holds the copies: a retarget switches at once when forced, when the active
     has no copy, or when both the target and the active are LOADED (one copy is parity)."""
 

@@ -103,7 +103,7 @@ def test_switch_at_once_when_active_has_no_copy():
 
 def test_switch_waits_for_copy_parity_not_just_one_copy():
     active = view(loaded=["w1", "w2"])
-    # ModelMesh would switch here (one target copy loaded); the seed's promise is parity
+    # ModelMesh would switch here (one target copy loaded); its docs/vmodels.md promises parity
     d = decide(active=active, target=view(loaded=["w1"]), workers=W3)
     assert d.action is Action.LOAD and d.copies == 1
     d = decide(active=active, target=view(loaded=["w1"], loading=["w2"]), workers=W3)

@@ -15,9 +15,9 @@ from mesh.policy.planner import (
     FailureView,
     ForgetWorker,
     Load,
-    ModelView,
     PastAction,
     PlannerSettings,
+    RegisteredModel,
     RegistryCopy,
     Unload,
     WorkerView,
@@ -55,7 +55,7 @@ def worker(name, *copies, capacity=100 * MB, loading=(), shutting_down=False, al
 def model(model_id, *, on=(), size=10 * MB, **kw):
     """A registered model whose registry lists copies on the workers in `on` (LOADED)."""
     copies = {w: RegistryCopy(state="LOADED", since=NOW - 5000, raw=f"{model_id}@{w}") for w in on}
-    return ModelView(model_id=model_id, size=size, copies=copies, **kw)
+    return RegisteredModel(model_id=model_id, size=size, copies=copies, **kw)
 
 
 def run(workers, models, history=(), settings=S, now=NOW):
@@ -90,7 +90,7 @@ def test_plan_is_deterministic():
     assert run(ws, ms) == run(ws, ms)
 
 
-# ----------------------------------------------------------------------------- placement (§3.4)
+# ----------------------------------------------------------------------------- placement (docs/scheduler.md)
 
 
 def test_orphaned_queue_gets_a_copy_on_the_worker_with_most_free_space():
@@ -161,7 +161,7 @@ def test_global_load_budget_is_respected():
     assert len(loads(run([worker("w1")], ms, settings=s))) == 3
 
 
-# ----------------------------------------------------------------------------- copies from load (§3.5)
+# ----------------------------------------------------------------------------- copies from load (docs/scheduler.md)
 
 
 def test_rate_over_the_threshold_adds_copies_and_at_most_doubles_per_run():
@@ -224,7 +224,7 @@ def test_max_copies_caps_scale_up_and_removes_extra_copies():
     assert len(gone) == 1 and gone[0][2] == "max-copies"
 
 
-# ----------------------------------------------------------------------------- pinning (pain point §7)
+# ----------------------------------------------------------------------------- pinning (kserve/modelmesh-serving#393)
 
 
 def test_a_pinned_model_is_loaded_proactively_up_to_its_minimum():
@@ -375,7 +375,7 @@ def test_a_pending_unload_is_not_counted_as_a_copy_and_not_freed_early():
     assert unloads(actions) == [("a", "w1", "space")]
 
 
-# ----------------------------------------------------------------------------- failures (§3.8)
+# ----------------------------------------------------------------------------- failures (docs/scheduler.md)
 
 
 def test_failure_records_expire_and_are_cleared():
@@ -403,7 +403,7 @@ def test_fail_fast_after_three_recent_failures_until_they_expire():
     assert len(loads(later)) == 1
 
 
-# ----------------------------------------------------------------------------- dead workers (§3.7)
+# ----------------------------------------------------------------------------- dead workers (docs/scheduler.md)
 
 
 def test_dead_workers_are_forgotten_and_their_copy_records_dropped():
@@ -430,22 +430,22 @@ def test_a_dead_workers_recently_used_models_are_reloaded_proactively():
 
 
 def test_stale_loading_records_on_live_workers_are_dropped():
-    stale = ModelView(model_id="m", copies={"w1": RegistryCopy(state="LOADING", since=NOW - 100, raw="x")})
-    fresh = ModelView(model_id="n", copies={"w1": RegistryCopy(state="LOADING", since=NOW - 5, raw="y")})
+    stale = RegisteredModel(model_id="m", copies={"w1": RegistryCopy(state="LOADING", since=NOW - 100, raw="x")})
+    fresh = RegisteredModel(model_id="n", copies={"w1": RegistryCopy(state="LOADING", since=NOW - 5, raw="y")})
     actions = run([worker("w1")], [stale, fresh])
     assert of(actions, DropCopy) == [DropCopy("m", "w1", "stale", "x")]
 
 
 def test_a_loaded_copy_missing_from_the_registry_is_reasserted():
     ws = [worker("w1", copy("m", age=100))]
-    assert loads(run(ws, [ModelView(model_id="m")])) == [("m", "w1", "reassert")]
+    assert loads(run(ws, [RegisteredModel(model_id="m")])) == [("m", "w1", "reassert")]
 
 
 def test_copies_of_unregistered_models_are_unloaded():
     assert unloads(run([worker("w1", copy("ghost"))], [])) == [("ghost", "w1", "unregistered")]
 
 
-# ----------------------------------------------------------------------------- drain (§3.9)
+# ----------------------------------------------------------------------------- drain (docs/scheduler.md)
 
 
 def test_a_draining_workers_recent_models_are_loaded_elsewhere_most_recent_first():
@@ -477,7 +477,7 @@ def test_drain_does_not_evict_models_used_more_recently():
     assert run(ws, [model("a", on=["d"]), model("z", on=["w2"])]) == []
 
 
-# ----------------------------------------------------------------------------- proactive loading (§3.7)
+# ----------------------------------------------------------------------------- proactive loading (docs/scheduler.md)
 
 
 def test_proactive_loading_fills_free_space_most_valuable_first_up_to_the_fill_fraction():
@@ -576,19 +576,19 @@ def test_copies_of_retiring_models_are_left_to_their_drain():
 def test_a_load_placed_by_the_cold_path_counts_as_in_progress():
     # the producer's cold path recorded a LOADING copy on w1 and sent the command; w1's
     # heartbeat does not show it yet: nobody places a second one (not orphan, not proactive)
-    placed = ModelView(model_id="m", queue_depth=3, last_used=NOW - 1,
-                       copies={"w1": RegistryCopy(state="LOADING", since=NOW - 1, raw="r")})  # fmt: skip
+    placed = RegisteredModel(model_id="m", queue_depth=3, last_used=NOW - 1,
+                             copies={"w1": RegistryCopy(state="LOADING", since=NOW - 1, raw="r")})  # fmt: skip
     assert run([worker("w1"), worker("w2")], [placed]) == []
-    idle = ModelView(model_id="m", last_used=NOW - 1,
-                     copies={"w1": RegistryCopy(state="LOADING", since=NOW - 1, raw="r")})  # fmt: skip
+    idle = RegisteredModel(model_id="m", last_used=NOW - 1,
+                           copies={"w1": RegistryCopy(state="LOADING", since=NOW - 1, raw="r")})  # fmt: skip
     assert run([worker("w1"), worker("w2")], [idle]) == []
 
 
 def test_records_from_before_a_worker_restarted_are_stale_at_once():
     ws = [worker("w1"), worker("w2")]
     ws[0].started_at = NOW - 5  # restarted under the same name, its cache is empty
-    mv = ModelView(model_id="m", queue_depth=2,
-                   copies={"w1": RegistryCopy(state="LOADED", since=NOW - 20, raw="old")})  # fmt: skip
+    mv = RegisteredModel(model_id="m", queue_depth=2,
+                         copies={"w1": RegistryCopy(state="LOADED", since=NOW - 20, raw="old")})  # fmt: skip
     actions = run(ws, [mv])
     assert of(actions, DropCopy) == [DropCopy("m", "w1", "stale", "old")]
     assert [m for m, _, r in loads(actions)] == ["m"]  # its queued requests get a real copy

@@ -1,4 +1,5 @@
-"""The model repository: layout scan, manifests, the pure sync plan, a local directory end to end."""
+"""The model repository: layout scan, manifests, the pure sync plan (mesh/policy/repository.py),
+a local directory end to end (mesh/control/repository.py)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ from hypothesis import strategies as st
 
 from mesh.errors import InvalidArgument
 from mesh.models import BatchingConfig, ModelInfo, ModelManifest, ModelRecord, VModelRecord
-from mesh.control.repository import (
+from mesh.control.registry import MeshRegistry
+from mesh.control.repository import LocalRepository, open_repository, sync_repository
+from mesh.policy.repository import (
     MANIFEST_FILE,
     READY_MARKER,
     REPO_OWNER,
     DesiredVersion,
-    LocalRepository,
     RepoFile,
     SyncPlan,
     desired_versions,
     merge_manifests,
-    open_repository,
     parse_manifest,
     plan_sync,
     scan,
@@ -287,6 +288,11 @@ def test_sync_converges_to_the_repository(states):
 # --- a local directory ---------------------------------------------------------------------
 
 
+def registry_of(c) -> MeshRegistry:
+    """The registry a sync writes to, from a client's own parts (its caches see the changes)."""
+    return MeshRegistry(c.app, c.store, vmodels=c.vmodels, router=c.router)
+
+
 def write_version(root: Path, name: str, version: int, payload: bytes = b"model", *, ready: bool = True, manifest: dict | None = None) -> None:
     d = root / name / str(version)
     d.mkdir(parents=True, exist_ok=True)
@@ -318,12 +324,10 @@ def test_local_repository_listing(tmp_path):
 
 
 def test_sync_a_local_repository_and_the_manifest_level_in_effective_config(client, tmp_path, svm_path):
-    from mesh.control.repository import sync_repository
-
     root = tmp_path / "repo"
     write_version(root, "digits", 1, svm_path.read_bytes(), manifest={"batching": {"max_batch_size": 4}})
     write_version(root, "digits", 2, svm_path.read_bytes(), ready=False)
-    report = sync_repository(client, model_dir=str(root))
+    report = sync_repository(registry_of(client), model_dir=str(root))
     assert report.ok and report.registered == ["digits@1"] and report.vmodels_set == {"digits": "digits@1"}
     assert report.versions == {"digits": [1]}
     cfg = client.get_effective_config("digits@1")
@@ -332,16 +336,16 @@ def test_sync_a_local_repository_and_the_manifest_level_in_effective_config(clie
 
     # the version is published: registered and the vmodel moves on (no copy: switch at once)
     (root / "digits" / "2" / READY_MARKER).touch()
-    report = sync_repository(client, model_dir=str(root))
+    report = sync_repository(registry_of(client), model_dir=str(root))
     assert report.registered == ["digits@2"] and report.vmodels_set == {"digits": "digits@2"}
     assert client.list_vmodels()[0].active_model_id == "digits@2"
-    assert sync_repository(client, model_dir=str(root)).registered == []  # idempotent
+    assert sync_repository(registry_of(client), model_dir=str(root)).registered == []  # idempotent
 
     # version 1 removed: unregistered (nothing references it)
     for p in sorted((root / "digits" / "1").iterdir()):
         p.unlink()
     os.rmdir(root / "digits" / "1")
-    report = sync_repository(client, model_dir=str(root))
+    report = sync_repository(registry_of(client), model_dir=str(root))
     assert report.unregistered == ["digits@1"]
     assert [r.model_id for r in client.list_models()] == ["digits@2"]
 
@@ -351,16 +355,77 @@ def test_sync_a_local_repository_and_the_manifest_level_in_effective_config(clie
         "other@1",
         ModelInfo(runtime="sklearn", uri=f"file://{root.resolve()}/other/1", batching=BatchingConfig(max_batch_size=2)),
     )
-    report = sync_repository(client, model_dir=str(root))
+    report = sync_repository(registry_of(client), model_dir=str(root))
     assert report.manifests_updated == ["other@1"]
     cfg = client.get_effective_config("other@1")
     assert (cfg.value("max_batch_size"), cfg.values["max_batch_size"].source) == (2, "api")
     assert (cfg.value("max_batch_delay_ms"), cfg.values["max_batch_delay_ms"].source) == (9, "manifest")
 
     # the whole repository gone unreadable: nothing is removed
-    report = sync_repository(client, model_dir=str(tmp_path / "missing"))
+    report = sync_repository(registry_of(client), model_dir=str(tmp_path / "missing"))
     assert not report.ok and "not a directory" in (report.error or "")
     assert {r.model_id for r in client.list_models()} == {"digits@2", "other@1"}
+
+
+class MemoryRegistry:
+    """A ModelRegistry in a dict: the sync needs nothing of the mesh but the protocol's hooks."""
+
+    def __init__(self) -> None:
+        self.settings = MeshSettings()
+        self.records: dict[str, ModelRecord] = {}
+        self.vmodels: dict[str, VModelRecord] = {}
+        self.lock: str | None = None
+
+    def list_models(self) -> list[ModelRecord]:
+        return sorted(self.records.values(), key=lambda r: r.model_id)
+
+    def list_vmodels(self) -> list[VModelRecord]:
+        return sorted(self.vmodels.values(), key=lambda v: v.vmodel_id)
+
+    def upsert_record(self, model_id: str, info: ModelInfo, manifest: ModelManifest) -> bool:
+        old = self.records.get(model_id)
+        if old is not None and old.manifest == manifest:
+            return False
+        self.records[model_id] = ModelRecord(model_id=model_id, info=old.info if old else info, manifest=manifest)
+        return True
+
+    def unregister_model(self, model_id: str) -> None:
+        self.records.pop(model_id, None)
+
+    def set_vmodel(self, vmodel_id, target_model_id, *, auto_delete_target_model=False, expected_target_model_id=None, owner=None):
+        self.vmodels[vmodel_id] = vmodel(vmodel_id, target_model_id, owner=owner or "")  # the cutover completes at once
+
+    def delete_vmodel(self, vmodel_id: str, owner: str | None = None) -> None:
+        self.vmodels.pop(vmodel_id, None)
+
+    def acquire_sync_lock(self, ttl_s: float) -> str | None:
+        if self.lock is not None:
+            return None
+        self.lock = "token"
+        return self.lock
+
+    def release_sync_lock(self, token: str) -> None:
+        if self.lock == token:
+            self.lock = None
+
+
+def test_sync_drives_any_model_registry(tmp_path):
+    root = tmp_path / "repo"
+    write_version(root, "digits", 1)
+    registry = MemoryRegistry()
+    report = sync_repository(registry, model_dir=str(root))
+    assert report.registered == ["digits@1"] and report.vmodels_set == {"digits": "digits@1"}
+    write_version(root, "digits", 2)
+    report = sync_repository(registry, model_dir=str(root))
+    assert report.registered == ["digits@2"] and registry.vmodels["digits"].active_model_id == "digits@2"
+    report = sync_repository(registry, model_dir=str(root))
+    assert report.registered == [] and report.unregistered == []  # digits@1 stays while published
+    for p in sorted((root / "digits" / "1").iterdir()):
+        p.unlink()
+    assert sync_repository(registry, model_dir=str(root)).unregistered == ["digits@1"]
+    assert registry.lock is None
+    registry.lock = "another-sync"
+    assert sync_repository(registry, model_dir=str(root)).skipped and registry.lock == "another-sync"
 
 
 def test_a_key_escaping_its_version_freezes_the_name():
@@ -372,29 +437,26 @@ def test_a_key_escaping_its_version_freezes_the_name():
 
 
 def test_two_syncs_never_overlap(client, tmp_path, svm_path):
-    from mesh.control.repository import sync_repository
-
     root = tmp_path / "repo"
     write_version(root, "digits", 1, svm_path.read_bytes())
     client.store.r.set(client.keys.repository_lock, "another-sync", px=60_000)
-    report = sync_repository(client, model_dir=str(root))
+    report = sync_repository(registry_of(client), model_dir=str(root))
     assert report.skipped and report.registered == []
     assert client.store.r.get(client.keys.repository_lock) == b"another-sync"  # not ours to release
     client.store.r.delete(client.keys.repository_lock)
-    report = sync_repository(client, model_dir=str(root))
+    report = sync_repository(registry_of(client), model_dir=str(root))
     assert not report.skipped and report.registered == ["digits@1"]
     assert client.store.r.get(client.keys.repository_lock) is None
 
 
 def test_manifest_copy_bounds_reach_the_scheduler_and_effective_config(client, tmp_path, svm_path):
     from mesh.policy.precedence import copies_bounds
-    from mesh.control.repository import sync_repository
 
     root = tmp_path / "repo"
     (root / "pinned").mkdir(parents=True)
     (root / "pinned" / MANIFEST_FILE).write_text(json.dumps({"min_copies": 1, "max_copies": 3}))
     write_version(root, "pinned", 1, svm_path.read_bytes(), manifest={"max_copies": 2})
-    assert sync_repository(client, model_dir=str(root)).registered == ["pinned@1"]
+    assert sync_repository(registry_of(client), model_dir=str(root)).registered == ["pinned@1"]
     record = client.store.get_record("pinned@1")
     assert copies_bounds(record) == (1, 2)
     cfg = client.get_effective_config("pinned@1")

@@ -1,4 +1,5 @@
-"""The vmodel store and transition driver (mesh/control/vmodels.py) against a real Redis, no workers.
+"""The vmodel store (mesh/store/vmodels.py) and transition driver (mesh/control/vmodels.py)
+against a real Redis, no workers.
 
 Workers are simulated by their heartbeats and copy records (what a worker writes), so every
 state of a transition can be set up exactly; the commands sent to them just sit in their
@@ -29,7 +30,8 @@ from mesh.models import (
     VModelState,
     WorkerState,
 )
-from mesh.control.vmodels import DRAIN_GRACE_S, DrainEntry, VModelManager
+from mesh.control.vmodels import DRAIN_GRACE_S, VModelManager
+from mesh.store.vmodels import DrainEntry
 
 INFO = ModelInfo(runtime="sklearn", uri="file:///models/a.joblib")
 INFO_B = ModelInfo(runtime="sklearn", uri="file:///models/b.joblib")
@@ -248,6 +250,22 @@ def test_cutover_waits_for_copy_parity(c):
     assert_refs_consistent(c)
 
 
+def test_the_scheduler_run_drives_transitions(c):
+    from mesh.control.rebalance import advance_vmodels
+
+    heartbeat(c, "w1")
+    heartbeat(c, "w2")
+    c.register_model("m1", INFO)
+    c.register_model("m2", INFO_B)
+    c.set_vmodel("es", "m1")
+    loaded(c, "m1", "w1")
+    (placed,) = [x.worker for x in c.set_vmodel("es", "m2").target_model_copies]
+    assert advance_vmodels(c.app, c.store) == "[]"
+    loaded(c, "m2", placed)
+    assert advance_vmodels(c.app, c.store) == "['es']"
+    assert c.get_vmodel_status("es").active_model_id == "m2"
+
+
 def test_immediate_switch_when_target_already_has_parity(c):
     heartbeat(c, "w1")
     c.register_model("m1", INFO)
@@ -326,7 +344,7 @@ def test_target_load_failure_blocks_then_retries_when_failures_expire(c):
     c.set_vmodel("es", "m1")
     loaded(c, "m1", "w1")
     c.set_vmodel("es", "m2")
-    # the load fails wherever it goes (what MeshWorker.on_load_failed does: record, retry
+    # the load fails wherever it goes (what MeshWorker.load_failed does: record, retry
     # elsewhere) until no worker is left
     (first,) = [x.worker for x in c.get_vmodel_status("es").target_model_copies]
     worker = first
@@ -436,7 +454,8 @@ def test_drain_waits_for_queued_requests(c):
 
 
 def test_router_falls_back_to_the_target_when_the_active_vanished(c):
-    """modelmesh.md §1.5: re-read the vmodel once; use the target if the active is still the
+    """ModelMesh's `ModelMeshApi.callModel` (kserve/modelmesh ModelMeshApi.java): re-read the
+    vmodel once; use the target if the active is still the
     one not found."""
     heartbeat(c, "w1")
     c.register_model("m1", INFO)

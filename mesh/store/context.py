@@ -1,0 +1,81 @@
+"""Build the control-plane store (settings, Redis client, Keys, StateStore) from a Celery app or
+from settings: the one place that decides how a control-plane Redis client is configured."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import redis
+
+from mesh.protocol.keys import Keys
+from mesh.settings import MeshSettings
+from mesh.store.state import StateStore
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+# Every control-plane client (producers, workers, the scheduler, the tools) uses these; options
+# given in the URL's query string win (redis-py), so an operator can still tune one deployment.
+REDIS_CLIENT_OPTIONS: Final[dict[str, float]] = {
+    # PING a connection idle this long before using it, so one that a proxy, load balancer or
+    # NAT dropped silently is replaced instead of failing the command (the broker's value,
+    # mesh/broker/celery_options.py, below the usual 30 s idle cut-offs).
+    "health_check_interval": 25,
+    # An unreachable host fails in seconds rather than the OS's minutes-long TCP timeout.
+    "socket_connect_timeout": 5,
+    # Long enough for the slowest legitimate call: the scheduler's bulk reads at 100,000 models
+    # (HGETALL of the registry, pipelines of 1,000 models, mesh/store/cluster.py). None of these
+    # clients blocks server-side (BRPOP waits only on kombu's own connections,
+    # mesh/broker/transport.py) and every Lua script is short, so only a hung server hits it.
+    "socket_timeout": 30,
+}
+
+# One client per URL for callers that build a context on every call (the scheduler runs once
+# per beat tick): a fresh client each time would open a new connection per run and leave its
+# pool to the garbage collector. redis-py clients are thread-safe, so sharing one is fine.
+_shared: dict[str, redis.Redis] = {}
+_shared_lock = threading.Lock()
+
+
+def redis_client(url: str, *, shared: bool = False) -> redis.Redis:
+    """A control-plane client for `url` with REDIS_CLIENT_OPTIONS; with `shared`, the process's
+    one client for that URL."""
+    if not shared:
+        return redis.Redis.from_url(url, **REDIS_CLIENT_OPTIONS)
+    with _shared_lock:
+        client = _shared.get(url)
+        if client is None:
+            client = _shared[url] = redis.Redis.from_url(url, **REDIS_CLIENT_OPTIONS)
+        return client
+
+
+@dataclass(frozen=True)
+class StoreContext:
+    """Everything that reads or writes one mesh's control-plane state."""
+
+    settings: MeshSettings
+    redis: redis.Redis
+    keys: Keys
+    store: StateStore
+
+    @classmethod
+    def from_settings(cls, settings: MeshSettings, url: str, *, shared: bool = False) -> StoreContext:
+        """The context of the mesh `settings` names, on the Redis at `url` (already resolved and
+        carrying its TLS options: mesh/broker/redis_url.py)."""
+        client = redis_client(url, shared=shared)
+        keys = Keys(settings.prefix)
+        return cls(settings=settings, redis=client, keys=keys, store=StateStore(client, keys, settings))
+
+    @classmethod
+    def from_app(cls, app: Celery, *, shared: bool = False) -> StoreContext:
+        """The context of the mesh a Celery app was configured for. The app's prefix and URL win
+        over the environment, so a worker or router of a custom MeshClient app (tests) and its
+        producers always agree."""
+        conf = app.conf
+        settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_backend_url)
+        return cls.from_settings(settings, conf.mesh_redis_backend_url, shared=shared)
+
+
+__all__ = ["REDIS_CLIENT_OPTIONS", "StoreContext", "redis_client"]

@@ -1,0 +1,169 @@
+"""The inference thread in the test process: a real InferenceLoop and results thread, the real
+model manager and Celery result backend on a real Redis, in-memory consumer port
+(tests/unit/fakes.py). No worker process: requests are put straight into the batcher.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from celery.result import AsyncResult
+
+from mesh.app import create_app
+from tests.unit.fakes import FakeRequest
+from tests.unit.worker_rig import Rig
+from workers.batcher import BatchPolicy
+from workers.inference import InferenceLoop
+
+PICKY = "tests.integration.pyclasses:Picky"
+
+
+class Dispatcher:
+    """Celery's event dispatcher, as far as the batch event goes."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+
+    def send(self, type_: str, **fields) -> None:
+        self.sent.append((type_, fields))
+
+
+class Loop:
+    """A started InferenceLoop on the rig's manager, and what a test needs around it."""
+
+    def __init__(self, rig: Rig) -> None:
+        self.rig = rig
+        self.app = create_app(rig.settings)
+        rig.consumer.dispatcher = self.dispatcher = Dispatcher()
+        self.loop = InferenceLoop(
+            rig.batcher, rig.manager, rig.consumer, rig.metrics, rig.store.keys,
+            backend=lambda: self.app.backend, result_expires_s=60,
+        )  # fmt: skip
+        self.stored_at_ack: dict[str, bool] = {}
+
+    def request(self, task_id: str, model_id: str = "m", **kwargs) -> FakeRequest:
+        req = FakeRequest(task_id, kwargs, routing_key=self.rig.store.keys.model_queue(model_id))
+        key = self.app.backend.get_key_for_task(task_id)
+        req._message.on_ack = lambda m: self.stored_at_ack.__setitem__(task_id, bool(self.rig.client.exists(key)))
+        return req
+
+    def result(self, task_id: str, timeout: float = 10):
+        return AsyncResult(task_id, app=self.app).get(timeout=timeout, propagate=False)
+
+    def start(self) -> None:
+        self.loop.start()
+
+    def close(self) -> None:
+        self.rig.batcher.stop()
+        self.loop.stop()
+        if self.loop.is_alive():
+            self.loop.join(timeout=10)
+        self.app.close()
+
+
+def tensor(*values: float) -> list[dict]:
+    return [{"name": "x", "shape": [1, len(values)], "datatype": "FP32", "data": list(values)}]
+
+
+@pytest.fixture
+def rig(redis_url, prefix, tmp_path):
+    r = Rig(redis_url, prefix, tmp_path, max_batch_size=8)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def loop(rig):
+    lp = Loop(rig)
+    yield lp
+    lp.close()
+
+
+def test_a_failing_item_is_bisected_out_and_its_batch_mates_succeed(rig, loop):
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    values = [1.0, 2.0, -3.0, 4.0, 5.0, 6.0]
+    for i, v in enumerate(values):  # all buffered before the loop runs: one batch of six
+        rig.batcher.add("m", loop.request(f"r{i}", inputs=tensor(v, v)))
+    loop.start()
+    for i, v in enumerate(values):
+        result = loop.result(f"r{i}")
+        if v < 0:
+            assert isinstance(result, Exception) and "negative input rejected" in str(result)
+        else:
+            assert result["model_name"] == "m"
+            assert result["outputs"][0]["data"] == [2 * v, 2 * v]
+    batches = [f for t, f in loop.dispatcher.sent if t == "mesh-batch"]
+    assert [(b["size"], b["messages"], b["failed"]) for b in batches] == [(6, 6, 1)]
+
+
+def test_results_are_stored_before_their_messages_are_acked(rig, loop):
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    reqs = [loop.request(f"r{i}", inputs=tensor(i, i)) for i in range(4)]
+    for req in reqs:
+        rig.batcher.add("m", req)
+    loop.start()
+    for i in range(4):
+        loop.result(f"r{i}")
+    for req in reqs:  # acked right after the pipeline that stored the results has run
+        for _ in range(250):
+            if req._message.acknowledged:
+                break
+            threading.Event().wait(0.02)
+    assert loop.stored_at_ack == {f"r{i}": True for i in range(4)}
+    assert all(req.acknowledged for req in reqs)
+    assert [e[0] for e in reqs[0].events] == ["accepted", "task-succeeded"]
+
+
+def test_a_malformed_request_fails_alone(rig, loop):
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    rig.batcher.add("m", loop.request("bad", nonsense=1))
+    rig.batcher.add("m", loop.request("bad-tensor", inputs=[{"name": "x", "shape": [1, 3], "datatype": "FP32",
+                                                             "data": [1.0]}]))  # fmt: skip
+    rig.batcher.add("m", loop.request("good", inputs=tensor(1.0, 1.0)))
+    loop.start()
+    assert "needs 'inputs'" in str(loop.result("bad"))
+    assert isinstance(loop.result("bad-tensor"), Exception)
+    assert loop.result("good")["outputs"][0]["data"] == [2.0, 2.0]
+
+
+def test_a_micro_batch_answers_each_item(rig, loop):
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    rig.batcher.add("m", loop.request("many", items=[tensor(1, 1), tensor(-1, -1), tensor(3, 3)]), items=3)
+    loop.start()
+    result = loop.result("many")
+    assert result["results"][0]["outputs"][0]["data"] == [2.0, 2.0]
+    assert result["results"][1]["error"]["type"] == "InferenceError"
+    assert result["results"][2]["outputs"][0]["data"] == [6.0, 6.0]
+
+
+def test_an_expired_request_is_revoked_not_answered(rig, loop):
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    old = loop.request("old", inputs=tensor(1, 1))
+    old.expires = datetime.now(timezone.utc) - timedelta(seconds=1)
+    rig.batcher.add("m", old)
+    rig.batcher.add("m", loop.request("fresh", inputs=tensor(1, 1)))
+    loop.start()
+    assert loop.result("fresh")["outputs"][0]["data"] == [2.0, 2.0]
+    assert ("revoked",) in old.events
+    assert not rig.client.exists(loop.app.backend.get_key_for_task("old"))
+
+
+def test_a_batch_for_a_model_no_longer_here_goes_back_to_its_queue(rig, loop):
+    rig.batcher.open("gone", BatchPolicy(4, 0.0))  # buffered, but the manager holds no copy
+    rig.batcher.add("gone", loop.request("r1", model_id="gone", inputs=tensor(1, 1)))
+    loop.start()
+    for _ in range(250):
+        if rig.consumer.requeued:
+            break
+        threading.Event().wait(0.02)
+    assert [p.req.id for p in rig.consumer.requeued] == ["r1"]
+    assert not rig.client.exists(loop.app.backend.get_key_for_task("r1"))

@@ -1,0 +1,153 @@
+"""The model manager in the test process, against a real Redis and in-memory ports
+(tests/unit/fakes.py): single-flight loads, eviction by the retention policy and in the order
+docs/architecture.md gives, a copy with a batch in flight outliving its unload, load failures.
+
+Models are `python`-runtime `Slow` models (tests/faults/fault_models.py): their size is what
+their spec says, and a gate file holds their load for as long as a test needs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from mesh.errors import ModelNotFound
+from mesh.models import CopyState, ModelInfo
+from tests.unit.worker_rig import MB, SLOW, WORKER, Rig
+
+
+@pytest.fixture
+def rig(redis_url, prefix, tmp_path):
+    r = Rig(redis_url, prefix, tmp_path)
+    yield r
+    r.close()
+
+
+def test_a_load_announces_its_copy_opens_its_buffer_and_consumes(rig):
+    rig.register("a")
+    rig.load("a")
+    assert rig.manager.loaded_ids() == ["a"]
+    assert rig.store.model_status("a").copies[0].state == CopyState.LOADED
+    assert rig.batcher.is_open("a")
+    assert ("consume", "a") in rig.consumer.log
+    loaded, loading, used = rig.manager.snapshot()
+    assert [m.model_id for m in loaded] == ["a"] and loading == [] and used == MB
+
+
+def test_loads_are_single_flight(rig):
+    gate = rig.tmp / "gate"
+    gate.touch()
+    rig.register("a", gate=str(gate))
+    threads = [threading.Thread(target=rig.manager.request_load, args=("a",)) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(0.2)  # every request has reached the manager while the first load is held
+    assert rig.manager.snapshot()[1] == ["a"]
+    gate.unlink()
+    rig.events.wait_for(("loaded", "a"))
+    time.sleep(0.2)  # a duplicate load, if any, would report now
+    assert [e for e in rig.events.log if e[0] == "loaded"] == [("loaded", "a")]
+    assert rig.loads_counted("a") == 1
+
+
+def test_the_least_used_model_is_evicted_in_order(rig):
+    for m in "abc":
+        rig.register(m)
+    rig.load("a")
+    rig.load("b")
+    # both answered (a fresh copy, one that answered nothing yet, is kept by other rules:
+    # tests/unit/test_retention.py); a answered more
+    rig.manager.release(rig.manager.acquire("a", requests=5))
+    rig.manager.release(rig.manager.acquire("b", requests=1))
+    rig.consumer.log.clear()
+    rig.register("d")
+    rig.load("c")
+    rig.load("d")  # 4 MB wanted, 3 MB room: the least used goes
+    rig.events.wait_for(("unloaded", "b", False))
+    assert sorted(rig.manager.loaded_ids()) == ["a", "c", "d"]
+    # stop intake, requeue what was buffered, unload, update Redis (docs/architecture.md)
+    log = rig.consumer.log
+    assert log.index(("stop_consuming", "b")) < log.index(("requeue", []))
+    assert [c.worker for c in rig.store.model_status("b").copies] == []
+    assert [c.worker for c in rig.store.model_status("a").copies] == [WORKER]
+
+
+def test_buffered_requests_of_an_evicted_model_are_requeued(rig):
+    for m in "ab":
+        rig.register(m, size=2 * MB)
+    rig.load("a")
+
+    class Req:
+        id = "r1"
+
+    rig.batcher.add("a", Req())
+    rig.load("b")  # a (2 MB) must leave for b (2 MB) in 3 MB
+    rig.events.wait_for(("unloaded", "a", False))
+    assert [p.req.id for p in rig.consumer.requeued] == ["r1"]
+    assert not rig.batcher.is_open("a")
+
+
+def test_a_copy_with_a_batch_in_flight_is_unloaded_only_after_it(rig):
+    rig.register("a")
+    rig.load("a")
+    entry = rig.manager.acquire("a")
+    assert entry is not None
+    rig.manager.request_unload("a")
+    time.sleep(0.5)
+    assert entry.loaded is not None, "unloaded under a running batch"
+    assert not any(e[0] == "unloaded" for e in rig.events.log)
+    rig.manager.release(entry)
+    rig.events.wait_for(("unloaded", "a", False))
+    assert entry.loaded is None
+    assert rig.store.model_status("a").copies == []
+
+
+def test_an_unregistered_model_fails_its_requests_then_unloads(rig):
+    rig.register("a")
+    rig.load("a")
+    rig.manager.request_unload("a", ModelNotFound("model 'a' was unregistered"))
+    rig.events.wait_for(("unloaded", "a", True))
+    failed = [e for e in rig.events.log if e[0] == "fail_model"]
+    assert failed and failed[0][1] == "a" and isinstance(failed[0][2], ModelNotFound)
+
+
+def test_a_failed_load_is_reported_and_forgotten(rig):
+    rig.store.register_model("bad", ModelInfo(runtime="python", uri=f"file://{rig.tmp}/missing.json",
+                                              python_class=SLOW))  # fmt: skip
+    rig.manager.request_load("bad")
+    rig.events.wait_for(("load_failed", "bad"))
+    assert rig.manager.snapshot()[1] == []
+    assert rig.metrics.loads.labels("bad", "failed")._value.get() == 1
+    rig.register("bad2")  # the line goes on after a failure
+    rig.load("bad2")
+
+
+def test_a_model_larger_than_the_worker_fails_with_the_reason(rig):
+    rig.register("huge", size=10 * MB)
+    rig.manager.request_load("huge")
+    rig.events.wait_for(("load_failed", "huge"))
+    message = next(e[2] for e in rig.events.log if e[0] == "load_failed")
+    assert "capacity" in message and "MESH_WORKER_CAPACITY_BYTES" in message
+
+
+def test_a_model_not_registered_is_not_loaded_and_not_a_failure(rig):
+    rig.manager.request_load("ghost")
+    time.sleep(0.5)
+    assert rig.events.log == []
+    assert rig.manager.snapshot()[1] == []
+
+
+def test_a_duplicate_load_command_reasserts_the_copy(rig):
+    rig.register("a")
+    rig.load("a")
+    rig.store.remove_copy("a", WORKER)  # the record vanished (e.g. Redis restored from a snapshot)
+    rig.manager.request_load("a")
+    deadline = time.monotonic() + 5
+    while not rig.store.model_status("a").copies and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert [c.worker for c in rig.store.model_status("a").copies] == [WORKER]
+    assert rig.loads_counted("a") == 1

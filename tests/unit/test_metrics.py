@@ -1,0 +1,92 @@
+"""workers/metrics.py: outcome labels, a registry per worker, and a metrics server that a taken
+port cannot stop and that close() ends (no worker, no Redis)."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import prometheus_client
+import pytest
+
+from mesh.errors import DeadlineExceeded, InvalidInput, ModelLoadFailed, ModelNotFound, RequestTooLarge
+from workers.metrics import WorkerMetrics, outcome_of
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (None, "success"),
+        (InvalidInput("bad tensor"), "invalid_input"),
+        (ModelNotFound("gone"), "model_not_found"),
+        (RequestTooLarge("big"), "request_too_large"),
+        (DeadlineExceeded("late"), "deadline_exceeded"),
+        (ModelLoadFailed("boom"), "model_load_failed"),
+        (ValueError("plain"), "value_error"),
+    ],
+)
+def test_outcome_is_success_or_the_error_class_in_snake_case(error, outcome):
+    assert outcome_of(error) == outcome
+
+
+def requests_value(m: WorkerMetrics, model: str, outcome: str) -> float | None:
+    return m.registry.get_sample_value("mesh_requests_total", {"model": model, "outcome": outcome})
+
+
+def test_each_worker_has_its_own_registry():
+    a, b = WorkerMetrics("a@test"), WorkerMetrics("b@test")  # a shared registry would raise here
+    try:
+        a.requests.labels("m", "success").inc(3)
+        assert requests_value(a, "m", "success") == 3
+        assert requests_value(b, "m", "success") is None
+        # nothing leaks into the process-wide default registry
+        assert prometheus_client.REGISTRY.get_sample_value(
+            "mesh_requests_total", {"model": "m", "outcome": "success"}) is None
+        assert a.registry.get_sample_value("mesh_worker_info", {"worker": "a@test"}) == 1
+        assert a.registry.get_sample_value("mesh_worker_info", {"worker": "b@test"}) is None
+        assert b.registry.get_sample_value("mesh_worker_info", {"worker": "b@test"}) == 1
+    finally:
+        a.close()
+        b.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_close_without_a_server_is_safe_and_idempotent():
+    m = WorkerMetrics("w@test", port=0)
+    assert m._server is None
+    m.close()
+    m.close()
+
+
+def test_served_metrics_show_this_worker_and_close_stops_the_server():
+    port = free_port()
+    m = WorkerMetrics("w@test", port=port)
+    try:
+        assert m._server is not None
+        m.requests.labels("digits", "invalid_input").inc()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert 'mesh_worker_info{worker="w@test"} 1.0' in text
+        assert 'mesh_requests_total{model="digits",outcome="invalid_input"} 1.0' in text
+    finally:
+        m.close()
+    assert m._server is None
+    m.close()  # twice is fine
+
+
+def test_a_taken_port_does_not_stop_the_worker():
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        m = WorkerMetrics("w@test", port=port)  # logs the error instead of raising
+        try:
+            assert m._server is None
+            m.requests.labels("m", "success").inc()  # metrics still count
+            assert requests_value(m, "m", "success") == 1
+        finally:
+            m.close()

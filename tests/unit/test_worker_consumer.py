@@ -1,0 +1,344 @@
+"""workers/consumer.py: the ConsumerPort over a (fake) Celery consumer: FIFO callbacks on the
+consumer thread, queue consumption and its declare cache, QoS, requeues and the event buffer
+(no worker, no Redis)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from celery.worker import state as worker_state
+
+from mesh.models import Command
+from mesh.protocol.keys import Keys
+from workers.batcher import Batcher, BatchPolicy, Pending
+from workers.consumer import EVENT_BUFFER_LIMIT, CeleryConsumer
+from workers.metrics import WorkerMetrics
+
+KEYS = Keys("tcons")
+NAME = "w1@test"
+
+
+class FakeTaskConsumer:
+    def __init__(self) -> None:
+        self.queues: set[str] = set()
+        self.auto_declare = True
+
+    def consuming_from(self, queue: str) -> bool:
+        return queue in self.queues
+
+
+class FakeQoS:
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.sets: list[int] = []
+
+    def set(self, value: int) -> None:
+        self.sets.append(value)
+        self.value = value
+
+
+class FakeCeleryConsumer:
+    """Celery's Consumer as CeleryConsumer uses it; `call_soon` only collects (the hub)."""
+
+    def __init__(self) -> None:
+        self.ready: list[tuple] = []
+        self.lock = threading.Lock()
+        self.task_consumer = FakeTaskConsumer()
+        self.added: list[tuple[str, bool]] = []  # (queue, auto_declare during the add)
+        self.cancelled: list[str] = []
+        self.qos = FakeQoS(64)
+        self.event_dispatcher = None
+
+    def call_soon(self, fn, *args) -> None:
+        with self.lock:
+            self.ready.append((fn, args))
+
+    def run_ready(self, reverse: bool = False) -> int:
+        """Run the collected callbacks like kombu's hub: in any order (a set)."""
+        with self.lock:
+            todo, self.ready = self.ready, []
+        for fn, args in reversed(todo) if reverse else todo:
+            fn(*args)
+        return len(todo)
+
+    def add_task_queue(self, queue: str) -> None:
+        self.added.append((queue, self.task_consumer.auto_declare))
+        self.task_consumer.queues.add(queue)
+
+    def cancel_task_queue(self, queue: str) -> None:
+        self.cancelled.append(queue)
+        self.task_consumer.queues.discard(queue)
+
+
+class Req:
+    """A Celery request as requeue reads it (hashable, like Celery's)."""
+
+    def __init__(self, id: str, model_id: str) -> None:
+        self.id = id
+        self.delivery_info = {"routing_key": KEYS.model_queue(model_id)}
+        self.rejected: list[bool] = []
+
+    def reject(self, requeue: bool = False) -> None:
+        self.rejected.append(requeue)
+
+
+@pytest.fixture
+def metrics():
+    m = WorkerMetrics(NAME, port=0)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def celery_consumer():
+    return FakeCeleryConsumer()
+
+
+@pytest.fixture
+def batcher():
+    b = Batcher(lambda models: {m: 0 for m in models})
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def sent():
+    return []
+
+
+def make(celery_consumer, batcher, metrics, sent, prefetch_floor=64, send=None):
+    return CeleryConsumer(
+        celery_consumer, KEYS, NAME, batcher, metrics,
+        send or (lambda worker, cmd: sent.append((worker, cmd))), prefetch_floor,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def port(celery_consumer, batcher, metrics, sent):
+    return make(celery_consumer, batcher, metrics, sent)
+
+
+# ------------------------------------------------------------------ call_soon
+
+
+def test_call_soon_runs_on_the_hub_in_call_order_whatever_order_the_hub_picks(port, celery_consumer):
+    ran = []
+    for i in range(5):
+        port.call_soon(ran.append, i)
+    assert ran == []  # only scheduled: the consumer thread runs them
+    assert celery_consumer.run_ready(reverse=True) == 5
+    assert ran == [0, 1, 2, 3, 4]
+
+
+def test_a_failing_callback_does_not_drop_the_later_ones(port, celery_consumer):
+    ran = []
+
+    def boom():
+        raise RuntimeError("callback failed")
+
+    port.call_soon(ran.append, "first")
+    port.call_soon(boom)
+    port.call_soon(ran.append, "after")
+    celery_consumer.run_ready(reverse=True)
+    assert ran == ["first", "after"]
+    port.call_soon(ran.append, "next time")  # and the FIFO keeps working
+    celery_consumer.run_ready()
+    assert ran == ["first", "after", "next time"]
+
+
+# ------------------------------------------------------------------ consume / stop
+
+
+def test_consume_adds_the_model_queue_once_and_wakes_our_own_consumer(port, celery_consumer, sent):
+    queue = KEYS.model_queue("m")
+    port.consume("m")
+    assert celery_consumer.added == []  # nothing touches the channel off the consumer thread
+    assert sent == [(NAME, Command(op="wake", model_id="m"))]
+    celery_consumer.run_ready()
+    assert celery_consumer.added == [(queue, True)]  # first time: declared
+    port.consume("m")
+    celery_consumer.run_ready()
+    assert celery_consumer.added == [(queue, True)]  # already consuming: not added again
+
+
+def test_consume_without_wake_sends_no_command(port, celery_consumer, sent):
+    port.consume("m", wake=False)
+    celery_consumer.run_ready()
+    assert sent == []
+    assert celery_consumer.added == [(KEYS.model_queue("m"), True)]
+
+
+def test_a_failed_wake_only_costs_the_polling_interval(celery_consumer, batcher, metrics):
+    def send(worker, cmd):
+        raise ConnectionError("redis down")
+
+    port = make(celery_consumer, batcher, metrics, [], send=send)
+    port.consume("m")  # does not raise
+    celery_consumer.run_ready()
+    assert celery_consumer.added == [(KEYS.model_queue("m"), True)]
+
+
+def test_a_queue_declared_before_is_added_without_declaring_it_again(port, celery_consumer):
+    queue = KEYS.model_queue("m")
+    port.consume("m")
+    celery_consumer.run_ready()
+    port.stop_consuming("m")
+    celery_consumer.run_ready()
+    assert celery_consumer.cancelled == [queue]
+    port.consume("m")
+    celery_consumer.run_ready()
+    assert celery_consumer.added == [(queue, True), (queue, False)]
+    assert celery_consumer.task_consumer.auto_declare is True  # restored after the add
+
+
+def test_forget_declared_declares_that_queue_afresh(port, celery_consumer):
+    qm, qn = KEYS.model_queue("m"), KEYS.model_queue("n")
+    for model in ("m", "n"):
+        port.consume(model)
+    celery_consumer.run_ready()
+    for model in ("m", "n"):
+        port.stop_consuming(model)
+    port.forget_declared("m")  # on the consumer thread, in order with the rest
+    celery_consumer.run_ready()
+    for model in ("m", "n"):
+        port.consume(model)
+    celery_consumer.run_ready()
+    assert celery_consumer.added[2:] == [(qm, True), (qn, False)]
+
+
+def test_forget_every_declared_queue(port, celery_consumer):
+    qm = KEYS.model_queue("m")
+    port.consume("m")
+    celery_consumer.run_ready()
+    port.stop_consuming("m")
+    celery_consumer.run_ready()
+    port.forget_declared()  # None: all of them (a Redis that came back lost the bindings)
+    port.consume("m")
+    celery_consumer.run_ready()
+    assert celery_consumer.added == [(qm, True), (qm, True)]
+
+
+def test_stop_consuming_cancels_only_a_queue_being_consumed(port, celery_consumer):
+    port.stop_consuming("never-consumed")
+    celery_consumer.run_ready()
+    assert celery_consumer.cancelled == []
+    port.consume("m")
+    port.stop_consuming("m")
+    port.stop_consuming("m")
+    celery_consumer.run_ready(reverse=True)  # still add, cancel, (nothing) in call order
+    assert celery_consumer.cancelled == [KEYS.model_queue("m")]
+
+
+def test_no_task_consumer_yet_means_nothing_is_added_or_cancelled(port, celery_consumer):
+    celery_consumer.task_consumer = None
+    port.consume("m")
+    port.stop_consuming("m")
+    celery_consumer.run_ready()
+    assert celery_consumer.added == [] and celery_consumer.cancelled == []
+
+
+# ------------------------------------------------------------------ prefetch
+
+
+def test_prefetch_is_twice_the_served_batch_sizes_above_the_floor(port, celery_consumer, batcher):
+    port.update_prefetch()
+    celery_consumer.run_ready()
+    assert celery_consumer.qos.sets == []  # nothing served: the floor (64), already set
+    batcher.open("a", BatchPolicy(max_batch_size=8, max_batch_delay_s=0.0))
+    batcher.open("b", BatchPolicy(max_batch_size=32, max_batch_delay_s=0.0))
+    port.update_prefetch()
+    celery_consumer.run_ready()
+    assert celery_consumer.qos.sets == [2 * (8 + 32)]
+    batcher.close("b")
+    port.update_prefetch()
+    celery_consumer.run_ready()
+    assert celery_consumer.qos.sets == [80, 64]  # back to the floor, not 16
+
+
+def test_prefetch_floor_wins_over_a_small_budget(celery_consumer, batcher, metrics, sent):
+    port = make(celery_consumer, batcher, metrics, sent, prefetch_floor=100)
+    batcher.open("a", BatchPolicy(max_batch_size=8, max_batch_delay_s=0.0))
+    port.update_prefetch()
+    celery_consumer.run_ready()
+    assert celery_consumer.qos.sets == [100]
+
+
+# ------------------------------------------------------------------ requeue
+
+
+def requeued(metrics, model):
+    return metrics.registry.get_sample_value("mesh_requests_total", {"model": model, "outcome": "requeued"})
+
+
+def test_requeue_now_rejects_with_requeue_and_counts_it(port, celery_consumer, metrics):
+    reqs = [Req("r1", "m"), Req("r2", "m"), Req("r3", "other")]
+    for r in reqs:
+        worker_state.task_reserved(r)
+    try:
+        port.requeue([Pending(r) for r in reqs], now=True)
+        assert [r.rejected for r in reqs] == [[True], [True], [True]]
+        assert celery_consumer.ready == []  # on this (the consumer) thread, at once
+        assert requeued(metrics, "m") == 2 and requeued(metrics, "other") == 1
+        # no longer among Celery's reserved requests (else they would leak there)
+        assert not any(r in worker_state.reserved_requests for r in reqs)
+    finally:
+        for r in reqs:
+            worker_state.task_ready(r)
+
+
+def test_requeue_from_another_thread_goes_through_the_consumer_thread(port, celery_consumer, metrics):
+    r = Req("r1", "m")
+    port.requeue([Pending(r)])
+    assert r.rejected == []
+    celery_consumer.run_ready()
+    assert r.rejected == [True]
+    assert requeued(metrics, "m") == 1
+
+
+def test_requeue_with_wait_returns_once_the_consumer_thread_rejected(port, celery_consumer):
+    r = Req("r1", "m")
+    stop = threading.Event()
+
+    def hub():
+        while not stop.is_set():
+            celery_consumer.run_ready()
+            time.sleep(0.01)
+
+    t = threading.Thread(target=hub, daemon=True)
+    t.start()
+    try:
+        port.requeue([Pending(r)], wait_s=5)
+        assert r.rejected == [True]
+    finally:
+        stop.set()
+        t.join(5)
+
+
+def test_requeue_of_nothing_does_nothing(port, celery_consumer, metrics):
+    port.requeue([], now=True)
+    port.requeue([])
+    assert celery_consumer.ready == []
+    assert requeued(metrics, "m") is None
+
+
+# ------------------------------------------------------------------ events
+
+
+def test_event_dispatcher_buffers_mesh_events_with_the_task_events(port, celery_consumer):
+    assert port.event_dispatcher() is None
+    d = SimpleNamespace(on_send_buffered=lambda: None, buffer_group={"task"}, buffer_limit=24)
+    celery_consumer.event_dispatcher = d
+    assert port.event_dispatcher() is d
+    assert d.buffer_group == {"task", "mesh"}
+    assert d.buffer_limit == EVENT_BUFFER_LIMIT
+    assert port.event_dispatcher() is d and d.buffer_group == {"task", "mesh"}
+
+
+def test_an_unbuffered_dispatcher_is_left_alone(port, celery_consumer):
+    d = SimpleNamespace(on_send_buffered=None, buffer_group=set(), buffer_limit=24)
+    celery_consumer.event_dispatcher = d
+    assert port.event_dispatcher() is d
+    assert d.buffer_group == set() and d.buffer_limit == 24
