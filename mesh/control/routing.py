@@ -26,7 +26,7 @@ from mesh.protocol.keys import Keys
 from mesh.models import Command
 from mesh.store.context import StoreContext
 from mesh.store.state import Route, StateStore
-from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES, SENT_AT_HEADER, SERVING_TTL_S, VMODEL_HEADER
+from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES, SERVING_TTL_S, VMODEL_HEADER
 
 log = logging.getLogger("mesh.control.routing")
 
