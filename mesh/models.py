@@ -351,7 +351,7 @@ class Command(_Strict):
     """A command sent to one worker's private queue."""
 
     # "wake" does nothing: a worker sends it to itself so that the BRPOP in flight returns
-    # and the next one includes a queue it just added (see MeshWorker.consume)
+    # and the next one includes a queue it just added (see CeleryConsumer.consume in workers/consumer.py)
     op: Literal["load", "unload", "wake"]
     model_id: str
     # For "unload": why, and whether requests still queued for the model must fail

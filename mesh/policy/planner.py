@@ -189,28 +189,15 @@ _REASON = {ORPHAN: R_ORPHAN, DRAIN: R_DRAIN, PINNED: R_PINNED, SCALE: R_SCALE, R
 # --------------------------------------------------------------------------- settings
 
 
-# PlannerSettings field -> the MeshSettings field (MESH_* variable) it is set by. The planner reads
-# these defaults from MeshSettings, so the beat, the simulator and the tests plan with the same
-# numbers unless they override one on purpose.
-SHARED_KNOBS: dict[str, str] = {
-    "scale_up_rps_per_copy": "scale_up_rps_per_copy",
-    "scale_up_queue_per_copy": "scale_up_queue_per_copy",
-    "scale_down_ratio": "scale_down_ratio",
-    "copy_idle_s": "copy_idle_s",
-    "model_idle_s": "model_idle_s",
-    "churn_age_s": "churn_age_s",
-    "failure_expiry_s": "load_failure_expiry_s",
-    "max_load_failures": "max_load_attempts",
-    "drain_recent_s": "drain_recent_s",
-    "proactive": "proactive_loading",
-    "proactive_fill_fraction": "proactive_fill_fraction",
-    "max_loads_per_tick": "max_loads_per_tick",
-    "max_loads_per_worker": "max_loads_per_worker",
-    "max_evictions_per_tick": "max_evictions_per_tick",
-    "default_model_size": "default_model_size_bytes",
-    "default_min_copies": "default_min_copies",
-    "default_max_copies": "default_max_copies",
-}
+# The planner's knobs that are MESH_* settings too, under the same names. Their defaults are
+# MeshSettings', so the beat, the simulator and the tests plan with the same numbers unless
+# they override one on purpose.
+SHARED_KNOBS: tuple[str, ...] = (
+    "scale_up_rps_per_copy", "scale_up_queue_per_copy", "scale_down_ratio", "copy_idle_s",
+    "model_idle_s", "churn_age_s", "load_failure_expiry_s", "max_load_attempts", "drain_recent_s",
+    "proactive_loading", "proactive_fill_fraction", "max_loads_per_tick", "max_loads_per_worker",
+    "max_evictions_per_tick", "default_model_size_bytes", "default_min_copies", "default_max_copies",
+)  # fmt: skip
 
 # Planner-only knobs that from_settings derives from the beat period and the heartbeat TTL; the
 # floors keep a fast beat from resending a load, or dropping its registry record, while it is
@@ -220,7 +207,8 @@ STALE_COPY_MIN_S = 30.0
 
 
 def _mesh_default(knob: str) -> Any:
-    return MeshSettings.model_fields[SHARED_KNOBS[knob]].default
+    assert knob in SHARED_KNOBS, knob
+    return MeshSettings.model_fields[knob].default
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,13 +231,13 @@ class PlannerSettings:
     pending_action_ttl_s: float = PENDING_ACTION_TTL_MIN_S
     stale_copy_s: float = STALE_COPY_MIN_S
     # failures (ModelMesh.java: load-failure records, `MAX_LOAD_FAILURES`)
-    failure_expiry_s: float = _mesh_default("failure_expiry_s")
-    max_load_failures: int = _mesh_default("max_load_failures")
+    load_failure_expiry_s: float = _mesh_default("load_failure_expiry_s")
+    max_load_attempts: int = _mesh_default("max_load_attempts")
     # drain (ModelMesh.java `preShutdown`: copies used in the last hour)
     drain_recent_s: float = _mesh_default("drain_recent_s")
     # proactive loading (ModelMesh.java's leader reaper) and the usage-pattern second copy
     # (`rateTrackingTask`)
-    proactive: bool = _mesh_default("proactive")
+    proactive_loading: bool = _mesh_default("proactive_loading")
     proactive_fill_fraction: float = _mesh_default("proactive_fill_fraction")
     swap_factor: float = 2.0  # a proactive load may replace copies worth this many times less
     redundancy_free_fraction: float = 0.10
@@ -262,7 +250,7 @@ class PlannerSettings:
     # placement
     busy_factor: float = 1.5  # a worker above this x the mean request rate is placed on last
     search_limit: int = 16
-    default_model_size: int = _mesh_default("default_model_size")
+    default_model_size_bytes: int = _mesh_default("default_model_size_bytes")
     default_min_copies: int = _mesh_default("default_min_copies")
     default_max_copies: int | None = _mesh_default("default_max_copies")
 
@@ -274,7 +262,7 @@ class PlannerSettings:
         return cls(
             pending_action_ttl_s=pending,
             stale_copy_s=max(STALE_COPY_MIN_S, 2 * pending),
-            **{knob: getattr(settings, field) for knob, field in SHARED_KNOBS.items()},
+            **{knob: getattr(settings, knob) for knob in SHARED_KNOBS},
         )
 
 
@@ -314,7 +302,7 @@ class _ModelPlan:
     def __init__(self, view: RegisteredModel, settings: PlannerSettings) -> None:
         self.view = view
         self.id = view.model_id
-        self.size = view.size or settings.default_model_size
+        self.size = view.size or settings.default_model_size_bytes
         min_copies = view.min_copies if view.min_copies is not None else settings.default_min_copies
         max_copies = view.max_copies if view.max_copies is not None else settings.default_max_copies
         self.min_copies = min_copies
@@ -381,7 +369,7 @@ class _Plan:
         self.needs.sort(key=lambda n: (n.cls, n.order))
         for need in self.needs:
             self._serve(need)
-        if self.settings.proactive:
+        if self.settings.proactive_loading:
             self._proactive()
         return [*self.head, *self.unloads, *self.loads]
 
@@ -445,7 +433,7 @@ class _Plan:
                 continue  # it was tried and failed
             w.planned.add(model_id)
             w.loads += 1
-            w.free -= mv.size or self.settings.default_model_size
+            w.free -= mv.size or self.settings.default_model_size_bytes
             loading_by_model.setdefault(model_id, []).append(w)
         for model_id, name in pend_unload:
             w = self.workers.get(name)
@@ -489,7 +477,7 @@ class _Plan:
         if mv.copies:
             placing = self._check_records(mv)
             if placing:  # being loaded by someone else (cold path, vmodel driver): a load in progress
-                size = mv.size or s.default_model_size
+                size = mv.size or s.default_model_size_bytes
                 for w in placing:
                     w.free -= size
                 loading = [*(loading or ()), *placing]
@@ -498,7 +486,7 @@ class _Plan:
         if mv.failures:
             failed_on = set()
             for name, f in mv.failures.items():
-                if now - f.time >= s.failure_expiry_s:
+                if now - f.time >= s.load_failure_expiry_s:
                     self.head.append(ClearFailure(mv.model_id, name, f.raw))
                 else:
                     fresh += 1
@@ -635,7 +623,7 @@ class _Plan:
             # ModelMesh.java `rateTrackingTask`, "used regularly": a second copy in free space
             want, cls = 2, REDUNDANT
 
-        if m.n_fresh >= s.max_load_failures:
+        if m.n_fresh >= s.max_load_attempts:
             want = 0  # fail fast until a failure record expires (ModelMesh.java `MAX_LOAD_FAILURES`)
         elif m.n_fresh and want > n_live:
             want = n_live + 1  # a failing model gets one retry at a time, elsewhere

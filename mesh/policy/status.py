@@ -21,7 +21,7 @@ def model_status(
     live_workers: set[str],
     load_claimed: bool,
     now: float,
-    failure_expiry_s: float,
+    load_failure_expiry_s: float,
 ) -> ModelStatus:
     """NOT_FOUND | NOT_LOADED | LOADING | LOADED | LOADING_FAILED, with copies and errors.
 
@@ -32,7 +32,7 @@ def model_status(
     if not registered:
         return ModelStatus(model_id=model_id, state=ModelState.NOT_FOUND)
     live = sorted((c for c in copies if c.worker in live_workers), key=lambda c: -c.since)
-    failed = fresh_failures(failures, now, failure_expiry_s)
+    failed = fresh_failures(failures, now, load_failure_expiry_s)
     if any(c.state is CopyState.LOADED for c in live):
         state = ModelState.LOADED
     elif live or load_claimed:

@@ -225,7 +225,7 @@ class StateStore:
             live_workers=live,
             load_claimed=claimed,
             now=time.time(),
-            failure_expiry_s=self.settings.load_failure_expiry_s,
+            load_failure_expiry_s=self.settings.load_failure_expiry_s,
         )
 
     # ------------------------------------------------------------------ cold path

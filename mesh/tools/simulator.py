@@ -94,7 +94,7 @@ def sim_planner_settings(cfg: SimConfig) -> PlannerSettings:
     return PlannerSettings(
         scale_up_rps_per_copy=cfg.copy_rps * 0.8,
         scale_up_queue_per_copy=int(cfg.copy_rps * 2),
-        default_model_size=cfg.model_size,
+        default_model_size_bytes=cfg.model_size,
         pending_action_ttl_s=cfg.tick_s * 2,
         stale_copy_s=30.0,
         max_loads_per_worker=2,

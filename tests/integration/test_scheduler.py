@@ -40,7 +40,8 @@ def planner(**kw) -> PlannerSettings:
     """Rules at test speed: heartbeats every 0.5 s, so seconds stand for minutes."""
     base = dict(
         scale_up_rps_per_copy=5.0, churn_age_s=1.0, pending_action_ttl_s=3.0, stale_copy_s=10.0,
-        copy_idle_s=1e9, second_copy_min_age_s=1e9, proactive=False, default_model_size=10 * MB,
+        copy_idle_s=1e9, second_copy_min_age_s=1e9, proactive_loading=False,
+        default_model_size_bytes=10 * MB,
     )  # fmt: skip
     base.update(kw)
     return PlannerSettings(**base)
@@ -205,7 +206,7 @@ def test_sigkill_models_move_and_every_request_is_answered(client, workers, tmp_
     client.register_model("slow", sized(tmp_path, "slow", delay=0.1))  # 8 per batch: 80 req/s
     assert load_and_wait(client, "slow") == w1.full_name
     w2 = workers("w2", **env)
-    ps = planner(proactive=True)
+    ps = planner(proactive_loading=True)
 
     results = [client.infer(model_id="slow", inputs=[X]) for _ in range(200)]
     wait_for(lambda: sum(r.ready() for r in results) >= 8, 60, what="the first answers")
@@ -232,7 +233,7 @@ def test_sigterm_drains_first_with_no_failed_request(client, workers, tmp_path):
     client.register_model("m", sized(tmp_path, "m", delay=0.01))
     assert load_and_wait(client, "m") == w1.full_name
     w2 = workers("w2")
-    ps = planner(proactive=True)
+    ps = planner(proactive_loading=True)
     stop_beat = threading.Event()
 
     def beat():  # what celery beat does, at test speed

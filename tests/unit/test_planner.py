@@ -27,7 +27,7 @@ from mesh.policy.planner import (
 NOW = 1_000_000.0
 MB = 1024 * 1024
 S = PlannerSettings(
-    default_model_size=10 * MB,
+    default_model_size_bytes=10 * MB,
     churn_age_s=60,
     copy_idle_s=300,
     scale_up_rps_per_copy=10,
@@ -147,7 +147,7 @@ def test_nothing_is_placed_on_a_worker_that_is_shutting_down_or_failed_the_model
 
 
 def test_load_budget_per_worker_spreads_a_burst():
-    s = PlannerSettings(default_model_size=10 * MB, max_loads_per_worker=2)
+    s = PlannerSettings(default_model_size_bytes=10 * MB, max_loads_per_worker=2)
     ws = [worker("w1", capacity=1000 * MB), worker("w2", capacity=200 * MB)]
     ms = [model(f"q{i}", queue_depth=1) for i in range(4)]
     placed = loads(run(ws, ms, settings=s))
@@ -156,7 +156,7 @@ def test_load_budget_per_worker_spreads_a_burst():
 
 
 def test_global_load_budget_is_respected():
-    s = PlannerSettings(default_model_size=MB, max_loads_per_tick=3, max_loads_per_worker=100)
+    s = PlannerSettings(default_model_size_bytes=MB, max_loads_per_tick=3, max_loads_per_worker=100)
     ms = [model(f"q{i}", queue_depth=1) for i in range(10)]
     assert len(loads(run([worker("w1")], ms, settings=s))) == 3
 
@@ -245,7 +245,7 @@ def test_a_pinned_model_is_never_evicted_below_its_minimum():
 
 def test_pinned_copies_stay_when_idle():
     ws = [worker("w1", copy("p", idle=90000)), worker("w2", copy("p", idle=90000))]
-    s = PlannerSettings(default_model_size=10 * MB, model_idle_s=60)
+    s = PlannerSettings(default_model_size_bytes=10 * MB, model_idle_s=60)
     assert run(ws, [model("p", on=["w1", "w2"], min_copies=2)], settings=s) == []
 
 
@@ -258,7 +258,7 @@ def test_model_info_carries_min_and_max_copies():
 
 
 def test_default_min_copies_from_settings_apply_to_every_model():
-    s = PlannerSettings(default_model_size=10 * MB, default_min_copies=1)
+    s = PlannerSettings(default_model_size_bytes=10 * MB, default_min_copies=1)
     placed = loads(run([worker("w1")], [model("a"), model("b", min_copies=0)], settings=s))
     assert placed == [("a", "w1", "min-copies")]
 
@@ -280,7 +280,7 @@ def test_extra_copies_stay_while_the_model_is_used_and_space_is_not_needed():
 def test_the_last_copy_stays_by_default_and_goes_after_model_idle_s_when_set():
     ws = [worker("w1", copy("m", idle=10_000))]
     assert run(ws, [model("m", on=["w1"])]) == []
-    s = PlannerSettings(default_model_size=10 * MB, model_idle_s=3600)
+    s = PlannerSettings(default_model_size_bytes=10 * MB, model_idle_s=3600)
     assert unloads(run(ws, [model("m", on=["w1"])], settings=s)) == [("m", "w1", "idle")]
     # ...and a model idle-unloaded that way is not loaded back proactively
     assert loads(run([worker("w1")], [model("m", last_used=NOW - 10_000)], settings=s)) == []
@@ -347,7 +347,7 @@ def test_no_cascade_victims_are_not_loaded_back_in_the_same_run():
 
 
 def test_eviction_budget_per_run_is_respected():
-    s = PlannerSettings(default_model_size=10 * MB, max_evictions_per_tick=2, churn_age_s=60)
+    s = PlannerSettings(default_model_size_bytes=10 * MB, max_evictions_per_tick=2, churn_age_s=60)
     ws = [worker(f"w{i}", copy(f"a{i}", idle=5000), capacity=10 * MB) for i in range(5)]
     ms = [model(f"a{i}", on=[f"w{i}"]) for i in range(5)] + [model(f"q{i}", queue_depth=1) for i in range(5)]
     assert len(unloads(run(ws, ms, settings=s))) == 2
@@ -398,7 +398,7 @@ def test_fail_fast_after_three_recent_failures_until_they_expire():
     fails = {w: FailureView(time=NOW - 30, error="boom") for w in ("w1", "w2", "w3")}
     ws = [worker("w1"), worker("w2"), worker("w3"), worker("w4")]
     assert run(ws, [model("m", queue_depth=9, min_copies=1, failures=fails)]) == []
-    later = run(ws, [model("m", queue_depth=9, min_copies=1, failures=fails)], now=NOW + S.failure_expiry_s)
+    later = run(ws, [model("m", queue_depth=9, min_copies=1, failures=fails)], now=NOW + S.load_failure_expiry_s)
     assert len(of(later, ClearFailure)) == 3
     assert len(loads(later)) == 1
 
@@ -449,7 +449,7 @@ def test_copies_of_unregistered_models_are_unloaded():
 
 
 def test_a_draining_workers_recent_models_are_loaded_elsewhere_most_recent_first():
-    s = PlannerSettings(default_model_size=10 * MB, max_loads_per_tick=2)
+    s = PlannerSettings(default_model_size_bytes=10 * MB, max_loads_per_tick=2)
     ws = [
         worker("d", copy("a", idle=100), copy("b", idle=10), copy("c", idle=99_999), shutting_down=True),
         worker("w2"),
@@ -481,7 +481,7 @@ def test_drain_does_not_evict_models_used_more_recently():
 
 
 def test_proactive_loading_fills_free_space_most_valuable_first_up_to_the_fill_fraction():
-    s = PlannerSettings(default_model_size=10 * MB, proactive_fill_fraction=0.5, max_loads_per_worker=100)
+    s = PlannerSettings(default_model_size_bytes=10 * MB, proactive_fill_fraction=0.5, max_loads_per_worker=100)
     ms = [model(f"m{i}", last_used=NOW - 100 * i) for i in range(10)]
     ms[7].score = 1.0  # the most used over the long run comes first, then the most recent
     placed = loads(run([worker("w1")], ms, settings=s))
@@ -595,7 +595,7 @@ def test_records_from_before_a_worker_restarted_are_stale_at_once():
 
 
 def test_loads_in_progress_count_against_the_per_worker_budget():
-    s = PlannerSettings(default_model_size=10 * MB, max_loads_per_worker=2)
+    s = PlannerSettings(default_model_size_bytes=10 * MB, max_loads_per_worker=2)
     busy = worker("w1", loading=["x", "y"], capacity=1000 * MB)
     assert loads(run([busy, worker("w2", capacity=20 * MB)], [model("q", queue_depth=1)], settings=s)) == [
         ("q", "w2", "queued-requests")

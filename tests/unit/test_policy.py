@@ -91,7 +91,7 @@ def test_fresh_failures_expire_and_come_newest_first():
 
 def status(**kw):
     base = dict(registered=True, copies=[], failures=[], live_workers=set(), load_claimed=False,
-                now=100.0, failure_expiry_s=30.0)
+                now=100.0, load_failure_expiry_s=30.0)
     base.update(kw)
     return model_status("m", **base)
 
