@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
 import sys
 import tempfile
-import multiprocessing as mp
 import time
 from collections import deque
 from collections.abc import Callable

@@ -31,9 +31,9 @@ from bench.common import (
 )
 from bench.multimodel import copy_models, model_factories
 from mesh import MeshClient, ModelInfo
+from mesh.models import VModelState
 from mesh.tools.examples import seed_digits_tensor
 from mesh.tools.launcher import start_worker, wait_for, wait_worker_ready
-from mesh.models import VModelState
 
 
 def vmodel_sender(params: dict) -> Sender:

@@ -44,9 +44,9 @@ from bench.common import (
 )
 from bench.multimodel import copy_models, model_factories
 from mesh import MeshClient, ModelInfo
+from mesh.protocol.messages import SENT_AT_HEADER
 from mesh.tools.examples import seed_digits_tensor
 from mesh.tools.launcher import start_worker, wait_for, wait_worker_ready
-from mesh.protocol.messages import SENT_AT_HEADER
 
 PARTS = ("enqueue", "queue_wait", "batch_wait", "predict", "result_store", "result_delivery")
 

@@ -22,8 +22,8 @@ from cachetools import LRUCache
 from celery import Celery
 
 from bench import plain
-from mesh.protocol.ids import validate_id
 from mesh.models import ModelInfo
+from mesh.protocol.ids import validate_id
 from mesh.protocol.tensors import decode_inputs, encode_outputs
 
 app = Celery("plain_multi", broker=plain.URL, backend=plain.URL)

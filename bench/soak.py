@@ -38,15 +38,16 @@ from typing import Any
 import redis
 
 from mesh import BatchingConfig, MeshClient, ModelInfo
-from mesh.tools.embedded import EmbeddedRedis
 from mesh.errors import InvalidInput
+from mesh.models import VModelState
+from mesh.protocol.keys import Keys
+from mesh.tools.embedded import EmbeddedRedis
 from mesh.tools.examples import (
     SEED_DIGITS_ANSWER,
     seed_digits_tensor,
     train_digits_mlp,
     train_digits_svm,
 )
-from mesh.protocol.keys import Keys
 from mesh.tools.launcher import (
     REPO_ROOT,
     Proc,
@@ -55,7 +56,6 @@ from mesh.tools.launcher import (
     wait_for,
     wait_worker_ready,
 )
-from mesh.models import VModelState
 
 RESULTS = REPO_ROOT / "bench" / "results"
 GOOD = [seed_digits_tensor()]

@@ -1,7 +1,6 @@
 """Mesh: a multi-model inference worker pool on Celery and Redis."""
 
 from mesh.client import MeshClient
-from mesh.policy.precedence import EffectiveConfig
 from mesh.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -16,6 +15,7 @@ from mesh.errors import (
     RequestTooLarge,
 )
 from mesh.models import BatchingConfig, ModelInfo, ModelState, ModelStatus, WorkerState
+from mesh.policy.precedence import EffectiveConfig
 
 __all__ = [
     "MeshClient",

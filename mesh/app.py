@@ -10,8 +10,8 @@ from __future__ import annotations
 from celery import Celery
 
 from mesh.broker.celery_options import mesh_celery_settings
-from mesh.settings import MeshSettings
 from mesh.broker.tasks import CommandTask, InferTask, RebalanceTask, SyncRepositoryTask
+from mesh.settings import MeshSettings
 
 
 def create_app(settings: MeshSettings | None = None, redis_url: str | None = None) -> Celery:

@@ -12,11 +12,11 @@ from celery.result import AsyncResult
 from pydantic import ValidationError
 
 import mesh.errors
-from mesh.control.commands import send_command, unload_unregistered
-from mesh.policy.precedence import EffectiveConfig, copies_config, effective_config, record_manifest
 from mesh.broker.redis_url import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
+from mesh.control.commands import send_command, unload_unregistered
+from mesh.control.routing import Router
+from mesh.control.vmodels import SYNC_TIMEOUT_S, VModelManager
 from mesh.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, RequestTooLarge
-from mesh.protocol.ids import validate_id
 from mesh.models import (
     Command,
     ModelInfo,
@@ -27,14 +27,21 @@ from mesh.models import (
     VModelStatus,
     WorkerState,
 )
-from mesh.control.routing import Router
+from mesh.policy.precedence import EffectiveConfig, copies_config, effective_config, record_manifest
+from mesh.protocol.ids import validate_id
+from mesh.protocol.messages import (
+    INFER_TASK,
+    MODEL_HEADER,
+    PRIORITIES,
+    RUNTIME_NAMES,
+    SENT_AT_HEADER,
+    VMODEL_HEADER,
+)
+from mesh.protocol.tensors import encode_inputs, payload_nbytes
 from mesh.settings import MeshSettings, get_settings
+from mesh.storage.sources import validate_uri
 from mesh.store.context import StoreContext
 from mesh.store.state import Route
-from mesh.storage.sources import validate_uri
-from mesh.protocol.messages import INFER_TASK, RUNTIME_NAMES, MODEL_HEADER, PRIORITIES, SENT_AT_HEADER, VMODEL_HEADER
-from mesh.protocol.tensors import encode_inputs, payload_nbytes
-from mesh.control.vmodels import SYNC_TIMEOUT_S, VModelManager
 
 MAX_TIMEOUT_MS = 365 * 24 * 3600 * 1000.0  # a request deadline beyond a year is a mistake
 

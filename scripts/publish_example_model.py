@@ -25,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from mesh.tools.examples import train_digits_svm
 from mesh.policy.repository import READY_MARKER
 from mesh.settings import MeshSettings
 from mesh.storage.sources import S3Store, load_storage_config
+from mesh.tools.examples import train_digits_svm
 
 
 def main(argv: list[str] | None = None) -> int:

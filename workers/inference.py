@@ -25,8 +25,8 @@ import os
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,14 +35,13 @@ from celery import states
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
+from mesh.broker.transport import ack_in, ack_many, forget_acked, redis_server
 from mesh.errors import InferenceError, InvalidInput, MeshError
 from mesh.protocol.messages import SENT_AT_HEADER
-from mesh.broker.transport import ack_in, ack_many, forget_acked, redis_server
 from mesh.protocol.tensors import decode_inputs, encode_outputs
 
 from .batcher import Batch, Batcher, Pending
 from .metrics import outcome_of
-
 
 if TYPE_CHECKING:
     from mesh.protocol.keys import Keys

@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 from cachetools import Cache
 
-from mesh.policy.precedence import effective_config, record_manifest
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import CopyState, LoadedModel, ModelRecord
+from mesh.policy.precedence import effective_config, record_manifest
 from mesh.storage.sources import acquire_model, release_model
 
 from .batcher import BatchPolicy

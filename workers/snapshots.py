@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mesh.storage.diskcache import DiskCache, Listing, RemoteFile
 from mesh.models import ModelInfo
 from mesh.settings import MeshSettings
+from mesh.storage.diskcache import DiskCache, Listing, RemoteFile
 from mesh.storage.sources import get_storage
 
 from .runtimes.base import Loaded, Runtime

@@ -17,8 +17,8 @@ from typing import Any
 
 from celery import signals
 from celery.exceptions import InvalidTaskError
-from celery.worker.request import Request, create_request_cls
 from celery.utils.time import maybe_iso8601
+from celery.worker.request import Request, create_request_cls
 from celery.worker.state import task_reserved
 from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.utils.imports import symbol_by_name

@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from mesh.broker.redis_url import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
+from mesh.broker.results import backend_setting
 from mesh.protocol.keys import Keys
 from mesh.protocol.messages import PRIORITY_STEPS
-from mesh.broker.results import backend_setting
 from mesh.settings import MeshSettings, get_settings
-
 
 
 def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | None = None) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
-from mesh.protocol.keys import Keys
 from mesh.models import Command
+from mesh.protocol.keys import Keys
 from mesh.protocol.messages import COMMAND_TASK
 
 if TYPE_CHECKING:

@@ -27,9 +27,9 @@ from pydantic import BaseModel
 
 from mesh.control.commands import send_command
 from mesh.control.vmodels import advance_all
-from mesh.protocol.keys import Keys
 from mesh.models import Command
 from mesh.policy.planner import (
+    R_REASSERT,
     ClearFailure,
     DropCopy,
     ForgetWorker,
@@ -37,10 +37,10 @@ from mesh.policy.planner import (
     PastAction,
     PlanAction,
     PlannerSettings,
-    R_REASSERT,
     Unload,
     plan,
 )
+from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
 from mesh.store.cluster import ClusterStore
 from mesh.store.context import StoreContext

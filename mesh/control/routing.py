@@ -19,14 +19,14 @@ from cachetools import TTLCache
 from celery import Celery
 
 from mesh.control.commands import send_command
-from mesh.policy.precedence import EffectiveConfig, effective_config, record_manifest
 from mesh.errors import InvalidArgument, ModelLoadFailed, ModelNotFound, QueueFull
+from mesh.models import Command
+from mesh.policy.precedence import EffectiveConfig, effective_config, record_manifest
 from mesh.protocol.ids import validate_id
 from mesh.protocol.keys import Keys
-from mesh.models import Command
+from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES, SERVING_TTL_S, VMODEL_HEADER
 from mesh.store.context import StoreContext
 from mesh.store.state import Route, StateStore
-from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES, SERVING_TTL_S, VMODEL_HEADER
 
 log = logging.getLogger("mesh.control.routing")
 

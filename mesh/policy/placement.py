@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 
 from mesh.models import FailedCopy, WorkerState
 
-
 # Loads a home worker may have waiting beyond the least busy one's before a cold load skips it.
 SPILL_BACKLOG = 2
 

@@ -39,10 +39,10 @@ from pydantic import (
     field_validator,
 )
 
-from mesh.storage.diskcache import CacheLease, DiskCache, Listing, RemoteFile, safe_relpath
 from mesh.errors import InvalidArgument, MeshError, ModelLoadFailed
 from mesh.models import ModelInfo
 from mesh.settings import MeshSettings
+from mesh.storage.diskcache import CacheLease, DiskCache, Listing, RemoteFile, safe_relpath
 
 log = logging.getLogger("mesh.storage.sources")
 

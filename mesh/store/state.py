@@ -17,8 +17,6 @@ from enum import IntEnum
 import redis
 
 from mesh.errors import AlreadyExists, FailedPrecondition, ModelLoadFailed
-from mesh.protocol.ids import validate_id
-from mesh.protocol.keys import BELL_TTL_MS, Keys
 from mesh.models import (
     CopyInfo,
     CopyState,
@@ -30,8 +28,10 @@ from mesh.models import (
     WorkerState,
 )
 from mesh.policy.placement import choose_worker, fresh_failures
-from mesh.settings import MeshSettings
 from mesh.policy.status import model_status
+from mesh.protocol.ids import validate_id
+from mesh.protocol.keys import BELL_TTL_MS, Keys
+from mesh.settings import MeshSettings
 
 
 class Route(IntEnum):

@@ -146,7 +146,14 @@ def _wait_with_progress(
     The library call does the waiting and its error handling; the display only reads.
     Ctrl-C stops waiting, not the load: it goes on in the mesh.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     if not err.is_terminal:  # a log or a pipe: no animation, one line at the end
         started = time.monotonic()
@@ -757,14 +764,14 @@ def _click_exceptions(name: str) -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `mesh` console script: exit status 0, 1 (error) or 2 (usage)."""
+    import logging
+
     from celery.exceptions import CeleryError, TaskRevokedError
     from celery.exceptions import TimeoutError as ResultTimeout
     from pydantic import ValidationError
     from redis import ConnectionError as RedisConnectionError
     from redis import RedisError
     from redis import TimeoutError as RedisTimeoutError
-
-    import logging
 
     if os.environ.get("MESH_DEBUG"):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

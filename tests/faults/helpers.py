@@ -8,8 +8,8 @@ from pathlib import Path
 
 from celery.result import AsyncResult
 
-from mesh.tools.launcher import wait_for
 from mesh.models import BatchingConfig, ModelInfo, ModelState
+from mesh.tools.launcher import wait_for
 
 MB = 1_000_000
 X = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}  # y = 10

@@ -16,12 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mesh import MeshClient
-from mesh.tools.embedded import EmbeddedRedis
 from mesh.errors import InvalidId, InvalidInput, MeshError
 from mesh.protocol.ids import ID_PATTERN, is_valid_id, validate_id
 from mesh.protocol.keys import KOMBU_PRIORITY_SEP, Keys
 from mesh.protocol.messages import INFER_TASK
 from mesh.protocol.tensors import DATATYPES, decode_inputs, encode_inputs, payload_nbytes
+from mesh.tools.embedded import EmbeddedRedis
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
 
 FIXTURES_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

@@ -4,8 +4,8 @@ expired, the keys under the prefix are the ones there were before."""
 
 from __future__ import annotations
 
-from mesh.tools.launcher import wait_for
 from mesh.control.vmodels import advance_all
+from mesh.tools.launcher import wait_for
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
 
 

@@ -23,12 +23,12 @@ import pytest
 import redis
 
 from mesh import MeshClient, ModelNotFound
-from mesh.tools.embedded import EmbeddedRedis
-from mesh.tools.launcher import wait_for
-from mesh.models import ModelState
 from mesh.control.registry import MeshRegistry
 from mesh.control.repository import sync_repository
+from mesh.models import ModelState
 from mesh.policy.repository import READY_MARKER
+from mesh.tools.embedded import EmbeddedRedis
+from mesh.tools.launcher import wait_for
 from tests.integration.test_foundation import answer, seed_tensor
 
 from .helpers import X, copies_of, outcomes, slow_info, wait_loaded

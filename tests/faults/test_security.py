@@ -23,11 +23,11 @@ import requests
 from celery.result import AsyncResult
 
 from mesh import MeshClient, ModelInfo, ModelLoadFailed
-from mesh.tools.embedded import EmbeddedRedis
 from mesh.errors import InvalidArgument
-from mesh.tools.launcher import Proc, start_flower, start_worker, wait_flower_ready, wait_for
 from mesh.models import ModelState
 from mesh.settings import MeshSettings
+from mesh.tools.embedded import EmbeddedRedis
+from mesh.tools.launcher import Proc, start_flower, start_worker, wait_flower_ready, wait_for
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
 
 from .test_bad_messages import Exploit, envelope, headers

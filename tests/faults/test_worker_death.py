@@ -13,9 +13,9 @@ its queue with one atomic pop-and-record script (tests/unit/test_transport.py).
 from __future__ import annotations
 
 from mesh.control.commands import send_command
-from mesh.tools.launcher import wait_for
-from mesh.models import Command, ModelState
 from mesh.control.rebalance import rebalance
+from mesh.models import Command, ModelState
+from mesh.tools.launcher import wait_for
 
 from .helpers import (
     Producer,

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from celery.result import AsyncResult
 
-from mesh.tools.launcher import start_beat, wait_for
+from mesh.control.rebalance import Rebalancer, RebalanceReport, cluster_store, rebalance
 from mesh.models import BatchingConfig, CopyState, ModelInfo, ModelState, WorkerState
 from mesh.policy.planner import PlannerSettings
-from mesh.control.rebalance import RebalanceReport, Rebalancer, cluster_store, rebalance
 from mesh.tools.dashboard import render_status, status_text
+from mesh.tools.launcher import start_beat, wait_for
 
 MB = 1_000_000
 X = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}  # y = 10

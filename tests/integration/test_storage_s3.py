@@ -21,11 +21,11 @@ import pytest
 import requests
 
 from mesh import InvalidArgument, MeshClient, ModelInfo, ModelLoadFailed, ModelState
-from mesh.tools.launcher import wait_for
 from mesh.control.registry import MeshRegistry
 from mesh.control.repository import sync_repository
 from mesh.policy.repository import READY_MARKER
 from mesh.settings import MeshSettings
+from mesh.tools.launcher import wait_for
 
 REGION = "us-east-1"
 

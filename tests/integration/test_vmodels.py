@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from mesh import MeshClient, ModelInfo
 from mesh.errors import FailedPrecondition, MeshError
-from mesh.tools.launcher import wait_for
 from mesh.models import CopyInfo, CopyState, ModelState, VModelState, WorkerState
+from mesh.tools.launcher import wait_for
 
 from .test_foundation import answer, seed_tensor, sklearn_info
 

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from mesh.models import CopyInfo, CopyState, FailedCopy, ModelState, ModelStatus
 from mesh.policy.cutover import (
     Action,
     DrainAction,
@@ -17,7 +18,6 @@ from mesh.policy.cutover import (
     drain_decision,
     may_switch_now,
 )
-from mesh.models import CopyInfo, CopyState, FailedCopy, ModelState, ModelStatus
 
 W3 = frozenset({"w1", "w2", "w3"})
 

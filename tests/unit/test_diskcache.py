@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh.storage.diskcache import DiskCache, Listing, RemoteFile, join_inside, safe_relpath
 from mesh.errors import InvalidArgument, ModelLoadFailed
+from mesh.storage.diskcache import DiskCache, Listing, RemoteFile, join_inside, safe_relpath
 
 
 class FakeSource:

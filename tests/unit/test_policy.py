@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.policy.precedence import effective_config
 from mesh.errors import InvalidId
-from mesh.protocol.ids import validate_id
-from mesh.protocol.keys import Keys
 from mesh.models import BatchingConfig, CopyInfo, CopyState, FailedCopy, ModelInfo, ModelState, WorkerState
 from mesh.policy.placement import SPILL_BACKLOG, choose_worker, fresh_failures
-from mesh.settings import MeshSettings
+from mesh.policy.precedence import effective_config
 from mesh.policy.status import model_status
+from mesh.protocol.ids import validate_id
+from mesh.protocol.keys import Keys
+from mesh.settings import MeshSettings
 
 
 def worker(name, capacity=100, used=0, models=0, shutting_down=False):

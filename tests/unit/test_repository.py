@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.errors import InvalidArgument
-from mesh.models import BatchingConfig, ModelInfo, ModelManifest, ModelRecord, VModelRecord
 from mesh.control.registry import MeshRegistry
 from mesh.control.repository import LocalRepository, open_repository, sync_repository
+from mesh.errors import InvalidArgument
+from mesh.models import BatchingConfig, ModelInfo, ModelManifest, ModelRecord, VModelRecord
 from mesh.policy.repository import (
     MANIFEST_FILE,
     READY_MARKER,

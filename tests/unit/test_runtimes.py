@@ -14,6 +14,8 @@ from sklearn.datasets import load_digits
 from sklearn.tree import DecisionTreeClassifier
 
 from mesh.errors import InferenceError, InvalidInput, ModelLoadFailed
+from mesh.models import ModelInfo
+from mesh.protocol.tensors import decode_inputs
 from mesh.tools.examples import (
     SEED_DIGITS_INPUT,
     export_onnx,
@@ -21,8 +23,6 @@ from mesh.tools.examples import (
     train_digits_mlp,
     train_digits_svm,
 )
-from mesh.models import ModelInfo
-from mesh.protocol.tensors import decode_inputs
 from workers.runtimes import (
     RUNTIME_NAMES,
     Loaded,

@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from mesh.tools.examples import train_digits_svm
 from mesh.models import ModelInfo
 from mesh.settings import MeshSettings
+from mesh.tools.examples import train_digits_svm
 from workers.runtimes import get_runtime
 from workers.snapshots import Snapshots, snapshot_key
 

@@ -8,11 +8,11 @@ import pytest
 import redis
 
 from mesh.errors import AlreadyExists, FailedPrecondition
-from mesh.protocol.keys import Keys
-from mesh.tools.launcher import wait_for
 from mesh.models import CopyState, ModelInfo, ModelRecord, ModelState, WorkerState
+from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
 from mesh.store.state import Route, StateStore
+from mesh.tools.launcher import wait_for
 
 
 @pytest.fixture

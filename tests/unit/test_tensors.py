@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mesh.errors import InvalidInput
-from mesh.tools.examples import SEED_DIGITS_INPUT, seed_digits_tensor
 from mesh.protocol.tensors import (
     DATATYPE_TO_DTYPE,
     DATATYPES,
@@ -25,6 +24,7 @@ from mesh.protocol.tensors import (
     payload_nbytes,
     to_numpy,
 )
+from mesh.tools.examples import SEED_DIGITS_INPUT, seed_digits_tensor
 
 
 def tensor(data, shape=None, datatype="FP32", name="x"):

@@ -13,8 +13,8 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from mesh.protocol.keys import BELL_TTL_MS, Keys
 from mesh.broker.transport import POP_AND_RECORD, ack_in, forget_acked, redis_server
+from mesh.protocol.keys import BELL_TTL_MS, Keys
 
 TRANSPORT = "mesh.broker.transport:Transport"
 

@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 
 from mesh import MeshClient
+from mesh.control.vmodels import DRAIN_GRACE_S, VModelManager
 from mesh.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -30,7 +31,6 @@ from mesh.models import (
     VModelState,
     WorkerState,
 )
-from mesh.control.vmodels import DRAIN_GRACE_S, VModelManager
 from mesh.store.vmodels import DrainEntry
 
 INFO = ModelInfo(runtime="sklearn", uri="file:///models/a.joblib")
