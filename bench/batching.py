@@ -31,7 +31,8 @@ from bench.common import answers as _answers
 from bench.common import clean as _clean
 from bench.common import cpu_seconds, one_at_a_time, percentile, plain_producer
 from mesh import BatchingConfig, MeshClient, ModelInfo
-from mesh.tools.embedded import EmbeddedRedis, resolve_redis_url
+from mesh.broker.redis_url import resolve_redis_url
+from mesh.tools.embedded import EmbeddedRedis
 from mesh.tools.examples import SEED_DIGITS_INPUT, seed_digits_tensor, train_digits_mlp, train_digits_svm
 from mesh.tools.launcher import REPO_ROOT, Proc, start_worker, wait_for, wait_worker_ready
 

@@ -64,7 +64,8 @@ def one_at_a_time(send: Callable[[], object], wait: Callable[[object], None], n:
 @contextlib.contextmanager
 def redis_for_bench(tmpdir: Path) -> Iterator[str]:
     """MESH_REDIS_URL, else 127.0.0.1:6379 if it answers, else an embedded redis-server."""
-    from mesh.tools.embedded import EmbeddedRedis, resolve_redis_url
+    from mesh.broker.redis_url import resolve_redis_url
+    from mesh.tools.embedded import EmbeddedRedis
 
     url = resolve_redis_url()
     if url is not None:

@@ -58,7 +58,8 @@ def train_gb(path: Path) -> Path:
     """Gradient boosting on the digits: 20 rounds x 10 classes = 200 small trees.
 
     Chosen because loading it costs something real while predicting is cheap: joblib
-    unpickles 200 tree objects (~15-20 ms), predict is ~0.7 ms. Answers 8 on the seed input.
+    unpickles 200 tree objects (~15-20 ms), predict is ~0.7 ms. Answers 8 on the
+    example input of kserve/modelmesh-serving docs/predictors/README.md.
     """
     import joblib
     from sklearn.datasets import load_digits

@@ -268,9 +268,6 @@ class MeshClient:
             expires=expires,
         )
 
-    def _priority_steps(self) -> list[int]:
-        return list(self.app.conf.broker_transport_options.get("priority_steps", [0]))
-
 
     # ---- vmodels
     # ModelMesh's vmodel API (kserve/modelmesh docs/vmodels.md; ours: docs/vmodels.md); the work is

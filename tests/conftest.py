@@ -17,7 +17,8 @@ from uuid import uuid4
 import pytest
 import redis
 
-from mesh.tools.embedded import DEFAULT_LOCAL_URL, EmbeddedRedis, probe
+from mesh.broker.redis_url import DEFAULT_LOCAL_URL, probe
+from mesh.tools.embedded import EmbeddedRedis
 from mesh.tools.launcher import Proc, start_worker, wait_worker_ready
 
 WORKER_READY_TIMEOUT_S = 60.0

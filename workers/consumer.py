@@ -1,7 +1,9 @@
 """`ConsumerPort` over a real Celery consumer: queues, QoS and requeues, on the consumer thread.
 
 kombu channels belong to the consumer thread, so everything here goes through `call_soon`;
-this is the only module of the worker that touches the Celery consumer's internals.
+this is the only module of the worker that touches the consumer's queues, QoS and requeues
+(what the other threads need: the strategies and the bootsteps use the consumer only to take
+messages in and to set the worker up and down).
 """
 
 from __future__ import annotations

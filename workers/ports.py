@@ -4,9 +4,10 @@ Celery's consumer parts get exactly their collaborators (`celery/worker/consumer
 `Heart(timer, eventer, interval)`), and kombu's virtual transport documents a handful of hooks
 (`kombu/transport/virtual/base.py`: `_get`, `_put`, ...). Here likewise: the model manager and
 the inference thread reach the Celery consumer only through `ConsumerPort`, and tell the rest
-of the worker what happened to a copy only through `CopyEvents`. `MeshWorker`
-(workers/worker.py) implements both over a real consumer; the unit tests implement them in
-memory (tests/unit/fakes.py).
+of the worker what happened to a copy only through `CopyEvents`. `CeleryConsumer`
+(workers/consumer.py) implements `ConsumerPort` over a real consumer and `MeshWorker`
+(workers/worker.py) implements `CopyEvents`; the unit tests implement both in memory
+(tests/unit/fakes.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ It builds the parts and hands each exactly its collaborators (Celery's
 `celery/worker/consumer/heart.py` does the same: `Heart(timer, eventer, interval)`):
 
 - `CeleryConsumer` (workers/consumer.py): the consumer port, the only part touching the
-  Celery consumer (queues, QoS, requeues), always through its `call_soon`;
+  Celery consumer's queues, QoS and requeues, always through its `call_soon`;
 - `Batcher`: per-model buffers; `ModelManager`: the byte-bounded cache of loaded models;
   `InferenceLoop`: the inference and results threads; `Heartbeat`: the worker's state in
   Redis, with this worker's periodic duties attached as hooks.

@@ -11,7 +11,7 @@ from typing import Any
 from mesh.broker.redis_url import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
 from mesh.broker.results import backend_setting
 from mesh.protocol.keys import Keys
-from mesh.protocol.messages import PRIORITY_STEPS
+from mesh.protocol.messages import PRIORITY_STEPS, REBALANCE_TASK, SYNC_REPOSITORY_TASK
 from mesh.settings import MeshSettings, get_settings
 
 
@@ -53,7 +53,7 @@ def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | 
         # a message older than one interval is dropped (the next one is already on its way)
         "beat_schedule": {
             "mesh-rebalance": {
-                "task": "mesh.rebalance",
+                "task": REBALANCE_TASK,
                 "schedule": s.rebalance_interval_s,
                 "options": {
                     "queue": keys.control_queue,
@@ -72,7 +72,7 @@ def _repository_schedule(s: MeshSettings, keys: Keys) -> dict[str, Any]:
         return {}
     return {
         "mesh-sync-repository": {
-            "task": "mesh.sync_repository",
+            "task": SYNC_REPOSITORY_TASK,
             "schedule": s.repository_sync_interval_s,
             "kwargs": {"model_dir": s.model_dir},
             "options": {"queue": keys.control_queue, "expires": s.repository_sync_interval_s},

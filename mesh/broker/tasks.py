@@ -7,7 +7,7 @@ private queue) are handed to the model manager. Both run only in a mesh worker.
 worker's control thread.
 
 The bodies of the scheduler runs are named by import string, like the Strategies: the broker
-layer names the control plane without importing it (docs/architecture.md, "Layers").
+layer names the control plane without importing it (docs/architecture.md, "Code layout").
 """
 
 from __future__ import annotations

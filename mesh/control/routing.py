@@ -27,6 +27,7 @@ from mesh.protocol.keys import Keys
 from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES, SERVING_TTL_S, VMODEL_HEADER
 from mesh.store.context import StoreContext
 from mesh.store.state import Route, StateStore
+from mesh.store.vmodels import VModelStore
 
 log = logging.getLogger("mesh.control.routing")
 
@@ -41,6 +42,7 @@ class Router:
     def __init__(self, app: Celery, store: StateStore) -> None:
         self.app = app
         self.store = store
+        self.vmodel_records = VModelStore(store)
         self.keys: Keys = store.keys
         self.name = f"client:{socket.gethostname()}:{os.getpid()}"
         self.priority_steps = list(app.conf.broker_transport_options.get("priority_steps", [0]))
@@ -60,7 +62,7 @@ class Router:
         if model_id is not None:
             return validate_id(model_id)
         validate_id(vmodel_id, "vmodel")
-        rec = self.store.get_vmodel(vmodel_id)
+        rec = self.vmodel_records.get(vmodel_id)
         if rec is None:
             raise ModelNotFound(f"vmodel {vmodel_id!r} not found")
         return rec.active_model_id
@@ -152,7 +154,7 @@ class Router:
             return retry, self.prepare(retry)
 
     def _reresolve(self, vmodel_id: str, not_found: str) -> str:
-        rec = self.store.get_vmodel(vmodel_id)
+        rec = self.vmodel_records.get(vmodel_id)
         if rec is None:
             raise ModelNotFound(f"vmodel {vmodel_id!r} not found")
         for candidate in (rec.active_model_id, rec.target_model_id):

@@ -184,9 +184,9 @@ def drain_decision(
     the queue was seen empty, and every live holder then reported, in a heartbeat written
     after that, nothing of the model buffered or in flight. Without a live copy it goes once
     `grace_s` passed. After `max_s` they go anyway. On UNLOAD the requests still queued that
-    came through a vmodel move to its active model (VModels._reroute); the rest get a clear
-    NOT_FOUND rather than waiting forever. `None` in `holders` means the worker has no
-    heartbeat (dead).
+    came through a vmodel move to its active model (mesh/control/vmodels.py
+    `VModelManager._reroute`); the rest get a clear NOT_FOUND rather than waiting forever.
+    `None` in `holders` means the worker has no heartbeat (dead).
     """
     live = {w: r for w, r in holders.items() if r is not None}
     if now - since >= max_s:

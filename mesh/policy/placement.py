@@ -71,7 +71,3 @@ def choose_worker(
     if line[home.name] - line[shortest.name] >= SPILL_BACKLOG:
         return shortest.name
     return home.name
-
-
-def workers_by_name(workers: Iterable[WorkerState]) -> Mapping[str, WorkerState]:
-    return {w.name: w for w in workers}

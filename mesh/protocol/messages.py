@@ -23,7 +23,7 @@ SENT_AT_HEADER = "mesh-sent-at"  # epoch seconds at send: the worker's queue-tim
 # Each step is one more Redis list per queue in every BRPOP (kombu/transport/redis.py,
 # `priority_steps`), so two is the useful minimum for priorities.
 PRIORITIES = {"high": 0, "normal": 5}
-PRIORITY_STEPS = [0, 5]
+PRIORITY_STEPS = sorted(set(PRIORITIES.values()))
 
 # A producer that saw a live copy of a model skips the route script for this long; the
 # worker's orphan watch (workers/worker.py) covers that window after a copy leaves.

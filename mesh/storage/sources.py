@@ -41,8 +41,9 @@ from pydantic import (
 
 from mesh.errors import InvalidArgument, MeshError, ModelLoadFailed
 from mesh.models import ModelInfo
+from mesh.protocol.paths import safe_relpath
 from mesh.settings import MeshSettings
-from mesh.storage.diskcache import CacheLease, DiskCache, Listing, RemoteFile, safe_relpath
+from mesh.storage.diskcache import CacheLease, DiskCache, Listing, RemoteFile
 
 log = logging.getLogger("mesh.storage.sources")
 
@@ -602,8 +603,3 @@ def release_model(model_id: str) -> None:
         lease = _pins.pop(model_id, None)
     if lease is not None:
         lease.release()
-
-
-def pinned_models() -> list[str]:
-    with _pins_lock:
-        return sorted(_pins)

@@ -1,8 +1,8 @@
 """The scheduler's view of the cluster in Redis: bulk reads of everything the planner looks at,
 and the writes that carry out its actions (guarded so they never undo a newer change).
 
-mesh/control/rebalance.py orchestrates a run with it; nothing else in the scheduler talks to
-Redis.
+mesh/control/rebalance.py orchestrates a run with it; the scheduler talks to Redis only through
+the store (this module and mesh/store/vmodels.py, for the run's vmodel duty).
 """
 
 from __future__ import annotations
@@ -28,13 +28,6 @@ from mesh.store.state import StateStore
 
 CHUNK = 1000  # commands per pipeline round trip when reading per-model keys
 
-
-# Release the leader lock only if we still hold it (a run that outlived its lease must not
-# delete the next leader's lock).
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 # Delete a hash field only if it still holds exactly the value the planner saw; with ARGV[3]
 # set, only while that worker has no heartbeat (a restarted worker keeps its new records).
@@ -78,7 +71,6 @@ class ClusterStore:
         self.store = store
         self.priority_steps = priority_steps
         self.decay_s = usage_decay_s
-        self._release = self.r.register_script(_RELEASE_LUA)
         self._hdel_if = self.r.register_script(_HDEL_IF_LUA)
         self._forget = self.r.register_script(_FORGET_WORKER_LUA)
         self._mark_loading = self.r.register_script(_MARK_LOADING_LUA)
@@ -246,7 +238,7 @@ class ClusterStore:
         return bool(self.r.set(self.keys.rebalance_lock, token, nx=True, px=ttl_ms))
 
     def release_lock(self, token: str) -> None:
-        self._release(keys=[self.keys.rebalance_lock], args=[token])
+        self.store.release_lock(self.keys.rebalance_lock, token)
 
     # ------------------------------------------------------------------ acting
     def forget_worker(self, worker: str) -> None:

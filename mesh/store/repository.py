@@ -14,13 +14,6 @@ from mesh.protocol.ids import validate_id
 from mesh.protocol.keys import Keys
 from mesh.store.state import StateStore
 
-# Only the holder's token releases the lock: a sync that outlived its lease must not delete
-# the next sync's lock.
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 class RepositoryStore:
     """The repository's records and sync lock for one mesh (one key prefix)."""
@@ -28,7 +21,7 @@ class RepositoryStore:
     def __init__(self, state: StateStore) -> None:
         self.r: redis.Redis = state.r
         self.keys: Keys = state.keys
-        self._release = self.r.register_script(_RELEASE_LUA)
+        self.state = state
 
     def upsert(self, model_id: str, info: ModelInfo, manifest: ModelManifest) -> bool:
         """Register a version with its manifest, or attach/refresh the manifest of its record, in
@@ -70,7 +63,7 @@ class RepositoryStore:
 
     def release_sync_lock(self, token: str) -> None:
         """Release the sync lock if `token` still holds it."""
-        self._release(keys=[self.keys.repository_lock], args=[token])
+        self.state.release_lock(self.keys.repository_lock, token)
 
 
 __all__ = ["RepositoryStore"]

@@ -16,7 +16,7 @@ from enum import IntEnum
 
 import redis
 
-from mesh.errors import AlreadyExists, FailedPrecondition, ModelLoadFailed
+from mesh.errors import AlreadyExists, FailedPrecondition
 from mesh.models import (
     CopyInfo,
     CopyState,
@@ -24,7 +24,6 @@ from mesh.models import (
     ModelInfo,
     ModelRecord,
     ModelStatus,
-    VModelRecord,
     WorkerState,
 )
 from mesh.policy.placement import choose_worker, fresh_failures
@@ -92,6 +91,13 @@ end
 return 1
 """
 
+# Release a leader lock only if we still hold it: a run that outlived its lease must not delete
+# the next holder's lock (the scheduler's and the repository sync's locks).
+_RELEASE_LOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 PENDING_CLAIM_MS = 5000
 
 
@@ -109,6 +115,7 @@ class StateStore:
         self._route = client.register_script(_ROUTE_LUA)
         self._mark_copy = client.register_script(_MARK_COPY_LUA)
         self._move = client.register_script(_MOVE_LUA)
+        self._release_lock = client.register_script(_RELEASE_LOCK_LUA)
 
     # ------------------------------------------------------------------ registry
     def register_model(
@@ -318,16 +325,6 @@ class StateStore:
         workers = [WorkerState.model_validate_json(v) for v in raw if v is not None]
         return workers, dict(zip(names, counts))
 
-    def check_not_failed(self, model_id: str) -> None:
-        """Raise ModelLoadFailed when the model has failed on enough workers to fail fast."""
-        failures = [
-            FailedCopy.model_validate_json(v)
-            for v in self.r.hgetall(self.keys.failures(model_id)).values()
-        ]
-        fresh = fresh_failures(failures, time.time(), self.settings.load_failure_expiry_s)
-        if fresh and len(fresh) >= self.settings.max_load_attempts:
-            raise ModelLoadFailed(fresh[0].error)
-
     # ------------------------------------------------------------------ worker reports
     def mark_copy(self, model_id: str, worker: str, state: CopyState, *, ring: str | None = None) -> bool:
         """Record this worker's copy; False when the model is no longer registered.
@@ -401,6 +398,21 @@ class StateStore:
             p.srem(self.keys.workers, name)
             p.execute()
 
+    def worker_state(self, name: str) -> WorkerState | None:
+        """The worker's last heartbeat, or None while it has none (not up yet, or dead)."""
+        raw = self.r.get(self.keys.worker(name))
+        return None if raw is None else WorkerState.model_validate_json(raw)
+
+    def delete_all(self) -> int:
+        """Delete every key of this mesh (its prefix: state, queues, results); for a mesh made
+        for one run (the demo's). Returns how many keys went."""
+        deleted = 0
+        for pattern in (f"{self.keys.prefix}:*", f"{self.keys.prefix}.*"):
+            keys = list(self.r.scan_iter(match=pattern, count=1000))
+            for i in range(0, len(keys), 500):
+                deleted += self.r.delete(*keys[i : i + 500])
+        return deleted
+
     def live_workers(self) -> list[WorkerState]:
         names = sorted(n.decode() for n in self.r.smembers(self.keys.workers))
         if not names:
@@ -418,14 +430,10 @@ class StateStore:
             flags = p.execute()
         return {n for n, f in zip(names, flags) if f}
 
-    # ------------------------------------------------------------------ reads for routing and status
-    def get_vmodel(self, vmodel_id: str) -> VModelRecord | None:
-        raw = self.r.hget(self.keys.vmodels, vmodel_id)
-        return None if raw is None else VModelRecord.model_validate_json(raw)
-
-    def pending_transitions(self) -> list[str]:
-        """The vmodels whose cutover to a new target is still pending, sorted."""
-        return sorted(v.decode() for v in self.r.hkeys(self.keys.transitions))
+    # ------------------------------------------------------------------ locks and status
+    def release_lock(self, key: str, token: str) -> bool:
+        """Release the lock at `key` if `token` still holds it."""
+        return bool(self._release_lock(keys=[key], args=[token]))
 
     def last_rebalance(self) -> bytes | None:
         """The last scheduler run's report as it stored it (mesh/store/cluster.py, save_report)."""

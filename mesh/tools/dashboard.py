@@ -47,7 +47,7 @@ def _capacity_bar(used: int, capacity: int, width: int = 8) -> Text:
 
 def _transitions_table(client: MeshClient, limit: int) -> Table | None:
     """VModels whose cutover is pending: active and target, the target's copies, since when."""
-    pending = client.store.pending_transitions()
+    pending = client.vmodels.vstore.pending_transitions()
     if not pending:
         return None
     table = Table(title=f"Transitions in progress ({len(pending)})", title_justify="left", expand=False)

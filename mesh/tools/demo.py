@@ -19,6 +19,8 @@ from pathlib import Path
 import redis
 
 from mesh import BatchingConfig, MeshClient, ModelInfo
+from mesh.settings import MeshSettings
+from mesh.store.context import StoreContext
 from mesh.tools.examples import SEED_DIGITS_ANSWER, seed_digits_tensor, train_digits_svm
 from mesh.tools.launcher import wait_for
 from mesh.tools.local_stack import LocalStack
@@ -132,16 +134,13 @@ def micro_batched(client: MeshClient, n: int, per_message: int = 32) -> None:
 def _clean(redis_url: str | None, prefix: str) -> None:
     if not redis_url:
         return
-    r = redis.Redis.from_url(redis_url)
+    ctx = StoreContext.from_settings(MeshSettings(prefix=prefix, redis_url=redis_url), redis_url)
     try:
-        for pattern in (f"{prefix}:*", f"{prefix}.*"):
-            keys = list(r.scan_iter(match=pattern, count=1000))
-            for i in range(0, len(keys), 500):
-                r.delete(*keys[i : i + 500])
+        ctx.store.delete_all()
     except redis.RedisError:
         pass  # the embedded server is gone with its directory anyway
     finally:
-        r.close()
+        ctx.redis.close()
 
 
 if __name__ == "__main__":

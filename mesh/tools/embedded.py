@@ -28,22 +28,16 @@ from urllib.parse import quote
 
 import redis
 
-from mesh.broker.redis_url import DEFAULT_LOCAL_URL, probe, resolve_redis_url, with_tls_options
-
 PID_FILE = "redis.pid"
 URL_FILE = "redis.url"
 LOG_FILE = "redis.log"
 STDIO_FILE = "redis.stdout"
 
 __all__ = [
-    "DEFAULT_LOCAL_URL",
     "EmbeddedRedis",
-    "probe",
     "redis_server_executable",
-    "resolve_redis_url",
     "start_detached",
     "stop_detached",
-    "with_tls_options",
 ]
 
 

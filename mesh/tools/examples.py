@@ -29,7 +29,7 @@ SEED_DIGITS_ANSWER = 8
 
 
 def seed_digits_tensor() -> dict[str, Any]:
-    """The "seed" V2 input tensor: the example request of kserve/modelmesh-serving
+    """The V2 input tensor of the example request in kserve/modelmesh-serving
     docs/predictors/README.md (its name, "predict", is not the model's input name)."""
     return {
         "name": "predict",
@@ -50,7 +50,7 @@ def train_digits_svm(path: str | Path) -> Path:
     """Train sklearn's classic digits classifier, `SVC(gamma=0.001)`, and save it with joblib.
 
     As in sklearn's "Recognizing hand-written digits" example, it is fitted on the first half of
-    the 1797 digits (train_test_split(shuffle=False, test_size=0.5)). The seed input (sample
+    the 1797 digits (train_test_split(shuffle=False, test_size=0.5)). The example input (sample
     898) is the first sample of the held-out half and is predicted 8 (so is it when fitted on
     all the digits). Takes ~20 ms.
     """
@@ -62,7 +62,7 @@ def train_digits_svm(path: str | Path) -> Path:
     model.fit(x[:half], y[:half])
     got = model.predict(np.asarray([SEED_DIGITS_INPUT]))[0]
     if got != SEED_DIGITS_ANSWER:  # would mean scikit-learn changed under us
-        raise RuntimeError(f"the digits SVM predicts {got} for the seed input, not 8")
+        raise RuntimeError(f"the digits SVM predicts {got} for the example input, not 8")
     return _dump(model, path)
 
 

@@ -15,7 +15,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from mesh.protocol.keys import Keys
+
+if TYPE_CHECKING:
+    from mesh.models import WorkerState
 
 __all__ = [
     "Proc",
@@ -199,7 +204,7 @@ def worker_full_name(name: str) -> str:
 
 def worker_heartbeat_key(prefix: str, worker_name: str) -> str:
     """Redis key of a worker's JSON `WorkerState` heartbeat (`worker_name` is the full name)."""
-    return f"{prefix}:worker:{worker_name}"
+    return Keys(prefix).worker(worker_name)
 
 
 def _child_env(env: Mapping[str, Any] | None, **extra: str) -> dict[str, str]:
@@ -314,34 +319,34 @@ def wait_worker_ready(
     full_name: str,
     timeout: float = 60,
     proc: Proc | None = None,
-) -> Any:
+) -> WorkerState:
     """Wait until the worker's heartbeat key exists; return it parsed as `WorkerState`.
 
     If `proc` is given and dies first, raise RuntimeError with its log tail at once.
     """
     import redis
 
-    from mesh.models import WorkerState
+    from mesh.settings import MeshSettings
+    from mesh.store.context import StoreContext
 
     key = worker_heartbeat_key(prefix, full_name)
-    client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
+    ctx = StoreContext.from_settings(MeshSettings(prefix=prefix, redis_url=redis_url), redis_url)
 
-    def ready() -> bytes | None:
+    def ready() -> WorkerState | None:
         if proc is not None and not proc.alive():
             raise RuntimeError(
                 f"worker {full_name} (pid {proc.pid}) exited before its heartbeat appeared; "
                 f"log {proc.log_path} tail:\n{proc.tail()}"
             )
         try:
-            return client.get(key)
+            return ctx.store.worker_state(full_name)
         except (redis.ConnectionError, redis.TimeoutError):
             return None
 
     try:
-        raw = wait_for(ready, timeout, interval=0.1, what=f"heartbeat key {key!r}")
+        return wait_for(ready, timeout, interval=0.1, what=f"heartbeat key {key!r}")
     except TimeoutError as e:
         detail = f"; log {proc.log_path} tail:\n{proc.tail()}" if proc is not None else ""
         raise TimeoutError(f"worker {full_name} not ready: {e}{detail}") from None
     finally:
-        client.close()
-    return WorkerState.model_validate_json(raw)
+        ctx.redis.close()

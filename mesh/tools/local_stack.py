@@ -11,7 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mesh.tools.embedded import EmbeddedRedis, resolve_redis_url
+from mesh.broker.redis_url import resolve_redis_url
+from mesh.tools.embedded import EmbeddedRedis
 from mesh.tools.launcher import Proc, start_beat, start_flower, start_worker, wait_worker_ready
 
 log = logging.getLogger("mesh.tools.local_stack")

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from mesh.models import CopyInfo, CopyState, ModelInfo, VModelRecord, WorkerState
+from mesh.models import CopyInfo, CopyState, ModelInfo, WorkerState
 from mesh.policy.planner import PastAction
 from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
@@ -92,11 +92,9 @@ def test_read_gives_the_planner_workers_models_and_queue_depths(store, cluster):
     assert model.model_id == "m" and model.queue_depth == 1 and set(model.copies) == {"w1"}
 
 
-def test_state_store_reads_for_routing_and_status(store):
-    assert store.get_vmodel("v") is None and store.pending_transitions() == []
-    rec = VModelRecord(vmodel_id="v", active_model_id="a", target_model_id="b")
-    store.r.hset(store.keys.vmodels, "v", rec.model_dump_json())
-    store.r.hset(store.keys.transitions, "v", "b")
-    assert store.get_vmodel("v") == rec
-    assert store.pending_transitions() == ["v"]
+def test_a_lock_is_released_only_by_its_holder(store):
+    key = store.keys.rebalance_lock
+    store.r.set(key, "mine")
+    assert not store.release_lock(key, "theirs") and store.r.get(key) == b"mine"
+    assert store.release_lock(key, "mine") and store.r.get(key) is None
     assert store.last_rebalance() is None

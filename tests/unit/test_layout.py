@@ -15,7 +15,6 @@ import ast
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("mesh", "workers")
@@ -203,17 +202,8 @@ def _violations(rule, graph: dict[str, dict[str, int]] | None = None) -> list[st
     ]
 
 
-# Violations that exist only because a refactor is in progress elsewhere: listed here (with
-# where they are) so the rule still catches any new one; delete an entry when its import goes.
-KNOWN_IN_PROGRESS: dict[str, set[str]] = {}
-
-
 def _check(rule_name: str, found: list[str]) -> None:
-    known = KNOWN_IN_PROGRESS.get(rule_name, set())
-    new = [v for v in found if v not in known]
-    assert not new, f"{rule_name}: " + "; ".join(new)
-    if found:
-        pytest.xfail(f"{rule_name}: known violations of work in progress, to be fixed: " + "; ".join(found))
+    assert not found, f"{rule_name}: " + "; ".join(found)
 
 
 # ------------------------------------------------------------------------------------------ rules

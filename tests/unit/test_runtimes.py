@@ -139,7 +139,10 @@ def python_class(cls_name: str) -> str:
 
 
 def test_registry():
-    assert RUNTIME_NAMES == ("sklearn", "onnx", "python")
+    # producers check registrations against the protocol's names without importing the worker
+    from workers.runtimes import _RUNTIMES
+
+    assert RUNTIME_NAMES == ("sklearn", "onnx", "python") == tuple(_RUNTIMES)
     for name in RUNTIME_NAMES:
         runtime = get_runtime(name)
         assert isinstance(runtime, Runtime)
@@ -162,7 +165,7 @@ def test_importing_the_registry_does_not_import_model_libraries():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=60)
 
 
-# --------------------------------------------------------------------------- the seed example
+# ---------------------------------- ModelMesh Serving's example input (SEED_DIGITS_INPUT)
 
 
 @pytest.mark.parametrize(
