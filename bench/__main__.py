@@ -15,6 +15,7 @@ MODES = {
     "cutover": "bench.cutover",
     "overhead": "bench.overhead",
     "plot": "bench.plot",
+    "closedloop": "bench.closedloop",
     "soak": "bench.soak",  # not in `all`: ten minutes by default (docs/reliability.md)
 }
 # `all`: every mode with its defaults, in this order (docs/benchmarks.md records the figures)
