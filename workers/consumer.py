@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mesh.worker.consumer")
 
-EVENT_BUFFER_LIMIT = 256  # buffered events per flush (Celery: 24); flushed every loop turn anyway
+EVENT_BUFFER_LIMIT = 256  # buffered events per flush (Celery: 24)
+# Buffered task events are published at most this long after the first of them (Celery: on
+# the next loop turn). One request at a time, every turn held one request's event, so each
+# request paid three PUBLISHes of its own: 27 % of a worker's samples (py-spy, scripts/bench
+# closedloop svc1; docs/benchmarks.md, "Closed-loop clients"). Flower sees them 10 ms later.
+EVENT_FLUSH_DELAY_S = 0.01
+EVENT_FLUSH_STALE_S = 1.0
 
 
 class CeleryConsumer:
@@ -57,17 +64,37 @@ class CeleryConsumer:
         self._soon: deque = deque()  # consumer-thread callbacks, in order (call_soon)
         self._soon_lock = threading.Lock()
         self._declared: set[str] = set()  # model queues this worker declared (consumer thread)
+        self._flush_scheduled_at = -1.0  # monotonic time of the pending event flush (consumer thread)
 
     def event_dispatcher(self) -> Any:
+        """Celery's event dispatcher, set up (once per dispatcher: a reconnect makes a new one)
+        to buffer `mesh-batch` events with the task events and to flush them together."""
         d = self.consumer.event_dispatcher
         if d is not None and d.on_send_buffered is not None and "mesh" not in d.buffer_group:
-            # Celery buffers task events and publishes them once per event-loop turn as one
-            # `task.multi` message; `mesh-batch` events join that (one `mesh.multi` per turn,
-            # not a PUBLISH per batch), and a turn's buffer may hold a whole large batch's
-            # events (Celery flushes every 24). Receivers (Flower) take lists as they come.
+            # Celery buffers task events and publishes each group as one `task.multi` message;
+            # `mesh-batch` events join that (one `mesh.multi`, not a PUBLISH per batch), and a
+            # buffer may hold a whole large batch's events (Celery flushes every 24). Receivers
+            # (Flower) take lists as they come.
             d.buffer_group = frozenset(d.buffer_group) | {"mesh"}
             d.buffer_limit = max(d.buffer_limit, EVENT_BUFFER_LIMIT)
+            hub = getattr(self.consumer, "hub", None)
+            if hub is not None:
+                d.on_send_buffered = lambda: self._flush_events_soon(hub, d)
         return d
+
+    def _flush_events_soon(self, hub: Any, dispatcher: Any) -> None:
+        """The dispatcher's `on_send_buffered` (consumer thread: events are sent from it). A
+        flush scheduled long ago and never run (its timer went with a lost connection) does not
+        hold the next one back."""
+        now = time.monotonic()
+        if now - self._flush_scheduled_at < EVENT_FLUSH_STALE_S:
+            return
+        self._flush_scheduled_at = now
+        hub.call_later(EVENT_FLUSH_DELAY_S, self._flush_events, dispatcher)
+
+    def _flush_events(self, dispatcher: Any) -> None:
+        self._flush_scheduled_at = -1.0
+        dispatcher.flush()
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run `fn(*args)` on the consumer thread, in the order of the calls.

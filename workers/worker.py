@@ -129,6 +129,7 @@ class MeshWorker:
             # re-consume the queues of everything still loaded
             for model_id in self.manager.loaded_ids():
                 self.consumer.consume(model_id)
+        self.consumer.event_dispatcher()  # buffering set up before the first request's events
         self.consumer.update_prefetch()
 
     def on_connection_lost(self) -> None:

@@ -14,7 +14,7 @@ from celery.worker import state as worker_state
 from mesh.models import Command
 from mesh.protocol.keys import Keys
 from workers.batcher import Batcher, BatchPolicy, Pending
-from workers.consumer import EVENT_BUFFER_LIMIT, CeleryConsumer
+from workers.consumer import EVENT_BUFFER_LIMIT, EVENT_FLUSH_DELAY_S, CeleryConsumer
 from workers.metrics import WorkerMetrics
 
 KEYS = Keys("tcons")
@@ -335,6 +335,69 @@ def test_event_dispatcher_buffers_mesh_events_with_the_task_events(port, celery_
     assert d.buffer_group == {"task", "mesh"}
     assert d.buffer_limit == EVENT_BUFFER_LIMIT
     assert port.event_dispatcher() is d and d.buffer_group == {"task", "mesh"}
+
+
+class FakeHub:
+    """kombu's Hub, as far as a delayed call goes: `call_later` only records it."""
+
+    def __init__(self) -> None:
+        self.later: list[tuple[float, object, tuple]] = []
+
+    def call_later(self, delay, fn, *args):
+        self.later.append((delay, fn, args))
+
+    def run_due(self) -> None:
+        due, self.later = self.later, []
+        for _, fn, args in due:
+            fn(*args)
+
+
+class FakeDispatcher:
+    """Celery's EventDispatcher, as far as buffering goes: each buffered event calls
+    `on_send_buffered`, `flush` publishes what is buffered."""
+
+    def __init__(self, on_send_buffered) -> None:
+        self.on_send_buffered = on_send_buffered
+        self.buffer_group, self.buffer_limit = {"task"}, 24
+        self.buffered, self.published = 0, []
+
+    def send(self) -> None:
+        self.buffered += 1
+        self.on_send_buffered()
+
+    def flush(self) -> None:
+        self.published.append(self.buffered)
+        self.buffered = 0
+
+
+def test_events_of_many_requests_share_one_delayed_flush(port, celery_consumer):
+    celery_consumer.hub = hub = FakeHub()
+    celery_consumer.event_dispatcher = d = FakeDispatcher(lambda: pytest.fail("Celery's per-turn flush"))
+    port.event_dispatcher()
+    for _ in range(9):  # three requests' received/started/succeeded
+        d.send()
+    assert [(delay, args) for delay, _, args in hub.later] == [(EVENT_FLUSH_DELAY_S, (d,))]
+    hub.run_due()
+    assert d.published == [9]
+    d.send()  # the next event schedules the next flush
+    assert len(hub.later) == 1
+    hub.run_due()
+    assert d.published == [9, 1]
+
+
+def test_a_lost_flush_timer_does_not_hold_events_back(port, celery_consumer):
+    celery_consumer.hub = hub = FakeHub()
+    celery_consumer.event_dispatcher = d = FakeDispatcher(lambda: None)
+    port.event_dispatcher()
+    d.send()
+    hub.later.clear()  # the timer went with a lost connection: the flush never runs
+    d.send()
+    assert hub.later == [], "a flush is still due: no second one yet"
+    port._flush_scheduled_at -= 5.0  # long past its delay
+    d.send()
+    assert len(hub.later) == 1
+    hub.run_due()
+    assert d.published == [3]
 
 
 def test_an_unbuffered_dispatcher_is_left_alone(port, celery_consumer):
