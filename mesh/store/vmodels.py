@@ -326,18 +326,27 @@ class VModelStore:
             else:
                 if owner is not None and vm.owner != owner:
                     raise AlreadyExists(f"vmodel {vmodel_id!r} already exists with owner {vm.owner!r}")
-                if target == vm.target_model_id and (target == vm.active_model_id or not force):
-                    # steady state, or already transitioning to it: nothing to write
-                    return out
-                new = vm.model_copy(
-                    update={"target_model_id": target, "target_load_failed": False, "updated_at": tx.now}
-                )
+                if target == vm.target_model_id == vm.active_model_id:
+                    return out  # steady state: nothing to write
+                switch, active_view = False, None
                 if target != vm.active_model_id:
                     active_view = self.view(vm.active_model_id)
                     # a target created by this call is registered once we commit, with no copy
                     target_view = self.view(target) if trec is not None else ModelView()
+                    switch = may_switch_now(active_view, target_view, workers, force)
+                if target == vm.target_model_id and not force and not switch:
+                    return out  # already transitioning to it, not ready yet: nothing to write
+                # Setting the pending target again when it is ready switches in this same step,
+                # like a first set to a ready target: left to a later `advance`, a concurrent set
+                # could cancel the transition in between, and this call would have returned ok
+                # for a change that never happened (tests/integration/test_vmodels.py, the
+                # two-client property).
+                new = vm.model_copy(
+                    update={"target_model_id": target, "target_load_failed": False, "updated_at": tx.now}
+                )
+                if active_view is not None:
                     out.previous_active_copies = len(active_view.loaded)
-                    if may_switch_now(active_view, target_view, workers, force):
+                    if switch:
                         new.active_model_id = target
                         out.switched = True
             if model_info is not None and trec is None:
