@@ -471,11 +471,7 @@ class StateStore:
         return moved
 
     def queue_depth(self, model_id: str, priority_steps: list[int]) -> int:
-        keys = self.keys.queue_list_keys(self.keys.model_queue(model_id), priority_steps)
-        with self.r.pipeline(transaction=False) as p:
-            for key in keys:
-                p.llen(key)
-            return sum(p.execute())
+        return self.queue_depths([model_id], priority_steps)[model_id]
 
     def queue_depths(self, model_ids: list[str], priority_steps: list[int]) -> dict[str, int]:
         """Requests waiting per model, in one round trip for all of them (a worker watches

@@ -77,6 +77,21 @@ class FakeEvents:
     def fail_model(self, model_id: str, error: MeshError) -> None:
         self._add("fail_model", model_id, error)
 
+    def count(self, event: tuple) -> int:
+        return sum(1 for e in self.log if e[: len(event)] == event)
+
+    def no_more_than(self, event: tuple, n: int, within: float) -> None:
+        """Fail as soon as `event` is reported more than `n` times; pass after `within` s.
+        For what must not happen: nothing positive marks the moment it no longer can."""
+        deadline = time.monotonic() + within
+        with self.changed:
+            while self.count(event) <= n:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.changed.wait(left)
+        raise AssertionError(f"{event} reported more than {n} time(s): {self.log}")
+
     def wait_for(self, event: tuple, timeout: float = 10.0) -> None:
         """Until `event` (a prefix of a logged event) has been reported."""
         deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -14,6 +15,8 @@ from mesh.models import LoadedModel
 from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
 from mesh.store.state import StateStore
+from mesh.tools.launcher import wait_for
+from workers import heartbeat
 from workers.heartbeat import Heartbeat, WorkerIdentity
 from workers.inference import Stats
 from workers.metrics import WorkerMetrics
@@ -65,18 +68,19 @@ def test_a_beat_writes_the_workers_state_with_a_ttl(store, metrics):
     assert metrics.used_bytes._value.get() == 700 and metrics.models_loaded._value.get() == 1
 
 
-def test_request_rates_come_from_the_counters_between_beats(store, metrics):
+def test_request_rates_come_from_the_counters_between_beats(store, metrics, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(heartbeat, "time", SimpleNamespace(monotonic=lambda: clock[0], time=time.time))
     stats = Stats()
     hb = make(store, metrics, stats=stats)
     stats.add("a", 10, 0)
     hb.state()
     stats.add("a", 30, 1)
-    time.sleep(0.1)
+    clock[0] += 10.0
     state = hb.state()
     assert state.requests_total == 40 and state.failures_total == 1 and state.batches_total == 2
-    assert 30 / 0.5 < state.request_rate <= 30 / 0.1
-    assert state.models[0].requests_total == 40
-    assert 30 / 0.5 < state.models[0].request_rate <= 30 / 0.1
+    assert state.request_rate == 3.0  # 30 requests in 10 s
+    assert state.models[0].requests_total == 40 and state.models[0].request_rate == 3.0
 
 
 def test_duties_run_after_each_beat_and_between_beats_and_survive_failures(store, metrics):
@@ -93,7 +97,8 @@ def test_duties_run_after_each_beat_and_between_beats_and_survive_failures(store
               between_beats=[lambda: calls.append("between")])  # fmt: skip
     hb.start()
     try:
-        time.sleep(0.7)
+        wait_for(lambda: calls.count("after") >= 3 and calls.count("between") >= 3, 10,
+                 what="three rounds of duties")  # fmt: skip
     finally:
         hb.stop()
         hb.join(timeout=5)

@@ -9,12 +9,12 @@ their spec says, and a gate file holds their load for as long as a test needs.
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 from mesh.errors import ModelNotFound
 from mesh.models import CopyState, ModelInfo
+from mesh.tools.launcher import wait_for
 from tests.unit.worker_rig import MB, SLOW, WORKER, Rig
 
 
@@ -45,12 +45,10 @@ def test_loads_are_single_flight(rig):
         t.start()
     for t in threads:
         t.join()
-    time.sleep(0.2)  # every request has reached the manager while the first load is held
-    assert rig.manager.snapshot()[1] == ["a"]
+    assert rig.manager.snapshot()[1] == ["a"]  # one load, held at the gate
     gate.unlink()
     rig.events.wait_for(("loaded", "a"))
-    time.sleep(0.2)  # a duplicate load, if any, would report now
-    assert [e for e in rig.events.log if e[0] == "loaded"] == [("loaded", "a")]
+    rig.events.no_more_than(("loaded",), 1, within=0.5)  # a duplicate would follow at once
     assert rig.loads_counted("a") == 1
 
 
@@ -97,9 +95,10 @@ def test_a_copy_with_a_batch_in_flight_is_unloaded_only_after_it(rig):
     entry = rig.manager.acquire("a")
     assert entry is not None
     rig.manager.request_unload("a")
-    time.sleep(0.5)
+    # the retirement has stopped intake and requeued the buffer: next it waits for the batch
+    wait_for(lambda: ("requeue", []) in rig.consumer.log, 10, what="the retirement to start")
+    rig.events.no_more_than(("unloaded",), 0, within=0.5)
     assert entry.loaded is not None, "unloaded under a running batch"
-    assert not any(e[0] == "unloaded" for e in rig.events.log)
     rig.manager.release(entry)
     rig.events.wait_for(("unloaded", "a", False))
     assert entry.loaded is None
@@ -136,9 +135,9 @@ def test_a_model_larger_than_the_worker_fails_with_the_reason(rig):
 
 def test_a_model_not_registered_is_not_loaded_and_not_a_failure(rig):
     rig.manager.request_load("ghost")
-    time.sleep(0.5)
+    wait_for(lambda: rig.manager.snapshot()[1] == [], 10, what="the load to end")
+    rig.events.no_more_than(("load_failed",), 0, within=0.3)
     assert rig.events.log == []
-    assert rig.manager.snapshot()[1] == []
 
 
 def test_a_duplicate_load_command_reasserts_the_copy(rig):
@@ -146,8 +145,6 @@ def test_a_duplicate_load_command_reasserts_the_copy(rig):
     rig.load("a")
     rig.store.remove_copy("a", WORKER)  # the record vanished (e.g. Redis restored from a snapshot)
     rig.manager.request_load("a")
-    deadline = time.monotonic() + 5
-    while not rig.store.model_status("a").copies and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for(lambda: rig.store.model_status("a").copies, 10, what="the copy announced again")
     assert [c.worker for c in rig.store.model_status("a").copies] == [WORKER]
     assert rig.loads_counted("a") == 1

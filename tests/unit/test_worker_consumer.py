@@ -5,7 +5,6 @@ consumer thread, queue consumption and its declare cache, QoS, requeues and the 
 from __future__ import annotations
 
 import threading
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -305,7 +304,7 @@ def test_requeue_with_wait_returns_once_the_consumer_thread_rejected(port, celer
     def hub():
         while not stop.is_set():
             celery_consumer.run_ready()
-            time.sleep(0.01)
+            stop.wait(0.01)  # the hub's next loop turn
 
     t = threading.Thread(target=hub, daemon=True)
     t.start()
