@@ -191,9 +191,13 @@ def report(results: dict) -> str:
               "|---|---:|---:|---:|---:|---:|"]
     for name, r in results["workloads"].items():
         for system in ("plain", "mesh"):
+            if system not in r:
+                continue
             s = r[system]
             lines.append(f"| {name} | {system} | {r['clients']} | {s['throughput']:.0f} | {s['p50_ms']:.2f} | "
                          f"{s['p99_ms']:.2f} | {s['producer_cpu_ms_per_req']:.2f} | {s['worker_cpu_ms_per_req']:.2f} |")
+        if "plain" not in r or "mesh" not in r:
+            continue
         p, m = r["plain"], r["mesh"]
         ratios.append(f"| {name} | {m['throughput'] / p['throughput']:.2f}x | {m['p50_ms'] / p['p50_ms']:.2f} | "
                       f"{m['p99_ms'] / p['p99_ms']:.2f} | {m['producer_cpu_ms_per_req'] / p['producer_cpu_ms_per_req']:.2f} | "
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated: {', '.join(WORKLOADS)}")
     ap.add_argument("--requests", type=int, default=0, help="measured requests per system (default: per workload)")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--only", choices=("plain", "mesh"), help="run one system only (development)")
     args = ap.parse_args(argv)
     wanted = [w for w in args.workloads.split(",") if w]
     unknown = set(wanted) - set(WORKLOADS)
@@ -233,11 +238,15 @@ def main(argv: list[str] | None = None) -> int:
             warm = streams_for(workload, clients, warmup, ids, args.seed + 1)
             streams = streams_for(workload, clients, requests, ids, args.seed)
             print(f"== {workload}: {clients} client thread(s), {requests} requests", flush=True)
-            plain = bench_plain(url, workload, model, logs, warm, streams)
-            print(f"   plain: {plain['throughput']:.0f} req/s, p50 {plain['p50_ms']:.2f} ms", flush=True)
-            mesh = bench_mesh(url, workload, model, logs, warm, streams, ids, size)
-            print(f"   mesh:  {mesh['throughput']:.0f} req/s, p50 {mesh['p50_ms']:.2f} ms", flush=True)
-            results["workloads"][workload] = {"clients": clients, "requests": requests, "plain": plain, "mesh": mesh}
+            out: dict = {"clients": clients, "requests": requests}
+            if args.only != "mesh":
+                plain = out["plain"] = bench_plain(url, workload, model, logs, warm, streams)
+                print(f"   plain: {plain['throughput']:.0f} req/s, p50 {plain['p50_ms']:.2f} ms", flush=True)
+            if args.only != "plain":
+                mesh = out["mesh"] = bench_mesh(url, workload, model, logs, warm, streams, ids, size)
+                print(f"   mesh:  {mesh['throughput']:.0f} req/s, p50 {mesh['p50_ms']:.2f} ms, "
+                      f"{1000 * mesh['loads'] / (requests + warmup):.0f} loads/1,000", flush=True)
+            results["workloads"][workload] = out
     print()
     print(report(results))
     print(f"\nraw figures: {save('closedloop', results)}")

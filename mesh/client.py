@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone
 from typing import Any
+from uuid import uuid4
 
 from celery import Celery
-from celery.result import AsyncResult
 from pydantic import ValidationError
 
 import mesh.errors
+from mesh.broker.publisher import InferPublisher
 from mesh.broker.redis_url import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
+from mesh.broker.replies import MeshResult, ReplyListener
 from mesh.control.commands import send_command, unload_unregistered
 from mesh.control.routing import Router
 from mesh.control.vmodels import SYNC_TIMEOUT_S, VModelManager
@@ -40,7 +43,7 @@ from mesh.protocol.messages import (
 from mesh.protocol.tensors import encode_inputs, payload_nbytes
 from mesh.settings import MeshSettings, get_settings
 from mesh.storage.sources import validate_uri
-from mesh.store.context import StoreContext
+from mesh.store.context import StoreContext, redis_client
 from mesh.store.state import Route
 
 MAX_TIMEOUT_MS = 365 * 24 * 3600 * 1000.0  # a request deadline beyond a year is a mistake
@@ -80,8 +83,14 @@ class MeshClient:
 
             self.app = create_app(settings, url)
         self.router = Router(self.app, self.store)
+        self._publisher = InferPublisher(self._redis, self.keys)
+        self._replies: ReplyListener | None = None
+        self._replies_lock = threading.Lock()
 
     def close(self) -> None:
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            replies.close()
         self._redis.close()
         if self.app is not _default_app():
             self.app.close()
@@ -189,8 +198,9 @@ class MeshClient:
         inputs: Any,
         priority: str | None = None,
         timeout_ms: float | None = None,
-    ) -> AsyncResult:
-        """Enqueue one request; returns the Celery AsyncResult (`.get()` gives the V2 response).
+    ) -> MeshResult:
+        """Enqueue one request; returns its handle, a Celery AsyncResult (`.get()` gives the V2
+        response) that can also be awaited.
 
         `inputs`: KServe V2 tensors (dicts or InferTensor), a numpy array, a list of arrays or
         a dict name -> array. Unknown ids raise ModelNotFound here, before anything is sent;
@@ -198,6 +208,10 @@ class MeshClient:
         `default_priority`); `timeout_ms` (default: the model's `default_timeout_ms`) bounds
         the time until the request starts: after it the request is never run and `get()`
         raises TaskRevokedError.
+
+        The message is Celery's (any Celery consumer reads it) and goes out in one Redis round
+        trip on the calling thread; the result comes back through this client's reply list
+        (mesh/broker/replies.py) and is also stored for `AsyncResult(id)` in other processes.
         """
         tensors = encode_inputs(inputs)
         self._check_size(payload_nbytes(tensors))
@@ -211,7 +225,7 @@ class MeshClient:
         inputs: Sequence[Any],
         priority: str | None = None,
         timeout_ms: float | None = None,
-    ) -> AsyncResult:
+    ) -> MeshResult:
         """Send many requests in ONE message (client-side micro-batching).
 
         Each element of `inputs` is one request's inputs, in any form `infer` accepts. The
@@ -228,6 +242,38 @@ class MeshClient:
         self._check_size(sum(payload_nbytes(t) for t in items))
         return self._send(model_id, vmodel_id, {"items": items}, priority, timeout_ms)
 
+    async def infer_async(
+        self,
+        model_id: str | None = None,
+        *,
+        vmodel_id: str | None = None,
+        inputs: Any,
+        priority: str | None = None,
+        timeout_ms: float | None = None,
+    ) -> dict:
+        """`infer(...)` awaited: the V2 response, or the request's error raised.
+
+        The send is one Redis round trip on the event loop's thread (a fraction of a
+        millisecond); the wait costs no thread, so one loop can keep thousands of requests
+        in flight. Cancelling the await does not cancel the request (bound it with
+        `timeout_ms`); `asyncio.timeout` bounds the wait.
+        """
+        return await self.infer(model_id, vmodel_id=vmodel_id, inputs=inputs, priority=priority,
+                                timeout_ms=timeout_ms)  # fmt: skip
+
+    async def infer_many_async(
+        self,
+        model_id: str | None = None,
+        *,
+        vmodel_id: str | None = None,
+        inputs: Sequence[Any],
+        priority: str | None = None,
+        timeout_ms: float | None = None,
+    ) -> dict:
+        """`infer_many(...)` awaited (see `infer_async`)."""
+        return await self.infer_many(model_id, vmodel_id=vmodel_id, inputs=inputs, priority=priority,
+                                     timeout_ms=timeout_ms)  # fmt: skip
+
     def _check_size(self, size: int) -> None:
         if size > self.settings.max_request_bytes:
             raise RequestTooLarge(
@@ -242,7 +288,7 @@ class MeshClient:
         kwargs: dict,
         priority: str | None,
         timeout_ms: float | None,
-    ) -> AsyncResult:
+    ) -> MeshResult:
         if priority is not None and (not isinstance(priority, str) or priority not in PRIORITIES):
             raise InvalidArgument(f"priority must be one of {sorted(PRIORITIES)}, not {priority!r}")
         if timeout_ms is not None and not (
@@ -255,18 +301,37 @@ class MeshClient:
         if vmodel_id is not None:
             headers[VMODEL_HEADER] = vmodel_id
         timeout_ms = timeout_ms if timeout_ms is not None else (cfg.value("default_timeout_ms") or None)
-        expires = None
-        if timeout_ms:
-            expires = datetime.now(timezone.utc) + timedelta(milliseconds=timeout_ms)
-        return self.app.send_task(
-            INFER_TASK,
-            kwargs=kwargs,
-            queue=self.keys.model_queue(concrete),
-            headers=headers,
-            shadow=f"mesh.infer[{concrete}]",
-            priority=PRIORITIES[priority or cfg.value("default_priority")],
-            expires=expires,
-        )
+        replies = self._reply_listener()
+        handle = MeshResult(str(uuid4()), app=self.app)
+        replies.watch(handle)  # before the send: the reply can arrive before publish returns
+        try:
+            self._publisher.publish(
+                handle.id,
+                self.keys.model_queue(concrete),
+                kwargs,
+                priority=PRIORITIES[priority or cfg.value("default_priority")],
+                headers=headers,
+                shadow=f"{INFER_TASK}[{concrete}]",
+                reply_to=replies.key,
+                expires_at=headers[SENT_AT_HEADER] + timeout_ms / 1000.0 if timeout_ms else None,
+            )
+        except BaseException:
+            replies.discard(handle.id)
+            raise
+        return handle
+
+    def _reply_listener(self) -> ReplyListener:
+        """This process's reply list and listener (a forked child gets its own)."""
+        replies = self._replies
+        if replies is not None and replies.pid == os.getpid():
+            return replies
+        with self._replies_lock:
+            if self._replies is None or self._replies.pid != os.getpid():
+                backend = self.app.backend
+                self._replies = ReplyListener(
+                    redis_client(self.redis_url), self.keys, backend.get_key_for_task, backend.decode
+                )
+            return self._replies
 
 
     # ---- vmodels

@@ -35,6 +35,7 @@ from celery import states
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
+from mesh.broker.results import check_replies, push_reply
 from mesh.broker.transport import ack_in, ack_many, forget_acked, redis_server
 from mesh.errors import InferenceError, InvalidInput, MeshError
 from mesh.protocol.messages import SENT_AT_HEADER
@@ -278,11 +279,14 @@ class InferenceLoop(threading.Thread):
         """Encode every result here, then hand them to the results thread (`_store`)."""
         backend = self.backend()  # thread-local instance: this thread's own connection
         results = []
+        is_reply_list = self.keys.is_reply_list
         for m in messages:
             req = m.pending.req
             meta = _result_meta(backend, req, batch.model_id, m)
             meta["task_id"] = req.id
-            results.append((backend.get_key_for_task(req.id), backend.encode(meta)))
+            reply_to = req.reply_to
+            results.append((backend.get_key_for_task(req.id), backend.encode(meta),
+                            reply_to if is_reply_list(reply_to) else None))  # fmt: skip
         wait_ms = (time.monotonic() - compute_s - min(m.pending.arrived for m in messages)) * 1000.0
         self._results_room.acquire()
         try:
@@ -291,22 +295,31 @@ class InferenceLoop(threading.Thread):
             self._results_room.release()
             raise
 
-    def _store(self, results: list[tuple[str, bytes]], messages: list[Message], batch: Batch,
+    def _store(self, results: list[tuple[str, bytes, str | None]], messages: list[Message], batch: Batch,
                compute_s: float, started_wall: float, wait_ms: float) -> None:  # fmt: skip
         """Results thread: store a batch's results in one pipeline (SET for late readers,
-        PUBLISH for waiting ones) that also acks them in Redis when the broker is the same
-        server, then finish the acks and send events on the consumer thread."""
+        PUBLISH for Celery's waiting ones, a push to the producer's reply list for mesh
+        producers) that also acks them in Redis when the broker is the same server, then
+        finish the acks and send events on the consumer thread."""
         model_id = batch.model_id
         try:
             backend = self.backend()  # the results thread's own instance and connection
             expires = self.result_expires_s
             with backend.client.pipeline(transaction=False) as pipe:
-                for key, value in results:
+                for key, value, _ in results:
                     pipe.set(key, value, ex=expires)
                     pipe.publish(key, value)
                 # after the results: a message is never acked without its result stored
                 acked = ack_in(pipe, [m.pending.req._message for m in messages], redis_server(backend.client))
-                pipe.execute()
+                stored = len(pipe)
+                for _, value, reply_to in results:
+                    if reply_to is not None:
+                        push_reply(pipe, reply_to, value)
+                outcomes = pipe.execute(raise_on_error=False)
+            for outcome in outcomes[:stored]:
+                if isinstance(outcome, Exception):
+                    raise outcome
+            check_replies(outcomes[stored:])
         except Exception:  # results cannot be stored (Redis away): leave them unacked
             log.exception("could not store the results of %d requests of %s; they stay unacked "
                           "and are redelivered", len(messages), model_id)  # fmt: skip

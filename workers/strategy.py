@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from celery import signals
+from celery.app.task import Context
 from celery.exceptions import InvalidTaskError
 from celery.utils.time import maybe_iso8601
 from celery.worker.request import Request, create_request_cls
@@ -104,7 +105,8 @@ def _too_large(app: Any, message: Any, ack: Any, consumer: Any, max_bytes: int) 
     log.error("refusing a %d-byte mesh.infer message %s (limit %d)", size, task_id, max_bytes)
     if task_id:
         app.backend.mark_as_failure(
-            task_id, RequestTooLarge(f"request of {size} bytes exceeds the worker's limit of {max_bytes}")
+            task_id, RequestTooLarge(f"request of {size} bytes exceeds the worker's limit of {max_bytes}"),
+            request=_reply_context(task_id, message),
         )
     ack(log, consumer.connection_errors)
 
@@ -114,8 +116,14 @@ def _refuse(app: Any, message: Any, ack: Any, consumer: Any, error: Exception) -
     task_id = (message.headers or {}).get("id")
     log.error("refusing mesh.infer message %r: %s", task_id, error)
     if isinstance(task_id, str) and task_id:
-        app.backend.mark_as_failure(task_id, error)
+        app.backend.mark_as_failure(task_id, error, request=_reply_context(task_id, message))
     ack(log, consumer.connection_errors)
+
+
+def _reply_context(task_id: str, message: Any) -> Context:
+    """What the result backend needs to answer a request Celery could not decode: its id and
+    its producer's reply list (mesh/broker/results.py)."""
+    return Context(id=task_id, reply_to=(message.properties or {}).get("reply_to"))
 
 
 def control_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):

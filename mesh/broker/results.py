@@ -9,19 +9,32 @@ back. Here a consumer that lost its connection simply tries again at its next dr
 subscription: once Redis answers it fetches what completed meanwhile and subscribes to
 everything still pending, so `get()` returns as soon as the answer exists. Commands are also
 retried through a short outage (workers store results through this backend too). Celery uses
-it through `result_backend` (mesh/broker/celery_options.py); nothing else changes.
+it through `result_backend` (mesh/broker/celery_options.py).
+
+It also pushes a final result to its producer's reply list when the request names one
+(mesh/broker/replies.py): Celery stores a mesh request's result through here when the worker
+refuses, revokes or expires it; answered requests are stored by the worker's results
+pipeline, which pushes the same way (`push_reply`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import contextmanager
+from typing import Any
+
+import redis
+from celery import states
 
 from celery.backends.redis import RedisBackend as _RedisBackend
 from celery.backends.redis import ResultConsumer as _ResultConsumer
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
+
+from mesh.protocol.keys import Keys
+from mesh.protocol.messages import REPLY_TTL_S
 
 log = logging.getLogger("mesh.broker.results")
 
@@ -77,6 +90,41 @@ class RedisBackend(_RedisBackend):
         # its data ("LOADING") would fail the batch whose results are being stored. Each
         # command is retried for ~15 s instead.
         self.connparams.setdefault("retry", Retry(ExponentialBackoff(cap=0.5, base=0.02), COMMAND_RETRIES))
+        prefix = self.app.conf.get("mesh_prefix")
+        self._keys = Keys(prefix) if prefix else None
+        self._reply = threading.local()
+
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        reply_to = getattr(request, "reply_to", None)
+        wanted = state in states.READY_STATES and self._keys is not None and self._keys.is_reply_list(reply_to)
+        self._reply.to = reply_to if wanted else None
+        try:
+            return super()._store_result(task_id, result, state, traceback, request=request, **kwargs)
+        finally:
+            self._reply.to = None
+
+    def _set(self, key, value, expires=None):
+        super()._set(key, value, expires)
+        reply_to = getattr(self._reply, "to", None)
+        if reply_to:
+            with self.client.pipeline(transaction=False) as pipe:
+                push_reply(pipe, reply_to, value)
+                check_replies(pipe.execute(raise_on_error=False))
+
+
+def push_reply(pipe: Any, reply_to: str, value: Any) -> None:
+    """Queue on `pipe` the push of a stored result record to its producer's reply list."""
+    pipe.rpush(reply_to, value)
+    pipe.expire(reply_to, REPLY_TTL_S)
+
+
+def check_replies(outcomes: list) -> None:
+    """Log reply pushes that failed (a key of another type where a reply list should be): the
+    result itself is stored, so its producer still finds it (mesh/broker/replies.py sweeps)."""
+    for outcome in outcomes:
+        if isinstance(outcome, redis.ResponseError):
+            log.warning("could not push a result to its producer's reply list: %s", outcome)
+            return
 
 
 def backend_setting(url: str) -> str:

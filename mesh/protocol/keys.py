@@ -6,6 +6,7 @@ nothing outside this module builds a key or queue name by hand.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from mesh.protocol.ids import validate_id
@@ -17,6 +18,8 @@ KOMBU_PRIORITY_SEP = "\x06\x16"
 # A bell outlives its last ring this long: a bell nobody waits on (its consumers are busy, or
 # gone) does not stay behind. Waiting consumers pop it within milliseconds.
 BELL_TTL_MS = 30_000
+
+_REPLY_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 
 def queue_bell(queue: str) -> str:
@@ -50,8 +53,12 @@ class Keys:
 
     def queue_list_keys(self, queue: str, priority_steps: list[int]) -> list[str]:
         """The Redis lists holding a queue's messages, one per priority step."""
+        return [self.queue_list_key(queue, p) for p in priority_steps]
+
+    def queue_list_key(self, queue: str, priority: int) -> str:
+        """The Redis list of one priority step of a queue (kombu's `_q_for_pri`)."""
         base = self.kombu_prefix + queue
-        return [base if p == 0 else f"{base}{KOMBU_PRIORITY_SEP}{p}" for p in priority_steps]
+        return base if priority == 0 else f"{base}{KOMBU_PRIORITY_SEP}{priority}"
 
     def queue_bindings(self, queue: str) -> list[str]:
         """kombu's binding tables of a queue, which it keeps for every queue ever declared.
@@ -63,6 +70,18 @@ class Keys:
     def queue_bell(self, queue: str) -> str:
         """A queue's bell (mesh/broker/transport.py), which goes with its model like its bindings."""
         return self.kombu_prefix + queue_bell(queue)
+
+    # --- replies (mesh/broker/replies.py): one list per producer process, named in the
+    # messages' `reply_to`; beside the result records, under the result backend's prefix
+    def reply_list(self, token: str) -> str:
+        return f"{self.kombu_prefix}reply.{token}"
+
+    def is_reply_list(self, name: object) -> bool:
+        """Whether a message's `reply_to` names a reply list of this mesh. Workers push results
+        only to such names: a producer cannot make a worker write to any other key (plain
+        Celery producers put a uuid there, which is left alone)."""
+        head = f"{self.kombu_prefix}reply."
+        return isinstance(name, str) and name.startswith(head) and _REPLY_TOKEN.fullmatch(name, len(head)) is not None
 
     # --- control-plane state
     @property

@@ -29,6 +29,10 @@ PRIORITY_STEPS = sorted(set(PRIORITIES.values()))
 # worker's orphan watch (workers/worker.py) covers that window after a copy leaves.
 SERVING_TTL_S = 1.0
 
+# A producer's reply list (mesh/broker/replies.py) outlives the last result pushed to it this
+# long: the list of a producer that died goes away on its own.
+REPLY_TTL_S = 300
+
 # The runtimes a worker can load (workers/runtimes/): producers check `ModelInfo.runtime`
 # against these at registration, without importing the worker.
 RUNTIME_NAMES: tuple[str, ...] = ("sklearn", "onnx", "python")

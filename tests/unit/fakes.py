@@ -131,6 +131,7 @@ class FakeRequest:
     events: list[tuple] = field(default_factory=list)
     _request_dict: dict = field(default_factory=dict)
     acknowledged: bool = False
+    reply_to: str | None = None  # the producer's reply list (mesh/broker/replies.py)
 
     def __post_init__(self) -> None:
         self._message = FakeMessage(self.id)

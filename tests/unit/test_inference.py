@@ -5,6 +5,7 @@ model manager and Celery result backend on a real Redis, in-memory consumer port
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -167,3 +168,42 @@ def test_a_batch_for_a_model_no_longer_here_goes_back_to_its_queue(rig, loop):
         threading.Event().wait(0.02)
     assert [p.req.id for p in rig.consumer.requeued] == ["r1"]
     assert not rig.client.exists(loop.app.backend.get_key_for_task("r1"))
+
+
+def test_results_are_pushed_to_their_producers_reply_lists_and_nowhere_else(rig, loop):
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    keys = rig.store.keys
+    mine, other = keys.reply_list("a" * 32), keys.reply_list("b" * 32)
+    foreign = f"{keys.kombu_prefix}models"  # a reply_to naming any other key is ignored
+    reqs = [loop.request("r1", inputs=tensor(1, 1)), loop.request("r2", inputs=tensor(-1, -1)),
+            loop.request("r3", inputs=tensor(3, 3)), loop.request("r4", inputs=tensor(4, 4)),
+            loop.request("r5", inputs=tensor(5, 5))]  # fmt: skip
+    for req, reply_to in zip(reqs, [mine, mine, other, foreign, "6f1c2b4e-celery-thread-oid"]):
+        req.reply_to = reply_to
+        rig.batcher.add("m", req)
+    loop.start()
+    for req in reqs:
+        loop.result(req.id)
+    replies = {k: [json.loads(v) for v in rig.client.lrange(k, 0, -1)] for k in (mine, other)}
+    assert [(m["task_id"], m["status"]) for m in replies[mine]] == [("r1", "SUCCESS"), ("r2", "FAILURE")]
+    assert [m["result"]["outputs"][0]["data"] for m in replies[other]] == [[6.0, 6.0]]
+    assert 0 < rig.client.ttl(mine) <= 300  # the list of a producer gone expires by itself
+    assert rig.client.type(foreign) == b"hash" and not rig.client.exists("6f1c2b4e-celery-thread-oid")
+
+
+def test_a_reply_list_of_the_wrong_type_fails_neither_the_result_nor_the_ack(rig, loop):
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    squatted = rig.store.keys.reply_list("c" * 32)
+    rig.client.set(squatted, "not a list")
+    req = loop.request("r1", inputs=tensor(2, 2))
+    req.reply_to = squatted
+    rig.batcher.add("m", req)
+    loop.start()
+    assert loop.result("r1")["outputs"][0]["data"] == [4.0, 4.0]
+    for _ in range(250):
+        if req._message.acknowledged:
+            break
+        threading.Event().wait(0.02)
+    assert req._message.acknowledged and loop.stored_at_ack == {"r1": True}

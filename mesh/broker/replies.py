@@ -1,0 +1,235 @@
+"""Results back to their producer: one reply list per producer, drained by one listener thread.
+
+Celery's Redis result backend has every waiting `get()` SUBSCRIBE to its task's channel, GET
+the record, poll the subscription with short sleeps, then UNSUBSCRIBE (celery/backends/redis.py
+`ResultConsumer`): about half of a producer's CPU per request, measured (docs/benchmarks.md).
+Here a producer names its reply list in each message's `reply_to` (the protocol field Celery's
+own RPC backend uses the same way), the mesh worker that answers pushes the result record onto
+that list in the pipeline that stores it (workers/inference.py, mesh/broker/results.py), and
+one listener thread pops the records, many per round trip under load, and resolves the
+waiting handles. The Celery record is still written: `AsyncResult(id).get()` works from any
+process, as before.
+
+A handle (`MeshResult`) is a Celery AsyncResult whose wait is local: `get(timeout)`, `ready()`,
+`state`, `result`, `successful()`, `forget()` keep their meaning, and awaiting it in asyncio
+costs no thread. Failure modes (docs/reliability.md, "Results"):
+- Redis away: the listener retries with backoff; records pushed meanwhile wait in the list, and
+  once Redis answers, every handle still pending is also looked up in the result store.
+- the producer gone: nobody drains its list, which expires REPLY_TTL_S after its last push.
+- a record that never reaches the list (a worker of an older version, a path that only stores
+  it): handles pending longer than SWEEP_AFTER_S are looked up in the result store every
+  SWEEP_AFTER_S, and `get(timeout)` looks once more when its timeout ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+from uuid import uuid4
+
+import redis
+from celery import states
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import AsyncResult, assert_will_not_block
+
+from mesh.protocol.keys import Keys
+from mesh.protocol.messages import REPLY_TTL_S
+
+log = logging.getLogger("mesh.broker.replies")
+
+POP_MAX = 512  # records one LPOP takes when more are waiting
+WAIT_S = 1.0  # an idle listener's BLPOP: how soon it notices a stop or runs a sweep
+SWEEP_AFTER_S = 2.0  # handles pending this long are also looked up in the result store
+SWEEP_CHUNK = 500  # keys per MGET of a sweep
+RETRY_MAX_S = 2.0  # backoff ceiling while Redis is away
+
+
+class MeshResult(AsyncResult):
+    """The handle `MeshClient.infer` returns: Celery's AsyncResult, resolved by the listener."""
+
+    def __init__(self, id: str, *, app: Any, backend: Any = None) -> None:
+        super().__init__(id, backend=backend, app=app)
+        self.sent = time.monotonic()
+        self._reply: dict | None = None
+        self._resolved = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+
+    # ---- resolution (listener thread)
+    def _resolve(self, meta: dict) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]:
+        """Record the final meta; returns the asyncio futures to wake (the caller wakes them
+        grouped per loop: one cross-thread call per loop and drain, not per request)."""
+        with self._lock:
+            if self._reply is not None:
+                return []
+            self._reply = meta
+            waiters, self._waiters = self._waiters, []
+        self._resolved.set()
+        return waiters
+
+    # ---- AsyncResult's API
+    def _get_task_meta(self) -> dict:
+        if self._cache is None and self._reply is not None:
+            # the cache is set in the reader's thread: it calls into this thread's backend
+            self._maybe_set_cache(self._reply)
+        return super()._get_task_meta()
+
+    def get(self, timeout: float | None = None, propagate: bool = True, **kwargs: Any) -> Any:
+        """Wait for the result (see AsyncResult.get); TimeoutError after `timeout` seconds."""
+        if self.ignored:
+            return None
+        if kwargs.get("disable_sync_subtasks", True):
+            assert_will_not_block()
+        if self._cache is None:
+            self._resolved.wait(timeout)
+            # resolved: the cache is set from the reply. Not: one look in the result store
+            # before giving up, for a record that missed the list.
+            if self._get_task_meta()["status"] not in states.READY_STATES:
+                raise CeleryTimeoutError("The operation timed out.")
+        return super().get(timeout=timeout, propagate=propagate, **kwargs)
+
+    def forget(self) -> None:
+        self._reply = None
+        super().forget()
+
+    def wait(self, *args: Any, **kwargs: Any) -> Any:
+        return self.get(*args, **kwargs)
+
+    def __await__(self):
+        if self._cache is None:
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+            with self._lock:
+                waiting = self._reply is None
+                if waiting:
+                    self._waiters.append((loop, future))
+            if waiting:
+                yield from future.__await__()
+        return self.get(timeout=0, disable_sync_subtasks=False)
+
+
+class ReplyListener:
+    """One producer's reply list and the thread that drains it.
+
+    `client`: a Redis client of the result store, the listener's own (it blocks on one of its
+    connections, and `close` disconnects it). `meta_key(task_id)`: a task's result record key. `decode`: record bytes -> meta.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Keys, meta_key: Callable[[str], str],
+                 decode: Callable[[bytes], dict]) -> None:  # fmt: skip
+        self.key = keys.reply_list(uuid4().hex)
+        self.pid = os.getpid()
+        self._client = client
+        self._meta_key = meta_key
+        self._decode = decode
+        self._pending: weakref.WeakValueDictionary[str, MeshResult] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_sweep = time.monotonic()
+
+    def watch(self, handle: MeshResult) -> None:
+        """Resolve `handle` when its reply arrives. A handle nobody references any more is
+        dropped: its reply, if it comes, is discarded."""
+        with self._lock:
+            self._pending[handle.id] = handle
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mesh-replies", daemon=True)
+                self._thread.start()
+
+    def discard(self, task_id: str) -> None:
+        with self._lock:
+            self._pending.pop(task_id, None)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the thread and close the client (its own): a BLPOP under way is cut short."""
+        self._stop.set()
+        self._client.connection_pool.disconnect()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # ---- the thread
+    def _run(self) -> None:
+        delay = 0.0
+        resweep = False
+        while not self._stop.is_set():
+            try:
+                if resweep:
+                    self._sweep(everything=True)
+                    resweep = False
+                self._drain()
+                delay = 0.0
+            except redis.RedisError as exc:
+                if self._stop.is_set():
+                    return
+                if not delay:
+                    log.warning("reply list %s unreachable (%s); retrying until Redis answers", self.key, exc)
+                delay = min(RETRY_MAX_S, max(0.05, delay * 2))
+                resweep = True  # once back: what was stored meanwhile may have missed the list
+                self._stop.wait(delay)
+            except Exception:  # a reply that cannot be decoded must not end the thread
+                log.exception("a reply on %s could not be handled", self.key)
+
+    def _drain(self) -> None:
+        client = self._client
+        with self._lock:
+            busy = len(self._pending) > 1
+        # at one request in flight a reply is awaited with BLPOP alone; with more, one LPOP
+        # first takes everything already waiting
+        records = client.lpop(self.key, POP_MAX) if busy else None
+        if not records:
+            popped = client.blpop([self.key], timeout=WAIT_S)
+            records = [popped[1]] if popped else []
+        if records:
+            self._deliver([self._decode(r) for r in records])
+        if time.monotonic() - self._last_sweep >= SWEEP_AFTER_S:
+            self._sweep()
+
+    def _deliver(self, metas: list[dict]) -> None:
+        wake: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        for meta in metas:
+            if not isinstance(meta, dict) or meta.get("status") not in states.READY_STATES:
+                continue
+            with self._lock:
+                handle = self._pending.pop(str(meta.get("task_id")), None)
+            if handle is None:
+                continue
+            for loop, future in handle._resolve(meta):
+                wake.setdefault(loop, []).append(future)
+        for loop, futures in wake.items():
+            try:
+                loop.call_soon_threadsafe(_wake, futures)
+            except RuntimeError:  # that loop is closed: nobody awaits these any more
+                pass
+
+    def _sweep(self, everything: bool = False) -> None:
+        """Look up handles pending for a while in the result store (records that missed the
+        list); with `everything`, all pending ones (after Redis came back)."""
+        now = time.monotonic()
+        self._last_sweep = now
+        with self._lock:
+            due = [h for h in self._pending.values() if everything or now - h.sent >= SWEEP_AFTER_S]
+        for i in range(0, len(due), SWEEP_CHUNK):
+            chunk = due[i : i + SWEEP_CHUNK]
+            raws = self._client.mget([self._meta_key(h.id) for h in chunk])
+            self._deliver([self._decode(raw) for raw in raws if raw])
+
+
+def _wake(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():  # a cancelled await leaves a cancelled future
+            future.set_result(None)
+
+
+__all__ = ["MeshResult", "ReplyListener", "REPLY_TTL_S"]

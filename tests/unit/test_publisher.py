@@ -1,0 +1,104 @@
+"""The `mesh.infer` publisher against Celery's own: the same message, field by field, on the
+same Redis lists, read back by kombu and Celery's worker Request as Celery's would be."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from datetime import datetime, timezone
+
+import pytest
+import redis
+from celery.worker.request import Request
+from kombu.transport.virtual import Message as KombuMessage
+
+from mesh.app import create_app
+from mesh.broker.publisher import InferPublisher, kwargs_repr
+from mesh.protocol.keys import Keys
+from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES, SENT_AT_HEADER
+from mesh.settings import MeshSettings
+
+KWARGS = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]}
+
+
+@pytest.fixture
+def app(redis_url, prefix):
+    a = create_app(MeshSettings(prefix=prefix, redis_url=redis_url), redis_url)
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def rds(redis_url):
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def popped(rds, keys: Keys, queue: str, priority: int) -> dict:
+    raw = rds.rpop(keys.queue_list_key(queue, priority))
+    assert raw is not None, "nothing on the list kombu would read"
+    return json.loads(raw)
+
+
+class _Channel:
+    """What kombu's virtual Message asks of its channel to decode a body."""
+
+    @staticmethod
+    def decode_body(body, encoding=None):
+        return base64.b64decode(body) if encoding == "base64" else body
+
+
+@pytest.mark.parametrize("priority", ["high", "normal"])
+def test_the_message_is_the_one_celery_would_send(app, rds, prefix, priority):
+    keys = Keys(prefix)
+    queue = keys.model_queue("m")
+    pri = PRIORITIES[priority]
+    expires_at = time.time() + 30
+    headers = {MODEL_HEADER: "m", SENT_AT_HEADER: 1.5}
+    reply_to = keys.reply_list("f" * 32)
+
+    InferPublisher(rds, keys).publish("id-mesh", queue, KWARGS, priority=pri, headers=headers,
+                                      shadow="mesh.infer[m]", reply_to=reply_to, expires_at=expires_at)  # fmt: skip
+    ours = popped(rds, keys, queue, pri)
+    from datetime import datetime, timezone
+
+    app.send_task(INFER_TASK, kwargs=KWARGS, queue=queue, headers=headers, shadow="mesh.infer[m]",
+                  priority=pri, expires=datetime.fromtimestamp(expires_at, timezone.utc),
+                  task_id="id-celery", reply_to=reply_to)  # fmt: skip
+    theirs = popped(rds, keys, queue, pri)
+
+    assert set(ours) == set(theirs)
+    assert set(ours["headers"]) == set(theirs["headers"])
+    differ = {"id", "root_id", "kwargsrepr"}
+    assert {k: v for k, v in ours["headers"].items() if k not in differ} == \
+        {k: v for k, v in theirs["headers"].items() if k not in differ}  # fmt: skip
+    assert set(ours["properties"]) == set(theirs["properties"]) - {"body_encoding"}
+    for field in ("reply_to", "delivery_mode", "delivery_info", "priority"):
+        assert ours["properties"][field] == theirs["properties"][field]
+    assert ours["properties"]["correlation_id"] == "id-mesh"
+    assert abs(int(ours["properties"]["expiration"]) - int(theirs["properties"]["expiration"])) < 1000
+
+    # kombu and Celery's worker read ours exactly as they read Celery's
+    decoded = []
+    for envelope in (ours, theirs):
+        message = KombuMessage(envelope, channel=_Channel())
+        req = Request(message, app=app, task=app.tasks[INFER_TASK], decoded=False)
+        decoded.append((req.kwargs, req.args, req.expires, req.reply_to, req.task_name, message.headers[MODEL_HEADER]))
+    assert decoded[0] == decoded[1]
+
+
+def test_the_message_rings_its_queues_bell(app, rds, prefix):
+    keys = Keys(prefix)
+    queue = keys.model_queue("m")
+    InferPublisher(rds, keys).publish("id", queue, KWARGS, priority=5, headers={}, shadow="s",
+                                      reply_to=keys.reply_list("0" * 32))  # fmt: skip
+    assert rds.lrange(keys.queue_bell(queue), 0, -1) == [b"1"]
+    assert 0 < rds.pttl(keys.queue_bell(queue)) <= 30_000
+    assert json.loads(rds.rpop(keys.queue_list_key(queue, 5)))["headers"]["expires"] is None
+
+
+def test_flower_sees_shapes_not_values():
+    assert kwargs_repr(KWARGS) == "{'inputs': [x FP32[1, 3]]}"
+    assert kwargs_repr({"items": [KWARGS["inputs"]] * 3}) == "{'items': <3 requests>}"

@@ -1,0 +1,188 @@
+"""The producer's result path on a real Redis: the reply list and its listener, the handles it
+resolves (sync and asyncio), the sweep for records that missed the list, and the result
+backend's pushes for requests it answers itself (refused, revoked). No worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import threading
+import time
+
+import pytest
+import redis
+from celery import states
+from celery.app.task import Context
+from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+from mesh.app import create_app
+from mesh.broker.replies import SWEEP_AFTER_S, MeshResult, ReplyListener
+from mesh.errors import ModelNotFound
+from mesh.protocol.keys import Keys
+from mesh.settings import MeshSettings
+
+
+@pytest.fixture
+def app(redis_url, prefix):
+    a = create_app(MeshSettings(prefix=prefix, redis_url=redis_url), redis_url)
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def listener(app, redis_url, prefix):
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    backend = app.backend
+    lst = ReplyListener(client, Keys(prefix), backend.get_key_for_task, backend.decode)
+    yield lst
+    lst.close()
+    client.close()
+
+
+@pytest.fixture
+def rds(redis_url):
+    c = redis.Redis.from_url(redis_url)
+    yield c
+    c.close()
+
+
+def answer(app, task_id: str, result, state=states.SUCCESS) -> bytes:
+    """A result record as a worker encodes it."""
+    backend = app.backend
+    value = backend.prepare_exception(result) if state == states.FAILURE else result
+    meta = backend._get_result_meta(value, state, None, None)
+    meta["task_id"] = task_id
+    return backend.encode(meta)
+
+
+def handle(app, listener, task_id: str) -> MeshResult:
+    h = MeshResult(task_id, app=app)
+    listener.watch(h)
+    return h
+
+
+def test_a_reply_resolves_its_handle_with_asyncresults_api(app, listener, rds):
+    h = handle(app, listener, "t1")
+    assert not h.ready() and h.state == states.PENDING
+    rds.rpush(listener.key, answer(app, "t1", {"outputs": [1]}))
+    assert h.get(timeout=10) == {"outputs": [1]}
+    assert h.ready() and h.successful() and h.state == states.SUCCESS and h.result == {"outputs": [1]}
+    assert listener.pending() == 0
+
+
+def test_a_failure_reply_raises_the_typed_error_or_returns_it(app, listener, rds):
+    h = handle(app, listener, "t2")
+    rds.rpush(listener.key, answer(app, "t2", ModelNotFound("model 'x' not found"), states.FAILURE))
+    with pytest.raises(ModelNotFound, match="not found"):
+        h.get(timeout=10)
+    assert isinstance(h.get(propagate=False), ModelNotFound) and h.failed()
+
+
+def test_get_times_out_with_celerys_error_when_nothing_comes(app, listener):
+    h = handle(app, listener, "t3")
+    started = time.monotonic()
+    with pytest.raises(CeleryTimeoutError):
+        h.get(timeout=0.2)
+    assert time.monotonic() - started >= 0.2
+
+
+def test_a_record_that_missed_the_list_is_found_by_get_and_by_the_sweep(app, listener, rds):
+    # stored only (a worker of an older version): get's last look at its timeout finds it
+    first = handle(app, listener, "t4")
+    rds.set(app.backend.get_key_for_task("t4"), answer(app, "t4", "done"))
+    assert first.get(timeout=0.1) == "done"
+    # and the listener's sweep resolves a waiter that never calls get with a timeout
+    second = handle(app, listener, "t5")
+    rds.set(app.backend.get_key_for_task("t5"), answer(app, "t5", "swept"))
+    assert second._resolved.wait(SWEEP_AFTER_S * 3)
+    assert second.get() == "swept"
+
+
+def test_one_event_loop_awaits_a_thousand_handles_without_a_thread_each(app, listener, rds):
+    ids = [f"a{i}" for i in range(1000)]
+
+    async def main() -> list:
+        handles = [handle(app, listener, i) for i in ids]
+        threads = threading.active_count()
+        waiting = asyncio.gather(*(asyncio.ensure_future(_await(h)) for h in handles))
+        await asyncio.sleep(0.05)
+        with rds.pipeline(transaction=False) as pipe:
+            for i in reversed(ids):
+                pipe.rpush(listener.key, answer(app, i, i))
+            pipe.execute()
+        out = await asyncio.wait_for(waiting, 30)
+        assert threading.active_count() == threads
+        return out
+
+    assert asyncio.run(main()) == ids
+
+
+async def _await(h: MeshResult):
+    return await h
+
+
+def test_a_cancelled_await_leaves_the_others_resolved(app, listener, rds):
+    async def main() -> str:
+        a, b = handle(app, listener, "c1"), handle(app, listener, "c2")
+        ta, tb = asyncio.ensure_future(_await(a)), asyncio.ensure_future(_await(b))
+        await asyncio.sleep(0.01)
+        ta.cancel()
+        rds.rpush(listener.key, answer(app, "c1", "one"), answer(app, "c2", "two"))
+        assert a.get(timeout=10) == "one"  # the request itself is not cancelled
+        return await asyncio.wait_for(tb, 10)
+
+    assert asyncio.run(main()) == "two"
+
+
+def test_handles_nobody_holds_are_not_kept(app, listener, rds):
+    for i in range(100):
+        handle(app, listener, f"d{i}")
+    gc.collect()
+    assert listener.pending() == 0
+    rds.rpush(listener.key, answer(app, "d1", "late"))  # a reply for a dropped handle is discarded
+    kept = handle(app, listener, "d2")
+    rds.rpush(listener.key, answer(app, "d2", "kept"))
+    assert kept.get(timeout=10) == "kept"
+
+
+def test_garbage_on_the_reply_list_does_not_stop_the_listener(app, listener, rds):
+    h = handle(app, listener, "g1")
+    rds.rpush(listener.key, b"\xff not json", b"[1, 2]", answer(app, "g1", "fine"))
+    assert h.get(timeout=10) == "fine"
+
+
+def test_forget_deletes_the_record(app, listener, rds):
+    h = handle(app, listener, "f1")
+    rds.set(app.backend.get_key_for_task("f1"), answer(app, "f1", "x"))
+    rds.rpush(listener.key, answer(app, "f1", "x"))
+    assert h.get(timeout=10) == "x"
+    h.forget()
+    assert not rds.exists(app.backend.get_key_for_task("f1"))
+    assert h.state == states.PENDING
+
+
+def test_close_ends_the_listener_thread(app, listener):
+    handle(app, listener, "z1")
+    thread = listener._thread
+    assert thread is not None and thread.is_alive()
+    listener.close(timeout=5)
+    assert not thread.is_alive()
+
+
+# ---- the result backend answers requests it stores itself to their reply lists
+
+
+def test_the_backend_pushes_final_states_to_mesh_reply_lists_only(app, rds, prefix):
+    keys = Keys(prefix)
+    mine = keys.reply_list("e" * 32)
+    backend = app.backend
+    backend.mark_as_failure("r1", ModelNotFound("gone"), request=Context(id="r1", reply_to=mine))
+    backend.mark_as_revoked("r2", "expired", request=Context(id="r2", reply_to=mine))
+    backend.store_result("r3", None, states.STARTED, request=Context(id="r3", reply_to=mine))  # not final
+    backend.mark_as_failure("r4", ModelNotFound("gone"), request=Context(id="r4", reply_to="a-celery-oid"))
+    backend.mark_as_failure("r5", ModelNotFound("gone"), request=Context(id="r5", reply_to=keys.models))
+    pushed = [json.loads(v) for v in rds.lrange(mine, 0, -1)]
+    assert [(m["task_id"], m["status"]) for m in pushed] == [("r1", "FAILURE"), ("r2", "REVOKED")]
+    assert not rds.exists("a-celery-oid") and not rds.exists(keys.models)
+    assert backend.get_task_meta("r4")["status"] == states.FAILURE  # stored all the same
