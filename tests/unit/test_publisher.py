@@ -62,7 +62,6 @@ def test_the_message_is_the_one_celery_would_send(app, rds, prefix, priority):
     InferPublisher(rds, keys).publish("id-mesh", queue, KWARGS, priority=pri, headers=headers,
                                       shadow="mesh.infer[m]", reply_to=reply_to, expires_at=expires_at)  # fmt: skip
     ours = popped(rds, keys, queue, pri)
-    from datetime import datetime, timezone
 
     app.send_task(INFER_TASK, kwargs=KWARGS, queue=queue, headers=headers, shadow="mesh.infer[m]",
                   priority=pri, expires=datetime.fromtimestamp(expires_at, timezone.utc),
