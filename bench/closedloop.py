@@ -11,12 +11,16 @@ request path is measured on (docs/benchmarks.md, "Closed-loop clients"):
 - `mlp16`: a wide MLP (2048, 2048, 2048), 16 clients (batching decides);
 - `zipf`: Zipf(1.1) over 200 small MLP(256) models, 2 workers with room for 20 each, 16 clients
   (loads and the per-request cost decide). Plain Celery: bench/plain_multi.py, an LRU of 20
-  models in each of two worker processes.
+  models in each of two worker processes;
+- `async`: the digits SVC at 64 client threads on both systems, and mesh from ONE asyncio
+  thread keeping 1,000 requests in flight (`await client.infer_async(...)`), against the
+  threaded producer.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import tempfile
 import threading
@@ -44,7 +48,8 @@ from mesh import MeshClient, ModelInfo
 from mesh.tools.examples import seed_digits_tensor, train_digits_mlp, train_digits_svm
 from mesh.tools.launcher import start_worker, wait_for, wait_worker_ready
 
-WORKLOADS = ("svc1", "mlp16", "zipf")
+WORKLOADS = ("svc1", "mlp16", "zipf", "async")
+ASYNC_IN_FLIGHT = 1000
 
 
 def wide_mlp(path: Path) -> Path:
@@ -99,6 +104,30 @@ def drive(call: Callable[[str], Any], streams: Sequence[Sequence[str]]) -> dict:
     flat = [x for part in latencies for x in part]
     return {**latency_summary(flat), "throughput": len(flat) / elapsed,
             "producer_cpu_ms_per_req": 1e3 * cpu / len(flat)}
+
+
+def drive_async(infer_async: Callable[[str], Any], streams: Sequence[Sequence[str]], in_flight: int) -> dict:
+    """One asyncio loop on this thread keeping `in_flight` requests outstanding (each of
+    `in_flight` coroutines awaits `infer_async(model_id)` for the next id in turn)."""
+    ids = iter([m for stream in streams for m in stream])
+    latencies: list[float] = []
+
+    async def one() -> None:
+        for model_id in ids:
+            t0 = time.perf_counter()
+            await infer_async(model_id)
+            latencies.append(time.perf_counter() - t0)
+
+    async def main() -> None:
+        await asyncio.gather(*(one() for _ in range(in_flight)))
+
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    elapsed = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
+    return {**latency_summary(latencies), "throughput": len(latencies) / elapsed,
+            "producer_cpu_ms_per_req": 1e3 * cpu / len(latencies)}
 
 
 def streams_for(workload: str, clients: int, requests: int, ids: list[str], seed: int) -> list[list[str]]:
@@ -175,6 +204,11 @@ def bench_mesh(url: str, workload: str, model: Path, logs: Path, warm: list, str
         loads = sum(metric_sum(a, "mesh_model_loads_total", outcome="success") for a in after) - sum(
             metric_sum(b, "mesh_model_loads_total", outcome="success") for b in before)
         out["loads"] = int(loads)  # warm-up included
+        if workload == "async":
+            def run_async(s: list[list[str]]) -> dict:
+                return drive_async(lambda m: client.infer_async(model_id=m, inputs=request), s, ASYNC_IN_FLIGHT)
+
+            out["async"] = measured(run_async, [p.pid for p in procs], warm, streams)
         return out
     finally:
         client.close()
@@ -199,6 +233,13 @@ def report(results: dict) -> str:
         if "plain" not in r or "mesh" not in r:
             continue
         p, m = r["plain"], r["mesh"]
+        if "async" in m:
+            a = m["async"]
+            lines.append(f"| {name} | mesh, 1 asyncio thread, {ASYNC_IN_FLIGHT} in flight | 1 | {a['throughput']:.0f} | "
+                         f"{a['p50_ms']:.2f} | {a['p99_ms']:.2f} | {a['producer_cpu_ms_per_req']:.2f} | "
+                         f"{a['worker_cpu_ms_per_req']:.2f} |")
+            ratios.append(f"| {name}: asyncio / threaded mesh | {a['throughput'] / m['throughput']:.2f}x | | | "
+                          f"{a['producer_cpu_ms_per_req'] / m['producer_cpu_ms_per_req']:.2f} | |")
         ratios.append(f"| {name} | {m['throughput'] / p['throughput']:.2f}x | {m['p50_ms'] / p['p50_ms']:.2f} | "
                       f"{m['p99_ms'] / p['p99_ms']:.2f} | {m['producer_cpu_ms_per_req'] / p['producer_cpu_ms_per_req']:.2f} | "
                       f"{m['worker_cpu_ms_per_req'] / p['worker_cpu_ms_per_req']:.2f} |")
@@ -216,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(wanted) - set(WORKLOADS)
     if unknown:
         ap.error(f"unknown workloads: {', '.join(sorted(unknown))}")
-    plan = {"svc1": (1, 1000, 50), "mlp16": (16, 1600, 160), "zipf": (16, 3000, 1000)}
+    plan = {"svc1": (1, 1000, 50), "mlp16": (16, 1600, 160), "zipf": (16, 3000, 1000), "async": (64, 6000, 600)}
     results: dict = {"command": command_line("closedloop", argv), "machine": machine(), "workloads": {}}
     with tempfile.TemporaryDirectory(prefix="mesh-bench-cl-") as tmp, redis_for_bench(Path(tmp)) as url:
         tmpdir, logs = Path(tmp), Path(tmp) / "logs"
@@ -225,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             clients, requests, warmup = plan[workload]
             requests = args.requests or requests
             ids, size = ["m"], 0
-            if workload == "svc1":
+            if workload in ("svc1", "async"):
                 model = train_digits_svm(tmpdir / "svc.joblib")
             elif workload == "mlp16":
                 model = wide_mlp(tmpdir / "mlp2048x3.joblib")
@@ -246,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                 mesh = out["mesh"] = bench_mesh(url, workload, model, logs, warm, streams, ids, size)
                 print(f"   mesh:  {mesh['throughput']:.0f} req/s, p50 {mesh['p50_ms']:.2f} ms, "
                       f"{1000 * mesh['loads'] / (requests + warmup):.0f} loads/1,000", flush=True)
+                if "async" in mesh:
+                    print(f"   mesh, asyncio: {mesh['async']['throughput']:.0f} req/s", flush=True)
             results["workloads"][workload] = out
     print()
     print(report(results))

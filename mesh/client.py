@@ -13,7 +13,7 @@ from celery import Celery
 from pydantic import ValidationError
 
 import mesh.errors
-from mesh.broker.publisher import InferPublisher
+from mesh.broker.publisher import InferPublisher, Outbox, Prepared
 from mesh.broker.redis_url import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
 from mesh.broker.replies import MeshResult, ReplyListener
 from mesh.control.commands import send_command, unload_unregistered
@@ -84,6 +84,7 @@ class MeshClient:
             self.app = create_app(settings, url)
         self.router = Router(self.app, self.store)
         self._publisher = InferPublisher(self._redis, self.keys)
+        self._outbox = Outbox(self._publisher.push)
         self._replies: ReplyListener | None = None
         self._replies_lock = threading.Lock()
 
@@ -236,9 +237,7 @@ class MeshClient:
         individually (a malformed item does not fail its neighbours). `raise_for_item`
         turns an error entry into the typed exception.
         """
-        if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or not inputs:
-            raise InvalidArgument("infer_many needs a non-empty list with one inputs entry per request")
-        items = [encode_inputs(x) for x in inputs]
+        items = _many_items(inputs)
         self._check_size(sum(payload_nbytes(t) for t in items))
         return self._send(model_id, vmodel_id, {"items": items}, priority, timeout_ms)
 
@@ -253,13 +252,14 @@ class MeshClient:
     ) -> dict:
         """`infer(...)` awaited: the V2 response, or the request's error raised.
 
-        The send is one Redis round trip on the event loop's thread (a fraction of a
-        millisecond); the wait costs no thread, so one loop can keep thousands of requests
-        in flight. Cancelling the await does not cancel the request (bound it with
+        The requests a loop sends in one turn go out together at the end of the turn, in one
+        Redis round trip on the loop's thread; the wait costs no thread, so one loop can keep
+        thousands of requests in flight. Cancelling the await does not cancel the request (bound it with
         `timeout_ms`); `asyncio.timeout` bounds the wait.
         """
-        return await self.infer(model_id, vmodel_id=vmodel_id, inputs=inputs, priority=priority,
-                                timeout_ms=timeout_ms)  # fmt: skip
+        tensors = encode_inputs(inputs)
+        self._check_size(payload_nbytes(tensors))
+        return await self._send_async(model_id, vmodel_id, {"inputs": tensors}, priority, timeout_ms)
 
     async def infer_many_async(
         self,
@@ -271,8 +271,9 @@ class MeshClient:
         timeout_ms: float | None = None,
     ) -> dict:
         """`infer_many(...)` awaited (see `infer_async`)."""
-        return await self.infer_many(model_id, vmodel_id=vmodel_id, inputs=inputs, priority=priority,
-                                     timeout_ms=timeout_ms)  # fmt: skip
+        items = _many_items(inputs)
+        self._check_size(sum(payload_nbytes(t) for t in items))
+        return await self._send_async(model_id, vmodel_id, {"items": items}, priority, timeout_ms)
 
     def _check_size(self, size: int) -> None:
         if size > self.settings.max_request_bytes:
@@ -289,6 +290,40 @@ class MeshClient:
         priority: str | None,
         timeout_ms: float | None,
     ) -> MeshResult:
+        handle, prepared = self._prepare(model_id, vmodel_id, kwargs, priority, timeout_ms)
+        try:
+            self._publisher.push([prepared])
+        except BaseException:
+            self._replies.discard(handle.id)
+            raise
+        return handle
+
+    async def _send_async(
+        self,
+        model_id: str | None,
+        vmodel_id: str | None,
+        kwargs: dict,
+        priority: str | None,
+        timeout_ms: float | None,
+    ) -> dict:
+        handle, prepared = self._prepare(model_id, vmodel_id, kwargs, priority, timeout_ms)
+        try:
+            await self._outbox.send(prepared)
+        except BaseException:
+            self._replies.discard(handle.id)
+            raise
+        return await handle
+
+    def _prepare(
+        self,
+        model_id: str | None,
+        vmodel_id: str | None,
+        kwargs: dict,
+        priority: str | None,
+        timeout_ms: float | None,
+    ) -> tuple[MeshResult, Prepared]:
+        """Route, then build the message and the handle, watched by the reply listener before
+        the message exists: its reply can come before the push returns."""
         if priority is not None and (not isinstance(priority, str) or priority not in PRIORITIES):
             raise InvalidArgument(f"priority must be one of {sorted(PRIORITIES)}, not {priority!r}")
         if timeout_ms is not None and not (
@@ -303,22 +338,18 @@ class MeshClient:
         timeout_ms = timeout_ms if timeout_ms is not None else (cfg.value("default_timeout_ms") or None)
         replies = self._reply_listener()
         handle = MeshResult(str(uuid4()), app=self.app)
-        replies.watch(handle)  # before the send: the reply can arrive before publish returns
-        try:
-            self._publisher.publish(
-                handle.id,
-                self.keys.model_queue(concrete),
-                kwargs,
-                priority=PRIORITIES[priority or cfg.value("default_priority")],
-                headers=headers,
-                shadow=f"{INFER_TASK}[{concrete}]",
-                reply_to=replies.key,
-                expires_at=headers[SENT_AT_HEADER] + timeout_ms / 1000.0 if timeout_ms else None,
-            )
-        except BaseException:
-            replies.discard(handle.id)
-            raise
-        return handle
+        prepared = self._publisher.prepare(
+            handle.id,
+            self.keys.model_queue(concrete),
+            kwargs,
+            priority=PRIORITIES[priority or cfg.value("default_priority")],
+            headers=headers,
+            shadow=f"{INFER_TASK}[{concrete}]",
+            reply_to=replies.key,
+            expires_at=headers[SENT_AT_HEADER] + timeout_ms / 1000.0 if timeout_ms else None,
+        )
+        replies.watch(handle)
+        return handle, prepared
 
     def _reply_listener(self) -> ReplyListener:
         """This process's reply list and listener (a forked child gets its own)."""
@@ -408,6 +439,12 @@ class MeshClient:
 
     def list_vmodels(self) -> list[VModelRecord]:
         return self.vmodels.list()
+
+def _many_items(inputs: Sequence[Any]) -> list[list[dict]]:
+    if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or not inputs:
+        raise InvalidArgument("infer_many needs a non-empty list with one inputs entry per request")
+    return [encode_inputs(x) for x in inputs]
+
 
 def _default_app() -> Celery:
     from mesh.app import app

@@ -338,17 +338,32 @@ class InferenceLoop(threading.Thread):
 
 
     def _observe(self, messages: list[Message], model_id: str, compute_s: float, started_wall: float) -> None:
+        """A batch's metrics: each label set is looked up once per batch, not once per request
+        (a lookup costs about as much as the observation)."""
         mx = self.metrics
+        outcomes: dict[str, int] = {}
+        queued: list[float] = []
         units = 0
         for m in messages:
             error = m.error if m.error is not None else (None if m.many else m.units[0].error)
-            mx.requests.labels(model_id, outcome_of(error)).inc()
+            outcome = outcome_of(error)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
             if error is None:
                 sent = _sent_at(m.pending.req)
                 if sent is not None:
-                    mx.queue_seconds.labels(model_id).observe(max(0.0, started_wall - sent))
-                mx.compute_seconds.labels(model_id).observe(compute_s)
+                    queued.append(max(0.0, started_wall - sent))
                 units += len(m.units)
+        for outcome, n in outcomes.items():
+            mx.requests.labels(model_id, outcome).inc(n)
+        if queued:
+            queue_seconds = mx.queue_seconds.labels(model_id)
+            for seconds in queued:
+                queue_seconds.observe(seconds)
+        answered = outcomes.get("success", 0)
+        if answered:
+            compute_seconds = mx.compute_seconds.labels(model_id)
+            for _ in range(answered):  # per request: the compute time each one waited on
+                compute_seconds.observe(compute_s)
         if units:
             mx.items.labels(model_id).inc(units)
             mx.batch_size.labels(model_id).observe(units)

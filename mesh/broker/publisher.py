@@ -8,7 +8,8 @@ Celery's task protocol 2 (https://docs.celeryq.dev/en/stable/internals/protocol.
 kombu's Redis envelope (kombu/transport/virtual/base.py `Channel.prepare_message` and
 `basic_publish`, kombu/transport/redis.py `_put`). Built here with json and pushed with its
 queue's bell by one script call, it is that message: plain Celery workers, Flower and
-`celery inspect` read it unchanged.
+`celery inspect` read it unchanged. An asyncio producer's sends of one loop turn share one
+call (`Outbox`).
 
 The one liberty: the body is the JSON text itself, without kombu's base64 layer (kombu decodes a
 body only when `properties.body_encoding` names a codec, `Channel.decode_body`), which spares
@@ -17,11 +18,13 @@ both the producer and the worker a base64 pass over every tensor.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import uuid4
 
 import redis
@@ -29,18 +32,30 @@ import redis
 from mesh.protocol.keys import BELL_TTL_MS, Keys
 from mesh.protocol.messages import INFER_TASK
 
-# The message onto its queue's list and its bell rung (mesh/broker/transport.py `ring`), as
-# one atomic step: a consumer woken by the bell always finds the message.
+# Each message onto its queue's list and the queue's bell rung (mesh/broker/transport.py
+# `ring`), as one atomic step: a consumer woken by the bell always finds the message. KEYS are
+# pairs (list, bell); ARGV[1] the bell's TTL, then one message per pair.
 PUSH_AND_RING = """
-redis.call('LPUSH', KEYS[1], ARGV[1])
-redis.call('LPUSH', KEYS[2], 1)
-redis.call('LTRIM', KEYS[2], 0, 0)
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
+for i = 1, #KEYS, 2 do
+  redis.call('LPUSH', KEYS[i], ARGV[(i + 1) / 2 + 1])
+  redis.call('LPUSH', KEYS[i + 1], 1)
+  redis.call('LTRIM', KEYS[i + 1], 0, 0)
+  redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
+end
 """
+PUSH_MAX = 256  # messages per script call: keeps one call short for the server
 
 # Celery's canvas fields of a task without callbacks, chain or chord (protocol 2 `embed`).
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _HOST = socket.gethostname()
+
+
+class Prepared(NamedTuple):
+    """A message ready to push: its queue's list (at its priority), the queue's bell, the JSON."""
+
+    list_key: str
+    bell_key: str
+    message: str
 
 
 class InferPublisher:
@@ -50,7 +65,7 @@ class InferPublisher:
         self.keys = keys
         self._push = client.register_script(PUSH_AND_RING)
 
-    def publish(
+    def prepare(
         self,
         task_id: str,
         queue: str,
@@ -61,15 +76,63 @@ class InferPublisher:
         shadow: str,
         reply_to: str,
         expires_at: float | None = None,
-    ) -> None:
-        """Put request `task_id` on `queue` (a model queue) at `priority` (a kombu priority
-        step). `expires_at` (epoch seconds): the worker drops it after that."""
+    ) -> Prepared:
+        """Request `task_id` for `queue` (a model queue) at `priority` (a kombu priority step).
+        `expires_at` (epoch seconds): the worker drops it after that."""
         message = infer_message(
             task_id, queue, kwargs, priority=priority, headers=headers, shadow=shadow,
             reply_to=reply_to, expires_at=expires_at,
         )  # fmt: skip
-        self._push(keys=[self.keys.queue_list_key(queue, priority), self.keys.queue_bell(queue)],
-                   args=[message, BELL_TTL_MS])  # fmt: skip
+        return Prepared(self.keys.queue_list_key(queue, priority), self.keys.queue_bell(queue), message)
+
+    def push(self, prepared: Sequence[Prepared]) -> None:
+        """Push messages and ring their bells: one round trip per PUSH_MAX messages."""
+        for i in range(0, len(prepared), PUSH_MAX):
+            chunk = prepared[i : i + PUSH_MAX]
+            keys = [k for p in chunk for k in (p.list_key, p.bell_key)]
+            self._push(keys=keys, args=[BELL_TTL_MS, *(p.message for p in chunk)])
+
+    def publish(self, task_id: str, queue: str, kwargs: dict[str, Any], **options: Any) -> None:
+        """`prepare` and `push` one message."""
+        self.push([self.prepare(task_id, queue, kwargs, **options)])
+
+
+class Outbox:
+    """The messages an asyncio loop sends in one turn, pushed together at the end of the turn.
+
+    A loop with many requests in flight wakes many of them per turn (one reply drain resolves
+    them all), and each sends its next request: pushed one by one, every send would block the
+    loop for a round trip. Here the first send of a turn schedules one push for the turn's
+    end; each send returns a future that the push resolves (or fails with its error).
+    """
+
+    def __init__(self, push: Callable[[Sequence[Prepared]], None]) -> None:
+        self._push = push
+        self._turns: dict[asyncio.AbstractEventLoop, tuple[list[Prepared], list[asyncio.Future]]] = {}
+
+    def send(self, prepared: Prepared) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        turn = self._turns.get(loop)
+        if turn is None:
+            turn = self._turns[loop] = ([], [])
+            loop.call_soon(self._flush, loop)
+        future = loop.create_future()
+        turn[0].append(prepared)
+        turn[1].append(future)
+        return future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        messages, futures = self._turns.pop(loop)
+        try:
+            self._push(messages)
+        except Exception as exc:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
 
 
 def infer_message(
@@ -144,4 +207,4 @@ def kwargs_repr(kwargs: dict[str, Any]) -> str:
     return f"{{'inputs': [{described}]}}"
 
 
-__all__ = ["InferPublisher", "infer_message", "kwargs_repr", "PUSH_AND_RING"]
+__all__ = ["InferPublisher", "Outbox", "Prepared", "infer_message", "kwargs_repr", "PUSH_AND_RING"]

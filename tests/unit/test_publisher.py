@@ -3,6 +3,7 @@ same Redis lists, read back by kombu and Celery's worker Request as Celery's wou
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -14,7 +15,7 @@ from celery.worker.request import Request
 from kombu.transport.virtual import Message as KombuMessage
 
 from mesh.app import create_app
-from mesh.broker.publisher import InferPublisher, kwargs_repr
+from mesh.broker.publisher import InferPublisher, Outbox, Prepared, kwargs_repr
 from mesh.protocol.keys import Keys
 from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES, SENT_AT_HEADER
 from mesh.settings import MeshSettings
@@ -101,3 +102,48 @@ def test_the_message_rings_its_queues_bell(app, rds, prefix):
 def test_flower_sees_shapes_not_values():
     assert kwargs_repr(KWARGS) == "{'inputs': [x FP32[1, 3]]}"
     assert kwargs_repr({"items": [KWARGS["inputs"]] * 3}) == "{'items': <3 requests>}"
+
+
+def test_one_push_carries_messages_for_several_queues(rds, prefix):
+    keys = Keys(prefix)
+    publisher = InferPublisher(rds, keys)
+    sends = [("a", 0), ("b", 5), ("a", 5), ("a", 0)]
+    publisher.push([publisher.prepare(f"id{i}", keys.model_queue(m), KWARGS, priority=p, headers={}, shadow="s",
+                                      reply_to="r") for i, (m, p) in enumerate(sends)])  # fmt: skip
+    got = {(m, p): [json.loads(x)["headers"]["id"] for x in rds.lrange(keys.queue_list_key(keys.model_queue(m), p), 0, -1)]
+           for m, p in set(sends)}  # fmt: skip
+    assert got == {("a", 0): ["id3", "id0"], ("b", 5): ["id1"], ("a", 5): ["id2"]}  # LPUSH: newest first
+    assert all(rds.exists(keys.queue_bell(keys.model_queue(m))) for m in "ab")
+
+
+def test_an_asyncio_loop_sends_what_one_turn_produced_in_one_push():
+    pushes: list[list[str]] = []
+    outbox = Outbox(lambda prepared: pushes.append([p.message for p in prepared]))
+
+    async def main() -> None:
+        await asyncio.gather(*(outbox.send(Prepared("l", "b", str(i))) for i in range(5)))
+        await outbox.send(Prepared("l", "b", "next turn"))
+
+    asyncio.run(main())
+    assert pushes == [["0", "1", "2", "3", "4"], ["next turn"]]
+
+
+def test_a_failed_push_fails_every_send_of_its_turn_and_no_other():
+    calls = []
+
+    def push(prepared):
+        calls.append(len(prepared))
+        if len(calls) == 1:
+            raise redis.ConnectionError("Redis went away")
+
+    outbox = Outbox(push)
+
+    async def main() -> list:
+        first = await asyncio.gather(*(outbox.send(Prepared("l", "b", str(i))) for i in range(3)),
+                                     return_exceptions=True)  # fmt: skip
+        await outbox.send(Prepared("l", "b", "retry"))
+        return first
+
+    outcomes = asyncio.run(main())
+    assert [type(o) for o in outcomes] == [redis.ConnectionError] * 3
+    assert calls == [3, 1]
