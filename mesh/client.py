@@ -360,7 +360,7 @@ class MeshClient:
             if self._replies is None or self._replies.pid != os.getpid():
                 backend = self.app.backend
                 self._replies = ReplyListener(
-                    redis_client(self.redis_url), self.keys, backend.get_key_for_task, backend.decode
+                    redis_client(self.redis_url, retry=False), self.keys, backend.get_key_for_task, backend.decode
                 )
             return self._replies
 

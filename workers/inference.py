@@ -312,9 +312,12 @@ class InferenceLoop(threading.Thread):
                 # after the results: a message is never acked without its result stored
                 acked = ack_in(pipe, [m.pending.req._message for m in messages], redis_server(backend.client))
                 stored = len(pipe)
+                lists: dict[str, list[bytes]] = {}
                 for _, value, reply_to in results:
                     if reply_to is not None:
-                        push_reply(pipe, reply_to, value)
+                        lists.setdefault(reply_to, []).append(value)
+                for reply_to, values in lists.items():  # one push per producer and batch
+                    push_reply(pipe, reply_to, *values)
                 outcomes = pipe.execute(raise_on_error=False)
             for outcome in outcomes[:stored]:
                 if isinstance(outcome, Exception):

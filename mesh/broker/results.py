@@ -112,9 +112,9 @@ class RedisBackend(_RedisBackend):
                 check_replies(pipe.execute(raise_on_error=False))
 
 
-def push_reply(pipe: Any, reply_to: str, value: Any) -> None:
-    """Queue on `pipe` the push of a stored result record to its producer's reply list."""
-    pipe.rpush(reply_to, value)
+def push_reply(pipe: Any, reply_to: str, *values: Any) -> None:
+    """Queue on `pipe` the push of stored result records to their producer's reply list."""
+    pipe.rpush(reply_to, *values)
     pipe.expire(reply_to, REPLY_TTL_S)
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
@@ -39,10 +41,14 @@ _shared: dict[str, redis.Redis] = {}
 _shared_lock = threading.Lock()
 
 
-def redis_client(url: str, *, shared: bool = False) -> redis.Redis:
+def redis_client(url: str, *, shared: bool = False, retry: bool = True) -> redis.Redis:
     """A control-plane client for `url` with REDIS_CLIENT_OPTIONS; with `shared`, the process's
-    one client for that URL."""
+    one client for that URL. Without `retry`, a command fails at the first connection error
+    instead of redis-py's default retries (for a caller with its own backoff, whose blocking
+    command must end when its connection is closed under it)."""
     if not shared:
+        if not retry:
+            return redis.Redis.from_url(url, **REDIS_CLIENT_OPTIONS, retry=Retry(NoBackoff(), 0))
         return redis.Redis.from_url(url, **REDIS_CLIENT_OPTIONS)
     with _shared_lock:
         client = _shared.get(url)

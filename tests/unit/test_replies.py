@@ -21,6 +21,7 @@ from mesh.broker.replies import SWEEP_AFTER_S, MeshResult, ReplyListener
 from mesh.errors import ModelNotFound
 from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
+from mesh.store.context import redis_client
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def app(redis_url, prefix):
 
 @pytest.fixture
 def listener(app, redis_url, prefix):
-    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    client = redis_client(redis_url, retry=False)
     backend = app.backend
     lst = ReplyListener(client, Keys(prefix), backend.get_key_for_task, backend.decode)
     yield lst
