@@ -40,7 +40,7 @@ from mesh.protocol.messages import (
     SENT_AT_HEADER,
     VMODEL_HEADER,
 )
-from mesh.protocol.tensors import encode_inputs, payload_nbytes
+from mesh.protocol.tensors import encode_inputs
 from mesh.settings import MeshSettings, get_settings
 from mesh.storage.sources import validate_uri
 from mesh.store.context import StoreContext, redis_client
@@ -215,7 +215,6 @@ class MeshClient:
         (mesh/broker/replies.py) and is also stored for `AsyncResult(id)` in other processes.
         """
         tensors = encode_inputs(inputs)
-        self._check_size(payload_nbytes(tensors))
         return self._send(model_id, vmodel_id, {"inputs": tensors}, priority, timeout_ms)
 
     def infer_many(
@@ -238,7 +237,6 @@ class MeshClient:
         turns an error entry into the typed exception.
         """
         items = _many_items(inputs)
-        self._check_size(sum(payload_nbytes(t) for t in items))
         return self._send(model_id, vmodel_id, {"items": items}, priority, timeout_ms)
 
     async def infer_async(
@@ -254,11 +252,10 @@ class MeshClient:
 
         The requests a loop sends in one turn go out together at the end of the turn, in one
         Redis round trip on the loop's thread; the wait costs no thread, so one loop can keep
-        thousands of requests in flight. Cancelling the await does not cancel the request (bound it with
-        `timeout_ms`); `asyncio.timeout` bounds the wait.
+        thousands of requests in flight. Cancelling the await does not cancel the request
+        (bound it with `timeout_ms`); `asyncio.timeout` bounds the wait.
         """
         tensors = encode_inputs(inputs)
-        self._check_size(payload_nbytes(tensors))
         return await self._send_async(model_id, vmodel_id, {"inputs": tensors}, priority, timeout_ms)
 
     async def infer_many_async(
@@ -272,13 +269,12 @@ class MeshClient:
     ) -> dict:
         """`infer_many(...)` awaited (see `infer_async`)."""
         items = _many_items(inputs)
-        self._check_size(sum(payload_nbytes(t) for t in items))
         return await self._send_async(model_id, vmodel_id, {"items": items}, priority, timeout_ms)
 
     def _check_size(self, size: int) -> None:
         if size > self.settings.max_request_bytes:
             raise RequestTooLarge(
-                f"request of ~{size} bytes exceeds MESH_MAX_REQUEST_BYTES="
+                f"request of {size} bytes exceeds MESH_MAX_REQUEST_BYTES="
                 f"{self.settings.max_request_bytes}; nothing was enqueued"
             )
 
@@ -348,6 +344,8 @@ class MeshClient:
             reply_to=replies.key,
             expires_at=headers[SENT_AT_HEADER] + timeout_ms / 1000.0 if timeout_ms else None,
         )
+        # measured on the body about to be sent: an estimate beforehand would cost as much
+        self._check_size(prepared.body_size)
         replies.watch(handle)
         return handle, prepared
 

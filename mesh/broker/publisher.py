@@ -51,11 +51,13 @@ _HOST = socket.gethostname()
 
 
 class Prepared(NamedTuple):
-    """A message ready to push: its queue's list (at its priority), the queue's bell, the JSON."""
+    """A message ready to push: its queue's list (at its priority), the queue's bell, the JSON,
+    and the size of its body (the request's JSON: what MESH_MAX_REQUEST_BYTES bounds)."""
 
     list_key: str
     bell_key: str
     message: str
+    body_size: int = 0
 
 
 class InferPublisher:
@@ -79,11 +81,12 @@ class InferPublisher:
     ) -> Prepared:
         """Request `task_id` for `queue` (a model queue) at `priority` (a kombu priority step).
         `expires_at` (epoch seconds): the worker drops it after that."""
+        body = json.dumps([[], kwargs, _EMBED])
         message = infer_message(
-            task_id, queue, kwargs, priority=priority, headers=headers, shadow=shadow,
+            task_id, queue, body, kwargs_repr(kwargs), priority=priority, headers=headers, shadow=shadow,
             reply_to=reply_to, expires_at=expires_at,
         )  # fmt: skip
-        return Prepared(self.keys.queue_list_key(queue, priority), self.keys.queue_bell(queue), message)
+        return Prepared(self.keys.queue_list_key(queue, priority), self.keys.queue_bell(queue), message, len(body))
 
     def push(self, prepared: Sequence[Prepared]) -> None:
         """Push messages and ring their bells: one round trip per PUSH_MAX messages."""
@@ -138,7 +141,8 @@ class Outbox:
 def infer_message(
     task_id: str,
     queue: str,
-    kwargs: dict[str, Any],
+    body: str,
+    kwargsrepr: str,
     *,
     priority: int,
     headers: dict[str, Any],
@@ -146,7 +150,8 @@ def infer_message(
     reply_to: str,
     expires_at: float | None,
 ) -> str:
-    """The kombu Redis envelope of a protocol-2 `mesh.infer` message, as JSON text."""
+    """The kombu Redis envelope of a protocol-2 `mesh.infer` message, as JSON text. `body`: the
+    JSON of `[args, kwargs, embed]`; `kwargsrepr`: what Flower shows of the arguments."""
     expires = None
     properties: dict[str, Any] = {
         "correlation_id": task_id,
@@ -161,7 +166,7 @@ def infer_message(
         # what Celery sets for AMQP brokers (milliseconds left); kombu's Redis ignores it
         properties["expiration"] = str(max(0, int((expires_at - datetime.now(timezone.utc).timestamp()) * 1000)))
     envelope = {
-        "body": json.dumps([[], kwargs, _EMBED]),
+        "body": body,
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
@@ -178,7 +183,7 @@ def infer_message(
             "root_id": task_id,
             "parent_id": None,
             "argsrepr": "()",
-            "kwargsrepr": kwargs_repr(kwargs),
+            "kwargsrepr": kwargsrepr,
             "origin": f"gen{os.getpid()}@{_HOST}",
             "ignore_result": None,  # not set by the producer: the task's own setting applies
             "replaced_task_nesting": 0,

@@ -12,7 +12,6 @@ cannot accept as-is; that walk is the single source of truth for what is rejecte
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, get_args
@@ -437,35 +436,3 @@ def encode_outputs(outputs: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(outputs, Mapping):
         raise InvalidInput(f"outputs must be a dict of name -> array, got {type(outputs).__name__}")
     return [from_numpy(name, arr) for name, arr in outputs.items()]
-
-
-def payload_nbytes(tensors: Sequence[Mapping[str, Any]]) -> int:
-    """Estimate the JSON size of `tensors` without serializing all of their data.
-
-    Numbers are estimated from an evenly spaced sample of at most ~128 elements (a tensor's
-    numbers have similar lengths); strings are measured one by one, because one huge string
-    is exactly what this guard is for.
-    """
-    total = 2  # the enclosing brackets
-    for t in tensors:
-        if not isinstance(t, Mapping):
-            total += len(json.dumps(t, default=repr)) + 2
-            continue
-        header = {k: v for k, v in t.items() if k != "data"}
-        total += len(json.dumps(header, default=repr)) + 14  # `, "data": []` and separators
-        data = t.get("data")
-        if isinstance(data, (list, tuple)) and data:
-            if t.get("datatype") == "BYTES":
-                total += sum(_string_nbytes(s) for s in data)
-            else:
-                step = max(1, len(data) // 64)
-                sample = list(data[::step])
-                per_item = (len(json.dumps(sample, default=repr)) + 2) / len(sample)
-                total += math.ceil(per_item * len(data))
-    return total
-
-
-def _string_nbytes(s: Any) -> int:
-    if isinstance(s, str) and s.isascii() and s.isprintable():
-        return len(s) + 4 + s.count('"') + s.count("\\")
-    return len(json.dumps(s, default=repr)) + 2

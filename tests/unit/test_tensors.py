@@ -21,7 +21,6 @@ from mesh.protocol.tensors import (
     encode_inputs,
     encode_outputs,
     from_numpy,
-    payload_nbytes,
     to_numpy,
 )
 from mesh.tools.examples import SEED_DIGITS_INPUT, seed_digits_tensor
@@ -359,25 +358,3 @@ def test_encode_outputs():
         encode_outputs([np.zeros(1)])
 
 
-@pytest.mark.parametrize(
-    "tensors",
-    [
-        [from_numpy("x", np.random.default_rng(1).random((64, 64)).astype(np.float32))],
-        [from_numpy("x", np.random.default_rng(2).random(1000))],
-        [from_numpy("i", np.arange(5000))],
-        [from_numpy("b", np.array([True, False] * 100))],
-        [from_numpy("s", np.array(["hello world"] * 300 + ['"quoted\\"'] * 10, dtype=object))],
-        [from_numpy("u", np.array(["žluťoučký kůň 🐎"] * 100, dtype=object))],
-        [seed_digits_tensor(), from_numpy("one", np.zeros(1))],
-        [from_numpy("empty", np.zeros((0, 4)))],
-    ],
-)
-def test_payload_nbytes_is_close_to_the_json_size(tensors):
-    actual = len(json.dumps(tensors))
-    estimate = payload_nbytes(tensors)
-    assert 0.8 * actual <= estimate <= 1.25 * actual, (estimate, actual)
-
-
-def test_payload_nbytes_catches_one_huge_string():
-    t = [from_numpy("s", np.array(["a", "x" * 5_000_000, "b"], dtype=object))]
-    assert payload_nbytes(t) >= 5_000_000
