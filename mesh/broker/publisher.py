@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 from uuid import uuid4
 
 import redis
+from celery import signals
 
 from mesh.protocol.keys import BELL_TTL_MS, Keys
 from mesh.protocol.messages import INFER_TASK
@@ -52,12 +53,16 @@ _HOST = socket.gethostname()
 
 class Prepared(NamedTuple):
     """A message ready to push: its queue's list (at its priority), the queue's bell, the JSON,
-    and the size of its body (the request's JSON: what MESH_MAX_REQUEST_BYTES bounds)."""
+    the size of its body (the request's JSON: what MESH_MAX_REQUEST_BYTES bounds), and what
+    Celery's `after_task_publish` receivers are given."""
 
     list_key: str
     bell_key: str
     message: str
     body_size: int = 0
+    queue: str = ""
+    headers: dict | None = None
+    kwargs: dict | None = None
 
 
 class InferPublisher:
@@ -81,12 +86,12 @@ class InferPublisher:
     ) -> Prepared:
         """Request `task_id` for `queue` (a model queue) at `priority` (a kombu priority step).
         `expires_at` (epoch seconds): the worker drops it after that."""
-        body = json.dumps([[], kwargs, _EMBED])
-        message = infer_message(
-            task_id, queue, body, kwargs_repr(kwargs), priority=priority, headers=headers, shadow=shadow,
+        message, body_size, all_headers = infer_message(
+            task_id, queue, kwargs, priority=priority, headers=headers, shadow=shadow,
             reply_to=reply_to, expires_at=expires_at,
         )  # fmt: skip
-        return Prepared(self.keys.queue_list_key(queue, priority), self.keys.queue_bell(queue), message, len(body))
+        return Prepared(self.keys.queue_list_key(queue, priority), self.keys.queue_bell(queue), message,
+                        body_size, queue, all_headers, kwargs)  # fmt: skip
 
     def push(self, prepared: Sequence[Prepared]) -> None:
         """Push messages and ring their bells: one round trip per PUSH_MAX messages."""
@@ -94,6 +99,10 @@ class InferPublisher:
             chunk = prepared[i : i + PUSH_MAX]
             keys = [k for p in chunk for k in (p.list_key, p.bell_key)]
             self._push(keys=keys, args=[BELL_TTL_MS, *(p.message for p in chunk)])
+            if signals.after_task_publish.receivers:
+                for p in chunk:
+                    signals.after_task_publish.send(sender=INFER_TASK, body=([], p.kwargs, _EMBED),
+                                                    headers=p.headers, exchange="", routing_key=p.queue)  # fmt: skip
 
     def publish(self, task_id: str, queue: str, kwargs: dict[str, Any], **options: Any) -> None:
         """`prepare` and `push` one message."""
@@ -141,17 +150,19 @@ class Outbox:
 def infer_message(
     task_id: str,
     queue: str,
-    body: str,
-    kwargsrepr: str,
+    kwargs: dict[str, Any],
     *,
     priority: int,
     headers: dict[str, Any],
     shadow: str,
     reply_to: str,
     expires_at: float | None,
-) -> str:
-    """The kombu Redis envelope of a protocol-2 `mesh.infer` message, as JSON text. `body`: the
-    JSON of `[args, kwargs, embed]`; `kwargsrepr`: what Flower shows of the arguments."""
+) -> tuple[str, int, dict[str, Any]]:
+    """The kombu Redis envelope of a protocol-2 `mesh.infer` message as JSON text, the size of
+    its body, and its headers.
+
+    Celery's `before_task_publish` receivers run first, as for `send_task`, and may change the
+    headers and properties (tracing libraries add their context there)."""
     expires = None
     properties: dict[str, Any] = {
         "correlation_id": task_id,
@@ -165,35 +176,42 @@ def infer_message(
         expires = datetime.fromtimestamp(expires_at, timezone.utc).isoformat()
         # what Celery sets for AMQP brokers (milliseconds left); kombu's Redis ignores it
         properties["expiration"] = str(max(0, int((expires_at - datetime.now(timezone.utc).timestamp()) * 1000)))
+    all_headers = {
+        "lang": "py",
+        "task": INFER_TASK,
+        "id": task_id,
+        "shadow": shadow,
+        "eta": None,
+        "expires": expires,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": "()",
+        "kwargsrepr": kwargs_repr(kwargs),
+        "origin": f"gen{os.getpid()}@{_HOST}",
+        "ignore_result": None,  # not set by the producer: the task's own setting applies
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+        **headers,
+    }
+    if signals.before_task_publish.receivers:
+        signals.before_task_publish.send(
+            sender=INFER_TASK, body=([], kwargs, _EMBED), exchange="", routing_key=queue, declare=[],
+            headers=all_headers, properties=properties, retry_policy=None,
+        )  # fmt: skip
+    body = json.dumps([[], kwargs, _EMBED])
     envelope = {
         "body": body,
         "content-encoding": "utf-8",
         "content-type": "application/json",
-        "headers": {
-            "lang": "py",
-            "task": INFER_TASK,
-            "id": task_id,
-            "shadow": shadow,
-            "eta": None,
-            "expires": expires,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": [None, None],
-            "root_id": task_id,
-            "parent_id": None,
-            "argsrepr": "()",
-            "kwargsrepr": kwargsrepr,
-            "origin": f"gen{os.getpid()}@{_HOST}",
-            "ignore_result": None,  # not set by the producer: the task's own setting applies
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-            **headers,
-        },
+        "headers": all_headers,
         "properties": properties,
     }
-    return json.dumps(envelope)
+    return json.dumps(envelope), len(body), all_headers
 
 
 def kwargs_repr(kwargs: dict[str, Any]) -> str:

@@ -147,3 +147,29 @@ def test_a_failed_push_fails_every_send_of_its_turn_and_no_other():
     outcomes = asyncio.run(main())
     assert [type(o) for o in outcomes] == [redis.ConnectionError] * 3
     assert calls == [3, 1]
+
+
+def test_celerys_publish_signals_run_and_may_add_headers(rds, prefix):
+    """Tracing libraries inject their context in before_task_publish, as for send_task."""
+    from celery import signals
+
+    keys = Keys(prefix)
+    queue = keys.model_queue("m")
+    seen = []
+
+    def inject(sender=None, headers=None, properties=None, routing_key=None, **kw):
+        headers["traceparent"] = "00-abc-def-01"
+        seen.append(("before", sender, routing_key, properties["correlation_id"]))
+
+    def after(sender=None, headers=None, routing_key=None, body=None, **kw):
+        seen.append(("after", sender, routing_key, headers["id"], body[1] == KWARGS))
+
+    signals.before_task_publish.connect(inject, weak=False)
+    signals.after_task_publish.connect(after, weak=False)
+    try:
+        InferPublisher(rds, keys).publish("id1", queue, KWARGS, priority=5, headers={}, shadow="s", reply_to="r")
+    finally:
+        signals.before_task_publish.disconnect(inject)
+        signals.after_task_publish.disconnect(after)
+    assert seen == [("before", INFER_TASK, queue, "id1"), ("after", INFER_TASK, queue, "id1", True)]
+    assert popped(rds, keys, queue, 5)["headers"]["traceparent"] == "00-abc-def-01"
