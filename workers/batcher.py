@@ -237,6 +237,11 @@ class Batcher:
         with self._cond:
             return {m: len(b.lanes) for m, b in self._buffers.items()}
 
+    def empty(self) -> bool:
+        """Nothing buffered for any model."""
+        with self._cond:
+            return not any(len(b.lanes) for b in self._buffers.values())
+
     def policies(self) -> dict[str, BatchPolicy]:
         with self._cond:
             return {m: b.policy for m, b in self._buffers.items() if b.error is None}

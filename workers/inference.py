@@ -289,6 +289,11 @@ class InferenceLoop(threading.Thread):
                             reply_to if is_reply_list(reply_to) else None))  # fmt: skip
         wait_ms = (time.monotonic() - compute_s - min(m.pending.arrived for m in messages)) * 1000.0
         self._results_room.acquire()
+        if self.batcher.empty():
+            # no next batch to predict meanwhile: storing here spares the hand-over to the
+            # results thread (a thread wake-up, a good part of a lone request's latency)
+            self._store(results, messages, batch, compute_s, started_wall, wait_ms)
+            return
         try:
             self._results.submit(self._store, results, messages, batch, compute_s, started_wall, wait_ms)
         except RuntimeError:  # shut down under us: nothing stored, nothing acked (redelivered)
