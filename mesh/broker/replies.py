@@ -29,6 +29,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 from uuid import uuid4
@@ -51,7 +52,7 @@ RETRY_MAX_S = 2.0  # backoff ceiling while Redis is away
 
 
 class MeshResult(AsyncResult):
-    """The handle `MeshClient.infer` returns: Celery's AsyncResult, resolved by the listener."""
+    """The handle `MeshClient.infer` returns: Celery's AsyncResult, resolved from the reply list."""
 
     def __init__(self, id: str, *, app: Any, backend: Any = None) -> None:
         super().__init__(id, backend=backend, app=app)
@@ -60,8 +61,10 @@ class MeshResult(AsyncResult):
         self._resolved = threading.Event()
         self._lock = threading.Lock()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._listener: ReplyListener | None = None  # set by ReplyListener.watch
+        self._wake: threading.Event | None = None  # set while a thread follows (ReplyListener.wait)
 
-    # ---- resolution (listener thread)
+    # ---- resolution (whichever thread pops the reply)
     def _resolve(self, meta: dict) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]:
         """Record the final meta; returns the asyncio futures to wake (the caller wakes them
         grouped per loop: one cross-thread call per loop and drain, not per request)."""
@@ -70,7 +73,10 @@ class MeshResult(AsyncResult):
                 return []
             self._reply = meta
             waiters, self._waiters = self._waiters, []
+            wake = self._wake
         self._resolved.set()
+        if wake is not None:
+            wake.set()
         return waiters
 
     # ---- AsyncResult's API
@@ -87,7 +93,11 @@ class MeshResult(AsyncResult):
         if kwargs.get("disable_sync_subtasks", True):
             assert_will_not_block()
         if self._cache is None:
-            self._resolved.wait(timeout)
+            listener = self._listener
+            if listener is not None:
+                listener.wait(self, timeout)
+            else:
+                self._resolved.wait(timeout)
             # resolved: the cache is set from the reply. Not: one look in the result store
             # before giving up, for a record that missed the list.
             if self._get_task_meta()["status"] not in states.READY_STATES:
@@ -108,17 +118,28 @@ class MeshResult(AsyncResult):
             with self._lock:
                 waiting = self._reply is None
                 if waiting:
+                    first = not self._waiters
                     self._waiters.append((loop, future))
             if waiting:
+                if first and self._listener is not None:
+                    self._listener.awaited()
                 yield from future.__await__()
         return self.get(timeout=0, disable_sync_subtasks=False)
 
 
 class ReplyListener:
-    """One producer's reply list and the thread that drains it.
+    """One producer's reply list, drained by the threads that wait on it.
 
-    `client`: a Redis client of the result store, the listener's own (it blocks on one of its
-    connections, and `close` disconnects it). `meta_key(task_id)`: a task's result record key. `decode`: record bytes -> meta.
+    A thread in `get()` pops the list itself while no other thread does (one hand-over less
+    on a lone request's path), and hands the popping over to another waiting thread when its
+    own reply has come; replies it pops for other handles resolve them. The listener's own
+    thread pops while asyncio code awaits handles (no thread of theirs waits), and every
+    SWEEP_AFTER_S otherwise, to take replies nobody waits on off the list and to look up
+    handles pending that long in the result store.
+
+    `client`: a Redis client of the result store, the listener's own (it blocks on its
+    connections, and `close` disconnects them). `meta_key(task_id)`: a task's result record
+    key. `decode`: record bytes -> meta.
     """
 
     def __init__(self, client: redis.Redis, keys: Keys, meta_key: Callable[[str], str],
@@ -129,14 +150,20 @@ class ReplyListener:
         self._meta_key = meta_key
         self._decode = decode
         self._pending: weakref.WeakValueDictionary[str, MeshResult] = weakref.WeakValueDictionary()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pending, _followers, _awaited
+        self._popping = threading.Lock()  # held by the one thread popping the list
+        self._followers: deque[MeshResult] = deque()  # handles whose threads wait for their turn
+        self._awaited = 0  # unresolved handles awaited in asyncio
+        self._need = threading.Event()  # wakes the listener's thread (an await, a stop)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_sweep = time.monotonic()
+        self._resweep = False  # Redis was away: look up every pending handle once it is back
 
     def watch(self, handle: MeshResult) -> None:
         """Resolve `handle` when its reply arrives. A handle nobody references any more is
         dropped: its reply, if it comes, is discarded."""
+        handle._listener = self
         with self._lock:
             self._pending[handle.id] = handle
             if self._thread is None:
@@ -151,61 +178,162 @@ class ReplyListener:
         with self._lock:
             return len(self._pending)
 
+    def awaited(self) -> None:
+        """A handle is now awaited in asyncio: the listener's thread pops until it resolves."""
+        with self._lock:
+            self._awaited += 1
+        self._need.set()
+
     def close(self, timeout: float = 2.0) -> None:
         """Stop the thread and close the client (its own): a BLPOP under way is cut short."""
         self._stop.set()
+        self._need.set()
         self._client.connection_pool.disconnect()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
-    # ---- the thread
+    # ---- waiting threads
+    def wait(self, handle: MeshResult, timeout: float | None) -> bool:
+        """Block until `handle` resolves (True) or `timeout` seconds pass (False), popping the
+        list while no other thread does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0
+        while not handle._resolved.is_set():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if not self._popping.acquire(blocking=False):
+                if self._follow(handle, remaining):
+                    continue
+            try:
+                while not handle._resolved.is_set() and not self._stop.is_set():
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    try:
+                        self._pop(WAIT_S if remaining is None else min(remaining, WAIT_S))
+                        delay = 0.0
+                    except redis.RedisError as exc:
+                        delay = self._away(exc, delay)
+                        time.sleep(delay if remaining is None else max(0.0, min(delay, remaining)))
+            finally:
+                self._popping.release()
+                self._hand_over()
+            if self._stop.is_set():  # closed: nothing pops any more
+                return handle._resolved.is_set()
+        return True
+
+    def _follow(self, handle: MeshResult, remaining: float | None) -> bool:
+        """Wait while another thread pops: until `handle` resolves, that thread hands the
+        popping over, or `remaining` passes. False: the popping was free after all, and is now
+        ours (taken after registering, so a hand-over in between is not missed)."""
+        wake = threading.Event()
+        with handle._lock:
+            handle._wake = wake
+        with self._lock:
+            self._followers.append(handle)
+        try:
+            if not handle._resolved.is_set() and self._popping.acquire(blocking=False):
+                return False
+            wake.wait(remaining)
+            return True
+        finally:
+            with handle._lock:
+                handle._wake = None
+            with self._lock:
+                try:
+                    self._followers.remove(handle)
+                except ValueError:  # handed over: already taken off
+                    pass
+
+    def _hand_over(self) -> None:
+        """After letting the popping go: wake the first thread still waiting for its reply (and
+        the listener's thread if asyncio code awaits)."""
+        with self._lock:
+            while self._followers:
+                handle = self._followers.popleft()
+                wake = handle._wake
+                if wake is not None and not handle._resolved.is_set():
+                    wake.set()
+                    break
+            awaited = self._awaited > 0
+        if awaited:
+            self._need.set()
+
+    # ---- the listener's thread
     def _run(self) -> None:
         delay = 0.0
-        resweep = False
         while not self._stop.is_set():
+            with self._lock:
+                awaited = self._awaited > 0
+            if not awaited:
+                self._need.wait(SWEEP_AFTER_S)
+                self._need.clear()
+            with self._lock:
+                awaited = self._awaited > 0
+            if self._stop.is_set() or not self._popping.acquire(timeout=WAIT_S if awaited else 0):
+                continue
             try:
-                if resweep:
-                    self._sweep(everything=True)
-                    resweep = False
-                self._drain()
+                self._pop(WAIT_S if awaited else 0.0)
                 delay = 0.0
             except redis.RedisError as exc:
                 if self._stop.is_set():
                     return
-                if not delay:
-                    log.warning("reply list %s unreachable (%s); retrying until Redis answers", self.key, exc)
-                delay = min(RETRY_MAX_S, max(0.05, delay * 2))
-                resweep = True  # once back: what was stored meanwhile may have missed the list
+                delay = self._away(exc, delay)
                 self._stop.wait(delay)
-            except Exception:  # a reply that cannot be decoded must not end the thread
+            except Exception:  # a reply that cannot be handled must not end the thread
                 log.exception("a reply on %s could not be handled", self.key)
+            finally:
+                self._popping.release()
+                self._hand_over()
 
-    def _drain(self) -> None:
+    # ---- popping (the one thread holding _popping)
+    def _pop(self, block_s: float) -> None:
+        """Deliver what waits on the list; if nothing does, wait up to `block_s` for a reply."""
+        if self._resweep:
+            self._sweep(everything=True)
+            self._resweep = False
         client = self._client
         with self._lock:
             busy = len(self._pending) > 1
         # at one request in flight a reply is awaited with BLPOP alone; with more, one LPOP
         # first takes everything already waiting
-        records = client.lpop(self.key, POP_MAX) if busy else None
-        if not records:
-            popped = client.blpop([self.key], timeout=WAIT_S)
+        records = client.lpop(self.key, POP_MAX) if busy or not block_s else None
+        if not records and block_s:
+            popped = client.blpop([self.key], timeout=block_s)
             records = [popped[1]] if popped else []
         if records:
-            self._deliver([self._decode(r) for r in records])
+            self._deliver(records)
         if time.monotonic() - self._last_sweep >= SWEEP_AFTER_S:
             self._sweep()
 
-    def _deliver(self, metas: list[dict]) -> None:
+    def _away(self, exc: Exception, delay: float) -> float:
+        """Redis did not answer: the next delay of a backoff, and a full sweep once it is back."""
+        if not delay:
+            log.warning("reply list %s unreachable (%s); retrying until Redis answers", self.key, exc)
+        self._resweep = True  # what was stored meanwhile may have missed the list
+        return min(RETRY_MAX_S, max(0.05, delay * 2))
+
+    def _deliver(self, records: list) -> None:
         wake: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-        for meta in metas:
+        for raw in records:
+            try:
+                meta = self._decode(raw)
+            except Exception:  # garbage on the list must not stop the popping
+                log.warning("dropped an undecodable reply on %s: %r", self.key, bytes(raw[:80]))
+                continue
             if not isinstance(meta, dict) or meta.get("status") not in states.READY_STATES:
                 continue
             with self._lock:
                 handle = self._pending.pop(str(meta.get("task_id")), None)
             if handle is None:
                 continue
-            for loop, future in handle._resolve(meta):
+            waiters = handle._resolve(meta)
+            if waiters:
+                with self._lock:
+                    self._awaited -= 1
+            for loop, future in waiters:
                 wake.setdefault(loop, []).append(future)
         for loop, futures in wake.items():
             try:
@@ -223,7 +351,7 @@ class ReplyListener:
         for i in range(0, len(due), SWEEP_CHUNK):
             chunk = due[i : i + SWEEP_CHUNK]
             raws = self._client.mget([self._meta_key(h.id) for h in chunk])
-            self._deliver([self._decode(raw) for raw in raws if raw])
+            self._deliver([raw for raw in raws if raw])
 
 
 def _wake(futures: list[asyncio.Future]) -> None:

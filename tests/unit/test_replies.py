@@ -187,3 +187,68 @@ def test_the_backend_pushes_final_states_to_mesh_reply_lists_only(app, rds, pref
     assert [(m["task_id"], m["status"]) for m in pushed] == [("r1", "FAILURE"), ("r2", "REVOKED")]
     assert not rds.exists("a-celery-oid") and not rds.exists(keys.models)
     assert backend.get_task_meta("r4")["status"] == states.FAILURE  # stored all the same
+
+
+def test_many_threads_waiting_share_the_popping_and_all_get_their_own_reply(app, listener, rds):
+    ids = [f"s{i}" for i in range(32)]
+    handles = {i: handle(app, listener, i) for i in ids}
+    got: dict[str, object] = {}
+    errors: list[BaseException] = []
+
+    def waiter(task_id: str) -> None:
+        try:
+            got[task_id] = handles[task_id].get(timeout=20)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=waiter, args=(i,)) for i in ids]
+    for t in threads:
+        t.start()
+    for i in reversed(ids):  # one by one: each reply may go to whichever thread pops
+        rds.rpush(listener.key, answer(app, i, i))
+        time.sleep(0.002)
+    for t in threads:
+        t.join(30)
+    assert not errors and got == {i: i for i in ids}
+    assert not listener._followers and not listener._popping.locked()
+
+
+def test_a_waiter_that_times_out_leaves_the_popping_to_the_others(app, listener, rds):
+    slow, fast = handle(app, listener, "slow"), handle(app, listener, "fast")
+    out: dict[str, object] = {}
+
+    def wait_fast() -> None:
+        out["fast"] = fast.get(timeout=20)
+
+    t = threading.Thread(target=wait_fast)
+    t.start()
+    with pytest.raises(CeleryTimeoutError):
+        slow.get(timeout=0.3)
+    rds.rpush(listener.key, answer(app, "fast", "ok"))
+    t.join(20)
+    assert out == {"fast": "ok"}
+
+
+def test_threads_and_an_event_loop_wait_on_one_list_together(app, listener, rds):
+    sync_ids, async_ids = [f"t{i}" for i in range(8)], [f"l{i}" for i in range(200)]
+    sync_handles = [handle(app, listener, i) for i in sync_ids]
+    got: list = []
+    threads = [threading.Thread(target=lambda h=h: got.append(h.get(timeout=20))) for h in sync_handles]
+    for t in threads:
+        t.start()
+
+    async def main() -> list:
+        handles = [handle(app, listener, i) for i in async_ids]
+        waiting = asyncio.gather(*(asyncio.ensure_future(_await(h)) for h in handles))
+        await asyncio.sleep(0.05)
+        with rds.pipeline(transaction=False) as pipe:
+            for i in sync_ids + async_ids:
+                pipe.rpush(listener.key, answer(app, i, i))
+            pipe.execute()
+        return await asyncio.wait_for(waiting, 20)
+
+    assert asyncio.run(main()) == async_ids
+    for t in threads:
+        t.join(20)
+    assert sorted(got) == sorted(sync_ids)
+    assert listener._awaited == 0
