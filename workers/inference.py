@@ -39,7 +39,7 @@ from mesh.broker.results import check_replies, push_reply
 from mesh.broker.transport import ack_in, ack_many, forget_acked, redis_server
 from mesh.errors import InferenceError, InvalidInput, MeshError
 from mesh.protocol.messages import SENT_AT_HEADER
-from mesh.protocol.tensors import decode_inputs, encode_outputs
+from mesh.protocol.tensors import decode_inputs, decode_stacked, encode_outputs
 
 from .batcher import Batch, Batcher, Pending
 from .metrics import outcome_of
@@ -214,7 +214,10 @@ class InferenceLoop(threading.Thread):
     def _decode(self, p: Pending, loaded: Any) -> Message:
         kwargs = p.req.kwargs
         if isinstance(kwargs, dict) and isinstance(kwargs.get("items"), list) and kwargs["items"]:
-            return Message(p, [self._unit(raw, loaded) for raw in kwargs["items"]], many=True)
+            units = self._stacked_units(kwargs["items"], loaded)
+            if units is None:
+                units = [self._unit(raw, loaded) for raw in kwargs["items"]]
+            return Message(p, units, many=True)
         if isinstance(kwargs, dict) and "inputs" in kwargs:
             return Message(p, [self._unit(kwargs["inputs"], loaded)])
         return Message(
@@ -239,6 +242,27 @@ class InferenceLoop(threading.Thread):
         except Exception as exc:  # a malformed request must never take the batch down
             u.error = InvalidInput(f"{type(exc).__name__}: {exc}")
         return u
+
+    @staticmethod
+    def _stacked_units(raws: list, loaded: Any) -> list[Unit] | None:
+        """A micro-batch's items decoded and checked at once when they are alike
+        (`decode_stacked`); None: decode them one by one, so a bad one fails alone."""
+        stacked = decode_stacked(raws)
+        if stacked is None:
+            return None
+        name, arr, rows = stacked
+        try:
+            loaded.runtime.check_inputs(loaded, {name: arr})
+        except Exception:  # the one-by-one path reports it for each item
+            return None
+        sig = loaded.signature
+        if sig is not None and len(sig) == 1:
+            name = sig[0].name  # as `_unit` renames a lone input
+        units, start = [], 0
+        for n in rows:
+            units.append(Unit(inputs={name: arr[start : start + n]}, rows=n))
+            start += n
+        return units
 
     def _predict(self, runtime: Any, model: Any, group: list[Unit]) -> None:
         """Predict `group` as one batch; on an exception, bisect to isolate the culprits."""

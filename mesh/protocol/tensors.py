@@ -13,6 +13,7 @@ cannot accept as-is; that walk is the single source of truth for what is rejecte
 from __future__ import annotations
 
 import math
+from itertools import chain
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, get_args
 
@@ -429,6 +430,46 @@ def decode_inputs(raw: Any) -> dict[str, np.ndarray]:
             raise InvalidInput(f"duplicate input name {name!r}")
         out[name] = arr
     return out
+
+
+def decode_stacked(items: Sequence[Any]) -> tuple[str, np.ndarray, list[int]] | None:
+    """Micro-batch items (each a request's list of tensors) that each hold one tensor of the same
+    name, datatype and trailing shape, decoded in one conversion: (name, the items' rows stacked,
+    rows per item). None when they do not all have that form or one of them is invalid: decode
+    them one by one (`decode_inputs`), which says which and why.
+
+    Why: a micro-batch of small tensors spent more in 32 conversions than in its predict.
+    """
+    first: tuple[Any, Any, list] | None = None
+    datas: list[list] = []
+    rows: list[int] = []
+    try:
+        for raw in items:
+            if not (isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], dict)):
+                return None
+            t = raw[0]
+            if t.keys() != _TENSOR_KEYS:
+                return None
+            shape, data = t["shape"], t["data"]
+            if not (isinstance(shape, list) and shape and isinstance(data, list)):
+                return None
+            n = shape[0]
+            if type(n) is not int or n < 0 or len(data) != n * math.prod(shape[1:]):
+                return None  # nested data, a wrong count, a strange shape: the exact path says
+            if first is None:
+                first = (t["name"], t["datatype"], shape[1:])
+            elif (t["name"], t["datatype"], shape[1:]) != first:
+                return None
+            datas.append(data)
+            rows.append(n)
+        if first is None or first[1] == "BYTES":
+            return None
+        name, datatype, rest = first
+        stacked = {"name": name, "shape": [sum(rows), *rest], "datatype": datatype,
+                   "data": list(chain.from_iterable(datas))}  # fmt: skip
+        return name, to_numpy(stacked), rows
+    except (InvalidInput, TypeError, ValueError, OverflowError):
+        return None
 
 
 def encode_outputs(outputs: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -145,6 +145,21 @@ def test_a_micro_batch_answers_each_item(rig, loop):
     assert result["results"][2]["outputs"][0]["data"] == [6.0, 6.0]
 
 
+def test_a_micro_batch_of_alike_items_with_a_bad_one_still_fails_it_alone(rig, loop):
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    items = [tensor(1, 1), tensor(2, 2), [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1.0]}],
+             tensor(4, 4), tensor(-5, -5)]  # fmt: skip
+    rig.batcher.add("m", loop.request("many", items=items), items=len(items))
+    alike = [tensor(i, i) for i in range(1, 7)]
+    rig.batcher.add("m", loop.request("alike", items=alike), items=len(alike))
+    loop.start()
+    result = loop.result("many")["results"]
+    assert [r.get("outputs", [{}])[0].get("data") for r in result] == [[2.0, 2.0], [4.0, 4.0], None, [8.0, 8.0], None]
+    assert result[2]["error"]["type"] == "InvalidInput" and result[4]["error"]["type"] == "InferenceError"
+    assert [r["outputs"][0]["data"] for r in loop.result("alike")["results"]] == [[2.0 * i] * 2 for i in range(1, 7)]
+
+
 def test_an_expired_request_is_revoked_not_answered(rig, loop):
     rig.register("m", python_class=PICKY)
     rig.load("m")

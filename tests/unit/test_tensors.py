@@ -358,3 +358,36 @@ def test_encode_outputs():
         encode_outputs([np.zeros(1)])
 
 
+
+
+def _item(data, shape=None, name="x", datatype="FP32"):
+    return [{"name": name, "shape": shape or [1, len(data)], "datatype": datatype, "data": data}]
+
+
+def test_alike_micro_batch_items_are_decoded_in_one_conversion():
+    from mesh.protocol.tensors import decode_stacked
+
+    name, arr, rows = decode_stacked([_item([1, 2]), _item([3, 4, 5, 6], [2, 2]), _item([], [0, 2])])
+    assert (name, rows) == ("x", [1, 2, 0])
+    assert arr.dtype == np.float32 and arr.tolist() == [[1, 2], [3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [_item([1, 2]), _item([1, 2], name="y")],  # different names
+        [_item([1, 2]), _item([1, 2], datatype="FP64")],  # different datatypes
+        [_item([1, 2]), _item([1, 2, 3])],  # different trailing shapes
+        [_item([1, 2]), _item([1, 2, 3], [1, 2])],  # a wrong count
+        [_item([1, 2]), _item([1, "two"])],  # a value that is not a number
+        [_item([1, 2]), _item([1e300, 2])],  # out of FP32's range
+        [_item([[1, 2]])],  # nested data
+        [_item(["a", "b"], datatype="BYTES")],
+        [_item([1, 2]) + _item([3, 4], name="y")],  # two tensors per item
+        [_item([1, 2]), "garbage"],
+    ],
+)
+def test_items_that_are_not_alike_or_not_valid_are_left_to_the_one_by_one_path(items):
+    from mesh.protocol.tensors import decode_stacked
+
+    assert decode_stacked(items) is None
