@@ -40,7 +40,7 @@ from mesh.protocol.messages import (
     SENT_AT_HEADER,
     VMODEL_HEADER,
 )
-from mesh.protocol.tensors import encode_inputs
+from mesh.protocol.tensors import decode_stacked, encode_inputs
 from mesh.settings import MeshSettings, get_settings
 from mesh.storage.sources import validate_uri
 from mesh.store.context import StoreContext, redis_client
@@ -441,6 +441,9 @@ class MeshClient:
 def _many_items(inputs: Sequence[Any]) -> list[list[dict]]:
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or not inputs:
         raise InvalidArgument("infer_many needs a non-empty list with one inputs entry per request")
+    if decode_stacked(inputs) is not None:
+        # alike V2 tensors, validated at once by the check the worker applies: sent as given
+        return list(inputs)
     return [encode_inputs(x) for x in inputs]
 
 

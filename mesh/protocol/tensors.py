@@ -65,6 +65,9 @@ DATATYPE_TO_DTYPE: dict[str, np.dtype] = {
 }
 
 _TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
+# the largest finite value of each narrow float type: a range check needs no errstate context,
+# which cost more than the conversion of a small tensor
+_FLOAT_MAX = {np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32)}
 _KEYS_TEXT = "name, shape, datatype and data"
 
 
@@ -179,6 +182,8 @@ def _fast_convert(data: Sequence[Any], dtype: np.dtype, needed: int) -> np.ndarr
         if target == "f":
             if dtype.itemsize >= src.dtype.itemsize:
                 return src.astype(dtype)
+            if src.size and -_FLOAT_MAX[dtype] <= src.min() and src.max() <= _FLOAT_MAX[dtype]:
+                return src.astype(dtype)  # all finite and in range (NaN fails the comparison)
             with np.errstate(over="ignore", invalid="ignore"):
                 out = src.astype(dtype)
             # NaN and +-inf are legal values; a finite value turning into inf is an overflow.
