@@ -305,6 +305,10 @@ class ReplyListener:
             records = [popped[1]] if popped else []
         if records:
             self._deliver(records)
+        while not block_s and records and len(records) == POP_MAX:  # housekeeping: all of it
+            records = client.lpop(self.key, POP_MAX)
+            if records:
+                self._deliver(records)
         if time.monotonic() - self._last_sweep >= SWEEP_AFTER_S:
             self._sweep()
 

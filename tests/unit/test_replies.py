@@ -252,3 +252,19 @@ def test_threads_and_an_event_loop_wait_on_one_list_together(app, listener, rds)
         t.join(20)
     assert sorted(got) == sorted(sync_ids)
     assert listener._awaited == 0
+
+
+def test_replies_nobody_waits_for_do_not_pile_up(app, listener, rds):
+    kept = [handle(app, listener, f"k{i}") for i in range(3)]  # started, never waited on
+    with rds.pipeline(transaction=False) as pipe:
+        for i in range(4000):  # many more than one pop takes
+            pipe.rpush(listener.key, answer(app, f"gone{i}", i))
+        for h in kept:
+            pipe.rpush(listener.key, answer(app, h.id, h.id))
+        pipe.execute()
+    listener._need.set()  # what the next housekeeping round does, without waiting for it
+    deadline = time.monotonic() + SWEEP_AFTER_S * 3
+    while rds.llen(listener.key) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert rds.llen(listener.key) == 0
+    assert all(h.ready() and h.result == h.id for h in kept)
