@@ -46,7 +46,7 @@ from bench.common import (
 from bench.multimodel import copy_models, measure_model, model_ids, zipf_stream
 from mesh import MeshClient, ModelInfo
 from mesh.tools.examples import seed_digits_tensor, train_digits_mlp, train_digits_svm
-from mesh.tools.launcher import start_worker, wait_for, wait_worker_ready
+from mesh.tools.launcher import REPO_ROOT, start_worker, wait_for, wait_worker_ready
 
 WORKLOADS = ("svc1", "mlp16", "zipf", "async")
 ASYNC_IN_FLIGHT = 1000
@@ -246,12 +246,50 @@ def report(results: dict) -> str:
     return "\n".join(lines + [""] + ratios)
 
 
+PNG = REPO_ROOT / "docs" / "img" / "closedloop.png"
+
+
+def draw(results: dict, png: Path = PNG) -> Path:
+    """Four panels, one bar pair (plain, mesh) per workload: req/s, p99, and CPU per request
+    on each side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, r in results["workloads"].items() if "plain" in r and "mesh" in r]
+    panels = [("throughput", "requests/s", 1.0), ("p99_ms", "p99 latency (ms)", 1.0),
+              ("producer_cpu_ms_per_req", "producer CPU per request (ms)", 1.0),
+              ("worker_cpu_ms_per_req", "worker CPU per request (ms)", 1.0)]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
+    width = 0.38
+    for ax, (key, label, _) in zip(axes, panels):
+        for i, (system, color) in enumerate((("plain", "#d62728"), ("mesh", "#1f77b4"))):
+            values = [results["workloads"][n][system][key] for n in names]
+            bars = ax.bar([x + (i - 0.5) * width for x in range(len(names))], values, width,
+                          color=color, label="plain Celery" if system == "plain" else "mesh")  # fmt: skip
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(label, fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    m = results["machine"]
+    fig.suptitle(f"Closed-loop clients calling infer().get(), defaults against defaults: {m['cpus']} CPUs "
+                 f"({m['cpu_model']}), load average {m['loadavg_at_start'][0]:.1f} at the start", fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench closedloop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated: {', '.join(WORKLOADS)}")
     ap.add_argument("--requests", type=int, default=0, help="measured requests per system (default: per workload)")
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--only", choices=("plain", "mesh"), help="run one system only (development)")
+    ap.add_argument("--plot", action="store_true", help=f"also draw {PNG.relative_to(REPO_ROOT)}")
     args = ap.parse_args(argv)
     wanted = [w for w in args.workloads.split(",") if w]
     unknown = set(wanted) - set(WORKLOADS)
@@ -293,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report(results))
     print(f"\nraw figures: {save('closedloop', results)}")
+    if args.plot:
+        print(f"plot: {draw(results)}")
     return 0
 
 
