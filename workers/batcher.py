@@ -14,6 +14,8 @@ items as it carries. A buffer is ready when
   worker pays no batching delay.
 Among ready buffers the one whose oldest request is oldest goes first, so one model's flood
 cannot starve another model's requests. Inside a buffer, high-priority requests go first.
+A model the worker is loading again has a *held* buffer: it takes requests in but is never
+ready until the model manager opens it.
 """
 
 from __future__ import annotations
@@ -151,15 +153,16 @@ class _Lanes:
 
 
 class _Buffer:
-    __slots__ = ("model_id", "policy", "lanes", "error", "opened", "sealed")
+    __slots__ = ("model_id", "policy", "lanes", "error", "opened", "sealed", "held")
 
-    def __init__(self, model_id: str, policy: BatchPolicy) -> None:
+    def __init__(self, model_id: str, policy: BatchPolicy, held: bool = False) -> None:
         self.model_id = model_id
         self.policy = policy
         self.lanes = _Lanes()
         self.error: BaseException | None = None
         self.opened = time.monotonic()
         self.sealed = False  # being evicted: serve what is buffered, accept nothing new
+        self.held = held  # its model is still loading: accept, but batch nothing yet
 
 
 class Batcher:
@@ -183,13 +186,36 @@ class Batcher:
             return True
 
     # ---------------------------------------------------------------- model manager
+    def hold(self, model_id: str, policy: BatchPolicy) -> None:
+        """Accept the model's requests while it loads (again), batching none of them until
+        `open`: its queue is consumed from the start of the reload, so the requests that asked
+        for it are in hand the moment it is installed. A buffer that exists already only takes
+        the policy (a held one) or stays as it is (serving, or failed)."""
+        with self._cond:
+            buf = self._buffers.get(model_id)
+            if buf is None:
+                self._buffers[model_id] = _Buffer(model_id, policy, held=True)
+            elif buf.held:
+                buf.policy = policy
+
+    def release_held(self, model_id: str) -> list[Pending] | None:
+        """Close a held buffer (its load did not happen); returns what it took in, or None when
+        the buffer is not held (serving, failed, or gone): then it stays as it is."""
+        with self._cond:
+            buf = self._buffers.get(model_id)
+            if buf is None or not buf.held:
+                return None
+            del self._buffers[model_id]
+            return buf.lanes.drain()
+
     def open(self, model_id: str, policy: BatchPolicy) -> None:
         with self._cond:
             buf = self._buffers.get(model_id)
             if buf is None:
                 self._buffers[model_id] = _Buffer(model_id, policy)
             else:
-                buf.policy, buf.error, buf.sealed = policy, None, False
+                buf.policy, buf.error, buf.sealed, buf.held = policy, None, False, False
+                self._cond.notify_all()  # what it held while loading is ready now
 
     def seal(self, model_id: str) -> None:
         with self._cond:
@@ -218,7 +244,7 @@ class Batcher:
             if buf is None:
                 buf = self._buffers[model_id] = _Buffer(model_id, policy)
             buf.error = error
-            buf.sealed = False
+            buf.sealed = buf.held = False
             buf.opened = time.monotonic()
             self._cond.notify_all()
 
@@ -273,6 +299,7 @@ class Batcher:
                         b.policy.preferred_batch_sizes,
                     )
                     for b in self._buffers.values()
+                    if not b.held
                 ]
                 counts = {v.model_id: v.count for v in views if v.count}
                 # a probe result holds only while the buffer has not changed since

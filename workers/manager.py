@@ -10,8 +10,11 @@ A load goes through the worker's line in two stages (`_Job`):
 - fetch (MESH_LOAD_PREFETCH threads, up to that many loads ahead): the registry record, the
   model's files (downloaded into the disk cache if remote) and its reload snapshot's bytes.
   I/O only: nothing is evicted and no memory is promised yet.
-- load (MESH_LOADING_CONCURRENCY threads): make room, build the model (from the snapshot's
-  bytes, else the runtime's load), install it, mark the copy LOADED.
+- load (MESH_LOADING_CONCURRENCY at a time, on the fetch thread when a slot is free, else on a
+  loader thread): make room, build the model (from the snapshot's bytes, else the runtime's
+  load), install it, mark the copy LOADED.
+A model this process loaded before has its queue consumed from the moment its reload is asked
+for: its requests wait here, held by the batcher, and are batched as soon as it is installed.
 Every blocking call gives up the interpreter lock, and with the intake and inference threads
 busy, taking it back costs up to the switch interval (5 ms): a reload that needs 3 ms of CPU
 took ~22 ms in a busy worker, most of it in the ~25 round trips and file operations around
@@ -44,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachetools import Cache
+from cachetools import Cache, LRUCache
 
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import CopyState, LoadedModel, ModelRecord
@@ -52,7 +55,7 @@ from mesh.policy.precedence import effective_config, record_manifest
 from mesh.storage.sources import acquire_model, release_model
 
 from .batcher import BatchPolicy
-from .retention import FRESH_S, Candidate, UsageMeter, make_room
+from .retention import FRESH_S, HISTORY_MODELS, Candidate, UsageMeter, make_room
 from .runtimes import get_runtime
 from .runtimes.base import Loaded
 from .snapshots import Snapshots
@@ -91,6 +94,7 @@ class _Job:
 
     model_id: str
     requested: float  # time.monotonic() when the load was asked for
+    early: bool = False  # its model's requests are taken in (held) while it loads
     record: ModelRecord | None = None
     path: Path | None = None
     snapshot: bytes | None = None  # the reload snapshot's bytes, when there is one
@@ -125,6 +129,11 @@ class ModelManager:
         self.capacity = s.worker_capacity_bytes
         self.load_timeout_s = s.load_timeout_s
         self.evict_grace_s = 1.0
+        # the batch policy of a model whose record is not read yet (its buffer, held, only
+        # counts towards the prefetch budget until then)
+        self._provisional = BatchPolicy(s.max_batch_size, s.max_batch_delay_ms / 1000.0)
+        # model id -> the info of a load of it that succeeded in this process (`request_load`)
+        self._proven: LRUCache = LRUCache(maxsize=HISTORY_MODELS)
         self._lock = threading.RLock()  # guards _entries, _cache, _usage, _victims, _reserved
         self._inflight = threading.Condition()
         self._entries: dict[str, Entry] = {}
@@ -150,6 +159,13 @@ class ModelManager:
         # jobs between the start of their fetch and the end of their load: bounds the snapshots
         # held in memory ahead of their load
         self._ahead = threading.Semaphore(self.prefetch + s.loading_concurrency)
+        # loads running (MESH_LOADING_CONCURRENCY), on a loader thread or on the fetch thread
+        # that fetched them (`_queue_load`)
+        self._load_slots = threading.BoundedSemaphore(s.loading_concurrency)
+        # kept threads for guarded calls (`_with_timeout`), one per call that can run at once
+        guards = self.prefetch + s.loading_concurrency
+        self._guards = ThreadPoolExecutor(max_workers=guards, thread_name_prefix="mesh-guard")
+        self._guards_idle = threading.Semaphore(guards)
         self._retirer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-retire")
         self._retiring: deque[Future] = deque()
         self._retiring_lock = threading.Lock()
@@ -168,7 +184,18 @@ class ModelManager:
                     self._pool.submit(self._reassert, model_id)
                 return
             self._entries[model_id] = Entry(model_id, None, BatchPolicy(1, 0.0))  # type: ignore[arg-type]
-        job = _Job(model_id, time.monotonic())
+            early = model_id in self._proven
+        if early:
+            # A reload: take the model's requests in from now on, held until it is installed
+            # (the fetch stage's round trip rings our queue, so an idle consumer's wait takes
+            # the queue in). Consuming only once the copy was LOADED put a mark, a wake-up and
+            # a pop between the load and its first request: 3-5 ms of a cold request, 13-22 ms
+            # at p90, on a busy worker (closedloop zipf). Only for a model this process loaded
+            # before: requests taken in by a worker that dies are back only after the
+            # visibility timeout, and a first load is when a model may take its worker down.
+            self.batcher.hold(model_id, self._provisional)
+            self.consumer.consume(model_id, wake=False)
+        job = _Job(model_id, time.monotonic(), early=early)
         if self._fetchers is not None:
             self._fetchers.submit(self._fetch_then, job, self._queue_load)
         else:
@@ -272,7 +299,13 @@ class ModelManager:
             self._ahead.release()
 
     def _queue_load(self, job: _Job) -> None:
-        self._pool.submit(self._load, job)
+        """On a fetch thread: the load stage right here when a load slot is free, else in the
+        loader threads' line. Handing every load to a loader thread cost a thread switch, up to
+        the interpreter's switch interval in a busy worker, on each cold request's path."""
+        if self._load_slots.acquire(blocking=False):
+            self._load(job, slot_held=True)
+        else:
+            self._pool.submit(self._load, job)
 
     def _fetch(self, job: _Job) -> bool:
         """The record (and our copy marked LOADING), the files and the reload snapshot's bytes.
@@ -280,7 +313,9 @@ class ModelManager:
         started = time.monotonic()
         model_id = job.model_id
         try:
-            record = self.store.begin_load(model_id, self.name)  # one round trip
+            # one round trip, which also rings our queue when the model's is consumed already
+            ring = self.store.keys.worker_queue(self.name) if job.early else None
+            record = self.store.begin_load(model_id, self.name, ring=ring)
             if record is None:
                 raise ModelNotFound(f"model {model_id!r} is not registered")
             cfg = effective_config(
@@ -294,6 +329,14 @@ class ModelManager:
             with self._lock:
                 entry = self._entries[model_id]
                 entry.record, entry.policy = record, policy
+                proven = self._proven.get(model_id)
+                other = proven is not None and not proven.same_model(record.info)
+                if other:
+                    del self._proven[model_id]  # registered again, as another model
+            if other:
+                self._give_back_held(model_id)  # a first load after all
+            elif job.early:
+                self.batcher.hold(model_id, policy)  # what it holds is batched by the record's
             job.record = record
             job.path, job.snapshot = self._with_timeout(record, self.load_timeout_s, self._fetch_files, record)
         except Exception as exc:
@@ -308,11 +351,16 @@ class ModelManager:
         path = acquire_model(record.model_id, record.info, self.settings)
         return path, self.snapshots.read(runtime, record.info, path, record.size_bytes)
 
-    def _load(self, job: _Job) -> None:
-        """Load stage: make room, build the model, install it."""
-        started = time.monotonic()
+    def _load(self, job: _Job, slot_held: bool = False) -> None:
+        """Load stage: make room, build the model, install it (in a load slot, which the caller
+        may hold already), then announce it. The announcement's round trips happen after the
+        slot is given back: the next load in the line does not wait for them."""
         model_id, record = job.model_id, job.record
         assert record is not None and job.path is not None
+        if not slot_held:
+            self._load_slots.acquire()
+        in_slot = True
+        started = time.monotonic()  # after the wait for the slot: not part of its timeout
         try:
             predicted = record.size_bytes or record.info.size_bytes or 0
             waiting = self.batcher.buffered()
@@ -328,10 +376,25 @@ class ModelManager:
             self._retire_victims_soon()
             loaded, restored = self._build(job, started)
             self._install(entry, loaded)
+            if not restored and self.snapshots.offered(loaded.runtime):
+                # On its own thread: the next load (and its cold requests) does not wait for it.
+                # Before the requests are released: a producer answered at once sends the next
+                # one, whose download must not find the snapshot still being written into a
+                # tight disk cache (MESH_DISK_CACHE_BYTES counts writes in progress).
+                self._snapshot_pool.submit(self.snapshots.save, loaded.runtime, record.info, job.path, loaded.model)
+            # the requests held while it loaded are batched now, while the bookkeeping (a wait
+            # for earlier retirements, the copy's announcement) goes on
+            self.batcher.open(model_id, entry.policy)
+            self._retire_victims_soon()
+            self._load_slots.release()
+            in_slot = False
+            self._announce(entry)
         except Exception as exc:
             self._failed(job, exc, started - job.fetch_s)
             return
         finally:
+            if in_slot:
+                self._load_slots.release()
             self._ahead.release()
         now = time.monotonic()
         own = job.fetch_s + now - started  # the load's own time, without its wait in the line
@@ -344,9 +407,6 @@ class ModelManager:
                  " from its snapshot" if restored else "")  # fmt: skip
         if restored:
             mx.restores.labels(model_id).inc()
-        elif entry.state == "LOADED" and self.snapshots.offered(loaded.runtime):
-            # on its own thread: the next load (and its cold requests) does not wait for it
-            self._snapshot_pool.submit(self.snapshots.save, loaded.runtime, record.info, job.path, loaded.model)
 
     def _build(self, job: _Job, started: float) -> tuple[Loaded, bool]:
         """(the loaded model, whether it came from its reload snapshot)."""
@@ -369,6 +429,7 @@ class ModelManager:
         """A load that ended in an error: never a crash, a failure record (or, for a model no
         longer registered, nothing)."""
         model_id, store, name = job.model_id, self.store, self.name
+        self._give_back_held(model_id)
         if isinstance(exc, ModelNotFound):
             log.info("not loading %s: %s", model_id, exc)
             self._forget(model_id)
@@ -380,6 +441,16 @@ class ModelManager:
         self._forget(model_id)
         self.metrics.loads.labels(model_id, "failed").inc()
         self.events.load_failed(model_id, message)
+
+    def _give_back_held(self, model_id: str) -> None:
+        """A load that will not happen here: stop taking its model's requests in, and put the
+        ones taken in while it loaded back on their queue, before the failure is handled (a
+        retry elsewhere, or the failure drain, answers them there)."""
+        held = self.batcher.release_held(model_id)
+        if held is None:  # not held any more: already failed, or served
+            return
+        self.consumer.stop_consuming(model_id)
+        self.consumer.requeue(held, wait_s=5.0)
 
     def _reserve(self, entry: Entry, nbytes: int) -> None:
         self._reserved += nbytes - entry.reserved
@@ -395,9 +466,14 @@ class ModelManager:
 
     def _with_timeout(self, record: ModelRecord, timeout_s: float, fn: Callable[..., Any], *args: Any,
                       **kwargs: Any) -> Any:  # fmt: skip
-        """fn(*args, **kwargs) on a throwaway thread, so a hung download or runtime load cannot
+        """fn(*args, **kwargs) on another thread, so a hung download or runtime load cannot
         hang the worker: after `timeout_s` the load fails and whatever fn returns later is
-        dropped (a model unloaded, the files unpinned)."""
+        dropped (a model unloaded, the files unpinned).
+
+        On a kept thread when one is idle: starting a thread per call made the caller wait for
+        the new thread to be scheduled and take the interpreter lock, two thirds of the fetch
+        stage's time in a busy worker (py-spy, closedloop zipf). A thread of its own otherwise
+        (the kept ones are busy: hung calls, most likely)."""
         result: dict[str, Any] = {}
         done = threading.Event()
         abandoned = threading.Event()
@@ -415,7 +491,20 @@ class ModelManager:
                         value.runtime.unload(value.model)
                     release_model(record.model_id)
 
-        threading.Thread(target=run, name=f"mesh-load-{record.model_id}", daemon=True).start()
+        def kept() -> None:
+            try:
+                run()
+            finally:
+                self._guards_idle.release()
+
+        if not self._guards_idle.acquire(blocking=False):
+            threading.Thread(target=run, name=f"mesh-load-{record.model_id}", daemon=True).start()
+        else:
+            try:
+                self._guards.submit(kept)
+            except RuntimeError:  # shut down
+                self._guards_idle.release()
+                threading.Thread(target=run, name=f"mesh-load-{record.model_id}", daemon=True).start()
         if not done.wait(max(0.0, timeout_s)):
             abandoned.set()
             raise ModelLoadFailed(
@@ -443,8 +532,11 @@ class ModelManager:
             self._evict_until_fits(size, waiting)
             self._cache[model_id] = entry
             entry.state = "LOADED"
-        self._retire_victims_soon()
-        self.batcher.open(model_id, entry.policy)
+            self._proven[model_id] = entry.record.info
+
+    def _announce(self, entry: Entry) -> None:
+        """An installed copy in Redis: its measured size, LOADED, our queue's ring."""
+        model_id, size = entry.model_id, entry.size_bytes
         # placement reads the measured size: known by the time anyone sees the copy LOADED
         # (a reload measured nothing new: its record already holds it)
         if entry.record.size_bytes != size:
@@ -541,6 +633,7 @@ class ModelManager:
             entry.state = "EVICTING"
             if fail_with is not None:  # unregistered: a model registered again starts afresh
                 self._usage.forget(model_id)
+                self._proven.pop(model_id, None)
         self._retire(entry, fail_with)
 
     def _retire(self, entry: Entry, fail_with: MeshError | None) -> None:
@@ -579,3 +672,4 @@ class ModelManager:
             self._fetchers.shutdown(wait=False, cancel_futures=True)
         self._retirer.shutdown(wait=False, cancel_futures=True)
         self._snapshot_pool.shutdown(wait=False, cancel_futures=True)
+        self._guards.shutdown(wait=False, cancel_futures=True)

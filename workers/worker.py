@@ -266,11 +266,15 @@ class MeshWorker:
             depth = self.store.queue_depth(model_id, self.priority_steps)
         if depth == 0:
             return False
-        route = self.store.route(model_id, claimant=self.name, priority_steps=self.priority_steps, if_queued=True)
-        if route is Route.CLAIMED:
-            placement = self.store.place_load(model_id)
-            if placement.worker:
-                log.info("%s has queued requests and no copy: loading it on %s", model_id, placement.worker)
+        route, placement, _ = self.store.route_and_place(
+            model_id, claimant=self.name, priority_steps=self.priority_steps, if_queued=True
+        )  # fmt: skip
+        if placement is not None and placement.worker:
+            log.info("%s has queued requests and no copy: loading it on %s", model_id, placement.worker)
+            if placement.worker == self.name:
+                # most often the model's home is where it just left: no command round trip
+                self.manager.request_load(model_id)
+            else:
                 self._send_command(placement.worker, Command(op="load", model_id=model_id))
         return route is not Route.IDLE
 
@@ -318,9 +322,10 @@ class MeshWorker:
             self._reload_orphans(fresh)
 
     def _reload_orphans(self, model_ids: list[str]) -> None:
-        # one round trip for every watched queue (hundreds under churn), not one each
+        # one round trip for every watched queue (hundreds under churn), whose reply names
+        # only the queues that hold requests
         gone = [m for m in model_ids if not self.batcher.is_open(m)]
-        for model_id, depth in (self._queue_depths(gone) if gone else {}).items():
+        for model_id, depth in self.store.queued(gone, self.priority_steps).items():
             self._reload_if_orphaned(model_id, depth)
 
     def reassert_copies(self) -> None:

@@ -17,7 +17,8 @@ Guarantees:
   gives one) is verified, then the directory is renamed into entries/ in one step.
 - The budget holds: bytes of complete entries plus reservations of running downloads never
   exceed `capacity_bytes` (data bytes; the small meta and lock files are not counted). A
-  download that cannot fit without evicting an entry in use fails with a clear error.
+  download that cannot fit without evicting an entry in use, or room held by other downloads,
+  fails with a clear error once that has lasted ROOM_WAIT_S.
 - Never evicts an entry in use: a lease holds a shared lock on the entry's lock file until it
   is released; eviction takes the exclusive lock without waiting and skips entries it cannot
   get. A worker keeps the lease of each loaded model until it unloads it.
@@ -49,6 +50,11 @@ from mesh.protocol.paths import safe_relpath
 log = logging.getLogger("mesh.storage.diskcache")
 
 PROGRESS_EVERY_S = 2.0
+# A download that finds no room waits this long for some before it fails: what is in the way is
+# often about to go. A worker answers a load's first requests, and its next load arrives, while
+# that load's reload snapshot is still being written (then in use by nobody) and its victim's
+# files are still pinned until the victim's retirement ends.
+ROOM_WAIT_S = 2.0
 _CHUNK = 1024 * 1024
 
 
@@ -262,11 +268,20 @@ class DiskCache:
             )
         token = f"{digest}-{uuid.uuid4().hex[:12]}"
         work = self._tmp / token
-        with self._global_lock():
-            self._make_room(total, source.description)
-            rfd = os.open(self._tmp / f"{token}.lock", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            fcntl.flock(rfd, fcntl.LOCK_EX)
-            os.write(rfd, json.dumps({"size": total, "key": key}).encode())
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while True:
+            with self._global_lock():
+                try:
+                    self._make_room(total, source.description)
+                except ModelLoadFailed:
+                    if time.monotonic() >= deadline:
+                        raise
+                else:
+                    rfd = os.open(self._tmp / f"{token}.lock", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+                    fcntl.flock(rfd, fcntl.LOCK_EX)
+                    os.write(rfd, json.dumps({"size": total, "key": key}).encode())
+                    break
+            time.sleep(0.01)  # outside the lock: what is in the way needs it to go
         try:
             data = work / "data"
             data.mkdir(parents=True)

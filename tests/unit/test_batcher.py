@@ -126,3 +126,45 @@ def test_stop_wakes_take():
     b.stop()
     t.join(10)
     assert got == [None]
+
+
+def test_a_held_buffer_takes_requests_in_and_batches_them_once_opened():
+    """A model's queue is consumed from the start of its load: its requests wait here, none
+    batched (nothing could answer them yet), and go as soon as the model is installed."""
+    probes = []
+    b = Batcher(lambda models: probes.append(list(models)) or {m: 0 for m in models})
+    b.hold("m", BatchPolicy(4, 60.0))
+    assert b.add("m", "r1") and b.add("m", "r2")
+    assert b.take(timeout=0.05) is None
+    assert probes == []  # a held buffer is not even asked about
+    assert b.is_open("m") and b.buffered() == {"m": 2}
+    got = []
+    t = threading.Thread(target=lambda: got.append(b.take(timeout=30)))
+    t.start()
+    b.open("m", BatchPolicy(8, 60.0))  # wakes the waiting take
+    t.join(30)
+    assert got and [p.req for p in got[0].items] == ["r1", "r2"]
+
+
+def test_a_held_buffer_only_takes_the_policy_and_never_overrides_a_serving_or_failed_one():
+    b = Batcher(lambda models: {})
+    b.hold("m", BatchPolicy(4, 60.0))
+    b.hold("m", BatchPolicy(16, 60.0))
+    assert b.policies() == {"m": BatchPolicy(16, 60.0)}  # the record's, once read
+    b.open("s", BatchPolicy(4, 60.0))
+    b.hold("s", BatchPolicy(1, 0.0))
+    assert b.policies()["s"] == BatchPolicy(4, 60.0) and b.release_held("s") is None
+    err = RuntimeError("unregistered")
+    b.fail("m", err, BatchPolicy(4, 60.0))  # a failure answers what it held
+    b.add("m", "r")
+    assert b.release_held("m") is None
+    assert b.take(timeout=5).error is err
+
+
+def test_a_load_that_did_not_happen_gives_back_what_its_held_buffer_took_in():
+    b = Batcher(lambda models: {})
+    b.hold("m", BatchPolicy(4, 60.0))
+    b.add("m", "r1")
+    b.add("m", "r2", high=True)
+    assert [p.req for p in b.release_held("m")] == ["r2", "r1"]
+    assert not b.is_open("m") and not b.add("m", "r3")

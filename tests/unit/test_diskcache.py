@@ -7,12 +7,14 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mesh.errors import InvalidArgument, ModelLoadFailed
+from mesh.storage import diskcache
 from mesh.storage.diskcache import DiskCache, Listing, RemoteFile, join_inside, safe_relpath
 
 
@@ -166,7 +168,8 @@ def test_the_ledger_spares_the_scan_while_there_is_room_and_never_undercounts(tm
     assert int(ledger.read_text()) == cache.used_bytes() == 0
 
 
-def test_entries_in_use_are_never_evicted_and_the_budget_holds(tmp_path):
+def test_entries_in_use_are_never_evicted_and_the_budget_holds(tmp_path, monkeypatch):
+    monkeypatch.setattr(diskcache, "ROOM_WAIT_S", 0.1)  # no room comes: fail soon
     cache = DiskCache(tmp_path / "c", 250)
     pinned = cache.acquire("a", FakeSource({"m": b"a" * 100}))
     cache.acquire("b", FakeSource({"m": b"b" * 100})).release()
@@ -181,6 +184,30 @@ def test_entries_in_use_are_never_evicted_and_the_budget_holds(tmp_path):
     pinned.release()  # idempotent
     cache.acquire("d", FakeSource({"m": b"d" * 100})).release()
     assert cache.used_bytes() <= 250
+
+
+def test_a_download_waits_for_room_that_is_about_to_come(tmp_path):
+    """A reload snapshot still being written (a download in progress) does not fail the next
+    load's download: once written it is in use by nobody, and it is evicted for the load."""
+    cache = DiskCache(tmp_path / "c", 250)
+    pinned = cache.acquire("a", FakeSource({"m": b"a" * 100}))
+    started, finish = threading.Event(), threading.Event()
+
+    class Writing(FakeSource):
+        def download(self, file, sink):
+            started.set()
+            finish.wait(10)
+            return super().download(file, sink)
+
+    writer = threading.Thread(target=lambda: cache.acquire("snap", Writing({"m": b"s" * 100})).release())
+    writer.start()
+    assert started.wait(10)
+    threading.Timer(0.2, finish.set).start()
+    with cache.acquire("b", FakeSource({"m": b"b" * 100})):  # 100 in use + 100 being written + 100 > 250
+        assert {e.key for e in cache.entries()} == {"a", "b"}
+        assert data_bytes(tmp_path / "c") <= 250
+    writer.join(10)
+    pinned.release()
 
 
 def test_a_model_larger_than_the_budget_fails_clearly(tmp_path):

@@ -8,6 +8,7 @@ their spec says, and a gate file holds their load for as long as a test needs.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -34,6 +35,85 @@ def test_a_load_announces_its_copy_opens_its_buffer_and_consumes(rig):
     assert ("consume", "a") in rig.consumer.log
     loaded, loading, used = rig.manager.snapshot()
     assert [m.model_id for m in loaded] == ["a"] and loading == [] and used == MB
+
+
+class Req:
+    def __init__(self, id: str) -> None:
+        self.id = id
+
+
+def loaded_then_unloaded(rig, model_id: str, **spec) -> None:
+    rig.register(model_id, **spec)
+    rig.load(model_id)
+    rig.manager.request_unload(model_id)
+    rig.events.wait_for(("unloaded", model_id, False))
+    rig.consumer.log.clear()
+
+
+def test_a_reload_takes_its_models_requests_in_from_its_start(rig):
+    """A model this worker loaded before: its queue is consumed from the start of the reload,
+    its requests held until the model is installed and batched at once then (not consumed
+    only once the copy is LOADED, which put a mark, a wake-up and a pop between the load and
+    its first request)."""
+    gate = rig.tmp / "gate"
+    loaded_then_unloaded(rig, "a", gate=str(gate))
+    gate.touch()
+    rig.manager.request_load("a")
+    assert ("consume", "a") in rig.consumer.log  # before the load is done
+    assert rig.batcher.add("a", Req("r1"))
+    assert rig.batcher.take(timeout=0.05) is None  # nothing could answer it yet
+    gate.unlink()
+    batch = rig.batcher.take(timeout=30)
+    assert batch.model_id == "a" and [p.req.id for p in batch.items] == ["r1"]
+    entry = rig.manager.acquire("a")  # installed by the time its requests are batched
+    assert entry is not None
+    rig.manager.release(entry)
+    rig.events.wait_for(("loaded", "a"))
+
+
+def test_a_first_load_takes_no_request_in_before_it_is_installed(rig):
+    """A worker that dies takes the requests it took in with it until the visibility timeout,
+    and a first load is when a model may take its worker down: they wait in Redis."""
+    gate = rig.tmp / "gate"
+    gate.touch()
+    rig.register("a", gate=str(gate))
+    rig.manager.request_load("a")
+    wait_for(lambda: rig.manager.snapshot()[1] == ["a"], 10, what="the load to start")
+    assert ("consume", "a") not in rig.consumer.log and not rig.batcher.add("a", Req("r1"))
+    gate.unlink()
+    rig.events.wait_for(("loaded", "a"))
+    assert ("consume", "a") in rig.consumer.log
+
+
+def test_a_reload_that_fails_gives_back_the_requests_it_took_in(rig):
+    gate = rig.tmp / "gate"
+    loaded_then_unloaded(rig, "x", gate=str(gate))
+    (rig.tmp / "x.json").write_text(json.dumps({"size": 10 * MB, "gate": str(gate)}))  # too big now
+    gate.touch()
+    rig.manager.request_load("x")
+    rig.batcher.add("x", Req("r1"))
+    gate.unlink()
+    rig.events.wait_for(("load_failed", "x"))
+    # back on their queue before the failure is handled (a retry elsewhere answers them)
+    log = rig.consumer.log
+    assert log.index(("stop_consuming", "x")) < log.index(("requeue", ["r1"]))
+    assert not rig.batcher.is_open("x")
+
+
+def test_a_model_registered_again_as_another_is_loaded_as_a_first_load(rig):
+    gate = rig.tmp / "gate"
+    loaded_then_unloaded(rig, "a")
+    rig.store.unregister_model("a")  # this worker held no copy: it was not told
+    path = rig.tmp / "a2.json"
+    path.write_text(json.dumps({"size": MB, "gate": str(gate)}))
+    rig.store.register_model("a", ModelInfo(runtime="python", uri=f"file://{path}", python_class=SLOW))
+    gate.touch()
+    rig.manager.request_load("a")  # taken for a reload at first
+    rig.batcher.add("a", Req("r1"))
+    wait_for(lambda: ("requeue", ["r1"]) in rig.consumer.log, 10, what="the held request to go back")
+    assert not rig.batcher.is_open("a")
+    gate.unlink()
+    rig.events.wait_for(("loaded", "a"))
 
 
 def test_loads_are_single_flight(rig):

@@ -11,7 +11,7 @@ from mesh.errors import AlreadyExists, FailedPrecondition
 from mesh.models import CopyState, ModelInfo, ModelRecord, ModelState, WorkerState
 from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
-from mesh.store.state import Route, StateStore
+from mesh.store.state import Placement, Route, Routed, StateStore
 from mesh.tools.launcher import wait_for
 
 
@@ -87,6 +87,79 @@ def test_an_orphan_claim_needs_requests_still_queued(store):
     store.mark_copy("a", "w2", CopyState.LOADED)
     heartbeat(store, "w2")
     assert store.route("a", "w1", priority_steps=steps, if_queued=True) is Route.SERVING
+
+
+def round_trips(monkeypatch) -> list[str]:
+    """Every round trip to Redis from now on: one per command sent alone, one per pipeline."""
+    trips: list[str] = []
+    command, execute = redis.Redis.execute_command, redis.client.Pipeline.execute
+
+    def one(client, *args, **kw):
+        if not isinstance(client, redis.client.Pipeline):
+            trips.append(str(args[0]))
+        return command(client, *args, **kw)
+
+    def many(pipe, *args, **kw):
+        trips.append("pipeline")
+        return execute(pipe, *args, **kw)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", one)
+    monkeypatch.setattr(redis.client.Pipeline, "execute", many)
+    return trips
+
+
+def test_a_cold_route_places_its_load_in_two_round_trips(store, monkeypatch):
+    """route_and_place: the route script that claims the load also reads what placing it
+    needs, so a cold request waits for two round trips (route, then the copy, claim and line
+    written) instead of four (route, then place_load's three)."""
+    store.register_model("a", INFO)
+    heartbeat(store, "w1")
+    heartbeat(store, "w2")
+    store.record_failure("a", "w1", "boom")
+    store.route("absent", "c0")  # the script is loaded: later calls are one round trip
+    trips = round_trips(monkeypatch)
+    assert store.route_and_place("a", "c1") == Routed(Route.CLAIMED, Placement("w2"))  # not where it failed
+    assert len(trips) == 2, trips
+    assert [(c.worker, c.state) for c in store.model_status("a").copies] == [("w2", CopyState.LOADING)]
+    assert store.r.get(store.keys.load_claim("a")) == b"w2" and line(store, "w2") == ["a"]
+    assert store.route_and_place("a", "c2") == Routed(Route.SERVING, settled=False)
+    store.register_model("b", INFO)
+    store.record_failure("b", "w1", "boom 1")
+    store.record_failure("b", "w2", "boom 2")
+    routed = store.route_and_place("b", "c1")  # failed everywhere: fail fast, claim released
+    assert routed == Routed(Route.CLAIMED, Placement(None, "boom 2"))
+    assert store.r.exists(store.keys.load_claim("b")) == 0
+    assert store.route_and_place("absent", "c1") == Routed(Route.NOT_FOUND)
+
+
+def test_a_copy_is_settled_once_loaded_for_long_enough(store):
+    """What a producer may remember as serving: a copy LOADED at least `settled_s` ago (under
+    churn a worker evicts a rarely used model within milliseconds of loading it)."""
+    store.register_model("a", INFO)
+    heartbeat(store, "w1")
+    store.mark_copy("a", "w1", CopyState.LOADING)
+    assert store.route_and_place("a", "c1", settled_s=0) == Routed(Route.SERVING, settled=False)
+    store.mark_copy("a", "w1", CopyState.LOADED)
+    assert store.route_and_place("a", "c1", settled_s=60).settled is False
+    assert store.route_and_place("a", "c1", settled_s=0).settled is True
+    assert store.route("a", "c1") is Route.SERVING
+
+
+def test_queued_names_only_the_models_with_requests_waiting(store):
+    steps = [0, 5]
+    k = store.keys
+    store.r.lpush(k.queue_list_keys(k.model_queue("b"), steps)[1], "x", "y")
+    store.r.lpush(k.queue_list_keys(k.model_queue("d"), steps)[0], "z")
+    assert store.queued(["a", "b", "c", "d"], steps) == {"b": 2, "d": 1}
+    assert store.queued(["a"], steps) == {} and store.queued([], steps) == {}
+
+
+def test_a_load_begun_with_a_ring_rings_that_queue(store):
+    store.register_model("a", INFO)
+    queue = store.keys.worker_queue("w1")
+    assert store.begin_load("a", "w1", ring=queue).model_id == "a"
+    assert store.r.lrange(store.keys.queue_bell(queue), 0, -1) == [b"1"]
+    assert store.begin_load("ghost", "w1", ring=queue) is None
 
 
 def test_a_claim_held_by_a_dead_worker_is_taken_over(store):

@@ -186,6 +186,16 @@ def test_a_model_that_left_with_requests_waiting_and_no_copy_is_loaded_elsewhere
     assert "m" in worker._recently_unloaded  # and watched for a while
 
 
+def test_a_model_that_left_and_is_placed_here_again_loads_without_a_command(worker):
+    worker.store.register_model("m", INFO)
+    heartbeat(worker.store, NAME)  # the only live worker: the placement picks this one
+    worker.manager = RecordingManager()
+    push_request(worker, "m")
+    worker.copy_unloaded("m", unregistered=False)
+    assert worker.sent == [] and worker.manager.calls == [("load", "m")]
+    assert worker.store.r.get(worker.keys.load_claim("m")) == NAME.encode()
+
+
 def test_a_model_that_left_with_an_empty_queue_is_not_reloaded(worker):
     worker.store.register_model("m", INFO)
     heartbeat(worker.store, OTHER)
