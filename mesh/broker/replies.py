@@ -63,21 +63,47 @@ class MeshResult(AsyncResult):
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._listener: ReplyListener | None = None  # set by ReplyListener.watch
         self._wake: threading.Event | None = None  # set while a thread follows (ReplyListener.wait)
+        self._promised = False  # `then` callbacks wait: the popping thread fulfils them
 
     # ---- resolution (whichever thread pops the reply)
-    def _resolve(self, meta: dict) -> list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]:
+    def _resolve(self, meta: dict) -> tuple[list[tuple[asyncio.AbstractEventLoop, asyncio.Future]], bool]:
         """Record the final meta; returns the asyncio futures to wake (the caller wakes them
-        grouped per loop: one cross-thread call per loop and drain, not per request)."""
+        grouped per loop: one cross-thread call per loop and drain, not per request) and
+        whether `then` callbacks wait (the caller runs them: `_fulfil`)."""
         with self._lock:
             if self._reply is not None:
-                return []
+                return [], False
             self._reply = meta
             waiters, self._waiters = self._waiters, []
-            wake = self._wake
+            wake, promised = self._wake, self._promised
         self._resolved.set()
         if wake is not None:
             wake.set()
-        return waiters
+        return waiters, promised
+
+    def _fulfil(self) -> None:
+        """Run the `then` callbacks (Celery fulfils `on_ready` when it sets the cache)."""
+        try:
+            self._get_task_meta()
+        except Exception:  # a callback's error must not stop the popping
+            log.exception("a callback of result %s failed", self.id)
+
+    def then(self, callback: Callable[..., Any], on_error: Callable[..., Any] | None = None, weak: bool = False) -> Any:
+        """Celery's promise API: `callback(self)` runs once the result is here, on the thread
+        that pops its reply (the listener's thread pops while callbacks wait). Celery's own
+        `then` subscribes to the task's channel after the send, which misses a result stored in
+        between."""
+        p = self.on_ready.then(callback, on_error)
+        with self._lock:
+            arrived = self._reply is not None
+            first = not arrived and not self._promised and not self._waiters
+            if not arrived:
+                self._promised = True
+        if arrived:
+            self._fulfil()
+        elif first and self._listener is not None:
+            self._listener.awaited()
+        return p
 
     # ---- AsyncResult's API
     def _get_task_meta(self) -> dict:
@@ -118,7 +144,7 @@ class MeshResult(AsyncResult):
             with self._lock:
                 waiting = self._reply is None
                 if waiting:
-                    first = not self._waiters
+                    first = not self._waiters and not self._promised
                     self._waiters.append((loop, future))
             if waiting:
                 if first and self._listener is not None:
@@ -179,7 +205,8 @@ class ReplyListener:
             return len(self._pending)
 
     def awaited(self) -> None:
-        """A handle is now awaited in asyncio: the listener's thread pops until it resolves."""
+        """A handle is now awaited in asyncio (or has `then` callbacks): the listener's thread
+        pops until it resolves."""
         with self._lock:
             self._awaited += 1
         self._need.set()
@@ -333,10 +360,12 @@ class ReplyListener:
                 handle = self._pending.pop(str(meta.get("task_id")), None)
             if handle is None:
                 continue
-            waiters = handle._resolve(meta)
-            if waiters:
+            waiters, promised = handle._resolve(meta)
+            if waiters or promised:
                 with self._lock:
                     self._awaited -= 1
+            if promised:
+                handle._fulfil()
             for loop, future in waiters:
                 wake.setdefault(loop, []).append(future)
         for loop, futures in wake.items():

@@ -268,3 +268,25 @@ def test_replies_nobody_waits_for_do_not_pile_up(app, listener, rds):
         time.sleep(0.05)
     assert rds.llen(listener.key) == 0
     assert all(h.ready() and h.result == h.id for h in kept)
+
+
+def test_then_callbacks_run_without_anyone_calling_get(app, listener, rds):
+    """Celery's promise API (AsyncResult.then), which callers drive without get()."""
+    arrived: list[tuple[str, object]] = []
+    done = threading.Event()
+
+    def on_ready(result) -> None:
+        arrived.append((result.id, result.result))
+        if len(arrived) == 2:
+            done.set()
+
+    early = handle(app, listener, "p1")
+    rds.rpush(listener.key, answer(app, "p1", "before"))  # stored before `then` is called
+    time.sleep(0.2)
+    late = handle(app, listener, "p2")
+    early.then(on_ready)
+    late.then(on_ready)
+    rds.rpush(listener.key, answer(app, "p2", "after"))
+    assert done.wait(SWEEP_AFTER_S / 2), arrived  # well before a housekeeping round
+    assert sorted(arrived) == [("p1", "before"), ("p2", "after")]
+    assert listener._awaited == 0
