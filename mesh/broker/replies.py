@@ -1,26 +1,28 @@
-"""Results back to their producer: one reply list per producer, drained by one listener thread.
+"""Results back to their producer: one reply list per producer, popped by those who wait.
 
 Celery's Redis result backend has every waiting `get()` SUBSCRIBE to its task's channel, GET
 the record, poll the subscription with short sleeps, then UNSUBSCRIBE (celery/backends/redis.py
 `ResultConsumer`): about half of a producer's CPU per request, measured (docs/benchmarks.md).
 Here a producer names its reply list in each message's `reply_to` (the protocol field Celery's
-own RPC backend uses the same way), the mesh worker that answers pushes the result record onto
-that list in the pipeline that stores it (workers/inference.py, mesh/broker/results.py), and
-one listener thread pops the records, many per round trip under load, and resolves the
-waiting handles. The Celery record is still written: `AsyncResult(id).get()` works from any
-process, as before.
+own RPC backend uses the same way), and the mesh worker that answers pushes the result record
+onto that list in the pipeline that stores it (workers/inference.py, mesh/broker/results.py).
+A thread waiting in `get()` pops the list itself, one thread at a time (`ReplyListener.wait`);
+one listener thread pops while asyncio code awaits or `then` callbacks wait, and every
+SWEEP_AFTER_S for housekeeping. Many records come per round trip under load. The Celery record
+is still written: `AsyncResult(id).get()` works from any process, as before.
 
 A handle (`MeshResult`) is a Celery AsyncResult whose wait is local: `get(timeout)`, `ready()`,
-`state`, `result`, `successful()`, `forget()` keep their meaning, and awaiting it in asyncio
-costs no thread. Failure modes (docs/reliability.md, "Results"):
-- Redis away: the listener retries with backoff; records pushed meanwhile wait in the list, and
-  once Redis answers, every handle still pending is also looked up in the result store.
-- the producer gone: nobody drains its list, which expires REPLY_TTL_S after its last push.
+`state`, `result`, `successful()`, `forget()`, `then()` keep their meaning, and awaiting it in
+asyncio costs no thread. (`ResultSet.join_native` still waits through Celery's pub/sub, which
+subscribes after the send: use `join()`, or `asyncio.gather` on the handles.) Failure modes
+(docs/reliability.md, "Results"):
+- Redis away: the popping threads retry with backoff; records pushed meanwhile wait in the
+  list, and once Redis answers, every handle still pending is also looked up in the store.
+- the producer gone: nobody pops its list, which expires REPLY_TTL_S after its last push.
 - a record that never reaches the list (a worker of an older version, a path that only stores
   it): handles pending longer than SWEEP_AFTER_S are looked up in the result store every
   SWEEP_AFTER_S, and `get(timeout)` looks once more when its timeout ends.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -45,7 +47,7 @@ from mesh.protocol.messages import REPLY_TTL_S
 log = logging.getLogger("mesh.broker.replies")
 
 POP_MAX = 512  # records one LPOP takes when more are waiting
-WAIT_S = 1.0  # an idle listener's BLPOP: how soon it notices a stop or runs a sweep
+WAIT_S = 1.0  # longest BLPOP: how soon a popping thread notices a stop or runs a sweep
 SWEEP_AFTER_S = 2.0  # handles pending this long are also looked up in the result store
 SWEEP_CHUNK = 500  # keys per MGET of a sweep
 RETRY_MAX_S = 2.0  # backoff ceiling while Redis is away
