@@ -290,7 +290,7 @@ class MeshClient:
         try:
             self._publisher.push([prepared])
         except BaseException:
-            self._replies.discard(handle.id)
+            self._reply_listener().discard(handle.id)
             raise
         return handle
 
@@ -306,7 +306,7 @@ class MeshClient:
         try:
             await self._outbox.send(prepared)
         except BaseException:
-            self._replies.discard(handle.id)
+            self._reply_listener().discard(handle.id)
             raise
         return await handle
 
@@ -361,7 +361,6 @@ class MeshClient:
                     redis_client(self.redis_url, retry=False), self.keys, backend.get_key_for_task, backend.decode
                 )
             return self._replies
-
 
     # ---- vmodels
     # ModelMesh's vmodel API (kserve/modelmesh docs/vmodels.md; ours: docs/vmodels.md); the work is
