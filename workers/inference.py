@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from cachetools import LRUCache
 from celery import states
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
@@ -57,6 +58,10 @@ log = logging.getLogger("mesh.worker.inference")
 # too (Redis slow or away): memory stays bounded, and a worker that cannot store results stops
 # taking work from its buffers, which then go back to their queues on eviction or shutdown.
 RESULTS_BACKLOG = 4
+# A model whose last batch predicted faster than this has its requests' task-started events
+# sent with their completion (one consumer-thread wake-up per batch instead of two); a slower
+# one's are sent as its predict starts, so Flower and `celery inspect active` show it running.
+ACCEPT_APART_S = 0.005
 
 
 @dataclass
@@ -133,6 +138,7 @@ class InferenceLoop(threading.Thread):
         self.backend = backend
         self.result_expires_s = result_expires_s
         self.stats = Stats()
+        self._last_compute_s: LRUCache = LRUCache(maxsize=4096)  # model id -> its last batch's predict time
         self._stop_requested = threading.Event()
         self.pid = os.getpid()
         self._results = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-results")
@@ -201,15 +207,23 @@ class InferenceLoop(threading.Thread):
         good = [u for m in messages if m.error is None for u in m.units if u.error is None]
         compute_s = 0.0
         started_wall = time.time()
+        accepted = None
         if good:
             start = time.monotonic()
             started = [m.pending for m in messages if m.error is None and any(u.error is None for u in m.units)]
-            self.consumer.call_soon(_accept_all, started, self.pid, start)
+            quick = self._last_compute_s.get(batch.model_id, ACCEPT_APART_S) < ACCEPT_APART_S
+            if quick:
+                # its task-started events ride with the completion: waking the consumer thread
+                # for them in the middle of a sub-millisecond predict slowed the predict down
+                accepted = (started, self.pid, start)
+            else:
+                self.consumer.call_soon(_accept_all, started, self.pid, start)
             size = entry.policy.max_batch_size
             for i in range(0, len(good), size):
                 self._predict(loaded.runtime, loaded.model, good[i : i + size])
             compute_s = time.monotonic() - start
-        self._finish(messages, batch, compute_s, started_wall)
+            self._last_compute_s[batch.model_id] = compute_s
+        self._finish(messages, batch, compute_s, started_wall, accepted)
 
     def _decode(self, p: Pending, loaded: Any) -> Message:
         kwargs = p.req.kwargs
@@ -299,7 +313,8 @@ class InferenceLoop(threading.Thread):
             u.tb = traceback.format_exc()
 
     # ------------------------------------------------------------------ results
-    def _finish(self, messages: list[Message], batch: Batch, compute_s: float, started_wall: float = 0.0) -> None:
+    def _finish(self, messages: list[Message], batch: Batch, compute_s: float, started_wall: float = 0.0,
+                accepted: tuple | None = None) -> None:  # fmt: skip
         """Encode every result here, then hand them to the results thread (`_store`)."""
         backend = self.backend()  # thread-local instance: this thread's own connection
         results = []
@@ -316,16 +331,16 @@ class InferenceLoop(threading.Thread):
         if self.batcher.empty():
             # no next batch to predict meanwhile: storing here spares the hand-over to the
             # results thread (a thread wake-up, a good part of a lone request's latency)
-            self._store(results, messages, batch, compute_s, started_wall, wait_ms)
+            self._store(results, messages, batch, compute_s, started_wall, wait_ms, accepted)
             return
         try:
-            self._results.submit(self._store, results, messages, batch, compute_s, started_wall, wait_ms)
+            self._results.submit(self._store, results, messages, batch, compute_s, started_wall, wait_ms, accepted)
         except RuntimeError:  # shut down under us: nothing stored, nothing acked (redelivered)
             self._results_room.release()
             raise
 
     def _store(self, results: list[tuple[str, bytes, str | None]], messages: list[Message], batch: Batch,
-               compute_s: float, started_wall: float, wait_ms: float) -> None:  # fmt: skip
+               compute_s: float, started_wall: float, wait_ms: float, accepted: tuple | None = None) -> None:  # fmt: skip
         """Results thread: store a batch's results in one pipeline (SET for late readers,
         PUBLISH for Celery's waiting ones, a push to the producer's reply list for mesh
         producers) that also acks them in Redis when the broker is the same server, then
@@ -362,7 +377,7 @@ class InferenceLoop(threading.Thread):
         self.stats.add(model_id, len(messages), failures)
         self._observe(messages, model_id, compute_s, started_wall)
         self.consumer.call_soon(
-            _complete_all, messages, acked, compute_s, self.consumer.event_dispatcher(),
+            _complete_all, messages, acked, compute_s, self.consumer.event_dispatcher(), accepted,
             {"model": model_id, "size": sum(len(m.units) for m in messages),
              "messages": len(messages), "reason": batch.reason, "failed": failures,
              "queue_wait_ms": round(wait_ms, 3), "compute_ms": round(compute_s * 1000.0, 3)},
@@ -456,7 +471,10 @@ def _revoke_all(items: list[Pending]) -> None:
         worker_state.task_ready(p.req)
 
 
-def _complete_all(messages: list[Message], acked: list, runtime_s: float, dispatcher: Any, batch_event: dict) -> None:
+def _complete_all(messages: list[Message], acked: list, runtime_s: float, dispatcher: Any, accepted: tuple | None,
+                  batch_event: dict) -> None:  # fmt: skip
+    if accepted is not None:
+        _accept_all(*accepted)
     try:
         forget_acked(acked)  # acked in Redis by the results pipeline
         ack_many([m.pending.req._message for m in messages])  # the others (none on one Redis)

@@ -222,3 +222,32 @@ def test_a_reply_list_of_the_wrong_type_fails_neither_the_result_nor_the_ack(rig
             break
         threading.Event().wait(0.02)
     assert req._message.acknowledged and loop.stored_at_ack == {"r1": True}
+
+
+def test_task_started_rides_with_the_completion_only_for_quick_models(rig, loop):
+    """A model whose last batch predicted in under ACCEPT_APART_S gets its task-started events
+    with the completion (the result is stored by then); a slower one's go out before predict."""
+    rig.register("fast", python_class=PICKY)
+    rig.register("slow", delay=0.02)
+    rig.load("fast")
+    rig.load("slow")
+    stored_at_accept: dict[str, bool] = {}
+
+    def request(task_id: str, model_id: str) -> FakeRequest:
+        req = loop.request(task_id, model_id=model_id, inputs=tensor(1, 1))
+        key = loop.app.backend.get_key_for_task(task_id)
+        accept = req.on_accepted
+
+        def on_accepted(pid: int, started: float) -> None:
+            stored_at_accept[task_id] = bool(rig.client.exists(key))
+            accept(pid, started)
+
+        req.on_accepted = on_accepted
+        return req
+
+    loop.start()
+    for task_id, model_id in [("f1", "fast"), ("f2", "fast"), ("s1", "slow"), ("s2", "slow")]:
+        rig.batcher.add(model_id, request(task_id, model_id))
+        loop.result(task_id)
+    # the first batch of each model: no predict time known yet, so sent before predict
+    assert stored_at_accept == {"f1": False, "f2": True, "s1": False, "s2": False}
