@@ -204,9 +204,9 @@ def test_many_threads_waiting_share_the_popping_and_all_get_their_own_reply(app,
     threads = [threading.Thread(target=waiter, args=(i,)) for i in ids]
     for t in threads:
         t.start()
-    for i in reversed(ids):  # one by one: each reply may go to whichever thread pops
+    for i in reversed(ids):  # one by one: each reply goes to whichever thread pops at the time
         rds.rpush(listener.key, answer(app, i, i))
-        time.sleep(0.002)
+        assert handles[i]._resolved.wait(10), f"the reply of {i} was not taken"
     for t in threads:
         t.join(30)
     assert not errors and got == {i: i for i in ids}
@@ -281,8 +281,8 @@ def test_then_callbacks_run_without_anyone_calling_get(app, listener, rds):
             done.set()
 
     early = handle(app, listener, "p1")
-    rds.rpush(listener.key, answer(app, "p1", "before"))  # stored before `then` is called
-    time.sleep(0.2)
+    rds.rpush(listener.key, answer(app, "p1", "before"))
+    assert early.get(timeout=10) == "before"  # here before `then` is called
     late = handle(app, listener, "p2")
     early.then(on_ready)
     late.then(on_ready)
