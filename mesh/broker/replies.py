@@ -349,27 +349,29 @@ class ReplyListener:
         return min(RETRY_MAX_S, max(0.05, delay * 2))
 
     def _deliver(self, records: list) -> None:
-        wake: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        metas = []
         for raw in records:
             try:
                 meta = self._decode(raw)
             except Exception:  # garbage on the list must not stop the popping
                 log.warning("dropped an undecodable reply on %s: %r", self.key, bytes(raw[:80]))
                 continue
-            if not isinstance(meta, dict) or meta.get("status") not in states.READY_STATES:
-                continue
-            with self._lock:
-                handle = self._pending.pop(str(meta.get("task_id")), None)
-            if handle is None:
-                continue
+            if isinstance(meta, dict) and meta.get("status") in states.READY_STATES:
+                metas.append(meta)
+        with self._lock:  # once per drain, not per record (a drain takes up to POP_MAX)
+            found = [(h, m) for m in metas if (h := self._pending.pop(str(m.get("task_id")), None)) is not None]
+        wake: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+        settled = 0  # awaited handles resolved
+        for handle, meta in found:
             waiters, promised = handle._resolve(meta)
-            if waiters or promised:
-                with self._lock:
-                    self._awaited -= 1
+            settled += bool(waiters or promised)
             if promised:
                 handle._fulfil()
             for loop, future in waiters:
                 wake.setdefault(loop, []).append(future)
+        if settled:
+            with self._lock:
+                self._awaited -= settled
         for loop, futures in wake.items():
             try:
                 loop.call_soon_threadsafe(_wake, futures)
