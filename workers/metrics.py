@@ -23,6 +23,20 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+# Why a message was dropped or refused before it could be served: a closed set, never a value
+# taken from the message (docs/operations.md). The transport's (mesh/broker/transport.py), the
+# strategies' (workers/strategy.py) and the results path's (workers/inference.py).
+REJECT_REASONS = (
+    "not_json",  # a list item that does not decode as JSON (or is nested too deep)
+    "bad_envelope",  # JSON, but not a kombu envelope with fields of the right types
+    "undeliverable",  # kombu or Celery raised while handing it to its strategy
+    "malformed",  # a task message that does not decode or validate (answered when it has an id)
+    "not_a_model_queue",  # a mesh.infer on a queue that is not a model queue, for no model served here
+    "unexpected",  # a strategy raised on it: rejected, the worker carries on
+    "unanswerable",  # its result cannot be stored under its id: acked without an answer
+)
+
+
 def outcome_of(error: BaseException | None) -> str:
     """success, or the failure reason: the error's class in snake case (invalid_input, ...)."""
     if error is None:
@@ -64,6 +78,11 @@ class WorkerMetrics:
         self.cache = Counter(
             "mesh_cache_lookups", "Requests for a model already loaded here (hit) and loads of "
             "a model that was not (miss)", ["result"], registry=r)
+        self.rejected = Counter(
+            "mesh_rejected_messages", "Messages dropped or refused before they could be served, by "
+            "reason (a closed set: " + ", ".join(REJECT_REASONS) + ")", ["reason"], registry=r)
+        for reason in REJECT_REASONS:  # every series exists from the start, at 0
+            self.rejected.labels(reason)
         self.capacity_bytes = Gauge("mesh_worker_capacity_bytes", "Bytes of models this worker may hold", registry=r)
         self.used_bytes = Gauge("mesh_worker_used_bytes", "Bytes of loaded (and loading) models", registry=r)
         self.models_loaded = Gauge("mesh_models_loaded", "Models loaded on this worker", registry=r)
@@ -77,6 +96,10 @@ class WorkerMetrics:
                 log.info("metrics on :%d/metrics", port)
             except OSError as exc:  # a taken port must not stop the worker from serving
                 log.error("cannot serve metrics on port %d: %s", port, exc)
+
+    def reject(self, reason: str) -> None:
+        """Count a dropped or refused message; a reason outside the closed set counts as unexpected."""
+        self.rejected.labels(reason if reason in REJECT_REASONS else "unexpected").inc()
 
     def close(self) -> None:
         if self._server is not None:

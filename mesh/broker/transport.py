@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager
 from time import monotonic, time
 
@@ -36,22 +37,87 @@ _unrecorded: dict[str, list[dict]] = {}
 _unrecorded_lock = threading.Lock()
 
 _ENVELOPE_KEYS = ("body", "properties")
+# kombu's Redis tags and Celery's task ids are uuids (36 characters); anything much longer is
+# not from a producer of ours, and would become a Redis key or hash field as it is
+MAX_TAG_CHARS = 255
+BODY_ENCODINGS = (None, "base64")  # kombu's virtual Channel.codecs
+
+# Why the transport dropped a message: the closed set of `reason` values it reports
+NOT_JSON, BAD_ENVELOPE, UNDELIVERABLE = "not_json", "bad_envelope", "undeliverable"
+# global_keyprefix -> hook(reason, envelope or None) that a worker sets (`on_rejected`)
+_rejection_hooks: dict[str, Callable[[str, dict | None], None]] = {}
+
+
+def on_rejected(prefix: str, hook: Callable[[str, dict | None], None] | None) -> None:
+    """Call `hook(reason, envelope)` on the consumer thread for every message the channels of
+    kombu prefix `prefix` drop (None: stop). A worker counts them and answers the ones whose
+    task id is usable (workers/strategy.py `refuse_envelope`)."""
+    if hook is None:
+        _rejection_hooks.pop(prefix, None)
+    else:
+        _rejection_hooks[prefix] = hook
+
+
+def usable_text(value: object, most: int = MAX_TAG_CHARS) -> bool:
+    """A non-empty str of at most `most` characters that encodes as UTF-8: what may become a
+    Redis key or field (redis-py encodes str strictly: a lone surrogate raises
+    UnicodeEncodeError in the middle of kombu's bookkeeping, which stopped the worker)."""
+    if not isinstance(value, str) or not value or len(value) > most:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _optional(value: object, *types: type) -> bool:
+    return value is None or (isinstance(value, types) and not isinstance(value, bool))
 
 
 def envelope_problem(item: object) -> str | None:
-    """Why a decoded list item is not a kombu message envelope (None when it is one)."""
+    """Why a decoded list item is not a kombu message envelope this transport can deliver
+    (None when it is one). Strict on the types of every field kombu or Celery read before a
+    strategy sees the message: kombu's virtual Message and QoS (kombu/transport/virtual/base.py
+    `Message.__init__`, kombu/transport/redis.py `QoS.append`), Celery's dispatch by task name
+    (celery/worker/consumer/consumer.py `on_task_received`) and the requeue (`_get_message_priority`)."""
     if not isinstance(item, dict):
         return f"not a message envelope (a JSON {type(item).__name__})"
     missing = [k for k in _ENVELOPE_KEYS if k not in item]
     if missing:
         return f"message envelope without {', '.join(missing)}"
+    if not _optional(item["body"], str):
+        return "message envelope whose body is not a string"
+    for field in ("content-type", "content-encoding"):
+        if not _optional(item.get(field), str):
+            return f"message envelope whose {field} is not a string"
     props = item["properties"]
-    if not isinstance(props, dict) or not isinstance(props.get("delivery_tag"), (str, int)):
-        return "message envelope without properties.delivery_tag"
-    if not isinstance(props.get("delivery_info", {}), dict):
+    if not isinstance(props, dict):
+        return "message envelope whose properties are not an object"
+    if not usable_text(props.get("delivery_tag")):
+        return "message envelope without a usable properties.delivery_tag (a non-empty UTF-8 string)"
+    if props.get("body_encoding") not in BODY_ENCODINGS:
+        return "message envelope with an unknown properties.body_encoding"
+    priority = props.get("priority")
+    if not _optional(priority, int) or (priority is not None and not 0 <= priority <= 255):
+        return "message envelope whose properties.priority is not an integer of 0-255"
+    for field in ("reply_to", "correlation_id"):
+        if not _optional(props.get(field), str):
+            return f"message envelope whose properties.{field} is not a string"
+    info = props.get("delivery_info", {})
+    if not isinstance(info, dict):
         return "message envelope with a malformed properties.delivery_info"
-    if "headers" in item and not isinstance(item["headers"], dict):
+    for field in ("exchange", "routing_key"):
+        if not _optional(info.get(field), str):
+            return f"message envelope whose properties.delivery_info.{field} is not a string"
+    headers = item.get("headers", {})
+    if headers is not None and not isinstance(headers, dict):
         return "message envelope with non-object headers"
+    headers = headers or {}
+    if "task" in headers and not usable_text(headers["task"]):
+        return "message envelope whose headers.task is not a usable string"
+    if "id" in headers and not usable_text(headers["id"]):
+        return "message envelope whose headers.id is not a usable string (non-empty UTF-8, at most 255 characters)"
     return None
 
 
@@ -240,20 +306,26 @@ class Channel(kombu_redis.Channel):
                 flush_reauth()
 
     def _take(self, key: bytes, item: bytes, recorded: str | None) -> None:
-        """Deliver one popped message to its consumer, or drop it with the reason."""
+        """Deliver one popped message to its consumer, or drop it with the reason. Nothing a
+        message holds may escape from here but a connection error: an exception out of the
+        event loop is "Unrecoverable error" for Celery, and the worker stops (issue 21)."""
         dest = bytes_to_str(key)[len(self.global_keyprefix) :].rsplit(self.sep, 1)[0]
         self._queue_cycle.rotate(dest)
+        message: object = None
         try:
             message = loads(bytes_to_str(item))
-            problem = envelope_problem(message)
-        except (ValueError, TypeError, UnicodeDecodeError) as exc:
-            message, problem = None, f"not JSON ({exc})"
+        except Exception as exc:  # ValueError, UnicodeDecodeError, RecursionError (deep nesting), ...
+            reason, problem = NOT_JSON, f"not JSON ({type(exc).__name__}: {str(exc)[:200]})"
+        else:
+            reason, problem = BAD_ENVELOPE, envelope_problem(message)
         if problem is not None:
             log.error("dropped a malformed message from queue %s: %s; first bytes: %r",
                       dest, problem, bytes(item[:80]))  # fmt: skip
             if recorded is not None:  # the script recorded it: forget it, or it comes back
                 self.qos._remove_from_indices(recorded).execute()
+            self._report(reason, message if isinstance(message, dict) else None)
             return
+        assert isinstance(message, dict)
         self._recorded_tag = recorded
         try:
             self.connection._deliver(message, dest)
@@ -261,8 +333,33 @@ class Channel(kombu_redis.Channel):
             if recorded is None:
                 self._keep_unrecorded(message)
             raise
+        except Exception as exc:
+            # kombu's Message or QoS, Celery's dispatch or a strategy raised on this message:
+            # it is dropped (a requeue would bring it back forever), the worker carries on
+            log.error("dropped a message from queue %s that could not be delivered: %s: %s",
+                      dest, type(exc).__name__, str(exc)[:200])  # fmt: skip
+            log.debug("delivery failure", exc_info=True)
+            self._drop_delivered(message["properties"]["delivery_tag"], recorded)
+            self._report(UNDELIVERABLE, message)
         finally:
             self._recorded_tag = None
+
+    def _drop_delivered(self, tag: str, recorded: str | None) -> None:
+        """Forget a message whose delivery failed, wherever it got to: kombu's QoS (in the
+        unacked index and hash, and in the channel's delivered), or only the pop script's record."""
+        if tag in self.qos._delivered:
+            self.qos.reject(tag, requeue=False)  # kombu: remove from the indices, then ack locally
+        elif recorded is not None:
+            self.qos._remove_from_indices(recorded).execute()
+
+    def _report(self, reason: str, envelope: dict | None) -> None:
+        hook = _rejection_hooks.get(self.global_keyprefix)
+        if hook is None:
+            return
+        try:
+            hook(reason, envelope)
+        except Exception as exc:  # counting or answering a dropped message must not stop the loop
+            log.error("could not report a dropped message: %s: %s", type(exc).__name__, str(exc)[:200])
 
     def _put(self, queue, message, **kwargs):
         """kombu's publish (LPUSH), ringing the queue's bell in the same round trip."""
@@ -323,8 +420,8 @@ class Channel(kombu_redis.Channel):
     def _keep_unrecorded_raw(self, item: bytes) -> None:
         try:
             message = loads(bytes_to_str(item))
-        except (ValueError, TypeError, UnicodeDecodeError):
-            return  # garbage: it would have been dropped anyway
+        except Exception:  # garbage (even nested too deep to decode): it would have been dropped anyway
+            return
         if envelope_problem(message) is None:
             self._keep_unrecorded(message)
 

@@ -13,7 +13,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from mesh.broker.transport import POP_AND_RECORD, ack_in, forget_acked, redis_server
+from mesh.broker.transport import POP_AND_RECORD, ack_in, envelope_problem, forget_acked, on_rejected, redis_server
 from mesh.protocol.keys import BELL_TTL_MS, Keys
 
 TRANSPORT = "mesh.broker.transport:Transport"
@@ -208,3 +208,88 @@ def test_acks_ride_in_another_pipeline_on_the_same_redis_and_only_there(
         channel.qos.restore_unacked()  # what a lost connection does: only the third goes back
         assert r.llen(kp + queue.name) == 1 and r.hlen(kp + "unacked") == 0
         channel.queue_purge(queue.name)
+
+
+# ----------------------------------------------------------------------------- hostile list items
+# Issue 21: an exception while decoding, checking or delivering one message escaped the event
+# loop ("Unrecoverable error": the worker stopped). Each is dropped alone, reported, forgotten.
+
+NESTED = "[" * 100_000 + "]" * 100_000
+
+
+def _envelope(queue: str, **spoil) -> dict:
+    props = {"delivery_tag": str(uuid.uuid4()), "delivery_info": {"exchange": "", "routing_key": queue},
+             "body_encoding": "base64", "priority": 0}  # fmt: skip
+    env = {"body": "eyJuIjogMX0=", "content-type": "application/json", "content-encoding": "utf-8",
+           "headers": {}, "properties": props}  # fmt: skip  (body: {"n": 1})
+    for path, value in spoil.items():
+        *parents, leaf = path.split("__")
+        node = env
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return env
+
+
+BAD_ENVELOPES = {
+    "surrogate tag": {"properties__delivery_tag": "X\ud800"},
+    "empty tag": {"properties__delivery_tag": ""},
+    "integer tag": {"properties__delivery_tag": 7},
+    "huge tag": {"properties__delivery_tag": "t" * 10_000},
+    "integer routing key": {"properties__delivery_info__routing_key": 12345},
+    "list exchange": {"properties__delivery_info__exchange": ["x"]},
+    "delivery_info a list": {"properties__delivery_info": [1]},
+    "unknown body encoding": {"properties__body_encoding": "rot13"},
+    "list body encoding": {"properties__body_encoding": ["base64"]},
+    "string priority": {"properties__priority": "high"},
+    "bool priority": {"properties__priority": True},
+    "priority out of range": {"properties__priority": 10**30},
+    "reply_to an object": {"properties__reply_to": {"a": 1}},
+    "body a number": {"body": 12},
+    "content-type a list": {"content-type": ["application/json"]},
+    "headers a list": {"headers": [1]},
+    "task a list": {"headers": {"task": ["mesh.infer"], "id": "a"}},
+    "id a dict": {"headers": {"task": "mesh.infer", "id": {"x": 1}}},
+    "id a surrogate": {"headers": {"task": "mesh.infer", "id": "X\ud800"}},
+    "properties a string": {"properties": "x"},
+}
+
+
+@pytest.mark.parametrize("spoil", BAD_ENVELOPES.values(), ids=BAD_ENVELOPES.keys())
+def test_envelope_problem_names_every_field_of_the_wrong_type(spoil) -> None:
+    assert envelope_problem(_envelope("q")) is None
+    assert envelope_problem(_envelope("q", **spoil)) is not None
+
+
+def test_a_hostile_item_is_dropped_alone_reported_and_forgotten(conn: Connection, redis_url: str, prefix: str) -> None:
+    queue = _queue(prefix)
+    keys = Keys(prefix)
+    reported: list[tuple[str, bool]] = []
+    on_rejected(keys.kombu_prefix, lambda reason, env: reported.append((reason, env is not None)))
+    got: list[str] = []
+    boom = _envelope(queue.name)  # a good envelope whose handler raises (a strategy bug, say)
+    boom["body"] = "eyJuIjogImJvb20ifQ=="  # {"n": "boom"}
+
+    def callback(body, message):
+        if body["n"] == "boom":
+            raise RuntimeError("a handler that raises")
+        got.append(body["n"])
+        message.ack()
+
+    r = redis.Redis.from_url(redis_url)
+    items = [NESTED, "not json", json.dumps(_envelope(queue.name, properties__delivery_tag="X\ud800")),
+             json.dumps(_envelope(queue.name, properties__delivery_info__routing_key=12345)),
+             json.dumps(boom), json.dumps(_envelope(queue.name))]  # fmt: skip
+    try:
+        with conn.channel() as channel, Consumer(channel, [queue], callbacks=[callback], accept=["json"]):
+            r.lpush(keys.queue_list_key(queue.name, 0), *items)  # the pop script takes them in one go
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                drain(conn, 0.5)
+        assert got == [1]  # the good one, after five that each raised somewhere before
+        assert reported == [("not_json", False), ("not_json", False), ("bad_envelope", True),
+                            ("bad_envelope", True), ("undeliverable", True)]  # fmt: skip
+        assert r.hlen(keys.kombu_prefix + "unacked") == 0 and r.zcard(keys.kombu_prefix + "unacked_index") == 0
+    finally:
+        on_rejected(keys.kombu_prefix, None)
+        r.close()
