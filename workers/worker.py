@@ -29,6 +29,7 @@ from typing import Any
 import redis
 from threadpoolctl import threadpool_limits
 
+from mesh.broker import transport
 from mesh.control.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import Command, CopyState
@@ -42,6 +43,7 @@ from .heartbeat import Heartbeat, WorkerIdentity
 from .inference import InferenceLoop
 from .manager import ModelManager
 from .metrics import WorkerMetrics
+from .strategy import refuse_envelope
 
 log = logging.getLogger("mesh.worker")
 
@@ -75,6 +77,9 @@ class MeshWorker:
         self.priority_steps = list(conf.broker_transport_options.get("priority_steps", [0]))
         self.metrics = WorkerMetrics(self.name, settings.metrics_port)
         self.metrics.capacity_bytes.set(settings.worker_capacity_bytes)
+        # messages the transport drops (garbage, malformed envelopes) are counted and, when
+        # they are requests with a usable id, answered
+        transport.on_rejected(self.keys.kombu_prefix, self._envelope_rejected)
         self.batcher = Batcher(self._queue_depths)
         self.consumer = CeleryConsumer(
             consumer, self.keys, self.name, self.batcher, self.metrics,
@@ -167,6 +172,7 @@ class MeshWorker:
         self.heartbeat.stop()
         self._control.shutdown(wait=False, cancel_futures=True)
         self.manager.shutdown()
+        transport.on_rejected(self.keys.kombu_prefix, None)
         self.metrics.close()
         try:
             self.store.remove_worker(self.name, loaded)
@@ -186,10 +192,24 @@ class MeshWorker:
             log.info("handed %s over to %s", model_id, placement.worker)
 
     # ------------------------------------------------------------------ consumer thread
-    def on_request(self, model_id: str | None, req: Any, items: int = 1, high: bool = False) -> None:
-        if model_id is None or not self.batcher.add(model_id, req, items, high):
-            # not (or no longer) served here: back to its queue for the copy that is
-            self.consumer.requeue([Pending(req)], now=True)
+    def on_request(self, model_id: str | None, req: Any, items: int = 1, high: bool = False,
+                   requeue: bool = True) -> bool:  # fmt: skip
+        """Buffer a request; False: not served here and `requeue` is False (the caller refuses it)."""
+        if model_id is not None and self.batcher.add(model_id, req, items, high):
+            return True
+        if not requeue:
+            return False
+        # not (or no longer) served here: back to its queue for the copy that is
+        self.consumer.requeue([Pending(req)], now=True)
+        return True
+
+    def reject_message(self, reason: str) -> None:
+        """A message was dropped or refused before it could be served (workers/metrics.py REJECT_REASONS)."""
+        self.metrics.reject(reason)
+
+    def _envelope_rejected(self, reason: str, envelope: dict | None) -> None:
+        self.metrics.reject(reason)
+        refuse_envelope(self.app, envelope, reason)
 
     def run_control(self, name: str, fn: Any, kwargs: dict) -> None:
         """Run a scheduler task on the control thread (one at a time, in arrival order)."""

@@ -11,7 +11,6 @@ from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
-from celery.exceptions import InvalidTaskError
 from celery.result import AsyncResult
 from celery.worker import state as worker_state
 from kombu.message import Message
@@ -37,9 +36,17 @@ class FakeMesh:
         self.requests: list[tuple] = []
         self.controls: list[tuple] = []
         self.commands: list[Command] = []
+        self.rejected: list[str] = []
+        self.served = {"digits"}  # models with a buffer here
 
-    def on_request(self, model_id, req, items=1, high=False) -> None:
+    def on_request(self, model_id, req, items=1, high=False, requeue=True) -> bool:
+        if model_id not in self.served and not requeue:
+            return False
         self.requests.append((model_id, req, items, high))
+        return True
+
+    def reject_message(self, reason: str) -> None:
+        self.rejected.append(reason)
 
     def run_control(self, name, fn, kwargs) -> None:
         self.controls.append((name, fn, kwargs))
@@ -195,13 +202,17 @@ def test_an_undecodable_request_is_refused_with_the_reason(app, consumer, prefix
         failure_of(app, task_id)
 
 
-def test_a_request_without_an_id_is_an_invalid_task(app, consumer, prefix):
+@pytest.mark.parametrize("task_id", [None, "", "X\ud800", 42, ["a"], "a" * 256])
+def test_a_request_without_a_usable_id_is_rejected_and_counted_never_buffered(app, consumer, prefix, task_id):
+    """Nothing to answer under; an id that is no valid Redis key would fail its batch's results."""
     handler = infer_handler(app, consumer)
     message, _ = task_message(app, INFER_TASK, Keys(prefix).model_queue("digits"), {"inputs": [1]})
-    del message.headers["id"]
-    with pytest.raises(InvalidTaskError, match="malformed mesh.infer message: KeyError"):
-        run(handler, message)
-    assert consumer.mesh.requests == []
+    if task_id is None:
+        del message.headers["id"]
+    else:
+        message.headers["id"] = task_id
+    assert run(handler, message) == [("reject", False)]
+    assert consumer.mesh.requests == [] and consumer.mesh.rejected == ["malformed"]
 
 
 def test_an_old_protocol_message_is_rejected(app, consumer, prefix):
