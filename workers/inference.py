@@ -318,14 +318,10 @@ class InferenceLoop(threading.Thread):
         """Encode every result here, then hand them to the results thread (`_store`)."""
         backend = self.backend()  # thread-local instance: this thread's own connection
         results = []
-        is_reply_list = self.keys.is_reply_list
-        for m in messages:
-            req = m.pending.req
-            meta = _result_meta(backend, req, batch.model_id, m)
-            meta["task_id"] = req.id
-            reply_to = req.reply_to
-            results.append((backend.get_key_for_task(req.id), backend.encode(meta),
-                            reply_to if is_reply_list(reply_to) else None))  # fmt: skip
+        for m in messages:  # one by one: a message that cannot be answered fails alone (issue 21)
+            result = self._encode(backend, m, batch.model_id)
+            if result is not None:
+                results.append(result)
         wait_ms = (time.monotonic() - compute_s - min(m.pending.arrived for m in messages)) * 1000.0
         self._results_room.acquire()
         if self.batcher.empty():
@@ -338,6 +334,41 @@ class InferenceLoop(threading.Thread):
         except RuntimeError:  # shut down under us: nothing stored, nothing acked (redelivered)
             self._results_room.release()
             raise
+
+    def _encode(self, backend: Any, m: Message, model_id: str) -> tuple[str, bytes, str | None] | None:
+        """A message's result record: (key, value, reply list or None). A result that cannot
+        be encoded is replaced by an INTERNAL failure; a message that cannot be answered at
+        all (its id cannot be a Redis key) gets None: it is acked without an answer, logged
+        and counted, and its batch-mates are answered as usual. Before, one such message
+        failed the whole batch's pipeline, which stayed unacked for a visibility timeout."""
+        req = m.pending.req
+        try:
+            key = backend.get_key_for_task(req.id)
+            if isinstance(key, str):
+                key.encode("utf-8")  # what redis-py does with it, strictly: a lone surrogate raises
+        except Exception as exc:
+            log.error("cannot answer request %r of %s: its id is not a usable key (%s); acked unanswered",
+                      req.id, model_id, type(exc).__name__)  # fmt: skip
+            self.metrics.reject("unanswerable")
+            return None
+        reply_to = req.reply_to if self.keys.is_reply_list(req.reply_to) else None
+        try:
+            meta = _result_meta(backend, req, model_id, m)
+            meta["task_id"] = req.id
+            return key, backend.encode(meta), reply_to
+        except Exception as exc:
+            why = type(exc).__name__
+            log.error("cannot encode the result of request %r of %s: %s: %s", req.id, model_id,
+                      why, str(exc)[:200])  # fmt: skip
+        try:
+            m.error, m.tb = InferenceError(f"the result could not be encoded: {why}"), None
+            meta = _result_meta(backend, req, model_id, m)
+            meta["task_id"] = req.id
+            return key, backend.encode(meta), reply_to
+        except Exception as exc2:
+            log.error("cannot answer request %r of %s: %s; acked unanswered", req.id, model_id, type(exc2).__name__)
+            self.metrics.reject("unanswerable")
+            return None
 
     def _store(self, results: list[tuple[str, bytes, str | None]], messages: list[Message], batch: Batch,
                compute_s: float, started_wall: float, wait_ms: float, accepted: tuple | None = None) -> None:  # fmt: skip
@@ -484,12 +515,15 @@ def _complete_all(messages: list[Message], acked: list, runtime_s: float, dispat
         req = m.pending.req
         worker_state.task_ready(req, successful=not m.failed)
         req.acknowledged = True
-        if not m.failed:
-            req.send_event("task-succeeded", result=_summary(m), runtime=runtime_s)
-        else:
-            error = m.error if m.error is not None else m.units[0].error
-            tb = m.tb if m.error is not None else m.units[0].tb
-            req.send_event("task-failed", exception=saferepr(error), traceback=tb or "")
+        try:  # one message's event must not keep its batch-mates' from being sent
+            if not m.failed:
+                req.send_event("task-succeeded", result=_summary(m), runtime=runtime_s)
+            else:
+                error = m.error if m.error is not None else m.units[0].error
+                tb = m.tb if m.error is not None else m.units[0].tb
+                req.send_event("task-failed", exception=saferepr(error), traceback=tb or "")
+        except Exception as exc:
+            log.error("could not send the task event of %r: %s: %s", req.id, type(exc).__name__, str(exc)[:200])
     if dispatcher is not None and dispatcher.enabled:
         dispatcher.send("mesh-batch", **batch_event)
 

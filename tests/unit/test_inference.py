@@ -251,3 +251,27 @@ def test_task_started_rides_with_the_completion_only_for_quick_models(rig, loop)
         loop.result(task_id)
     # the first batch of each model: no predict time known yet, so sent before predict
     assert stored_at_accept == {"f1": False, "f2": True, "s1": False, "s2": False}
+
+
+def test_a_request_that_cannot_be_answered_fails_alone_and_its_batch_mates_are_answered(rig, loop):
+    """Issue 21: a lone surrogate in a task id cannot become a Redis key. Before, the results of
+    the whole batch were stored in one pipeline that failed as a whole: the batch stayed
+    unacked for a visibility timeout (300 s), and the poison was redelivered forever. The
+    intake refuses such ids (workers/strategy.py); this is the batch's own defence."""
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    reqs = [loop.request(f"r{i}", inputs=tensor(i, i)) for i in range(5)]
+    poison = FakeRequest("X\ud800", {"inputs": tensor(1.0, 1.0)}, routing_key=rig.store.keys.model_queue("m"))
+    for req in reqs[:2] + [poison] + reqs[2:]:  # all buffered before the loop runs: one batch of six
+        rig.batcher.add("m", req)
+    loop.start()
+    for i in range(5):
+        assert loop.result(f"r{i}")["outputs"][0]["data"] == [2.0 * i, 2.0 * i]
+    for _ in range(250):  # acked right after the pipeline that stored the results
+        if all(req._message.acknowledged for req in reqs + [poison]):
+            break
+        threading.Event().wait(0.02)
+    assert all(req._message.acknowledged for req in reqs + [poison])  # none redelivered
+    assert rig.metrics.rejected.labels("unanswerable")._value.get() == 1
+    batches = [f for t, f in loop.dispatcher.sent if t == "mesh-batch"]
+    assert [(b["size"], b["messages"]) for b in batches] == [(6, 6)]
