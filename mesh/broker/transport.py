@@ -104,11 +104,11 @@ def envelope_problem(item: object) -> str | None:
     for field in ("reply_to", "correlation_id"):
         if not _optional(props.get(field), str):
             return f"message envelope whose properties.{field} is not a string"
-    info = props.get("delivery_info", {})
+    info = props.get("delivery_info")
     if not isinstance(info, dict):
-        return "message envelope with a malformed properties.delivery_info"
-    for field in ("exchange", "routing_key"):
-        if not _optional(info.get(field), str):
+        return "message envelope with a missing or malformed properties.delivery_info"
+    for field in ("exchange", "routing_key"):  # kombu's QoS.append reads both (KeyError)
+        if not isinstance(info.get(field), str):
             return f"message envelope whose properties.delivery_info.{field} is not a string"
     headers = item.get("headers", {})
     if headers is not None and not isinstance(headers, dict):
@@ -329,11 +329,13 @@ class Channel(kombu_redis.Channel):
         self._recorded_tag = recorded
         try:
             self.connection._deliver(message, dest)
-        except self.connection_errors:
-            if recorded is None:
-                self._keep_unrecorded(message)
-            raise
         except Exception as exc:
+            # kombu counts KeyError among the Redis transport's connection errors: from a
+            # delivery it means a field missing from this message, not a lost connection
+            if isinstance(exc, self.connection_errors) and not isinstance(exc, KeyError):
+                if recorded is None:
+                    self._keep_unrecorded(message)
+                raise
             # kombu's Message or QoS, Celery's dispatch or a strategy raised on this message:
             # it is dropped (a requeue would bring it back forever), the worker carries on
             log.error("dropped a message from queue %s that could not be delivered: %s: %s",

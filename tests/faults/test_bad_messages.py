@@ -137,3 +137,146 @@ def test_wrong_shapes_and_dtypes_fail_alone_and_batch_mates_succeed(client, work
             else:
                 with pytest.raises(InvalidInput):
                     r.get(timeout=60)
+
+
+# ----------------------------------------------------------------------------- hostile envelopes
+# Issue 21: one message on any queue a worker reads could stop it ("Unrecoverable error"). Each
+# class is pushed raw onto the three kinds of queue a worker consumes: a model queue (mesh.infer),
+# the control queue (mesh.rebalance) and the worker's own command queue (mesh.command).
+
+
+def push_raw(redis_url: str, keys, queue: str, items: list[bytes]) -> None:
+    """LPUSH raw list items onto `queue` and ring its bell, as a producer's publish does."""
+    r = redis.Redis.from_url(redis_url)
+    try:
+        with r.pipeline(transaction=False) as pipe:
+            pipe.lpush(keys.queue_list_key(queue, 0), *items)
+            pipe.lpush(keys.queue_bell(queue), 1)
+            pipe.ltrim(keys.queue_bell(queue), 0, 0)
+            pipe.pexpire(keys.queue_bell(queue), 30_000)
+            pipe.execute()
+    finally:
+        r.close()
+
+
+def raw_envelope(body: bytes, headers: dict, queue: str, *, tag: object = None, routing_key: object = None,
+                 **props: object) -> bytes:
+    """A kombu Redis envelope whose properties a test may spoil (json.dumps escapes a lone
+    surrogate as \\ud800, so the raw bytes are valid UTF-8 and valid JSON)."""
+    return json.dumps({
+        "body": base64.b64encode(body).decode(),
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            "correlation_id": str(headers.get("id", "x")),
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue if routing_key is None else routing_key},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()) if tag is None else tag,
+            **props,
+        },
+    }).encode()
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000  # ~200 KB of nested brackets
+
+
+def hostile_items(case: str, queue: str, task: str, kwargs: dict) -> list[bytes]:
+    if case == "nested brackets":
+        return [NESTED, json.dumps({"body": "", "properties": {"delivery_tag": "t"}, "x": [NESTED.decode()]}).encode()]
+    if case == "surrogate delivery tag":
+        return [raw_envelope(body(kwargs), headers(task), queue, tag="X\ud800")]
+    if case == "integer routing key":
+        return [raw_envelope(body(kwargs), headers(task), queue, routing_key=12345)]
+    raise AssertionError(case)
+
+
+def wait_drained(r, keys, queues: list[str], timeout: float = 60) -> None:
+    """Until every queue's lists are empty and nothing is left unacked."""
+    from mesh.tools.launcher import wait_for
+
+    unacked = keys.kombu_prefix + "unacked"
+    lists = [k for q in queues for k in keys.queue_list_keys(q, [0, 5])]
+    wait_for(lambda: sum(r.llen(k) for k in lists) == 0 and r.hlen(unacked) == 0, timeout,
+             what="the hostile messages to be taken and settled")  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["nested brackets", "surrogate delivery tag", "integer routing key"])
+def test_a_hostile_envelope_on_any_queue_never_kills_the_worker(case, client, workers, redis_url, svm_path,
+                                                                 seed_input):  # fmt: skip
+    w = workers("w1")
+    pid = w.pid
+    client.register_model("digits", sklearn_info(svm_path))
+    client.ensure_loaded("digits", sync=True, timeout=60)
+    keys = client.keys
+    good = {"inputs": [seed_tensor(seed_input)]}
+    model_q, control_q, worker_q = keys.model_queue("digits"), keys.control_queue, keys.worker_queue(w.full_name)
+    push_raw(redis_url, keys, model_q, hostile_items(case, model_q, "mesh.infer", good))
+    push_raw(redis_url, keys, control_q, hostile_items(case, control_q, "mesh.rebalance", {}))
+    push_raw(redis_url, keys, worker_q, hostile_items(case, worker_q, "mesh.command",
+                                                      {"op": "wake", "model_id": "digits"}))
+    r = redis.Redis.from_url(redis_url)
+    try:
+        wait_drained(r, keys, [model_q, control_q, worker_q])
+    finally:
+        r.close()
+    assert answer(client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=60)) == 8
+    assert w.alive() and w.pid == pid
+    log = w.tail(400)
+    assert "Unrecoverable error" not in log and "Traceback" not in log
+
+
+def test_a_poison_task_id_fails_alone_and_its_batch_mates_are_answered(client, workers, redis_url, svm_path,
+                                                                       seed_input):  # fmt: skip
+    """A lone surrogate in headers.id cannot be encoded into a Redis key: before, the batch's
+    results were stored in one pipeline that failed as a whole, and its 5 good batch-mates
+    waited a visibility timeout (300 s)."""
+    w = workers("w1", MESH_VISIBILITY_TIMEOUT_S=300)
+    client.register_model("digits", sklearn_info(svm_path, max_batch_size=16, max_batch_delay_ms=200))
+    client.ensure_loaded("digits", sync=True, timeout=60)
+    queue = client.keys.model_queue("digits")
+    good = body({"inputs": [seed_tensor(seed_input)]})
+    poison = headers()
+    poison["id"] = poison["root_id"] = "X\ud800"
+    mates = [headers() for _ in range(5)]
+    items = [raw_envelope(good, h, queue) for h in mates[:2]]
+    items += [raw_envelope(good, poison, queue)] + [raw_envelope(good, h, queue) for h in mates[2:]]
+    push_raw(redis_url, client.keys, queue, items)  # one push: taken together, one batch
+    for h in mates:  # well within the visibility timeout
+        assert answer(AsyncResult(h["id"], app=client.app).get(timeout=60)) == 8
+    r = redis.Redis.from_url(redis_url)
+    try:
+        wait_drained(r, client.keys, [queue])  # the poison is not left unacked either
+    finally:
+        r.close()
+    assert w.alive()
+
+
+@pytest.mark.parametrize("model_header", ["absent", "not a str", "not a valid id", "not served here"])
+def test_an_infer_on_a_queue_that_is_not_a_model_queue_is_answered_invalid_argument(
+    model_header, client, workers, redis_url, svm_path, seed_input
+):
+    """Before, it was requeued to the same queue in a loop (~425 times a second) until a restart."""
+    w = workers("w1")
+    client.register_model("digits", sklearn_info(svm_path))
+    client.ensure_loaded("digits", sync=True, timeout=60)
+    good = {"inputs": [seed_tensor(seed_input)]}
+    sent = []
+    for queue in (client.keys.worker_queue(w.full_name), client.keys.control_queue):
+        h = headers()
+        if model_header != "absent":
+            h["mm-model-id"] = {"not a str": 42, "not a valid id": "bad id!", "not served here": "other"}[model_header]
+        push_raw(redis_url, client.keys, queue, [raw_envelope(body(good), h, queue)])
+        sent.append((queue, h["id"]))
+    for _queue, task_id in sent:
+        with pytest.raises(InvalidArgument, match="not a model queue"):
+            AsyncResult(task_id, app=client.app).get(timeout=60)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        wait_drained(r, client.keys, [q for q, _ in sent])
+    finally:
+        r.close()
+    assert answer(client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=60)) == 8
+    assert w.alive()

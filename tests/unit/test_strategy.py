@@ -296,3 +296,81 @@ def test_a_control_run_with_non_object_kwargs_is_rejected(app, consumer, prefix)
                               body=json.dumps([[], [1, 2], {}]).encode())
     assert run(handler, message) == [("reject", False)]
     assert consumer.mesh.controls == []
+
+
+# ------------------------------------------------------------------ hostile messages (issue 21)
+
+
+def test_an_integer_routing_key_is_no_model_queue_and_is_answered_not_raised(app, consumer, prefix):
+    handler = infer_handler(app, consumer)
+    message, task_id = task_message(app, INFER_TASK, Keys(prefix).model_queue("digits"), {"inputs": [1]})
+    message.delivery_info["routing_key"] = 12345
+    assert run(handler, message) == [("ack",)]
+    assert consumer.mesh.requests == [] and consumer.mesh.rejected == ["not_a_model_queue"]
+    with pytest.raises(InvalidArgument, match="not a model queue"):
+        failure_of(app, task_id)
+
+
+@pytest.mark.parametrize("header", [None, 42, "bad id!", {"a": 1}, "other"])
+def test_an_infer_off_a_model_queue_without_a_model_served_here_is_answered_invalid_argument(
+    app, consumer, prefix, header
+):
+    """Before, it was requeued to the same queue, which it came straight back from: a loop."""
+    handler = infer_handler(app, consumer)
+    headers = {} if header is None else {"mm-model-id": header}
+    message, task_id = task_message(app, INFER_TASK, Keys(prefix).worker_queue("w1@test"), {"inputs": [1]},
+                                    headers=headers)  # fmt: skip
+    assert run(handler, message) == [("ack",)]
+    assert consumer.mesh.requests == [] and consumer.mesh.rejected == ["not_a_model_queue"]
+    with pytest.raises(InvalidArgument, match="not a model queue"):
+        failure_of(app, task_id)
+
+
+def test_a_body_nested_too_deep_is_answered_invalid_argument(app, consumer, prefix):
+    nested = b"[" * 100_000 + b"]" * 100_000
+    consumer.mesh.settings.max_request_bytes = len(nested)
+    handler = infer_handler(app, consumer)
+    message, task_id = task_message(app, INFER_TASK, Keys(prefix).model_queue("digits"), body=nested)
+    assert run(handler, message) == [("ack",)]
+    assert consumer.mesh.rejected == ["malformed"]
+    with pytest.raises(InvalidArgument, match="recursion depth"):
+        failure_of(app, task_id)
+
+
+def test_whatever_a_handler_raises_rejects_that_message_alone(app, consumer, prefix):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    consumer.mesh.on_request = broken
+    handler = infer_handler(app, consumer)
+    message, task_id = task_message(app, INFER_TASK, Keys(prefix).model_queue("digits"), {"inputs": [1]})
+    assert run(handler, message) == [("reject", False)]  # never requeued: it would come back
+    assert consumer.mesh.rejected == ["unexpected"]
+    with pytest.raises(InvalidArgument, match="RuntimeError"):
+        failure_of(app, task_id)
+    worker_state.reserved_requests.clear()
+
+
+@pytest.mark.parametrize("make", [command_handler, control_handler])
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe", b"[[], {\"op\": 1}, {}]", b"null"])
+def test_a_hostile_command_or_control_body_is_rejected_and_counted(app, consumer, prefix, make, body):
+    handler = make(app, consumer)
+    task = COMMAND_TASK if make is command_handler else REBALANCE_TASK
+    message, _ = task_message(app, task, Keys(prefix).worker_queue("w1@test"), body=body)
+    log = run(handler, message)
+    assert log in ([("reject", False)], [("ack",)])  # [] kwargs-less control runs are fine
+    assert consumer.mesh.commands == []
+    if log == [("reject", False)]:
+        assert consumer.mesh.rejected == ["malformed"]
+
+
+def test_a_command_whose_action_raises_is_acked_once_and_counted(app, consumer, prefix):
+    def broken(cmd):
+        raise RuntimeError("a bug")
+
+    consumer.mesh.on_command = broken
+    handler = command_handler(app, consumer)
+    kwargs = Command(op="load", model_id="digits").model_dump(mode="json")
+    message, _ = task_message(app, COMMAND_TASK, Keys(prefix).worker_queue("w1@test"), kwargs)
+    assert run(handler, message) == [("ack",)]  # settled before it raised: not rejected as well
+    assert consumer.mesh.rejected == ["unexpected"]

@@ -252,6 +252,8 @@ BAD_ENVELOPES = {
     "id a dict": {"headers": {"task": "mesh.infer", "id": {"x": 1}}},
     "id a surrogate": {"headers": {"task": "mesh.infer", "id": "X\ud800"}},
     "properties a string": {"properties": "x"},
+    "no delivery_info": {"properties__delivery_info": None},
+    "delivery_info without exchange": {"properties__delivery_info": {"routing_key": "q"}},
 }
 
 
@@ -272,7 +274,7 @@ def test_a_hostile_item_is_dropped_alone_reported_and_forgotten(conn: Connection
 
     def callback(body, message):
         if body["n"] == "boom":
-            raise RuntimeError("a handler that raises")
+            raise KeyError("exchange")  # kombu counts KeyError as a connection error: not here
         got.append(body["n"])
         message.ack()
 
