@@ -6,12 +6,17 @@ anything but a valid id.
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +27,7 @@ from mesh.protocol.keys import KOMBU_PRIORITY_SEP, Keys
 from mesh.protocol.messages import INFER_TASK
 from mesh.protocol.tensors import DATATYPES, decode_inputs, encode_inputs
 from mesh.tools.embedded import EmbeddedRedis
+from mesh.tools.launcher import wait_for
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
 
 FIXTURES_OK = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -238,3 +244,148 @@ def test_worker_answers_random_requests_with_typed_errors_and_keeps_serving(clie
     assert answer(client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=60)) == 8
     assert w.alive()
     assert "Traceback" not in w.tail(5000)
+
+
+# ----------------------------------------------------------------------------- the whole envelope
+# Issue 21: not only a task's arguments but everything a producer controls in a list item: the
+# raw bytes, the envelope's fields and their types, the body and its encodings, the headers,
+# the properties, the nesting depth and the sizes, pushed raw onto the queues a worker reads.
+
+SURROGATE = "X\ud800"
+odd_text = st.sampled_from(["", SURROGATE, "a" * 300, "\x00", "é", "a b"]) | st.text(max_size=12)
+odd_values = st.one_of(json_scalars, odd_text, json_values, st.just("x" * 300_000))
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+task_bodies = st.one_of(
+    st.builds(lambda kw: b64(json.dumps([[], kw, {}]).encode()), worker_kwargs),
+    st.builds(lambda v: b64(json.dumps(v).encode()), json_values),  # JSON of the wrong shape
+    st.builds(lambda kw: json.dumps([[], kw, {}]), worker_kwargs),  # not base64 while said to be
+    st.builds(b64, st.binary(max_size=64)),  # base64 of garbage
+    st.integers(1, 150_000).map(lambda d: b64(nested(d).encode())),  # nested too deep to decode
+    odd_values,
+)
+
+
+@st.composite
+def envelopes(draw, queue: str) -> tuple[bytes, str | None]:
+    """A raw list item and, for a mesh.infer with a usable id, that id (it is owed an answer)."""
+    shape = draw(st.sampled_from(["envelope"] * 9 + ["raw", "nested", "json"]))
+    if shape == "raw":
+        return draw(st.binary(max_size=256)), None
+    if shape == "nested":
+        return nested(draw(st.integers(1, 150_000))).encode(), None
+    if shape == "json":
+        return json.dumps(draw(json_values)).encode(), None
+    # mostly well-formed, each field spoiled now and then (hypothesis draws each branch of a
+    # one_of alike: weights are repetitions in sampled_from)
+    often = st.sampled_from([True] * 5 + [False])
+    task = draw(st.sampled_from(["mesh.infer"] * 5 + ["mesh.command", "mesh.rebalance", "no.such.task", "odd"]))
+    task = draw(odd_values) if task == "odd" else task
+    good_id = draw(often)
+    task_id = str(uuid.uuid4()) if good_id else draw(odd_values)
+    headers = {"lang": "py", "task": task, "id": task_id, "root_id": task_id, "parent_id": None, "group": None,
+               "retries": 0, "argsrepr": "()", "kwargsrepr": "{}", "origin": "fuzz", "ignore_result": False}
+    headers.update(draw(st.dictionaries(
+        st.sampled_from(["mm-model-id", "mm-vmodel-id", "expires", "eta", "retries", "timelimit", "shadow",
+                         "argsrepr", "root_id", "parent_id", "lang", "ignore_result", "stamps"]),
+        st.sampled_from(["digits", "nope", "2020-01-01T00:00:00", "2999-01-01T00:00:00+00:00"]) | odd_values,
+        max_size=draw(st.sampled_from([0, 0, 1, 3])))))  # fmt: skip
+    headers.pop(draw(st.sampled_from([""] * 8 + ["id", "task", "lang"])), None)
+    props = {
+        "correlation_id": task_id,
+        "delivery_mode": 2,
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "priority": 0,
+        "body_encoding": "base64",
+        "delivery_tag": str(uuid.uuid4()),
+    }
+    props.update(draw(st.dictionaries(
+        st.sampled_from(["delivery_tag", "delivery_info", "priority", "body_encoding", "reply_to",
+                         "correlation_id", "delivery_mode"]),
+        st.sampled_from([None, "", SURROGATE, 12345, 2**70, -1, "base64", "rot13", "t" * 5000,
+                         {"exchange": "", "routing_key": 7}, {"exchange": [], "routing_key": queue},
+                         {"routing_key": queue}]) | odd_values,
+        max_size=draw(st.sampled_from([0, 0, 0, 1, 2])))))  # fmt: skip
+    item: dict = {
+        "body": draw(st.sampled_from(["good"] * 3 + ["odd"])),
+        "content-encoding": draw(st.sampled_from(["utf-8", "binary", "latin-1", None]) | odd_values),
+        "content-type": draw(st.sampled_from(["application/json", "application/x-python-serialize",
+                                              "text/plain", None]) | odd_values),  # fmt: skip
+        "headers": headers if draw(often) else draw(odd_values),
+        "properties": props if draw(often) else draw(odd_values),
+    }
+    if item["body"] == "good":
+        item["body"] = b64(json.dumps([[], draw(worker_kwargs), {}]).encode())
+    else:
+        item["body"] = draw(task_bodies)
+    item.pop(draw(st.sampled_from([""] * 12 + list(item))), None)
+    sent = item.get("headers")
+    owed = task_id if good_id and isinstance(sent, dict) and sent.get("task") == "mesh.infer" \
+        and sent.get("id") == task_id else None  # fmt: skip
+    return json.dumps(item).encode(), owed
+
+
+def test_whole_envelopes_pushed_raw_never_kill_the_worker_and_every_owed_answer_comes(
+    client, workers, redis_url, svm_path, seed_input
+):
+    w = workers("w1")
+    pid = w.pid
+    client.register_model("digits", sklearn_info(svm_path, max_batch_delay_ms=1))
+    client.ensure_loaded("digits", sync=True, timeout=60)
+    keys = client.keys
+    queues = [keys.model_queue("digits"), keys.control_queue, keys.worker_queue(w.full_name)]
+    r = redis.Redis.from_url(redis_url)
+    owed_total: list[str] = []
+    missing: list[tuple[str, bytes]] = []  # owed an answer that did not come: (id, the item's first bytes)
+    backend = client.app.backend
+
+    @settings(max_examples=int(os.environ.get("MESH_FUZZ_ENVELOPES", "40")), deadline=None,
+              suppress_health_check=FIXTURES_OK)  # fmt: skip
+    @given(st.lists(st.tuples(st.sampled_from(queues), st.data()), min_size=1, max_size=6))
+    def check(picks):
+        pushed: dict[str, list[bytes]] = {}
+        owed: dict[str, bytes] = {}
+        for queue, data in picks:
+            item, task_id = data.draw(envelopes(queue))
+            pushed.setdefault(queue, []).append(item)
+            if task_id is not None:
+                owed[task_id] = item
+        with r.pipeline(transaction=False) as pipe:  # one round trip per example
+            for queue, items in pushed.items():
+                pipe.lpush(keys.queue_list_key(queue, 0), *items)
+                pipe.lpush(keys.queue_bell(queue), 1)
+                pipe.ltrim(keys.queue_bell(queue), 0, 0)
+            pipe.execute()
+        # each owed an answer (a result, a typed error, or revoked): its record appears in the
+        # result store; the examples go on meanwhile, the missing ones are reported at the end
+        result_keys = {backend.get_key_for_task(t): t for t in owed}
+        try:
+            wait_for(lambda: all(r.mget(list(result_keys))), 20, what="owed answers")
+        except TimeoutError:
+            missing.extend((t, owed[t][:300]) for k, t in result_keys.items() if not r.exists(k))
+        owed_total.extend(owed)
+        assert w.alive() and w.pid == pid
+
+    try:
+        check()
+        # nothing left in a queue or unacked: each message was answered, refused or dropped
+        lists = [k for q in queues for k in keys.queue_list_keys(q, [0, 5])]
+        unacked = keys.kombu_prefix + "unacked"
+        wait_for(lambda: sum(r.llen(k) for k in lists) == 0 and r.hlen(unacked) == 0, 60,
+                 what="every fuzzed message to be settled")  # fmt: skip
+    finally:
+        r.close()
+    assert owed_total, "the fuzz owed no answer: it did not reach the infer strategy"
+    assert not missing, f"{len(missing)} of {len(owed_total)} owed answers never came: {missing[:3]}"
+    assert answer(client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=60)) == 8
+    assert w.alive() and w.pid == pid
+    log = w.tail(20000)
+    assert "Unrecoverable error" not in log and "Connection to broker lost" not in log
