@@ -368,7 +368,7 @@ def test_whole_envelopes_pushed_raw_never_kill_the_worker_and_every_owed_answer_
         # result store; the examples go on meanwhile, the missing ones are reported at the end
         result_keys = {backend.get_key_for_task(t): t for t in owed}
         try:
-            wait_for(lambda: all(r.mget(list(result_keys))), 20, what="owed answers")
+            wait_for(lambda: not w.alive() or all(r.mget(list(result_keys))), 20, what="owed answers")
         except TimeoutError:
             missing.extend((t, owed[t][:300]) for k, t in result_keys.items() if not r.exists(k))
         owed_total.extend(owed)
