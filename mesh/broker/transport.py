@@ -163,6 +163,17 @@ SCRIPT_RECORD_MAX_BYTES = 4 * 1024 * 1024  # bigger ones are not decoded inside 
 POP_MAX = 16
 
 
+def _raw_tag(item: bytes) -> bytes | None:
+    """The delivery tag of a list item as the pop script recorded it, byte for byte (invalid
+    UTF-8 included); None when it has none."""
+    try:
+        raw = item.decode("utf-8", "surrogateescape") if isinstance(item, bytes) else item
+        tag = loads(raw)["properties"]["delivery_tag"]
+        return tag.encode("utf-8", "surrogateescape") if isinstance(tag, str) else None
+    except Exception:
+        return None
+
+
 def ring(pipe, queue: str, prefix: str) -> None:
     """Queue commands on a kombu (prefixed) pipeline that ring `queue`'s bell: a list of at
     most one element that idle consumers block on with BRPOP (see Channel)."""
@@ -313,7 +324,10 @@ class Channel(kombu_redis.Channel):
         self._queue_cycle.rotate(dest)
         message: object = None
         try:
-            message = loads(bytes_to_str(item))
+            # strictly: kombu's bytes_to_str replaces invalid UTF-8, and the tag the pop script
+            # recorded (raw bytes, which Lua's cjson lets through) would then never be acked
+            text = item.decode("utf-8") if isinstance(item, bytes) else item
+            message = loads(text)
         except Exception as exc:  # ValueError, UnicodeDecodeError, RecursionError (deep nesting), ...
             reason, problem = NOT_JSON, f"not JSON ({type(exc).__name__}: {str(exc)[:200]})"
         else:
@@ -322,7 +336,7 @@ class Channel(kombu_redis.Channel):
             log.error("dropped a malformed message from queue %s: %s; first bytes: %r",
                       dest, problem, bytes(item[:80]))  # fmt: skip
             if recorded is not None:  # the script recorded it: forget it, or it comes back
-                self.qos._remove_from_indices(recorded).execute()
+                self.qos._remove_from_indices(_raw_tag(item) or recorded).execute()
             self._report(reason, message if isinstance(message, dict) else None)
             return
         assert isinstance(message, dict)
