@@ -30,7 +30,7 @@ REJECT_REASONS = (
     "not_json",  # a list item that does not decode as JSON (or is nested too deep)
     "bad_envelope",  # JSON, but not a kombu envelope with fields of the right types
     "undeliverable",  # kombu or Celery raised while handing it to its strategy
-    "malformed",  # a task message that does not decode or validate (answered when it has an id)
+    "malformed",  # a task message that does not decode or validate, or is too large (answered when it has an id)
     "not_a_model_queue",  # a mesh.infer on a queue that is not a model queue, for no model served here
     "unexpected",  # a strategy raised on it: rejected, the worker carries on
     "unanswerable",  # its result cannot be stored under its id: acked without an answer
