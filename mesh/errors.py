@@ -66,6 +66,13 @@ class DeadlineExceeded(MeshError, TimeoutError):
     code = "DEADLINE_EXCEEDED"
 
 
+class PermissionDenied(MeshError):
+    """An operator's rule forbids it: a model outside the storage roots, a python class from a
+    module the operator did not allow (docs/security.md)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class Unavailable(MeshError):
     code = "UNAVAILABLE"
 

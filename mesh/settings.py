@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mesh.protocol.ids import validate_id
+from mesh.protocol.ids import validate_prefix
 
 
 class MeshSettings(BaseSettings):
@@ -89,6 +89,12 @@ class MeshSettings(BaseSettings):
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Prometheus metrics port of a worker (0: off)"
     )
+    metrics_addr: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="address the metrics port binds (unauthenticated: 0.0.0.0 only where the "
+        "network is the access control, e.g. a container scraped by Prometheus)",
+    )
     prefetch_floor: int = Field(
         default=64, ge=1, description="prefetch when no model is loaded (commands, cold loads)"
     )
@@ -142,6 +148,17 @@ class MeshSettings(BaseSettings):
     s3_read_timeout_s: float = Field(default=30.0, gt=0, description="S3 read timeout")
     s3_max_attempts: int = Field(
         default=3, ge=1, le=10, description="S3 attempts per call (retries of transient errors)"
+    )
+    storage_roots: str | None = Field(
+        default=None,
+        description="where workers may load models from: comma-separated file:///dir, "
+        "s3://bucket, s3://bucket/prefix, or * for anywhere (unset: MESH_MODEL_DIR and the "
+        "buckets of MESH_STORAGE_CONFIG; anywhere, with a warning, when neither is set)",
+    )
+    python_modules: str | None = Field(
+        default=None,
+        description="modules (and their submodules) python-runtime model classes may come "
+        "from, comma-separated (unset: none; the python runtime refuses every class)",
     )
     model_dir: str | None = Field(
         default=None,
@@ -211,7 +228,7 @@ class MeshSettings(BaseSettings):
     @field_validator("prefix")
     @classmethod
     def _valid_prefix(cls, v: str) -> str:
-        return validate_id(v, "prefix")
+        return validate_prefix(v)
 
 
 @lru_cache(maxsize=1)

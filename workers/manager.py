@@ -58,6 +58,7 @@ from .batcher import BatchPolicy
 from .retention import FRESH_S, HISTORY_MODELS, Candidate, UsageMeter, make_room
 from .runtimes import get_runtime
 from .runtimes.base import Loaded
+from .runtimes.python import allowed_modules, check_python_class
 from .snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ class ModelManager:
         s = settings
         self.capacity = s.worker_capacity_bytes
         self.load_timeout_s = s.load_timeout_s
+        self._python_modules = allowed_modules(s.python_modules)
         self.evict_grace_s = 1.0
         # the batch policy of a model whose record is not read yet (its buffer, held, only
         # counts towards the prefetch budget until then)
@@ -338,6 +340,8 @@ class ModelManager:
             elif job.early:
                 self.batcher.hold(model_id, policy)  # what it holds is batched by the record's
             job.record = record
+            if record.info.runtime == "python":  # before a file is read or a module imported
+                check_python_class(record.info.python_class, self._python_modules)
             job.path, job.snapshot = self._with_timeout(record, self.load_timeout_s, self._fetch_files, record)
         except Exception as exc:
             self._failed(job, exc, started)

@@ -32,7 +32,7 @@ def outcome_of(error: BaseException | None) -> str:
 
 
 class WorkerMetrics:
-    def __init__(self, worker: str, port: int = 0) -> None:
+    def __init__(self, worker: str, port: int = 0, addr: str = "127.0.0.1") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -73,8 +73,10 @@ class WorkerMetrics:
         self._server = None
         if port:
             try:
-                self._server, _ = start_http_server(port, addr="0.0.0.0", registry=r)
-                log.info("metrics on :%d/metrics", port)
+                # no authentication: bound where the operator says (MESH_METRICS_ADDR), loopback
+                # by default, so that only who may reach that address reads per-model figures
+                self._server, _ = start_http_server(port, addr=addr, registry=r)
+                log.info("metrics on %s:%d/metrics", addr, port)
             except OSError as exc:  # a taken port must not stop the worker from serving
                 log.error("cannot serve metrics on port %d: %s", port, exc)
 

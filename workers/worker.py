@@ -33,6 +33,8 @@ from mesh.control.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import Command, CopyState
 from mesh.protocol.messages import SERVING_TTL_S
+from mesh.settings import MeshSettings
+from mesh.storage.sources import get_storage
 from mesh.store.context import StoreContext
 from mesh.store.state import Route
 
@@ -59,6 +61,21 @@ ORPHAN_FAST_S = SERVING_TTL_S + 0.5
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
+def warn_about_trust(settings: MeshSettings) -> None:
+    """Say at start, loudly, what this worker lets a model record make it do (docs/security.md)."""
+    roots = get_storage(settings).roots
+    if roots.unrestricted:
+        log.warning(
+            "MESH_STORAGE_ROOTS is %s: this worker loads models from ANY path or bucket a model "
+            "record names, and loading a model file runs its code, so anyone who can write to this "
+            "mesh's Redis can run code here. Set MESH_STORAGE_ROOTS (or MESH_MODEL_DIR) outside "
+            "local development.", "* (anywhere)" if settings.storage_roots else "unset and nothing is configured")
+    else:
+        log.info("models load only from %s (%s)", roots.describe(), roots.source)
+    if settings.python_modules:
+        log.info("python-runtime model classes allowed from: %s", settings.python_modules)
+
+
 class MeshWorker:
     """Builds a worker's parts around one Celery consumer and implements `CopyEvents`."""
 
@@ -73,7 +90,7 @@ class MeshWorker:
         threadpool_limits(settings.intra_op_threads)
         self.name: str = consumer.hostname  # Celery node name, e.g. w1@vm
         self.priority_steps = list(conf.broker_transport_options.get("priority_steps", [0]))
-        self.metrics = WorkerMetrics(self.name, settings.metrics_port)
+        self.metrics = WorkerMetrics(self.name, settings.metrics_port, settings.metrics_addr)
         self.metrics.capacity_bytes.set(settings.worker_capacity_bytes)
         self.batcher = Batcher(self._queue_depths)
         self.consumer = CeleryConsumer(
@@ -124,6 +141,7 @@ class MeshWorker:
             self.inference.start()
             self.heartbeat.start()
             log.info("mesh worker %s up: capacity %d bytes", self.name, self.settings.worker_capacity_bytes)
+            warn_about_trust(self.settings)
         else:
             # after a reconnect the buffered requests were dropped with the old channel;
             # re-consume the queues of everything still loaded

@@ -74,7 +74,6 @@ def _repository_schedule(s: MeshSettings, keys: Keys) -> dict[str, Any]:
         "mesh-sync-repository": {
             "task": SYNC_REPOSITORY_TASK,
             "schedule": s.repository_sync_interval_s,
-            "kwargs": {"model_dir": s.model_dir},
             "options": {"queue": keys.control_queue, "expires": s.repository_sync_interval_s},
         },
     }

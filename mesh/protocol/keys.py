@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mesh.protocol.ids import validate_id
+from mesh.protocol.ids import validate_prefix
 
 # kombu's Redis transport stores priority sub-queues as `<queue>\x06\x16<priority>`.
 KOMBU_PRIORITY_SEP = "\x06\x16"
@@ -33,7 +33,7 @@ class Keys:
     prefix: str
 
     def __post_init__(self) -> None:
-        validate_id(self.prefix, "prefix")
+        validate_prefix(self.prefix)
 
     # --- queues (Celery names; kombu stores them under `kombu_prefix`)
     def model_queue(self, model_id: str) -> str:

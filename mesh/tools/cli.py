@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -262,8 +263,11 @@ def up(
     from mesh.tools.local_stack import LocalStack
 
     state_dir = state_dir.resolve()
+    # Flower sends tasks and controls workers: never without a login, even on loopback (a web
+    # page in the local browser could POST to it otherwise); a generated one, shown once
+    flower_auth = os.environ.get("FLOWER_BASIC_AUTH") or f"admin:{secrets.token_urlsafe(12)}"
     stack = LocalStack(
-        state_dir=state_dir, prefix=get_settings().prefix, workers=workers,
+        state_dir=state_dir, prefix=get_settings().prefix, workers=workers, flower_auth=flower_auth,
         worker_capacity_bytes=capacity, beat=beat, flower_port=flower_port or None, persist=True,
         metrics_port=metrics_port or None, redis_url=get_settings().redis_url,
     )  # fmt: skip
@@ -281,7 +285,10 @@ def up(
         for p in stack.procs:
             console.print(f"{p.name:<12}pid {p.pid}  log {p.log_path}")
         if flower_port:
-            console.print(f"{'flower':<12}http://127.0.0.1:{flower_port}")
+            login = ("FLOWER_BASIC_AUTH's login" if os.environ.get("FLOWER_BASIC_AUTH")
+                     else "login {} / {}  (generated, shown once; FLOWER_BASIC_AUTH=user:password sets yours)"
+                     .format(*flower_auth.split(":", 1)))  # fmt: skip
+            console.print(f"{'flower':<12}http://127.0.0.1:{flower_port}  {login}")
         if metrics_port:
             for i, p in enumerate(stack.worker_procs()):
                 console.print(f"{'metrics':<12}http://127.0.0.1:{metrics_port + i}/metrics  ({p.full_name})")
