@@ -44,6 +44,7 @@ from .heartbeat import Heartbeat, WorkerIdentity
 from .inference import InferenceLoop
 from .manager import ModelManager
 from .metrics import WorkerMetrics
+from .wanted import WantedLoads
 
 log = logging.getLogger("mesh.worker")
 
@@ -116,6 +117,7 @@ class MeshWorker:
             after_beat=[self.adopt_orphans_once, self.maintenance],
             between_beats=[self.watch_fresh_orphans],
         )  # fmt: skip
+        self.wanted = WantedLoads(self.store, self.load_wanted)
         self._threads_started = False
         self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-control")
         self._unloaded_lock = threading.Lock()
@@ -140,6 +142,7 @@ class MeshWorker:
             self.store.clear_load_line(self.name)
             self.inference.start()
             self.heartbeat.start()
+            self.wanted.start()
             log.info("mesh worker %s up: capacity %d bytes", self.name, self.settings.worker_capacity_bytes)
             warn_about_trust(self.settings)
         else:
@@ -183,6 +186,7 @@ class MeshWorker:
         self.inference.stop()
         self.inference.join(timeout=30)
         self.heartbeat.stop()
+        self.wanted.stop()
         self._control.shutdown(wait=False, cancel_futures=True)
         self.manager.shutdown()
         self.metrics.close()
@@ -295,6 +299,18 @@ class MeshWorker:
             else:
                 self._send_command(placement.worker, Command(op="load", model_id=model_id))
         return route is not Route.IDLE
+
+    def load_wanted(self, model_id: str) -> None:
+        """A producer that may not place loads asked for this model (workers/wanted.py): route
+        and place as it would have; nothing when the model is served, loading or unknown."""
+        _route, placement, _ = self.store.route_and_place(
+            model_id, claimant=self.name, priority_steps=self.priority_steps
+        )  # fmt: skip
+        if placement is not None and placement.worker:
+            if placement.worker == self.name:
+                self.manager.request_load(model_id)
+            else:
+                self._send_command(placement.worker, Command(op="load", model_id=model_id))
 
     def adopt_orphans_once(self) -> None:
         """After the first heartbeat that reached Redis (then the worker is announced): load

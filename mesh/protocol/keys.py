@@ -129,6 +129,12 @@ class Keys:
     def worker(self, name: str) -> str:
         return self.worker_key_prefix + name
 
+    @property
+    def wanted(self) -> str:
+        """List of model ids producers ask the workers to load: the cold path of a producer
+        whose Redis user may not place loads (docs/security.md)."""
+        return f"{self.prefix}:wanted"
+
     def load_line(self, worker: str) -> str:
         """Sorted set model_id -> time the load was sent: the loads a worker has been told to do
         and has not finished (its line of loads, read live by the cold path's placement)."""

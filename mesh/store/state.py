@@ -49,7 +49,8 @@ class Route(IntEnum):
 # record, the failure records, and each live worker's state and line of loads (entries since
 # ARGV[9]; ARGV[8] is the line keys' prefix): {2, record, {worker, error, ...}, {name, state,
 # line, ...}}; and SERVING returns {1, settled}: 1 when a live copy has been LOADED since
-# ARGV[10] or earlier.
+# ARGV[10] or earlier. With ARGV[11] = '0' nothing is written (a producer whose Redis user may
+# not write claims, docs/security.md): CLAIMED then means "nobody serves or loads it".
 _ROUTE_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 local max_queue = tonumber(ARGV[5])
@@ -77,7 +78,7 @@ if holder then
   end
 end
 if ARGV[6] == '1' and depth == 0 then return 5 end
-redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
+if ARGV[11] ~= '0' then redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3]) end
 if ARGV[7] ~= '1' then return 2 end
 local workers = {}
 for _, w in ipairs(redis.call('SMEMBERS', KEYS[5])) do
@@ -141,6 +142,7 @@ return 0
 """
 
 PENDING_CLAIM_MS = 5000
+WANTED_MAX = 10_000  # hints a flood of cold requests (or a hostile producer) can leave waiting
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,10 @@ class StateStore:
         self.keys = keys
         self.settings = settings
         self._route = client.register_script(_ROUTE_LUA)
+        # The same route, its keys named in the last argument instead of KEYS: Redis 7 asks
+        # read *and* write rights for every key a script declares, so a producer user that may
+        # only read the registry could not run the declared form (docs/security.md).
+        self._route_read_only = client.register_script("local KEYS = cjson.decode(ARGV[#ARGV])\n" + _ROUTE_LUA)
         self._mark_copy = client.register_script(_MARK_COPY_LUA)
         self._move = client.register_script(_MOVE_LUA)
         self._release_lock = client.register_script(_RELEASE_LOCK_LUA)
@@ -289,47 +295,52 @@ class StateStore:
     # ------------------------------------------------------------------ cold path
     def route(
         self, model_id: str, claimant: str, *, max_queue: int = 0, priority_steps: list[int] = (0,),
-        if_queued: bool = False,
+        if_queued: bool = False, claim: bool = True,
     ) -> Route:  # fmt: skip
-        """One round trip: exists? queue full? a live copy? else claim the load.
+        """One round trip: exists? queue full? a live copy? else claim the load (with `claim`
+        False: write nothing, and CLAIMED means nobody serves or loads the model).
 
         `if_queued`: claim only while requests wait in the model's queue (else Route.IDLE). For
         a worker's orphan watch, whose read of the queue's depth is a round trip older: a copy
         leaving may have answered those requests meanwhile, and a load then would be for
         nothing.
         """
-        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, None, 0.0).route
+        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, None, 0.0, claim).route
 
     def route_and_place(
         self, model_id: str, claimant: str, *, max_queue: int = 0, priority_steps: list[int] = (0,),
-        if_queued: bool = False, exclude: Iterable[str] = (), settled_s: float = 0.0,
+        if_queued: bool = False, exclude: Iterable[str] = (), settled_s: float = 0.0, claim: bool = True,
     ) -> Routed:  # fmt: skip
         """`route`, and when it claims the load, `place_load` too, on what the same round trip
         read: two round trips for a cold request instead of four (closedloop zipf: a fifth of
         the requests are cold, and each round trip of a busy producer costs milliseconds).
-        SERVING also says whether a live copy has been LOADED for `settled_s` or longer."""
-        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, exclude, settled_s)
+        SERVING also says whether a live copy has been LOADED for `settled_s` or longer.
+        With `claim` False nothing is written: CLAIMED comes without a placement."""
+        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, exclude, settled_s, claim)
 
     def _route_call(
         self, model_id: str, claimant: str, max_queue: int, priority_steps: Iterable[int], if_queued: bool,
-        exclude: Iterable[str] | None, settled_s: float,
+        exclude: Iterable[str] | None, settled_s: float, claim: bool = True,
     ) -> Routed:  # fmt: skip
         k = self.keys
         now = time.time()
         queue_keys = (
             k.queue_list_keys(k.model_queue(model_id), list(priority_steps)) if max_queue or if_queued else []
         )
-        out = self._route(
-            keys=[k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id), k.workers,
-                  *queue_keys],
-            args=[model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}", max_queue,
-                  "1" if if_queued else "0", "0" if exclude is None else "1",
-                  k.load_line(""), now - self.settings.load_timeout_s, now - settled_s],
-        )  # fmt: skip
+        keys = [k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id), k.workers, *queue_keys]
+        args = [model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}", max_queue,
+                "1" if if_queued else "0", "0" if exclude is None else "1",
+                k.load_line(""), now - self.settings.load_timeout_s, now - settled_s, "1" if claim else "0"]  # fmt: skip
+        if claim:
+            out = self._route(keys=keys, args=args)
+        else:
+            out = self._route_read_only(keys=[], args=[*args, json.dumps(keys)])
         if not isinstance(out, list):
             return Routed(Route(int(out)))
         if int(out[0]) == Route.SERVING:
             return Routed(Route.SERVING, settled=bool(out[1]))
+        if not claim:
+            return Routed(Route.CLAIMED)
         _, raw, raw_failures, flat = out
         workers = sorted(
             ((flat[i].decode(), WorkerState.model_validate_json(flat[i + 1]), int(flat[i + 2]))
@@ -341,6 +352,21 @@ class StateStore:
             exclude, now,
         )  # fmt: skip
         return Routed(Route.CLAIMED, placement)
+
+    def want_load(self, model_id: str) -> None:
+        """Ask the workers to load a model nobody serves or loads (a producer that may not
+        place loads itself, docs/security.md): one LPUSH on the list they wait on, kept to
+        WANTED_MAX entries (a hint: the worker that pops it routes and places as a producer
+        would, and drops it if the model is served or loading by then)."""
+        with self.r.pipeline(transaction=False) as p:
+            p.lpush(self.keys.wanted, model_id)
+            p.ltrim(self.keys.wanted, 0, WANTED_MAX - 1)
+            p.execute()
+
+    def pop_wanted(self, timeout_s: float) -> str | None:
+        """The oldest model a producer asked to load, waiting up to `timeout_s` (a worker)."""
+        popped = self.r.brpop([self.keys.wanted], timeout=timeout_s)
+        return None if popped is None else popped[1].decode("utf-8", "replace")
 
     def place_load(self, model_id: str, *, exclude: Iterable[str] = ()) -> Placement:
         """Pick a worker for a new copy and record the copy as LOADING under a claim.

@@ -642,6 +642,27 @@ def _print_sync_report(report: Any) -> None:
     console.print(table)
 
 
+# ---------------------------------------------------------------------- security
+@app.command()
+def acl(
+    role: str = typer.Argument(..., help="producer (infer and read results only) or operator"),
+    user: Optional[str] = typer.Option(None, help="the Redis user's name (default: the role)"),
+) -> None:
+    """Print the Redis ACL command for a user of this mesh's prefix (Redis >= 7.0;
+    docs/security.md). Replace PASSWORD, then run it with redis-cli as an admin."""
+    from mesh.protocol.acl import operator_rules, producer_rules, setuser_command
+    from mesh.protocol.keys import Keys
+    from mesh.settings import get_settings
+
+    rules = {"producer": producer_rules, "operator": operator_rules}.get(role)
+    if rules is None:
+        _fail(f"unknown role {role!r}: use producer or operator")
+        return
+    command = setuser_command(user or role, "PASSWORD", rules(Keys(get_settings().prefix)))
+    console.print(" ".join(f"'{a}'" if any(c in a for c in "*&%|>~") else a for a in command),
+                  soft_wrap=True, highlight=False, markup=False)  # fmt: skip
+
+
 # ---------------------------------------------------------------------- watching
 @app.command()
 def workers() -> None:
