@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -35,6 +35,7 @@ from mesh.models import Command, CopyState
 from mesh.protocol.messages import SERVING_TTL_S
 from mesh.store.context import StoreContext
 from mesh.store.state import Route
+from mesh.store.strays import StrayStore
 
 from .batcher import Batcher, BatchPolicy, Pending
 from .consumer import CeleryConsumer
@@ -42,6 +43,7 @@ from .heartbeat import Heartbeat, WorkerIdentity
 from .inference import InferenceLoop
 from .manager import ModelManager
 from .metrics import WorkerMetrics
+from .strays import StraySweeper
 
 log = logging.getLogger("mesh.worker")
 
@@ -103,6 +105,13 @@ class MeshWorker:
         self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-control")
         self._unloaded_lock = threading.Lock()
         self._recently_unloaded: dict[str, float] = {}
+        self.strays = StraySweeper(
+            StrayStore(self.store.r, self.keys, self.priority_steps), lambda: self.app.backend,
+            token=f"{self.name}:{os.getpid()}:{time.time()}",
+            interval_s=settings.stray_sweep_interval_s, grace_s=settings.stray_grace_s,
+        )  # fmt: skip
+        self._stray_sweep: Future | None = None
+        self._stray_due = 0.0
 
     def _send_command(self, worker: str, cmd: Command) -> None:
         send_command(self.app, self.keys, worker, cmd)
@@ -293,11 +302,13 @@ class MeshWorker:
 
     def maintenance(self) -> None:
         """Every heartbeat: announce copies whose records vanished, watch models that left for
-        orphaned requests, stop draining failed models whose queue is empty, and come back to
-        capacity after a deferral whose fresh copy nobody asked for."""
+        orphaned requests, stop draining failed models whose queue is empty, come back to
+        capacity after a deferral whose fresh copy nobody asked for, and now and then sweep
+        for requests of models no longer registered."""
         self.manager.trim()  # first: local only, whatever Redis does
         self.reassert_copies()
         now = time.monotonic()
+        self._sweep_strays(now)
         with self._unloaded_lock:
             watch = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_WATCH_S]
             self._recently_unloaded = {m: self._recently_unloaded[m] for m in watch}
@@ -308,6 +319,17 @@ class MeshWorker:
             if self.store.queue_depth(model_id, self.priority_steps) == 0:
                 self.consumer.stop_consuming(model_id)
                 self.batcher.close(model_id)
+
+    def _sweep_strays(self, now: float) -> None:
+        """Every MESH_STRAY_SWEEP_INTERVAL_S, try for the pool's sweep (workers/strays.py), on
+        the control thread: answering a long queue must not hold up the heartbeat."""
+        if self.shutting_down or now < self._stray_due or (self._stray_sweep and not self._stray_sweep.done()):
+            return
+        self._stray_due = now + self.settings.stray_sweep_interval_s
+        try:
+            self._stray_sweep = self._control.submit(self._run_control, "stray sweep", self.strays.sweep, {})
+        except RuntimeError:  # shutting down: the control thread is gone
+            pass
 
     def watch_fresh_orphans(self) -> None:
         """Between heartbeats (every heartbeat.ORPHAN_FAST_CHECK_S): models that left this worker less
