@@ -32,6 +32,7 @@ from threadpoolctl import threadpool_limits
 from mesh.control.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import Command, CopyState
+from mesh.policy.commands import UnloadAction, unload_action
 from mesh.protocol.messages import SERVING_TTL_S
 from mesh.store.context import StoreContext
 from mesh.store.state import Route
@@ -219,9 +220,30 @@ class MeshWorker:
             return
         if cmd.op == "load":
             self.manager.request_load(cmd.model_id)
-        else:
-            fail = ModelNotFound(cmd.reason or f"model {cmd.model_id!r} was unregistered") if cmd.fail_queued else None
-            self.manager.request_unload(cmd.model_id, fail)
+            return
+        action = self._unload_action(cmd)
+        if action is UnloadAction.IGNORE:
+            log.info("ignoring a stale unload of %s: the model was registered again since it was sent", cmd.model_id)
+            return
+        fail = None
+        if cmd.fail_queued and action is UnloadAction.ACT:
+            fail = ModelNotFound(cmd.reason or f"model {cmd.model_id!r} was unregistered")
+        self.manager.request_unload(cmd.model_id, fail)
+
+    def _unload_action(self, cmd: Command) -> UnloadAction:
+        """Whether an unload is stale (mesh/policy/commands.py): one read of the model's record,
+        for commands that name a generation."""
+        if cmd.generation is None:
+            return UnloadAction.ACT
+        try:
+            record = self.store.get_record(cmd.model_id)
+        except redis.RedisError as exc:  # as before generations: the command is acted on
+            log.warning("could not read the record of %s for an unload (%s): acting on it", cmd.model_id, exc)
+            return UnloadAction.ACT
+        loaded = self.manager.loaded_records().get(cmd.model_id)
+        return unload_action(
+            cmd.generation, record.created_at if record else None, loaded.created_at if loaded else None
+        )
 
     # ------------------------------------------------------------------ CopyEvents
     def fail_model(self, model_id: str, error: MeshError) -> None:

@@ -241,6 +241,11 @@ class StateStore:
 
         Idempotent when absent. FAILED_PRECONDITION while a vmodel references the model.
         """
+        return self.unregister(model_id)[1]
+
+    def unregister(self, model_id: str) -> tuple[ModelRecord | None, list[str]]:
+        """`unregister_model`, with the record deleted (None when there was none): its
+        `created_at` is the generation the unload commands name (Command.generation)."""
         validate_id(model_id)
         k = self.keys
         with self.r.pipeline() as p:
@@ -250,7 +255,7 @@ class StateStore:
                     raw = p.hget(k.models, model_id)
                     if raw is None:
                         p.reset()
-                        return []
+                        return None, []
                     rec = ModelRecord.model_validate_json(raw)
                     if rec.refs > 0:
                         raise FailedPrecondition(
@@ -262,7 +267,7 @@ class StateStore:
                     p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
                              k.queue_bell(k.model_queue(model_id)), *k.queue_bindings(k.model_queue(model_id)))
                     p.execute()
-                    return holders
+                    return rec, holders
                 except redis.WatchError:
                     continue
 

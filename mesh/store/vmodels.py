@@ -73,6 +73,7 @@ class DrainEntry(BaseModel):
 
     model_id: str
     info: ModelInfo  # to tell a later re-registration of the same id from this model
+    created_at: float | None = None  # the auto-deleted record's generation (Command.generation)
     holders: list[str]  # workers that held a copy when the record was deleted
     since: float
     drained_at: float | None = None  # when its queue was first seen empty
@@ -161,7 +162,8 @@ class _Tx:
         if raw is not None:
             holders |= set(DrainEntry.model_validate_json(raw).holders)
         self.model_deletes[rec.model_id] = DrainEntry(
-            model_id=rec.model_id, info=rec.info, holders=sorted(holders), since=self.now
+            model_id=rec.model_id, info=rec.info, holders=sorted(holders), since=self.now,
+            created_at=rec.created_at,
         )
 
     def commit(self) -> None:

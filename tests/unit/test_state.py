@@ -54,6 +54,15 @@ def test_unregister_is_idempotent_and_refuses_referenced_models(store):
         store.unregister_model("b")
 
 
+def test_unregister_returns_the_deleted_record_whose_created_at_is_its_generation(store):
+    rec, _ = store.register_model("a", INFO)
+    store.mark_copy("a", "w1", CopyState.LOADED)
+    assert store.unregister("a") == (rec, ["w1"])
+    assert store.unregister("a") == (None, [])
+    again, _ = store.register_model("a", INFO)
+    assert again.created_at > rec.created_at  # a new registration, a new generation
+
+
 def test_a_copy_is_not_recorded_for_an_unregistered_model(store):
     assert store.mark_copy("ghost", "w1", CopyState.LOADED) is False
     assert store.r.exists(store.keys.copies("ghost")) == 0
