@@ -133,6 +133,11 @@ class MeshSettings(BaseSettings):
         description="requests of an unregistered model are answered NOT_FOUND only once its queue "
         "has been seen holding them this long: a model registered again within it keeps them",
     )
+    stray_scan_keys: int = Field(
+        default=10_000, ge=1000, le=10_000_000,
+        description="keys of the Redis keyspace each stray sweep scans for model queues (the "
+        "backstop for requests put back long after their model went)",
+    )
 
     # --- storage, disk cache and model repository (docs/storage.md)
     storage_config: SecretStr | None = Field(

@@ -63,19 +63,24 @@ class StraySweeper:
         token: str,
         interval_s: float,
         grace_s: float,
+        scan_keys: int,
     ) -> None:
         self.store = store
         self.backend = backend
         self.token = token
         self.interval_s = interval_s
         self.grace_s = grace_s
+        self.scan_keys = scan_keys
 
     def sweep(self) -> int:
         """One sweep if this worker gets the lock; returns the requests answered."""
         if not self.store.acquire(self.token, self.interval_s):
             return 0
-        for model_id, lists in self.store.queued_models().items():
-            taken = self.store.take_if_stray(model_id, lists, self.grace_s)
+        candidates = self.store.candidates(self.scan_keys)
+        unacked = self.store.unacked_queues() if candidates else set()
+        for model_id, lists in candidates.items():
+            queue = f"{self.store.keys.prefix}.model.{model_id}"
+            taken = self.store.take_if_stray(model_id, lists, self.grace_s, unacked=queue in unacked)
             if taken > 0:
                 log.warning("%d request(s) queued for %r, which is not registered: answering NOT_FOUND",
                             taken, model_id)  # fmt: skip

@@ -110,6 +110,7 @@ class MeshWorker:
             StrayStore(self.store.r, self.keys, self.priority_steps), lambda: self.app.backend,
             token=f"{self.name}:{os.getpid()}:{time.time()}",
             interval_s=settings.stray_sweep_interval_s, grace_s=settings.stray_grace_s,
+            scan_keys=settings.stray_scan_keys,
         )  # fmt: skip
         self._stray_sweep: Future | None = None
         self._stray_due = 0.0

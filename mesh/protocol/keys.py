@@ -185,6 +185,23 @@ class Keys:
         return f"{self.prefix}:strays:held"
 
     @property
+    def gone(self) -> str:
+        """Sorted set model_id -> time it was unregistered or auto-deleted: queues watched for
+        requests put back after it went, until none can come back (mesh/store/strays.py)."""
+        return f"{self.prefix}:gone"
+
+    @property
+    def strays_cursor(self) -> str:
+        """Where the slow sweep's SCAN of the model queues stands."""
+        return f"{self.prefix}:strays:cursor"
+
+    @property
+    def unacked(self) -> str:
+        """kombu's hash of delivered, unacknowledged messages (kombu/transport/redis.py,
+        `QoS.unacked_key`): each value is `[message, exchange, routing_key]` as JSON."""
+        return f"{self.kombu_prefix}unacked"
+
+    @property
     def strays_lock(self) -> str:
         """Held by the worker sweeping, one sweep per interval in the pool."""
         return f"{self.prefix}:strays:lock"

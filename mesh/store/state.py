@@ -264,6 +264,7 @@ class StateStore:
                     holders = [w.decode() for w in p.hkeys(k.copies(model_id))]
                     p.multi()
                     p.hdel(k.models, model_id)
+                    p.zadd(k.gone, {model_id: time.time()})  # its queue is watched for strays (mesh/store/strays.py)
                     p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
                              k.queue_bell(k.model_queue(model_id)), *k.queue_bindings(k.model_queue(model_id)))
                     p.execute()

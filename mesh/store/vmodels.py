@@ -177,6 +177,7 @@ class _Tx:
             p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
                      *k.queue_bindings(k.model_queue(model_id)))
             p.hset(k.draining, model_id, entry.model_dump_json())
+            p.zadd(k.gone, {model_id: self.now})  # its queue is watched for strays (mesh/store/strays.py)
         if self.vmodel_write is not None:
             vm = self.vmodel_write
             p.hset(k.vmodels, vm.vmodel_id, vm.model_dump_json())

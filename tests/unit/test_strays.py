@@ -67,7 +67,7 @@ def push(r, keys, model, *task_ids, priority=0):
 
 
 def sweeper(strays, backend, grace=0.0, token="me"):
-    return StraySweeper(strays, lambda: backend, token=token, interval_s=60, grace_s=grace)
+    return StraySweeper(strays, lambda: backend, token=token, interval_s=60, grace_s=grace, scan_keys=10_000)
 
 
 def test_requests_of_an_unregistered_model_are_answered_not_found_oldest_first(r, keys, strays, state):
@@ -87,17 +87,17 @@ def test_requests_of_an_unregistered_model_are_answered_not_found_oldest_first(r
 
 def test_a_model_registered_again_within_the_grace_keeps_its_requests(r, keys, strays, state):
     push(r, keys, "m", "t1")
-    assert strays.take_if_stray("m", strays.queued_models()["m"], grace_s=3600) == -1  # first seen
+    assert strays.take_if_stray("m", strays.candidates(10_000)["m"], grace_s=3600) == -1  # first seen
     assert r.hexists(keys.strays, "m")
     state.register_model("m", INFO)
-    assert strays.take_if_stray("m", strays.queued_models()["m"], grace_s=0) == 0
+    assert strays.take_if_stray("m", strays.candidates(10_000)["m"], grace_s=0) == 0
     assert not r.hexists(keys.strays, "m")  # forgotten: a later unregister starts a new grace
     assert r.llen(keys.queue_list_key(keys.model_queue("m"), 0)) == 1
 
 
 def test_requests_wait_out_the_grace_measured_from_when_they_were_first_seen(r, keys, strays):
     push(r, keys, "m", "t1")
-    lists = strays.queued_models()["m"]
+    lists = strays.candidates(10_000)["m"]
     assert strays.take_if_stray("m", lists, grace_s=3600) == -1
     assert strays.take_if_stray("m", lists, grace_s=3600) == -1
     seconds, _ = r.time()
@@ -109,16 +109,16 @@ def test_requests_wait_out_the_grace_measured_from_when_they_were_first_seen(r, 
 def test_a_draining_model_keeps_its_requests(r, keys, strays):
     r.hset(keys.draining, "m", "{}")  # auto-deleted, its copies still answering its queue
     push(r, keys, "m", "t1")
-    assert strays.take_if_stray("m", strays.queued_models()["m"], grace_s=0) == 0
+    assert strays.take_if_stray("m", strays.candidates(10_000)["m"], grace_s=0) == 0
     assert r.llen(keys.queue_list_key(keys.model_queue("m"), 0)) == 1
 
 
 def test_an_entry_whose_queue_emptied_is_forgotten(r, keys, strays):
     push(r, keys, "m", "t1")
-    assert strays.take_if_stray("m", strays.queued_models()["m"], grace_s=3600) == -1
+    assert strays.take_if_stray("m", strays.candidates(10_000)["m"], grace_s=3600) == -1
     r.delete(keys.queue_list_key(keys.model_queue("m"), 0))  # a copy answered it meanwhile
-    assert "m" in strays.queued_models()  # found from the entry
-    assert strays.take_if_stray("m", strays.queued_models()["m"], grace_s=0) == 0
+    assert "m" in strays.candidates(10_000)  # found from the entry
+    assert strays.take_if_stray("m", strays.candidates(10_000)["m"], grace_s=0) == 0
     assert not r.exists(keys.strays)
 
 
@@ -130,7 +130,7 @@ def test_one_sweep_per_interval_in_the_pool_and_a_sweep_that_lost_its_lock_leave
     assert sweeper(strays, second, token="b").sweep() == 0  # a's lock still spaces the sweeps
     assert second.failed == []
     r.set(keys.strays_lock, "b")
-    assert strays.take_if_stray("gone", strays.queued_models()["gone"], grace_s=0) == 1
+    assert strays.take_if_stray("gone", strays.candidates(10_000)["gone"], grace_s=0) == 1
     # a's answers are not dropped from the held list once b holds the lock: b answers again
     assert strays.answer_held("a", lambda raw: None) == 0
     assert r.llen(keys.strays_held) == 1
@@ -165,3 +165,49 @@ def test_stray_request_reads_id_reply_address_and_model():
     assert stray_request(envelope(keys, "t1", "m", reply_to=["x"]), keys.model_from_queue).reply_to is None
     assert stray_request(b"{}", keys.model_from_queue) is None
     assert stray_request(b"[1]", keys.model_from_queue) is None
+
+
+def test_an_unregistered_model_is_watched_until_none_of_its_requests_can_come_back(r, keys, strays, state):
+    state.register_model("m", INFO)
+    state.unregister_model("m")
+    assert r.zscore(keys.gone, "m") is not None
+    lists = strays.candidates(10_000)["m"]  # watched, though its queue is empty
+    # an unacked message of its queue (a worker holds it, or held it and died): kept watching
+    r.hset(keys.unacked, "tag1", json.dumps([json.loads(envelope(keys, "t1", "m")), "", keys.model_queue("m")]))
+    assert strays.unacked_queues() == {keys.model_queue("m")}
+    seconds, _ = r.time()
+    r.zadd(keys.gone, {"m": seconds - 60})
+    assert strays.take_if_stray("m", lists, grace_s=10, unacked=True) == 0
+    assert r.zscore(keys.gone, "m") is not None
+    # none, but it went less than a grace ago (a producer may still enqueue): kept
+    r.zadd(keys.gone, {"m": seconds})
+    assert strays.take_if_stray("m", lists, grace_s=10, unacked=False) == 0
+    assert r.zscore(keys.gone, "m") is not None
+    r.zadd(keys.gone, {"m": seconds - 60})
+    assert strays.take_if_stray("m", lists, grace_s=10, unacked=False) == 0
+    assert not r.exists(keys.gone)
+
+
+def test_a_model_registered_again_is_no_longer_watched(r, keys, strays, state):
+    state.register_model("m", INFO)
+    state.unregister_model("m")
+    state.register_model("m", INFO)
+    assert strays.take_if_stray("m", strays.candidates(10_000)["m"], grace_s=0) == 0
+    assert not r.exists(keys.gone)
+
+
+def test_the_scan_resumes_where_it_stopped(r, keys, strays):
+    # filler keys, so that one slice of the scan does not cover the keyspace
+    with r.pipeline(transaction=False) as p:
+        for i in range(5000):
+            p.set(f"{keys.prefix}:filler:{i}", 1)
+        p.execute()
+    for i in range(20):
+        push(r, keys, f"gone{i}", f"t{i}")
+    found: set[str] = set()
+    for _ in range(100):
+        found |= set(strays.candidates(1000))
+        if not r.exists(keys.strays_cursor):
+            break
+    assert found == {f"gone{i}" for i in range(20)}
+    assert not r.exists(keys.strays_cursor)  # a round done
