@@ -77,14 +77,15 @@ class StraySweeper:
         if not self.store.acquire(self.token, self.interval_s):
             return 0
         candidates = self.store.candidates(self.scan_keys)
-        unacked = self.store.unacked_queues() if candidates else set()
+        # only a gone model's entry depends on the unacked messages; their values can be large
+        unacked = self.store.unacked_queues() if self.store.watching_gone() else set()
         for model_id, lists in candidates.items():
-            queue = f"{self.store.keys.prefix}.model.{model_id}"
+            queue = self.store.keys.model_queue(model_id)
             taken = self.store.take_if_stray(model_id, lists, self.grace_s, unacked=queue in unacked)
             if taken > 0:
                 log.warning("%d request(s) queued for %r, which is not registered: answering NOT_FOUND",
                             taken, model_id)  # fmt: skip
-        return self.store.answer_held(self.token, self.answer)
+        return self.store.answer_held(self.token, self.answer, self.interval_s)
 
     def answer(self, raw: bytes) -> None:
         req = stray_request(raw, self.store.keys.model_from_queue)

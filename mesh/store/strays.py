@@ -86,10 +86,12 @@ return out
 """
 
 # Drop the ARGV[2] oldest held requests (answered), if the sweep still holds the lock
-# (KEYS[2] = ARGV[1]): one whose lock expired mid-sweep leaves them to the next holder.
+# (KEYS[2] = ARGV[1]), and hold it ARGV[3] ms longer: a sweep whose lock expired mid-way
+# leaves them to the next holder (which answers them again: a duplicate, never none).
 _DROP_ANSWERED_LUA = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('LTRIM', KEYS[1], 0, -tonumber(ARGV[2]) - 1)
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 """
 
@@ -144,7 +146,10 @@ class StrayStore:
 
     def queue_lists(self, model_id: str) -> list[str]:
         """The Redis lists of a model's queue, for any id as found (not only valid ones)."""
-        return self.keys.queue_list_keys(f"{self.keys.prefix}.model.{model_id}", self.priority_steps)
+        return self.keys.queue_list_keys(self.keys.model_queue(model_id), self.priority_steps)
+
+    def watching_gone(self) -> bool:
+        return bool(self.r.zcard(self.keys.gone))
 
     def unacked_queues(self) -> set[str]:
         """The queues that kombu's unacked messages go back to when restored."""
@@ -160,9 +165,10 @@ class StrayStore:
             args=[model_id.encode("latin-1"), grace_s, "0" if unacked else "1"],
         ))  # fmt: skip
 
-    def answer_held(self, token: str, answer: Callable[[bytes], None]) -> int:
+    def answer_held(self, token: str, answer: Callable[[bytes], None], interval_s: float = 5.0) -> int:
         """Call `answer` on each held request, oldest first, and drop the answered ones;
-        returns how many. Stops when the lock is no longer ours."""
+        returns how many. Each batch answered holds the lock `interval_s` longer; stops when
+        the lock is no longer ours."""
         k = self.keys
         done = 0
         while True:
@@ -171,6 +177,7 @@ class StrayStore:
                 return done
             for raw in reversed(batch):  # RPOPLPUSH put the oldest at the right end
                 answer(raw)
-            if not self._drop(keys=[k.strays_held, k.strays_lock], args=[token, len(batch)]):
+            lease_ms = max(1, int(interval_s * 1000))
+            if not self._drop(keys=[k.strays_held, k.strays_lock], args=[token, len(batch), lease_ms]):
                 return done
             done += len(batch)

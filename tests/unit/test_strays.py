@@ -211,3 +211,23 @@ def test_the_scan_resumes_where_it_stopped(r, keys, strays):
             break
     assert found == {f"gone{i}" for i in range(20)}
     assert not r.exists(keys.strays_cursor)  # a round done
+
+
+def test_a_sweep_keeps_watching_a_gone_model_while_an_unacked_message_names_its_queue(r, keys, strays, state):
+    state.register_model("m", INFO)
+    state.unregister_model("m")
+    seconds, _ = r.time()
+    r.zadd(keys.gone, {"m": seconds - 60})
+    r.hset(keys.unacked, "tag1", json.dumps([json.loads(envelope(keys, "t1", "m")), "", keys.model_queue("m")]))
+    sweeper(strays, Backend(), grace=10, token="a").sweep()
+    assert r.zscore(keys.gone, "m") is not None
+    # restored, as kombu does: answered after the grace, and then no longer watched
+    r.hdel(keys.unacked, "tag1")
+    push(r, keys, "m", "t1")
+    r.delete(keys.strays_lock)
+    backend = Backend()
+    sweeper(strays, backend, grace=0, token="b").sweep()
+    assert [t for t, _, _ in backend.failed] == ["t1"]
+    r.delete(keys.strays_lock)
+    sweeper(strays, backend, grace=0, token="c").sweep()
+    assert not r.exists(keys.gone, keys.strays, keys.strays_held)
