@@ -6,7 +6,6 @@ import pytest
 
 from mesh.errors import InvalidId
 from mesh.models import BatchingConfig, CopyInfo, CopyState, FailedCopy, ModelInfo, ModelState, WorkerState
-from mesh.policy.commands import UnloadAction, unload_action
 from mesh.policy.placement import SPILL_BACKLOG, choose_worker, fresh_failures
 from mesh.policy.precedence import effective_config
 from mesh.policy.status import model_status
@@ -150,22 +149,3 @@ def test_keys_live_under_the_prefix():
         assert key.startswith("pfx:")
     with pytest.raises(InvalidId):
         Keys("bad prefix")
-
-
-# ---------------------------------------------------------------------- unload commands
-
-
-@pytest.mark.parametrize(
-    ("generation", "registered", "loaded", "action"),
-    [
-        (None, 2.0, 1.0, UnloadAction.ACT),  # a sender that names no generation: as before
-        (1.0, None, None, UnloadAction.ACT),  # still unregistered: fail what is queued
-        (1.0, None, 1.0, UnloadAction.ACT),
-        (1.0, 1.0, 1.0, UnloadAction.ACT),  # the registration it names is the current one
-        (1.0, 2.0, None, UnloadAction.IGNORE),  # registered again: stale, nothing loaded here
-        (1.0, 2.0, 2.0, UnloadAction.IGNORE),  # stale: the copy here is of the new registration
-        (1.0, 2.0, 1.0, UnloadAction.RETIRE),  # stale, but the copy here is of the old one
-    ],
-)
-def test_unload_action_from_generations(generation, registered, loaded, action):
-    assert unload_action(generation, registered, loaded) is action
