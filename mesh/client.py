@@ -156,9 +156,10 @@ class MeshClient:
         Idempotent. FAILED_PRECONDITION while a vmodel references the model.
         """
         validate_id(model_id)
-        holders = self.store.unregister_model(model_id)
+        record, holders = self.store.unregister(model_id)
         self.router.forget(model_id)
-        unload_unregistered(self.app, self.store, model_id, holders)
+        unload_unregistered(self.app, self.store, model_id, holders,
+                            generation=record.created_at if record else None)  # fmt: skip
 
     def get_model_status(self, model_id: str) -> ModelStatus:
         return self.store.model_status(model_id)

@@ -358,6 +358,12 @@ class Command(_Strict):
     # (the model was unregistered) rather than wait for another copy.
     reason: str = ""
     fail_queued: bool = False
+    # For "unload": the generation of the registration it is about (that record's
+    # `created_at`). A command can wait in the queue of a dead worker for as long as the worker
+    # stays away; if the model was registered again meanwhile, the command is stale and must
+    # not fail the requests of the new registration (mesh/policy/commands.py). None: from a
+    # sender that does not say (acted on as before).
+    generation: float | None = None
 
     @field_validator("model_id")
     @classmethod

@@ -129,6 +129,22 @@ class MeshSettings(BaseSettings):
         default=0.1, gt=0, description="idle wait on the queues' bells before polling them anyway"
     )
 
+    stray_sweep_interval_s: float = Field(
+        default=5.0, gt=0, le=3600,
+        description="how often one worker of the pool looks for requests queued for models no "
+        "longer registered (put back by a visibility sweep, say) and answers them NOT_FOUND",
+    )
+    stray_grace_s: float = Field(
+        default=10.0, ge=0, le=3600,
+        description="requests of an unregistered model are answered NOT_FOUND only once its queue "
+        "has been seen holding them this long: a model registered again within it keeps them",
+    )
+    stray_scan_keys: int = Field(
+        default=10_000, ge=1000, le=10_000_000,
+        description="keys of the Redis keyspace each stray sweep scans for model queues (the "
+        "backstop for requests put back long after their model went)",
+    )
+
     # --- storage, disk cache and model repository (docs/storage.md)
     storage_config: SecretStr | None = Field(
         default=None,

@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -32,11 +32,13 @@ from threadpoolctl import threadpool_limits
 from mesh.control.commands import send_command
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import Command, CopyState
+from mesh.policy.commands import UnloadAction, unload_action
 from mesh.protocol.messages import SERVING_TTL_S
 from mesh.settings import MeshSettings
 from mesh.storage.sources import get_storage
 from mesh.store.context import StoreContext
 from mesh.store.state import Route
+from mesh.store.strays import StrayStore
 
 from .batcher import Batcher, BatchPolicy, Pending
 from .consumer import CeleryConsumer
@@ -44,6 +46,7 @@ from .heartbeat import Heartbeat, WorkerIdentity
 from .inference import InferenceLoop
 from .manager import ModelManager
 from .metrics import WorkerMetrics
+from .strays import StraySweeper
 from .wanted import WantedLoads
 
 log = logging.getLogger("mesh.worker")
@@ -122,6 +125,14 @@ class MeshWorker:
         self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-control")
         self._unloaded_lock = threading.Lock()
         self._recently_unloaded: dict[str, float] = {}
+        self.strays = StraySweeper(
+            StrayStore(self.store.r, self.keys, self.priority_steps), lambda: self.app.backend,
+            token=f"{self.name}:{os.getpid()}:{time.time()}",
+            interval_s=settings.stray_sweep_interval_s, grace_s=settings.stray_grace_s,
+            scan_keys=settings.stray_scan_keys,
+        )  # fmt: skip
+        self._stray_sweep: Future | None = None
+        self._stray_due = 0.0
 
     def _send_command(self, worker: str, cmd: Command) -> None:
         send_command(self.app, self.keys, worker, cmd)
@@ -232,9 +243,30 @@ class MeshWorker:
             return
         if cmd.op == "load":
             self.manager.request_load(cmd.model_id)
-        else:
-            fail = ModelNotFound(cmd.reason or f"model {cmd.model_id!r} was unregistered") if cmd.fail_queued else None
-            self.manager.request_unload(cmd.model_id, fail)
+            return
+        action = self._unload_action(cmd)
+        if action is UnloadAction.IGNORE:
+            log.info("ignoring a stale unload of %s: the model was registered again since it was sent", cmd.model_id)
+            return
+        fail = None
+        if cmd.fail_queued and action is UnloadAction.ACT:
+            fail = ModelNotFound(cmd.reason or f"model {cmd.model_id!r} was unregistered")
+        self.manager.request_unload(cmd.model_id, fail)
+
+    def _unload_action(self, cmd: Command) -> UnloadAction:
+        """Whether an unload is stale (mesh/policy/commands.py): one read of the model's record,
+        for commands that name a generation."""
+        if cmd.generation is None:
+            return UnloadAction.ACT
+        try:
+            record = self.store.get_record(cmd.model_id)
+        except redis.RedisError as exc:  # as before generations: the command is acted on
+            log.warning("could not read the record of %s for an unload (%s): acting on it", cmd.model_id, exc)
+            return UnloadAction.ACT
+        loaded = self.manager.loaded_records().get(cmd.model_id)
+        return unload_action(
+            cmd.generation, record.created_at if record else None, loaded.created_at if loaded else None
+        )
 
     # ------------------------------------------------------------------ CopyEvents
     def fail_model(self, model_id: str, error: MeshError) -> None:
@@ -327,11 +359,13 @@ class MeshWorker:
 
     def maintenance(self) -> None:
         """Every heartbeat: announce copies whose records vanished, watch models that left for
-        orphaned requests, stop draining failed models whose queue is empty, and come back to
-        capacity after a deferral whose fresh copy nobody asked for."""
+        orphaned requests, stop draining failed models whose queue is empty, come back to
+        capacity after a deferral whose fresh copy nobody asked for, and now and then sweep
+        for requests of models no longer registered."""
         self.manager.trim()  # first: local only, whatever Redis does
         self.reassert_copies()
         now = time.monotonic()
+        self._sweep_strays(now)
         with self._unloaded_lock:
             watch = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_WATCH_S]
             self._recently_unloaded = {m: self._recently_unloaded[m] for m in watch}
@@ -342,6 +376,17 @@ class MeshWorker:
             if self.store.queue_depth(model_id, self.priority_steps) == 0:
                 self.consumer.stop_consuming(model_id)
                 self.batcher.close(model_id)
+
+    def _sweep_strays(self, now: float) -> None:
+        """Every MESH_STRAY_SWEEP_INTERVAL_S, try for the pool's sweep (workers/strays.py), on
+        the control thread: answering a long queue must not hold up the heartbeat."""
+        if self.shutting_down or now < self._stray_due or (self._stray_sweep and not self._stray_sweep.done()):
+            return
+        self._stray_due = now + self.settings.stray_sweep_interval_s
+        try:
+            self._stray_sweep = self._control.submit(self._run_control, "stray sweep", self.strays.sweep, {})
+        except RuntimeError:  # shutting down: the control thread is gone
+            pass
 
     def watch_fresh_orphans(self) -> None:
         """Between heartbeats (every heartbeat.ORPHAN_FAST_CHECK_S): models that left this worker less

@@ -46,6 +46,19 @@ class Keys:
         head = f"{self.prefix}.model."
         return queue[len(head) :] if queue.startswith(head) else None
 
+    def model_queue_lists_pattern(self) -> str:
+        """SCAN pattern of every model queue's Redis lists (all priority steps, any model id)."""
+        return f"{self.kombu_prefix}{self.prefix}.model.*"
+
+    def model_of_queue_list(self, key: str) -> tuple[str, str] | None:
+        """(model id, queue) of a model queue's Redis list (`queue_list_key`'s inverse); the id
+        as found, valid or not (a producer may push to any name)."""
+        if not key.startswith(self.kombu_prefix):
+            return None
+        queue = key[len(self.kombu_prefix) :].split(KOMBU_PRIORITY_SEP, 1)[0]
+        model_id = self.model_from_queue(queue)
+        return None if not model_id else (model_id, queue)
+
     @property
     def kombu_prefix(self) -> str:
         """kombu's `global_keyprefix` and the result backend's: every Celery key is under it."""
@@ -164,6 +177,40 @@ class Keys:
     def usage(self) -> str:
         """Hash model_id -> usage (last use, decayed request rate) that outlives its copies."""
         return f"{self.prefix}:usage"
+
+    # --- requests queued for models no longer registered (mesh/store/strays.py)
+    @property
+    def strays(self) -> str:
+        """Hash model_id -> Redis time its queue was first seen holding requests while the
+        model was not registered."""
+        return f"{self.prefix}:strays"
+
+    @property
+    def strays_held(self) -> str:
+        """List of the requests taken from such queues, until each is answered NOT_FOUND."""
+        return f"{self.prefix}:strays:held"
+
+    @property
+    def gone(self) -> str:
+        """Sorted set model_id -> time it was unregistered or auto-deleted: queues watched for
+        requests put back after it went, until none can come back (mesh/store/strays.py)."""
+        return f"{self.prefix}:gone"
+
+    @property
+    def strays_cursor(self) -> str:
+        """Where the slow sweep's SCAN of the model queues stands."""
+        return f"{self.prefix}:strays:cursor"
+
+    @property
+    def unacked(self) -> str:
+        """kombu's hash of delivered, unacknowledged messages (kombu/transport/redis.py,
+        `QoS.unacked_key`): each value is `[message, exchange, routing_key]` as JSON."""
+        return f"{self.kombu_prefix}unacked"
+
+    @property
+    def strays_lock(self) -> str:
+        """Held by the worker sweeping, one sweep per interval in the pool."""
+        return f"{self.prefix}:strays:lock"
 
     # --- the model repository (mesh/control/repository.py)
     @property
