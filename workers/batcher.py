@@ -36,6 +36,7 @@ class BatchPolicy:
     max_batch_size: int
     max_batch_delay_s: float
     preferred_batch_sizes: tuple[int, ...] = ()
+    predict_timeout_s: float = 0.0  # the inference watchdog's limit per predict call (0: none)
 
 
 @dataclass

@@ -175,8 +175,9 @@ class CeleryConsumer:
         if not items:
             return
         for p in items:
-            self.metrics.requests.labels(self.keys.model_from_queue(
-                (p.req.delivery_info or {}).get("routing_key") or "") or "", "requeued").inc()
+            # the routing key is the producer's: an id this worker does not serve is no label
+            self.metrics.requests.labels(self.metrics.model_label(self.keys.model_from_queue(
+                (p.req.delivery_info or {}).get("routing_key") or "")), "requeued").inc()
         if now:
             reject_requeue(items)
             return

@@ -171,7 +171,7 @@ class InferenceLoop(threading.Thread):
 
     # ------------------------------------------------------------------ one batch
     def process(self, batch: Batch) -> None:
-        items = self._drop_expired(batch.items)
+        items = self._drop_expired(batch.items, batch.model_id)
         if not items:
             return
         if batch.error is not None:
@@ -186,15 +186,14 @@ class InferenceLoop(threading.Thread):
         finally:
             self.manager.release(entry)
 
-    def _drop_expired(self, items: list[Pending]) -> list[Pending]:
+    def _drop_expired(self, items: list[Pending], model_id: str) -> list[Pending]:
         now = time.time()
         live, expired = [], []
         for p in items:
             exp = p.req.expires
             (expired if exp is not None and exp.timestamp() <= now else live).append(p)
-        for p in expired:
-            self.metrics.requests.labels(self.keys.model_from_queue(
-                (p.req.delivery_info or {}).get("routing_key") or "") or "", "expired").inc()
+        if expired:  # labelled by the served model, not by the messages' (producer's) routing keys
+            self.metrics.requests.labels(model_id, "expired").inc(len(expired))
         if expired:
             # Request.revoked() marks REVOKED in the backend, acks and sends task-revoked;
             # it touches the channel, so it runs on the consumer thread.

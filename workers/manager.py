@@ -131,7 +131,8 @@ class ModelManager:
         self.evict_grace_s = 1.0
         # the batch policy of a model whose record is not read yet (its buffer, held, only
         # counts towards the prefetch budget until then)
-        self._provisional = BatchPolicy(s.max_batch_size, s.max_batch_delay_ms / 1000.0)
+        self._provisional = BatchPolicy(s.max_batch_size, s.max_batch_delay_ms / 1000.0,
+                                        predict_timeout_s=s.predict_timeout_s)
         # model id -> the info of a load of it that succeeded in this process (`request_load`)
         self._proven: LRUCache = LRUCache(maxsize=HISTORY_MODELS)
         self._lock = threading.RLock()  # guards _entries, _cache, _usage, _victims, _reserved
@@ -318,6 +319,7 @@ class ModelManager:
             record = self.store.begin_load(model_id, self.name, ring=ring)
             if record is None:
                 raise ModelNotFound(f"model {model_id!r} is not registered")
+            self.metrics.note(model_id)  # registered: its series may exist before a heartbeat sees it
             cfg = effective_config(
                 model_id, record.info, self.settings, manifest=record_manifest(record)
             )
@@ -325,6 +327,7 @@ class ModelManager:
                 cfg.value("max_batch_size"),
                 cfg.value("max_batch_delay_ms") / 1000.0,
                 tuple(cfg.value("preferred_batch_sizes") or ()),
+                cfg.value("predict_timeout_s"),
             )
             with self._lock:
                 entry = self._entries[model_id]
@@ -439,6 +442,7 @@ class ModelManager:
         message = str(exc) if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
         log.warning("loading %s failed after %.2fs: %s", model_id, time.monotonic() - started, message)
         self._forget(model_id)
+        self.metrics.note(model_id)  # a registered id (its record was read): its series expire
         self.metrics.loads.labels(model_id, "failed").inc()
         self.events.load_failed(model_id, message)
 

@@ -73,7 +73,7 @@ class MeshWorker:
         threadpool_limits(settings.intra_op_threads)
         self.name: str = consumer.hostname  # Celery node name, e.g. w1@vm
         self.priority_steps = list(conf.broker_transport_options.get("priority_steps", [0]))
-        self.metrics = WorkerMetrics(self.name, settings.metrics_port)
+        self.metrics = WorkerMetrics(self.name, settings.metrics_port, settings.metrics_retention_s)
         self.metrics.capacity_bytes.set(settings.worker_capacity_bytes)
         self.batcher = Batcher(self._queue_depths)
         self.consumer = CeleryConsumer(
@@ -296,6 +296,8 @@ class MeshWorker:
         orphaned requests, stop draining failed models whose queue is empty, and come back to
         capacity after a deferral whose fresh copy nobody asked for."""
         self.manager.trim()  # first: local only, whatever Redis does
+        loaded, loading, _ = self.manager.snapshot()
+        self.metrics.sweep([*(m.model_id for m in loaded), *loading, *self.batcher.buffered()])
         self.reassert_copies()
         now = time.monotonic()
         with self._unloaded_lock:

@@ -273,14 +273,17 @@ def requeued(metrics, model):
 
 
 def test_requeue_now_rejects_with_requeue_and_counts_it(port, celery_consumer, metrics):
-    reqs = [Req("r1", "m"), Req("r2", "m"), Req("r3", "other")]
+    reqs = [Req("r1", "m"), Req("r2", "m"), Req("r3", "other"), Req("r4", "forged")]
+    metrics.sweep(["m", "other"])  # served here; "forged" is not
     for r in reqs:
         worker_state.task_reserved(r)
     try:
         port.requeue([Pending(r) for r in reqs], now=True)
-        assert [r.rejected for r in reqs] == [[True], [True], [True]]
+        assert [r.rejected for r in reqs] == [[True], [True], [True], [True]]
         assert celery_consumer.ready == []  # on this (the consumer) thread, at once
         assert requeued(metrics, "m") == 2 and requeued(metrics, "other") == 1
+        # a routing key names no label of its own unless its model is served here
+        assert requeued(metrics, "forged") is None and requeued(metrics, "_unknown") == 1
         # no longer among Celery's reserved requests (else they would leak there)
         assert not any(r in worker_state.reserved_requests for r in reqs)
     finally:
@@ -290,6 +293,7 @@ def test_requeue_now_rejects_with_requeue_and_counts_it(port, celery_consumer, m
 
 def test_requeue_from_another_thread_goes_through_the_consumer_thread(port, celery_consumer, metrics):
     r = Req("r1", "m")
+    metrics.sweep(["m"])  # served here
     port.requeue([Pending(r)])
     assert r.rejected == []
     celery_consumer.run_ready()
