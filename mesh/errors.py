@@ -66,6 +66,11 @@ class DeadlineExceeded(MeshError, TimeoutError):
     code = "DEADLINE_EXCEEDED"
 
 
+class PredictTimeout(DeadlineExceeded):
+    """The model's predict ran past its timeout (MESH_PREDICT_TIMEOUT_S or the model's
+    `batching.predict_timeout_s`): its batch failed and the copy was taken out of service."""
+
+
 class Unavailable(MeshError):
     code = "UNAVAILABLE"
 

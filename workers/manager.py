@@ -668,6 +668,35 @@ class ModelManager:
         self.consumer.update_prefetch()
         self.events.copy_unloaded(model_id, unregistered=fail_with is not None)
 
+    def take_out(self, model_id: str, entry: Entry, message: str) -> None:
+        """A copy whose predict hung (the inference watchdog, any thread): out of service now.
+        Its buffered requests go back to their queue, and its model is handled as a failed
+        load (`CopyEvents.load_failed`: a failure record here, a load elsewhere, or the
+        requests answered with the failure). Not retired the usual way: that waits for the
+        copy's running batch, which may never end; nor unloaded under the thread still in its
+        predict: its memory is freed when that thread lets go of it, if ever."""
+        with self._lock:
+            if self._entries.get(model_id) is entry:
+                del self._entries[model_id]
+                self._cache.pop(model_id, None)
+            self._proven.pop(model_id, None)  # a next load here is a first load (no early intake)
+            entry.state = "EVICTING"
+        threading.Thread(target=self._take_out, args=(entry, message), name=f"mesh-takeout-{model_id}",
+                         daemon=True).start()  # fmt: skip
+
+    def _take_out(self, entry: Entry, message: str) -> None:
+        model_id = entry.model_id
+        try:
+            self.consumer.stop_consuming(model_id)
+            self.consumer.requeue(self.batcher.close(model_id), wait_s=5.0)
+            self.metrics.unloads.labels(model_id, "hung").inc()
+            release_model(model_id)
+            self.store.remove_copy(model_id, self.name)
+            self.consumer.update_prefetch()
+            self.events.load_failed(model_id, message)
+        except Exception:  # Redis away: the heartbeat no longer lists the copy; failover handles the rest
+            log.exception("taking the hung copy of %s out of service failed", model_id)
+
     def shutdown(self) -> None:
         with self._lock:
             self._closing = True

@@ -1,0 +1,50 @@
+"""The predict watchdog (issue 21, finding 7): a predict that hangs stalled every model of its
+worker, while the worker's heartbeat kept it looking healthy. Now a predict call past its
+model's timeout fails its batch with PredictTimeout, the copy is taken out of service, and a
+new inference thread serves the other models (workers/inference.py, `_hung`).
+
+A real worker process and `python`-runtime models (tests/faults/fault_models.py): `hang` sleeps
+for minutes when its input holds HANG_VALUE, far past its 2 s timeout.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from mesh import MeshError, PredictTimeout
+from mesh.tools.launcher import wait_for
+
+from .fault_models import HANG_VALUE
+from .helpers import X, slow_info, wait_loaded
+
+TIMEOUT_S = 2.0
+HANG_S = 600.0  # the stuck thread outlives the test; the worker process is stopped after it
+MARGIN_S = 15.0  # functional bound: the watchdog answers within the timeout and this margin
+
+
+def test_a_hung_predict_fails_its_batch_and_the_other_models_keep_being_served(client, workers, tmp_path):
+    mark = tmp_path / "hanging"
+    workers("w1", MESH_PREDICT_TIMEOUT_S=60)  # the global default; the model's own 2 s wins
+    client.register_model("hang", slow_info(tmp_path, "hang", hang=HANG_S, hang_mark=mark,
+                                            predict_timeout_s=TIMEOUT_S))  # fmt: skip
+    client.register_model("other", slow_info(tmp_path, "other"))
+    wait_loaded(client, "hang")
+    wait_loaded(client, "other")
+    assert client.infer(model_id="other", inputs=[X]).get(timeout=30)  # both served before
+
+    hung = client.infer(model_id="hang", inputs=[{**X, "data": [HANG_VALUE, 0.0, 0.0, 0.0]}])
+    wait_for(mark.exists, timeout=30, what="the hanging predict to start")
+    # during the hang (its thread sleeps for minutes): the other model is answered
+    during = client.infer(model_id="other", inputs=[X])
+    assert during.get(timeout=TIMEOUT_S + MARGIN_S)["outputs"][0]["data"] == [10.0]
+    # the hung batch: the typed error, within the timeout and a margin
+    with pytest.raises(PredictTimeout, match="ran past its timeout"):
+        hung.get(timeout=TIMEOUT_S + MARGIN_S)
+    # after: the other model still answers, and the hung model's next request is answered
+    # too, clearly: the copy is out of service and this (only) worker has a failure record
+    for r in [client.infer(model_id="other", inputs=[X]) for _ in range(5)]:
+        assert r.get(timeout=30)["outputs"][0]["data"] == [10.0]
+    try:  # refused at once (every live worker failed it), or answered
+        assert client.infer(model_id="hang", inputs=[X]).get(timeout=60)["outputs"][0]["data"] == [10.0]
+    except MeshError as exc:
+        assert "ran past its timeout" in str(exc), exc
