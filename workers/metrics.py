@@ -76,6 +76,10 @@ class WorkerMetrics:
         self.capacity_bytes = Gauge("mesh_worker_capacity_bytes", "Bytes of models this worker may hold", registry=r)
         self.used_bytes = Gauge("mesh_worker_used_bytes", "Bytes of loaded (and loading) models", registry=r)
         self.models_loaded = Gauge("mesh_models_loaded", "Models loaded on this worker", registry=r)
+        self.buffered_bytes = Gauge("mesh_buffered_bytes", "Bytes of the requests buffered now "
+                                    "(their JSON bodies; bounded by MESH_MAX_BUFFERED_BYTES)", registry=r)
+        self.buffered_bytes_max = Gauge("mesh_buffered_bytes_max", "The most bytes of requests "
+                                        "buffered at once since the worker started", registry=r)
         self.info = Gauge("mesh_worker_info", "Always 1; labels identify the worker", ["worker"], registry=r)
         self.info.labels(worker=worker).set(1)
         # every metric with a "model" label: the ones `sweep` removes a model's series from

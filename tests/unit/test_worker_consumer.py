@@ -30,13 +30,20 @@ class FakeTaskConsumer:
 
 
 class FakeQoS:
+    """kombu.common.QoS: `set` applies a count to the channel (`prev`); Celery's event loop
+    applies `value` whenever the two differ (celery/worker/loops.py), as `update` does."""
+
     def __init__(self, value: int) -> None:
         self.value = value
+        self.prev = value  # applied by the loop's first turn
         self.sets: list[int] = []
 
     def set(self, value: int) -> None:
         self.sets.append(value)
-        self.value = value
+        self.prev = value
+
+    def update(self) -> None:
+        self.set(self.value)
 
 
 class FakeCeleryConsumer:
