@@ -15,7 +15,7 @@ from mesh import MeshError, PredictTimeout
 from mesh.tools.launcher import wait_for
 
 from .fault_models import HANG_VALUE
-from .helpers import X, slow_info, wait_loaded
+from .helpers import X, copies_of, served_by, slow_info, wait_loaded
 
 TIMEOUT_S = 2.0
 HANG_S = 600.0  # the stuck thread outlives the test; the worker process is stopped after it
@@ -48,3 +48,23 @@ def test_a_hung_predict_fails_its_batch_and_the_other_models_keep_being_served(c
         assert client.infer(model_id="hang", inputs=[X]).get(timeout=60)["outputs"][0]["data"] == [10.0]
     except MeshError as exc:
         assert "ran past its timeout" in str(exc), exc
+
+
+def test_after_a_hung_predict_a_new_copy_on_another_worker_serves_the_model(client, workers, tmp_path):
+    """The hung copy is handled as a failed load: with a second worker, the model's next
+    requests are served by a new copy there."""
+    mark = tmp_path / "hanging"
+    workers("w1")
+    workers("w2")
+    client.register_model("hang", slow_info(tmp_path, "hang", hang=HANG_S, hang_mark=mark,
+                                            predict_timeout_s=TIMEOUT_S))  # fmt: skip
+    wait_loaded(client, "hang")
+    (first,) = copies_of(client, "hang")
+    hung = client.infer(model_id="hang", inputs=[{**X, "data": [HANG_VALUE, 0.0, 0.0, 0.0]}])
+    with pytest.raises(PredictTimeout):
+        hung.get(timeout=TIMEOUT_S + MARGIN_S)
+    results = [client.infer(model_id="hang", inputs=[X]) for _ in range(5)]
+    assert [r.get(timeout=60)["outputs"][0]["data"] for r in results] == [[10.0]] * 5
+    served = wait_for(lambda: {w: n for w, n in served_by(client, "hang").items() if n} or None,
+                      timeout=30, what="a heartbeat with the new copy's requests")  # fmt: skip
+    assert first not in served, (first, served)
