@@ -69,8 +69,9 @@ class CeleryConsumer:
         self.send_command = send_command
         self.prefetch_floor = prefetch_floor
         # The byte bound (MESH_MAX_BUFFERED_BYTES; 0: none). Messages are sized only once
-        # taken, so the prefetch is lowered ahead: to the messages held plus as many of the
-        # estimated size as still fit. The estimate starts at the largest message accepted.
+        # taken, so the prefetch is lowered ahead: to the messages buffered plus as many of
+        # the estimated size as still fit (`_apply_qos`). The estimate starts at the largest
+        # message the worker accepts.
         self.max_buffered_bytes = max_buffered_bytes
         self._size_estimate = float(max(1, max_message_bytes))
         self._budget = prefetch_floor  # the prefetch the batch sizes ask for (update_prefetch)
