@@ -68,3 +68,24 @@ def test_after_a_hung_predict_a_new_copy_on_another_worker_serves_the_model(clie
     served = wait_for(lambda: {w: n for w, n in served_by(client, "hang").items() if n} or None,
                       timeout=30, what="a heartbeat with the new copy's requests")  # fmt: skip
     assert first not in served, (first, served)
+
+
+def test_a_worker_with_too_many_hung_predicts_exits_for_its_supervisor(client, workers, tmp_path):
+    """Each abandoned thread keeps a core and its model's memory: past MAX_STUCK_PREDICTS still
+    hanging, the worker leaves (a warm shutdown that hands its models over)."""
+    from workers.inference import MAX_STUCK_PREDICTS
+
+    w = workers("w1")
+    models = [f"hang{i}" for i in range(MAX_STUCK_PREDICTS + 1)]
+    for model_id in models:
+        client.register_model(model_id, slow_info(tmp_path, model_id, hang=HANG_S, predict_timeout_s=1.0))
+        wait_loaded(client, model_id)
+    for model_id in models[:-1]:
+        with pytest.raises(PredictTimeout):
+            client.infer(model_id=model_id, inputs=[{**X, "data": [HANG_VALUE, 0.0, 0.0, 0.0]}]).get(timeout=30)
+    assert w.alive()  # MAX_STUCK_PREDICTS abandoned threads: it goes on
+    last = client.infer(model_id=models[-1], inputs=[{**X, "data": [HANG_VALUE, 0.0, 0.0, 0.0]}])
+    with pytest.raises(PredictTimeout):
+        last.get(timeout=30)  # answered before the worker leaves
+    wait_for(lambda: not w.alive(), timeout=60, what="the worker to exit")
+    assert "exiting for the supervisor" in w.tail(200)
