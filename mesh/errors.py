@@ -73,6 +73,11 @@ class PermissionDenied(MeshError):
     code = "PERMISSION_DENIED"
 
 
+class PredictTimeout(DeadlineExceeded):
+    """The model's predict ran past its timeout (MESH_PREDICT_TIMEOUT_S or the model's
+    `batching.predict_timeout_s`): its batch failed and the copy was taken out of service."""
+
+
 class Unavailable(MeshError):
     code = "UNAVAILABLE"
 

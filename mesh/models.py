@@ -42,6 +42,10 @@ class BatchingConfig(_Strict):
         default=None, ge=0, description="requests not started within this are never run (0: no timeout)"
     )
     default_priority: Literal["high", "normal"] | None = None
+    predict_timeout_s: float | None = Field(
+        default=None, ge=0, le=86_400,
+        description="a predict call running longer fails its batch and takes the copy out of service (0: no watchdog)",
+    )
 
     @field_validator("preferred_batch_sizes")
     @classmethod

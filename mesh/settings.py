@@ -98,6 +98,17 @@ class MeshSettings(BaseSettings):
     prefetch_floor: int = Field(
         default=64, ge=1, description="prefetch when no model is loaded (commands, cold loads)"
     )
+    max_buffered_bytes: int = Field(
+        default=256 * 1024**2,
+        ge=64 * 1024,
+        description="request bytes (their JSON bodies) a worker holds buffered at most: past "
+        "it, it takes no more messages until its buffers drain (they wait in Redis)",
+    )
+    metrics_retention_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a model's metric series are removed once it has been gone from the worker this long",
+    )
 
     # --- batching and queue policy defaults (global level of precedence)
     max_batch_size: int = Field(default=32, ge=1, le=65536)
@@ -112,6 +123,13 @@ class MeshSettings(BaseSettings):
     max_queue_size: int = Field(default=0, ge=0, description="0: no limit")
     default_timeout_ms: float = Field(default=0.0, ge=0, description="0: no timeout")
     default_priority: Literal["high", "normal"] = "normal"
+    predict_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="a predict call running longer fails its batch (DEADLINE_EXCEEDED) and takes "
+        "the copy out of service (0: no watchdog)",
+    )
 
     # --- failures and requests
     load_failure_expiry_s: float = Field(

@@ -45,6 +45,7 @@ from .consumer import CeleryConsumer
 from .heartbeat import Heartbeat, WorkerIdentity
 from .inference import InferenceLoop
 from .manager import ModelManager
+from .memory import SLIM_MIN_BYTES, malloc_trim, slim
 from .metrics import WorkerMetrics
 from .strays import StraySweeper
 from .wanted import WantedLoads
@@ -63,6 +64,9 @@ ORPHAN_FAST_S = SERVING_TTL_S + 0.5
 # (requests, model loads) and frees nearly everything by reference counting; with the default
 # a full collection, which walks every loaded model, came every few seconds.
 GC_THRESHOLDS = (50_000, 20, 100)
+# After this many bytes of requests were buffered since the last trim, the next heartbeat hands
+# the heap's free pages back to the system (workers/memory.py `malloc_trim`).
+TRIM_EVERY_BYTES = 64 * 1024**2
 
 
 def warn_about_trust(settings: MeshSettings) -> None:
@@ -94,13 +98,16 @@ class MeshWorker:
         threadpool_limits(settings.intra_op_threads)
         self.name: str = consumer.hostname  # Celery node name, e.g. w1@vm
         self.priority_steps = list(conf.broker_transport_options.get("priority_steps", [0]))
-        self.metrics = WorkerMetrics(self.name, settings.metrics_port, settings.metrics_addr)
+        self.metrics = WorkerMetrics(self.name, settings.metrics_port, settings.metrics_retention_s,
+                                     settings.metrics_addr)  # fmt: skip
         self.metrics.capacity_bytes.set(settings.worker_capacity_bytes)
-        self.batcher = Batcher(self._queue_depths)
+        self.batcher = Batcher(self._queue_depths, on_release=lambda b: self.consumer.released(b))
         self.consumer = CeleryConsumer(
             consumer, self.keys, self.name, self.batcher, self.metrics,
             self._send_command, settings.prefetch_floor,
+            settings.max_buffered_bytes, 2 * settings.max_request_bytes,  # the strategy's largest body
         )  # fmt: skip
+        self._trimmed_at = 0  # consumer.admitted_bytes at the last malloc_trim
         self.manager = ModelManager(
             settings, self.name, self.store, self.batcher, self.metrics, self.consumer, events=self,
         )  # fmt: skip
@@ -220,9 +227,16 @@ class MeshWorker:
 
     # ------------------------------------------------------------------ consumer thread
     def on_request(self, model_id: str | None, req: Any, items: int = 1, high: bool = False) -> None:
-        if model_id is None or not self.batcher.add(model_id, req, items, high):
+        body = req._message.body
+        nbytes = len(body) if body is not None else 0
+        del body
+        if nbytes >= SLIM_MIN_BYTES and model_id is not None:
+            slim(req)  # its tensors as arrays, its body's copies dropped: ~7x less memory held
+        if model_id is None or not self.batcher.add(model_id, req, items, high, nbytes):
             # not (or no longer) served here: back to its queue for the copy that is
             self.consumer.requeue([Pending(req)], now=True)
+            return
+        self.consumer.admitted(nbytes)  # the byte bound (MESH_MAX_BUFFERED_BYTES)
 
     def run_control(self, name: str, fn: Any, kwargs: dict) -> None:
         """Run a scheduler task on the control thread (one at a time, in arrival order)."""
@@ -363,6 +377,13 @@ class MeshWorker:
         capacity after a deferral whose fresh copy nobody asked for, and now and then sweep
         for requests of models no longer registered."""
         self.manager.trim()  # first: local only, whatever Redis does
+        self.metrics.buffered_bytes.set(self.batcher.buffered_bytes())
+        admitted = self.consumer.admitted_bytes
+        if admitted - self._trimmed_at >= TRIM_EVERY_BYTES:
+            self._trimmed_at = admitted
+            malloc_trim()  # large requests were answered: give their freed heap back
+        loaded, loading, _ = self.manager.snapshot()
+        self.metrics.sweep([*(m.model_id for m in loaded), *loading, *self.batcher.buffered()])
         self.reassert_copies()
         now = time.monotonic()
         self._sweep_strays(now)
