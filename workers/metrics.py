@@ -67,6 +67,14 @@ class WorkerMetrics:
         self.capacity_bytes = Gauge("mesh_worker_capacity_bytes", "Bytes of models this worker may hold", registry=r)
         self.used_bytes = Gauge("mesh_worker_used_bytes", "Bytes of loaded (and loading) models", registry=r)
         self.models_loaded = Gauge("mesh_models_loaded", "Models loaded on this worker", registry=r)
+        self.dead_letters = Gauge(
+            "mesh_dead_letters", "Messages in the mesh's dead-letter list (read every heartbeat)", registry=r)
+        self.dead_lettered = Counter(
+            "mesh_dead_lettered", "Messages this worker dead-lettered instead of delivering them again",
+            registry=r)
+        self.failover_restored = Counter(
+            "mesh_failover_restored", "Unacked messages of dead worker processes this worker put back "
+            "on their queues", registry=r)
         self.info = Gauge("mesh_worker_info", "Always 1; labels identify the worker", ["worker"], registry=r)
         self.info.labels(worker=worker).set(1)
         self.port = port

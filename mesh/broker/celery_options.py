@@ -37,6 +37,9 @@ def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | 
             "socket_connect_timeout": 5,
             "socket_keepalive": True,
             "health_check_interval": 25,
+            # mesh/broker/transport.py: dead-letter after this many failed deliveries (the
+            # worker adds its holder id, mesh_holder, at start: workers/worker.py)
+            "mesh_max_deliveries": s.max_deliveries,
         },
         "result_backend_transport_options": {
             "global_keyprefix": keys.kombu_prefix,
