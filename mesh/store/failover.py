@@ -178,7 +178,8 @@ class FailoverStore:
     @staticmethod
     def _parse(raw: bytes) -> DeadLetter | None:
         try:
-            d = json.loads(raw)
+            # a hostile message may hold bytes that are not UTF-8: listed all the same
+            d = json.loads(raw.decode("utf-8", "surrogateescape"))
             listkey = str(d["list"])
             message = d.get("message")
             headers = message.get("headers") if isinstance(message, dict) else None

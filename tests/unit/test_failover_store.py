@@ -177,3 +177,23 @@ def test_a_requeue_by_a_live_worker_keeps_the_count_and_the_sweep_adds_one(
             assert int(r.hget(keys.deliveries, tag)) == 1
             assert not r.hexists(keys.holder_of, tag)
         channel.close()
+
+
+def test_dead_letters_are_listed_requeued_and_purged_even_when_not_utf8(r: redis.Redis, prefix: str) -> None:
+    keys = Keys(prefix)
+    q = keys.model_queue("m")
+    lst = keys.queue_list_key(q, 0)
+    good, odd = _envelope("g", q), _envelope("o", q)
+    odd["headers"]["id"] = "id-\udcff"
+    raw_odd = json.dumps(odd, ensure_ascii=False).encode("utf-8", "surrogateescape")  # a lone 0xff byte
+    r.lpush(lst, json.dumps(good), raw_odd)
+    r.hset(keys.deliveries, mapping={"g": 5, "o": 5})  # both came back five times already
+    k, a = pop_keys_args(keys.kombu_prefix, [lst], now=time.time(), most=10, holder="w1@h.a", max_deliveries=5)
+    assert r.register_script(POP_AND_RECORD)(keys=k, args=a)[2::3] == [1, 1]  # both dead-lettered
+    store = FailoverStore(r, keys)
+    entries = store.dead_letters()
+    assert sorted(e.tag for e in entries) == ["g", "o"] and r.llen(lst) == 0 and r.hlen(keys.unacked) == 0
+    assert {e.deliveries for e in entries} == {5} and {e.queue for e in entries} == {q}
+    assert store.requeue(["g"]) == 1
+    assert json.loads(r.rpop(lst)) == good and not r.hexists(keys.deliveries, "g")
+    assert store.purge(["o"]) == 1 and store.dead_letters() == []
