@@ -12,6 +12,12 @@ Changes to stock kombu, nothing else:
   (`POP_AND_RECORD`). An idle worker blocks on the queues' *bells* instead (`ring`): every
   publish and every requeue rings its queue's bell, a one-element list whose pop loses
   nothing. docs/reliability.md.
+- kombu brings a dead consumer's unacked messages back only after its visibility timeout. The
+  pop script also records which consumer process (holder) took each message, so live workers
+  put a dead one's messages back as soon as its heartbeat expires (mesh/store/failover.py),
+  and counts the deliveries that ended with the holder dead or stalled: past
+  `mesh_max_deliveries` a message is dead-lettered instead (docs/reliability.md, "Worker death
+  and failover", "Dead letters").
 Celery uses it through `broker_transport` in celeryconfig.py (URLs stay `redis://`/`rediss://`).
 """
 
@@ -147,6 +153,8 @@ def pop_keys_args(prefix: str, lists: list[str], *, now: float, most: int, holde
     args = [repr(now), SCRIPT_RECORD_MAX_BYTES if max_bytes is None else max_bytes, most, holder,
             holder_ttl_ms, max_deliveries, prefix]  # fmt: skip
     return keys, args
+
+
 SCRIPT_RECORD_MAX_BYTES = 4 * 1024 * 1024  # bigger ones are not decoded inside Redis
 # Messages one poll takes at most (fewer when the prefetch limit leaves less room): under load
 # one round trip brings a batch's worth instead of one message.
