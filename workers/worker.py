@@ -288,10 +288,17 @@ class MeshWorker:
         dead, dead_letters = self.failover.beat(self.holder, self.heartbeat.ttl)
         self.metrics.dead_letters.set(dead_letters)
         for holder in dead:
-            n = self.failover.restore_holder(holder)
-            if n > 0:
-                self.metrics.failover_restored.inc(n)
-                log.warning("put back %d unacked message(s) of %s, a worker process that is gone", n, holder)
+            n, queues = self.failover.restore_holder(holder)
+            if n <= 0:
+                continue
+            self.metrics.failover_restored.inc(n)
+            log.warning("put back %d unacked message(s) of %s, a worker process that is gone", n, holder)
+            # the dead process may have held the only copy: its requests must not wait in a
+            # queue nobody consumes (the cold path's claim, as for any orphaned queue)
+            for queue in queues:
+                model_id = self.keys.model_from_queue(queue)
+                if model_id is not None and not self.batcher.is_open(model_id):
+                    self._reload_if_orphaned(model_id)
 
     def _answer_dead_letter(self, message: dict, queue: str) -> None:
         """Consumer thread: the pop script dead-lettered `message` instead of delivering it;

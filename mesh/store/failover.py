@@ -14,6 +14,7 @@ comes back too often (the pop script counts) is dead-lettered; `dead_letters`, `
 from __future__ import annotations
 
 import json
+from typing import NamedTuple
 
 import redis
 from pydantic import BaseModel
@@ -40,10 +41,10 @@ return out
 # [message, exchange, routing_key] built around them), its queue's bell rung (ARGV[2]: bell key
 # prefix, ARGV[3]: kombu prefix, ARGV[4]: bell TTL), and it counts as a failed delivery
 # (KEYS[7]). Values not in the pop script's format (kombu recorded them) are left to the
-# visibility timeout. Returns how many went back.
+# visibility timeout. Returns {how many went back, queue, ...} (each queue they went to once).
 _RESTORE_HOLDER_LUA = """
 if redis.call('EXISTS', KEYS[6]) == 1 then return -1 end
-local n, plen = 0, #ARGV[3]
+local n, plen, queues, seen = 0, #ARGV[3], {}, {}
 for _, t in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   local h = redis.call('HGET', KEYS[3], t)
   local sp = h and string.find(h, ' ', 1, true)
@@ -59,6 +60,10 @@ for _, t in ipairs(redis.call('SMEMBERS', KEYS[4])) do
         local q = string.sub(list, plen + 1)
         local s = string.find(q, '\\6\\22', 1, true)
         if s then q = string.sub(q, 1, s - 1) end
+        if not seen[q] then
+          seen[q] = true
+          queues[#queues + 1] = q
+        end
         local bell = ARGV[2] .. q
         redis.call('LPUSH', bell, 1)
         redis.call('LTRIM', bell, 0, 0)
@@ -76,7 +81,8 @@ for _, t in ipairs(redis.call('SMEMBERS', KEYS[4])) do
 end
 redis.call('DEL', KEYS[4])
 redis.call('SREM', KEYS[5], ARGV[1])
-return n
+table.insert(queues, 1, n)
+return queues
 """
 
 # Requeue one dead letter (ARGV[1], its exact bytes) of list KEYS[1]: its message ARGV[2] goes
@@ -91,6 +97,13 @@ redis.call('PEXPIRE', KEYS[3], ARGV[4])
 redis.call('HDEL', KEYS[4], ARGV[3])
 return 1
 """
+
+
+class Restored(NamedTuple):
+    """What `FailoverStore.restore_holder` put back: how many messages, and to which queues."""
+
+    count: int
+    queues: list[str]
 
 
 class DeadLetter(BaseModel):
@@ -124,14 +137,18 @@ class FailoverStore:
                          args=[k.holder_alive(""), int(ttl_s * 1000), holder])  # fmt: skip
         return [h.decode() for h in out[1:]], int(out[0])
 
-    def restore_holder(self, holder: str) -> int:
-        """Put back on their queues the messages `holder` still holds; -1 while it is alive."""
+    def restore_holder(self, holder: str) -> Restored:
+        """Put back on their queues the messages `holder` still holds (count -1, nothing done,
+        while it is alive)."""
         k = self.keys
-        return int(self._restore(
+        out = self._restore(
             keys=[k.unacked, k.unacked_index, k.holder_of, k.held(holder), k.holders, k.holder_alive(holder),
                   k.deliveries],
             args=[holder, k.kombu_prefix + queue_bell(""), k.kombu_prefix, BELL_TTL_MS],
-        ))  # fmt: skip
+        )  # fmt: skip
+        if not isinstance(out, list):
+            return Restored(int(out), [])
+        return Restored(int(out[0]), [q.decode() for q in out[1:]])
 
     def held(self, holder: str) -> int:
         """How many unacked messages `holder` holds (its set may also count stale tags)."""

@@ -53,7 +53,7 @@ def _die_holding(client, failover: FailoverStore, lists: list[str], holder: str)
     taken = r.register_script(POP_AND_RECORD)(keys=keys, args=args)
     assert all(tag not in (b"", 1) for tag in taken[2::3])  # recorded with their holder, none dead-lettered
     r.delete(client.keys.holder_alive(holder))  # SIGKILL: the alive key is not refreshed
-    assert failover.restore_holder(holder) == len(taken) // 3
+    assert failover.restore_holder(holder).count == len(taken) // 3
     return len(taken) // 3
 
 
@@ -92,3 +92,26 @@ def test_a_message_whose_workers_keep_dying_is_dead_lettered_and_answered(client
     assert "purged 1 dead letter(s)" in mesh_cli("dead-letters", "purge", by_id[second.id].tag)
     assert failover.dead_letters() == []
     assert client.store.r.hlen(client.keys.deliveries) == 0  # nothing counted for an acked message
+
+
+def test_a_request_that_kills_every_worker_that_takes_it_is_dead_lettered(client, workers, tmp_path):
+    """The real thing, with MESH_MAX_DELIVERIES=2: a request whose predict SIGKILLs its worker
+    kills two workers, one after the other (the second takes it from failover), and the third
+    dead-letters it and answers its producer; the third worker lives on and serves."""
+    env = {"MESH_MAX_DELIVERIES": "2"}
+    info = slow_info(tmp_path, "d").model_copy(update={"python_class": "tests.faults.fault_models:Deadly"})
+    client.register_model("d", info)
+    poison = {**X, "data": [-1.0, 2.0, 3.0, 4.0]}
+    w1 = workers("w1", **env)
+    wait_loaded(client, "d")
+    handle = client.infer(model_id="d", inputs=[poison])
+    wait_for(lambda: not w1.alive(), 60, what="the poison to kill w1")
+    w2 = workers("w2", **env)  # puts back what w1 held once w1's alive key expires, and takes it
+    wait_for(lambda: not w2.alive(), 60, what="the poison, put back by failover, to kill w2")
+    w3 = workers("w3", **env)
+    with pytest.raises(DeliveryLimitExceeded):
+        handle.get(timeout=60)
+    [entry] = FailoverStore(client.store.r, client.keys).dead_letters()
+    assert (entry.task_id, entry.deliveries) == (handle.id, 2)
+    assert w3.alive()
+    assert client.infer(model_id="d", inputs=[X]).get(timeout=60)["outputs"][0]["data"] == [10.0]

@@ -46,13 +46,13 @@ def test_two_live_workers_put_a_dead_holders_messages_back_once(r: redis.Redis, 
     assert r.llen(low) == 0 and r.hlen(keys.unacked) == 50
 
     a, b = FailoverStore(r, keys), FailoverStore(r, keys)
-    assert a.restore_holder("w1@h.aaa") == -1  # alive: nothing moves
+    assert a.restore_holder("w1@h.aaa") == (-1, [])  # alive: nothing moves
     assert b.beat("w2@h.bbb", 6) == ([], 0)  # alive holders are not reported dead
     r.delete(keys.holder_alive("w1@h.aaa"))  # the process died: its alive key ran out
     assert a.beat("w2@h.bbb", 6) == (["w1@h.aaa"], 0)
 
     done: list[int] = []
-    threads = [threading.Thread(target=lambda s=s: done.append(s.restore_holder("w1@h.aaa"))) for s in (a, b)]
+    threads = [threading.Thread(target=lambda s=s: done.append(s.restore_holder("w1@h.aaa").count)) for s in (a, b)]
     for t in threads:
         t.start()
     for t in threads:
@@ -76,7 +76,7 @@ def test_a_restart_under_the_same_name_is_not_its_dead_predecessor(r: redis.Redi
     r.delete(keys.holder_alive("w1@h.old"))
     store = FailoverStore(r, keys)
     assert store.beat("w2@h.x", 6)[0] == ["w1@h.old"]
-    assert store.restore_holder("w1@h.old") == 1
+    assert store.restore_holder("w1@h.old") == (1, [q])
     assert r.hkeys(keys.unacked) == [b"new"]  # the live process keeps what it holds
 
 
@@ -92,7 +92,7 @@ def test_a_tag_another_process_holds_now_is_left_to_it(r: redis.Redis, prefix: s
     r.lpush(lst, json.dumps(_envelope("t", q)))
     _take(r, keys, [lst], "w2@h.b")
     r.delete(keys.holder_alive("w1@h.a"))
-    assert FailoverStore(r, keys).restore_holder("w1@h.a") == 0
+    assert FailoverStore(r, keys).restore_holder("w1@h.a") == (0, [])
     assert r.hget(keys.holder_of, "t").decode().startswith("w2@h.b ")
     assert r.llen(lst) == 0
 
