@@ -82,6 +82,13 @@ class Unavailable(MeshError):
     code = "UNAVAILABLE"
 
 
+class DeliveryLimitExceeded(MeshError):
+    """The request was delivered MESH_MAX_DELIVERIES times and each time the worker holding it
+    died or stalled: it is in the dead-letter list (`mesh dead-letters list`), not retried."""
+
+    code = "ABORTED"
+
+
 class ModelLoadFailed(MeshError):
     """The model could not be loaded; carries the runtime's error message."""
 

@@ -143,6 +143,14 @@ class MeshSettings(BaseSettings):
     visibility_timeout_s: int = Field(
         default=300, ge=10, description="unacked messages of a dead worker return after this"
     )
+    max_deliveries: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="deliveries of a message that end with its worker dead or stalled (not "
+        "acked, not handed back) after which it is dead-lettered instead of delivered again, "
+        "and its producer answered ABORTED (0: never)",
+    )
     polling_interval_s: float = Field(
         default=0.1, gt=0, description="idle wait on the queues' bells before polling them anyway"
     )

@@ -80,6 +80,14 @@ class WorkerMetrics:
                                     "(their JSON bodies; bounded by MESH_MAX_BUFFERED_BYTES)", registry=r)
         self.buffered_bytes_max = Gauge("mesh_buffered_bytes_max", "The most bytes of requests "
                                         "buffered at once since the worker started", registry=r)
+        self.dead_letters = Gauge(
+            "mesh_dead_letters", "Messages in the mesh's dead-letter list (read every heartbeat)", registry=r)
+        self.dead_lettered = Counter(
+            "mesh_dead_lettered", "Messages this worker dead-lettered instead of delivering them again",
+            registry=r)
+        self.failover_restored = Counter(
+            "mesh_failover_restored", "Unacked messages of dead worker processes this worker put back "
+            "on their queues", registry=r)
         self.info = Gauge("mesh_worker_info", "Always 1; labels identify the worker", ["worker"], registry=r)
         self.info.labels(worker=worker).set(1)
         # every metric with a "model" label: the ones `sweep` removes a model's series from

@@ -23,20 +23,25 @@ import os
 import socket
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import redis
 from threadpoolctl import threadpool_limits
 
+from celery.app.task import Context
+
+from mesh.broker.transport import set_dead_letter_handler
 from mesh.control.commands import send_command
-from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
+from mesh.errors import DeliveryLimitExceeded, MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import Command, CopyState
 from mesh.policy.commands import UnloadAction, unload_action
 from mesh.protocol.messages import SERVING_TTL_S
 from mesh.settings import MeshSettings
 from mesh.storage.sources import get_storage
 from mesh.store.context import StoreContext
+from mesh.store.failover import FailoverStore
 from mesh.store.state import Route
 from mesh.store.strays import StrayStore
 
@@ -97,6 +102,20 @@ class MeshWorker:
         # default, so batches do not fight over cores (the inference thread is the parallelism).
         threadpool_limits(settings.intra_op_threads)
         self.name: str = consumer.hostname  # Celery node name, e.g. w1@vm
+        # This process's holder id: the pop script records it with every message this worker
+        # takes (mesh/broker/transport.py), so live workers put those back as soon as this
+        # process's alive key expires (mesh/store/failover.py). Unique per process: a restart
+        # under the same node name is not its dead predecessor. Set before the consumer
+        # connects (this runs in the consumer blueprint's __init__; kombu's Channel copies
+        # `from_transport_options` when it is created).
+        self.holder = f"{self.name}.{uuid.uuid4().hex[:12]}"
+        holder_ttl_s = max(settings.heartbeat_ttl_s, 2 * settings.heartbeat_interval_s)
+        conf.broker_transport_options = {
+            **conf.broker_transport_options, "mesh_holder": self.holder,
+            "mesh_holder_ttl_ms": int(holder_ttl_s * 1000),
+        }  # fmt: skip
+        self.failover = FailoverStore(self.store.r, self.keys)
+        set_dead_letter_handler(self.holder, self._answer_dead_letter)
         self.priority_steps = list(conf.broker_transport_options.get("priority_steps", [0]))
         self.metrics = WorkerMetrics(self.name, settings.metrics_port, settings.metrics_retention_s,
                                      settings.metrics_addr)  # fmt: skip
@@ -124,7 +143,7 @@ class MeshWorker:
             self.manager, self.inference.stats, self.metrics,
             shutting_down=lambda: self.shutting_down,
             interval_s=settings.heartbeat_interval_s, ttl_s=settings.heartbeat_ttl_s,
-            after_beat=[self.adopt_orphans_once, self.maintenance],
+            after_beat=[self.fail_over, self.adopt_orphans_once, self.maintenance],
             between_beats=[self.watch_fresh_orphans],
         )  # fmt: skip
         self.wanted = WantedLoads(self.store, self.load_wanted)
@@ -329,6 +348,44 @@ class MeshWorker:
         self._reload_if_orphaned(model_id)
 
     # ------------------------------------------------------------------ heartbeat duties
+    def fail_over(self) -> None:
+        """Every heartbeat, first: keep this process's alive key, and put back on their queues
+        the unacked messages of worker processes whose alive key expired (SIGKILLed, crashed,
+        cut off), so their requests are answered within a heartbeat TTL and an interval, not a
+        visibility timeout (docs/reliability.md, "Worker death")."""
+        dead, dead_letters = self.failover.beat(self.holder, self.heartbeat.ttl)
+        self.metrics.dead_letters.set(dead_letters)
+        for holder in dead:
+            n, queues = self.failover.restore_holder(holder)
+            if n <= 0:
+                continue
+            self.metrics.failover_restored.inc(n)
+            log.warning("put back %d unacked message(s) of %s, a worker process that is gone", n, holder)
+            # the dead process may have held the only copy: its requests must not wait in a
+            # queue nobody consumes (the cold path's claim, as for any orphaned queue)
+            for queue in queues:
+                model_id = self.keys.model_from_queue(queue)
+                if model_id is not None and not self.batcher.is_open(model_id):
+                    self._reload_if_orphaned(model_id)
+
+    def _answer_dead_letter(self, message: dict, queue: str) -> None:
+        """Consumer thread: the pop script dead-lettered `message` instead of delivering it;
+        its producer gets DeliveryLimitExceeded when the message names a task id (and, for a
+        mesh producer, its reply list)."""
+        self.metrics.dead_lettered.inc()
+        headers = message.get("headers")
+        props = message.get("properties")
+        task_id = headers.get("id") if isinstance(headers, dict) else None
+        if not isinstance(task_id, str) or not task_id:
+            return
+        reply_to = props.get("reply_to") if isinstance(props, dict) else None
+        error = DeliveryLimitExceeded(
+            f"request {task_id} of queue {queue} was delivered {self.settings.max_deliveries} times and "
+            "each time its worker died or stalled: dead-lettered (`mesh dead-letters list`)"
+        )  # fmt: skip
+        reply = reply_to if isinstance(reply_to, str) else None
+        self.app.backend.mark_as_failure(task_id, error, request=Context(id=task_id, reply_to=reply))
+
     def _reload_if_orphaned(self, model_id: str, depth: int | None = None) -> bool:
         if depth is None:
             depth = self.store.queue_depth(model_id, self.priority_steps)

@@ -28,6 +28,26 @@ def queue_bell(queue: str) -> str:
     return f"_kombu.bell.{queue}"
 
 
+# The broker's own bookkeeping beside kombu's unacked hash and index (mesh/broker/transport.py),
+# without kombu's global_keyprefix (kombu's client adds it; `Keys` has the prefixed names).
+UNACKED = "unacked"  # kombu's Channel.unacked_key
+UNACKED_INDEX = "unacked_index"  # kombu's Channel.unacked_index_key
+HOLDER_OF = "_kombu.holder_of"  # hash: delivery tag -> "<holder id> <list key it was popped from>"
+HOLDERS = "_kombu.holders"  # set of the holder ids that popped messages
+DELIVERIES = "_kombu.deliveries"  # hash: delivery tag -> times it came back from a dead or stuck holder
+DEAD_LETTERS = "_kombu.dead"  # list of dead letters (JSON), newest first
+
+
+def held_set(holder: str) -> str:
+    """The delivery tags a consumer process (`holder`) popped and has not acked."""
+    return f"_kombu.held.{holder}"
+
+
+def holder_alive(holder: str) -> str:
+    """A key that exists while `holder`'s process is alive (its heartbeat TTL)."""
+    return f"_kombu.alive.{holder}"
+
+
 @dataclass(frozen=True)
 class Keys:
     prefix: str
@@ -83,6 +103,38 @@ class Keys:
     def queue_bell(self, queue: str) -> str:
         """A queue's bell (mesh/broker/transport.py), which goes with its model like its bindings."""
         return self.kombu_prefix + queue_bell(queue)
+
+    # --- the broker's bookkeeping of delivered messages (mesh/broker/transport.py,
+    # mesh/store/failover.py)
+    @property
+    def unacked(self) -> str:
+        return self.kombu_prefix + UNACKED
+
+    @property
+    def unacked_index(self) -> str:
+        return self.kombu_prefix + UNACKED_INDEX
+
+    @property
+    def holder_of(self) -> str:
+        return self.kombu_prefix + HOLDER_OF
+
+    @property
+    def holders(self) -> str:
+        return self.kombu_prefix + HOLDERS
+
+    @property
+    def deliveries(self) -> str:
+        return self.kombu_prefix + DELIVERIES
+
+    @property
+    def dead_letters(self) -> str:
+        return self.kombu_prefix + DEAD_LETTERS
+
+    def held(self, holder: str) -> str:
+        return self.kombu_prefix + held_set(holder)
+
+    def holder_alive(self, holder: str) -> str:
+        return self.kombu_prefix + holder_alive(holder)
 
     # --- replies (mesh/broker/replies.py): one list per producer process, named in the
     # messages' `reply_to`; beside the result records, under the result backend's prefix

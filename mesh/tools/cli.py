@@ -45,6 +45,11 @@ repository_app = typer.Typer(no_args_is_help=True, help="The model repository (M
 app.add_typer(models_app, name="models")
 app.add_typer(vmodels_app, name="vmodels")
 app.add_typer(repository_app, name="repository")
+dead_letters_app = typer.Typer(
+    no_args_is_help=True,
+    help="Messages delivered MESH_MAX_DELIVERIES times whose workers died or stalled each time.",
+)
+app.add_typer(dead_letters_app, name="dead-letters")
 
 # markup=False: ids, paths and error messages are printed as they are ("[...]" is not a style)
 console = Console(markup=False)
@@ -661,6 +666,57 @@ def acl(
     command = setuser_command(user or role, "PASSWORD", rules(Keys(get_settings().prefix)))
     console.print(" ".join(f"'{a}'" if any(c in a for c in "*&%|>~") else a for a in command),
                   soft_wrap=True, highlight=False, markup=False)  # fmt: skip
+
+
+# ---------------------------------------------------------------------- dead letters
+def _dead_letters(c: MeshClient) -> Any:
+    from mesh.store.failover import FailoverStore
+
+    return FailoverStore(c.store.r, c.keys)
+
+
+_TAGS = typer.Argument(None, help="delivery tags (from `list`); none: --all")
+_ALL = typer.Option(False, "--all", help="every dead letter")
+
+
+def _chosen(tags: Optional[list[str]], all_: bool) -> Optional[list[str]]:
+    if bool(tags) == all_:
+        _fail("name delivery tags or pass --all (not both)")
+    return None if all_ else list(tags or [])
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    limit: int = typer.Option(100, min=0, help="newest first; 0: all"),
+    as_json: bool = typer.Option(False, "--json", help="print them as JSON, the messages included"),
+) -> None:
+    """The dead letters, newest first: queue, delivery tag, task id, deliveries, when."""
+    with _client() as c:
+        entries = _dead_letters(c).dead_letters(limit)
+        if as_json:
+            _print_json([{**e.model_dump(exclude={"raw"}), "message": json.loads(e.raw).get("message")}
+                         for e in entries])  # fmt: skip
+            return
+        table = Table("queue", "delivery tag", "task", "task id", "deliveries", "dead-lettered", "reason")
+        for e in entries:
+            table.add_row(e.queue, e.tag, e.task or "-", e.task_id or "-", str(e.deliveries), _ago(e.time), e.reason)
+        console.print(table)
+
+
+@dead_letters_app.command("requeue")
+def dead_letters_requeue(tags: Optional[list[str]] = _TAGS, all_: bool = _ALL) -> None:
+    """Put dead letters back on their queue, with a fresh delivery count."""
+    with _client() as c:
+        n = _dead_letters(c).requeue(_chosen(tags, all_))
+    console.print(f"requeued {n} dead letter(s)")
+
+
+@dead_letters_app.command("purge")
+def dead_letters_purge(tags: Optional[list[str]] = _TAGS, all_: bool = _ALL) -> None:
+    """Delete dead letters for good (their producers were answered when they were dead-lettered)."""
+    with _client() as c:
+        n = _dead_letters(c).purge(_chosen(tags, all_))
+    console.print(f"purged {n} dead letter(s)")
 
 
 # ---------------------------------------------------------------------- watching

@@ -11,6 +11,8 @@ opens the gate by deleting the file).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -46,3 +48,14 @@ class Slow:
                 Path(self._hang_mark).write_text("hanging")
             time.sleep(self._hang)
         return {"y": np.asarray(x, dtype=np.float32).sum(axis=1)}
+
+
+class Deadly(Slow):
+    """`Slow`, except that a request holding a negative value kills the worker process at once
+    (SIGKILL, as the OOM killer would): a poison message (tests/faults/test_dead_letters.py)."""
+
+    def predict(self, inputs):
+        (x,) = inputs.values()
+        if (np.asarray(x) < 0).any():
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().predict(inputs)
