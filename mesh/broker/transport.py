@@ -95,6 +95,7 @@ def envelope_problem(item: object) -> str | None:
 POP_AND_RECORD = """
 local out, n, most = {}, 0, tonumber(ARGV[3])
 local holder, limit, plen = ARGV[4], tonumber(ARGV[6]), #ARGV[7]
+local PRIORITY_SEP = '\\6\\22'  -- kombu's `<queue>\\x06\\x16<priority>` (mesh.protocol.keys)
 if holder ~= '' then
   redis.call('SET', KEYS[6], '1', 'PX', ARGV[5], 'NX')
   redis.call('SADD', KEYS[5], holder)
@@ -120,8 +121,13 @@ for i = 9, #KEYS do
             tag = 1
           else
             redis.call('ZADD', KEYS[2], ARGV[1], t)
-            redis.call('HSET', KEYS[1], t,
-                       '[' .. raw .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
+            -- recorded as coming from the queue it was popped from (the anonymous exchange
+            -- routes to the queue its routing key names): a restore puts it back there, not
+            -- wherever its envelope, which any producer writes, claims it was sent
+            local q = string.sub(KEYS[i], plen + 1)
+            local sep = string.find(q, PRIORITY_SEP, 1, true)
+            if sep then q = string.sub(q, 1, sep - 1) end
+            redis.call('HSET', KEYS[1], t, '[' .. raw .. ',"",' .. cjson.encode(q) .. ']')
             if holder ~= '' then
               redis.call('HSET', KEYS[3], t, holder .. ' ' .. KEYS[i])
               redis.call('SADD', KEYS[4], t)

@@ -75,6 +75,25 @@ def test_pop_script_records_each_message_in_the_same_step(redis_url: str, prefix
     r.delete(p + "unacked", p + "unacked_index")
 
 
+def test_a_message_is_recorded_as_from_the_queue_it_was_popped_from(redis_url: str, prefix: str) -> None:
+    """The envelope's exchange and routing key are the producer's word; the unacked record (what
+    every restore routes by) names the queue the message really left, so a message pushed onto
+    a model queue claiming the control queue goes back to the model queue (docs/security.md)."""
+    r = redis.Redis.from_url(redis_url)
+    p = Keys(prefix).kombu_prefix
+    model_lo = p + f"{prefix}.model.m\x06\x165"
+    forged = {"body": "e30=", "properties": {"delivery_tag": "f", "delivery_info": {
+        "exchange": f"{prefix}.default", "routing_key": f"{prefix}.control"}}}  # fmt: skip
+    r.lpush(model_lo, json.dumps(forged))
+    r.lpush(p + f"{prefix}.model.m", json.dumps({**forged, "properties": {**forged["properties"], "delivery_tag": "g"}}))
+    keys, args = pop_keys_args(p, [p + f"{prefix}.model.m", model_lo], now=1.0, most=16, max_bytes=1 << 20)
+    out = r.register_script(POP_AND_RECORD)(keys=keys, args=args)
+    assert out[2::3] == [b"g", b"f"]
+    for tag in ("f", "g"):
+        assert json.loads(r.hget(p + "unacked", tag))[1:] == ["", f"{prefix}.model.m"]
+    r.delete(p + "unacked", p + "unacked_index")
+
+
 def test_consumer_never_pops_a_queue_unrecorded_and_idles_on_bells(
     conn: Connection, redis_url: str, prefix: str
 ) -> None:
