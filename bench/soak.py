@@ -4,7 +4,10 @@ Two workers (each with room for about two models), celery beat, several models a
 whose target is replaced (auto-deleted) every `--churn-s` seconds, from producer threads that
 keep a window of requests outstanding: single requests to a hot set of models that moves every
 `--phase-s` seconds (so copies are evicted and loaded all the time), infer_many messages,
-vmodel requests and a few malformed requests (which must fail, alone, with InvalidInput).
+vmodel requests and a few malformed requests (which must fail, alone, with InvalidInput);
+and, beside them, hostile messages pushed raw onto the queues (`--hostile`, 1% of the
+requests by default; bench/hostile.py): no worker may die, and every one whose task id is
+readable must be answered.
 
 It reports (stdout, and bench/results/soak.json):
 - every request's outcome: answered, failed as expected, failed otherwise, still PENDING;
@@ -32,15 +35,19 @@ import tempfile
 import threading
 import time
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import redis
 
+from celery.result import AsyncResult
+
 from mesh import BatchingConfig, MeshClient, ModelInfo
 from mesh.errors import InvalidInput
 from mesh.models import VModelState
 from mesh.protocol.keys import Keys
+from bench.hostile import catalogue
 from mesh.tools.embedded import EmbeddedRedis
 from mesh.tools.examples import (
     SEED_DIGITS_ANSWER,
@@ -186,6 +193,56 @@ class Churn(threading.Thread):
                 self.errors[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
 
 
+class Hostility(threading.Thread):
+    """Pushes hostile messages raw (bench/hostile.py) at `fraction` of the producers' rate, and
+    checks that every owed answer arrives (a result record, typed error or not)."""
+
+    def __init__(self, client: MeshClient, url: str, ids: list[str], producers: list[Producer],
+                 fraction: float, stop: threading.Event) -> None:  # fmt: skip
+        super().__init__(daemon=True)
+        self.client, self.ids, self.producers, self.fraction, self.stop_event = client, ids, producers, fraction, stop
+        self.r = redis.Redis.from_url(url)
+        self.rng = random.Random(7)
+        self.sent: Counter = Counter()
+        self.answered: Counter = Counter()
+        self.unanswered: Counter = Counter()
+        self._lock = threading.Lock()
+        self._checks = ThreadPoolExecutor(4, thread_name_prefix="hostile-check")
+        self._pending: list = []
+
+    def _requests(self) -> int:
+        return sum(sum(p.outcomes.values()) for p in self.producers)
+
+    def _check(self, kind: str, task_id: str) -> None:
+        try:
+            AsyncResult(task_id, app=self.client.app).get(timeout=60, propagate=False)
+            outcome = self.answered
+        except Exception:  # a timeout: the answer owed never came
+            outcome = self.unanswered
+        with self._lock:
+            outcome[kind] += 1
+
+    def run(self) -> None:
+        by_model = {m: [build for _kind, build in catalogue(self.client.keys, m, GOOD)] for m in self.ids}
+        while not self.stop_event.wait(0.05):
+            while sum(self.sent.values()) < self.fraction * self._requests():
+                h = self.rng.choice(by_model[self.rng.choice(self.ids)])(self.rng)
+                with self.r.pipeline(transaction=False) as pipe:
+                    pipe.lpush(h.list_key, h.raw)
+                    pipe.lpush(h.bell_key, 1)
+                    pipe.execute()
+                self.sent[h.kind] += 1
+                if h.answer_id is not None:
+                    self._pending.append(self._checks.submit(self._check, h.kind, h.answer_id))
+
+    def finish(self) -> dict:
+        for f in self._pending:
+            f.result()
+        self._checks.shutdown()
+        self.r.close()
+        return {"sent": dict(self.sent), "answered": dict(self.answered), "unanswered": dict(self.unanswered)}
+
+
 def info(path: Path) -> ModelInfo:
     return ModelInfo(runtime="sklearn", uri=f"file://{path}",
                      batching=BatchingConfig(max_batch_size=16, max_batch_delay_ms=2))  # fmt: skip
@@ -251,7 +308,8 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
         stop = threading.Event()
         producers = [Producer(client, pick, args.window, stop, seed=i) for i in range(args.producers)]
         churn = Churn(client, paths, args.churn_s, stop)
-        for t in (*producers, churn):
+        hostility = Hostility(client, url, ids, producers, args.hostile, stop)
+        for t in (*producers, churn, hostility):
             t.start()
         duration = args.minutes * 60
         warmup = min(60.0, duration * 0.2)
@@ -270,8 +328,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
                   + ",".join(f"{v / 2**20:.0f}" for v in sample["rss"].values())
                   + f" keys={sample['redis_keys']}", flush=True)
         stop.set()
-        for t in (*producers, churn):
+        for t in (*producers, churn, hostility):
             t.join(timeout=RESULT_WAIT_S + 60)
+        hostile = hostility.finish()
         traffic_s = time.monotonic() - started
         rss_end = {p.full_name: rss_bytes(p.pid) for p in workers if p.alive()}
         alive = {p.full_name: p.alive() for p in workers}
@@ -304,7 +363,9 @@ def run(args: argparse.Namespace, tmp: Path) -> dict:
             "outcomes": dict(outcomes),
             "errors": dict(errors.most_common(10)),
             "churn": {"versions": churn.version, "errors": dict(churn.errors)},
+            "hostile": hostile,
             "workers_alive": alive,
+            "worker_pids": {p.full_name: p.pid for p in workers},
             "rss": {name: rss_figures(name, rss_before, base, rss_end, samples) for name in rss_before},
             "queue_depth_after": {m: d for m, d in depths.items() if d},
             "unacked_after": unacked,
@@ -352,6 +413,10 @@ def report(res: dict) -> str:
             f"{(x['end'] or 0) / 2**20:.1f} MB | {x['max'] / 2**20:.1f} MB | "
             f"{'n/a' if growth is None else f'{growth:+.1%}'} |"
         )
+    h = res["hostile"]
+    lines += ["", "| hostile message | pushed | answer owed: answered | owed, never answered |", "|---|---|---|---|"]
+    for kind, n in sorted(h["sent"].items()):
+        lines.append(f"| {kind} | {n} | {h['answered'].get(kind, '-')} | {h['unanswered'].get(kind, 0)} |")
     before, after = res["keys_before_traffic"], res["keys_after_expiry"]
     lines += ["", "| Redis keys under the prefix | before traffic | after traffic + result expiry |", "|---|---|---|"]
     for k in sorted(set(before) | set(after)):
@@ -380,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--churn-s", type=float, default=30.0, help="how often the vmodel gets a new model")
     ap.add_argument("--result-expires", type=int, default=20, help="MESH_RESULT_EXPIRES_S of the run")
     ap.add_argument("--sample-s", type=float, default=15.0, help="RSS/keys sampling interval")
+    ap.add_argument("--hostile", type=float, default=0.01, help="hostile messages per request sent")
     ap.add_argument("--redis-url", default=None, help="default: a private embedded redis-server")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mesh-soak-") as tmp:
@@ -388,7 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / "soak.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(report(res))
     o = res["outcomes"]
-    ok = not (o.get("failed") or o.get("pending") or o.get("wrong")) and all(res["workers_alive"].values())
+    ok = (not (o.get("failed") or o.get("pending") or o.get("wrong") or res["hostile"]["unanswered"])
+          and all(res["workers_alive"].values()))
     return 0 if ok else 1
 
 

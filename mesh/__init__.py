@@ -12,6 +12,7 @@ from mesh.errors import (
     MeshError,
     ModelLoadFailed,
     ModelNotFound,
+    PredictTimeout,
     RequestTooLarge,
 )
 from mesh.models import BatchingConfig, ModelInfo, ModelState, ModelStatus, WorkerState
@@ -34,6 +35,7 @@ __all__ = [
     "AlreadyExists",
     "FailedPrecondition",
     "DeadlineExceeded",
+    "PredictTimeout",
     "ModelLoadFailed",
     "InferenceError",
 ]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from uuid import uuid4
 
 from celery import Celery
@@ -19,7 +20,7 @@ from mesh.broker.replies import MeshResult, ReplyListener
 from mesh.control.commands import send_command, unload_unregistered
 from mesh.control.routing import Router
 from mesh.control.vmodels import SYNC_TIMEOUT_S, VModelManager
-from mesh.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, RequestTooLarge
+from mesh.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, PermissionDenied, RequestTooLarge
 from mesh.models import (
     Command,
     ModelInfo,
@@ -43,10 +44,31 @@ from mesh.protocol.messages import (
 from mesh.protocol.tensors import decode_stacked, encode_inputs
 from mesh.settings import MeshSettings, get_settings
 from mesh.storage.sources import validate_uri
-from mesh.store.context import StoreContext, redis_client
+from mesh.store.context import StoreContext, is_permission_error, redis_client
 from mesh.store.state import Route
 
 MAX_TIMEOUT_MS = 365 * 24 * 3600 * 1000.0  # a request deadline beyond a year is a mistake
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _management(fn: F) -> F:
+    """A management call made with a Redis user that may not manage (a producer's, docs/
+    security.md "Redis ACLs") raises PermissionDenied saying so, not redis-py's NoPermissionError."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if isinstance(exc, mesh.errors.MeshError) or not is_permission_error(exc):
+                raise
+            raise PermissionDenied(
+                f"PERMISSION_DENIED: {fn.__name__}: this mesh's Redis user may not manage models ({exc})"
+            ) from None
+
+    return call  # type: ignore[return-value]
 
 
 class MeshClient:
@@ -103,6 +125,7 @@ class MeshClient:
         self.close()
 
     # ------------------------------------------------------------------ models
+    @_management
     def register_model(
         self,
         model_id: str,
@@ -126,19 +149,22 @@ class MeshClient:
             return self.ensure_loaded(model_id, sync=sync, timeout=timeout)
         return self.get_model_status(model_id)
 
+    @_management
     def unregister_model(self, model_id: str) -> None:
         """Remove a model and unload every copy; requests still queued fail with NOT_FOUND.
 
         Idempotent. FAILED_PRECONDITION while a vmodel references the model.
         """
         validate_id(model_id)
-        holders = self.store.unregister_model(model_id)
+        record, holders = self.store.unregister(model_id)
         self.router.forget(model_id)
-        unload_unregistered(self.app, self.store, model_id, holders)
+        unload_unregistered(self.app, self.store, model_id, holders,
+                            generation=record.created_at if record else None)  # fmt: skip
 
     def get_model_status(self, model_id: str) -> ModelStatus:
         return self.store.model_status(model_id)
 
+    @_management
     def ensure_loaded(self, model_id: str, *, sync: bool = False, timeout: float = 60.0) -> ModelStatus:
         """Load a copy if there is none (never a second one); with sync, wait until it is done.
 
@@ -374,6 +400,7 @@ class MeshClient:
             manager = self.__dict__["_vmodel_manager"] = VModelManager(self.app, self.store)
         return manager
 
+    @_management
     def set_vmodel(
         self,
         vmodel_id: str,
@@ -429,6 +456,7 @@ class MeshClient:
         and copies; `.transition_status` etc. in ModelMesh Serving's words."""
         return self.vmodels.status(vmodel_id, owner)
 
+    @_management
     def delete_vmodel(self, vmodel_id: str, owner: str | None = None) -> None:
         """Delete a vmodel (idempotent; another owner's vmodel is left alone). Models it
         auto-created are deleted once nothing references them."""

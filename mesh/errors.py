@@ -66,8 +66,27 @@ class DeadlineExceeded(MeshError, TimeoutError):
     code = "DEADLINE_EXCEEDED"
 
 
+class PermissionDenied(MeshError):
+    """An operator's rule forbids it: a model outside the storage roots, a python class from a
+    module the operator did not allow (docs/security.md)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class PredictTimeout(DeadlineExceeded):
+    """The model's predict ran past its timeout (MESH_PREDICT_TIMEOUT_S or the model's
+    `batching.predict_timeout_s`): its batch failed and the copy was taken out of service."""
+
+
 class Unavailable(MeshError):
     code = "UNAVAILABLE"
+
+
+class DeliveryLimitExceeded(MeshError):
+    """The request was delivered MESH_MAX_DELIVERIES times and each time the worker holding it
+    died or stalled: it is in the dead-letter list (`mesh dead-letters list`), not retried."""
+
+    code = "ABORTED"
 
 
 class ModelLoadFailed(MeshError):

@@ -42,6 +42,10 @@ class BatchingConfig(_Strict):
         default=None, ge=0, description="requests not started within this are never run (0: no timeout)"
     )
     default_priority: Literal["high", "normal"] | None = None
+    predict_timeout_s: float | None = Field(
+        default=None, ge=0, le=86_400,
+        description="a predict call running longer fails its batch and takes the copy out of service (0: no watchdog)",
+    )
 
     @field_validator("preferred_batch_sizes")
     @classmethod
@@ -358,6 +362,12 @@ class Command(_Strict):
     # (the model was unregistered) rather than wait for another copy.
     reason: str = ""
     fail_queued: bool = False
+    # For "unload": the generation of the registration it is about (that record's
+    # `created_at`). A command can wait in the queue of a dead worker for as long as the worker
+    # stays away; if the model was registered again meanwhile, the command is stale and must
+    # not fail the requests of the new registration (mesh/policy/commands.py). None: from a
+    # sender that does not say (acted on as before).
+    generation: float | None = None
 
     @field_validator("model_id")
     @classmethod

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mesh.protocol.ids import validate_id
+from mesh.protocol.ids import validate_prefix
 
 
 class MeshSettings(BaseSettings):
@@ -89,8 +89,25 @@ class MeshSettings(BaseSettings):
     metrics_port: int = Field(
         default=0, ge=0, le=65535, description="Prometheus metrics port of a worker (0: off)"
     )
+    metrics_addr: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="address the metrics port binds (unauthenticated: 0.0.0.0 only where the "
+        "network is the access control, e.g. a container scraped by Prometheus)",
+    )
     prefetch_floor: int = Field(
         default=64, ge=1, description="prefetch when no model is loaded (commands, cold loads)"
+    )
+    max_buffered_bytes: int = Field(
+        default=256 * 1024**2,
+        ge=64 * 1024,
+        description="request bytes (their JSON bodies) a worker holds buffered at most: past "
+        "it, it takes no more messages until its buffers drain (they wait in Redis)",
+    )
+    metrics_retention_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a model's metric series are removed once it has been gone from the worker this long",
     )
 
     # --- batching and queue policy defaults (global level of precedence)
@@ -106,6 +123,13 @@ class MeshSettings(BaseSettings):
     max_queue_size: int = Field(default=0, ge=0, description="0: no limit")
     default_timeout_ms: float = Field(default=0.0, ge=0, description="0: no timeout")
     default_priority: Literal["high", "normal"] = "normal"
+    predict_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=86_400,
+        description="a predict call running longer fails its batch (DEADLINE_EXCEEDED) and takes "
+        "the copy out of service (0: no watchdog)",
+    )
 
     # --- failures and requests
     load_failure_expiry_s: float = Field(
@@ -119,8 +143,32 @@ class MeshSettings(BaseSettings):
     visibility_timeout_s: int = Field(
         default=300, ge=10, description="unacked messages of a dead worker return after this"
     )
+    max_deliveries: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="deliveries of a message that end with its worker dead or stalled (not "
+        "acked, not handed back) after which it is dead-lettered instead of delivered again, "
+        "and its producer answered ABORTED (0: never)",
+    )
     polling_interval_s: float = Field(
         default=0.1, gt=0, description="idle wait on the queues' bells before polling them anyway"
+    )
+
+    stray_sweep_interval_s: float = Field(
+        default=5.0, gt=0, le=3600,
+        description="how often one worker of the pool looks for requests queued for models no "
+        "longer registered (put back by a visibility sweep, say) and answers them NOT_FOUND",
+    )
+    stray_grace_s: float = Field(
+        default=10.0, ge=0, le=3600,
+        description="requests of an unregistered model are answered NOT_FOUND only once its queue "
+        "has been seen holding them this long: a model registered again within it keeps them",
+    )
+    stray_scan_keys: int = Field(
+        default=10_000, ge=1000, le=10_000_000,
+        description="keys of the Redis keyspace each stray sweep scans for model queues (the "
+        "backstop for requests put back long after their model went)",
     )
 
     # --- storage, disk cache and model repository (docs/storage.md)
@@ -142,6 +190,17 @@ class MeshSettings(BaseSettings):
     s3_read_timeout_s: float = Field(default=30.0, gt=0, description="S3 read timeout")
     s3_max_attempts: int = Field(
         default=3, ge=1, le=10, description="S3 attempts per call (retries of transient errors)"
+    )
+    storage_roots: str | None = Field(
+        default=None,
+        description="where workers may load models from: comma-separated file:///dir, "
+        "s3://bucket, s3://bucket/prefix, or * for anywhere (unset: MESH_MODEL_DIR and the "
+        "buckets of MESH_STORAGE_CONFIG; anywhere, with a warning, when neither is set)",
+    )
+    python_modules: str | None = Field(
+        default=None,
+        description="modules (and their submodules) python-runtime model classes may come "
+        "from, comma-separated (unset: none; the python runtime refuses every class)",
     )
     model_dir: str | None = Field(
         default=None,
@@ -211,7 +270,7 @@ class MeshSettings(BaseSettings):
     @field_validator("prefix")
     @classmethod
     def _valid_prefix(cls, v: str) -> str:
-        return validate_id(v, "prefix")
+        return validate_prefix(v)
 
 
 @lru_cache(maxsize=1)

@@ -105,6 +105,8 @@ def mesh_env(redis_url: str, prefix: str, tmp_path: Path) -> dict[str, str]:
         "MESH_DISK_CACHE_DIR": str(tmp_path / "disk-cache"),
         "MESH_HEARTBEAT_INTERVAL_S": "0.5",
         "MESH_HEARTBEAT_TTL_S": "3",
+        # the python-runtime models of the tests (tests/faults/fault_models.py, ...)
+        "MESH_PYTHON_MODULES": "tests",
     }
 
 

@@ -36,16 +36,19 @@ class BatchPolicy:
     max_batch_size: int
     max_batch_delay_s: float
     preferred_batch_sizes: tuple[int, ...] = ()
+    predict_timeout_s: float = 0.0  # the inference watchdog's limit per predict call (0: none)
 
 
 @dataclass
 class Pending:
-    """One buffered message: the Celery Request, its item count, when it arrived here."""
+    """One buffered message: the Celery Request, its item count, when it arrived here, and its
+    size (its JSON body's bytes: what MESH_MAX_BUFFERED_BYTES bounds)."""
 
     req: Any
     items: int = 1
     high: bool = False
     arrived: float = field(default_factory=time.monotonic)
+    nbytes: int = 0
 
 
 class BufferView(NamedTuple):
@@ -112,18 +115,20 @@ class Batch:
 
 
 class _Lanes:
-    """Two FIFO lanes (high, normal priority) with an item count."""
+    """Two FIFO lanes (high, normal priority) with an item count and a byte count."""
 
-    __slots__ = ("high", "normal", "units")
+    __slots__ = ("high", "normal", "units", "nbytes")
 
     def __init__(self) -> None:
         self.high: deque[Pending] = deque()
         self.normal: deque[Pending] = deque()
         self.units = 0
+        self.nbytes = 0
 
     def append(self, p: Pending) -> None:
         (self.high if p.high else self.normal).append(p)
         self.units += p.items
+        self.nbytes += p.nbytes
 
     def oldest(self, default: float) -> float:
         heads = [lane[0].arrived for lane in (self.high, self.normal) if lane]
@@ -132,20 +137,22 @@ class _Lanes:
     def take(self, units: int) -> list[Pending]:
         """At least one message, then more while they fit in `units` (high lane first)."""
         out: list[Pending] = []
-        taken = 0
+        taken = nbytes = 0
         for lane in (self.high, self.normal):
             while lane and (not out or taken + lane[0].items <= units):
                 p = lane.popleft()
                 out.append(p)
                 taken += p.items
+                nbytes += p.nbytes
         self.units -= taken
+        self.nbytes -= nbytes
         return out
 
     def drain(self) -> list[Pending]:
         out = list(self.high) + list(self.normal)
         self.high.clear()
         self.normal.clear()
-        self.units = 0
+        self.units = self.nbytes = 0
         return out
 
     def __len__(self) -> int:
@@ -166,24 +173,52 @@ class _Buffer:
 
 
 class Batcher:
-    def __init__(self, queue_depths: Callable[[list[str]], dict[str, int]]) -> None:
+    def __init__(self, queue_depths: Callable[[list[str]], dict[str, int]],
+                 on_release: Callable[[int], None] | None = None) -> None:  # fmt: skip
         # queue_depths(model_ids) -> messages still in Redis per model: the "is more arriving"
         # probe. Called only by the idle inference thread, and only when a buffer changed.
         self._queue_depths = queue_depths
+        # on_release(bytes still buffered): requests left the buffers (taken, or handed back);
+        # called outside the lock, from the thread that took them
+        self._on_release = on_release
         self._cond = threading.Condition()
         self._buffers: dict[str, _Buffer] = {}
         self._running = True
+        self._bytes = 0  # bytes of every buffered request (Pending.nbytes)
+        self._count = 0  # buffered requests (messages)
 
     # ---------------------------------------------------------------- consumer thread
-    def add(self, model_id: str, req: Any, items: int = 1, high: bool = False) -> bool:
+    def add(self, model_id: str, req: Any, items: int = 1, high: bool = False, nbytes: int = 0) -> bool:
         """Buffer a request; False when this worker does not serve the model (requeue it)."""
         with self._cond:
             buf = self._buffers.get(model_id)
             if buf is None or buf.sealed:
                 return False
-            buf.lanes.append(Pending(req, items, high))
+            buf.lanes.append(Pending(req, items, high, nbytes=nbytes))
+            self._bytes += nbytes
+            self._count += 1
             self._cond.notify_all()
             return True
+
+    def buffered_bytes(self) -> int:
+        """Bytes of the requests buffered now (their JSON bodies)."""
+        return self._bytes
+
+    def buffered_messages(self) -> int:
+        """Requests (messages) buffered now."""
+        return self._count
+
+    def _released(self, nbytes: int, messages: int) -> None:
+        """Lock held: `messages` requests of `nbytes` left the buffers."""
+        self._bytes -= nbytes
+        self._count -= messages
+
+    def _notify_release(self, nbytes: int) -> None:
+        if nbytes and self._on_release is not None:
+            try:
+                self._on_release(self._bytes)
+            except Exception:  # only the intake's pace depends on it
+                log.exception("on_release callback failed")
 
     # ---------------------------------------------------------------- model manager
     def hold(self, model_id: str, policy: BatchPolicy) -> None:
@@ -206,7 +241,11 @@ class Batcher:
             if buf is None or not buf.held:
                 return None
             del self._buffers[model_id]
-            return buf.lanes.drain()
+            nbytes = buf.lanes.nbytes
+            out = buf.lanes.drain()
+            self._released(nbytes, len(out))
+        self._notify_release(nbytes)
+        return out
 
     def open(self, model_id: str, policy: BatchPolicy) -> None:
         with self._cond:
@@ -234,7 +273,13 @@ class Batcher:
         """Stop accepting requests for the model; returns what was still buffered."""
         with self._cond:
             buf = self._buffers.pop(model_id, None)
-            return buf.lanes.drain() if buf else []
+            if buf is None:
+                return []
+            nbytes = buf.lanes.nbytes
+            out = buf.lanes.drain()
+            self._released(nbytes, len(out))
+        self._notify_release(nbytes)
+        return out
 
     def fail(self, model_id: str, error: BaseException, policy: BatchPolicy) -> None:
         """Answer everything buffered or arriving for the model with `error` (load failed,
@@ -307,9 +352,13 @@ class Batcher:
                 choice, wait = select_ready(views, now, quiet)
                 if choice is not None:
                     buf = self._buffers[choice.model_id]
+                    before = buf.lanes.nbytes
                     items = buf.lanes.take(choice.size)
+                    nbytes = before - buf.lanes.nbytes
+                    self._released(nbytes, len(items))
                     self._cond.notify_all()  # wait_empty() callers
-                    return Batch(choice.model_id, items, choice.reason, buf.error)
+                    batch = Batch(choice.model_id, items, choice.reason, buf.error)
+                    break
                 remaining = deadline - now
                 if remaining <= 0:
                     return None
@@ -327,3 +376,5 @@ class Batcher:
                 checked[m] = counts[m]
                 if depths.get(m, 1) == 0:
                     quiet.add(m)
+        self._notify_release(nbytes)
+        return batch

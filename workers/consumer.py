@@ -9,6 +9,7 @@ messages in and to set the worker up and down).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -34,6 +35,10 @@ EVENT_BUFFER_LIMIT = 256  # buffered events per flush (Celery: 24)
 # closedloop svc1; docs/benchmarks.md, "Closed-loop clients"). Flower sees them 10 ms later.
 EVENT_FLUSH_DELAY_S = 0.01
 EVENT_FLUSH_STALE_S = 1.0
+# The byte bound's estimate of the next message's size decays by this factor with every
+# message taken (and jumps to any larger one): after a burst of large requests, small ones get
+# their full prefetch back within a few dozen messages.
+SIZE_DECAY = 0.9
 
 
 class CeleryConsumer:
@@ -53,6 +58,8 @@ class CeleryConsumer:
         metrics: WorkerMetrics,
         send_command: Callable[[str, Command], None],
         prefetch_floor: int,
+        max_buffered_bytes: int = 0,
+        max_message_bytes: int = 0,
     ) -> None:
         self.consumer = consumer
         self.keys = keys
@@ -61,6 +68,16 @@ class CeleryConsumer:
         self.metrics = metrics
         self.send_command = send_command
         self.prefetch_floor = prefetch_floor
+        # The byte bound (MESH_MAX_BUFFERED_BYTES; 0: none). Messages are sized only once
+        # taken, so the prefetch is lowered ahead: to the messages buffered plus as many of
+        # the estimated size as still fit (`_apply_qos`). The estimate starts at the largest
+        # message the worker accepts.
+        self.max_buffered_bytes = max_buffered_bytes
+        self._size_estimate = float(max(1, max_message_bytes))
+        self._budget = prefetch_floor  # the prefetch the batch sizes ask for (update_prefetch)
+        self._limited = False  # the byte bound holds the prefetch below the budget now
+        self.admitted_bytes = 0  # total bytes of the requests buffered so far (the trim's pace)
+        self._peak = 0
         self._soon: deque = deque()  # consumer-thread callbacks, in order (call_soon)
         self._soon_lock = threading.Lock()
         self._declared: set[str] = set()  # model queues this worker declared (consumer thread)
@@ -175,8 +192,9 @@ class CeleryConsumer:
         if not items:
             return
         for p in items:
-            self.metrics.requests.labels(self.keys.model_from_queue(
-                (p.req.delivery_info or {}).get("routing_key") or "") or "", "requeued").inc()
+            # the routing key is the producer's: an id this worker does not serve is no label
+            self.metrics.requests.labels(self.metrics.model_label(self.keys.model_from_queue(
+                (p.req.delivery_info or {}).get("routing_key") or "")), "requeued").inc()
         if now:
             reject_requeue(items)
             return
@@ -189,12 +207,65 @@ class CeleryConsumer:
     def update_prefetch(self) -> None:
         """Budget prefetch from the served models' batch sizes so batches can fill."""
         budget = sum(2 * p.max_batch_size for p in self.batcher.policies().values())
-        self.call_soon(self._set_qos, max(self.prefetch_floor, budget))
+        self.call_soon(self._set_budget, max(self.prefetch_floor, budget))
+
+    def _set_budget(self, budget: int) -> None:
+        self._budget = budget
+        self._apply_qos()
+
+    # ------------------------------------------------------------------ the byte bound
+    def admitted(self, nbytes: int) -> None:
+        """Consumer thread: a request of `nbytes` was buffered. Lowers the prefetch when the
+        buffered bytes come near MESH_MAX_BUFFERED_BYTES, so the transport takes no more
+        messages than fit (mesh/broker/transport.py takes at most the QoS's
+        `can_consume_max_estimate()` a poll; kombu's MultiChannelPoller polls a channel only
+        while `qos.can_consume()`): what does not fit waits in Redis, nothing is refused."""
+        estimate = self._size_estimate * SIZE_DECAY
+        self._size_estimate = float(nbytes) if nbytes > estimate else max(1.0, estimate)
+        self.admitted_bytes += nbytes
+        if not self.max_buffered_bytes:
+            return
+        buffered = self.batcher.buffered_bytes()
+        if buffered > self._peak:
+            self._peak = buffered
+            self.metrics.buffered_bytes_max.set(buffered)
+        # fast path: a whole budget of messages of the estimated size would still fit
+        if self._limited or buffered + self._size_estimate * self._budget > self.max_buffered_bytes:
+            self._apply_qos()
+
+    def released(self, buffered: int) -> None:
+        """Any thread: buffered requests were taken into a batch (or handed back): while the
+        byte bound holds the prefetch down, compute it again on the consumer thread."""
+        if self._limited:
+            self.call_soon(self._apply_qos)
+
+    def _apply_qos(self) -> None:
+        """Consumer thread: the prefetch for the batch budget and the byte bound.
+
+        Bound by bytes, the prefetch is the messages buffered plus as many of the estimated
+        size as still fit, not counting the messages taken into a batch and not yet acked:
+        kombu counts those too (its prefetch limit is on unacked messages), so a batch's
+        completion frees no room here, only its take from the buffers did (`released`).
+        Buffered bytes then stay below the bound plus one message of the estimated size."""
+        count = self._budget
+        limited = False
+        if self.max_buffered_bytes:
+            free = self.max_buffered_bytes - self.batcher.buffered_bytes()
+            room = math.ceil(free / self._size_estimate) if free > 0 else 0
+            if room < count:
+                count, limited = max(1, min(count, self.batcher.buffered_messages() + room)), True
+        self._limited = limited
+        self._set_qos(count)
 
     def _set_qos(self, count: int) -> None:
         qos = self.consumer.qos
-        if qos is not None and qos.value != count:
-            qos.set(count)
+        if qos is None or (qos.value == count and qos.prev == count):
+            return
+        # `value`, not only the channel's count: Celery's event loop applies `value` again
+        # whenever it differs from what was set last (celery/worker/loops.py `asynloop`: "if
+        # qos.prev != qos.value: update_qos()"), which undid a bare `qos.set(count)`
+        qos.value = count
+        qos.update()
 
 
 def reject_requeue(items: list[Pending], then: Callable[[], Any] | None = None) -> None:

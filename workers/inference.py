@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 import traceback
@@ -38,7 +39,7 @@ from celery.worker import state as worker_state
 
 from mesh.broker.results import check_replies, push_reply
 from mesh.broker.transport import ack_in, ack_many, forget_acked, redis_server
-from mesh.errors import InferenceError, InvalidInput, MeshError
+from mesh.errors import InferenceError, InvalidInput, MeshError, PredictTimeout
 from mesh.protocol.messages import SENT_AT_HEADER
 from mesh.protocol.tensors import decode_inputs, decode_stacked, encode_outputs
 
@@ -62,6 +63,14 @@ RESULTS_BACKLOG = 4
 # sent with their completion (one consumer-thread wake-up per batch instead of two); a slower
 # one's are sent as its predict starts, so Flower and `celery inspect active` show it running.
 ACCEPT_APART_S = 0.005
+# The predict watchdog (issue 21, finding 7). A Python thread cannot be killed, so a predict
+# call past its model's timeout is abandoned: the watchdog answers its batch with
+# PredictTimeout, starts a new inference thread (the other models are served again at once)
+# and has the model manager take the copy out of service. Abandoned threads still running
+# beyond MAX_STUCK_PREDICTS (each may hold a core and its model's memory): the worker exits for
+# its supervisor (SIGTERM, a warm shutdown that hands its models over).
+MAX_STUCK_PREDICTS = 2
+WATCHDOG_IDLE_S = 1.0  # how often the watchdog looks for a predict to watch when none runs
 
 
 @dataclass
@@ -88,6 +97,28 @@ class Message:
     @property
     def failed(self) -> bool:
         return self.error is not None or (not self.many and self.units[0].error is not None)
+
+
+class _Abandoned(BaseException):
+    """Raised in an inference thread whose predict the watchdog gave up on, when the predict
+    returns at last: the thread ends without touching the batch (answered already). A
+    BaseException, so that the bisection's `except Exception` does not retry it."""
+
+
+@dataclass
+class _Watch:
+    """The batch of one inference thread while its predict calls run (the watchdog's view)."""
+
+    entry: Entry
+    batch: Batch
+    messages: list[Message]
+    timeout_s: float
+    started_wall: float
+    started: float
+    accepted: tuple | None
+    thread: threading.Thread
+    deadline: float = 0.0  # monotonic deadline of the predict call running; 0: none running
+    fired: bool = False
 
 
 @dataclass
@@ -143,24 +174,52 @@ class InferenceLoop(threading.Thread):
         self.pid = os.getpid()
         self._results = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-results")
         self._results_room = threading.BoundedSemaphore(RESULTS_BACKLOG)
+        # the predict watchdog: the running batch's watch, the thread serving batches now (this
+        # one until a predict hangs), the abandoned ones
+        self._watch: _Watch | None = None
+        self._watch_lock = threading.Lock()
+        self._serving: threading.Thread = self
+        self._stuck: list[threading.Thread] = []
+        self._watchdog = threading.Thread(target=self._watch_predicts, name="mesh-watchdog", daemon=True)
+
+    def start(self) -> None:
+        super().start()
+        self._watchdog.start()
 
     def stop(self) -> None:
         self._stop_requested.set()
 
+    def join(self, timeout: float | None = None) -> None:
+        """Join the thread serving batches now (a replacement, after a hung predict)."""
+        serving = self._serving
+        if serving is self:
+            super().join(timeout)
+        else:
+            serving.join(timeout)
+
     def run(self) -> None:
+        self._serve()
+
+    def _serve(self) -> None:
         batcher = self.batcher
-        while not self._stop_requested.is_set():
+        me = threading.current_thread()
+        while not self._stop_requested.is_set() and self._serving is me:
             batch = batcher.take(timeout=0.5)
             if batch is None:
                 continue
             try:
                 self.process(batch)
+            except _Abandoned:  # replaced while its predict hung: the batch was answered
+                log.warning("abandoned inference thread %s: its predict of %s returned at last",
+                            me.name, batch.model_id)  # fmt: skip
+                return
             except Exception:  # the loop must survive anything a batch throws at it
                 log.exception("batch of %s failed unexpectedly", batch.model_id)
                 self._fail_batch(batch, InferenceError("internal error in the batch loop"))
         # the batches predicted before the stop are stored and acked before the thread ends
         # (the worker's shutdown joins it)
-        self._results.shutdown(wait=True)
+        if self._serving is me:
+            self._results.shutdown(wait=True)
 
     def _fail_batch(self, batch: Batch, error: MeshError) -> None:
         try:
@@ -171,7 +230,7 @@ class InferenceLoop(threading.Thread):
 
     # ------------------------------------------------------------------ one batch
     def process(self, batch: Batch) -> None:
-        items = self._drop_expired(batch.items)
+        items = self._drop_expired(batch.items, batch.model_id)
         if not items:
             return
         if batch.error is not None:
@@ -186,15 +245,14 @@ class InferenceLoop(threading.Thread):
         finally:
             self.manager.release(entry)
 
-    def _drop_expired(self, items: list[Pending]) -> list[Pending]:
+    def _drop_expired(self, items: list[Pending], model_id: str) -> list[Pending]:
         now = time.time()
         live, expired = [], []
         for p in items:
             exp = p.req.expires
             (expired if exp is not None and exp.timestamp() <= now else live).append(p)
-        for p in expired:
-            self.metrics.requests.labels(self.keys.model_from_queue(
-                (p.req.delivery_info or {}).get("routing_key") or "") or "", "expired").inc()
+        if expired:  # labelled by the served model, not by the messages' (producer's) routing keys
+            self.metrics.requests.labels(model_id, "expired").inc(len(expired))
         if expired:
             # Request.revoked() marks REVOKED in the backend, acks and sends task-revoked;
             # it touches the channel, so it runs on the consumer thread.
@@ -219,8 +277,20 @@ class InferenceLoop(threading.Thread):
             else:
                 self.consumer.call_soon(_accept_all, started, self.pid, start)
             size = entry.policy.max_batch_size
-            for i in range(0, len(good), size):
-                self._predict(loaded.runtime, loaded.model, good[i : i + size])
+            timeout_s = entry.policy.predict_timeout_s
+            watch = None
+            if timeout_s > 0:
+                watch = _Watch(entry, batch, messages, timeout_s, started_wall, start, accepted,
+                               threading.current_thread())  # fmt: skip
+                self._watch = watch
+            try:
+                for i in range(0, len(good), size):
+                    self._predict(loaded.runtime, loaded.model, good[i : i + size], watch)
+            finally:
+                # not once fired: a replacement thread owns `_watch` then (and after `_disarm`
+                # saw it unfired, the watchdog can no longer fire on it)
+                if watch is not None and not watch.fired:
+                    self._watch = None
             compute_s = time.monotonic() - start
             self._last_compute_s[batch.model_id] = compute_s
         self._finish(messages, batch, compute_s, started_wall, accepted)
@@ -278,7 +348,7 @@ class InferenceLoop(threading.Thread):
             start += n
         return units
 
-    def _predict(self, runtime: Any, model: Any, group: list[Unit]) -> None:
+    def _predict(self, runtime: Any, model: Any, group: list[Unit], watch: _Watch | None = None) -> None:
         """Predict `group` as one batch; on an exception, bisect to isolate the culprits."""
         try:
             names = list(group[0].inputs)
@@ -288,7 +358,7 @@ class InferenceLoop(threading.Thread):
                 group[0].inputs if len(group) == 1
                 else {n: np.concatenate([u.inputs[n] for u in group], axis=0) for n in names}
             )
-            outputs = runtime.predict(model, feed)
+            outputs = runtime.predict(model, feed) if watch is None else self._watched(runtime, model, feed, watch)
             total = sum(u.rows for u in group)
             for name, arr in outputs.items():
                 if np.ndim(arr) == 0 or len(arr) != total:
@@ -305,12 +375,90 @@ class InferenceLoop(threading.Thread):
         except Exception as exc:
             if len(group) > 1:
                 mid = len(group) // 2
-                self._predict(runtime, model, group[:mid])
-                self._predict(runtime, model, group[mid:])
+                self._predict(runtime, model, group[:mid], watch)
+                self._predict(runtime, model, group[mid:], watch)
                 return
             u = group[0]
             u.error = exc if isinstance(exc, MeshError) else InferenceError(f"{type(exc).__name__}: {exc}")
             u.tb = traceback.format_exc()
+
+    # ------------------------------------------------------------------ predict watchdog
+    def _watched(self, runtime: Any, model: Any, feed: dict[str, np.ndarray], watch: _Watch) -> Any:
+        """One predict call under the watchdog: armed with its deadline, disarmed after; a call
+        the watchdog gave up on meanwhile ends this thread (`_Abandoned`)."""
+        watch.deadline = time.monotonic() + watch.timeout_s
+        try:
+            outputs = runtime.predict(model, feed)
+        except BaseException:
+            if self._disarm(watch):
+                raise _Abandoned() from None
+            raise
+        if self._disarm(watch):
+            raise _Abandoned()
+        return outputs
+
+    def _disarm(self, watch: _Watch) -> bool:
+        """The predict call returned: True if the watchdog fired on it first."""
+        with self._watch_lock:
+            watch.deadline = 0.0
+            return watch.fired
+
+    def _watch_predicts(self) -> None:
+        """The watchdog thread: sleeps until the running predict call's deadline (at most
+        WATCHDOG_IDLE_S when none runs), then gives up on it if it still runs. One wake-up per
+        timeout while batches run, not one per batch."""
+        stop = self._stop_requested
+        while not stop.is_set():
+            watch = self._watch
+            deadline = watch.deadline if watch is not None else 0.0
+            now = time.monotonic()
+            if not deadline or now < deadline:
+                stop.wait(deadline - now if deadline else WATCHDOG_IDLE_S)
+                continue
+            with self._watch_lock:
+                fire = watch.deadline == deadline and not watch.fired
+                if fire:
+                    watch.fired = True
+            if fire:
+                try:
+                    self._hung(watch)
+                except Exception:  # the watchdog must outlive any one failure
+                    log.exception("handling the hung predict of %s failed", watch.batch.model_id)
+
+    def _hung(self, watch: _Watch) -> None:
+        """A predict call ran past its timeout: serve on a new thread, answer the batch, take
+        the copy out of service; too many abandoned threads: exit for the supervisor."""
+        model_id = watch.batch.model_id
+        if self._watch is watch:
+            self._watch = None
+        stuck = watch.thread
+        self._spawn()  # first: the other models' batches are taken again at once
+        self._stuck = [t for t in self._stuck if t.is_alive()] + [stuck]
+        message = (f"the predict of {model_id!r} ran past its timeout of {watch.timeout_s:g}s "
+                   f"(MESH_PREDICT_TIMEOUT_S, or the model's batching.predict_timeout_s); "
+                   f"the copy on this worker was taken out of service")  # fmt: skip
+        log.error("%s; its inference thread %s is abandoned (%d abandoned and still running)",
+                  message, stuck.name, len(self._stuck))  # fmt: skip
+        error = PredictTimeout(message)
+        for m in watch.messages:
+            # items predicted in an earlier call of the batch keep their outputs
+            if m.error is None and any(u.error is None and u.outputs is None for u in m.units):
+                m.error = error
+        try:
+            self._finish(watch.messages, watch.batch, time.monotonic() - watch.started,
+                         watch.started_wall, watch.accepted)  # fmt: skip
+        except Exception:
+            log.exception("could not answer the hung batch of %s; its requests stay unacked", model_id)
+        self.manager.take_out(model_id, watch.entry, message)
+        if len(self._stuck) > MAX_STUCK_PREDICTS:
+            log.critical("%d predicts hang in this worker (more than %d): exiting for the supervisor",
+                         len(self._stuck), MAX_STUCK_PREDICTS)  # fmt: skip
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _spawn(self) -> None:
+        thread = threading.Thread(target=self._serve, name=f"mesh-inference-{len(self._stuck) + 1}", daemon=True)
+        self._serving = thread
+        thread.start()
 
     # ------------------------------------------------------------------ results
     def _finish(self, messages: list[Message], batch: Batch, compute_s: float, started_wall: float = 0.0,

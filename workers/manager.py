@@ -58,6 +58,7 @@ from .batcher import BatchPolicy
 from .retention import FRESH_S, HISTORY_MODELS, Candidate, UsageMeter, make_room
 from .runtimes import get_runtime
 from .runtimes.base import Loaded
+from .runtimes.python import allowed_modules, check_python_class
 from .snapshots import Snapshots
 
 if TYPE_CHECKING:
@@ -128,10 +129,12 @@ class ModelManager:
         s = settings
         self.capacity = s.worker_capacity_bytes
         self.load_timeout_s = s.load_timeout_s
+        self._python_modules = allowed_modules(s.python_modules)
         self.evict_grace_s = 1.0
         # the batch policy of a model whose record is not read yet (its buffer, held, only
         # counts towards the prefetch budget until then)
-        self._provisional = BatchPolicy(s.max_batch_size, s.max_batch_delay_ms / 1000.0)
+        self._provisional = BatchPolicy(s.max_batch_size, s.max_batch_delay_ms / 1000.0,
+                                        predict_timeout_s=s.predict_timeout_s)
         # model id -> the info of a load of it that succeeded in this process (`request_load`)
         self._proven: LRUCache = LRUCache(maxsize=HISTORY_MODELS)
         self._lock = threading.RLock()  # guards _entries, _cache, _usage, _victims, _reserved
@@ -318,6 +321,7 @@ class ModelManager:
             record = self.store.begin_load(model_id, self.name, ring=ring)
             if record is None:
                 raise ModelNotFound(f"model {model_id!r} is not registered")
+            self.metrics.note(model_id)  # registered: its series may exist before a heartbeat sees it
             cfg = effective_config(
                 model_id, record.info, self.settings, manifest=record_manifest(record)
             )
@@ -325,6 +329,7 @@ class ModelManager:
                 cfg.value("max_batch_size"),
                 cfg.value("max_batch_delay_ms") / 1000.0,
                 tuple(cfg.value("preferred_batch_sizes") or ()),
+                cfg.value("predict_timeout_s"),
             )
             with self._lock:
                 entry = self._entries[model_id]
@@ -338,6 +343,8 @@ class ModelManager:
             elif job.early:
                 self.batcher.hold(model_id, policy)  # what it holds is batched by the record's
             job.record = record
+            if record.info.runtime == "python":  # before a file is read or a module imported
+                check_python_class(record.info.python_class, self._python_modules)
             job.path, job.snapshot = self._with_timeout(record, self.load_timeout_s, self._fetch_files, record)
         except Exception as exc:
             self._failed(job, exc, started)
@@ -439,6 +446,7 @@ class ModelManager:
         message = str(exc) if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
         log.warning("loading %s failed after %.2fs: %s", model_id, time.monotonic() - started, message)
         self._forget(model_id)
+        self.metrics.note(model_id)  # a registered id (its record was read): its series expire
         self.metrics.loads.labels(model_id, "failed").inc()
         self.events.load_failed(model_id, message)
 
@@ -663,6 +671,35 @@ class ModelManager:
         self.store.remove_copy(model_id, self.name)
         self.consumer.update_prefetch()
         self.events.copy_unloaded(model_id, unregistered=fail_with is not None)
+
+    def take_out(self, model_id: str, entry: Entry, message: str) -> None:
+        """A copy whose predict hung (the inference watchdog, any thread): out of service now.
+        Its buffered requests go back to their queue, and its model is handled as a failed
+        load (`CopyEvents.load_failed`: a failure record here, a load elsewhere, or the
+        requests answered with the failure). Not retired the usual way: that waits for the
+        copy's running batch, which may never end; nor unloaded under the thread still in its
+        predict: its memory is freed when that thread lets go of it, if ever."""
+        with self._lock:
+            if self._entries.get(model_id) is entry:
+                del self._entries[model_id]
+                self._cache.pop(model_id, None)
+            self._proven.pop(model_id, None)  # a next load here is a first load (no early intake)
+            entry.state = "EVICTING"
+        threading.Thread(target=self._take_out, args=(entry, message), name=f"mesh-takeout-{model_id}",
+                         daemon=True).start()  # fmt: skip
+
+    def _take_out(self, entry: Entry, message: str) -> None:
+        model_id = entry.model_id
+        try:
+            self.consumer.stop_consuming(model_id)
+            self.consumer.requeue(self.batcher.close(model_id), wait_s=5.0)
+            self.metrics.unloads.labels(model_id, "hung").inc()
+            release_model(model_id)
+            self.store.remove_copy(model_id, self.name)
+            self.consumer.update_prefetch()
+            self.events.load_failed(model_id, message)
+        except Exception:  # Redis away: the heartbeat no longer lists the copy; failover handles the rest
+            log.exception("taking the hung copy of %s out of service failed", model_id)
 
     def shutdown(self) -> None:
         with self._lock:

@@ -3,13 +3,20 @@
 
 Served on MESH_METRICS_PORT (0: off) by prometheus-client's own HTTP server thread, from a
 registry of this worker's own, so several workers in one process (tests) never collide.
-Labels are the concrete model id and a small closed set of outcomes: cardinality is the
-number of models a worker serves.
+Labels are the concrete model id and a small closed set of outcomes. A model id becomes a
+label value only once this worker serves it (`active`, from the model manager and the
+batcher); an id read from a message (its routing key: producer-controlled) that is not one of
+those counts under UNKNOWN_MODEL. The series of a model that left are removed once it has been
+gone for MESH_METRICS_RETENTION_S (`sweep`, on every heartbeat): cardinality is the number of
+models the worker served within that time, not every id it ever saw (issue 21, finding 8).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -21,6 +28,8 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 LOAD_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# The label of a model id this worker does not serve (a forged or stale routing key).
+UNKNOWN_MODEL = "_unknown"
 
 
 # Why a message was dropped or refused before it could be served: a closed set, never a value
@@ -46,7 +55,7 @@ def outcome_of(error: BaseException | None) -> str:
 
 
 class WorkerMetrics:
-    def __init__(self, worker: str, port: int = 0) -> None:
+    def __init__(self, worker: str, port: int = 0, retention_s: float = 600.0, addr: str = "127.0.0.1") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -86,20 +95,76 @@ class WorkerMetrics:
         self.capacity_bytes = Gauge("mesh_worker_capacity_bytes", "Bytes of models this worker may hold", registry=r)
         self.used_bytes = Gauge("mesh_worker_used_bytes", "Bytes of loaded (and loading) models", registry=r)
         self.models_loaded = Gauge("mesh_models_loaded", "Models loaded on this worker", registry=r)
+        self.buffered_bytes = Gauge("mesh_buffered_bytes", "Bytes of the requests buffered now "
+                                    "(their JSON bodies; bounded by MESH_MAX_BUFFERED_BYTES)", registry=r)
+        self.buffered_bytes_max = Gauge("mesh_buffered_bytes_max", "The most bytes of requests "
+                                        "buffered at once since the worker started", registry=r)
+        self.dead_letters = Gauge(
+            "mesh_dead_letters", "Messages in the mesh's dead-letter list (read every heartbeat)", registry=r)
+        self.dead_lettered = Counter(
+            "mesh_dead_lettered", "Messages this worker dead-lettered instead of delivering them again",
+            registry=r)
+        self.failover_restored = Counter(
+            "mesh_failover_restored", "Unacked messages of dead worker processes this worker put back "
+            "on their queues", registry=r)
         self.info = Gauge("mesh_worker_info", "Always 1; labels identify the worker", ["worker"], registry=r)
         self.info.labels(worker=worker).set(1)
+        # every metric with a "model" label: the ones `sweep` removes a model's series from
+        self._per_model = [self.requests, self.items, self.queue_seconds, self.compute_seconds,
+                           self.batch_size, self.loads, self.restores, self.load_seconds, self.unloads]
+        self.retention_s = retention_s
+        self._lock = threading.Lock()
+        self._last_active: dict[str, float] = {}  # model id -> monotonic time last seen served
         self.port = port
         self._server = None
         if port:
             try:
-                self._server, _ = start_http_server(port, addr="0.0.0.0", registry=r)
-                log.info("metrics on :%d/metrics", port)
+                # no authentication: bound where the operator says (MESH_METRICS_ADDR), loopback
+                # by default, so that only who may reach that address reads per-model figures
+                self._server, _ = start_http_server(port, addr=addr, registry=r)
+                log.info("metrics on %s:%d/metrics", addr, port)
             except OSError as exc:  # a taken port must not stop the worker from serving
                 log.error("cannot serve metrics on port %d: %s", port, exc)
 
     def reject(self, reason: str) -> None:
         """Count a dropped or refused message; a reason outside the closed set counts as unexpected."""
         self.rejected.labels(reason if reason in REJECT_REASONS else "unexpected").inc()
+
+    def model_label(self, model_id: str | None) -> str:
+        """`model_id` as a label value when this worker serves it (or did within the retention
+        time), else UNKNOWN_MODEL: for ids read from a message rather than from a served model."""
+        with self._lock:
+            return model_id if model_id and model_id in self._last_active else UNKNOWN_MODEL
+
+    def note(self, model_id: str) -> None:
+        """`model_id` (a registered id) gets series now: `sweep` removes them in time even if
+        the model never becomes active here (a load that failed)."""
+        with self._lock:
+            self._last_active.setdefault(model_id, time.monotonic())
+
+    def sweep(self, active: Iterable[str], now: float | None = None) -> list[str]:
+        """Mark `active` models (loaded, loading or buffered here) as seen now, and remove every
+        series of the models not seen for `retention_s`. Returns the models forgotten."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            for model_id in active:
+                self._last_active[model_id] = now
+            gone = [m for m, t in self._last_active.items() if now - t >= self.retention_s]
+            for model_id in gone:
+                del self._last_active[model_id]
+        for model_id in gone:
+            self.forget(model_id)
+        return gone
+
+    def forget(self, model_id: str) -> None:
+        """Remove every series labelled with `model_id` (prometheus-client >= 0.20:
+        `MetricWrapperBase.remove_by_labels`, a partial label match)."""
+        for metric in self._per_model:
+            metric.remove_by_labels({"model": model_id})
+
+    def series(self) -> int:
+        """Samples the registry exposes (for tests and the docs' figures)."""
+        return sum(len(family.samples) for family in self.registry.collect())
 
     def close(self) -> None:
         if self._server is not None:

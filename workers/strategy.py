@@ -229,12 +229,32 @@ def _guarded(task: Any, app: Any, consumer: Any, handler: Any) -> Any:
     return guarded
 
 
+def _from_queue(message: Any) -> object:
+    """The queue a message was taken from (the transport sets it, mesh/broker/transport.py)."""
+    info = message.delivery_info
+    return info.get("routing_key") if isinstance(info, dict) else None
+
+
+def _refuse_from_elsewhere(task: Any, message: Any, ack: Any, consumer: Any, expected: str) -> bool:
+    """Control and command tasks act only from their own queue: a producer whose Redis rights
+    are confined to model queues must not reach the control plane through them."""
+    queue = _from_queue(message)
+    if queue == expected:
+        return False
+    log.error("dropping a %s taken from queue %r: it is honoured only from %s", task.name, queue, expected)
+    ack(log, consumer.connection_errors)
+    return True
+
+
 def control_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
     """Scheduler runs (`mesh.rebalance`, `mesh.sync_repository`) go to the worker's control
     thread: a run reads Redis (and may list S3) for a while, and must not stall intake."""
     mesh = consumer.mesh
+    own_queue = mesh.keys.control_queue
 
     def handler(message, body, ack, reject, callbacks, **kw):
+        if _refuse_from_elsewhere(task, message, ack, consumer, own_queue):
+            return
         try:
             payload = message.payload
             kwargs_ = payload[1] if isinstance(payload, (list, tuple)) and len(payload) > 1 else {}
@@ -260,8 +280,11 @@ def control_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
 
 def command_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
     mesh = consumer.mesh
+    own_queue = mesh.keys.worker_queue(consumer.hostname)
 
     def handler(message, body, ack, reject, callbacks, **kw):
+        if _refuse_from_elsewhere(task, message, ack, consumer, own_queue):
+            return
         # Commands are acked at once: they are idempotent, and a worker that dies before
         # acting on one is noticed by its missing heartbeat (the load claim is taken over).
         try:

@@ -23,27 +23,39 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import redis
 from threadpoolctl import threadpool_limits
 
+from celery.app.task import Context
+
 from mesh.broker import transport
+from mesh.broker.transport import set_dead_letter_handler
 from mesh.control.commands import send_command
-from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
+from mesh.errors import DeliveryLimitExceeded, MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import Command, CopyState
+from mesh.policy.commands import UnloadAction, unload_action
 from mesh.protocol.messages import SERVING_TTL_S
+from mesh.settings import MeshSettings
+from mesh.storage.sources import get_storage
 from mesh.store.context import StoreContext
+from mesh.store.failover import FailoverStore
 from mesh.store.state import Route
+from mesh.store.strays import StrayStore
 
 from .batcher import Batcher, BatchPolicy, Pending
 from .consumer import CeleryConsumer
 from .heartbeat import Heartbeat, WorkerIdentity
 from .inference import InferenceLoop
 from .manager import ModelManager
+from .memory import SLIM_MIN_BYTES, malloc_trim, slim
 from .metrics import WorkerMetrics
 from .strategy import refuse_envelope
+from .strays import StraySweeper
+from .wanted import WantedLoads
 
 log = logging.getLogger("mesh.worker")
 
@@ -59,6 +71,24 @@ ORPHAN_FAST_S = SERVING_TTL_S + 0.5
 # (requests, model loads) and frees nearly everything by reference counting; with the default
 # a full collection, which walks every loaded model, came every few seconds.
 GC_THRESHOLDS = (50_000, 20, 100)
+# After this many bytes of requests were buffered since the last trim, the next heartbeat hands
+# the heap's free pages back to the system (workers/memory.py `malloc_trim`).
+TRIM_EVERY_BYTES = 64 * 1024**2
+
+
+def warn_about_trust(settings: MeshSettings) -> None:
+    """Say at start, loudly, what this worker lets a model record make it do (docs/security.md)."""
+    roots = get_storage(settings).roots
+    if roots.unrestricted:
+        log.warning(
+            "MESH_STORAGE_ROOTS is %s: this worker loads models from ANY path or bucket a model "
+            "record names, and loading a model file runs its code, so anyone who can write to this "
+            "mesh's Redis can run code here. Set MESH_STORAGE_ROOTS (or MESH_MODEL_DIR) outside "
+            "local development.", "* (anywhere)" if settings.storage_roots else "unset and nothing is configured")
+    else:
+        log.info("models load only from %s (%s)", roots.describe(), roots.source)
+    if settings.python_modules:
+        log.info("python-runtime model classes allowed from: %s", settings.python_modules)
 
 
 class MeshWorker:
@@ -74,17 +104,34 @@ class MeshWorker:
         # default, so batches do not fight over cores (the inference thread is the parallelism).
         threadpool_limits(settings.intra_op_threads)
         self.name: str = consumer.hostname  # Celery node name, e.g. w1@vm
+        # This process's holder id: the pop script records it with every message this worker
+        # takes (mesh/broker/transport.py), so live workers put those back as soon as this
+        # process's alive key expires (mesh/store/failover.py). Unique per process: a restart
+        # under the same node name is not its dead predecessor. Set before the consumer
+        # connects (this runs in the consumer blueprint's __init__; kombu's Channel copies
+        # `from_transport_options` when it is created).
+        self.holder = f"{self.name}.{uuid.uuid4().hex[:12]}"
+        holder_ttl_s = max(settings.heartbeat_ttl_s, 2 * settings.heartbeat_interval_s)
+        conf.broker_transport_options = {
+            **conf.broker_transport_options, "mesh_holder": self.holder,
+            "mesh_holder_ttl_ms": int(holder_ttl_s * 1000),
+        }  # fmt: skip
+        self.failover = FailoverStore(self.store.r, self.keys)
+        set_dead_letter_handler(self.holder, self._answer_dead_letter)
         self.priority_steps = list(conf.broker_transport_options.get("priority_steps", [0]))
-        self.metrics = WorkerMetrics(self.name, settings.metrics_port)
+        self.metrics = WorkerMetrics(self.name, settings.metrics_port, settings.metrics_retention_s,
+                                     settings.metrics_addr)  # fmt: skip
         self.metrics.capacity_bytes.set(settings.worker_capacity_bytes)
         # messages the transport drops (garbage, malformed envelopes) are counted and, when
         # they are requests with a usable id, answered
         transport.on_rejected(self.keys.kombu_prefix, self._envelope_rejected)
-        self.batcher = Batcher(self._queue_depths)
+        self.batcher = Batcher(self._queue_depths, on_release=lambda b: self.consumer.released(b))
         self.consumer = CeleryConsumer(
             consumer, self.keys, self.name, self.batcher, self.metrics,
             self._send_command, settings.prefetch_floor,
+            settings.max_buffered_bytes, 2 * settings.max_request_bytes,  # the strategy's largest body
         )  # fmt: skip
+        self._trimmed_at = 0  # consumer.admitted_bytes at the last malloc_trim
         self.manager = ModelManager(
             settings, self.name, self.store, self.batcher, self.metrics, self.consumer, events=self,
         )  # fmt: skip
@@ -101,13 +148,22 @@ class MeshWorker:
             self.manager, self.inference.stats, self.metrics,
             shutting_down=lambda: self.shutting_down,
             interval_s=settings.heartbeat_interval_s, ttl_s=settings.heartbeat_ttl_s,
-            after_beat=[self.adopt_orphans_once, self.maintenance],
+            after_beat=[self.fail_over, self.adopt_orphans_once, self.maintenance],
             between_beats=[self.watch_fresh_orphans],
         )  # fmt: skip
+        self.wanted = WantedLoads(self.store, self.load_wanted)
         self._threads_started = False
         self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-control")
         self._unloaded_lock = threading.Lock()
         self._recently_unloaded: dict[str, float] = {}
+        self.strays = StraySweeper(
+            StrayStore(self.store.r, self.keys, self.priority_steps), lambda: self.app.backend,
+            token=f"{self.name}:{os.getpid()}:{time.time()}",
+            interval_s=settings.stray_sweep_interval_s, grace_s=settings.stray_grace_s,
+            scan_keys=settings.stray_scan_keys,
+        )  # fmt: skip
+        self._stray_sweep: Future | None = None
+        self._stray_due = 0.0
 
     def _send_command(self, worker: str, cmd: Command) -> None:
         send_command(self.app, self.keys, worker, cmd)
@@ -128,7 +184,9 @@ class MeshWorker:
             self.store.clear_load_line(self.name)
             self.inference.start()
             self.heartbeat.start()
+            self.wanted.start()
             log.info("mesh worker %s up: capacity %d bytes", self.name, self.settings.worker_capacity_bytes)
+            warn_about_trust(self.settings)
         else:
             # after a reconnect the buffered requests were dropped with the old channel;
             # re-consume the queues of everything still loaded
@@ -170,6 +228,7 @@ class MeshWorker:
         self.inference.stop()
         self.inference.join(timeout=30)
         self.heartbeat.stop()
+        self.wanted.stop()
         self._control.shutdown(wait=False, cancel_futures=True)
         self.manager.shutdown()
         transport.on_rejected(self.keys.kombu_prefix, None)
@@ -195,7 +254,13 @@ class MeshWorker:
     def on_request(self, model_id: str | None, req: Any, items: int = 1, high: bool = False,
                    requeue: bool = True) -> bool:  # fmt: skip
         """Buffer a request; False: not served here and `requeue` is False (the caller refuses it)."""
-        if model_id is not None and self.batcher.add(model_id, req, items, high):
+        body = req._message.body
+        nbytes = len(body) if body is not None else 0
+        del body
+        if nbytes >= SLIM_MIN_BYTES and model_id is not None:
+            slim(req)  # its tensors as arrays, its body's copies dropped: ~7x less memory held
+        if model_id is not None and self.batcher.add(model_id, req, items, high, nbytes):
+            self.consumer.admitted(nbytes)  # the byte bound (MESH_MAX_BUFFERED_BYTES)
             return True
         if not requeue:
             return False
@@ -230,9 +295,30 @@ class MeshWorker:
             return
         if cmd.op == "load":
             self.manager.request_load(cmd.model_id)
-        else:
-            fail = ModelNotFound(cmd.reason or f"model {cmd.model_id!r} was unregistered") if cmd.fail_queued else None
-            self.manager.request_unload(cmd.model_id, fail)
+            return
+        action = self._unload_action(cmd)
+        if action is UnloadAction.IGNORE:
+            log.info("ignoring a stale unload of %s: the model was registered again since it was sent", cmd.model_id)
+            return
+        fail = None
+        if cmd.fail_queued and action is UnloadAction.ACT:
+            fail = ModelNotFound(cmd.reason or f"model {cmd.model_id!r} was unregistered")
+        self.manager.request_unload(cmd.model_id, fail)
+
+    def _unload_action(self, cmd: Command) -> UnloadAction:
+        """Whether an unload is stale (mesh/policy/commands.py): one read of the model's record,
+        for commands that name a generation."""
+        if cmd.generation is None:
+            return UnloadAction.ACT
+        try:
+            record = self.store.get_record(cmd.model_id)
+        except redis.RedisError as exc:  # as before generations: the command is acted on
+            log.warning("could not read the record of %s for an unload (%s): acting on it", cmd.model_id, exc)
+            return UnloadAction.ACT
+        loaded = self.manager.loaded_records().get(cmd.model_id)
+        return unload_action(
+            cmd.generation, record.created_at if record else None, loaded.created_at if loaded else None
+        )
 
     # ------------------------------------------------------------------ CopyEvents
     def fail_model(self, model_id: str, error: MeshError) -> None:
@@ -281,6 +367,44 @@ class MeshWorker:
         self._reload_if_orphaned(model_id)
 
     # ------------------------------------------------------------------ heartbeat duties
+    def fail_over(self) -> None:
+        """Every heartbeat, first: keep this process's alive key, and put back on their queues
+        the unacked messages of worker processes whose alive key expired (SIGKILLed, crashed,
+        cut off), so their requests are answered within a heartbeat TTL and an interval, not a
+        visibility timeout (docs/reliability.md, "Worker death")."""
+        dead, dead_letters = self.failover.beat(self.holder, self.heartbeat.ttl)
+        self.metrics.dead_letters.set(dead_letters)
+        for holder in dead:
+            n, queues = self.failover.restore_holder(holder)
+            if n <= 0:
+                continue
+            self.metrics.failover_restored.inc(n)
+            log.warning("put back %d unacked message(s) of %s, a worker process that is gone", n, holder)
+            # the dead process may have held the only copy: its requests must not wait in a
+            # queue nobody consumes (the cold path's claim, as for any orphaned queue)
+            for queue in queues:
+                model_id = self.keys.model_from_queue(queue)
+                if model_id is not None and not self.batcher.is_open(model_id):
+                    self._reload_if_orphaned(model_id)
+
+    def _answer_dead_letter(self, message: dict, queue: str) -> None:
+        """Consumer thread: the pop script dead-lettered `message` instead of delivering it;
+        its producer gets DeliveryLimitExceeded when the message names a task id (and, for a
+        mesh producer, its reply list)."""
+        self.metrics.dead_lettered.inc()
+        headers = message.get("headers")
+        props = message.get("properties")
+        task_id = headers.get("id") if isinstance(headers, dict) else None
+        if not isinstance(task_id, str) or not task_id:
+            return
+        reply_to = props.get("reply_to") if isinstance(props, dict) else None
+        error = DeliveryLimitExceeded(
+            f"request {task_id} of queue {queue} was delivered {self.settings.max_deliveries} times and "
+            "each time its worker died or stalled: dead-lettered (`mesh dead-letters list`)"
+        )  # fmt: skip
+        reply = reply_to if isinstance(reply_to, str) else None
+        self.app.backend.mark_as_failure(task_id, error, request=Context(id=task_id, reply_to=reply))
+
     def _reload_if_orphaned(self, model_id: str, depth: int | None = None) -> bool:
         if depth is None:
             depth = self.store.queue_depth(model_id, self.priority_steps)
@@ -298,6 +422,18 @@ class MeshWorker:
                 self._send_command(placement.worker, Command(op="load", model_id=model_id))
         return route is not Route.IDLE
 
+    def load_wanted(self, model_id: str) -> None:
+        """A producer that may not place loads asked for this model (workers/wanted.py): route
+        and place as it would have; nothing when the model is served, loading or unknown."""
+        _route, placement, _ = self.store.route_and_place(
+            model_id, claimant=self.name, priority_steps=self.priority_steps
+        )  # fmt: skip
+        if placement is not None and placement.worker:
+            if placement.worker == self.name:
+                self.manager.request_load(model_id)
+            else:
+                self._send_command(placement.worker, Command(op="load", model_id=model_id))
+
     def adopt_orphans_once(self) -> None:
         """After the first heartbeat that reached Redis (then the worker is announced): load
         the models whose requests wait with no copy anywhere (sent before any worker was up,
@@ -313,11 +449,20 @@ class MeshWorker:
 
     def maintenance(self) -> None:
         """Every heartbeat: announce copies whose records vanished, watch models that left for
-        orphaned requests, stop draining failed models whose queue is empty, and come back to
-        capacity after a deferral whose fresh copy nobody asked for."""
+        orphaned requests, stop draining failed models whose queue is empty, come back to
+        capacity after a deferral whose fresh copy nobody asked for, and now and then sweep
+        for requests of models no longer registered."""
         self.manager.trim()  # first: local only, whatever Redis does
+        self.metrics.buffered_bytes.set(self.batcher.buffered_bytes())
+        admitted = self.consumer.admitted_bytes
+        if admitted - self._trimmed_at >= TRIM_EVERY_BYTES:
+            self._trimmed_at = admitted
+            malloc_trim()  # large requests were answered: give their freed heap back
+        loaded, loading, _ = self.manager.snapshot()
+        self.metrics.sweep([*(m.model_id for m in loaded), *loading, *self.batcher.buffered()])
         self.reassert_copies()
         now = time.monotonic()
+        self._sweep_strays(now)
         with self._unloaded_lock:
             watch = [m for m, t in self._recently_unloaded.items() if now - t < ORPHAN_WATCH_S]
             self._recently_unloaded = {m: self._recently_unloaded[m] for m in watch}
@@ -328,6 +473,17 @@ class MeshWorker:
             if self.store.queue_depth(model_id, self.priority_steps) == 0:
                 self.consumer.stop_consuming(model_id)
                 self.batcher.close(model_id)
+
+    def _sweep_strays(self, now: float) -> None:
+        """Every MESH_STRAY_SWEEP_INTERVAL_S, try for the pool's sweep (workers/strays.py), on
+        the control thread: answering a long queue must not hold up the heartbeat."""
+        if self.shutting_down or now < self._stray_due or (self._stray_sweep and not self._stray_sweep.done()):
+            return
+        self._stray_due = now + self.settings.stray_sweep_interval_s
+        try:
+            self._stray_sweep = self._control.submit(self._run_control, "stray sweep", self.strays.sweep, {})
+        except RuntimeError:  # shutting down: the control thread is gone
+            pass
 
     def watch_fresh_orphans(self) -> None:
         """Between heartbeats (every heartbeat.ORPHAN_FAST_CHECK_S): models that left this worker less

@@ -33,10 +33,18 @@ def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | 
             "queue_order_strategy": "round_robin",
             "unacked_restore_interval": 10,
             "unacked_restore_throttle": 1,
+            # kombu's sweep lock (QoS.restore_visible's Mutex) lives 300 s by default: a worker
+            # killed inside its sweep stopped every worker's sweep for 5 minutes. A sweep takes
+            # milliseconds, and two that overlap restore each message once (restore_by_tag
+            # is a WATCH transaction that finds the record gone the second time).
+            "unacked_mutex_expire": 30,
             "socket_timeout": 10,
             "socket_connect_timeout": 5,
             "socket_keepalive": True,
             "health_check_interval": 25,
+            # mesh/broker/transport.py: dead-letter after this many failed deliveries (the
+            # worker adds its holder id, mesh_holder, at start: workers/worker.py)
+            "mesh_max_deliveries": s.max_deliveries,
         },
         "result_backend_transport_options": {
             "global_keyprefix": keys.kombu_prefix,
@@ -74,7 +82,6 @@ def _repository_schedule(s: MeshSettings, keys: Keys) -> dict[str, Any]:
         "mesh-sync-repository": {
             "task": SYNC_REPOSITORY_TASK,
             "schedule": s.repository_sync_interval_s,
-            "kwargs": {"model_dir": s.model_dir},
             "options": {"queue": keys.control_queue, "expires": s.repository_sync_interval_s},
         },
     }

@@ -66,9 +66,11 @@ class SyncRepositoryTask(Task):
     """Sync the model repository into the registry (mesh/control/repository.py, docs/storage.md).
 
     Sent by celery beat to `<prefix>.control` every MESH_REPOSITORY_SYNC_INTERVAL_S when the
-    beat has MESH_MODEL_DIR, and once when beat starts (stateless boot). `model_dir` is the
-    beat's; S3 credentials are the executing worker's own MESH_STORAGE_CONFIG. A Redis lock
-    keeps syncs one at a time; acked early like mesh.rebalance (a lost run is the next tick's).
+    beat has MESH_MODEL_DIR, and once when beat starts (stateless boot). The repository and the
+    S3 credentials are the executing worker's own MESH_MODEL_DIR and MESH_STORAGE_CONFIG; the
+    message carries no argument, and any it has is ignored: which directory is the repository
+    is the operator's setting, not something a message may name (docs/security.md). A Redis
+    lock keeps syncs one at a time; acked early like mesh.rebalance (a lost run is the next tick's).
     """
 
     name = SYNC_REPOSITORY_TASK
@@ -77,8 +79,8 @@ class SyncRepositoryTask(Task):
     typing = False
     Strategy = "workers.strategy:control_strategy"
 
-    def run(self, model_dir=None, *args, **kwargs):
-        return symbol_by_name(SYNC_REPOSITORY_RUN)(self.app, model_dir).model_dump(mode="json")
+    def run(self, *args, **kwargs):
+        return symbol_by_name(SYNC_REPOSITORY_RUN)(self.app).model_dump(mode="json")
 
 
 def _sync_repository_at_beat_start(sender=None, **kwargs):

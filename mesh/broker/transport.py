@@ -12,6 +12,12 @@ Changes to stock kombu, nothing else:
   (`POP_AND_RECORD`). An idle worker blocks on the queues' *bells* instead (`ring`): every
   publish and every requeue rings its queue's bell, a one-element list whose pop loses
   nothing. docs/reliability.md.
+- kombu brings a dead consumer's unacked messages back only after its visibility timeout. The
+  pop script also records which consumer process (holder) took each message, so live workers
+  put a dead one's messages back as soon as its heartbeat expires (mesh/store/failover.py),
+  and counts the deliveries that ended with the holder dead or stalled: past
+  `mesh_max_deliveries` a message is dead-lettered instead (docs/reliability.md, "Worker death
+  and failover", "Dead letters").
 Celery uses it through `broker_transport` in celeryconfig.py (URLs stay `redis://`/`rediss://`).
 """
 
@@ -22,19 +28,36 @@ import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from time import monotonic, time
+from typing import NamedTuple
 
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
-from mesh.protocol.keys import BELL_TTL_MS, queue_bell
+from mesh.protocol.keys import (
+    BELL_TTL_MS,
+    DEAD_LETTERS,
+    DELIVERIES,
+    HOLDER_OF,
+    HOLDERS,
+    KOMBU_PRIORITY_SEP,
+    UNACKED,
+    UNACKED_INDEX,
+    held_set,
+    holder_alive,
+    queue_bell,
+)
 
 log = logging.getLogger("mesh.broker.transport")
 
 # global_keyprefix -> messages popped but never recorded as unacked (Channel._keep_unrecorded)
 _unrecorded: dict[str, list[dict]] = {}
 _unrecorded_lock = threading.Lock()
+
+# holder id -> what the worker does with a message the pop script dead-lettered (answer its
+# producer); set by the worker (set_dead_letter_handler), called on the consumer thread
+_dead_letter_handlers: dict[str, Callable[[dict, str], None]] = {}
 
 _ENVELOPE_KEYS = ("body", "properties")
 # kombu's Redis tags and Celery's task ids are uuids (36 characters); anything much longer is
@@ -121,15 +144,28 @@ def envelope_problem(item: object) -> str | None:
     return None
 
 
-# Takes up to ARGV[3] messages off the lists KEYS[3..], first list first (BRPOP's order), and,
+# Takes up to ARGV[3] messages off the lists KEYS[9..], first list first (BRPOP's order), and,
 # in the same atomic step, records each as unacked exactly as kombu's QoS.append does (index
-# score: ARGV[1], the time; hash value: [message, exchange, routing_key]). Returns a flat
-# array of {list, message, delivery tag} triples. Messages over ARGV[2] bytes or without the
-# fields come back unrecorded (tag ''): kombu records them as usual (mesh producers never
-# send such messages). Nothing to take: an empty array.
+# KEYS[2] score: ARGV[1], the time; hash KEYS[1] value: [message, exchange, routing_key]) and,
+# when the consumer has a holder id (ARGV[4]), who holds it and where it came from (hash
+# KEYS[3]: tag -> "<holder> <list key>"; the holder's set KEYS[4]; the set of holders KEYS[5];
+# the holder's alive key KEYS[6], set if missing, TTL ARGV[5] ms), so that live workers put it
+# back at once when the holder dies (mesh/store/failover.py). A message that already came back
+# ARGV[6] times (hash KEYS[7]; 0: no limit) from holders that died or stalled is not delivered
+# again: it goes to the dead-letter list KEYS[8] (JSON, its list key without the prefix ARGV[7]).
+# Returns a flat array of {list, message, delivery tag} triples; the tag is 1 for a dead letter.
+# Messages over ARGV[2] bytes or without the fields come back unrecorded (tag ''): kombu
+# records them as usual (mesh producers never send such messages); only the visibility
+# timeout brings those back. Nothing to take: an empty array.
 POP_AND_RECORD = """
 local out, n, most = {}, 0, tonumber(ARGV[3])
-for i = 3, #KEYS do
+local holder, limit, plen = ARGV[4], tonumber(ARGV[6]), #ARGV[7]
+local PRIORITY_SEP = '\\6\\22'  -- kombu's `<queue>\\x06\\x16<priority>` (mesh.protocol.keys)
+if holder ~= '' then
+  redis.call('SET', KEYS[6], '1', 'PX', ARGV[5], 'NX')
+  redis.call('SADD', KEYS[5], holder)
+end
+for i = 9, #KEYS do
   while n < most do
     local raw = redis.call('RPOP', KEYS[i])
     if not raw then break end
@@ -141,10 +177,28 @@ for i = 3, #KEYS do
         local info = m.properties.delivery_info
         if type(t) == 'string' and t ~= '' and type(info) == 'table'
             and type(info.exchange) == 'string' and type(info.routing_key) == 'string' then
-          redis.call('ZADD', KEYS[2], ARGV[1], t)
-          redis.call('HSET', KEYS[1], t,
-                     '[' .. raw .. ',' .. cjson.encode(info.exchange) .. ',' .. cjson.encode(info.routing_key) .. ']')
-          tag = t
+          local back = tonumber(redis.call('HGET', KEYS[7], t) or '0') or 0
+          if limit > 0 and back >= limit then
+            redis.call('HDEL', KEYS[7], t)
+            redis.call('LPUSH', KEYS[8], '{"list":' .. cjson.encode(string.sub(KEYS[i], plen + 1)) ..
+                       ',"tag":' .. cjson.encode(t) .. ',"deliveries":' .. back .. ',"time":' .. ARGV[1] ..
+                       ',"reason":"delivery limit","message":' .. raw .. '}')
+            tag = 1
+          else
+            redis.call('ZADD', KEYS[2], ARGV[1], t)
+            -- recorded as coming from the queue it was popped from (the anonymous exchange
+            -- routes to the queue its routing key names): a restore puts it back there, not
+            -- wherever its envelope, which any producer writes, claims it was sent
+            local q = string.sub(KEYS[i], plen + 1)
+            local sep = string.find(q, PRIORITY_SEP, 1, true)
+            if sep then q = string.sub(q, 1, sep - 1) end
+            redis.call('HSET', KEYS[1], t, '[' .. raw .. ',"",' .. cjson.encode(q) .. ']')
+            if holder ~= '' then
+              redis.call('HSET', KEYS[3], t, holder .. ' ' .. KEYS[i])
+              redis.call('SADD', KEYS[4], t)
+            end
+            tag = t
+          end
         end
       end
     end
@@ -157,6 +211,21 @@ for i = 3, #KEYS do
 end
 return out
 """
+DEAD_LETTERED = 1  # the pop script's tag for a message it moved to the dead-letter list
+
+
+def pop_keys_args(prefix: str, lists: list[str], *, now: float, most: int, holder: str = "",
+                  holder_ttl_ms: int = 6000, max_deliveries: int = 0,
+                  max_bytes: int | None = None) -> tuple[list[str], list]:  # fmt: skip
+    """POP_AND_RECORD's keys and arguments: `lists` (prefixed) in the order to take from."""
+    keys = [prefix + UNACKED, prefix + UNACKED_INDEX, prefix + HOLDER_OF, prefix + held_set(holder),
+            prefix + HOLDERS, prefix + holder_alive(holder), prefix + DELIVERIES, prefix + DEAD_LETTERS,
+            *lists]  # fmt: skip
+    args = [repr(now), SCRIPT_RECORD_MAX_BYTES if max_bytes is None else max_bytes, most, holder,
+            holder_ttl_ms, max_deliveries, prefix]  # fmt: skip
+    return keys, args
+
+
 SCRIPT_RECORD_MAX_BYTES = 4 * 1024 * 1024  # bigger ones are not decoded inside Redis
 # Messages one poll takes at most (fewer when the prefetch limit leaves less room): under load
 # one round trip brings a batch's worth instead of one message.
@@ -183,16 +252,80 @@ def ring(pipe, queue: str, prefix: str) -> None:
     pipe.pexpire(bell, BELL_TTL_MS)
 
 
+def set_dead_letter_handler(holder: str, handler: Callable[[dict, str], None] | None) -> None:
+    """What the consumer of `holder` does with each message the pop script moved to the
+    dead-letter list: handler(message envelope, queue). None: only log it."""
+    if handler is None:
+        _dead_letter_handlers.pop(holder, None)
+    else:
+        _dead_letter_handlers[holder] = handler
+
+
 class QoS(kombu_redis.QoS):
+    """kombu's Redis ack emulation, keeping the holder record and the delivery counter of
+    the pop script (POP_AND_RECORD) in step: every path that takes a message out of the
+    unacked hash (ack, reject, restore) takes it out of the holder record too, and an ack or a
+    reject forgets its delivery count (a restore keeps it)."""
+
+    _sweeping = False  # inside restore_visible: restores count as deliveries that failed
+
     def append(self, message, delivery_tag):
         if delivery_tag == self.channel._recorded_tag:  # the pop script recorded it already
             virtual.QoS.append(self, message, delivery_tag)
             return
         super().append(message, delivery_tag)
 
+    def _remove_from_indices(self, delivery_tag, pipe=None):
+        # kombu's, plus the holder record (kombu/transport/redis.py QoS._remove_from_indices,
+        # which ack, reject and restore_by_tag all go through). The tag leaves our own holder
+        # set; when another process held it (a sweep restoring a stuck holder's message), its
+        # set keeps a stale tag that the failover script skips (the holder_of hash decides).
+        with self.pipe_or_acquire(pipe) as pipe:
+            super()._remove_from_indices(delivery_tag, pipe)
+            pipe.hdel(HOLDER_OF, delivery_tag)
+            holder = self.channel.mesh_holder
+            if holder:
+                pipe.srem(held_set(holder), delivery_tag)
+            return pipe
+
+    def _acked(self, delivery_tag, pipe=None):
+        """The Redis half of an ack: out of every index, and its delivery count forgotten."""
+        pipe = self._remove_from_indices(delivery_tag, pipe)
+        return pipe.hdel(DELIVERIES, delivery_tag)  # kombu's pipeline prefixes HDEL
+
+    def ack(self, delivery_tag):
+        self._acked(delivery_tag).execute()
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        if requeue:  # a live worker hands it back: not a failed delivery, the count stays
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        else:
+            self._acked(delivery_tag).execute()
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_visible(self, *args, **kwargs):
+        # the visibility sweep (kombu's): what it restores was held past the visibility
+        # timeout by a worker that died or is stuck, a failed delivery (`_do_restore_message`)
+        self._sweeping = True
+        try:
+            return super().restore_visible(*args, **kwargs)
+        finally:
+            self._sweeping = False
+
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
+    # mesh_holder: this consumer process's holder id (set by the mesh worker, empty for other
+    # processes: then no holder record, only the visibility timeout); mesh_holder_ttl_ms: the
+    # TTL its alive key gets from the pop script when missing; mesh_max_deliveries: failed
+    # deliveries after which a message is dead-lettered (0: never)
+    from_transport_options = kombu_redis.Channel.from_transport_options + (
+        "mesh_holder", "mesh_holder_ttl_ms", "mesh_max_deliveries",
+    )  # fmt: skip
+    mesh_holder = ""
+    mesh_holder_ttl_ms = 6000
+    mesh_max_deliveries = 0
 
     @contextmanager
     def conn_or_acquire(self, client=None):
@@ -258,8 +391,10 @@ class Channel(kombu_redis.Channel):
         keys = [p + self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         room = self.qos.can_consume_max_estimate()
         most = POP_MAX if room is None else max(1, min(POP_MAX, room))
-        return ["EVALSHA", self._pop_sha, 2 + len(keys), p + self.unacked_key, p + self.unacked_index_key,
-                *keys, repr(time()), SCRIPT_RECORD_MAX_BYTES, most]  # fmt: skip
+        keys, args = pop_keys_args(p, keys, now=time(), most=most, holder=self.mesh_holder or "",
+                                   holder_ttl_ms=int(self.mesh_holder_ttl_ms),
+                                   max_deliveries=int(self.mesh_max_deliveries))  # fmt: skip
+        return ["EVALSHA", self._pop_sha, len(keys), *keys, *args]
 
     def _pop_now(self):
         """The pop script, run at once on the poll connection (idle again: the bell's reply
@@ -302,6 +437,9 @@ class Channel(kombu_redis.Channel):
             self._busy = True
             popped = [(reply[i], reply[i + 1], bytes_to_str(reply[i + 2]) or None) for i in range(0, len(reply), 3)]
             for n, (key, item, recorded) in enumerate(popped):
+                if recorded == DEAD_LETTERED:
+                    self._dead_lettered(key, item)
+                    continue
                 try:
                     self._take(key, item, recorded)
                 except self.connection_errors:
@@ -336,7 +474,7 @@ class Channel(kombu_redis.Channel):
             log.error("dropped a malformed message from queue %s: %s; first bytes: %r",
                       dest, problem, bytes(item[:80]))  # fmt: skip
             if recorded is not None:  # the script recorded it: forget it, or it comes back
-                self.qos._remove_from_indices(_raw_tag(item) or recorded).execute()
+                self.qos._acked(_raw_tag(item) or recorded).execute()
             self._report(reason, message if isinstance(message, dict) else None)
             return
         assert isinstance(message, dict)
@@ -366,7 +504,7 @@ class Channel(kombu_redis.Channel):
         if tag in self.qos._delivered:
             self.qos.reject(tag, requeue=False)  # kombu: remove from the indices, then ack locally
         elif recorded is not None:
-            self.qos._remove_from_indices(recorded).execute()
+            self.qos._acked(recorded).execute()
 
     def _report(self, reason: str, envelope: dict | None) -> None:
         hook = _rejection_hooks.get(self.global_keyprefix)
@@ -376,6 +514,25 @@ class Channel(kombu_redis.Channel):
             hook(reason, envelope)
         except Exception as exc:  # counting or answering a dropped message must not stop the loop
             log.error("could not report a dropped message: %s: %s", type(exc).__name__, str(exc)[:200])
+
+    def _dead_lettered(self, key: bytes, item: bytes) -> None:
+        """A message the pop script moved to the dead-letter list instead of delivering it:
+        the worker answers its producer (set_dead_letter_handler)."""
+        queue = bytes_to_str(key)[len(self.global_keyprefix) :].split(KOMBU_PRIORITY_SEP, 1)[0]
+        try:
+            message = loads(bytes_to_str(item))
+        except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
+            message = None
+        log.error("dead-lettered a message of queue %s: delivered %d times without an ack "
+                  "(its holders died or stalled); `mesh dead-letters list` shows it",
+                  queue, self.mesh_max_deliveries)  # fmt: skip
+        handler = _dead_letter_handlers.get(self.mesh_holder or "")
+        if handler is None or not isinstance(message, dict):
+            return
+        try:
+            handler(message, queue)
+        except Exception:  # answering is best effort: the dead letter is kept either way
+            log.exception("could not answer the producer of a dead-lettered message")
 
     def _put(self, queue, message, **kwargs):
         """kombu's publish (LPUSH), ringing the queue's bell in the same round trip."""
@@ -401,8 +558,15 @@ class Channel(kombu_redis.Channel):
 
     def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
         """kombu's requeue (a reject, the visibility-timeout sweep, a put-back), ringing the
-        bells of the queues it pushes to so idle consumers take the message at once."""
+        bells of the queues it pushes to so idle consumers take the message at once. A
+        restore by the visibility sweep counts as a failed delivery (the pop script
+        dead-letters a message after mesh_max_deliveries of them)."""
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        if self.qos._sweeping:
+            tag = (payload.get("properties") or {}).get("delivery_tag") if isinstance(payload, dict) else None
+            if isinstance(tag, str):
+                # kombu's prefixing pipeline leaves HINCRBY alone: the key goes prefixed
+                pipe.execute_command("HINCRBY", self.global_keyprefix + DELIVERIES, tag, 1)
         try:
             queues = self._lookup(exchange, routing_key)
         except kombu_redis.InconsistencyError:
@@ -474,9 +638,10 @@ def ack_many(messages: list) -> None:
             for m in msgs:
                 m.ack()
             continue
+        acked = qos._acked if isinstance(qos, QoS) else qos._remove_from_indices
         with qos.pipe_or_acquire() as pipe:
             for m in msgs:
-                qos._remove_from_indices(m.delivery_tag, pipe)
+                acked(m.delivery_tag, pipe)
             pipe.execute()
         forget_acked(msgs)  # Redis is done above
 
@@ -495,31 +660,50 @@ def ack_in(pipe, messages: list, server: tuple | None) -> list:
     if server is None:
         return []
     added = []
-    keys: dict[int, tuple[str, str] | None] = {}  # per channel: its unacked index and hash
+    keys: dict[int, _AckKeys | None] = {}  # per channel
     for m in messages:
         if m.acknowledged:
             continue
         channel = m.channel
         if id(channel) not in keys:
             keys[id(channel)] = _unacked_keys(channel, server)
-        if keys[id(channel)] is None:
+        k = keys[id(channel)]
+        if k is None:
             continue
-        index_key, hash_key = keys[id(channel)]
-        pipe.zrem(index_key, m.delivery_tag)
-        pipe.hdel(hash_key, m.delivery_tag)
+        tag = m.delivery_tag
+        pipe.zrem(k.index, tag)
+        pipe.hdel(k.unacked, tag)
+        if k.holder_of is not None:  # as QoS._acked: the holder record and the count too
+            pipe.hdel(k.holder_of, tag)
+            pipe.hdel(k.deliveries, tag)
+            if k.held is not None:
+                pipe.srem(k.held, tag)
         added.append(m)
     return added
 
 
-def _unacked_keys(channel, server: tuple) -> tuple[str, str] | None:
-    """A Redis channel's unacked index and hash, prefixed, if its broker is `server`."""
+class _AckKeys(NamedTuple):
+    index: str
+    unacked: str
+    holder_of: str | None = None  # None: a channel of stock kombu's transport
+    deliveries: str | None = None
+    held: str | None = None
+
+
+def _unacked_keys(channel, server: tuple) -> _AckKeys | None:
+    """What acking a message of a Redis channel writes (prefixed keys), if its broker is
+    `server`."""
     qos = getattr(channel, "qos", None)
     # the channel's own client, if it has one: reading `channel.client` would create it
     client = vars(channel).get("client") if hasattr(channel, "__dict__") else None
     if not isinstance(qos, kombu_redis.QoS) or redis_server(client) != server:
         return None
-    prefix = getattr(channel, "global_keyprefix", "") or ""
-    return prefix + qos.unacked_index_key, prefix + qos.unacked_key
+    p = getattr(channel, "global_keyprefix", "") or ""
+    if not isinstance(qos, QoS):
+        return _AckKeys(p + qos.unacked_index_key, p + qos.unacked_key)
+    holder = getattr(channel, "mesh_holder", "")
+    return _AckKeys(p + qos.unacked_index_key, p + qos.unacked_key, p + HOLDER_OF, p + DELIVERIES,
+                    p + held_set(holder) if holder else None)  # fmt: skip
 
 
 def forget_acked(messages: list) -> None:

@@ -33,6 +33,7 @@ def unload_unregistered(
     *,
     fail_queued: bool = True,
     reason: str | None = None,
+    generation: float | None = None,
 ) -> list[str]:
     """Tell the live workers in `holders` to drop a model whose record is gone (unregistered or
     auto-deleted); returns the workers told.
@@ -40,11 +41,12 @@ def unload_unregistered(
     With `fail_queued` the requests still queued for it fail with NOT_FOUND, and when no live
     worker holds it, one live worker answers them: a request never waits for a model that no
     longer exists. Without it the copies retire gracefully (a re-registered model with the same
-    id answers what was queued).
+    id answers what was queued). `generation`: the deleted record's `created_at`, so that a
+    worker reading the command after the model was registered again knows it is stale.
     """
     cmd = Command(
         op="unload", model_id=model_id, fail_queued=fail_queued,
-        reason=reason or f"model {model_id!r} was unregistered",
+        reason=reason or f"model {model_id!r} was unregistered", generation=generation,
     )  # fmt: skip
     live = store.alive(holders)
     if fail_queued and not live:

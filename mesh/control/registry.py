@@ -66,10 +66,11 @@ class MeshRegistry:
 
     def unregister_model(self, model_id: str) -> None:
         validate_id(model_id)
-        holders = self.store.unregister_model(model_id)
+        record, holders = self.store.unregister(model_id)
         if self.router is not None:
             self.router.forget(model_id)
-        unload_unregistered(self.app, self.store, model_id, holders)
+        unload_unregistered(self.app, self.store, model_id, holders,
+                            generation=record.created_at if record else None)  # fmt: skip
 
     def set_vmodel(
         self,

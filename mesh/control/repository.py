@@ -353,10 +353,12 @@ def apply_plan(registry: ModelRegistry, plan: SyncPlan, report: SyncReport) -> S
 
 
 # ---------------------------------------------------------------------- the task's body
-def sync_from_app(app: Celery, model_dir: str | None = None) -> SyncReport:
-    """The `mesh.sync_repository` task body, run by a worker of the app's mesh.
-
-    `model_dir` comes from the beat (its MESH_MODEL_DIR); the credentials are this process's
-    own MESH_STORAGE_CONFIG, never a message's.
-    """
-    return sync_repository(MeshRegistry.from_app(app), model_dir=model_dir)
+def sync_from_app(app: Celery) -> SyncReport:
+    """The `mesh.sync_repository` task body, run by a worker of the app's mesh: the repository
+    and the credentials are this process's own MESH_MODEL_DIR and MESH_STORAGE_CONFIG, never
+    a message's."""
+    report = sync_repository(MeshRegistry.from_app(app))
+    if not report.model_dir:
+        log.warning("a repository sync was sent, but this worker has no MESH_MODEL_DIR: set it "
+                    "on the workers as on beat (the repository is a worker setting)")  # fmt: skip
+    return report

@@ -15,6 +15,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import redis
 from cachetools import TTLCache
 from celery import Celery
 
@@ -25,8 +26,8 @@ from mesh.policy.precedence import EffectiveConfig, effective_config, record_man
 from mesh.protocol.ids import validate_id
 from mesh.protocol.keys import Keys
 from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES, SERVING_TTL_S, VMODEL_HEADER
-from mesh.store.context import StoreContext
-from mesh.store.state import Route, StateStore
+from mesh.store.context import StoreContext, is_permission_error
+from mesh.store.state import Route, Routed, StateStore
 from mesh.store.vmodels import VModelStore
 
 log = logging.getLogger("mesh.control.routing")
@@ -55,6 +56,10 @@ class Router:
         self._configs: TTLCache = TTLCache(maxsize=10_000, ttl=CONFIG_TTL_S)
         self._config_lock = threading.Lock()
         self._warned: dict[str, float] = {}
+        # Whether this producer places loads itself (claims, copy records, load commands). A
+        # producer whose Redis user may not (docs/security.md, "Redis ACLs") finds out at its
+        # first cold request and from then on asks the workers to (StateStore.want_load).
+        self._places_loads = True
         # Models seen with a live copy skip the route script for SERVING_TTL_S (it is 0.3 ms of
         # a 2 ms request). Safe: a request that still reaches a model unregistered meanwhile
         # is answered NOT_FOUND by the worker draining its queue, and one whose copy just left
@@ -101,11 +106,7 @@ class Router:
             with self._config_lock:
                 if model_id in self._serving:
                     return cfg
-        # a cold request places its load on what the route read: two round trips less
-        route, placement, settled = self.store.route_and_place(
-            model_id, claimant=self.name, max_queue=max_queue, priority_steps=self.priority_steps,
-            settled_s=SETTLED_COPY_S,
-        )  # fmt: skip
+        route, placement, settled = self._route(model_id, max_queue)
         if route is Route.NOT_FOUND:
             with self._config_lock:
                 self._configs.pop(model_id, None)
@@ -122,14 +123,48 @@ class Router:
         if route is Route.SERVING and settled:
             with self._config_lock:
                 self._serving[model_id] = True
-        if placement is not None:
+        if route is Route.CLAIMED and not self._places_loads:
+            self.store.want_load(model_id)
+        elif placement is not None:
             if placement.worker is not None:
-                send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+                self._send_load(placement.worker, model_id)
             elif placement.error is not None:
                 raise ModelLoadFailed(placement.error)
             elif self._warn_once(model_id):
                 log.warning("no live mesh worker: requests for %s wait in its queue", model_id)
         return cfg
+
+    def _route(self, model_id: str, max_queue: int) -> Routed:
+        # a cold request places its load on what the route read: two round trips less
+        if self._places_loads:
+            try:
+                return self.store.route_and_place(
+                    model_id, claimant=self.name, max_queue=max_queue, priority_steps=self.priority_steps,
+                    settled_s=SETTLED_COPY_S,
+                )  # fmt: skip
+            except redis.RedisError as exc:
+                if not is_permission_error(exc):
+                    raise
+                self._may_not_place(exc)
+        return self.store.route_and_place(
+            model_id, claimant=self.name, max_queue=max_queue, priority_steps=self.priority_steps,
+            settled_s=SETTLED_COPY_S, claim=False,
+        )  # fmt: skip
+
+    def _send_load(self, worker: str, model_id: str) -> None:
+        try:
+            send_command(self.app, self.keys, worker, Command(op="load", model_id=model_id))
+        except Exception as exc:
+            if not is_permission_error(exc):
+                raise
+            self._may_not_place(exc)
+            self.store.want_load(model_id)  # the workers place it instead
+
+    def _may_not_place(self, exc: BaseException) -> None:
+        if self._places_loads:
+            self._places_loads = False
+            log.info("this producer's Redis user may not place loads (%s): cold requests ask the "
+                     "workers to load their model", exc)  # fmt: skip
 
     def forget(self, model_id: str) -> None:
         """Drop what this router remembers of a model (after unregistering it here)."""

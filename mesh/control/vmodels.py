@@ -445,6 +445,7 @@ class VModelManager:
             told = unload_unregistered(
                 self.app, self.store, model_id, entry.holders,
                 reason=f"model {model_id!r} was auto-deleted (no vmodel references it)",
+                generation=entry.created_at,
             )  # fmt: skip
         else:
             # registered again meanwhile: copies of the same model that the new record lists
@@ -454,6 +455,7 @@ class VModelManager:
             told = unload_unregistered(
                 self.app, self.store, model_id, [w for w in entry.holders if w not in serving],
                 fail_queued=False, reason=f"model {model_id!r} was replaced",
+                generation=entry.created_at,
             )  # fmt: skip
         log.info("unloading auto-deleted %s from %s", model_id, told or "no live worker")
         return True

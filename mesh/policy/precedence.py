@@ -23,6 +23,7 @@ BATCHING_FIELDS = (
     "max_queue_size",
     "default_timeout_ms",
     "default_priority",
+    "predict_timeout_s",
 )
 
 

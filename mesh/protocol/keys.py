@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mesh.protocol.ids import validate_id
+from mesh.protocol.ids import validate_prefix
 
 # kombu's Redis transport stores priority sub-queues as `<queue>\x06\x16<priority>`.
 KOMBU_PRIORITY_SEP = "\x06\x16"
@@ -28,12 +28,32 @@ def queue_bell(queue: str) -> str:
     return f"_kombu.bell.{queue}"
 
 
+# The broker's own bookkeeping beside kombu's unacked hash and index (mesh/broker/transport.py),
+# without kombu's global_keyprefix (kombu's client adds it; `Keys` has the prefixed names).
+UNACKED = "unacked"  # kombu's Channel.unacked_key
+UNACKED_INDEX = "unacked_index"  # kombu's Channel.unacked_index_key
+HOLDER_OF = "_kombu.holder_of"  # hash: delivery tag -> "<holder id> <list key it was popped from>"
+HOLDERS = "_kombu.holders"  # set of the holder ids that popped messages
+DELIVERIES = "_kombu.deliveries"  # hash: delivery tag -> times it came back from a dead or stuck holder
+DEAD_LETTERS = "_kombu.dead"  # list of dead letters (JSON), newest first
+
+
+def held_set(holder: str) -> str:
+    """The delivery tags a consumer process (`holder`) popped and has not acked."""
+    return f"_kombu.held.{holder}"
+
+
+def holder_alive(holder: str) -> str:
+    """A key that exists while `holder`'s process is alive (its heartbeat TTL)."""
+    return f"_kombu.alive.{holder}"
+
+
 @dataclass(frozen=True)
 class Keys:
     prefix: str
 
     def __post_init__(self) -> None:
-        validate_id(self.prefix, "prefix")
+        validate_prefix(self.prefix)
 
     # --- queues (Celery names; kombu stores them under `kombu_prefix`)
     def model_queue(self, model_id: str) -> str:
@@ -45,6 +65,19 @@ class Keys:
     def model_from_queue(self, queue: str) -> str | None:
         head = f"{self.prefix}.model."
         return queue[len(head) :] if queue.startswith(head) else None
+
+    def model_queue_lists_pattern(self) -> str:
+        """SCAN pattern of every model queue's Redis lists (all priority steps, any model id)."""
+        return f"{self.kombu_prefix}{self.prefix}.model.*"
+
+    def model_of_queue_list(self, key: str) -> tuple[str, str] | None:
+        """(model id, queue) of a model queue's Redis list (`queue_list_key`'s inverse); the id
+        as found, valid or not (a producer may push to any name)."""
+        if not key.startswith(self.kombu_prefix):
+            return None
+        queue = key[len(self.kombu_prefix) :].split(KOMBU_PRIORITY_SEP, 1)[0]
+        model_id = self.model_from_queue(queue)
+        return None if not model_id else (model_id, queue)
 
     @property
     def kombu_prefix(self) -> str:
@@ -70,6 +103,38 @@ class Keys:
     def queue_bell(self, queue: str) -> str:
         """A queue's bell (mesh/broker/transport.py), which goes with its model like its bindings."""
         return self.kombu_prefix + queue_bell(queue)
+
+    # --- the broker's bookkeeping of delivered messages (mesh/broker/transport.py,
+    # mesh/store/failover.py)
+    @property
+    def unacked(self) -> str:
+        return self.kombu_prefix + UNACKED
+
+    @property
+    def unacked_index(self) -> str:
+        return self.kombu_prefix + UNACKED_INDEX
+
+    @property
+    def holder_of(self) -> str:
+        return self.kombu_prefix + HOLDER_OF
+
+    @property
+    def holders(self) -> str:
+        return self.kombu_prefix + HOLDERS
+
+    @property
+    def deliveries(self) -> str:
+        return self.kombu_prefix + DELIVERIES
+
+    @property
+    def dead_letters(self) -> str:
+        return self.kombu_prefix + DEAD_LETTERS
+
+    def held(self, holder: str) -> str:
+        return self.kombu_prefix + held_set(holder)
+
+    def holder_alive(self, holder: str) -> str:
+        return self.kombu_prefix + holder_alive(holder)
 
     # --- replies (mesh/broker/replies.py): one list per producer process, named in the
     # messages' `reply_to`; beside the result records, under the result backend's prefix
@@ -129,6 +194,12 @@ class Keys:
     def worker(self, name: str) -> str:
         return self.worker_key_prefix + name
 
+    @property
+    def wanted(self) -> str:
+        """List of model ids producers ask the workers to load: the cold path of a producer
+        whose Redis user may not place loads (docs/security.md)."""
+        return f"{self.prefix}:wanted"
+
     def load_line(self, worker: str) -> str:
         """Sorted set model_id -> time the load was sent: the loads a worker has been told to do
         and has not finished (its line of loads, read live by the cold path's placement)."""
@@ -158,6 +229,40 @@ class Keys:
     def usage(self) -> str:
         """Hash model_id -> usage (last use, decayed request rate) that outlives its copies."""
         return f"{self.prefix}:usage"
+
+    # --- requests queued for models no longer registered (mesh/store/strays.py)
+    @property
+    def strays(self) -> str:
+        """Hash model_id -> Redis time its queue was first seen holding requests while the
+        model was not registered."""
+        return f"{self.prefix}:strays"
+
+    @property
+    def strays_held(self) -> str:
+        """List of the requests taken from such queues, until each is answered NOT_FOUND."""
+        return f"{self.prefix}:strays:held"
+
+    @property
+    def gone(self) -> str:
+        """Sorted set model_id -> time it was unregistered or auto-deleted: queues watched for
+        requests put back after it went, until none can come back (mesh/store/strays.py)."""
+        return f"{self.prefix}:gone"
+
+    @property
+    def strays_cursor(self) -> str:
+        """Where the slow sweep's SCAN of the model queues stands."""
+        return f"{self.prefix}:strays:cursor"
+
+    @property
+    def unacked(self) -> str:
+        """kombu's hash of delivered, unacknowledged messages (kombu/transport/redis.py,
+        `QoS.unacked_key`): each value is `[message, exchange, routing_key]` as JSON."""
+        return f"{self.kombu_prefix}unacked"
+
+    @property
+    def strays_lock(self) -> str:
+        """Held by the worker sweeping, one sweep per interval in the pool."""
+        return f"{self.prefix}:strays:lock"
 
     # --- the model repository (mesh/control/repository.py)
     @property

@@ -39,11 +39,12 @@ from pydantic import (
     field_validator,
 )
 
-from mesh.errors import InvalidArgument, MeshError, ModelLoadFailed
+from mesh.errors import InvalidArgument, MeshError, ModelLoadFailed, PermissionDenied
 from mesh.models import ModelInfo
 from mesh.protocol.paths import safe_relpath
 from mesh.settings import MeshSettings
 from mesh.storage.diskcache import CacheLease, DiskCache, Listing, RemoteFile
+from mesh.storage.roots import StorageRoots, default_roots, parse_roots
 
 log = logging.getLogger("mesh.storage.sources")
 
@@ -485,6 +486,27 @@ class Storage:
         self._config: StorageConfig | None = None
         self._stores: dict[str, S3Store] = {}
         self._cache: DiskCache | None = None
+        self._roots: StorageRoots | None = None
+
+    @property
+    def roots(self) -> StorageRoots:
+        """Where this worker may load models from (mesh/storage/roots.py)."""
+        if self._roots is None:
+            raw = self.settings.storage_roots
+            if raw is not None and raw.strip():
+                self._roots = parse_roots(raw)
+            else:
+                buckets = sorted({c.bucket for c in self.config.root.values() if c.bucket})
+                self._roots = default_roots(self.settings.model_dir, buckets, bool(self.config.root))
+        return self._roots
+
+    def _denied(self, what: str) -> PermissionDenied:
+        roots = self.roots
+        return PermissionDenied(
+            f"PERMISSION_DENIED: {what} is outside this worker's storage roots "
+            f"({roots.describe()}, from {roots.source}); nothing was read. An operator allows "
+            "more locations with MESH_STORAGE_ROOTS (docs/security.md)."
+        )
 
     @property
     def config(self) -> StorageConfig:
@@ -509,8 +531,11 @@ class Storage:
     def resolve_s3(self, loc: Location) -> tuple[S3Store, str, str]:
         """(store, bucket, key) for an s3 location, choosing the storage-config entry.
 
-        With `storage_key`, that entry. Otherwise: the one entry whose bucket is the uri's,
-        else the entry named "default", else the only entry.
+        With `storage_key`, that entry. Otherwise the one entry whose bucket is exactly the
+        uri's: an entry's credentials never serve a bucket it does not name (before, an unknown
+        bucket fell back to the "default" or only entry, so a registration could make workers
+        read any bucket those credentials reach). An entry without a bucket serves only models
+        that name it by storage_key, in buckets MESH_STORAGE_ROOTS allows.
         """
         cfg = self.config
         name = loc.storage_key
@@ -518,18 +543,19 @@ class Storage:
             matching = [n for n, c in cfg.root.items() if c.bucket == loc.bucket]
             if len(matching) == 1:
                 name = matching[0]
-            elif "default" in cfg.root:
-                name = "default"
-            elif len(cfg.root) == 1:
-                name = next(iter(cfg.root))
             elif not cfg.root:
                 raise ModelLoadFailed(
                     f"{loc} needs S3 credentials: set MESH_STORAGE_CONFIG (docs/storage.md)"
                 )
+            elif not matching:
+                raise ModelLoadFailed(
+                    f"{loc}: no MESH_STORAGE_CONFIG entry has bucket {loc.bucket!r} "
+                    f"(entries: {', '.join(cfg.names())}); name one with the model's storage_key"
+                )
             else:
                 raise ModelLoadFailed(
                     f"{loc}: several storage config entries could serve it "
-                    f"({', '.join(cfg.names())}); set the model's storage_key"
+                    f"({', '.join(matching)}); set the model's storage_key"
                 )
         entry = cfg.root.get(name)
         if entry is None:
@@ -542,17 +568,37 @@ class Storage:
             raise ModelLoadFailed(
                 f"{loc}: storage key {name!r} has no bucket; give one in the config or use s3://bucket/key"
             )
+        if entry.bucket is not None and bucket != entry.bucket:
+            raise ModelLoadFailed(
+                f"{loc}: storage key {name!r} serves bucket {entry.bucket!r}, not {bucket!r}"
+            )
+        if not self.roots.allows_s3(bucket, loc.key):
+            raise self._denied(f"s3://{bucket}/{loc.key}")
         with self._lock:
             store = self._stores.get(name)
             if store is None:
                 store = self._stores[name] = S3Store(name, entry, self.settings, self.cache_dir / "ca")
         return store, bucket, loc.key
 
+    def local_file(self, uri: str) -> Path:
+        """A `file://` model's path, resolved (symlinks, '..') and checked against the roots
+        before anything reads it; the resolved path is what gets loaded, so a link changed
+        after the check cannot redirect the load."""
+        path = local_path(uri)
+        try:
+            resolved = path.resolve(strict=True)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+            raise ModelLoadFailed(f"model file {path} cannot be resolved: {exc}") from None
+        if not self.roots.allows_file(resolved):
+            shown = str(path) if resolved == path else f"{path} (resolved: {resolved})"
+            raise self._denied(shown)
+        return resolved
+
     def acquire(self, uri: str, storage_key: str | None = None) -> CacheLease | LocalLease:
         """The model's files on local disk, pinned in the disk cache until `release()`."""
         loc = parse_location(uri, storage_key)
         if loc.scheme == "file":
-            return LocalLease(local_path(uri))
+            return LocalLease(self.local_file(uri))
         store, bucket, key = self.resolve_s3(loc)
         cache_key = "\n".join(("s3", store.name, store.cfg.endpoint_url or "aws", bucket, key))
         return self.cache.acquire(cache_key, S3Source(store, bucket, key))
@@ -566,7 +612,7 @@ def get_storage(settings: MeshSettings) -> Storage:
     """One Storage per distinct storage-related settings in this process (clients are reused)."""
     fields = (
         "storage_config", "disk_cache_dir", "disk_cache_bytes", "s3_connect_timeout_s",
-        "s3_read_timeout_s", "s3_max_attempts",
+        "s3_read_timeout_s", "s3_max_attempts", "storage_roots", "model_dir",
     )  # fmt: skip
     items = []
     for f in fields:

@@ -28,9 +28,9 @@ REDIS_CLIENT_OPTIONS: Final[dict[str, float]] = {
     # An unreachable host fails in seconds rather than the OS's minutes-long TCP timeout.
     "socket_connect_timeout": 5,
     # Long enough for the slowest legitimate call: the scheduler's bulk reads at 100,000 models
-    # (HGETALL of the registry, pipelines of 1,000 models, mesh/store/cluster.py). None of these
-    # clients blocks server-side (BRPOP waits only on kombu's own connections,
-    # mesh/broker/transport.py) and every Lua script is short, so only a hung server hits it.
+    # (HGETALL of the registry, pipelines of 1,000 models, mesh/store/cluster.py). The only
+    # server-side waits are short (a worker's BRPOP on the wanted list, 1 s: StateStore.pop_wanted)
+    # and every Lua script is short, so only a hung server hits it.
     "socket_timeout": 30,
 }
 
@@ -39,6 +39,23 @@ REDIS_CLIENT_OPTIONS: Final[dict[str, float]] = {
 # pool to the garbage collector. redis-py clients are thread-safe, so sharing one is fine.
 _shared: dict[str, redis.Redis] = {}
 _shared_lock = threading.Lock()
+
+
+def is_permission_error(exc: BaseException | None) -> bool:
+    """Whether Redis refused a command for the user's ACL: NOPERM, or a script's command on a
+    key the user may not touch (Redis 7 reports that one as a plain script error); also when
+    wrapped (kombu raises OperationalError from the redis-py error)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, redis.exceptions.NoPermissionError):
+            return True
+        text = str(exc)
+        if isinstance(exc, redis.exceptions.ResponseError) and (
+            "NOPERM" in text or "can't access at least one of the keys" in text
+        ):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 def redis_client(url: str, *, shared: bool = False, retry: bool = True) -> redis.Redis:
@@ -84,4 +101,4 @@ class StoreContext:
         return cls.from_settings(settings, conf.mesh_redis_backend_url, shared=shared)
 
 
-__all__ = ["REDIS_CLIENT_OPTIONS", "StoreContext", "redis_client"]
+__all__ = ["REDIS_CLIENT_OPTIONS", "StoreContext", "is_permission_error", "redis_client"]

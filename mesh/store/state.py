@@ -8,6 +8,7 @@ this module only reads and writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -49,7 +50,8 @@ class Route(IntEnum):
 # record, the failure records, and each live worker's state and line of loads (entries since
 # ARGV[9]; ARGV[8] is the line keys' prefix): {2, record, {worker, error, ...}, {name, state,
 # line, ...}}; and SERVING returns {1, settled}: 1 when a live copy has been LOADED since
-# ARGV[10] or earlier.
+# ARGV[10] or earlier. With ARGV[11] = '0' nothing is written (a producer whose Redis user may
+# not write claims, docs/security.md): CLAIMED then means "nobody serves or loads it".
 _ROUTE_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 local max_queue = tonumber(ARGV[5])
@@ -77,7 +79,7 @@ if holder then
   end
 end
 if ARGV[6] == '1' and depth == 0 then return 5 end
-redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3])
+if ARGV[11] ~= '0' then redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[3]) end
 if ARGV[7] ~= '1' then return 2 end
 local workers = {}
 for _, w in ipairs(redis.call('SMEMBERS', KEYS[5])) do
@@ -91,16 +93,55 @@ end
 return {2, redis.call('HGET', KEYS[1], ARGV[1]), redis.call('HGETALL', KEYS[4]), workers}
 """
 
-# Move one queued message (ARGV[1]) from list KEYS[1] to the consuming end of list KEYS[2],
-# rewritten as ARGV[2], and ring the destination queue's bell (KEYS[3], mesh/broker/transport.py);
-# 0 when the message is no longer in KEYS[1] (a worker took it meanwhile).
+# Move the messages named in ARGV out of list KEYS[1], in one pass over it (reroute_queued):
+# ARGV[1] is the bells' TTL, ARGV[2] the number m of destinations, then one triple per message
+# to move: the SHA1 of its raw form, its destination's index d (1..m) and its rewritten form.
+# KEYS[2..m+1] are the destination lists, KEYS[m+2..2m+1] their bells (mesh/broker/transport.py).
+# The list is read once, partitioned, and written back without the moved messages (order kept);
+# each destination gets its messages at its consuming end (RPUSH, newest first, so the oldest
+# is served first) and its bell rung. A message no longer in KEYS[1] (a worker took it meanwhile)
+# is not moved. Returns the count moved per destination. One LREM per message, as before, was
+# O(N) each: O(N^2) inside Redis for a long queue.
 _MOVE_LUA = """
-if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('LPUSH', KEYS[3], 1)
-redis.call('LTRIM', KEYS[3], 0, 0)
-redis.call('PEXPIRE', KEYS[3], ARGV[3])
-return 1
+local m = tonumber(ARGV[2])
+local want = {}
+for i = 3, #ARGV, 3 do
+  local q = want[ARGV[i]]
+  if not q then q = {}; want[ARGV[i]] = q end
+  q[#q + 1] = i
+end
+local keep, out, counts, moved = {}, {}, {}, 0
+for d = 1, m do out[d] = {}; counts[d] = 0 end
+for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local q = want[redis.sha1hex(raw)]
+  if q and #q > 0 then
+    local i = table.remove(q)
+    local d = tonumber(ARGV[i + 1])
+    out[d][#out[d] + 1] = ARGV[i + 2]
+    counts[d] = counts[d] + 1
+    moved = moved + 1
+  else
+    keep[#keep + 1] = raw
+  end
+end
+if moved == 0 then return counts end
+local function push(key, items)
+  for j = 1, #items, 1000 do
+    redis.call('RPUSH', key, unpack(items, j, math.min(j + 999, #items)))
+  end
+end
+redis.call('DEL', KEYS[1])
+push(KEYS[1], keep)
+for d = 1, m do
+  if counts[d] > 0 then
+    push(KEYS[1 + d], out[d])
+    local bell = KEYS[1 + m + d]
+    redis.call('LPUSH', bell, 1)
+    redis.call('LTRIM', bell, 0, 0)
+    redis.call('PEXPIRE', bell, ARGV[1])
+  end
+end
+return counts
 """
 
 # A worker reports a copy only while the model is still registered: an unregister that raced
@@ -141,6 +182,7 @@ return 0
 """
 
 PENDING_CLAIM_MS = 5000
+WANTED_MAX = 10_000  # hints a flood of cold requests (or a hostile producer) can leave waiting
 
 
 @dataclass(frozen=True)
@@ -163,6 +205,10 @@ class StateStore:
         self.keys = keys
         self.settings = settings
         self._route = client.register_script(_ROUTE_LUA)
+        # The same route, its keys named in the last argument instead of KEYS: Redis 7 asks
+        # read *and* write rights for every key a script declares, so a producer user that may
+        # only read the registry could not run the declared form (docs/security.md).
+        self._route_read_only = client.register_script("local KEYS = cjson.decode(ARGV[#ARGV])\n" + _ROUTE_LUA)
         self._mark_copy = client.register_script(_MARK_COPY_LUA)
         self._move = client.register_script(_MOVE_LUA)
         self._release_lock = client.register_script(_RELEASE_LOCK_LUA)
@@ -201,6 +247,11 @@ class StateStore:
 
         Idempotent when absent. FAILED_PRECONDITION while a vmodel references the model.
         """
+        return self.unregister(model_id)[1]
+
+    def unregister(self, model_id: str) -> tuple[ModelRecord | None, list[str]]:
+        """`unregister_model`, with the record deleted (None when there was none): its
+        `created_at` is the generation the unload commands name (Command.generation)."""
         validate_id(model_id)
         k = self.keys
         with self.r.pipeline() as p:
@@ -210,7 +261,7 @@ class StateStore:
                     raw = p.hget(k.models, model_id)
                     if raw is None:
                         p.reset()
-                        return []
+                        return None, []
                     rec = ModelRecord.model_validate_json(raw)
                     if rec.refs > 0:
                         raise FailedPrecondition(
@@ -219,10 +270,11 @@ class StateStore:
                     holders = [w.decode() for w in p.hkeys(k.copies(model_id))]
                     p.multi()
                     p.hdel(k.models, model_id)
+                    p.zadd(k.gone, {model_id: time.time()})  # its queue is watched for strays (mesh/store/strays.py)
                     p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
                              k.queue_bell(k.model_queue(model_id)), *k.queue_bindings(k.model_queue(model_id)))
                     p.execute()
-                    return holders
+                    return rec, holders
                 except redis.WatchError:
                     continue
 
@@ -289,47 +341,52 @@ class StateStore:
     # ------------------------------------------------------------------ cold path
     def route(
         self, model_id: str, claimant: str, *, max_queue: int = 0, priority_steps: list[int] = (0,),
-        if_queued: bool = False,
+        if_queued: bool = False, claim: bool = True,
     ) -> Route:  # fmt: skip
-        """One round trip: exists? queue full? a live copy? else claim the load.
+        """One round trip: exists? queue full? a live copy? else claim the load (with `claim`
+        False: write nothing, and CLAIMED means nobody serves or loads the model).
 
         `if_queued`: claim only while requests wait in the model's queue (else Route.IDLE). For
         a worker's orphan watch, whose read of the queue's depth is a round trip older: a copy
         leaving may have answered those requests meanwhile, and a load then would be for
         nothing.
         """
-        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, None, 0.0).route
+        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, None, 0.0, claim).route
 
     def route_and_place(
         self, model_id: str, claimant: str, *, max_queue: int = 0, priority_steps: list[int] = (0,),
-        if_queued: bool = False, exclude: Iterable[str] = (), settled_s: float = 0.0,
+        if_queued: bool = False, exclude: Iterable[str] = (), settled_s: float = 0.0, claim: bool = True,
     ) -> Routed:  # fmt: skip
         """`route`, and when it claims the load, `place_load` too, on what the same round trip
         read: two round trips for a cold request instead of four (closedloop zipf: a fifth of
         the requests are cold, and each round trip of a busy producer costs milliseconds).
-        SERVING also says whether a live copy has been LOADED for `settled_s` or longer."""
-        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, exclude, settled_s)
+        SERVING also says whether a live copy has been LOADED for `settled_s` or longer.
+        With `claim` False nothing is written: CLAIMED comes without a placement."""
+        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, exclude, settled_s, claim)
 
     def _route_call(
         self, model_id: str, claimant: str, max_queue: int, priority_steps: Iterable[int], if_queued: bool,
-        exclude: Iterable[str] | None, settled_s: float,
+        exclude: Iterable[str] | None, settled_s: float, claim: bool = True,
     ) -> Routed:  # fmt: skip
         k = self.keys
         now = time.time()
         queue_keys = (
             k.queue_list_keys(k.model_queue(model_id), list(priority_steps)) if max_queue or if_queued else []
         )
-        out = self._route(
-            keys=[k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id), k.workers,
-                  *queue_keys],
-            args=[model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}", max_queue,
-                  "1" if if_queued else "0", "0" if exclude is None else "1",
-                  k.load_line(""), now - self.settings.load_timeout_s, now - settled_s],
-        )  # fmt: skip
+        keys = [k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id), k.workers, *queue_keys]
+        args = [model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}", max_queue,
+                "1" if if_queued else "0", "0" if exclude is None else "1",
+                k.load_line(""), now - self.settings.load_timeout_s, now - settled_s, "1" if claim else "0"]  # fmt: skip
+        if claim:
+            out = self._route(keys=keys, args=args)
+        else:
+            out = self._route_read_only(keys=[], args=[*args, json.dumps(keys)])
         if not isinstance(out, list):
             return Routed(Route(int(out)))
         if int(out[0]) == Route.SERVING:
             return Routed(Route.SERVING, settled=bool(out[1]))
+        if not claim:
+            return Routed(Route.CLAIMED)
         _, raw, raw_failures, flat = out
         workers = sorted(
             ((flat[i].decode(), WorkerState.model_validate_json(flat[i + 1]), int(flat[i + 2]))
@@ -341,6 +398,21 @@ class StateStore:
             exclude, now,
         )  # fmt: skip
         return Routed(Route.CLAIMED, placement)
+
+    def want_load(self, model_id: str) -> None:
+        """Ask the workers to load a model nobody serves or loads (a producer that may not
+        place loads itself, docs/security.md): one LPUSH on the list they wait on, kept to
+        WANTED_MAX entries (a hint: the worker that pops it routes and places as a producer
+        would, and drops it if the model is served or loading by then)."""
+        with self.r.pipeline(transaction=False) as p:
+            p.lpush(self.keys.wanted, model_id)
+            p.ltrim(self.keys.wanted, 0, WANTED_MAX - 1)
+            p.execute()
+
+    def pop_wanted(self, timeout_s: float) -> str | None:
+        """The oldest model a producer asked to load, waiting up to `timeout_s` (a worker)."""
+        popped = self.r.brpop([self.keys.wanted], timeout=timeout_s)
+        return None if popped is None else popped[1].decode("utf-8", "replace")
 
     def place_load(self, model_id: str, *, exclude: Iterable[str] = ()) -> Placement:
         """Pick a worker for a new copy and record the copy as LOADING under a claim.
@@ -548,14 +620,18 @@ class StateStore:
         """Move the requests queued for `model_id` to the queue of `destination(message)` (a
         model id, or None to leave a message where it is); returns the count moved per model.
 
-        Each message moves in one atomic step (it is in exactly one of the two queues), keeps
-        its priority, and is served before what was already queued there: it waited longer.
+        Each priority step moves in one atomic step (a message is in exactly one of the two
+        queues, whatever interrupts the move) and in O(N): one read of the queue, one script
+        that partitions it. A message keeps its priority and is served before what was already
+        queued there: it waited longer.
         The worker takes a message's model from its routing key, rewritten here."""
         k = self.keys
         src_keys = k.queue_list_keys(k.model_queue(model_id), priority_steps)
         moved: dict[str, int] = {}
         for step, src in enumerate(src_keys):
-            for raw in self.r.lrange(src, 0, -1):  # newest first: each moved one goes behind the last
+            targets: dict[str, int] = {}  # destination model -> its index in the script's keys
+            args: list[bytes | str | int] = []
+            for raw in self.r.lrange(src, 0, -1):  # a snapshot: the script moves what is still there
                 try:
                     message = json.loads(raw)
                     dst_model = destination(message)
@@ -567,9 +643,19 @@ class StateStore:
                         message["headers"]["mm-model-id"] = dst_model
                 except (ValueError, TypeError, AttributeError, KeyError):
                     continue  # not a request envelope: left for the worker to refuse
-                dst = k.queue_list_keys(queue, priority_steps)[step]
-                if self._move(keys=[src, dst, k.queue_bell(queue)], args=[raw, json.dumps(message), BELL_TTL_MS]):
-                    moved[dst_model] = moved.get(dst_model, 0) + 1
+                index = targets.setdefault(dst_model, len(targets) + 1)
+                args += [hashlib.sha1(raw).hexdigest(), index, json.dumps(message)]
+            if not targets:
+                continue
+            queues = [k.model_queue(m) for m in targets]
+            counts = self._move(
+                keys=[src, *(k.queue_list_keys(q, priority_steps)[step] for q in queues),
+                      *(k.queue_bell(q) for q in queues)],
+                args=[BELL_TTL_MS, len(targets), *args],
+            )  # fmt: skip
+            for dst_model, count in zip(targets, counts):
+                if count:
+                    moved[dst_model] = moved.get(dst_model, 0) + int(count)
         return moved
 
     def queue_depth(self, model_id: str, priority_steps: list[int]) -> int:

@@ -73,6 +73,7 @@ class DrainEntry(BaseModel):
 
     model_id: str
     info: ModelInfo  # to tell a later re-registration of the same id from this model
+    created_at: float | None = None  # the auto-deleted record's generation (Command.generation)
     holders: list[str]  # workers that held a copy when the record was deleted
     since: float
     drained_at: float | None = None  # when its queue was first seen empty
@@ -161,7 +162,8 @@ class _Tx:
         if raw is not None:
             holders |= set(DrainEntry.model_validate_json(raw).holders)
         self.model_deletes[rec.model_id] = DrainEntry(
-            model_id=rec.model_id, info=rec.info, holders=sorted(holders), since=self.now
+            model_id=rec.model_id, info=rec.info, holders=sorted(holders), since=self.now,
+            created_at=rec.created_at,
         )
 
     def commit(self) -> None:
@@ -175,6 +177,7 @@ class _Tx:
             p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
                      *k.queue_bindings(k.model_queue(model_id)))
             p.hset(k.draining, model_id, entry.model_dump_json())
+            p.zadd(k.gone, {model_id: self.now})  # its queue is watched for strays (mesh/store/strays.py)
         if self.vmodel_write is not None:
             vm = self.vmodel_write
             p.hset(k.vmodels, vm.vmodel_id, vm.model_dump_json())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -44,6 +45,11 @@ repository_app = typer.Typer(no_args_is_help=True, help="The model repository (M
 app.add_typer(models_app, name="models")
 app.add_typer(vmodels_app, name="vmodels")
 app.add_typer(repository_app, name="repository")
+dead_letters_app = typer.Typer(
+    no_args_is_help=True,
+    help="Messages delivered MESH_MAX_DELIVERIES times whose workers died or stalled each time.",
+)
+app.add_typer(dead_letters_app, name="dead-letters")
 
 # markup=False: ids, paths and error messages are printed as they are ("[...]" is not a style)
 console = Console(markup=False)
@@ -262,8 +268,11 @@ def up(
     from mesh.tools.local_stack import LocalStack
 
     state_dir = state_dir.resolve()
+    # Flower sends tasks and controls workers: never without a login, even on loopback (a web
+    # page in the local browser could POST to it otherwise); a generated one, shown once
+    flower_auth = os.environ.get("FLOWER_BASIC_AUTH") or f"admin:{secrets.token_urlsafe(12)}"
     stack = LocalStack(
-        state_dir=state_dir, prefix=get_settings().prefix, workers=workers,
+        state_dir=state_dir, prefix=get_settings().prefix, workers=workers, flower_auth=flower_auth,
         worker_capacity_bytes=capacity, beat=beat, flower_port=flower_port or None, persist=True,
         metrics_port=metrics_port or None, redis_url=get_settings().redis_url,
     )  # fmt: skip
@@ -281,7 +290,10 @@ def up(
         for p in stack.procs:
             console.print(f"{p.name:<12}pid {p.pid}  log {p.log_path}")
         if flower_port:
-            console.print(f"{'flower':<12}http://127.0.0.1:{flower_port}")
+            login = ("FLOWER_BASIC_AUTH's login" if os.environ.get("FLOWER_BASIC_AUTH")
+                     else "login {} / {}  (generated, shown once; FLOWER_BASIC_AUTH=user:password sets yours)"
+                     .format(*flower_auth.split(":", 1)))  # fmt: skip
+            console.print(f"{'flower':<12}http://127.0.0.1:{flower_port}  {login}")
         if metrics_port:
             for i, p in enumerate(stack.worker_procs()):
                 console.print(f"{'metrics':<12}http://127.0.0.1:{metrics_port + i}/metrics  ({p.full_name})")
@@ -633,6 +645,78 @@ def _print_sync_report(report: Any) -> None:
     if report.ok and not any(v for _, v in rows[:6]):
         table.add_row("changes", "none: the registry matches the repository")
     console.print(table)
+
+
+# ---------------------------------------------------------------------- security
+@app.command()
+def acl(
+    role: str = typer.Argument(..., help="producer (infer and read results only) or operator"),
+    user: Optional[str] = typer.Option(None, help="the Redis user's name (default: the role)"),
+) -> None:
+    """Print the Redis ACL command for a user of this mesh's prefix (Redis >= 7.0;
+    docs/security.md). Replace PASSWORD, then run it with redis-cli as an admin."""
+    from mesh.protocol.acl import operator_rules, producer_rules, setuser_command
+    from mesh.protocol.keys import Keys
+    from mesh.settings import get_settings
+
+    rules = {"producer": producer_rules, "operator": operator_rules}.get(role)
+    if rules is None:
+        _fail(f"unknown role {role!r}: use producer or operator")
+        return
+    command = setuser_command(user or role, "PASSWORD", rules(Keys(get_settings().prefix)))
+    console.print(" ".join(f"'{a}'" if any(c in a for c in "*&%|>~") else a for a in command),
+                  soft_wrap=True, highlight=False, markup=False)  # fmt: skip
+
+
+# ---------------------------------------------------------------------- dead letters
+def _dead_letters(c: MeshClient) -> Any:
+    from mesh.store.failover import FailoverStore
+
+    return FailoverStore(c.store.r, c.keys)
+
+
+_TAGS = typer.Argument(None, help="delivery tags (from `list`); none: --all")
+_ALL = typer.Option(False, "--all", help="every dead letter")
+
+
+def _chosen(tags: Optional[list[str]], all_: bool) -> Optional[list[str]]:
+    if bool(tags) == all_:
+        _fail("name delivery tags or pass --all (not both)")
+    return None if all_ else list(tags or [])
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    limit: int = typer.Option(100, min=0, help="newest first; 0: all"),
+    as_json: bool = typer.Option(False, "--json", help="print them as JSON, the messages included"),
+) -> None:
+    """The dead letters, newest first: queue, delivery tag, task id, deliveries, when."""
+    with _client() as c:
+        entries = _dead_letters(c).dead_letters(limit)
+        if as_json:
+            _print_json([{**e.model_dump(exclude={"raw"}), "message": json.loads(e.raw).get("message")}
+                         for e in entries])  # fmt: skip
+            return
+        table = Table("queue", "delivery tag", "task", "task id", "deliveries", "dead-lettered", "reason")
+        for e in entries:
+            table.add_row(e.queue, e.tag, e.task or "-", e.task_id or "-", str(e.deliveries), _ago(e.time), e.reason)
+        console.print(table)
+
+
+@dead_letters_app.command("requeue")
+def dead_letters_requeue(tags: Optional[list[str]] = _TAGS, all_: bool = _ALL) -> None:
+    """Put dead letters back on their queue, with a fresh delivery count."""
+    with _client() as c:
+        n = _dead_letters(c).requeue(_chosen(tags, all_))
+    console.print(f"requeued {n} dead letter(s)")
+
+
+@dead_letters_app.command("purge")
+def dead_letters_purge(tags: Optional[list[str]] = _TAGS, all_: bool = _ALL) -> None:
+    """Delete dead letters for good (their producers were answered when they were dead-lettered)."""
+    with _client() as c:
+        n = _dead_letters(c).purge(_chosen(tags, all_))
+    console.print(f"purged {n} dead letter(s)")
 
 
 # ---------------------------------------------------------------------- watching

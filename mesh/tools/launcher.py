@@ -254,9 +254,17 @@ def start_beat(env: Mapping[str, Any] | None, log_dir: Path) -> Proc:
     )
 
 
-def start_flower(env: Mapping[str, Any] | None, log_dir: Path, port: int) -> Proc:
-    """Start Flower on 127.0.0.1:`port` with its HTTP API open (FLOWER_UNAUTHENTICATED_API)."""
+def start_flower(env: Mapping[str, Any] | None, log_dir: Path, port: int, basic_auth: str | None = None) -> Proc:
+    """Start Flower on 127.0.0.1:`port`.
+
+    With `basic_auth` ("user:password", given through the environment, never the command line)
+    Flower asks for that login and refuses cross-site requests (flower/views/__init__.py
+    `check_xsrf_cookie`): what `mesh up` runs. Without it, the HTTP API is open
+    (FLOWER_UNAUTHENTICATED_API) and, as Flower then skips its cross-site check, any web page the
+    machine's browser opens could send tasks through it: for tests and scripts only.
+    """
     log_dir = Path(log_dir)
+    auth = {"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else {"FLOWER_UNAUTHENTICATED_API": "true"}
     return Proc(
         "flower",
         [
@@ -264,7 +272,7 @@ def start_flower(env: Mapping[str, Any] | None, log_dir: Path, port: int) -> Pro
             f"--port={port}", "--address=127.0.0.1",
         ],  # fmt: skip
         log_dir / "flower.log",
-        env=_child_env(env, FLOWER_UNAUTHENTICATED_API="true"),
+        env=_child_env(env, **auth),
         cwd=REPO_ROOT,
     )
 

@@ -26,6 +26,7 @@ class LocalStack:
     worker_capacity_bytes: int | None = None
     beat: bool = False
     flower_port: int | None = None
+    flower_auth: str | None = None  # "user:password"; None: Flower's API open (tests, the demo)
     persist: bool = False  # persistence for the embedded Redis (mesh up); the demo needs none
     metrics_port: int | None = None  # worker i serves /metrics on metrics_port + i
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -59,7 +60,7 @@ class LocalStack:
             if self.beat:
                 self.procs.append(start_beat(self.env, logs))
             if self.flower_port:
-                self.procs.append(start_flower(self.env, logs, self.flower_port))
+                self.procs.append(start_flower(self.env, logs, self.flower_port, self.flower_auth))
         except BaseException:
             self.stop()
             raise

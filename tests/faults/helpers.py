@@ -16,14 +16,18 @@ X = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4
 
 
 def slow_info(tmp_path: Path, name: str, *, delay: float = 0.0, gate: Path | None = None,
-              size: int = MB, max_batch_size: int = 8) -> ModelInfo:
+              size: int = MB, max_batch_size: int = 8, hang: float = 0.0, hang_mark: Path | None = None,
+              predict_timeout_s: float | None = None) -> ModelInfo:  # fmt: skip
     """A `tests.faults.fault_models:Slow` model: `delay` seconds per batch, a load that waits
-    while `gate` exists."""
+    while `gate` exists; with `hang`, a predict given fault_models.HANG_VALUE sleeps that long
+    (after writing `hang_mark`)."""
     spec = tmp_path / f"{name}.json"
-    spec.write_text(json.dumps({"size": size, "delay": delay, "gate": str(gate) if gate else None}))
+    spec.write_text(json.dumps({"size": size, "delay": delay, "gate": str(gate) if gate else None,
+                                "hang": hang, "hang_mark": str(hang_mark) if hang_mark else None}))  # fmt: skip
     return ModelInfo(
         runtime="python", uri=f"file://{spec}", python_class="tests.faults.fault_models:Slow",
-        size_bytes=size, batching=BatchingConfig(max_batch_size=max_batch_size, max_batch_delay_ms=2),
+        size_bytes=size, batching=BatchingConfig(max_batch_size=max_batch_size, max_batch_delay_ms=2,
+                                                 predict_timeout_s=predict_timeout_s),
     )  # fmt: skip
 
 

@@ -137,6 +137,8 @@ def test_password_redis_end_to_end_and_no_credential_in_logs_events_or_redis(
     env = {
         "MESH_REDIS_URL": url,
         "MESH_STORAGE_CONFIG": json.dumps(storage),
+        # the bucket is a root by default; the test's local model file must be one too
+        "MESH_STORAGE_ROOTS": f"s3://models,file://{svm_path.parent}",
         "MESH_S3_MAX_ATTEMPTS": "1",
         "MESH_DISK_CACHE_DIR": str(tmp_path / "cache"),
     }
@@ -319,3 +321,68 @@ def test_storage_paths_cannot_escape_their_root(client, tmp_path, svm_path):
     assert report.registered == ["good@1"], report
     assert [r.model_id for r in client.list_models()] == ["good@1"]
     assert all(str(outside) not in r.info.uri for r in client.list_models())
+
+
+def test_workers_load_only_from_their_storage_roots_and_allowed_python_modules(client, workers, tmp_path, svm_path, seed_input):
+    """A model record is data anyone with write access to the registry can write; what it makes
+    a worker load and run is the operator's choice (MESH_STORAGE_ROOTS, MESH_PYTHON_MODULES)."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    shutil.copy(svm_path, root / "good.joblib")
+    marker = tmp_path / "unpickled"  # made only if some worker unpickled the exploit
+    (outside / "evil.joblib").write_bytes(pickle.dumps(Exploit(marker)))
+    (root / "link.joblib").symlink_to(outside / "evil.joblib")
+    (root / "dirlink").symlink_to(outside, target_is_directory=True)
+    w = workers("w1", MESH_STORAGE_ROOTS=f"file://{root}", MESH_PYTHON_MODULES="tests.integration")
+
+    client.register_model("good", sklearn_info(root / "good.joblib"))
+    assert answer(client.infer(model_id="good", inputs=[seed_tensor(seed_input)]).get(timeout=60)) == 8
+    denied = {
+        "outside": sklearn_info(outside / "evil.joblib"),
+        "link": sklearn_info(root / "link.joblib"),  # a link out of the root
+        "dirlink": sklearn_info(root / "dirlink" / "evil.joblib"),
+        # python classes: a binary runner, a reader of any file, a class an allowed module imported
+        "popen": ModelInfo(runtime="python", uri=f"file://{root}/good.joblib", python_class="subprocess:Popen"),
+        "netrc": ModelInfo(runtime="python", uri="file:///etc/passwd", python_class="netrc:netrc"),
+        "lent": ModelInfo(runtime="python", uri=f"file://{root}/good.joblib",
+                          python_class="tests.integration.test_foundation:ModelInfo"),  # fmt: skip
+    }
+    for model_id, info in denied.items():
+        client.register_model(model_id, info)
+        with pytest.raises(ModelLoadFailed, match="PERMISSION_DENIED") as err:
+            client.infer(model_id=model_id, inputs=[seed_tensor(seed_input)]).get(timeout=60)
+        assert "root:" not in str(err.value)  # nothing of /etc/passwd
+        status = client.get_model_status(model_id)
+        assert status.state is ModelState.LOADING_FAILED and "PERMISSION_DENIED" in status.errors[0]
+    assert not marker.exists()
+    assert w.alive()
+    assert answer(client.infer(model_id="good", inputs=[seed_tensor(seed_input)]).get(timeout=60)) == 8
+
+
+def test_control_tasks_act_only_from_their_own_queues_and_never_take_the_repository_from_a_message(
+    client, workers, tmp_path, svm_path, seed_input
+):
+    from mesh.policy.repository import READY_MARKER
+
+    repo = tmp_path / "attacker-repo"
+    (repo / "planted" / "1").mkdir(parents=True)
+    shutil.copy(svm_path, repo / "planted" / "1" / "model.joblib")
+    (repo / "planted" / "1" / READY_MARKER).touch()
+    w = workers("w1")  # no MESH_MODEL_DIR: this mesh has no repository
+    client.register_model("digits", sklearn_info(svm_path))
+    client.ensure_loaded("digits", sync=True, timeout=60)
+    app, model_queue = client.app, client.keys.model_queue("digits")
+
+    # through a model queue (what a producer confined to model queues can reach)
+    app.send_task("mesh.sync_repository", kwargs={"model_dir": str(repo)}, queue=model_queue)
+    app.send_task("mesh.command", kwargs={"action": "unload", "model_id": "digits"}, queue=model_queue)
+    # through the control queue, naming a repository
+    app.send_task("mesh.sync_repository", kwargs={"model_dir": str(repo)}, queue=client.keys.control_queue)
+    wait_for(lambda: "this worker has no MESH_MODEL_DIR" in w.tail(400), 60, interval=0.2, what="the sync to run")
+    wait_for(lambda: w.tail(400).count("it is honoured only from") >= 2, 60, interval=0.2, what="the drops")
+    assert [m.model_id for m in client.list_models()] == ["digits"]  # nothing planted
+    # the unload sent through the model queue did nothing: the copy still serves
+    assert answer(client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=60)) == 8
+    assert [c.worker for c in client.get_model_status("digits").copies] == [w.full_name]
+    assert w.alive()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 from mesh.tools.examples import SEED_DIGITS_INPUT, seed_digits_tensor
 
@@ -145,7 +146,7 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
     import signal
     import socket
 
-    from mesh.tools.launcher import wait_for
+    from mesh.tools.launcher import wait_flower_ready, wait_for
 
     def free_port() -> int:
         with socket.socket() as s:
@@ -171,6 +172,16 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
         assert names == ["worker-w1", "beat", "flower"], text
         status = subprocess.run([str(MESH), "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "w1@" in status.stdout, status.stdout + status.stderr
+        # Flower asks for the generated login, shown once, and refuses cross-site requests
+        user, password = text.split("login ", 1)[1].split()[:3:2]
+        api = f"http://127.0.0.1:{flower_port}/api/workers"
+        wait_flower_ready(flower_port, timeout=60)
+        assert requests.get(api, timeout=10).status_code == 401
+        assert requests.get(api, auth=(user, "wrong"), timeout=10).status_code == 401
+        assert requests.get(api, auth=(user, password), timeout=10).status_code == 200
+        forged = requests.post(f"http://127.0.0.1:{flower_port}/api/task/async-apply/mesh.rebalance",
+                               auth=(user, password), headers={"Sec-Fetch-Site": "cross-site"}, json={}, timeout=10)  # fmt: skip
+        assert forged.status_code == 403
         os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends
         assert up.wait(timeout=90) == 0, out.read_text()
     finally:

@@ -101,3 +101,36 @@ def test_task_and_batch_events_reach_an_event_receiver(client, workers, svm_path
         assert by_type.get(kind) == ids, kind
     received = [e for e in events if e["type"] == "task-received" and e.get("uuid") in ids]
     assert {e["name"] for e in received} == {"mesh.infer[digits]"}
+
+
+def model_series(m: dict[tuple[str, tuple], float]) -> dict[str, int]:
+    """model label value -> samples carrying it."""
+    out: dict[str, int] = {}
+    for _, labels in m:
+        model = dict(labels).get("model")
+        if model is not None:
+            out[model] = out.get(model, 0) + 1
+    return out
+
+
+def test_series_of_models_that_came_and_went_are_removed(client, workers, tmp_path):
+    """Issue 21, finding 8: ~18.5 KiB of series per model id ever seen, kept forever. With
+    MESH_METRICS_RETENTION_S=1 a model's series go a heartbeat or two after it left."""
+    from tests.faults.helpers import X, slow_info
+
+    port = free_port()
+    workers("w1", MESH_METRICS_PORT=port, MESH_METRICS_RETENTION_S=1)
+
+    def come_and_go(model_id: str) -> None:
+        client.register_model(model_id, slow_info(tmp_path, model_id))
+        assert client.infer(model_id=model_id, inputs=[X]).get(timeout=60)["outputs"][0]["data"] == [10.0]
+        assert model_series(scrape(port)).get(model_id, 0) > 10  # requests, histograms, loads
+        client.unregister_model(model_id)
+
+    come_and_go("first")  # the worker-wide series any model creates (cache lookups) exist now
+    baseline = wait_for(lambda: (m := scrape(port)) and not model_series(m) and len(m),
+                        timeout=60, what="the first model's series to go")  # fmt: skip
+    for i in range(4):
+        come_and_go(f"m{i}")
+    assert wait_for(lambda: (m := scrape(port)) and not model_series(m) and len(m),
+                    timeout=60, what="every model's series to go") == baseline  # fmt: skip

@@ -381,7 +381,7 @@ def test_stateless_boot_from_the_repository_with_no_api_call(
     s3 = s3_server.client()
     upload_version(s3, bucket, "digits", 1, svm_path.read_bytes())
     upload_version(s3, bucket, "digits", 2, svm_path.read_bytes())
-    workers("w1", **storage_env)
+    workers("w1", **storage_env, MESH_MODEL_DIR=f"s3://{bucket}/repo")  # the repository is the workers'
     beat = start_beat(
         {**mesh_env, "MESH_MODEL_DIR": f"s3://{bucket}/repo", "MESH_REPOSITORY_SYNC_INTERVAL_S": "2"},
         tmp_path / "logs",

@@ -45,6 +45,15 @@ class FakeConsumer:
             self.log.append(("requeue", [p.req.id for p in items]))
             self.requeued.extend(items)
 
+    admitted_bytes = 0
+
+    def admitted(self, nbytes: int) -> None:
+        """The byte bound's intake hook (CeleryConsumer.admitted): not recorded."""
+        self.admitted_bytes += nbytes
+
+    def released(self, buffered: int) -> None:
+        pass
+
     def update_prefetch(self) -> None:
         with self.lock:
             self.log.append(("update_prefetch",))
@@ -113,6 +122,7 @@ class FakeMessage:
     acknowledged: bool = False
     on_ack: Any = None
     channel: Any = field(default_factory=object)
+    body: bytes | None = None
 
     def ack(self) -> None:
         if self.on_ack is not None:

@@ -28,7 +28,12 @@ COMPOSE = ROOT / "docker-compose.yml"
 MESH_SERVICES = ("models-init", "worker", "beat", "flower")
 
 
-def compose(*args: str) -> subprocess.CompletedProcess:
+# what an operator puts in the environment or .env: the file ships no password
+SECRETS = {"REDIS_PASSWORD": "redis-pw-0123", "MINIO_ROOT_USER": "mesh-minio",
+           "MINIO_ROOT_PASSWORD": "minio-pw-4567", "FLOWER_BASIC_AUTH": "admin:flower-pw-89"}  # fmt: skip
+
+
+def compose(*args: str, secrets: dict[str, str] = SECRETS) -> subprocess.CompletedProcess:
     docker = shutil.which("docker")
     if docker is None:
         pytest.fail("the docker CLI is not installed: docker-compose.yml cannot be validated")
@@ -39,6 +44,7 @@ def compose(*args: str) -> subprocess.CompletedProcess:
             f"run scripts/ensure-test-tools ({version.stderr.strip()[:200]})"
         )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "REDIS_", "MINIO_", "FLOWER_"))}
+    env.update(secrets)
     return subprocess.run(
         [docker, "compose", "-f", str(COMPOSE), *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
     )
@@ -54,6 +60,12 @@ def config() -> dict:
 def test_docker_compose_config_passes():
     proc = compose("config", "--quiet")
     assert proc.returncode == 0, f"docker compose config failed:\n{proc.stderr}"
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_the_stack_refuses_to_start_without_each_password(missing):
+    proc = compose("config", "--quiet", secrets={k: v for k, v in SECRETS.items() if k != missing})
+    assert proc.returncode != 0 and missing in proc.stderr, proc.stderr
 
 
 def test_the_stack_is_what_the_docs_say(config):
@@ -79,12 +91,14 @@ def test_the_stack_is_what_the_docs_say(config):
     for name in MESH_SERVICES:
         env = services[name]["environment"]
         settings = MeshSettings(**{k[len("MESH_"):].lower(): v for k, v in env.items() if k.startswith("MESH_")})
-        assert settings.redis_url == "redis://:mesh@redis:6379/0"
+        assert settings.redis_url == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
         storage = load_storage_config(settings.storage_config)
         entry = storage.root[settings.model_dir_storage_key]
         assert settings.model_dir == f"s3://{entry.bucket}/repo"
         assert entry.endpoint_url == "http://minio:9000"
     assert services["worker"]["environment"]["MESH_METRICS_PORT"] == "9101"
+    assert services["worker"]["environment"]["MESH_METRICS_ADDR"] == "0.0.0.0"  # in its container
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == SECRETS["FLOWER_BASIC_AUTH"]
 
 
 def _free_port() -> int:
@@ -129,7 +143,8 @@ def test_init_step_publishes_a_servable_model(config, tmp_path):
         assert version.published and [f.relpath for f in version.files] == ["mnist-svm/1/model.joblib"]
 
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="minioadmin", aws_secret_access_key="minioadmin")  # fmt: skip
+                          aws_access_key_id=SECRETS["MINIO_ROOT_USER"],
+                          aws_secret_access_key=SECRETS["MINIO_ROOT_PASSWORD"])  # fmt: skip
         body = s3.get_object(Bucket="models", Key="repo/mnist-svm/1/model.joblib")["Body"].read()
         model = joblib.load(io.BytesIO(body))  # our own upload, from the server this test started
         assert model.predict([SEED_DIGITS_INPUT])[0] == 8

@@ -4,13 +4,14 @@ port cannot stop and that close() ends (no worker, no Redis)."""
 from __future__ import annotations
 
 import socket
+import time
 import urllib.request
 
 import prometheus_client
 import pytest
 
 from mesh.errors import DeadlineExceeded, InvalidInput, ModelLoadFailed, ModelNotFound, RequestTooLarge
-from workers.metrics import WorkerMetrics, outcome_of
+from workers.metrics import UNKNOWN_MODEL, WorkerMetrics, outcome_of
 
 
 @pytest.mark.parametrize(
@@ -90,3 +91,66 @@ def test_a_taken_port_does_not_stop_the_worker():
             assert requests_value(m, "m", "success") == 1
         finally:
             m.close()
+
+
+def _use(m: WorkerMetrics, model: str) -> None:
+    """Every per-model series a served model gets (a load, a batch, an unload)."""
+    m.loads.labels(model, "success").inc()
+    m.load_seconds.labels(model).observe(0.1)
+    m.restores.labels(model).inc()
+    m.requests.labels(model, "success").inc()
+    m.requests.labels(model, "invalid_input").inc()
+    m.items.labels(model).inc()
+    m.queue_seconds.labels(model).observe(0.001)
+    m.compute_seconds.labels(model).observe(0.001)
+    m.batch_size.labels(model).observe(4)
+    m.unloads.labels(model, "evicted").inc()
+
+
+def test_series_of_models_gone_for_the_retention_time_are_removed():
+    """Issue 21, finding 8: series per model id were kept forever."""
+    m = WorkerMetrics("w@test", retention_s=60.0)
+    try:
+        m.sweep(["kept"], now=0.0)
+        _use(m, "kept")
+        baseline = m.series()
+        for i in range(20):  # models come and go
+            model = f"m{i}"
+            m.sweep(["kept", model], now=float(i))
+            _use(m, model)
+        assert m.series() > baseline
+        m.sweep(["kept"], now=70.0)  # still within the retention time of the last ones
+        assert m.registry.get_sample_value("mesh_requests_total", {"model": "m19", "outcome": "success"}) == 1
+        m.sweep(["kept"], now=80.0)  # every one gone for more than 60 s
+        assert m.series() == baseline
+        assert m.registry.get_sample_value("mesh_requests_total", {"model": "m0", "outcome": "success"}) is None
+        assert m.registry.get_sample_value("mesh_requests_total", {"model": "kept", "outcome": "success"}) == 1
+    finally:
+        m.close()
+
+
+def test_a_noted_model_that_never_served_is_forgotten_too():
+    m = WorkerMetrics("w@test", retention_s=1.0)
+    try:
+        baseline = m.series()
+        m.note("broken")  # its load failed: a series, but never active
+        m.loads.labels("broken", "failed").inc()
+        assert m.series() > baseline
+        m.sweep([], now=time.monotonic() + 2.0)
+        assert m.series() == baseline
+    finally:
+        m.close()
+
+
+def test_label_values_come_only_from_models_served_here():
+    """An id read from a message's routing key (the producer's) is no label of its own."""
+    m = WorkerMetrics("w@test", retention_s=60.0)
+    try:
+        assert m.model_label("forged-id") == UNKNOWN_MODEL
+        assert m.model_label(None) == UNKNOWN_MODEL
+        m.sweep(["served"], now=0.0)
+        assert m.model_label("served") == "served"
+        m.sweep([], now=61.0)
+        assert m.model_label("served") == UNKNOWN_MODEL
+    finally:
+        m.close()

@@ -149,3 +149,15 @@ def test_keys_live_under_the_prefix():
         assert key.startswith("pfx:")
     with pytest.raises(InvalidId):
         Keys("bad prefix")
+
+
+def test_no_prefix_can_own_another_meshs_keys():
+    # 'a' and 'a:copies' both owned 'a:copies:<model>'; 'a.model' queues sat beside 'a's
+    a_keys = Keys("a").copies("m")
+    for other in ("a:copies", "a.model", "a:", "x" * 65, ""):
+        with pytest.raises(InvalidId, match="prefix"):
+            Keys(other)
+        with pytest.raises(ValueError, match="prefix"):
+            MeshSettings(prefix=other)
+    assert a_keys == "a:copies:m"
+    assert Keys("team-a_2").models == "team-a_2:models"

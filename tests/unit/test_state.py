@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -51,6 +52,15 @@ def test_unregister_is_idempotent_and_refuses_referenced_models(store):
     store.r.hset(store.keys.models, "b", rec.model_dump_json())
     with pytest.raises(FailedPrecondition):
         store.unregister_model("b")
+
+
+def test_unregister_returns_the_deleted_record_whose_created_at_is_its_generation(store):
+    rec, _ = store.register_model("a", INFO)
+    store.mark_copy("a", "w1", CopyState.LOADED)
+    assert store.unregister("a") == (rec, ["w1"])
+    assert store.unregister("a") == (None, [])
+    again, _ = store.register_model("a", INFO)
+    assert again.created_at > rec.created_at  # a new registration, a new generation
 
 
 def test_a_copy_is_not_recorded_for_an_unregistered_model(store):
@@ -229,3 +239,86 @@ def test_dead_workers_disappear_from_the_live_set(store):
     assert [w.name for w in store.live_workers()] == ["w1"]
     store.remove_worker("w1")
     assert store.live_workers() == []
+
+
+# ---------------------------------------------------------------------- reroute_queued
+
+
+def _envelope(n: int, vmodel: str | None, model: str, keys: Keys) -> bytes:
+    headers = {"id": f"t{n}", "mm-model-id": model}
+    if vmodel is not None:
+        headers["mm-vmodel-id"] = vmodel
+    return json.dumps({
+        "body": "e30=", "headers": headers,
+        "properties": {"delivery_info": {"routing_key": keys.model_queue(model)}, "delivery_tag": f"d{n}"},
+    }).encode()  # fmt: skip
+
+
+def _ids(store, key) -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in store.r.lrange(key, 0, -1)]
+
+
+def _by_vmodel(message: dict) -> str | None:
+    return {"va": "a2", "vb": "b2"}.get((message.get("headers") or {}).get("mm-vmodel-id"))
+
+
+def test_reroute_moves_each_message_to_its_destination_in_order_and_rings_the_bells(store):
+    k = store.keys
+    src, a2, b2 = (k.queue_list_key(k.model_queue(m), 0) for m in ("old", "a2", "b2"))
+    store.r.lpush(a2, _envelope(100, None, "a2", k))  # already queued there: served after the moved ones
+    vmodels = ["va", "vb", None, "va", "vc", "vb", "va"]
+    for n, vm in enumerate(vmodels):  # LPUSH like kombu: t0 is the oldest, at the consuming end
+        store.r.lpush(src, _envelope(n, vm, "old", k))
+    store.r.lpush(src, b"not json")
+    assert store.reroute_queued("old", [0], _by_vmodel) == {"a2": 3, "b2": 2}
+    # what stays keeps its order; each destination serves the moved ones oldest first
+    # (RPOP takes from the right), before what it already held
+    assert store.r.lpop(src) == b"not json"
+    assert _ids(store, src)[::-1] == ["t2", "t4"]
+    assert _ids(store, a2)[::-1] == ["t0", "t3", "t6", "t100"]
+    assert _ids(store, b2)[::-1] == ["t1", "t5"]
+    moved = json.loads(store.r.rpop(b2))
+    assert moved["properties"]["delivery_info"]["routing_key"] == k.model_queue("b2")
+    assert moved["headers"]["mm-model-id"] == "b2"
+    for m in ("a2", "b2"):
+        assert store.r.lrange(k.queue_bell(k.model_queue(m)), 0, -1) == [b"1"]
+    assert store.r.exists(k.queue_bell(k.model_queue("old"))) == 0
+    assert store.reroute_queued("old", [0], _by_vmodel) == {}  # nothing left to move
+    assert _ids(store, src)[::-1] == ["t2", "t4"]
+
+
+def test_reroute_keeps_priorities_and_skips_messages_taken_meanwhile(store):
+    k = store.keys
+    steps = [0, 3, 6]
+    for step in steps:
+        for n in range(3):
+            store.r.lpush(k.queue_list_key(k.model_queue("old"), step), _envelope(10 * step + n, "va", "old", k))
+    taken = []
+
+    def destination(message: dict) -> str | None:
+        # a worker takes the oldest high-priority message between the read and the move
+        if not taken:
+            taken.append(store.r.rpop(k.queue_list_key(k.model_queue("old"), 0)))
+        return _by_vmodel(message)
+
+    assert store.reroute_queued("old", steps, destination) == {"a2": 8}
+    assert json.loads(taken[0])["headers"]["id"] == "t0"
+    for step in steps:
+        assert store.r.llen(k.queue_list_key(k.model_queue("old"), step)) == 0
+        want = [f"t{10 * step + n}" for n in range(3) if (step, n) != (0, 0)]
+        assert _ids(store, k.queue_list_key(k.model_queue("a2"), step))[::-1] == want
+
+
+def test_reroute_of_a_long_queue_moves_every_message_once(store):
+    k = store.keys
+    src = k.queue_list_key(k.model_queue("old"), 0)
+    n = 20_000
+    vmodels = ["va", "vb", None, "vc"]
+    with store.r.pipeline(transaction=False) as p:
+        for i in range(n):
+            p.lpush(src, _envelope(i, vmodels[i % 4], "old", k))
+        p.execute()
+    assert store.reroute_queued("old", [0], _by_vmodel) == {"a2": n // 4, "b2": n // 4}
+    assert _ids(store, src)[::-1] == [f"t{i}" for i in range(n) if i % 4 in (2, 3)]
+    assert _ids(store, k.queue_list_key(k.model_queue("a2"), 0))[::-1] == [f"t{i}" for i in range(0, n, 4)]
+    assert _ids(store, k.queue_list_key(k.model_queue("b2"), 0))[::-1] == [f"t{i}" for i in range(1, n, 4)]

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from mesh.errors import InvalidArgument, ModelLoadFailed
+from mesh.errors import InvalidArgument, ModelLoadFailed, PermissionDenied
 from mesh.models import ModelInfo
 from mesh.settings import MeshSettings
 from mesh.storage.sources import (
@@ -152,24 +152,45 @@ def test_storage_entry_resolution(tmp_path):
         tmp_path,
         {"a": entry(bucket="baa", endpoint_url="http://127.0.0.1:1"), "b": entry(bucket="bbb"), "default": entry()},
     )
-    assert s.resolve_s3(parse_location("s3://xxx/k", "a"))[0].name == "a"  # explicit key wins
+    assert s.resolve_s3(parse_location("s3://baa/k", "a"))[0].name == "a"  # explicit key
     assert s.resolve_s3(parse_location("s3://bbb/k"))[0].name == "b"  # the entry of that bucket
-    assert s.resolve_s3(parse_location("s3://other/k"))[0].name == "default"
     store, bucket, key = s.resolve_s3(parse_location("m/1/", "a"))
     assert (store.name, bucket, key) == ("a", "baa", "m/1/")  # storage key + path
-
+    # an entry's credentials never serve a bucket it does not name: no fallback to "default"
+    # or the only entry, and a storage key does not lend its credentials to another bucket
+    with pytest.raises(ModelLoadFailed, match="no MESH_STORAGE_CONFIG entry has bucket 'other'"):
+        s.resolve_s3(parse_location("s3://other/k"))
+    with pytest.raises(ModelLoadFailed, match="serves bucket 'baa', not 'xxx'"):
+        s.resolve_s3(parse_location("s3://xxx/k", "a"))
     only = storage_with(tmp_path, {"solo": entry()})
-    assert only.resolve_s3(parse_location("s3://any/k"))[0].name == "solo"
+    with pytest.raises(ModelLoadFailed, match="no MESH_STORAGE_CONFIG entry has bucket 'any'"):
+        only.resolve_s3(parse_location("s3://any/k"))
 
-    several = storage_with(tmp_path, {"x": entry(), "y": entry()})
+    several = storage_with(tmp_path, {"x": entry(bucket="same"), "y": entry(bucket="same")})
     with pytest.raises(ModelLoadFailed, match="set the model's storage_key"):
-        several.resolve_s3(parse_location("s3://any/k"))
+        several.resolve_s3(parse_location("s3://same/k"))
     with pytest.raises(ModelLoadFailed, match="not in MESH_STORAGE_CONFIG"):
-        several.resolve_s3(parse_location("s3://any/k", "nope"))
+        several.resolve_s3(parse_location("s3://same/k", "nope"))
+    bucketless = storage_with(tmp_path, {"x": entry()})
     with pytest.raises(ModelLoadFailed, match="has no bucket"):
-        several.resolve_s3(parse_location("m/1", "x"))
+        bucketless.resolve_s3(parse_location("m/1", "x"))
     with pytest.raises(ModelLoadFailed, match="MESH_STORAGE_CONFIG"):
         storage_with(tmp_path, {}).resolve_s3(parse_location("s3://any/k"))
+
+
+def test_a_bucketless_entry_serves_only_buckets_the_roots_allow(tmp_path):
+    raw = json.dumps({"solo": entry()})
+    default = Storage(MeshSettings(storage_config=raw, disk_cache_dir=str(tmp_path)))
+    # no bucket in the config and no roots: the default roots hold no bucket at all
+    with pytest.raises(PermissionDenied, match="PERMISSION_DENIED: s3://any/k is outside"):
+        default.resolve_s3(parse_location("s3://any/k", "solo"))
+    rooted = Storage(MeshSettings(storage_config=raw, disk_cache_dir=str(tmp_path),
+                                  storage_roots="s3://any/models"))  # fmt: skip
+    assert rooted.resolve_s3(parse_location("s3://any/models/m1", "solo"))[1:] == ("any", "models/m1")
+    with pytest.raises(PermissionDenied, match="s3://any/modelsX/m1 is outside"):
+        rooted.resolve_s3(parse_location("s3://any/modelsX/m1", "solo"))
+    with pytest.raises(PermissionDenied):
+        rooted.resolve_s3(parse_location("s3://other/models/m1", "solo"))
 
 
 def test_get_storage_is_shared_per_settings(tmp_path):

@@ -391,3 +391,29 @@ def test_items_that_are_not_alike_or_not_valid_are_left_to_the_one_by_one_path(i
     from mesh.protocol.tensors import decode_stacked
 
     assert decode_stacked(items) is None
+
+
+def test_predecode_gives_the_same_arrays_and_shows_no_data():
+    """Issue 21, finding 6: a large request's tensors are held as arrays, not Python lists."""
+    import json
+
+    from mesh.protocol.tensors import Decoded, decode_inputs, predecode
+
+    raw = [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]},
+           {"name": "y", "shape": [2], "datatype": "INT64", "data": [7, 8]}]  # fmt: skip
+    decoded = predecode(raw)
+    assert isinstance(decoded, Decoded)
+    arrays = decode_inputs(decoded)
+    expected = decode_inputs(raw)
+    assert arrays.keys() == expected.keys()
+    for name in expected:
+        assert arrays[name].dtype == expected[name].dtype
+        assert (arrays[name] == expected[name]).all()
+    # what `celery inspect` and the events serialize: the tensors' form, not their data
+    assert json.loads(json.dumps(decoded)) == [
+        {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": "(decoded)"},
+        {"name": "y", "shape": [2], "datatype": "INT64", "data": "(decoded)"},
+    ]
+    # invalid: left as it came, to fail with its usual error in its batch
+    assert predecode([{"name": "x", "shape": [2], "datatype": "FP32", "data": [1]}]) is None
+    assert predecode("nonsense") is None

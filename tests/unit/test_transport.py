@@ -13,7 +13,9 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from mesh.broker.transport import POP_AND_RECORD, ack_in, envelope_problem, forget_acked, on_rejected, redis_server
+from mesh.broker.transport import (
+    POP_AND_RECORD, ack_in, envelope_problem, forget_acked, on_rejected, pop_keys_args, redis_server,
+)
 from mesh.protocol.keys import BELL_TTL_MS, Keys
 
 TRANSPORT = "mesh.broker.transport:Transport"
@@ -58,9 +60,9 @@ def test_pop_script_records_each_message_in_the_same_step(redis_url: str, prefix
     r.lpush(hi, json.dumps(envelope("h")))
     r.lpush(hi, "not json")
     script = r.register_script(POP_AND_RECORD)
-    keys = [p + "unacked", p + "unacked_index", hi, lo]
+    keys, args = pop_keys_args(p, [hi, lo], now=123.5, most=3, max_bytes=1 << 20)
     # at most 3: the first list first, oldest first; garbage comes back unrecorded (tag '')
-    out = script(keys=keys, args=[123.5, 1 << 20, 3])
+    out = script(keys=keys, args=args)
     triples = [(out[i].decode(), out[i + 1], out[i + 2].decode()) for i in range(0, len(out), 3)]
     assert [(k, t) for k, _, t in triples] == [(hi, "h"), (hi, ""), (lo, "a")]
     assert json.loads(triples[0][1]) == envelope("h") and triples[1][1] == b"not json"
@@ -68,9 +70,29 @@ def test_pop_script_records_each_message_in_the_same_step(redis_url: str, prefix
     assert json.loads(r.hget(p + "unacked", "a")) == [envelope("a"), "", "q"]
     assert r.zscore(p + "unacked_index", "h") == 123.5
     assert sorted(r.hkeys(p + "unacked")) == [b"a", b"h"]
-    out = script(keys=keys, args=[1, 1 << 20, 16])
+    keys, args = pop_keys_args(p, [hi, lo], now=1, most=16, max_bytes=1 << 20)
+    out = script(keys=keys, args=args)
     assert out[2::3] == [b"b", b"c"]
-    assert script(keys=keys, args=[1, 1 << 20, 16]) == []
+    assert script(keys=keys, args=args) == []
+    r.delete(p + "unacked", p + "unacked_index")
+
+
+def test_a_message_is_recorded_as_from_the_queue_it_was_popped_from(redis_url: str, prefix: str) -> None:
+    """The envelope's exchange and routing key are the producer's word; the unacked record (what
+    every restore routes by) names the queue the message really left, so a message pushed onto
+    a model queue claiming the control queue goes back to the model queue (docs/security.md)."""
+    r = redis.Redis.from_url(redis_url)
+    p = Keys(prefix).kombu_prefix
+    model_lo = p + f"{prefix}.model.m\x06\x165"
+    forged = {"body": "e30=", "properties": {"delivery_tag": "f", "delivery_info": {
+        "exchange": f"{prefix}.default", "routing_key": f"{prefix}.control"}}}  # fmt: skip
+    r.lpush(model_lo, json.dumps(forged))
+    r.lpush(p + f"{prefix}.model.m", json.dumps({**forged, "properties": {**forged["properties"], "delivery_tag": "g"}}))
+    keys, args = pop_keys_args(p, [p + f"{prefix}.model.m", model_lo], now=1.0, most=16, max_bytes=1 << 20)
+    out = r.register_script(POP_AND_RECORD)(keys=keys, args=args)
+    assert out[2::3] == [b"g", b"f"]
+    for tag in ("f", "g"):
+        assert json.loads(r.hget(p + "unacked", tag))[1:] == ["", f"{prefix}.model.m"]
     r.delete(p + "unacked", p + "unacked_index")
 
 

@@ -151,6 +151,34 @@ def test_an_unload_that_fails_queued_requests_passes_model_not_found(worker):
     assert err_k is None  # a plain unload: queued requests wait for another copy
 
 
+def test_a_stale_unload_of_a_model_registered_again_fails_nothing(worker):
+    """An unload names the generation of the registration it is about (its record's
+    created_at): read after the model was registered again, it is stale."""
+    old, _ = worker.store.register_model("m", INFO)
+    worker.store.unregister_model("m")
+    new, _ = worker.store.register_model("m", INFO)
+    assert new.created_at != old.created_at
+    stale = Command(op="unload", model_id="m", fail_queued=True, generation=old.created_at)
+    worker.manager = RecordingManager()  # nothing loaded here
+    worker.on_command(stale)
+    assert worker.manager.calls == []
+    worker.manager = RecordingManager({"m": new})  # a copy of the new registration stays
+    worker.on_command(stale)
+    assert worker.manager.calls == []
+    worker.manager = RecordingManager({"m": old})  # a copy of the old one retires, failing nothing
+    worker.on_command(stale)
+    assert worker.manager.calls == [("unload", "m", None)]
+
+
+def test_an_unload_of_the_generation_unregistered_still_fails_queued_requests(worker):
+    old, _ = worker.store.register_model("m", INFO)
+    worker.store.unregister_model("m")
+    worker.manager = RecordingManager({"m": old})
+    worker.on_command(Command(op="unload", model_id="m", fail_queued=True, generation=old.created_at))
+    ((_, m, err),) = worker.manager.calls
+    assert m == "m" and isinstance(err, ModelNotFound)
+
+
 # ------------------------------------------------------------------ requests
 
 

@@ -30,13 +30,20 @@ class FakeTaskConsumer:
 
 
 class FakeQoS:
+    """kombu.common.QoS: `set` applies a count to the channel (`prev`); Celery's event loop
+    applies `value` whenever the two differ (celery/worker/loops.py), as `update` does."""
+
     def __init__(self, value: int) -> None:
         self.value = value
+        self.prev = value  # applied by the loop's first turn
         self.sets: list[int] = []
 
     def set(self, value: int) -> None:
         self.sets.append(value)
-        self.value = value
+        self.prev = value
+
+    def update(self) -> None:
+        self.set(self.value)
 
 
 class FakeCeleryConsumer:
@@ -108,10 +115,12 @@ def sent():
     return []
 
 
-def make(celery_consumer, batcher, metrics, sent, prefetch_floor=64, send=None):
+def make(celery_consumer, batcher, metrics, sent, prefetch_floor=64, send=None, max_buffered_bytes=0,
+         max_message_bytes=0):  # fmt: skip
     return CeleryConsumer(
         celery_consumer, KEYS, NAME, batcher, metrics,
         send or (lambda worker, cmd: sent.append((worker, cmd))), prefetch_floor,
+        max_buffered_bytes, max_message_bytes,
     )  # fmt: skip
 
 
@@ -265,6 +274,56 @@ def test_prefetch_floor_wins_over_a_small_budget(celery_consumer, batcher, metri
     assert celery_consumer.qos.sets == [100]
 
 
+def test_prefetch_set_by_the_worker_is_celerys_qos_value_too(port, celery_consumer, batcher):
+    """Celery's event loop applies `qos.value` whenever it differs from what was set last
+    (celery/worker/loops.py): a prefetch set without it was undone on the next loop turn."""
+    batcher.open("a", BatchPolicy(max_batch_size=40, max_batch_delay_s=0.0))
+    port.update_prefetch()
+    celery_consumer.run_ready()
+    assert celery_consumer.qos.value == celery_consumer.qos.prev == 80
+
+
+MB = 1_000_000
+
+
+def buffer(port, batcher, n: int, nbytes: int) -> None:
+    """`n` requests of `nbytes` arrive (the consumer thread's on_request)."""
+    for i in range(n):
+        assert batcher.add("big", Req(f"r{i}", "big"), nbytes=nbytes)
+        port.admitted(nbytes)
+
+
+def test_the_byte_bound_lowers_the_prefetch_to_what_still_fits(celery_consumer, metrics, sent):
+    """Issue 21, finding 6: a worker took a prefetch's worth of 16 MB requests (~9 GiB)."""
+    batcher = Batcher(lambda models: {m: 0 for m in models}, on_release=lambda n: port.released(n))
+    port = make(celery_consumer, batcher, metrics, sent, max_buffered_bytes=10 * MB, max_message_bytes=MB)
+    batcher.open("big", BatchPolicy(max_batch_size=32, max_batch_delay_s=60.0))
+    port.update_prefetch()
+    celery_consumer.run_ready()
+    assert celery_consumer.qos.value == 10  # 10 messages of the estimated size fit, not 64
+    buffer(port, batcher, 4, MB)
+    assert celery_consumer.qos.value == 4 + 6  # the 4 held and 6 more
+    buffer(port, batcher, 6, MB)
+    assert batcher.buffered_bytes() == 10 * MB
+    assert celery_consumer.qos.value == 10  # full: nothing more until the buffer drains
+    assert metrics.registry.get_sample_value("mesh_buffered_bytes_max") == 10 * MB
+    # a batch taken frees room: computed again on the consumer thread
+    assert len(batcher.take(timeout=5).items) == 10  # idle: its queue is empty
+    assert celery_consumer.run_ready() == 1
+    # its 10 messages are still unacked: they take the room until acked, not more
+    assert celery_consumer.qos.value == 10
+
+
+def test_small_requests_keep_the_whole_budget(celery_consumer, batcher, metrics, sent):
+    port = make(celery_consumer, batcher, metrics, sent, max_buffered_bytes=256 * MB, max_message_bytes=32 * MB)
+    batcher.open("big", BatchPolicy(max_batch_size=32, max_batch_delay_s=60.0))
+    port.update_prefetch()
+    celery_consumer.run_ready()
+    assert celery_consumer.qos.value == 8  # at first a message may be as large as accepted
+    buffer(port, batcher, 40, 1000)  # the size estimate comes down with every small message
+    assert celery_consumer.qos.value == 64  # the batch budget, the bytes no longer bind
+
+
 # ------------------------------------------------------------------ requeue
 
 
@@ -273,14 +332,17 @@ def requeued(metrics, model):
 
 
 def test_requeue_now_rejects_with_requeue_and_counts_it(port, celery_consumer, metrics):
-    reqs = [Req("r1", "m"), Req("r2", "m"), Req("r3", "other")]
+    reqs = [Req("r1", "m"), Req("r2", "m"), Req("r3", "other"), Req("r4", "forged")]
+    metrics.sweep(["m", "other"])  # served here; "forged" is not
     for r in reqs:
         worker_state.task_reserved(r)
     try:
         port.requeue([Pending(r) for r in reqs], now=True)
-        assert [r.rejected for r in reqs] == [[True], [True], [True]]
+        assert [r.rejected for r in reqs] == [[True], [True], [True], [True]]
         assert celery_consumer.ready == []  # on this (the consumer) thread, at once
         assert requeued(metrics, "m") == 2 and requeued(metrics, "other") == 1
+        # a routing key names no label of its own unless its model is served here
+        assert requeued(metrics, "forged") is None and requeued(metrics, "_unknown") == 1
         # no longer among Celery's reserved requests (else they would leak there)
         assert not any(r in worker_state.reserved_requests for r in reqs)
     finally:
@@ -290,6 +352,7 @@ def test_requeue_now_rejects_with_requeue_and_counts_it(port, celery_consumer, m
 
 def test_requeue_from_another_thread_goes_through_the_consumer_thread(port, celery_consumer, metrics):
     r = Req("r1", "m")
+    metrics.sweep(["m"])  # served here
     port.requeue([Pending(r)])
     assert r.rejected == []
     celery_consumer.run_ready()

@@ -35,7 +35,8 @@ class Rig:
         self.tmp = tmp
         self.settings = MeshSettings(
             prefix=prefix, redis_url=redis_url, disk_cache_dir=str(tmp / "cache"),
-            **{"worker_capacity_bytes": 3 * MB, "fresh_overcommit_fraction": 0.0, **settings},
+            **{"worker_capacity_bytes": 3 * MB, "fresh_overcommit_fraction": 0.0, "python_modules": "tests",
+               **settings},
         )  # fmt: skip
         self.client = redis.Redis.from_url(redis_url)
         self.store = StateStore(self.client, Keys(prefix), self.settings)

@@ -1,7 +1,10 @@
 """User-defined Python models (after Cortex's Python predictor).
 
 `ModelInfo.python_class` names the class as "package.module:ClassName"; the module must be
-importable on the worker. The contract, checked at load time:
+importable on the worker and allowed by its operator (`MESH_PYTHON_MODULES`, see
+`check_python_class`): a model record is data anyone with write access to the registry can
+write, and a class name from it must not pick arbitrary code (`subprocess:Popen` would run
+the binary its uri names). The contract, checked at load time:
 
 - Construction: if the class defines `load`, the worker calls `cls()` and then
   `instance.load(path)`; otherwise it calls `cls(path)`. `path` is the local `pathlib.Path` of
@@ -30,7 +33,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from mesh.errors import InferenceError, InvalidInput, MeshError, ModelLoadFailed
+from mesh.errors import InferenceError, InvalidInput, MeshError, ModelLoadFailed, PermissionDenied
 from mesh.models import ModelInfo
 
 from .base import Loaded, Runtime, TensorSpec, estimate_nbytes
@@ -109,6 +112,41 @@ class PythonModel:
 
     instance: Any
     signature: list[TensorSpec] | None
+
+
+def allowed_modules(setting: str | None) -> tuple[str, ...]:
+    """MESH_PYTHON_MODULES as a tuple of module names (unset or empty: none)."""
+    return tuple(m.strip() for m in (setting or "").split(",") if m.strip())
+
+
+def _within(module: str, allowed: tuple[str, ...]) -> bool:
+    return any(module == a or module.startswith(a + ".") for a in allowed)
+
+
+def check_python_class(spec: str | None, allowed: tuple[str, ...]) -> None:
+    """Raise PermissionDenied unless `spec` names a class defined in an allowed module.
+
+    The module is checked before it is imported (importing runs its code), and the class
+    after: an allowed module that imports `Popen` must not lend it out as `mymodels:Popen`.
+    """
+    module_name, _, _ = (spec or "").partition(":")
+    if not allowed:
+        raise PermissionDenied(
+            f"PERMISSION_DENIED: python_class {spec!r}: this worker allows no python model "
+            "modules; an operator allows them with MESH_PYTHON_MODULES (docs/security.md)"
+        )
+    if not module_name or not _within(module_name, allowed):
+        raise PermissionDenied(
+            f"PERMISSION_DENIED: python_class {spec!r} is not in a module this worker allows "
+            f"(MESH_PYTHON_MODULES: {', '.join(allowed)})"
+        )
+    cls = _import_class(spec or "")
+    defined_in = getattr(cls, "__module__", "") or ""
+    if not _within(defined_in, allowed):
+        raise PermissionDenied(
+            f"PERMISSION_DENIED: python_class {spec!r} is {defined_in}.{cls.__qualname__}, "
+            f"defined outside the modules this worker allows (MESH_PYTHON_MODULES: {', '.join(allowed)})"
+        )
 
 
 def _import_class(spec: str) -> type:
