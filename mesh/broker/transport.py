@@ -478,6 +478,11 @@ class Channel(kombu_redis.Channel):
             self._report(reason, message if isinstance(message, dict) else None)
             return
         assert isinstance(message, dict)
+        # the queue it came from, not where its envelope (any producer's word) says it was
+        # sent: strategies check it (control tasks act only from their own queue) and a
+        # requeue sends it back there, as the pop script's unacked record does
+        props = message["properties"]
+        props["delivery_info"] = {**props["delivery_info"], "exchange": "", "routing_key": dest}
         self._recorded_tag = recorded
         try:
             self.connection._deliver(message, dest)

@@ -377,10 +377,19 @@ def test_control_tasks_act_only_from_their_own_queues_and_never_take_the_reposit
     # through a model queue (what a producer confined to model queues can reach)
     app.send_task("mesh.sync_repository", kwargs={"model_dir": str(repo)}, queue=model_queue)
     app.send_task("mesh.command", kwargs={"action": "unload", "model_id": "digits"}, queue=model_queue)
+    # pushed raw onto the model queue, its envelope claiming it was sent to the control queue:
+    # the queue it is taken from decides, not the envelope
+    forged = json.loads(envelope(json.dumps([[], {"model_dir": str(repo)}, {}]).encode(),
+                                 headers("mesh.sync_repository"), client.keys.control_queue))  # fmt: skip
+    forged["properties"]["delivery_info"]["exchange"] = f"{client.keys.prefix}.default"
+    r = redis.Redis.from_url(client.app.conf.broker_url)
+    r.lpush(client.keys.queue_list_key(model_queue, 0), json.dumps(forged))
+    r.lpush(client.keys.queue_bell(model_queue), 1)
+    r.close()
     # through the control queue, naming a repository
     app.send_task("mesh.sync_repository", kwargs={"model_dir": str(repo)}, queue=client.keys.control_queue)
     wait_for(lambda: "this worker has no MESH_MODEL_DIR" in w.tail(400), 60, interval=0.2, what="the sync to run")
-    wait_for(lambda: w.tail(400).count("it is honoured only from") >= 2, 60, interval=0.2, what="the drops")
+    wait_for(lambda: w.tail(400).count("it is honoured only from") >= 3, 60, interval=0.2, what="the drops")
     assert [m.model_id for m in client.list_models()] == ["digits"]  # nothing planted
     # the unload sent through the model queue did nothing: the copy still serves
     assert answer(client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=60)) == 8
