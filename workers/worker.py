@@ -183,6 +183,12 @@ class MeshWorker:
             # a line of loads left by an earlier process of this name would only mislead placement
             self.store.clear_load_line(self.name)
             self.inference.start()
+            # this process is a holder (its alive key, the set of holders) before its first
+            # heartbeat announces it, and a dead predecessor's messages go back at once
+            try:
+                self.fail_over()
+            except redis.RedisError as exc:  # the heartbeat's duties try again
+                log.warning("failover check at start failed: %s", exc)
             self.heartbeat.start()
             self.wanted.start()
             log.info("mesh worker %s up: capacity %d bytes", self.name, self.settings.worker_capacity_bytes)

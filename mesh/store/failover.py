@@ -21,10 +21,13 @@ from pydantic import BaseModel
 
 from mesh.protocol.keys import BELL_TTL_MS, KOMBU_PRIORITY_SEP, Keys, queue_bell
 
-# The holders (other than ARGV[3], the caller, whose alive key KEYS[2] it refreshes first, TTL
-# ARGV[2] ms) whose alive key (ARGV[1] .. holder) is gone. Returns {dead letters, holder, ...}.
+# The caller ARGV[3] refreshes its alive key KEYS[2] (TTL ARGV[2] ms) and joins the set of
+# holders KEYS[1] (the pop script adds it too; here it is there before the first heartbeat
+# announces the worker). Returns {dead letters, holder, ...}: the other holders whose alive
+# key (ARGV[1] .. holder) is gone.
 _BEAT_LUA = """
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+redis.call('SADD', KEYS[1], ARGV[3])
 local out = {redis.call('LLEN', KEYS[3])}
 for _, h in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if h ~= ARGV[3] and redis.call('EXISTS', ARGV[1] .. h) == 0 then out[#out + 1] = h end
