@@ -555,8 +555,12 @@ class ModelManager:
         self.consumer.consume(model_id, wake=False)
         if not self.store.mark_copy(model_id, self.name, CopyState.LOADED,
                                          ring=self.store.keys.worker_queue(self.name)):  # fmt: skip
-            # unregistered while we were loading: undo, and fail anything that queued meanwhile
-            self._unload(model_id, ModelNotFound(f"model {model_id!r} was unregistered"))
+            # unregistered (or auto-deleted by a vmodel cutover) while we were loading: undo, and
+            # hand back what was taken in meanwhile rather than fail it: a request that came
+            # through a vmodel belongs to the vmodel's new active (the drain, or the stray sweep,
+            # moves it there), any other is answered NOT_FOUND by the stray sweep (the soak
+            # failed one vmodel request here with "was unregistered")
+            self._unload(model_id, None)
             return
         if entry.state != "LOADED":
             # evicted by a concurrent load before its copy was announced: its retirement may

@@ -64,8 +64,10 @@ class StraySweeper:
         interval_s: float,
         grace_s: float,
         scan_keys: int,
+        reroute: Callable[[str], object] = lambda model_id: None,
     ) -> None:
         self.store = store
+        self.reroute = reroute  # requests of a vmodel go to its active model, not NOT_FOUND
         self.backend = backend
         self.token = token
         self.interval_s = interval_s
@@ -80,6 +82,12 @@ class StraySweeper:
         # only a gone model's entry depends on the unacked messages; their values can be large
         unacked = self.store.unacked_queues() if self.store.watching_gone() else set()
         for model_id, lists in candidates.items():
+            try:
+                self.reroute(model_id)
+            except redis.RedisError:
+                raise
+            except Exception as exc:  # ids as found in Redis: any of them may be unusable
+                log.warning("rerouting the vmodel requests of %r failed: %s", model_id, exc)
             queue = self.store.keys.model_queue(model_id)
             taken = self.store.take_if_stray(model_id, lists, self.grace_s, unacked=queue in unacked)
             if taken > 0:

@@ -160,7 +160,7 @@ class MeshWorker:
             StrayStore(self.store.r, self.keys, self.priority_steps), lambda: self.app.backend,
             token=f"{self.name}:{os.getpid()}:{time.time()}",
             interval_s=settings.stray_sweep_interval_s, grace_s=settings.stray_grace_s,
-            scan_keys=settings.stray_scan_keys,
+            scan_keys=settings.stray_scan_keys, reroute=self._reroute_to_active,
         )  # fmt: skip
         self._stray_sweep: Future | None = None
         self._stray_due = 0.0
@@ -373,6 +373,13 @@ class MeshWorker:
         self._reload_if_orphaned(model_id)
 
     # ------------------------------------------------------------------ heartbeat duties
+    def _reroute_to_active(self, model_id: str) -> None:
+        """The stray sweep's first step for a queue: its vmodel requests to their vmodel's
+        active model (mesh/control/vmodels.py `reroute_to_active`)."""
+        from mesh.control.vmodels import reroute_to_active
+
+        reroute_to_active(self.store, self.app, model_id, self.priority_steps)
+
     def fail_over(self) -> None:
         """Every heartbeat, first: keep this process's alive key, and put back on their queues
         the unacked messages of worker processes whose alive key expired (SIGKILLed, crashed,

@@ -460,6 +460,13 @@ class VModelManager:
         log.info("unloading auto-deleted %s from %s", model_id, told or "no live worker")
         return True
 
+    def reroute_to_active(self, model_id: str, steps: list[int]) -> None:
+        """`_reroute` for a model that is not registered (any more): the stray sweep's first
+        step, for requests put back in its queue after the drain ran (a worker that was
+        loading it, a dead holder's, a producer that saw it serving a moment before)."""
+        if self.store.get_record(model_id) is None:
+            self._reroute(model_id, steps)
+
     def _reroute(self, model_id: str, steps: list[int]) -> None:
         """Requests still queued for an auto-deleted model that came through a vmodel go to
         that vmodel's active model instead of failing NOT_FOUND (ModelMesh's retry on a
@@ -501,6 +508,12 @@ def advance_all(store: StateStore, app: Celery) -> list[str]:
     """The beat scheduler's vmodel duty (mesh.rebalance): drive every pending transition and
     unload drained auto-deleted models. Returns the vmodels whose transition completed."""
     return VModelManager(app, store).advance_all()
+
+
+def reroute_to_active(store: StateStore, app: Celery, model_id: str, steps: list[int]) -> None:
+    """Requests queued for `model_id`, no longer registered, that came through a vmodel: to the
+    vmodel's active model (the stray sweep runs it before answering the rest NOT_FOUND)."""
+    VModelManager(app, store).reroute_to_active(model_id, steps)
 
 
 def advance_for_model(store: StateStore, app: Celery, model_id: str) -> list[str]:

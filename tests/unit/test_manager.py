@@ -194,6 +194,22 @@ def test_an_unregistered_model_fails_its_requests_then_unloads(rig):
     assert failed and failed[0][1] == "a" and isinstance(failed[0][2], ModelNotFound)
 
 
+def test_a_model_unregistered_while_it_loads_hands_back_what_it_took_in_rather_than_fail_it(rig):
+    """Auto-deleted by a vmodel cutover mid-load: its requests taken in meanwhile may belong to
+    the vmodel's new active (the stray sweep moves them there); failing them "was unregistered"
+    lost one request of the soak."""
+    gate = rig.tmp / "gate-a"
+    gate.touch()
+    rig.register("a", gate=str(gate))  # the load waits for the gate to go
+    rig.manager.request_load("a")
+    wait_for(lambda: rig.store.model_status("a").copies, 10, what="the copy to be LOADING")
+    rig.store.unregister_model("a")
+    gate.unlink()
+    rig.events.wait_for(("unloaded", "a", False))
+    assert not [e for e in rig.events.log if e[0] == "fail_model"]
+    assert rig.store.model_status("a").copies == []
+
+
 def test_a_failed_load_is_reported_and_forgotten(rig):
     rig.store.register_model("bad", ModelInfo(runtime="python", uri=f"file://{rig.tmp}/missing.json",
                                               python_class=SLOW))  # fmt: skip
