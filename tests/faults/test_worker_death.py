@@ -80,6 +80,11 @@ def test_sigkill_mid_batch_every_request_is_answered(client, workers, tmp_path):
     # nothing left behind in the broker: every redelivered request was acked by the survivor
     wait_for(lambda: client.store.r.hlen(unacked) == 0, 30, what="the unacked set to drain")
     assert survivor.alive()
+    # a dead worker's copy stops counting when its heartbeat expires (MESH_HEARTBEAT_TTL_S);
+    # failover answers everything in about that time, so the status is read after it, not
+    # racing it (a clean-clone CI run read it a moment before)
+    wait_for(lambda: victim.full_name not in {w.name for w in client.list_workers()}, 30,
+             what="the victim's heartbeat to expire")  # fmt: skip
     status = client.get_model_status("m")
     assert status.state is ModelState.LOADED
     assert [c.worker for c in status.copies] == [survivor.full_name]
