@@ -6,6 +6,7 @@ show a traceback; the commands of the quickstart must work end to end against re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -184,10 +185,22 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
         assert forged.status_code == 403
         os.killpg(up.pid, signal.SIGINT)  # what Ctrl-C in its terminal sends
         assert up.wait(timeout=90) == 0, out.read_text()
-    finally:
+    except BaseException:
+        # stop everything it started before failing: Ctrl-C first (`mesh up` stops its
+        # children, which run in sessions of their own and outlive a SIGKILL of its group: a
+        # failed run left a worker and Flower behind), then SIGKILL, then its children by pid
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
+            os.killpg(up.pid, signal.SIGINT)
+            try:
+                up.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
+        for line in out.read_text().splitlines():
+            if " pid " in line:
+                with contextlib.suppress(ProcessLookupError, ValueError, IndexError):
+                    os.kill(int(line.split("pid ")[1].split()[0]), signal.SIGKILL)
+        raise
     assert "stopped 3 processes" in out.read_text()
     for pid in pids:  # every child is gone (reaped by mesh up)
         with pytest.raises(ProcessLookupError):
