@@ -28,9 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import redis
-from threadpoolctl import threadpool_limits
-
 from celery.app.task import Context
+from threadpoolctl import threadpool_limits
 
 from mesh.broker import transport
 from mesh.broker.transport import set_dead_letter_handler
