@@ -29,31 +29,36 @@ class Hostile:
     answer_id: str | None  # the task id whose answer is owed, None if it can only be dropped
 
 
-def _headers(task: str = "mesh.infer", task_id: str | None = None) -> dict:
+def headers(task: str = "mesh.infer", task_id: str | None = None, origin: str = "hostile") -> dict:
+    """Celery protocol-2 headers of a task (a fresh id unless `task_id`)."""
     tid = task_id or str(uuid.uuid4())
     return {"lang": "py", "task": task, "id": tid, "root_id": tid, "parent_id": None, "group": None,
-            "retries": 0, "argsrepr": "()", "kwargsrepr": "{}", "origin": "soak-hostile", "ignore_result": False}  # fmt: skip
+            "retries": 0, "argsrepr": "()", "kwargsrepr": "{}", "origin": origin, "ignore_result": False}  # fmt: skip
 
 
-def _envelope(body: bytes, headers: dict, routing_key: object, *, tag: object = None,
-              content_type: str = "application/json") -> bytes:  # fmt: skip
+def envelope(body: bytes, headers: dict, routing_key: object, content_type: str = "application/json",
+             *, tag: object = None, **props: object) -> bytes:  # fmt: skip
+    """kombu's Redis envelope around `body`, as a producer bypassing MeshClient would push it
+    (also the fault tests': tests/faults/test_bad_messages.py); `props` override properties.
+    json.dumps escapes a lone surrogate as \\ud800: the bytes stay valid UTF-8 and JSON."""
     return json.dumps({
         "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
         "content-type": content_type,
         "headers": headers,
         "properties": {
-            "correlation_id": str(headers.get("id", "x")),
+            "correlation_id": headers.get("id", "x"),
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": routing_key},
             "priority": 0,
             "body_encoding": "base64",
             "delivery_tag": tag if tag is not None else str(uuid.uuid4()),
+            **props,
         },
     }).encode()
 
 
-def _body(kwargs: object) -> bytes:
+def body(kwargs: object) -> bytes:
     return json.dumps([[], kwargs, {}]).encode()
 
 
@@ -67,7 +72,7 @@ def catalogue(keys: Keys, model_id: str, good_inputs: list) -> list[tuple[str, o
 
     def owed(kind: str, make, q: str = queue):
         def build(rng: random.Random) -> Hostile:
-            h = _headers()
+            h = headers()
             return on(q, kind, make(h, rng), h["id"])
         return kind, build
 
@@ -80,16 +85,16 @@ def catalogue(keys: Keys, model_id: str, good_inputs: list) -> list[tuple[str, o
         dropped("JSON, not an envelope", lambda rng: json.dumps([1, {"a": None}]).encode()),
         dropped("deep nesting (raw item)", lambda rng: b"[" * DEEP + b"]" * DEEP),
         dropped("task id a lone surrogate",
-                lambda rng: _envelope(_body(good), _headers(task_id="poison\ud800"), queue)),
-        owed("delivery tag a lone surrogate", lambda h, rng: _envelope(_body(good), h, queue, tag="X\ud800")),
-        owed("routing key an integer", lambda h, rng: _envelope(_body(good), h, 12345)),
-        owed("deep nesting (task body)", lambda h, rng: _envelope(b"[" * DEEP + b"]" * DEEP, h, queue)),
-        owed("inputs not a list", lambda h, rng: _envelope(_body({"inputs": "x"}), h, queue)),
+                lambda rng: envelope(body(good), headers(task_id="poison\ud800"), queue)),
+        owed("delivery tag a lone surrogate", lambda h, rng: envelope(body(good), h, queue, tag="X\ud800")),
+        owed("routing key an integer", lambda h, rng: envelope(body(good), h, 12345)),
+        owed("deep nesting (task body)", lambda h, rng: envelope(b"[" * DEEP + b"]" * DEEP, h, queue)),
+        owed("inputs not a list", lambda h, rng: envelope(body({"inputs": "x"}), h, queue)),
         owed("pickle content type",
-             lambda h, rng: _envelope(b"\x80\x04N.", h, queue, content_type="application/x-python-serialize")),
-        owed("unknown task", lambda h, rng: _envelope(_body(good), {**h, "task": "no.such.task"}, queue)),
-        owed("infer on the control queue", lambda h, rng: _envelope(_body(good), h, control), q=control),
+             lambda h, rng: envelope(b"\x80\x04N.", h, queue, content_type="application/x-python-serialize")),
+        owed("unknown task", lambda h, rng: envelope(body(good), {**h, "task": "no.such.task"}, queue)),
+        owed("infer on the control queue", lambda h, rng: envelope(body(good), h, control), q=control),
     ]
 
 
-__all__ = ["Hostile", "catalogue"]
+__all__ = ["Hostile", "body", "catalogue", "envelope", "headers"]

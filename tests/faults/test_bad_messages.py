@@ -3,47 +3,19 @@ request that can be identified gets a clear error, and the worker keeps serving 
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import pickle
-import uuid
 
 import pytest
 import redis
 from celery.exceptions import NotRegistered
 from celery.result import AsyncResult
 
+from bench.hostile import body, envelope, headers
 from mesh.errors import InvalidArgument, InvalidInput, RequestTooLarge
 from mesh.models import BatchingConfig, ModelInfo
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
-
-
-def envelope(body: bytes, headers: dict, queue: str, content_type: str = "application/json") -> bytes:
-    return json.dumps({
-        "body": base64.b64encode(body).decode(),
-        "content-encoding": "utf-8",
-        "content-type": content_type,
-        "headers": headers,
-        "properties": {
-            "correlation_id": headers.get("id", "x"),
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }).encode()
-
-
-def headers(task="mesh.infer"):
-    tid = str(uuid.uuid4())
-    return {"lang": "py", "task": task, "id": tid, "root_id": tid, "parent_id": None, "group": None,
-            "retries": 0, "argsrepr": "()", "kwargsrepr": "{}", "origin": "test", "ignore_result": False}
-
-
-def body(kwargs) -> bytes:
-    return json.dumps([[], kwargs, {}]).encode()
 
 
 class Exploit:
@@ -161,23 +133,8 @@ def push_raw(redis_url: str, keys, queue: str, items: list[bytes]) -> None:
 
 def raw_envelope(body: bytes, headers: dict, queue: str, *, tag: object = None, routing_key: object = None,
                  **props: object) -> bytes:
-    """A kombu Redis envelope whose properties a test may spoil (json.dumps escapes a lone
-    surrogate as \\ud800, so the raw bytes are valid UTF-8 and valid JSON)."""
-    return json.dumps({
-        "body": base64.b64encode(body).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": headers,
-        "properties": {
-            "correlation_id": str(headers.get("id", "x")),
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue if routing_key is None else routing_key},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()) if tag is None else tag,
-            **props,
-        },
-    }).encode()
+    """An envelope whose properties a test may spoil (routing key included)."""
+    return envelope(body, headers, queue if routing_key is None else routing_key, tag=tag, **props)
 
 
 NESTED = b"[" * 100_000 + b"]" * 100_000  # ~200 KB of nested brackets
