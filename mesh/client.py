@@ -41,7 +41,7 @@ from mesh.protocol.messages import (
     SENT_AT_HEADER,
     VMODEL_HEADER,
 )
-from mesh.protocol.tensors import decode_stacked, encode_inputs
+from mesh.protocol.tensors import decode_stacked, encode_inputs, encode_output_names
 from mesh.settings import MeshSettings, get_settings
 from mesh.storage.sources import validate_uri
 from mesh.store.context import StoreContext, is_permission_error, redis_client
@@ -225,12 +225,17 @@ class MeshClient:
         inputs: Any,
         priority: str | None = None,
         timeout_ms: float | None = None,
+        outputs: Sequence[Any] | None = None,
     ) -> MeshResult:
         """Enqueue one request; returns its handle, a Celery AsyncResult (`.get()` gives the V2
         response) that can also be awaited.
 
         `inputs`: KServe V2 tensors (dicts or InferTensor), a numpy array, a list of arrays or
-        a dict name -> array. Unknown ids raise ModelNotFound here, before anything is sent;
+        a dict name -> array, or a pandas DataFrame (one tensor per column, for models trained
+        on a DataFrame: docs/runtimes.md). `outputs`: the output names wanted (KServe V2
+        `outputs`, e.g. ["predict", "predict_proba"]; default: the model's default, "predict"
+        for tabular models); a name the model lacks fails the request with InvalidInput.
+        Unknown ids raise ModelNotFound here, before anything is sent;
         a full queue raises QueueFull. `priority` is "high" or "normal" (default: the model's
         `default_priority`); `timeout_ms` (default: the model's `default_timeout_ms`) bounds
         the time until the request starts: after it the request is never run and `get()`
@@ -241,7 +246,7 @@ class MeshClient:
         (mesh/broker/replies.py) and is also stored for `AsyncResult(id)` in other processes.
         """
         tensors = encode_inputs(inputs)
-        return self._send(model_id, vmodel_id, {"inputs": tensors}, priority, timeout_ms)
+        return self._send(model_id, vmodel_id, _with_outputs({"inputs": tensors}, outputs), priority, timeout_ms)
 
     def infer_many(
         self,
@@ -251,6 +256,7 @@ class MeshClient:
         inputs: Sequence[Any],
         priority: str | None = None,
         timeout_ms: float | None = None,
+        outputs: Sequence[Any] | None = None,
     ) -> MeshResult:
         """Send many requests in ONE message (client-side micro-batching).
 
@@ -260,10 +266,11 @@ class MeshClient:
         `{"model_name", "id", "results": [...]}` with one entry per element, in order: either
         `{"outputs": [...]}` or `{"error": {"code", "type", "message"}}` — items fail
         individually (a malformed item does not fail its neighbours). `raise_for_item`
-        turns an error entry into the typed exception.
+        turns an error entry into the typed exception. `outputs` (as for `infer`) applies to
+        every item.
         """
         items = _many_items(inputs)
-        return self._send(model_id, vmodel_id, {"items": items}, priority, timeout_ms)
+        return self._send(model_id, vmodel_id, _with_outputs({"items": items}, outputs), priority, timeout_ms)
 
     async def infer_async(
         self,
@@ -273,6 +280,7 @@ class MeshClient:
         inputs: Any,
         priority: str | None = None,
         timeout_ms: float | None = None,
+        outputs: Sequence[Any] | None = None,
     ) -> dict:
         """`infer(...)` awaited: the V2 response, or the request's error raised.
 
@@ -282,7 +290,8 @@ class MeshClient:
         (bound it with `timeout_ms`); `asyncio.timeout` bounds the wait.
         """
         tensors = encode_inputs(inputs)
-        return await self._send_async(model_id, vmodel_id, {"inputs": tensors}, priority, timeout_ms)
+        return await self._send_async(model_id, vmodel_id, _with_outputs({"inputs": tensors}, outputs), priority,
+                                      timeout_ms)  # fmt: skip
 
     async def infer_many_async(
         self,
@@ -292,10 +301,12 @@ class MeshClient:
         inputs: Sequence[Any],
         priority: str | None = None,
         timeout_ms: float | None = None,
+        outputs: Sequence[Any] | None = None,
     ) -> dict:
         """`infer_many(...)` awaited (see `infer_async`)."""
         items = _many_items(inputs)
-        return await self._send_async(model_id, vmodel_id, {"items": items}, priority, timeout_ms)
+        return await self._send_async(model_id, vmodel_id, _with_outputs({"items": items}, outputs), priority,
+                                      timeout_ms)  # fmt: skip
 
     def _check_size(self, size: int) -> None:
         if size > self.settings.max_request_bytes:
@@ -472,6 +483,12 @@ def _many_items(inputs: Sequence[Any]) -> list[list[dict]]:
         # alike V2 tensors, validated at once by the check the worker applies: sent as given
         return list(inputs)
     return [encode_inputs(x) for x in inputs]
+
+
+def _with_outputs(kwargs: dict, outputs: Sequence[Any] | None) -> dict:
+    if outputs is not None:
+        kwargs["outputs"] = encode_output_names(outputs)
+    return kwargs
 
 
 def _default_app() -> Celery:

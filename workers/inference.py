@@ -41,7 +41,7 @@ from mesh.broker.results import check_replies, push_reply
 from mesh.broker.transport import ack_in, ack_many, forget_acked, redis_server
 from mesh.errors import InferenceError, InvalidInput, MeshError, PredictTimeout
 from mesh.protocol.messages import SENT_AT_HEADER
-from mesh.protocol.tensors import decode_inputs, decode_stacked, encode_outputs
+from mesh.protocol.tensors import decode_inputs, decode_output_names, decode_stacked, encode_outputs
 
 from .batcher import Batch, Batcher, Pending
 from .metrics import outcome_of
@@ -82,6 +82,7 @@ class Unit:
     outputs: dict[str, np.ndarray] | None = None
     error: BaseException | None = None
     tb: str | None = None
+    wanted: tuple[str, ...] | None = None  # the outputs the request named (None: the default)
 
 
 @dataclass
@@ -284,8 +285,11 @@ class InferenceLoop(threading.Thread):
                                threading.current_thread())  # fmt: skip
                 self._watch = watch
             try:
-                for i in range(0, len(good), size):
-                    self._predict(loaded.runtime, loaded.model, good[i : i + size], watch)
+                # requests naming different outputs share the batch's wait but not a predict
+                # call: the runtime computes one set of outputs per call
+                for group in _by_outputs(good):
+                    for i in range(0, len(group), size):
+                        self._predict(loaded.runtime, loaded.model, group[i : i + size], watch)
             finally:
                 # not once fired: a replacement thread owns `_watch` then (and after `_disarm`
                 # saw it unfired, the watchdog can no longer fire on it)
@@ -297,13 +301,24 @@ class InferenceLoop(threading.Thread):
 
     def _decode(self, p: Pending, loaded: Any) -> Message:
         kwargs = p.req.kwargs
+        wanted = None
+        if isinstance(kwargs, dict) and kwargs.get("outputs") is not None:
+            try:
+                wanted = decode_output_names(kwargs["outputs"])
+                loaded.runtime.check_outputs(loaded, wanted)
+            except MeshError as exc:  # the request fails alone, before batching
+                return Message(p, [Unit()], error=exc)
         if isinstance(kwargs, dict) and isinstance(kwargs.get("items"), list) and kwargs["items"]:
             units = self._stacked_units(kwargs["items"], loaded)
             if units is None:
                 units = [self._unit(raw, loaded) for raw in kwargs["items"]]
+            for u in units:
+                u.wanted = wanted
             return Message(p, units, many=True)
         if isinstance(kwargs, dict) and "inputs" in kwargs:
-            return Message(p, [self._unit(kwargs["inputs"], loaded)])
+            unit = self._unit(kwargs["inputs"], loaded)
+            unit.wanted = wanted
+            return Message(p, [unit])
         return Message(
             p, [Unit()],
             error=InvalidInput("mesh.infer needs 'inputs' (KServe V2 tensors) or a non-empty 'items' list"),
@@ -358,7 +373,9 @@ class InferenceLoop(threading.Thread):
                 group[0].inputs if len(group) == 1
                 else {n: np.concatenate([u.inputs[n] for u in group], axis=0) for n in names}
             )
-            outputs = runtime.predict(model, feed) if watch is None else self._watched(runtime, model, feed, watch)
+            wanted = group[0].wanted
+            outputs = (_call_predict(runtime, model, feed, wanted) if watch is None
+                       else self._watched(runtime, model, feed, watch, wanted))  # fmt: skip
             total = sum(u.rows for u in group)
             for name, arr in outputs.items():
                 if np.ndim(arr) == 0 or len(arr) != total:
@@ -383,12 +400,13 @@ class InferenceLoop(threading.Thread):
             u.tb = traceback.format_exc()
 
     # ------------------------------------------------------------------ predict watchdog
-    def _watched(self, runtime: Any, model: Any, feed: dict[str, np.ndarray], watch: _Watch) -> Any:
+    def _watched(self, runtime: Any, model: Any, feed: dict[str, np.ndarray], watch: _Watch,
+                 wanted: tuple[str, ...] | None = None) -> Any:  # fmt: skip
         """One predict call under the watchdog: armed with its deadline, disarmed after; a call
         the watchdog gave up on meanwhile ends this thread (`_Abandoned`)."""
         watch.deadline = time.monotonic() + watch.timeout_s
         try:
-            outputs = runtime.predict(model, feed)
+            outputs = _call_predict(runtime, model, feed, wanted)
         except BaseException:
             if self._disarm(watch):
                 raise _Abandoned() from None
@@ -629,6 +647,19 @@ def _result_meta(backend: Any, req: Any, model_id: str, m: Message) -> dict:
     else:
         result = {"model_name": model_id, "id": req.id, "outputs": encode_outputs(m.units[0].outputs)}
     return backend._get_result_meta(result, states.SUCCESS, None, req)
+
+
+def _by_outputs(units: list[Unit]) -> list[list[Unit]]:
+    """Units grouped by the outputs they asked for, each group in arrival order."""
+    groups: dict[tuple[str, ...] | None, list[Unit]] = {}
+    for u in units:
+        groups.setdefault(u.wanted, []).append(u)
+    return list(groups.values())
+
+
+def _call_predict(runtime: Any, model: Any, feed: dict[str, np.ndarray], wanted: tuple[str, ...] | None) -> Any:
+    # a request naming no outputs calls predict as runtimes written before outputs existed expect
+    return runtime.predict(model, feed) if wanted is None else runtime.predict(model, feed, wanted)
 
 
 def _rows(inputs: dict[str, np.ndarray]) -> int:

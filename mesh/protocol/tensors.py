@@ -379,10 +379,13 @@ def encode_inputs(inputs: Any) -> list[dict[str, Any]]:
 
     Accepted: one ndarray (named "input_0"); a list/tuple of ndarrays ("input_0", "input_1",
     ...); a dict of name -> array-like; a list of `InferTensor`s or V2 dicts (validated and
-    re-emitted clean: flat data of the declared datatype).
+    re-emitted clean: flat data of the declared datatype); a pandas DataFrame (one tensor per
+    column, `encode_frame`).
     """
     if isinstance(inputs, np.ndarray):
         return [from_numpy("input_0", inputs)]
+    if _is_dataframe(inputs):
+        return encode_frame(inputs)
     if isinstance(inputs, InferTensor):
         raise InvalidInput(
             "inputs must be a list of tensors; wrap the single InferTensor in a list"
@@ -510,3 +513,73 @@ def encode_outputs(outputs: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(outputs, Mapping):
         raise InvalidInput(f"outputs must be a dict of name -> array, got {type(outputs).__name__}")
     return [from_numpy(name, arr) for name, arr in outputs.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# tables and outputs
+
+
+def _is_dataframe(x: Any) -> bool:
+    # duck-typed, so that this module never imports pandas
+    return type(x).__name__ == "DataFrame" and hasattr(x, "columns") and hasattr(x, "dtypes")
+
+
+def encode_frame(frame: Any) -> list[dict[str, Any]]:
+    """A pandas DataFrame as one V2 tensor per column, [rows], named after the column.
+
+    Each column keeps its datatype (int64 stays INT64 beside an FP64 column), so a model
+    trained on a DataFrame gets its columns back as it saw them (the worker rebuilds the frame
+    in the model's column order: workers/runtimes/tabular.py). Text and categorical columns go
+    as BYTES (a categorical's values, not its codes); a column with missing values in a
+    nullable integer or boolean dtype has no V2 form and is refused.
+    """
+    if frame.shape[1] == 0:
+        raise InvalidInput("no inputs: the DataFrame has no columns")
+    out = []
+    for name in frame.columns:
+        if not isinstance(name, str):
+            raise InvalidInput(f"DataFrame column names must be strings, got {_show(name)}")
+        column = frame[name]
+        if not hasattr(column, "dtype"):  # a duplicated name selects a frame, not a column
+            raise InvalidInput(f"DataFrame column {name!r} appears more than once")
+        kind = getattr(column.dtype, "kind", "O")
+        if str(column.dtype) == "category" or kind in "OUS":
+            values = column.astype(object).to_numpy()
+            if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+                raise InvalidInput(f"DataFrame column {name!r} has missing values; BYTES has no null")
+            arr = np.empty(len(values), dtype=object)
+            arr[:] = [v if isinstance(v, (str, bytes)) else str(v) for v in values]
+        else:
+            try:
+                arr = column.to_numpy(dtype=column.dtype.numpy_dtype if hasattr(column.dtype, "numpy_dtype") else None)
+            except (ValueError, TypeError) as e:
+                raise InvalidInput(f"DataFrame column {name!r} ({column.dtype}) has no V2 form: {e}") from None
+        out.append(from_numpy(name, arr))
+    return out
+
+
+def decode_output_names(raw: Any) -> tuple[str, ...]:
+    """The output names of a request's V2 `outputs`: a list of `{"name": ...}` objects (KServe
+    V2's form; their `parameters` are accepted and ignored) or of plain names."""
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise InvalidInput(f"outputs must be a non-empty list of {{'name': ...}} objects, got {_show(raw)}")
+    names: list[str] = []
+    for item in raw:
+        if isinstance(item, Mapping):
+            extra = set(item) - {"name", "parameters"}
+            if extra:
+                raise InvalidInput(f"an output request has unknown field(s) {sorted(map(str, extra))}")
+            item = item.get("name")
+        if not isinstance(item, str) or not item or len(item) > MAX_NAME_LENGTH:
+            raise InvalidInput(f"an output's name must be a non-empty string, got {_show(item)}")
+        if item in names:
+            raise InvalidInput(f"output {item!r} is named twice")
+        names.append(item)
+    return tuple(names)
+
+
+def encode_output_names(outputs: Any) -> list[dict[str, str]]:
+    """What a client passes as `outputs` (names, or V2 output objects) as the message's list."""
+    if isinstance(outputs, str):
+        outputs = [outputs]
+    return [{"name": n} for n in decode_output_names(outputs)]

@@ -142,7 +142,7 @@ def test_registry():
     # producers check registrations against the protocol's names without importing the worker
     from workers.runtimes import _RUNTIMES
 
-    assert RUNTIME_NAMES == ("sklearn", "onnx", "python") == tuple(_RUNTIMES)
+    assert RUNTIME_NAMES == ("sklearn", "onnx", "python", "xgboost", "lightgbm") == tuple(_RUNTIMES)
     for name in RUNTIME_NAMES:
         runtime = get_runtime(name)
         assert isinstance(runtime, Runtime)

@@ -1,7 +1,8 @@
 """Model runtimes, looked up by `ModelInfo.runtime`.
 
 Runtime modules are imported on first use: a worker that never serves an ONNX model should not
-pay for importing onnxruntime (nor need it installed).
+pay for importing onnxruntime, xgboost or lightgbm (nor need them installed: they are extras,
+`pip install mesh[xgboost]`, docs/runtimes.md).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ _RUNTIMES: dict[str, tuple[str, str]] = {
     "sklearn": ("workers.runtimes.sklearn", "SklearnRuntime"),
     "onnx": ("workers.runtimes.onnx", "OnnxRuntime"),
     "python": ("workers.runtimes.python", "PythonRuntime"),
+    "xgboost": ("workers.runtimes.xgboost", "XGBoostRuntime"),
+    "lightgbm": ("workers.runtimes.lightgbm", "LightGBMRuntime"),
 }
 
 _instances: dict[str, Runtime] = {}

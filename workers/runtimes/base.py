@@ -11,6 +11,10 @@ The worker owns everything else (placement, LRU, batching, queues), so a runtime
   the worker can split the results back per request.
 - `check_inputs(loaded, inputs)` validates one request before it joins a batch, so one bad
   request is rejected alone instead of failing everyone it was batched with.
+- Outputs (KServe V2 `outputs`): `Loaded.outputs` lists what the model can produce and
+  `Loaded.default_outputs` what a request naming none gets; `predict(model, inputs, outputs)`
+  computes only the named ones. `check_outputs` rejects a request naming one the model lacks,
+  before batching.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from __future__ import annotations
 import abc
 import sys
 import types
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,6 +51,10 @@ class Loaded:
     size_bytes: int
     signature: list[TensorSpec] | None  # the inputs the model expects; None if unknown
     runtime: Runtime
+    # the outputs the model can produce (None: unknown, whatever predict returns), and those a
+    # request that names none gets (None: all that predict returns)
+    outputs: list[TensorSpec] | None = None
+    default_outputs: list[str] | None = field(default=None)
 
 
 class Runtime(abc.ABC):
@@ -79,8 +88,29 @@ class Runtime(abc.ABC):
         raise NotImplementedError(f"runtime {self.name!r} has no snapshots")
 
     @abc.abstractmethod
-    def predict(self, model: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch; every output's first dimension equals the inputs' batch rows."""
+    def predict(
+        self, model: Any, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run one batch; every output's first dimension equals the inputs' batch rows.
+
+        `outputs`: the names the batch's requests asked for (all of them ask for the same; the
+        worker groups them), None for the model's default outputs.
+        """
+
+    def check_outputs(self, loaded: Loaded, wanted: Sequence[str]) -> None:
+        """Reject one request naming outputs the model cannot produce (before batching)."""
+        if not wanted:
+            raise InvalidInput("the request's outputs list is empty; omit it for the default outputs")
+        if len(set(wanted)) != len(wanted):
+            raise InvalidInput(f"the request names an output twice: {list(wanted)}")
+        if loaded.outputs is None:
+            return
+        offered = [o.name for o in loaded.outputs]
+        unknown = [w for w in wanted if w not in offered]
+        if unknown:
+            raise InvalidInput(
+                f"the model has no output {', '.join(map(repr, unknown))}; it offers {offered}"
+            )
 
     def unload(self, model: Any) -> None:
         """Release what `load` acquired beyond Python memory (default: nothing to release)."""
@@ -183,6 +213,16 @@ def _castable(arr: np.ndarray, target: np.dtype) -> bool:
         return True
     info = np.iinfo(target)
     return int(arr.min()) >= info.min and int(arr.max()) <= info.max
+
+
+def pick_outputs(runtime: str, outputs: dict[str, Any], wanted: Sequence[str] | None) -> dict[str, Any]:
+    """The `wanted` entries of a predict's outputs (all of them for None), in the order asked."""
+    if wanted is None:
+        return outputs
+    missing = [w for w in wanted if w not in outputs]
+    if missing:
+        raise InvalidInput(f"{runtime} model has no output {', '.join(map(repr, missing))}; it gave {list(outputs)}")
+    return {w: outputs[w] for w in wanted}
 
 
 def resolve_model_file(runtime: str, path: Path, suffixes: tuple[str, ...]) -> Path:

@@ -7,6 +7,7 @@ over the same cores.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,9 +90,16 @@ class OnnxRuntime(Runtime):
         )
         # The initializers dominate an ONNX model's memory, and they are most of the file.
         size = file.stat().st_size
-        return Loaded(model=model, size_bytes=size, signature=signature, runtime=self)
+        outputs = [
+            TensorSpec(name=o.name, datatype=_ONNX_TO_V2.get(o.type),
+                       shape=[d if isinstance(d, int) and d >= 0 else -1 for d in (o.shape or [])] or [-1])
+            for o in session.get_outputs()
+        ]  # fmt: skip
+        return Loaded(model=model, size_bytes=size, signature=signature, runtime=self, outputs=outputs)
 
-    def predict(self, model: OnnxModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(
+        self, model: OnnxModel, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
         if not inputs:
             raise InvalidInput("the request has no inputs")
         if len(model.input_names) == 1 and len(inputs) == 1:
@@ -112,13 +120,14 @@ class OnnxRuntime(Runtime):
             raise InvalidInput("inputs need a first (batch) dimension; got a scalar")
         rows = first.shape[0]
         try:
-            results = model.session.run(None, feeds)
+            names = list(outputs) if outputs else model.output_names
+            results = model.session.run(names, feeds)
         except MeshError:
             raise
         except Exception as e:
             raise InferenceError(f"onnx predict failed: {type(e).__name__}: {e}") from e
         return self._batched_outputs(
-            self.name, dict(zip(model.output_names, results, strict=True)), rows
+            self.name, dict(zip(names, results, strict=True)), rows
         )
 
     def unload(self, model: OnnxModel) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from pydantic import ValidationError
 from mesh.errors import InferenceError, InvalidInput, MeshError, ModelLoadFailed, PermissionDenied
 from mesh.models import ModelInfo
 
-from .base import Loaded, Runtime, TensorSpec, estimate_nbytes
+from .base import Loaded, Runtime, TensorSpec, estimate_nbytes, pick_outputs
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ class PythonRuntime(Runtime):
             runtime=self,
         )
 
-    def predict(self, model: PythonModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def predict(
+        self, model: PythonModel, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
         if not inputs:
             raise InvalidInput("the request has no inputs")
         first = next(iter(inputs.values()))
@@ -86,14 +89,17 @@ class PythonRuntime(Runtime):
             inputs = {sig[0].name: first}
         user = model.instance
         try:
-            outputs = user.predict(inputs)
+            result = user.predict(inputs)
         except MeshError:
             raise
         except Exception as e:
             raise InferenceError(
                 f"{type(user).__name__}.predict failed: {type(e).__name__}: {e}"
             ) from e
-        return self._batched_outputs(f"{type(user).__name__}.predict", outputs, first.shape[0])
+        # the user's predict computes all its outputs; a request naming some gets those
+        label = f"{type(user).__name__}.predict"
+        result = self._batched_outputs(label, result, first.shape[0])
+        return pick_outputs(label, result, outputs)
 
     def unload(self, model: PythonModel) -> None:
         unload = getattr(model.instance, "unload", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,17 @@ import sklearn
 
 from mesh.errors import InferenceError, InvalidInput, MeshError
 from mesh.models import ModelInfo
+from mesh.protocol.tensors import dtype_to_datatype
 
 from .base import Loaded, Runtime, TensorSpec, estimate_nbytes, load_failed, resolve_model_file
+from .tabular import check_tabular, tabular_input, tabular_signature, unnamed
 
 _SUFFIXES = (".joblib", ".pkl", ".pickle")
 
 
 class SklearnRuntime(Runtime):
-    """One input tensor [rows, features] -> one output "predict" = `estimator.predict(X)`."""
+    """One input tensor [rows, features] (or one per column, for a model trained on a
+    DataFrame) -> the outputs asked for, each `estimator.<output>(X)`; "predict" by default."""
 
     name = "sklearn"
 
@@ -59,35 +63,74 @@ class SklearnRuntime(Runtime):
             raise load_failed(
                 self.name, file, TypeError(f"{type(model).__name__} object has no predict method")
             )
-        n_features = getattr(model, "n_features_in_", None)
-        signature = None
-        if isinstance(n_features, (int, np.integer)) and n_features > 0:
-            # Pipelines may take strings or mixed columns, so the datatype is left open.
-            signature = [TensorSpec(name="input_0", datatype=None, shape=[-1, int(n_features)])]
-        return Loaded(model=model, size_bytes=size, signature=signature, runtime=self)
+        n_features, names = _features(model)
+        # Pipelines may take strings or mixed columns, so the datatype is left open.
+        signature = tabular_signature(n_features, names)
+        return Loaded(model=model, size_bytes=size, signature=signature, runtime=self,
+                      outputs=_output_specs(model), default_outputs=["predict"])  # fmt: skip
 
-    def predict(self, model: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if len(inputs) != 1:
-            raise InvalidInput(
-                f"sklearn models take exactly one input tensor [rows, features]; got {len(inputs)}"
-            )
-        ((name, x),) = inputs.items()
-        x = np.asarray(x)
-        # A lone feature vector is a convenience for direct callers; batched requests are 2-D
-        # (check_inputs enforces that before batching).
-        if x.ndim == 1 and x.shape[0] == getattr(model, "n_features_in_", None):
-            x = x.reshape(1, -1)
-        if x.ndim != 2:
-            raise InvalidInput(
-                f"input {name!r} has shape {list(x.shape)}; sklearn models take [rows, features]"
-            )
-        try:
-            y = model.predict(x)
-        except MeshError:
-            raise
-        except Exception as e:
-            raise InferenceError(f"sklearn predict failed: {type(e).__name__}: {e}") from e
-        return self._batched_outputs(self.name, {"predict": y}, x.shape[0])
+    def check_inputs(self, loaded: Loaded, inputs: dict[str, np.ndarray]) -> None:
+        n_features, names = _features(loaded.model)
+        if not names:
+            return super().check_inputs(loaded, inputs)
+        super().check_inputs(unnamed(loaded), inputs)  # scalars, rows that disagree
+        check_tabular(self.name, inputs, n_features, names)
+
+    def predict(
+        self, model: Any, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        x = tabular_input(self.name, inputs, *_features(model))
+        out = {}
+        for name in outputs or ("predict",):
+            method = getattr(model, name, None) if name in OUTPUTS else None
+            if not callable(method):
+                raise InvalidInput(f"the model has no output {name!r}; it offers {_offered(model)}")
+            try:
+                out[name] = method(x)
+            except MeshError:
+                raise
+            except Exception as e:
+                raise InferenceError(f"sklearn {name} failed: {type(e).__name__}: {e}") from e
+        return self._batched_outputs(self.name, out, x.shape[0])
+
+
+# The estimator methods a request may name as outputs (KServe V2 `outputs`), as MLServer's
+# sklearn runtime offers predict and predict_proba (SeldonIO/MLServer runtimes/sklearn).
+OUTPUTS = ("predict", "predict_proba", "predict_log_proba", "decision_function", "transform")
+
+
+def _offered(model: Any) -> list[str]:
+    # hasattr, not callable(getattr): sklearn hides a method a fitted model cannot run
+    # (`available_if`: SVC(probability=False).predict_proba) by raising AttributeError
+    return [n for n in OUTPUTS if hasattr(model, n)]
+
+
+def _features(model: Any) -> tuple[int | None, list[str] | None]:
+    n = getattr(model, "n_features_in_", None)
+    n = int(n) if isinstance(n, (int, np.integer)) and n > 0 else None
+    names = getattr(model, "feature_names_in_", None)
+    return n, ([str(c) for c in names] if names is not None else None)
+
+
+def _output_specs(model: Any) -> list[TensorSpec]:
+    classes = getattr(model, "classes_", None)
+    n_classes = len(classes) if isinstance(classes, np.ndarray) and classes.ndim == 1 else None
+    specs = []
+    for name in _offered(model):
+        datatype, shape = "FP64", [-1, n_classes or -1]
+        if name == "predict":
+            datatype, shape = "FP64", [-1]
+            if n_classes:
+                try:
+                    datatype = dtype_to_datatype(classes.dtype)
+                except InvalidInput:
+                    datatype = None
+        elif name == "decision_function" and n_classes == 2:
+            shape = [-1]
+        elif name == "transform":
+            shape = [-1, -1]
+        specs.append(TensorSpec(name=name, datatype=datatype, shape=shape))
+    return specs
 
 
 def _hint(file: Path, exc: Exception) -> str:

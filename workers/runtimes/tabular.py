@@ -1,0 +1,112 @@
+"""Tabular inputs shared by the sklearn, xgboost and lightgbm runtimes.
+
+A tabular model takes either one 2-D tensor [rows, features], or, when it was trained on a
+pandas DataFrame and so knows its feature names, one tensor per column named after the column
+(KServe V2's way of sending a table: MLServer's pandas codec does the same,
+SeldonIO/MLServer docs/user-guide/content-type.md). Columns keep their own datatypes, so an
+INT64 column reaches the model as int64 next to an FP64 one, as it was trained.
+
+pandas is imported only for models that know their feature names (`feature_frame`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mesh.errors import InvalidInput
+
+from .base import Loaded, TensorSpec
+
+
+def tabular_signature(n_features: int | None, feature_names: Sequence[str] | None) -> list[TensorSpec] | None:
+    """One spec per named column, or the one [rows, features] matrix (None: nothing known)."""
+    if feature_names:
+        return [TensorSpec(name=str(n), datatype=None, shape=[-1]) for n in feature_names]
+    if n_features:
+        return [TensorSpec(name="input_0", datatype=None, shape=[-1, int(n_features)])]
+    return None
+
+
+def check_tabular(runtime: str, inputs: dict[str, np.ndarray], n_features: int | None,
+                  feature_names: Sequence[str] | None) -> None:  # fmt: skip
+    """Reject a request that cannot be fed to the model (`tabular_input` says why)."""
+    tabular_input(runtime, inputs, n_features, feature_names, build=False)
+
+
+def tabular_input(
+    runtime: str,
+    inputs: dict[str, np.ndarray],
+    n_features: int | None,
+    feature_names: Sequence[str] | None,
+    *,
+    build: bool = True,
+) -> Any:
+    """The model's input: an ndarray [rows, features], or a DataFrame with the model's columns in
+    its order when it knows its feature names. `build=False` only checks."""
+    if not inputs:
+        raise InvalidInput("the request has no inputs")
+    names = list(feature_names) if feature_names else None
+    if len(inputs) == 1 and not (names and len(names) == 1):
+        ((name, x),) = inputs.items()
+        x = np.asarray(x)
+        # a lone feature vector is a convenience for direct callers; a request's tensor must be
+        # 2-D (its first dimension is the batch rows the worker splits the outputs by)
+        if build and x.ndim == 1 and n_features and x.shape[0] == n_features:
+            x = x.reshape(1, -1)
+        if x.ndim != 2:
+            raise InvalidInput(
+                f"input {name!r} has shape {list(x.shape)}; {runtime} models take [rows, features]"
+                + (f" or one tensor per column {names}" if names else "")
+            )
+        # (predict leaves a wrong width to the library, whose message says more)
+        if not build and n_features and x.shape[1] != n_features:
+            raise InvalidInput(
+                f"input {name!r} has shape {list(x.shape)}; the model expects [-1, {n_features}]"
+            )
+        if not build:
+            return None
+        if names:  # a matrix for a model trained on a DataFrame: give it its column names
+            return feature_frame(names, [x[:, i] for i in range(x.shape[1])])
+        return x
+    if not names:
+        raise InvalidInput(
+            f"{runtime} models take exactly one input tensor [rows, features]; got {len(inputs)} {list(inputs)} "
+            "(one tensor per column needs a model trained on a pandas DataFrame)"
+        )
+    if len(names) == 1 and len(inputs) == 1:
+        inputs = {names[0]: next(iter(inputs.values()))}
+    missing = [n for n in names if n not in inputs]
+    extra = [n for n in inputs if n not in names]
+    if missing or extra:
+        raise InvalidInput(
+            f"the model's columns are {names}; the request "
+            + "; ".join(([f"lacks {missing}"] if missing else []) + ([f"has unknown {extra}"] if extra else []))
+        )
+    columns, rows = [], None
+    for n in names:
+        col = np.asarray(inputs[n])
+        if col.ndim == 2 and col.shape[1] == 1:
+            col = col[:, 0]
+        if col.ndim != 1:
+            raise InvalidInput(f"column {n!r} has shape {list(col.shape)}; a column is [rows] or [rows, 1]")
+        if rows is not None and col.shape[0] != rows:
+            raise InvalidInput(f"column {n!r} has {col.shape[0]} rows; the others have {rows}")
+        rows = col.shape[0]
+        columns.append(col)
+    return feature_frame(names, columns) if build else None
+
+
+def feature_frame(names: Sequence[str], columns: Sequence[np.ndarray]) -> Any:
+    import pandas as pd  # only models trained on a DataFrame pay for it
+
+    return pd.DataFrame({n: c for n, c in zip(names, columns, strict=True)}, columns=list(names))
+
+
+
+def unnamed(loaded: Loaded) -> Loaded:
+    """`loaded` without its signature, for the base checks (scalars, rows that disagree) that
+    run before `check_tabular`, which knows the forms a table may take."""
+    return Loaded(model=loaded.model, size_bytes=loaded.size_bytes, signature=None, runtime=loaded.runtime)

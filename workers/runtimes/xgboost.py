@@ -1,0 +1,147 @@
+"""XGBoost models in the library's own formats: `booster.save_model("model.json")` or
+`"model.ubj"` (UBJSON), written by a `Booster` or by the sklearn wrappers (`XGBClassifier`, ...).
+
+These files are data, not pickles: loading one runs no code. The model is a `Booster`; its
+objective says what the outputs mean:
+
+- `predict`: the class index for classifiers (`binary:logistic`: probability > 0.5; `multi:*`:
+  the most probable class), what `XGBClassifier.predict` returns; the value for regressors.
+- `predict_proba` (classifiers with probabilities: `binary:logistic`, `multi:softprob`):
+  [rows, classes], as `XGBClassifier.predict_proba` (binary: [1 - p, p]).
+- `raw_margin`: the untransformed margin (`output_margin=True`).
+
+Classes are the indices 0..k-1 XGBoost trains on (it takes no other labels since 1.6); a
+model whose labels were encoded before training maps them back itself.
+
+Predictions run on one thread per worker process (`nthread=1`): a host runs several workers on
+few cores, and Mesh gets throughput from batching and processes (as the ONNX runtime).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xgboost as xgb
+
+from mesh.errors import InferenceError, InvalidInput, MeshError
+from mesh.models import ModelInfo
+
+from .base import Loaded, Runtime, TensorSpec, load_failed, resolve_model_file
+from .tabular import check_tabular, tabular_input, tabular_signature, unnamed
+
+_SUFFIXES = (".json", ".ubj")
+# objectives whose prediction is a probability of each class (or of class 1)
+_PROBA = ("binary:logistic", "multi:softprob")
+_CLASSES = (*_PROBA, "multi:softmax", "binary:hinge", "binary:logitraw")
+
+
+class XGBoostModel:
+    __slots__ = ("booster", "objective", "n_classes", "n_features", "feature_names", "iteration_range")
+
+    def __init__(self, booster: xgb.Booster) -> None:
+        self.booster = booster
+        config = json.loads(booster.save_config())
+        learner = config["learner"]
+        self.objective: str = learner["objective"]["name"]
+        self.n_classes = max(2, int(learner["learner_model_param"].get("num_class", "0") or 0))
+        self.n_features: int = booster.num_features()
+        self.feature_names: list[str] | None = list(booster.feature_names) if booster.feature_names else None
+        # as XGBModel.predict: a model trained with early stopping predicts with its best trees
+        best = booster.attr("best_iteration")
+        self.iteration_range = (0, int(best) + 1) if best is not None else (0, 0)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.objective in _CLASSES
+
+
+class XGBoostRuntime(Runtime):
+    name = "xgboost"
+
+    def load(self, path: Path, info: ModelInfo, known_size: int | None = None) -> Loaded:
+        file = resolve_model_file(self.name, path, _SUFFIXES)
+        try:
+            booster = xgb.Booster(model_file=str(file))
+            booster.set_param({"nthread": 1})
+            model = XGBoostModel(booster)
+        except Exception as e:  # XGBoostError, or a config without the fields read above
+            raise load_failed(self.name, file, e, "not a model written by XGBoost's save_model, or a damaged one") from e
+        # the trees in XGBoost's own binary form: about what the booster holds in memory (the
+        # JSON file is several times larger, the UBJ one about the same)
+        size = known_size or max(len(booster.save_raw(raw_format="ubj")), 1)
+        return Loaded(
+            model=model,
+            size_bytes=size,
+            signature=tabular_signature(model.n_features, model.feature_names),
+            runtime=self,
+            outputs=_output_specs(model),
+            default_outputs=["predict"],
+        )
+
+    def check_inputs(self, loaded: Loaded, inputs: dict[str, np.ndarray]) -> None:
+        model: XGBoostModel = loaded.model
+        super().check_inputs(unnamed(loaded), inputs)
+        check_tabular(self.name, inputs, model.n_features, model.feature_names)
+
+    def predict(
+        self, model: XGBoostModel, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        x = tabular_input(self.name, inputs, model.n_features, model.feature_names)
+        wanted = list(outputs or ("predict",))
+        offered = _offered(model)
+        unknown = [w for w in wanted if w not in offered]
+        if unknown:
+            raise InvalidInput(f"the model has no output {', '.join(map(repr, unknown))}; it offers {offered}")
+        out: dict[str, np.ndarray] = {}
+        try:
+            value = None
+            if any(w in ("predict", "predict_proba") for w in wanted):
+                value = model.booster.inplace_predict(x, iteration_range=model.iteration_range)
+            for w in wanted:
+                if w == "raw_margin":
+                    out[w] = model.booster.inplace_predict(
+                        x, iteration_range=model.iteration_range, predict_type="margin"
+                    )
+                elif w == "predict_proba":
+                    out[w] = np.column_stack([1.0 - value, value]) if value.ndim == 1 else value
+                else:
+                    out[w] = _classes(model, value)
+        except MeshError:
+            raise
+        except Exception as e:
+            raise InferenceError(f"xgboost predict failed: {type(e).__name__}: {e}") from e
+        return self._batched_outputs(self.name, out, x.shape[0])
+
+
+def _classes(model: XGBoostModel, value: np.ndarray) -> np.ndarray:
+    """`predict` from the booster's prediction, as the sklearn wrapper computes it."""
+    objective = model.objective
+    if objective == "binary:logistic":
+        return (value > 0.5).astype(np.int64)
+    if objective == "binary:logitraw":
+        return (value > 0.0).astype(np.int64)
+    if objective == "multi:softprob":
+        return np.argmax(value, axis=1).astype(np.int64)
+    if objective in ("multi:softmax", "binary:hinge"):
+        return value.astype(np.int64)
+    return value
+
+
+def _offered(model: XGBoostModel) -> list[str]:
+    return ["predict", *(["predict_proba"] if model.objective in _PROBA else []), "raw_margin"]
+
+
+def _output_specs(model: XGBoostModel) -> list[TensorSpec]:
+    multi = model.objective.startswith("multi:")
+    specs = [TensorSpec(name="predict", datatype="INT64" if model.is_classifier else "FP32", shape=[-1])]
+    if model.objective in _PROBA:
+        specs.append(TensorSpec(name="predict_proba", datatype="FP32", shape=[-1, model.n_classes]))
+    specs.append(TensorSpec(name="raw_margin", datatype="FP32", shape=[-1, model.n_classes] if multi else [-1]))
+    return specs
+
+
+__all__ = ["XGBoostModel", "XGBoostRuntime"]
