@@ -35,4 +35,4 @@ REPLY_TTL_S = 300
 
 # The runtimes a worker can load (workers/runtimes/): producers check `ModelInfo.runtime`
 # against these at registration, without importing the worker.
-RUNTIME_NAMES: tuple[str, ...] = ("sklearn", "onnx", "python", "xgboost", "lightgbm")
+RUNTIME_NAMES: tuple[str, ...] = ("sklearn", "onnx", "python", "xgboost", "lightgbm", "tensorflow")

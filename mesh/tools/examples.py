@@ -115,6 +115,58 @@ def export_onnx(sklearn_model_path: str | Path, onnx_path: str | Path) -> Path:
     return out
 
 
+def train_digits_tf(path: str | Path, steps: int = 300) -> Path:
+    """Train a softmax regression on the digits in TensorFlow and save it as a SavedModel
+    directory (seed 003's `tensorflow/mnist.savedmodel`, small enough for a test: ~1 s after
+    TensorFlow's import).
+
+    Its `serving_default` signature takes "input_0" (FP32 [None, 64], raw 0..16 pixels as the
+    sklearn models take them) and answers "predict" (INT64 [None], the digit: the name the
+    sklearn models answer with, so a client reading it is unchanged when a vmodel moves from
+    one to the other) and "probabilities" (FP32 [None, 10]). tensorflow is imported here only.
+    """
+    import tensorflow as tf
+
+    x, y = _digits()
+    model = _DigitsSoftmax(tf)
+    tf.random.set_seed(0)
+    optimizer = tf.keras.optimizers.Adam(0.05)
+    xs, ys = tf.constant(x, tf.float32), tf.constant(y, tf.int64)
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(ys, model.logits(xs)))
+        grads = tape.gradient(loss, [model.w, model.b])
+        optimizer.apply_gradients(zip(grads, [model.w, model.b]))
+    got = int(model.serve(tf.constant([SEED_DIGITS_INPUT], tf.float32))["predict"].numpy()[0])
+    if got != SEED_DIGITS_ANSWER:
+        raise RuntimeError(f"the digits TensorFlow model predicts {got} for the example input, not 8")
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tf.saved_model.save(model, str(out), signatures={"serving_default": model.serve})
+    return out
+
+
+class _DigitsSoftmax:
+    """Built by `train_digits_tf` (a factory, so that importing this module imports no TensorFlow)."""
+
+    def __new__(cls, tf: Any) -> Any:
+        class DigitsSoftmax(tf.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.w = tf.Variable(tf.zeros([64, 10]), name="w")
+                self.b = tf.Variable(tf.zeros([10]), name="b")
+
+            def logits(self, x: Any) -> Any:
+                return (x / 16.0) @ self.w + self.b
+
+            @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32, name="input_0")])
+            def serve(self, input_0: Any) -> dict:
+                logits = self.logits(input_0)
+                return {"predict": tf.argmax(logits, axis=1), "probabilities": tf.nn.softmax(logits)}
+
+        return DigitsSoftmax()
+
+
 def _dump(model: Any, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

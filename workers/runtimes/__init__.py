@@ -1,7 +1,7 @@
 """Model runtimes, looked up by `ModelInfo.runtime`.
 
 Runtime modules are imported on first use: a worker that never serves an ONNX model should not
-pay for importing onnxruntime, xgboost or lightgbm (nor need them installed: they are extras,
+pay for importing onnxruntime, xgboost, lightgbm or TensorFlow (seconds and hundreds of MB) (nor need them installed: they are extras,
 `pip install mesh[xgboost]`, docs/runtimes.md).
 """
 
@@ -21,6 +21,7 @@ _RUNTIMES: dict[str, tuple[str, str]] = {
     "python": ("workers.runtimes.python", "PythonRuntime"),
     "xgboost": ("workers.runtimes.xgboost", "XGBoostRuntime"),
     "lightgbm": ("workers.runtimes.lightgbm", "LightGBMRuntime"),
+    "tensorflow": ("workers.runtimes.tensorflow", "TensorFlowRuntime"),
 }
 
 _instances: dict[str, Runtime] = {}
