@@ -22,8 +22,10 @@ from mesh.control.routing import Router
 from mesh.control.vmodels import SYNC_TIMEOUT_S, VModelManager
 from mesh.errors import DeadlineExceeded, InvalidArgument, ModelNotFound, PermissionDenied, RequestTooLarge
 from mesh.models import (
+    PLATFORMS,
     Command,
     ModelInfo,
+    ModelMetadata,
     ModelRecord,
     ModelState,
     ModelStatus,
@@ -201,6 +203,57 @@ class MeshClient:
                 )
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 1.5, 0.25)
+
+    def get_model_metadata(
+        self,
+        model_id: str | None = None,
+        *,
+        vmodel_id: str | None = None,
+        load: bool = False,
+        timeout: float = 60.0,
+    ) -> ModelMetadata:
+        """A model's signature in KServe V2's metadata shape: its inputs (names, datatypes,
+        shapes), the outputs a request may name, its platform (mesh/models.py ModelMetadata).
+
+        The signature is measured when a worker first loads the model: before that this raises
+        FailedPrecondition, unless `load` asks for a copy (ensure_loaded) and waits for it up to
+        `timeout` seconds. For a vmodel, the metadata of its active model, with that model's id
+        in `versions`. Unknown ids raise ModelNotFound.
+        """
+        if (model_id is None) == (vmodel_id is None):
+            raise InvalidArgument("get_model_metadata needs a model_id or a vmodel_id (one of them)")
+        name = model_id if model_id is not None else vmodel_id
+        concrete = model_id
+        if vmodel_id is not None:
+            vm = self.vmodels.status(vmodel_id)
+            if not vm.active_model_id:
+                raise ModelNotFound(f"vmodel {vmodel_id!r} not found")
+            concrete = vm.active_model_id
+        record = self.store.get_record(validate_id(concrete))
+        if record is None:
+            raise ModelNotFound(f"model {concrete!r} not found")
+        signature = self.store.get_signature(concrete, record.created_at)
+        if signature is None and load:
+            status = self.ensure_loaded(concrete, sync=True, timeout=timeout)
+            if status.state is ModelState.LOADING_FAILED:
+                raise mesh.errors.ModelLoadFailed(
+                    f"model {concrete!r} failed to load: {status.errors[0] if status.errors else 'no reason given'}"
+                )
+            # the signature is written just before the copy is marked LOADED
+            signature = self.store.get_signature(concrete, record.created_at)
+        if signature is None:
+            raise mesh.errors.FailedPrecondition(
+                f"model {concrete!r} has not been loaded yet: its signature is known once a worker loads it "
+                "(ensure_loaded, or get_model_metadata(..., load=True))"
+            )
+        return ModelMetadata(
+            name=name,
+            versions=[concrete] if vmodel_id is not None else [],
+            platform=PLATFORMS.get(signature.runtime, signature.runtime),
+            inputs=signature.inputs,
+            outputs=signature.outputs,
+            default_outputs=signature.default_outputs,
+        )
 
     def list_models(self) -> list[ModelRecord]:
         return self.store.list_records()

@@ -228,6 +228,54 @@ class ModelStatus(_Strict):
         return self.state.serving_state
 
 
+class TensorMetadata(_Strict):
+    """One input or output of a model's signature (KServe V2's metadata_tensor). `shape` uses -1
+    for a dimension of any size (the first is the batch); `datatype` is None when the model
+    accepts any (an sklearn pipeline may take text or numbers): a V2 gateway shows it as ""."""
+
+    name: str
+    datatype: str | None = None
+    shape: list[int] = []
+
+
+class ModelSignature(_Strict):
+    """What a worker records when it loads a model (`StateStore.set_signature`): its inputs,
+    the outputs a request may name, and those a request naming none gets (None: all).
+    `generation` is the registration it was measured for (`ModelRecord.created_at`): an id
+    unregistered and registered again with another model never shows the old signature."""
+
+    runtime: str
+    inputs: list[TensorMetadata] = []
+    outputs: list[TensorMetadata] = []
+    default_outputs: list[str] | None = None
+    generation: float
+
+
+# KServe V2's `platform` of each runtime (Triton's names where it has one)
+PLATFORMS = {
+    "sklearn": "sklearn",
+    "onnx": "onnxruntime_onnx",
+    "python": "python",
+    "xgboost": "xgboost",
+    "lightgbm": "lightgbm",
+    "tensorflow": "tensorflow_savedmodel",
+}
+
+
+class ModelMetadata(_Strict):
+    """A model's metadata in KServe V2's shape (`GET /v2/models/{name}`, the ModelMetadata RPC):
+    `MeshClient.get_model_metadata`. `name` is the id asked for; for a vmodel, `versions` holds
+    its active concrete model. `outputs` are all the outputs a request may name (KServe V2
+    `outputs`); `default_outputs` those a request naming none gets (None: all of them)."""
+
+    name: str
+    versions: list[str] = []
+    platform: str
+    inputs: list[TensorMetadata] = []
+    outputs: list[TensorMetadata] = []
+    default_outputs: list[str] | None = None
+
+
 class VModelState(str, Enum):
     """ModelMesh's VModelStatus (`VModelStatusInfo` in kserve/modelmesh
     src/main/proto/current/model-mesh.proto)."""

@@ -57,7 +57,7 @@ from mesh.storage.sources import acquire_model, release_model
 from .batcher import BatchPolicy
 from .retention import FRESH_S, HISTORY_MODELS, Candidate, UsageMeter, make_room
 from .runtimes import get_runtime
-from .runtimes.base import Loaded
+from .runtimes.base import Loaded, model_signature
 from .runtimes.python import allowed_modules, check_python_class
 from .snapshots import Snapshots
 
@@ -137,6 +137,8 @@ class ModelManager:
                                         predict_timeout_s=s.predict_timeout_s)
         # model id -> the info of a load of it that succeeded in this process (`request_load`)
         self._proven: LRUCache = LRUCache(maxsize=HISTORY_MODELS)
+        # (model id, registration) whose signature this process recorded (`_record_signature`)
+        self._signed: LRUCache = LRUCache(maxsize=HISTORY_MODELS)
         self._lock = threading.RLock()  # guards _entries, _cache, _usage, _victims, _reserved
         self._inflight = threading.Condition()
         self._entries: dict[str, Entry] = {}
@@ -549,6 +551,7 @@ class ModelManager:
         # (a reload measured nothing new: its record already holds it)
         if entry.record.size_bytes != size:
             self.store.set_size(model_id, size)
+        self._record_signature(entry)
         # Consume the model's queue, and mark the copy LOADED in the same round trip that
         # rings our command queue's bell, so an idle consumer's wait returns and takes the
         # queue now (the consumer thread adds it on its next turn, queued before the ring).
@@ -568,6 +571,19 @@ class ModelManager:
             self._retirer.submit(self._drop_copy_unless_held, model_id)
         self.consumer.update_prefetch()
         self.events.copy_loaded(model_id)
+
+    def _record_signature(self, entry: Entry) -> None:
+        """The model's signature where clients read it (`MeshClient.get_model_metadata`), once
+        per registration and worker process: a reload measures the same (models are immutable)."""
+        record, loaded = entry.record, entry.loaded
+        key = (entry.model_id, record.created_at)
+        if loaded is None or key in self._signed:
+            return
+        try:
+            self.store.set_signature(entry.model_id, model_signature(loaded, record.info.runtime, record.created_at))
+            self._signed[key] = True
+        except Exception:  # metadata is for humans and gateways: never a reason to fail a load
+            log.exception("could not record the signature of %s", entry.model_id)
 
     def _reassert(self, model_id: str) -> None:
         self.store.mark_copy(model_id, self.name, CopyState.LOADED)

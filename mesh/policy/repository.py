@@ -29,7 +29,10 @@ READY_MARKER = "_READY"
 MANIFEST_FILE = "mesh.json"
 _VERSION = re.compile(r"^(0|[1-9][0-9]{0,17})$")
 _REPO_ID = re.compile(r"^(?P<name>[^@]+)@(?P<version>0|[1-9][0-9]{0,17})$")
-_RUNTIME_BY_SUFFIX = {".joblib": "sklearn", ".pkl": "sklearn", ".pickle": "sklearn", ".onnx": "onnx"}
+# Only unambiguous files tell the runtime: XGBoost's .json and LightGBM's .txt models need the
+# manifest's `runtime` (docs/runtimes.md).
+_RUNTIME_BY_SUFFIX = {".joblib": "sklearn", ".pkl": "sklearn", ".pickle": "sklearn", ".onnx": "onnx", ".ubj": "xgboost"}
+_RUNTIME_BY_NAME = {"saved_model.pb": "tensorflow"}
 
 
 # ---------------------------------------------------------------------- plain data
@@ -209,7 +212,10 @@ def merge_manifests(base: ModelManifest | None, override: ModelManifest | None) 
 
 
 def infer_runtime(files: Iterable[RepoFile]) -> str | None:
-    kinds = {_RUNTIME_BY_SUFFIX.get(Path(f.relpath).suffix.lower()) for f in files} - {None}
+    kinds = {
+        _RUNTIME_BY_NAME.get(Path(f.relpath).name) or _RUNTIME_BY_SUFFIX.get(Path(f.relpath).suffix.lower())
+        for f in files
+    } - {None}
     return kinds.pop() if len(kinds) == 1 else None
 
 

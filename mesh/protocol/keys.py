@@ -166,6 +166,11 @@ class Keys:
     def load_claim(self, model_id: str) -> str:
         return f"{self.prefix}:loadclaim:{model_id}"
 
+    @property
+    def signatures(self) -> str:
+        """Hash model_id -> ModelSignature JSON, written by the worker that loads the model."""
+        return f"{self.prefix}:signatures"
+
     # --- vmodel transitions (mesh/control/vmodels.py)
     @property
     def transitions(self) -> str:

@@ -25,6 +25,7 @@ from mesh.models import (
     FailedCopy,
     ModelInfo,
     ModelRecord,
+    ModelSignature,
     ModelStatus,
     WorkerState,
 )
@@ -271,6 +272,7 @@ class StateStore:
                     p.multi()
                     p.hdel(k.models, model_id)
                     p.zadd(k.gone, {model_id: time.time()})  # its queue is watched for strays (mesh/store/strays.py)
+                    p.hdel(k.signatures, model_id)
                     p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
                              k.queue_bell(k.model_queue(model_id)), *k.queue_bindings(k.model_queue(model_id)))
                     p.execute()
@@ -306,6 +308,21 @@ class StateStore:
                 p.hset(self.keys.models, model_id, rec.model_dump_json())
 
         self.r.transaction(write, self.keys.models)
+
+    # ------------------------------------------------------------------ signatures
+    def set_signature(self, model_id: str, signature: ModelSignature) -> None:
+        """Record a loaded model's signature (models are immutable: every copy measures the same)."""
+        self.r.hset(self.keys.signatures, model_id, signature.model_dump_json())
+
+    def get_signature(self, model_id: str, generation: float | None = None) -> ModelSignature | None:
+        """The recorded signature; None when none was recorded for that registration."""
+        raw = self.r.hget(self.keys.signatures, model_id)
+        if raw is None:
+            return None
+        signature = ModelSignature.model_validate_json(raw)
+        if generation is not None and signature.generation != generation:
+            return None  # measured for an earlier registration of the same id
+        return signature
 
     # ------------------------------------------------------------------ status
     def model_status(self, model_id: str) -> ModelStatus:

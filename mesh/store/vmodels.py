@@ -174,6 +174,7 @@ class _Tx:
             p.hset(k.models, model_id, rec.model_dump_json())
         for model_id, entry in self.model_deletes.items():
             p.hdel(k.models, model_id)
+            p.hdel(k.signatures, model_id)
             p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
                      *k.queue_bindings(k.model_queue(model_id)))
             p.hset(k.draining, model_id, entry.model_dump_json())

@@ -240,7 +240,7 @@ def _model_info(
 
 # Options shared by `models register` and `vmodels set` (a model described on the command line).
 _URI = typer.Option(None, "--uri", help="file:///abs/path, s3://bucket/key, or a path in --storage-key's bucket")
-_RUNTIME = typer.Option(None, "--runtime", help="sklearn | onnx | python")
+_RUNTIME = typer.Option(None, "--runtime", help="sklearn | onnx | python | xgboost | lightgbm | tensorflow")
 _STORAGE_KEY = typer.Option(None, "--storage-key", help="MESH_STORAGE_CONFIG entry with the credentials")
 _PYTHON_CLASS = typer.Option(None, "--python-class", help="for runtime python: package.module:Class")
 _MAX_BATCH = typer.Option(None, "--max-batch-size", min=1, help="per-model max batch size")
@@ -377,7 +377,7 @@ def models_list() -> None:
 def models_register(
     model_id: str = typer.Argument(..., help="the concrete model's id"),
     uri: str = typer.Option(..., "--uri", help="file:///abs/path, s3://bucket/key, or a path in --storage-key's bucket"),
-    runtime: str = typer.Option(..., "--runtime", help="sklearn | onnx | python"),
+    runtime: str = typer.Option(..., "--runtime", help="sklearn | onnx | python | xgboost | lightgbm | tensorflow"),
     storage_key: Optional[str] = _STORAGE_KEY,
     python_class: Optional[str] = _PYTHON_CLASS,
     max_batch_size: Optional[int] = _MAX_BATCH,
@@ -456,6 +456,31 @@ def models_status(
             for name, s in cfg.values.items():
                 table.add_row(name, json.dumps(s.value), s.source)
             console.print(table)
+
+
+@models_app.command("metadata")
+def models_metadata(
+    model_id: str = typer.Argument(..., help="a model id (or, with --vmodel, a vmodel id)"),
+    vmodel: bool = typer.Option(False, "--vmodel", help="the id is a vmodel's: show its active model's"),
+    load: bool = typer.Option(False, "--load", help="load a copy first if none was ever loaded (waits)"),
+    timeout: float = typer.Option(120.0, help="seconds --load waits"),
+    as_json: bool = typer.Option(False, "--json", help="print KServe V2's metadata JSON"),
+) -> None:
+    """A model's signature: inputs, outputs it can produce, datatypes, shapes (KServe V2 metadata)."""
+    with _client() as c:
+        ids = {"vmodel_id": model_id} if vmodel else {"model_id": model_id}
+        md = c.get_model_metadata(**ids, load=load, timeout=timeout)
+    if as_json:
+        _print_json(md.model_dump(mode="json"))
+        return
+    console.print(Text.assemble((md.name, "bold"), "  ", md.platform,
+                                f"  (active: {', '.join(md.versions)})" if md.versions else ""))  # fmt: skip
+    table = Table("", "name", "datatype", "shape", title_justify="left")
+    for kind, tensors in (("input", md.inputs), ("output", md.outputs)):
+        for t in tensors:
+            default = kind == "output" and (md.default_outputs is None or t.name in md.default_outputs)
+            table.add_row(kind + (" (default)" if default else ""), t.name, t.datatype or "any", str(t.shape))
+    console.print(table)
 
 
 # ---------------------------------------------------------------------- vmodels

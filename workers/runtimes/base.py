@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mesh.errors import InferenceError, InvalidInput, ModelLoadFailed
-from mesh.models import ModelInfo
+from mesh.models import ModelInfo, ModelSignature, TensorMetadata
 from mesh.protocol.tensors import DATATYPE_TO_DTYPE, Datatype, dtype_to_datatype
 
 
@@ -213,6 +213,21 @@ def _castable(arr: np.ndarray, target: np.dtype) -> bool:
         return True
     info = np.iinfo(target)
     return int(arr.min()) >= info.min and int(arr.max()) <= info.max
+
+
+def model_signature(loaded: Loaded, runtime: str, generation: float) -> ModelSignature:
+    """What the worker records of a loaded model for its metadata (mesh/models.py)."""
+
+    def tensors(specs: list[TensorSpec] | None) -> list[TensorMetadata]:
+        return [TensorMetadata(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in specs or []]
+
+    return ModelSignature(
+        runtime=runtime,
+        inputs=tensors(loaded.signature),
+        outputs=tensors(loaded.outputs),
+        default_outputs=loaded.default_outputs,
+        generation=generation,
+    )
 
 
 def pick_outputs(runtime: str, outputs: dict[str, Any], wanted: Sequence[str] | None) -> dict[str, Any]:
