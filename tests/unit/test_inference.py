@@ -275,3 +275,42 @@ def test_a_request_that_cannot_be_answered_fails_alone_and_its_batch_mates_are_a
     assert rig.metrics.rejected.labels("unanswerable")._value.get() == 1
     batches = [f for t, f in loop.dispatcher.sent if t == "mesh-batch"]
     assert [(b["size"], b["messages"]) for b in batches] == [(6, 6)]
+
+
+def test_requests_of_one_batch_get_the_outputs_each_asked_for(rig, loop, tmp_path):
+    import joblib
+    import numpy as np
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    from mesh.models import ModelInfo
+
+    x, y = load_iris(return_X_y=True)
+    model = LogisticRegression(max_iter=500).fit(x, y)
+    joblib.dump(model, tmp_path / "iris.joblib")
+    rig.store.register_model("sk", ModelInfo(runtime="sklearn", uri=f"file://{tmp_path / 'iris.joblib'}"))
+    rig.load("sk")
+    rows = x[:2].tolist()
+    body = [{"name": "x", "shape": [2, 4], "datatype": "FP64", "data": rows}]
+    asks = {"a": None, "b": [{"name": "predict_proba"}], "c": ["decision_function", "predict"],
+            "d": [{"name": "predict_proba"}], "bad": ["nope"]}  # fmt: skip
+    for task_id, outputs in asks.items():  # all buffered before the loop runs: one batch
+        kwargs = {"inputs": body} if outputs is None else {"inputs": body, "outputs": outputs}
+        rig.batcher.add("sk", loop.request(task_id, "sk", **kwargs))
+    loop.start()
+    for task_id, outputs in asks.items():
+        result = loop.result(task_id)
+        if task_id == "bad":
+            assert isinstance(result, Exception) and "no output 'nope'" in str(result)
+            continue
+        names = ["predict"] if outputs is None else [o["name"] if isinstance(o, dict) else o for o in outputs]
+        assert [o["name"] for o in result["outputs"]] == names
+        for o in result["outputs"]:
+            expected = getattr(model, o["name"])(np.asarray(rows))
+            np.testing.assert_allclose(np.asarray(o["data"]).reshape(o["shape"]), expected)
+    batches = [f for t, f in loop.dispatcher.sent if t == "mesh-batch"]
+    assert [(b["messages"], b["failed"]) for b in batches] == [(5, 1)]
+    # the signature the loading worker recorded for get_model_metadata
+    signature = rig.store.get_signature("sk")
+    assert signature.runtime == "sklearn" and [t.shape for t in signature.inputs] == [[-1, 4]]
+    assert {t.name for t in signature.outputs} == {"predict", "predict_proba", "predict_log_proba", "decision_function"}

@@ -1,0 +1,137 @@
+"""Tables and outputs without workers: DataFrames as one V2 tensor per column and back, in the
+model's column order with the columns' dtypes; KServe V2 `outputs` parsing; the outputs each
+runtime offers, checked against the libraries' own predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mesh.errors import InvalidInput
+from mesh.models import ModelInfo
+from mesh.protocol.tensors import decode_inputs, decode_output_names, encode_inputs, encode_output_names
+from workers.runtimes import get_runtime
+from workers.runtimes.tabular import tabular_input
+
+pd = pytest.importorskip("pandas")
+
+
+def frame():
+    return pd.DataFrame({
+        "age": np.array([31, 45, 27], dtype=np.int64),
+        "income": np.array([1.5, 2.25, 0.75], dtype=np.float64),
+        "score": np.array([0.1, 0.2, 0.3], dtype=np.float32),
+        "member": np.array([True, False, True]),
+        "city": ["Oslo", "Lima", "Pune"],
+        "tier": pd.Categorical(["a", "b", "a"]),
+    })  # fmt: skip
+
+
+def test_a_dataframe_travels_as_one_tensor_per_column_with_its_dtypes():
+    tensors = encode_inputs(frame())
+    assert [(t["name"], t["datatype"], t["shape"]) for t in tensors] == [
+        ("age", "INT64", [3]), ("income", "FP64", [3]), ("score", "FP32", [3]), ("member", "BOOL", [3]),
+        ("city", "BYTES", [3]), ("tier", "BYTES", [3]),
+    ]  # fmt: skip
+    assert tensors[5]["data"] == ["a", "b", "a"]  # a categorical's values, not its codes
+    # the worker rebuilds the frame in the model's order, whatever the request's
+    arrays = decode_inputs(tensors)
+    names = ["tier", "city", "member", "score", "income", "age"]
+    rebuilt = tabular_input("sklearn", arrays, len(names), names)
+    assert list(rebuilt.columns) == names
+    assert [str(rebuilt[c].dtype) for c in ["age", "income", "score", "member"]] == \
+        ["int64", "float64", "float32", "bool"]  # fmt: skip
+    assert str(rebuilt["city"].dtype) in ("object", "str")  # pandas 3 infers its string dtype
+    assert rebuilt["age"].tolist() == [31, 45, 27]
+
+
+def test_what_a_dataframe_cannot_carry_is_refused_by_the_client():
+    with pytest.raises(InvalidInput, match="column 'n' .* has no V2 form"):
+        encode_inputs(pd.DataFrame({"n": pd.array([1, None], dtype="Int64")}))
+    with pytest.raises(InvalidInput, match="missing values"):
+        encode_inputs(pd.DataFrame({"s": ["a", None]}))
+    with pytest.raises(InvalidInput, match="column names must be strings"):
+        encode_inputs(pd.DataFrame({0: [1.0]}))
+    with pytest.raises(InvalidInput, match="no V2 datatype"):
+        encode_inputs(pd.DataFrame({"t": pd.to_datetime(["2024-01-01"])}))
+
+
+def test_table_checks_name_what_is_wrong():
+    arrays = {"a": np.zeros(3), "b": np.zeros(3), "zz": np.zeros(3)}
+    with pytest.raises(InvalidInput, match=r"lacks \['c'\]; has unknown \['zz'\]"):
+        tabular_input("sklearn", arrays, 3, ["a", "b", "c"], build=False)
+    with pytest.raises(InvalidInput, match="column 'b' has 2 rows; the others have 3"):
+        tabular_input("sklearn", {"a": np.zeros(3), "b": np.zeros(2), "c": np.zeros(3)}, 3, ["a", "b", "c"])
+    with pytest.raises(InvalidInput, match=r"a column is \[rows\] or \[rows, 1\]"):
+        tabular_input("sklearn", {"a": np.zeros((3, 2)), "b": np.zeros(3), "c": np.zeros(3)}, 3, ["a", "b", "c"])
+    # one matrix in the model's order is also a table: it gets the model's column names
+    x = tabular_input("sklearn", {"input_0": np.arange(6.0).reshape(2, 3)}, 3, ["a", "b", "c"])
+    assert list(x.columns) == ["a", "b", "c"] and x["c"].tolist() == [2.0, 5.0]
+
+
+def test_output_names_in_kserve_v2_form():
+    assert decode_output_names([{"name": "predict"}, {"name": "p", "parameters": {"binary_data": False}}]) == \
+        ("predict", "p")  # fmt: skip
+    assert decode_output_names(["predict_proba"]) == ("predict_proba",)
+    assert encode_output_names("predict") == [{"name": "predict"}]
+    for bad, why in [([], "non-empty list"), ("x", "non-empty list"), ([{"name": ""}], "non-empty string"),
+                     ([{"nom": "x"}], "unknown field"), (["a", "a"], "named twice"), ([3], "non-empty string")]:  # fmt: skip
+        with pytest.raises(InvalidInput, match=why):
+            decode_output_names(bad)
+
+
+@pytest.fixture(scope="module")
+def iris():
+    from sklearn.datasets import load_iris
+
+    return load_iris(return_X_y=True)
+
+
+def _load(runtime, path):
+    return get_runtime(runtime).load(path, ModelInfo(runtime=runtime, uri=f"file://{path}"))
+
+
+def test_sklearn_offers_what_the_estimator_has(iris, tmp_path):
+    import joblib
+    from sklearn.svm import SVC
+
+    x, y = iris
+    joblib.dump(SVC().fit(x, y), tmp_path / "svc.joblib")
+    loaded = _load("sklearn", tmp_path / "svc.joblib")
+    assert [o.name for o in loaded.outputs] == ["predict", "decision_function"]  # no probability=True
+    rt = loaded.runtime
+    with pytest.raises(InvalidInput, match=r"no output 'predict_proba'; it offers \['predict', 'decision_function'\]"):
+        rt.check_outputs(loaded, ["predict_proba"])
+    with pytest.raises(InvalidInput, match="no output 'predict_proba'"):
+        rt.predict(loaded.model, {"x": x[:2]}, ["predict_proba"])
+
+
+def test_xgboost_and_lightgbm_equal_their_wrappers(iris, tmp_path):
+    xgb = pytest.importorskip("xgboost")
+    lgb = pytest.importorskip("lightgbm")
+    x, y = iris
+    xm = xgb.XGBRegressor(n_estimators=5).fit(x, y)
+    xm.save_model(tmp_path / "reg.json")
+    loaded = _load("xgboost", tmp_path / "reg.json")
+    assert [o.name for o in loaded.outputs] == ["predict", "raw_margin"]  # a regressor: no probabilities
+    out = loaded.runtime.predict(loaded.model, {"x": x}, None)
+    np.testing.assert_allclose(out["predict"], xm.predict(x), rtol=1e-6)
+    lm = lgb.LGBMClassifier(n_estimators=5, verbose=-1).fit(x, y)
+    lm.booster_.save_model(tmp_path / "m.txt")
+    loaded = _load("lightgbm", tmp_path / "m.txt")
+    assert loaded.signature[0].shape == [-1, 4]  # trained on an array: one matrix
+    out = loaded.runtime.predict(loaded.model, {"x": x}, ["predict_proba", "predict", "raw_margin"])
+    assert list(out) == ["predict_proba", "predict", "raw_margin"]
+    assert out["predict"].tolist() == lm.predict(x).tolist()
+    np.testing.assert_allclose(out["predict_proba"], lm.predict_proba(x), rtol=1e-9)
+    np.testing.assert_allclose(out["raw_margin"], lm.predict(x, raw_score=True), rtol=1e-9)
+    assert loaded.size_bytes > 0
+
+
+def test_damaged_files_are_load_failures(tmp_path):
+    from mesh.errors import ModelLoadFailed
+
+    for runtime, name in [("xgboost", "m.json"), ("lightgbm", "m.txt")]:
+        (tmp_path / name).write_text("{ not a model")
+        with pytest.raises(ModelLoadFailed, match=f"cannot load {runtime} model from .*{name}"):
+            _load(runtime, tmp_path / name)
