@@ -825,9 +825,12 @@ def _read_inputs(inputs: str) -> Any:
         payload = json.loads(text)
     except json.JSONDecodeError as exc:
         _fail(f"{name} is not JSON: {exc}")
-    if isinstance(payload, dict) and "inputs" in payload:
-        payload = payload["inputs"]  # a whole V2 request body
     return payload
+
+
+def _body_outputs(payload: Any) -> Any:
+    """A whole V2 request body's `outputs`, if it names any."""
+    return payload.get("outputs") if isinstance(payload, dict) and "inputs" in payload else None
 
 
 @app.command()
@@ -839,12 +842,19 @@ def infer(
     timeout_ms: Optional[float] = typer.Option(None, "--timeout-ms", help="revoke the request if it has not started by then"),
     timeout: float = typer.Option(60.0, help="seconds to wait for the answer"),
     pretty: bool = typer.Option(False, "--pretty", help="indent the JSON"),
+    output: Optional[list[str]] = typer.Option(
+        None, "--output", help="an output to return (repeatable; default: the model's default outputs, or a V2 body's)"
+    ),
 ) -> None:
     """Send one inference request and print the V2 response (one line of JSON)."""
     payload = _read_inputs(inputs)
+    outputs = output or _body_outputs(payload)
+    if isinstance(payload, dict) and "inputs" in payload:
+        payload = payload["inputs"]  # a whole V2 request body
     with _client() as c:
         kw = {"vmodel_id": target} if vmodel else {"model_id": target}
-        response = c.infer(inputs=payload, priority=priority, timeout_ms=timeout_ms, **kw).get(timeout=timeout)
+        response = c.infer(inputs=payload, priority=priority, timeout_ms=timeout_ms, outputs=outputs or None,
+                           **kw).get(timeout=timeout)  # fmt: skip
     if pretty:
         _print_json(response)
     else:

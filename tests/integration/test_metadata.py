@@ -51,7 +51,7 @@ def test_metadata_of_a_loaded_model_and_of_a_vmodel(client, workers, svm_path, m
     assert {t.name for t in md.outputs} >= {"predict", "predict_proba"}
 
 
-def test_mesh_models_metadata(run, client, workers, svm_path):  # noqa: F811
+def test_mesh_models_metadata_and_infer_output(run, client, workers, svm_path, tmp_path):  # noqa: F811
     workers("w1")
     client.register_model("digits", sklearn_info(svm_path))
     proc = run("models", "metadata", "digits", "--load", "--json")
@@ -62,3 +62,20 @@ def test_mesh_models_metadata(run, client, workers, svm_path):  # noqa: F811
     proc = run("models", "metadata", "digits")
     assert proc.returncode == 0, proc.stderr
     assert "input_0" in proc.stdout and "decision_function" in proc.stdout and "predict" in proc.stdout
+    # `mesh infer --output` names the outputs (a V2 body's own `outputs` too)
+    from mesh.tools.examples import seed_digits_tensor
+
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps([seed_digits_tensor()]))
+    proc = run("infer", "digits", str(request), "--output", "decision_function", "--output", "predict")
+    assert proc.returncode == 0, proc.stderr
+    response = json.loads(proc.stdout)
+    assert [o["name"] for o in response["outputs"]] == ["decision_function", "predict"]
+    assert response["outputs"][1]["data"] == [8]
+    body = tmp_path / "body.json"
+    body.write_text(json.dumps({"inputs": [seed_digits_tensor()], "outputs": [{"name": "decision_function"}]}))
+    proc = run("infer", "digits", str(body))
+    assert proc.returncode == 0, proc.stderr
+    assert [o["name"] for o in json.loads(proc.stdout)["outputs"]] == ["decision_function"]
+    proc = run("infer", "digits", str(request), "--output", "predict_proba")
+    assert proc.returncode == 1 and "no output 'predict_proba'" in proc.stderr
