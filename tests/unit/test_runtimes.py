@@ -524,3 +524,28 @@ def test_estimate_nbytes_walks_objects_and_extension_state():
     assert estimate_nbytes(Holder()) >= 8000
     big = list(range(200_000))  # sampled, but still about right
     assert 0.9 * 7.2e6 <= estimate_nbytes(big) <= 1.1 * 7.2e6
+
+
+# ---------------------------------- outputs a request names (KServe V2 `outputs`)
+
+
+def test_onnx_computes_only_the_outputs_named(models):
+    loaded = load("onnx", models["mlp_onnx"])
+    assert [(o.name, o.datatype) for o in loaded.outputs] == [("label", "INT64"), ("probabilities", "FP32")]
+    x = DIGITS[:3].astype(np.float32)
+    out = loaded.runtime.predict(loaded.model, {"x": x}, ["probabilities"])
+    assert list(out) == ["probabilities"] and out["probabilities"].shape == (3, 10)
+    with pytest.raises(InvalidInput, match=r"no output 'predict'; it offers \['label', 'probabilities'\]"):
+        loaded.runtime.check_outputs(loaded, ["predict"])
+
+
+def test_python_models_give_the_outputs_named_from_what_predict_returns(tmp_path):
+    path = tmp_path / "factor.txt"
+    path.write_text("2")
+    loaded = load("python", path, python_class=python_class("Scaler"))
+    assert loaded.outputs is None  # unknown until predict returns: any name passes the check
+    loaded.runtime.check_outputs(loaded, ["rows"])
+    x = np.ones((2, 2), dtype=np.float32)
+    assert list(loaded.runtime.predict(loaded.model, {"x": x}, ["rows", "y"])) == ["rows", "y"]
+    with pytest.raises(InvalidInput, match="has no output 'z'"):
+        loaded.runtime.predict(loaded.model, {"x": x}, ["z"])
