@@ -530,7 +530,8 @@ def encode_frame(frame: Any) -> list[dict[str, Any]]:
     Each column keeps its datatype (int64 stays INT64 beside an FP64 column), so a model
     trained on a DataFrame gets its columns back as it saw them (the worker rebuilds the frame
     in the model's column order: workers/runtimes/tabular.py). Text and categorical columns go
-    as BYTES (a categorical's values, not its codes); a column with missing values in a
+    as BYTES (a categorical's values, not its codes; the worker makes the column categorical
+    again for a model that took it so); a column with missing values in a
     nullable integer or boolean dtype has no V2 form and is refused.
     """
     if frame.shape[1] == 0:

@@ -135,3 +135,52 @@ def test_damaged_files_are_load_failures(tmp_path):
         (tmp_path / name).write_text("{ not a model")
         with pytest.raises(ModelLoadFailed, match=f"cannot load {runtime} model from .*{name}"):
             _load(runtime, tmp_path / name)
+
+
+@pytest.fixture(scope="module")
+def pets():
+    """A table with a categorical column, and a label that depends on it."""
+    rng = np.random.default_rng(0)
+    n = 400
+    table = pd.DataFrame({
+        "weight": rng.normal(size=n),
+        "kind": pd.Categorical(rng.choice(["cat", "dog", "eel"], n)),
+        "age": rng.integers(0, 15, n).astype(np.int64),
+    })  # fmt: skip
+    label = ((table.weight > 0) & (table.kind == "dog") | (table.age > 12)).astype(int)
+    return table, label
+
+
+def _through_v2(loaded, table, outputs):
+    """What a worker does with a DataFrame a client sent: encode, decode, check, predict."""
+    arrays = decode_inputs(encode_inputs(table))
+    loaded.runtime.check_inputs(loaded, arrays)
+    return loaded.runtime.predict(loaded.model, arrays, outputs)
+
+
+def test_categorical_columns_reach_lightgbm_and_xgboost_as_categoricals(pets, tmp_path):
+    lgb = pytest.importorskip("lightgbm")
+    xgb = pytest.importorskip("xgboost")
+    table, label = pets
+    sample = table.iloc[[3, 1, 4, 1, 5, 9, 2, 6]]  # not every category, not in the training order
+    lm = lgb.LGBMClassifier(n_estimators=10, min_child_samples=5, verbose=-1).fit(table, label)
+    lm.booster_.save_model(tmp_path / "pets.txt")
+    loaded = _load("lightgbm", tmp_path / "pets.txt")
+    assert loaded.model.categorical == {"kind": ["cat", "dog", "eel"]}
+    out = _through_v2(loaded, sample, ["predict", "predict_proba"])
+    assert out["predict"].tolist() == lm.predict(sample).tolist()
+    np.testing.assert_allclose(out["predict_proba"], lm.predict_proba(sample), rtol=1e-9)
+    # the codes of the training categories work too
+    codes = sample.assign(kind=sample.kind.cat.codes.astype(np.int64))
+    np.testing.assert_allclose(_through_v2(loaded, codes, ["predict_proba"])["predict_proba"],
+                               lm.predict_proba(sample), rtol=1e-9)  # fmt: skip
+    with pytest.raises(InvalidInput, match="category codes must be in -1..2"):
+        _through_v2(loaded, sample.assign(kind=np.full(len(sample), 7, dtype=np.int64)), None)
+
+    xm = xgb.XGBClassifier(n_estimators=10, enable_categorical=True, tree_method="hist").fit(table, label)
+    xm.save_model(tmp_path / "pets.json")
+    loaded = _load("xgboost", tmp_path / "pets.json")
+    assert loaded.model.categorical == {"kind": None}
+    out = _through_v2(loaded, sample, ["predict", "predict_proba"])
+    assert out["predict"].tolist() == xm.predict(sample).tolist()
+    np.testing.assert_allclose(out["predict_proba"], xm.predict_proba(sample), rtol=1e-6)

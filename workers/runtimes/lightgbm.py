@@ -12,7 +12,8 @@ objective says what the outputs mean:
 
 The text file does not keep an `LGBMClassifier`'s own labels (its `classes_`), only the
 indices 0..k-1 it trained on. Columns a DataFrame-trained model took as pandas categoricals
-must arrive as their integer codes (see docs/runtimes.md).
+become categoricals again with the categories the file keeps (their values sent as text, or
+their codes: docs/runtimes.md, "Tables").
 
 Predictions run on one thread per worker process (`num_threads=1`), as the ONNX runtime.
 """
@@ -38,7 +39,7 @@ _DEFAULT_NAME = re.compile(r"Column_\d+")
 
 
 class LightGBMModel:
-    __slots__ = ("booster", "objective", "n_classes", "n_features", "feature_names")
+    __slots__ = ("booster", "objective", "n_classes", "n_features", "feature_names", "categorical")
 
     def __init__(self, booster: lgb.Booster) -> None:
         self.booster = booster
@@ -48,6 +49,13 @@ class LightGBMModel:
         names = booster.feature_name()
         named = names and not all(_DEFAULT_NAME.fullmatch(n) for n in names)
         self.feature_names: list[str] | None = list(names) if named else None
+        # a model trained on pandas categoricals keeps their categories, in the order of its
+        # categorical features: requests send their values (or codes), made categorical again
+        self.categorical: dict[str, list] = {}
+        indices = booster.params.get("categorical_feature") or []
+        kept = booster.pandas_categorical or []
+        if self.feature_names and isinstance(indices, list) and len(indices) == len(kept):
+            self.categorical = {self.feature_names[int(i)]: list(c) for i, c in zip(indices, kept, strict=True)}
 
     @property
     def is_classifier(self) -> bool:
@@ -82,7 +90,7 @@ class LightGBMRuntime(Runtime):
     def predict(
         self, model: LightGBMModel, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        x = tabular_input(self.name, inputs, model.n_features, model.feature_names)
+        x = tabular_input(self.name, inputs, model.n_features, model.feature_names, categorical=model.categorical)
         wanted = list(outputs or ("predict",))
         offered = _offered(model)
         unknown = [w for w in wanted if w not in offered]

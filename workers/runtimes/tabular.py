@@ -11,7 +11,7 @@ pandas is imported only for models that know their feature names (`feature_frame
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,9 +43,14 @@ def tabular_input(
     feature_names: Sequence[str] | None,
     *,
     build: bool = True,
+    categorical: Mapping[str, Sequence[Any] | None] | None = None,
 ) -> Any:
     """The model's input: an ndarray [rows, features], or a DataFrame with the model's columns in
-    its order when it knows its feature names. `build=False` only checks."""
+    its order when it knows its feature names. `build=False` only checks.
+
+    `categorical`: the columns the model took as pandas categoricals, with the categories it
+    was trained on when its file keeps them (LightGBM), else None (XGBoost re-codes by value
+    itself); those columns become `pd.Categorical` again (`as_categorical`)."""
     if not inputs:
         raise InvalidInput("the request has no inputs")
     names = list(feature_names) if feature_names else None
@@ -69,7 +74,7 @@ def tabular_input(
         if not build:
             return None
         if names:  # a matrix for a model trained on a DataFrame: give it its column names
-            return feature_frame(names, [x[:, i] for i in range(x.shape[1])])
+            return feature_frame(names, [x[:, i] for i in range(x.shape[1])], categorical)
         return x
     if not names:
         raise InvalidInput(
@@ -96,14 +101,42 @@ def tabular_input(
             raise InvalidInput(f"column {n!r} has {col.shape[0]} rows; the others have {rows}")
         rows = col.shape[0]
         columns.append(col)
-    return feature_frame(names, columns) if build else None
+    return feature_frame(names, columns, categorical) if build else None
 
 
-def feature_frame(names: Sequence[str], columns: Sequence[np.ndarray]) -> Any:
+def feature_frame(names: Sequence[str], columns: Sequence[np.ndarray],
+                  categorical: Mapping[str, Sequence[Any] | None] | None = None) -> Any:  # fmt: skip
     import pandas as pd  # only models trained on a DataFrame pay for it
 
-    return pd.DataFrame({n: c for n, c in zip(names, columns, strict=True)}, columns=list(names))
+    frame = pd.DataFrame({n: c for n, c in zip(names, columns, strict=True)}, columns=list(names))
+    for name, categories in (categorical or {}).items():
+        if name in frame.columns:
+            frame[name] = as_categorical(name, frame[name].to_numpy(), categories)
+    return frame
 
+
+def as_categorical(name: str, values: np.ndarray, categories: Sequence[Any] | None) -> Any:
+    """A categorical column from what V2 carried: its values as text (BYTES; a category
+    matching none of the model's is missing, as pandas makes it), or, for a model that keeps its
+    categories, their integer codes (-1: missing)."""
+    import pandas as pd
+
+    if categories is None:
+        return pd.Categorical(values) if values.dtype.kind in "OUS" else values
+    categories = list(categories)
+    # numbers for text categories are their codes; for number categories, their values
+    if values.dtype.kind in "iuf" and all(isinstance(c, str) for c in categories):
+        if values.dtype.kind == "f" and not np.all(np.isnan(values) | (values == np.trunc(values))):
+            raise InvalidInput(f"column {name!r}: category codes must be whole numbers")
+        codes = np.where(np.isnan(values), -1, values).astype(np.int64) if values.dtype.kind == "f" else values
+        if codes.size and (codes.min() < -1 or codes.max() >= len(categories)):
+            raise InvalidInput(
+                f"column {name!r}: category codes must be in -1..{len(categories) - 1} (the model's categories "
+                f"{categories[:10]}{'...' if len(categories) > 10 else ''}), or send the values as text"
+            )
+        return pd.Categorical.from_codes(codes.astype(np.int64), categories=categories)
+    by_text = {str(c): c for c in categories}
+    return pd.Categorical([by_text.get(str(v)) for v in values], categories=categories)
 
 
 def unnamed(loaded: Loaded) -> Loaded:

@@ -40,7 +40,7 @@ _CLASSES = (*_PROBA, "multi:softmax", "binary:hinge", "binary:logitraw")
 
 
 class XGBoostModel:
-    __slots__ = ("booster", "objective", "n_classes", "n_features", "feature_names", "iteration_range")
+    __slots__ = ("booster", "objective", "n_classes", "n_features", "feature_names", "iteration_range", "categorical")
 
     def __init__(self, booster: xgb.Booster) -> None:
         self.booster = booster
@@ -50,6 +50,12 @@ class XGBoostModel:
         self.n_classes = max(2, int(learner["learner_model_param"].get("num_class", "0") or 0))
         self.n_features: int = booster.num_features()
         self.feature_names: list[str] | None = list(booster.feature_names) if booster.feature_names else None
+        # categorical features ("c"): text columns become pandas categoricals, which XGBoost
+        # (>= 3.1 keeps the training categories) re-codes by value
+        types = booster.feature_types or []
+        self.categorical: dict[str, None] = (
+            {n: None for n, t in zip(self.feature_names, types, strict=False) if t == "c"} if self.feature_names else {}
+        )
         # as XGBModel.predict: a model trained with early stopping predicts with its best trees
         best = booster.attr("best_iteration")
         self.iteration_range = (0, int(best) + 1) if best is not None else (0, 0)
@@ -90,7 +96,7 @@ class XGBoostRuntime(Runtime):
     def predict(
         self, model: XGBoostModel, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        x = tabular_input(self.name, inputs, model.n_features, model.feature_names)
+        x = tabular_input(self.name, inputs, model.n_features, model.feature_names, categorical=model.categorical)
         wanted = list(outputs or ("predict",))
         offered = _offered(model)
         unknown = [w for w in wanted if w not in offered]
