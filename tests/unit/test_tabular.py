@@ -184,3 +184,19 @@ def test_categorical_columns_reach_lightgbm_and_xgboost_as_categoricals(pets, tm
     out = _through_v2(loaded, sample, ["predict", "predict_proba"])
     assert out["predict"].tolist() == xm.predict(sample).tolist()
     np.testing.assert_allclose(out["predict_proba"], xm.predict_proba(sample), rtol=1e-6)
+
+
+def test_xgboost_json_models_reload_from_a_ubj_snapshot(iris, tmp_path):
+    xgb = pytest.importorskip("xgboost")
+    x, y = iris
+    xm = xgb.XGBClassifier(n_estimators=5).fit(x, y)
+    xm.save_model(tmp_path / "m.json")
+    xm.save_model(tmp_path / "m.ubj")
+    loaded = _load("xgboost", tmp_path / "m.json")
+    rt = loaded.runtime
+    data = rt.snapshot(loaded.model)
+    again = rt.restore(data, ModelInfo(runtime="xgboost", uri="file:///m.json"), loaded.size_bytes)
+    assert again.size_bytes == loaded.size_bytes and again.model.booster.feature_names is None
+    np.testing.assert_array_equal(rt.predict(again.model, {"x": x}, ["predict_proba"])["predict_proba"],
+                                  xm.predict_proba(x))  # fmt: skip
+    assert rt.snapshot(_load("xgboost", tmp_path / "m.ubj").model) is None  # already the fast form
