@@ -1,7 +1,9 @@
 # The Mesh image: workers, beat, Flower and the `mesh` CLI (docker-compose.yml builds it).
 #   docker build -t mesh .
 #   docker run --rm -e MESH_REDIS_URL=redis://:pw@redis-host:6379/0 mesh mesh worker --name w1
+# Optional runtimes (docs/runtimes.md) are extras: docker build --build-arg MESH_EXTRAS=xgboost,lightgbm -t mesh .
 FROM python:3.11-slim
+ARG MESH_EXTRAS=""
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -12,7 +14,7 @@ ENV PYTHONUNBUFFERED=1 \
 COPY pyproject.toml README.md celeryconfig.py /tmp/src/
 COPY mesh /tmp/src/mesh
 COPY workers /tmp/src/workers
-RUN pip install /tmp/src && rm -rf /tmp/src
+RUN pip install "/tmp/src${MESH_EXTRAS:+[$MESH_EXTRAS]}" && rm -rf /tmp/src
 
 WORKDIR /app
 COPY scripts /app/scripts

@@ -200,3 +200,36 @@ def test_xgboost_json_models_reload_from_a_ubj_snapshot(iris, tmp_path):
     np.testing.assert_array_equal(rt.predict(again.model, {"x": x}, ["predict_proba"])["predict_proba"],
                                   xm.predict_proba(x))  # fmt: skip
     assert rt.snapshot(_load("xgboost", tmp_path / "m.ubj").model) is None  # already the fast form
+
+
+def test_an_sklearn_pipeline_on_text_columns_and_a_sparse_transform_made_dense(tmp_path):
+    import joblib
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    table = pd.DataFrame({"city": ["Oslo", "Lima", "Pune", "Oslo"] * 10, "n": np.arange(40, dtype=np.int64)})
+    label = (table.city == "Oslo").astype(int)
+    encode = ColumnTransformer([("city", OneHotEncoder(), ["city"])], remainder="passthrough")
+    joblib.dump(make_pipeline(encode, LogisticRegression()).fit(table, label), tmp_path / "p.joblib")
+    loaded = _load("sklearn", tmp_path / "p.joblib")
+    assert [t.name for t in loaded.signature] == ["city", "n"]
+    out = _through_v2(loaded, table.iloc[:4], ["predict", "predict_proba"])
+    assert out["predict"].tolist() == [1, 0, 0, 1]
+    joblib.dump(SparseTransform(), tmp_path / "t.joblib")
+    transformer = _load("sklearn", tmp_path / "t.joblib")
+    dense = transformer.runtime.predict(transformer.model, {"x": np.eye(2)}, ["transform"])["transform"]
+    assert isinstance(dense, np.ndarray) and dense.tolist() == [[2.0, 0.0], [0.0, 2.0]]
+
+
+class SparseTransform:
+    """An estimator whose transform gives a scipy sparse matrix (as a one-hot encoder's does)."""
+
+    def predict(self, x):
+        return np.zeros(len(x))
+
+    def transform(self, x):
+        from scipy import sparse
+
+        return sparse.csr_matrix(np.asarray(x) * 2)

@@ -86,7 +86,9 @@ class SklearnRuntime(Runtime):
             if not callable(method):
                 raise InvalidInput(f"the model has no output {name!r}; it offers {_offered(model)}")
             try:
-                out[name] = method(x)
+                value = method(x)
+                # a transform may give a scipy sparse matrix (a one-hot encoder's): V2 is dense
+                out[name] = value.toarray() if hasattr(value, "toarray") else value
             except MeshError:
                 raise
             except Exception as e:
