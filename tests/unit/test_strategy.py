@@ -253,7 +253,7 @@ def test_a_command_is_acked_and_reaches_the_worker_as_a_command(app, consumer, p
     [
         ({"op": "explode", "model_id": "digits"}, None),  # unknown op
         ({"op": "load"}, None),  # no model id
-        ({"op": "load", "model_id": "bad id!"}, None),  # invalid id
+        ({"op": "load", "model_id": "bad\x00id"}, None),  # invalid id (NUL)
         ({"op": "load", "model_id": "digits", "extra": 1}, None),  # strict: unknown field
         (None, json.dumps({"op": "load", "model_id": "digits"}).encode()),  # not [args, kwargs, embed]
     ],
@@ -311,7 +311,7 @@ def test_an_integer_routing_key_is_no_model_queue_and_is_answered_not_raised(app
         failure_of(app, task_id)
 
 
-@pytest.mark.parametrize("header", [None, 42, "bad id!", {"a": 1}, "other"])
+@pytest.mark.parametrize("header", [None, 42, "bad\x00id", "x" * 513, {"a": 1}, "other"])
 def test_an_infer_off_a_model_queue_without_a_model_served_here_is_answered_invalid_argument(
     app, consumer, prefix, header
 ):
