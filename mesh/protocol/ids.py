@@ -12,6 +12,7 @@ them itself, and they must stay plain in `ps`, Flower and ACL patterns.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from mesh.errors import InvalidId
@@ -82,6 +83,13 @@ def encode_id(value: str, kind: str = "model") -> str:
     validate_id(value, kind)
     if _SAFE.fullmatch(value):
         return value
+    return _encoded(value)
+
+
+# Every request names its queue (and a worker reads it back) by the id: the few ids of a pool
+# are encoded and decoded once, not per message.
+@functools.lru_cache(maxsize=4096)
+def _encoded(value: str) -> str:
     return "".join(chr(b) if b in _SAFE_BYTES else f"%{_HEX[b >> 4]}{_HEX[b & 15]}" for b in value.encode("utf-8"))
 
 
@@ -90,12 +98,17 @@ def decode_id(text: object) -> str | None:
     (a name a producer made up: bad escapes, lower-case hex, an escaped safe character, bytes
     that are not UTF-8, NUL, too long). Exactly one text decodes to each id, so two names never
     stand for one model."""
-    if not isinstance(text, str) or not text:
-        return None
+    if not isinstance(text, str) or not text or len(text) > 3 * MAX_ID_BYTES:
+        return None  # (the longest encoding is 3 characters a byte: nothing longer is read)
     if _SAFE.fullmatch(text):
         return text if len(text) <= MAX_ID_BYTES else None
     if not _ENCODED.fullmatch(text):
         return None
+    return _decoded(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decoded(text: str) -> str | None:
     raw = bytearray()
     i = 0
     while i < len(text):

@@ -102,6 +102,30 @@ def test_validate_id_accepts_exactly_the_rule_and_keys_hold_only_the_encoding(va
     assert decode_id(encode_id(value)) == value
 
 
+@settings(max_examples=400, deadline=None)
+@given(st.lists(tensor_dicts, max_size=4) | json_values)
+def test_decode_inputs_only_raises_invalid_input(raw):
+    try:
+        out = decode_inputs(raw)
+    except InvalidInput:
+        return
+    assert isinstance(out, dict) and out and all(isinstance(a, np.ndarray) for a in out.values())
+
+
+@settings(max_examples=400, deadline=None)
+@given(client_inputs)
+def test_encode_inputs_only_raises_invalid_input_and_its_output_decodes(inputs):
+    try:
+        tensors = encode_inputs(inputs)
+    except InvalidInput:
+        return
+    assert set(decode_inputs(tensors)) == {t["name"] for t in tensors}
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+@pytest.fixture
 def private_client(tmp_path: Path, prefix: str) -> Iterator[MeshClient]:
     """A client on a Redis of its own, so every key in it can be attributed to this test."""
     with EmbeddedRedis(tmp_path / "redis") as server:
