@@ -23,7 +23,7 @@ from celery import Celery
 
 from bench import plain
 from mesh.models import ModelInfo
-from mesh.protocol.ids import validate_id
+from mesh.protocol.ids import encode_id
 from mesh.protocol.tensors import decode_inputs, encode_outputs
 
 app = Celery("plain_multi", broker=plain.URL, backend=plain.URL)
@@ -45,7 +45,8 @@ def _load(model_id: str):
     if not _limited:
         threadpool_limits(1)  # same as a mesh worker's default (MESH_INTRA_OP_THREADS=1)
         _limited = True
-    path = Path(os.environ["BENCH_MODEL_DIR"]) / f"{validate_id(model_id)}.joblib"
+    # encoded: an id may hold `/` now; the encoding has none (and plain ids keep their file names)
+    path = Path(os.environ["BENCH_MODEL_DIR"]) / f"{encode_id(model_id)}.joblib"
     info = ModelInfo(runtime="sklearn", uri=f"file://{path}")
     return get_runtime("sklearn").load(path, info)
 

@@ -19,6 +19,7 @@ import redis
 from celery.app.task import Context
 
 from mesh.errors import ModelNotFound
+from mesh.protocol.ids import is_valid_id
 from mesh.store.strays import StrayStore
 
 log = logging.getLogger("mesh.worker.strays")
@@ -83,16 +84,17 @@ class StraySweeper:
         unacked = self.store.unacked_queues() if self.store.watching_gone() else set()
         for model_id, lists in candidates.items():
             try:
-                self.reroute(model_id)
+                if is_valid_id(model_id):  # not a name that decodes to no id
+                    self.reroute(model_id)
             except redis.RedisError:
                 raise
             except Exception as exc:  # ids as found in Redis: any of them may be unusable
                 log.warning("rerouting the vmodel requests of %r failed: %s", model_id, exc)
-            queue = self.store.keys.model_queue(model_id)
+            queue = self.store.keys.queue_of_found(model_id)
             taken = self.store.take_if_stray(model_id, lists, self.grace_s, unacked=queue in unacked)
             if taken > 0:
                 log.warning("%d request(s) queued for %r, which is not registered: answering NOT_FOUND",
-                            taken, model_id)  # fmt: skip
+                            taken, model_id if is_valid_id(model_id) else queue)  # fmt: skip
         return self.store.answer_held(self.token, self.answer, self.interval_s)
 
     def answer(self, raw: bytes) -> None:

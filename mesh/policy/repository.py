@@ -21,14 +21,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mesh.errors import InvalidArgument
 from mesh.models import BatchingConfig, ModelInfo, ModelManifest, ModelRecord, VModelRecord
-from mesh.protocol.ids import validate_id
+from mesh.protocol.ids import MAX_ID_BYTES, validate_id
 from mesh.protocol.paths import safe_relpath
 
 REPO_OWNER = "mesh-repository"  # owner of the vmodels the repository manages
 READY_MARKER = "_READY"
 MANIFEST_FILE = "mesh.json"
 _VERSION = re.compile(r"^(0|[1-9][0-9]{0,17})$")
-_REPO_ID = re.compile(r"^(?P<name>[^@]+)@(?P<version>0|[1-9][0-9]{0,17})$")
+# \Z, not $: ids may hold a newline now, and `$` also matches before a final one ("x@1\n")
+_REPO_ID = re.compile(r"^(?P<name>[^@]+)@(?P<version>0|[1-9][0-9]{0,17})\Z")
 # Only unambiguous files tell the runtime: XGBoost's .json and LightGBM's .txt models need the
 # manifest's `runtime` (docs/runtimes.md).
 _RUNTIME_BY_SUFFIX = {".joblib": "sklearn", ".pkl": "sklearn", ".pickle": "sklearn", ".onnx": "onnx", ".ubj": "xgboost"}
@@ -137,7 +138,8 @@ def valid_name(name: str) -> bool:
         validate_id(name)
     except InvalidArgument:
         return False
-    return len(name) <= 180  # leaves room for "@<version>" within the 200-character id limit
+    # leaves room for "@<version>" (at most 18 digits) within the id limit
+    return len(name.encode("utf-8")) <= MAX_ID_BYTES - 19
 
 
 def scan(files: Iterable[RepoFile]) -> Scan:

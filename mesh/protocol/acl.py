@@ -20,7 +20,7 @@ from mesh.protocol.keys import Keys, queue_bell
 
 def producer_rules(keys: Keys) -> list[str]:
     p = keys.kombu_prefix
-    model_queues = keys.model_queue("*")
+    model_queues = keys.model_queue_pattern  # ids are encoded: no glob character in a queue name
     return [
         "resetkeys", "resetchannels", "-@all",
         "+@read", "+@write", "+@scripting", "+@connection", "+@transaction", "+@pubsub",

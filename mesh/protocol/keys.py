@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from mesh.protocol.ids import validate_prefix
+from mesh.protocol.ids import decode_id, encode_id, validate_prefix
 
 # kombu's Redis transport stores priority sub-queues as `<queue>\x06\x16<priority>`.
 KOMBU_PRIORITY_SEP = "\x06\x16"
@@ -18,6 +18,9 @@ KOMBU_PRIORITY_SEP = "\x06\x16"
 # A bell outlives its last ring this long: a bell nobody waits on (its consumers are busy, or
 # gone) does not stay behind. Waiting consumers pop it within milliseconds.
 BELL_TTL_MS = 30_000
+
+# Marks an id found in a queue name that decodes to none (`Keys.model_of_queue_list`).
+UNDECODABLE = "\x00"
 
 _REPLY_TOKEN = re.compile(r"[0-9a-f]{32}")
 
@@ -55,29 +58,49 @@ class Keys:
     def __post_init__(self) -> None:
         validate_prefix(self.prefix)
 
-    # --- queues (Celery names; kombu stores them under `kombu_prefix`)
+    # --- queues (Celery names; kombu stores them under `kombu_prefix`). A model or vmodel id
+    # enters a name only through `encode_id` and leaves it only through `decode_id`
+    # (mesh/protocol/ids.py): no id can add a glob character, a separator or a second meaning.
     def model_queue(self, model_id: str) -> str:
-        return f"{self.prefix}.model.{model_id}"
+        return f"{self.prefix}.model.{encode_id(model_id)}"
+
+    @property
+    def model_queue_pattern(self) -> str:
+        """Glob of every model queue's name (ACL rules); `*` here is the glob, never an id."""
+        return f"{self.prefix}.model.*"
 
     def worker_queue(self, worker: str) -> str:
         return f"{self.prefix}.worker.{worker}"
 
     def model_from_queue(self, queue: str) -> str | None:
+        """The model id of a model queue; None for any other queue, and for a name under
+        `<prefix>.model.` that is no encoding of a valid id (a producer made it up)."""
         head = f"{self.prefix}.model."
-        return queue[len(head) :] if queue.startswith(head) else None
+        return decode_id(queue[len(head) :]) if queue.startswith(head) else None
 
     def model_queue_lists_pattern(self) -> str:
         """SCAN pattern of every model queue's Redis lists (all priority steps, any model id)."""
-        return f"{self.kombu_prefix}{self.prefix}.model.*"
+        return f"{self.kombu_prefix}{self.model_queue_pattern}"
 
     def model_of_queue_list(self, key: str) -> tuple[str, str] | None:
-        """(model id, queue) of a model queue's Redis list (`queue_list_key`'s inverse); the id
-        as found, valid or not (a producer may push to any name)."""
+        """(model id, queue) of a model queue's Redis list (`queue_list_key`'s inverse). A
+        producer may push to any name under `<prefix>.model.`: for one that decodes to no id,
+        the id is `UNDECODABLE` + the name's tail, which no valid id can equal (ids hold no
+        NUL) and `queue_of_found` turns back into the queue."""
         if not key.startswith(self.kombu_prefix):
             return None
         queue = key[len(self.kombu_prefix) :].split(KOMBU_PRIORITY_SEP, 1)[0]
-        model_id = self.model_from_queue(queue)
-        return None if not model_id else (model_id, queue)
+        head = f"{self.prefix}.model."
+        if not queue.startswith(head) or queue == head:
+            return None
+        model_id = decode_id(queue[len(head) :])
+        return (UNDECODABLE + queue[len(head) :] if model_id is None else model_id), queue
+
+    def queue_of_found(self, model_id: str) -> str:
+        """The queue of an id as `model_of_queue_list` found it (`model_queue` for a valid id)."""
+        if model_id.startswith(UNDECODABLE):
+            return f"{self.prefix}.model.{model_id[len(UNDECODABLE):]}"
+        return self.model_queue(model_id)
 
     @property
     def kombu_prefix(self) -> str:
@@ -158,13 +181,13 @@ class Keys:
         return f"{self.prefix}:vmodels"
 
     def copies(self, model_id: str) -> str:
-        return f"{self.prefix}:copies:{model_id}"
+        return f"{self.prefix}:copies:{encode_id(model_id)}"
 
     def failures(self, model_id: str) -> str:
-        return f"{self.prefix}:failures:{model_id}"
+        return f"{self.prefix}:failures:{encode_id(model_id)}"
 
     def load_claim(self, model_id: str) -> str:
-        return f"{self.prefix}:loadclaim:{model_id}"
+        return f"{self.prefix}:loadclaim:{encode_id(model_id)}"
 
     @property
     def signatures(self) -> str:
@@ -183,10 +206,10 @@ class Keys:
         return f"{self.prefix}:draining"
 
     def vmodel_lock(self, vmodel_id: str) -> str:
-        return f"{self.prefix}:vmlock:{vmodel_id}"
+        return f"{self.prefix}:vmlock:{encode_id(vmodel_id, 'vmodel')}"
 
     def vmodel_dirty(self, vmodel_id: str) -> str:
-        return f"{self.prefix}:vmdirty:{vmodel_id}"
+        return f"{self.prefix}:vmdirty:{encode_id(vmodel_id, 'vmodel')}"
 
     @property
     def workers(self) -> str:

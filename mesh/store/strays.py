@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 import redis
 
-from mesh.protocol.keys import Keys
+from mesh.protocol.keys import UNDECODABLE, Keys
 
 # KEYS: models hash, draining hash, strays hash, held list, gone set, then the model's queue
 # lists. ARGV: model id, grace (s), '1' when no unacked message names the model's queue.
@@ -116,8 +116,9 @@ class StrayStore:
         """model id -> queue lists, for the models to look at: gone ones, ones already seen
         stray, and those whose queue lists the next `scan_keys` keys of the SCAN hold (an
         empty list does not exist in Redis)."""
-        # Names as Redis holds them: latin-1 maps bytes to str one to one, and a producer may
-        # push to a name that is not UTF-8.
+        # Queue names are ASCII when Mesh made them (ids are encoded), but a producer may push
+        # to any name: latin-1 maps its bytes to str one to one. Members of `gone` and
+        # `strays` are ids (UTF-8), or UNDECODABLE + such a name's latin-1 tail.
         k = self.keys
         found: dict[str, set[str]] = defaultdict(set)
         cursor = int(self.r.get(k.strays_cursor) or 0)
@@ -141,12 +142,14 @@ class StrayStore:
             p.hkeys(k.strays)
             gone, seen = p.execute()
         for raw in (*gone, *seen):
-            found[raw.decode("latin-1")]
+            model_id = _from_member(raw)
+            if model_id is not None:
+                found[model_id]
         return {m: sorted(keys | set(self.queue_lists(m))) for m, keys in found.items()}
 
     def queue_lists(self, model_id: str) -> list[str]:
-        """The Redis lists of a model's queue, for any id as found (not only valid ones)."""
-        return self.keys.queue_list_keys(self.keys.model_queue(model_id), self.priority_steps)
+        """The Redis lists of a model's queue, for any id as found (`Keys.model_of_queue_list`)."""
+        return self.keys.queue_list_keys(self.keys.queue_of_found(model_id), self.priority_steps)
 
     def watching_gone(self) -> bool:
         return bool(self.r.zcard(self.keys.gone))
@@ -162,7 +165,7 @@ class StrayStore:
         k = self.keys
         return int(self._take(
             keys=[k.models, k.draining, k.strays, k.strays_held, k.gone, *(key.encode("latin-1") for key in lists)],
-            args=[model_id.encode("latin-1"), grace_s, "0" if unacked else "1"],
+            args=[_member(model_id), grace_s, "0" if unacked else "1"],
         ))  # fmt: skip
 
     def answer_held(self, token: str, answer: Callable[[bytes], None], interval_s: float = 5.0) -> int:
@@ -181,3 +184,20 @@ class StrayStore:
             if not self._drop(keys=[k.strays_held, k.strays_lock], args=[token, len(batch), lease_ms]):
                 return done
             done += len(batch)
+
+
+def _member(model_id: str) -> bytes:
+    """An id as found, as a member of `gone` / `strays` (and the models hash's field)."""
+    if model_id.startswith(UNDECODABLE):
+        return model_id.encode("latin-1")
+    return model_id.encode("utf-8")
+
+
+def _from_member(raw: bytes) -> str | None:
+    """`_member`'s inverse; None for a member neither wrote."""
+    if raw.startswith(UNDECODABLE.encode()):
+        return raw.decode("latin-1")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None

@@ -62,6 +62,9 @@ def _ping(port: int) -> bool:
         return False
 
 
+UTF8 = "模型 a/b*?%"
+
+
 def test_a_producer_user_infers_but_cannot_manage(acl_redis, workers, prefix, tmp_path, svm_path, seed_input):
     operator_url, producer_url = acl_redis
     w = workers("w1", MESH_REDIS_URL=operator_url)
@@ -70,6 +73,7 @@ def test_a_producer_user_infers_but_cannot_manage(acl_redis, workers, prefix, tm
     try:
         operator.register_model("digits", sklearn_info(svm_path))
         operator.register_model("other", sklearn_info(svm_path))
+        operator.register_model(UTF8, sklearn_info(svm_path))
         operator.set_vmodel("live", "digits")
         before = sorted(r.model_id for r in operator.list_models())
         good = [seed_tensor(seed_input)]
@@ -82,11 +86,16 @@ def test_a_producer_user_infers_but_cannot_manage(acl_redis, workers, prefix, tm
         # plain Celery: send_task through the mesh's router, AsyncResult through Celery's backend
         plain = producer.app.send_task("mesh.infer", kwargs={"inputs": good}, headers={"mm-model-id": "digits"})
         assert answer(AsyncResult(plain.id, app=producer.app).get(timeout=60)) == 8
+        # a UTF-8 id's encoded queue, bell and bindings fall under the producer's patterns
+        assert answer(producer.infer(model_id=UTF8, inputs=good).get(timeout=60)) == 8
+        plain = producer.app.send_task("mesh.infer", kwargs={"inputs": good}, headers={"mm-model-id": UTF8})
+        assert AsyncResult(plain.id, app=producer.app).get(timeout=60)["model_name"] == UTF8
 
         # management, each path: a typed, clear refusal
         info = sklearn_info(svm_path)
         refused = {
             "register": lambda: producer.register_model("planted", info),
+            "register a UTF-8 id": lambda: producer.register_model("planté 模型", info),
             "unregister": lambda: producer.unregister_model("other"),
             "ensure_loaded": lambda: producer.ensure_loaded("other"),
             "set_vmodel": lambda: producer.set_vmodel("v", "digits"),
@@ -106,7 +115,8 @@ def test_a_producer_user_infers_but_cannot_manage(acl_redis, workers, prefix, tm
         raw = redis.Redis.from_url(producer_url)
         for forbidden in (lambda: raw.flushall(), lambda: raw.script_flush(),
                           lambda: raw.hset(producer.keys.models, "planted", "{}"),  # fmt: skip
-                          lambda: raw.set(producer.keys.load_claim("other"), "pending:x")):
+                          lambda: raw.set(producer.keys.load_claim("other"), "pending:x"),
+                          lambda: raw.set(producer.keys.load_claim(UTF8), "pending:x")):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 forbidden()
         raw.close()

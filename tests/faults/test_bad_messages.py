@@ -224,7 +224,7 @@ def test_an_infer_on_a_queue_that_is_not_a_model_queue_is_answered_invalid_argum
     for queue in (client.keys.worker_queue(w.full_name), client.keys.control_queue):
         h = headers()
         if model_header != "absent":
-            h["mm-model-id"] = {"not a str": 42, "not a valid id": "bad id!", "not served here": "other"}[model_header]
+            h["mm-model-id"] = {"not a str": 42, "not a valid id": "bad\x00id", "not served here": "other"}[model_header]
         push_raw(redis_url, client.keys, queue, [raw_envelope(body(good), h, queue)])
         sent.append((queue, h["id"]))
     for _queue, task_id in sent:

@@ -1,7 +1,7 @@
 """Fuzzing (hypothesis): tensor decoding, id validation, the management calls and the worker's
 intake never crash and only raise the project's typed errors (MeshError subclasses). Random
 ids never create a Redis key outside the mesh's prefix, nor a key or queue name holding
-anything but a valid id.
+anything but the encoding of a valid id.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from mesh import MeshClient
 from mesh.errors import InvalidId, InvalidInput, MeshError
-from mesh.protocol.ids import ID_PATTERN, is_valid_id, validate_id
+from mesh.protocol.ids import MAX_ID_BYTES, SAFE_CHARS, decode_id, encode_id, is_valid_id, validate_id
 from mesh.protocol.keys import KOMBU_PRIORITY_SEP, Keys
 from mesh.protocol.messages import INFER_TASK
 from mesh.protocol.tensors import DATATYPES, decode_inputs, encode_inputs
@@ -41,10 +41,11 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=25,
 )
-valid_ids = st.from_regex(ID_PATTERN, fullmatch=True)
+valid_ids = st.from_regex(f"[{SAFE_CHARS}]{{1,{MAX_ID_BYTES}}}", fullmatch=True) | st.text(min_size=1, max_size=40)
 tricky_ids = st.sampled_from([
     "", " ", "a b", "a*", "a?", "[a]", "a\n", "a\r\nSET x 1", "a\x00", "../x", "a/b", "x\\y", "é",
-    f"a{KOMBU_PRIORITY_SEP}5", "x:models", "*", "a" * 200, "a" * 201, "mesh.model.x", "{x}",
+    f"a{KOMBU_PRIORITY_SEP}5", "x:models", "*", "a" * 512, "a" * 513, "é" * 257, "mesh.model.x", "{x}",
+    "a%2Fb", "%", "%2", "modèle", "模型", "🤖", "\ud800",
 ])  # fmt: skip
 pool_ids = st.sampled_from(["m1", "m2", "v1", "ns:m@3"])  # so that calls meet the same ids
 ids = st.one_of(pool_ids, valid_ids, tricky_ids, st.text(max_size=40), json_scalars)
@@ -85,17 +86,20 @@ infos = st.one_of(
 
 @settings(max_examples=500, deadline=None)
 @given(ids)
-def test_validate_id_accepts_exactly_the_pattern(value):
+def test_validate_id_accepts_exactly_the_rule_and_keys_hold_only_the_encoding(value):
     try:
         out = validate_id(value)
     except InvalidId:
         assert not is_valid_id(value)
         return
-    assert out == value and ID_PATTERN.fullmatch(value)
-    # a valid id never splits a key or a queue name
+    assert out == value and isinstance(value, str) and "\x00" not in value
+    assert 1 <= len(value.encode("utf-8")) <= MAX_ID_BYTES
+    # a valid id never splits a key or a queue name, and reads back from one unchanged
     keys = Keys("p")
     for name in (keys.copies(value), keys.failures(value), keys.load_claim(value), keys.model_queue(value)):
-        assert not re.search(r"[\s*?\[\]/\\\x00-\x1f]", name)
+        assert re.fullmatch(r"[A-Za-z0-9_.:@%-]+", name)
+    assert keys.model_from_queue(keys.model_queue(value)) == value
+    assert decode_id(encode_id(value)) == value
 
 
 @settings(max_examples=400, deadline=None)
@@ -209,7 +213,7 @@ def test_management_calls_only_raise_typed_errors_and_keys_stay_under_the_prefix
         assert key.startswith(f"{prefix}:"), f"key outside the prefix: {key!r}"
         m = per_id.match(key) or queue.match(key)
         if m:
-            assert is_valid_id(m.group("id")), f"an invalid id reached a key: {key!r}"
+            assert decode_id(m.group("id")) is not None, f"an invalid id reached a key: {key!r}"
 
 
 # ----------------------------------------------------------------------------- the worker

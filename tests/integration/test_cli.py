@@ -68,8 +68,8 @@ def test_user_errors_are_one_line_without_traceback(run, tmp_path):
     assert_user_error(run("infer", "m", str(not_json)), "is not JSON")
     assert_user_error(run("infer", "m", str(not_npy)), "is not a .npy array")
     assert_user_error(run("infer", "m", "-", stdin="{nope"), "standard input is not JSON")
-    assert_user_error(run("models", "register", "bad id", "--uri", "file:///x.joblib", "--runtime", "sklearn"),
-                      "INVALID_ARGUMENT", "bad id")  # fmt: skip
+    assert_user_error(run("models", "register", "x" * 513, "--uri", "file:///x.joblib", "--runtime", "sklearn"),
+                      "INVALID_ARGUMENT", "513 bytes")  # fmt: skip
     assert_user_error(run("models", "register", "m", "--uri", "file:///x.joblib", "--runtime", "nope"),
                       "unknown runtime 'nope'")  # fmt: skip
     assert_user_error(run("models", "register", "m", "--uri", "file:///x.joblib", "--runtime", "sklearn", "--sync"),

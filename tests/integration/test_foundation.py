@@ -163,7 +163,7 @@ def test_unknown_ids_raise_at_once(client):
     with pytest.raises(ModelNotFound):
         client.infer(vmodel_id="missing", inputs=np.zeros((1, 64), dtype=np.float32))
     with pytest.raises(InvalidId):
-        client.infer(model_id="bad id/with slash", inputs=np.zeros((1, 64), dtype=np.float32))
+        client.infer(model_id="bad\x00id", inputs=np.zeros((1, 64), dtype=np.float32))
     with pytest.raises(ModelNotFound):
         client.ensure_loaded("missing")
     assert client.get_model_status("missing").state is ModelState.NOT_FOUND
@@ -227,7 +227,7 @@ def test_registry_semantics(client, workers, svm_path, mlp_path, seed_input):
     with pytest.raises(AlreadyExists):
         client.register_model("digits", sklearn_info(mlp_path))
     with pytest.raises(InvalidId):
-        client.register_model("x" * 201, info)
+        client.register_model("x" * 513, info)
     assert [m.model_id for m in client.list_models()] == ["digits"]
 
     w = workers("w1")

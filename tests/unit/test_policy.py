@@ -128,12 +128,13 @@ def test_effective_config_precedence_and_sources(monkeypatch):
     assert cfg.values["max_batch_delay_ms"].source == "default"
 
 
-@pytest.mark.parametrize("good", ["es_1", "name__isvc-3642375d03", "digits@3", "w1@host.example", "a", "x" * 200])
+@pytest.mark.parametrize("good", ["es_1", "name__isvc-3642375d03", "digits@3", "w1@host.example", "a", "x" * 512,
+                                  "a b", "a/b", "a*", "a?", "a[1]", "é", "a\nb", "modèle", "模型", "🤖", "é" * 256])
 def test_valid_ids(good):
     assert validate_id(good) == good
 
 
-@pytest.mark.parametrize("bad", ["", "x" * 201, "a b", "a/b", "a*", "a?", "a[1]", "é", "a\nb", "a\x00", None, 3])
+@pytest.mark.parametrize("bad", ["", "x" * 513, "é" * 257, "a\x00", "\ud800", "a\udfffb", None, 3, b"a"])
 def test_invalid_ids(bad):
     with pytest.raises(InvalidId):
         validate_id(bad)

@@ -465,3 +465,12 @@ def test_manifest_copy_bounds_reach_the_scheduler_and_effective_config(client, t
     # the api level wins
     api = record.model_copy(update={"info": record.info.model_copy(update={"min_copies": 0})})
     assert copies_bounds(api) == (0, 2)
+
+
+def test_repository_names_may_be_utf8_ids_and_versions_parse_exactly():
+    from mesh.policy.repository import split_repo_id, valid_name
+
+    assert valid_name("模型") and valid_name("modèle 1") and valid_name("é" * 246)  # 492 bytes
+    assert not valid_name("é" * 247) and not valid_name("a@b") and not valid_name("..")
+    assert split_repo_id("模型@3") == ("模型", 3)
+    assert split_repo_id("x@1\n") is None  # `$` would have matched before the newline

@@ -141,6 +141,27 @@ def test_a_request_reaches_the_model_of_its_queue_with_its_item_count(app, consu
     assert req in worker_state.reserved_requests  # Celery's bookkeeping, as its default strategy does
 
 
+@pytest.mark.parametrize("model_id", ["模型", "modèle 🤖", "a b:c*d/e?f%g"])
+def test_a_request_on_a_utf8_models_queue_reaches_that_model_by_its_original_id(app, consumer, prefix, model_id):
+    handler = infer_handler(app, consumer)
+    message, _ = task_message(app, INFER_TASK, Keys(prefix).model_queue(model_id), {"inputs": []},
+                              headers={"mm-model-id": model_id})  # fmt: skip
+    assert run(handler, message) == []
+    assert [m for m, *_ in consumer.mesh.requests] == [model_id]
+
+
+@pytest.mark.parametrize("tail", ["%zz", "%6D", "%c3%a8", "%00", "%C3"])
+def test_a_queue_name_that_decodes_to_no_id_is_no_model_queue(app, consumer, prefix, tail):
+    """A producer may push to any name under `<prefix>.model.`: one that is no encoding of a
+    valid id is refused like any queue that is not a model queue (never requeued to itself)."""
+    handler = infer_handler(app, consumer)
+    message, task_id = task_message(app, INFER_TASK, f"{prefix}.model.{tail}", {"inputs": [1]})
+    assert run(handler, message) == [("ack",)]
+    assert consumer.mesh.requests == [] and consumer.mesh.rejected == ["not_a_model_queue"]
+    with pytest.raises(InvalidArgument, match="not a model queue"):
+        failure_of(app, task_id)
+
+
 def test_a_single_request_counts_one_item_and_priority_zero_is_high(app, consumer, prefix):
     handler = infer_handler(app, consumer)
     message, _ = task_message(app, INFER_TASK, Keys(prefix).model_queue("digits"), {"inputs": [1]}, priority=0)
@@ -253,7 +274,7 @@ def test_a_command_is_acked_and_reaches_the_worker_as_a_command(app, consumer, p
     [
         ({"op": "explode", "model_id": "digits"}, None),  # unknown op
         ({"op": "load"}, None),  # no model id
-        ({"op": "load", "model_id": "bad id!"}, None),  # invalid id
+        ({"op": "load", "model_id": "bad\x00id"}, None),  # invalid id (NUL)
         ({"op": "load", "model_id": "digits", "extra": 1}, None),  # strict: unknown field
         (None, json.dumps({"op": "load", "model_id": "digits"}).encode()),  # not [args, kwargs, embed]
     ],
@@ -311,7 +332,7 @@ def test_an_integer_routing_key_is_no_model_queue_and_is_answered_not_raised(app
         failure_of(app, task_id)
 
 
-@pytest.mark.parametrize("header", [None, 42, "bad id!", {"a": 1}, "other"])
+@pytest.mark.parametrize("header", [None, 42, "bad\x00id", "x" * 513, {"a": 1}, "other"])
 def test_an_infer_off_a_model_queue_without_a_model_served_here_is_answered_invalid_argument(
     app, consumer, prefix, header
 ):

@@ -158,6 +158,41 @@ def test_a_queue_name_that_is_no_valid_model_id_is_swept_too(r, keys, strays):
     assert not r.exists(bad)
 
 
+@pytest.mark.parametrize("model_id", ["模型", "modèle 🤖", "a b:c*d/e?f%g"])
+def test_utf8_ids_are_swept_watched_and_kept_like_any_other(r, keys, strays, state, model_id):
+    state.register_model("live " + model_id, INFO)
+    push(r, keys, "live " + model_id, "l1")
+    push(r, keys, model_id, "g1", "g2")
+    backend = Backend()
+    assert sweeper(strays, backend).sweep() == 2
+    assert sorted(t for t, _, _ in backend.failed) == ["g1", "g2"]
+    assert all(model_id in str(e) for _, e, _ in backend.failed)
+    assert r.llen(keys.queue_list_key(keys.model_queue("live " + model_id), 0)) == 1
+    # unregistered: watched under its own id (a UTF-8 member of `gone`), until nothing can come back
+    state.unregister_model("live " + model_id)
+    assert "live " + model_id in strays.candidates(10_000)
+    push(r, keys, "live " + model_id, "back")  # a request put back after the unregister
+    r.delete(keys.strays_lock)  # the lock spaces sweeps: the next one now
+    assert sweeper(strays, backend, grace=10).sweep() == 0  # waits out the grace
+    assert r.hexists(keys.strays, "live " + model_id)
+    r.delete(keys.strays_lock)
+    assert sweeper(strays, backend, grace=0).sweep() == 2
+    assert {"l1", "back"} <= {t for t, _, _ in backend.failed}
+
+
+def test_a_queue_name_under_the_model_queues_that_decodes_to_no_id_is_swept_as_itself(r, keys, strays, state):
+    state.register_model("m", INFO)
+    # a made-up escape of "m": it must not be taken for m's queue (nobody consumes it)
+    for tail in ("%6D", "%zz", "%C3"):
+        r.lpush(f"{keys.kombu_prefix}{keys.prefix}.model.{tail}", envelope(keys, f"t{tail}", "x"))
+    push(r, keys, "m", "kept")
+    backend = Backend()
+    assert sweeper(strays, backend).sweep() == 3
+    assert sorted(t for t, _, _ in backend.failed) == ["t%6D", "t%C3", "t%zz"]
+    assert r.llen(keys.queue_list_key(keys.model_queue("m"), 0)) == 1
+    assert not r.exists(keys.strays, keys.strays_held)
+
+
 def test_stray_request_reads_id_reply_address_and_model():
     keys = Keys("p")
     req = stray_request(envelope(keys, "t1", "m"), keys.model_from_queue)

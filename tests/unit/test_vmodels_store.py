@@ -108,7 +108,7 @@ def test_create_references_the_target_once(c):
 def test_set_errors_follow_modelmesh(c):
     c.register_model("m1", INFO)
     with pytest.raises(InvalidArgument):
-        c.set_vmodel("bad id", "m1")
+        c.set_vmodel("bad\x00id", "m1")
     with pytest.raises(InvalidArgument):
         c.set_vmodel("es", "")
     with pytest.raises(InvalidArgument):

@@ -40,7 +40,7 @@ def test_each_wanted_model_reaches_one_thread_and_bad_ones_are_dropped(store):
     for t in threads:
         t.start()
     try:
-        for model_id in ("m1", "bad id!", "boom", "m2", "m3"):
+        for model_id in ("m1", "bad\x00id!", "boom", "m2", "m3"):
             store.want_load(model_id)
         wait_for(lambda: len(got) == 3, 10, what="three wanted loads")
         assert sorted(m for _, m in got) == ["m1", "m2", "m3"]  # once each; the others dropped
