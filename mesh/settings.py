@@ -29,6 +29,11 @@ class MeshSettings(BaseSettings):
         default="mesh",
         description="Namespace of every Redis key and queue name (ModelMesh's root_prefix).",
     )
+    sentinel_master: str | None = Field(
+        default=None,
+        description="sentinel:// URLs only: the name of the master the sentinels monitor "
+        "(Celery's `master_name` transport option; docs/operations.md, \"Redis Sentinel\")",
+    )
     redis_ca_certs: str | None = Field(
         default=None,
         description="rediss:// only: CA bundle (PEM) that signed the Redis server's certificate "

@@ -724,7 +724,9 @@ def redis_server(client) -> tuple | None:
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
     if not kwargs:
         return None
-    where = kwargs.get("path") or (kwargs.get("host"), kwargs.get("port"))
+    service = getattr(client.connection_pool, "service_name", None)
+    # a Sentinel-managed pool has no address: the master it follows stands for it
+    where = kwargs.get("path") or (("sentinel", service) if service else (kwargs.get("host"), kwargs.get("port")))
     return (where, int(kwargs.get("db") or 0))
 
 
@@ -740,3 +742,27 @@ class _BatchCommands:
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The channel above on a Sentinel-managed master: kombu's SentinelChannel gives the pool
+    (every new connection asks the sentinels which server is the master, kombu/transport/redis.py
+    `SentinelChannel._sentinel_managed_pool`), everything else is this module's. After a
+    failover the consumer reconnects (Celery's connection retry) to the new master, where the
+    pop script is not loaded yet: NOSCRIPT is handled like a Redis restart (`_pop_now`)."""
+
+    from_transport_options = Channel.from_transport_options + (
+        "master_name", "min_other_sentinels", "sentinel_kwargs", "sentinel_fanout_compat",
+    )  # fmt: skip
+
+    def _get_pool(self, asynchronous=False):
+        # the pop script's SHA was loaded on the old master: load it again on the new pool's
+        self._pop_sha = None
+        return kombu_redis.SentinelChannel._get_pool(self, asynchronous)
+
+
+class SentinelTransport(Transport):
+    """`broker_transport` for sentinel:// URLs (mesh/broker/celery_options.py)."""
+
+    default_port = 26379
+    Channel = SentinelChannel
