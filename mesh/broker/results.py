@@ -34,7 +34,7 @@ from celery.backends.redis import SentinelBackend as _SentinelBackend
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from mesh.broker.redis_url import is_sentinel
+from mesh.broker.redis_url import FollowingConnection, is_sentinel
 from mesh.protocol.keys import Keys
 from mesh.protocol.messages import REPLY_TTL_S
 
@@ -120,6 +120,11 @@ class SentinelBackend(RedisBackend, _SentinelBackend):
     parsing and its pool from `Sentinel.master_for`, the master named by the `master_name`
     result-backend transport option). A connection error ends with the pool asking the
     sentinels again, so the command retries above reach the new master after a failover."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if "connection_class" not in self.connparams:  # TLS keeps Celery's SSL class
+            self.connparams["connection_class"] = FollowingConnection
 
 
 def push_reply(pipe: Any, reply_to: str, *values: Any) -> None:

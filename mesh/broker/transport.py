@@ -35,6 +35,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from mesh.broker.redis_url import FollowingConnection
 from mesh.protocol.keys import (
     BELL_TTL_MS,
     DEAD_LETTERS,
@@ -754,11 +755,18 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
     from_transport_options = Channel.from_transport_options + (
         "master_name", "min_other_sentinels", "sentinel_kwargs", "sentinel_fanout_compat",
     )  # fmt: skip
+    # No retries on these connections (kombu gives none): the consumer's poll connection is
+    # registered with Celery's event loop by its socket, so one that reconnected by itself
+    # inside a retry would leave the loop waiting on the dead socket forever (measured: a
+    # worker that never served again). A broken connection must raise, and Celery rebuilds
+    # the channel (its reconnection rounds: 2, 4, 6 s apart).
+    connection_class = FollowingConnection
 
     def _get_pool(self, asynchronous=False):
         # the pop script's SHA was loaded on the old master: load it again on the new pool's
         self._pop_sha = None
         return kombu_redis.SentinelChannel._get_pool(self, asynchronous)
+
 
 
 class SentinelTransport(Transport):
