@@ -8,7 +8,7 @@ import pytest
 from redis.sentinel import SentinelConnectionPool
 
 from mesh.broker.celery_options import SENTINEL_TRANSPORT, TRANSPORT, mesh_celery_settings
-from mesh.broker.redis_url import SentinelUrl, connect, is_sentinel, parse_sentinel_url, sentinel_master
+from mesh.broker.redis_url import FollowingConnection, SentinelUrl, connect, is_sentinel, parse_sentinel_url, sentinel_master
 from mesh.broker.transport import SentinelChannel, redis_server
 from mesh.settings import MeshSettings
 from mesh.store.context import REDIS_CLIENT_OPTIONS, redis_client
@@ -70,12 +70,23 @@ def test_clients_of_a_sentinel_url_follow_the_master():
     for name, value in REDIS_CLIENT_OPTIONS.items():
         assert pool.connection_kwargs[name] == value, name
     assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["password"] == "pw"
+    # every reconnection asks the sentinels (not the address it had), and retries through a failover
+    assert pool.connection_kwargs["connection_class"] is FollowingConnection
+    assert pool.connection_kwargs["retry"].get_retries() == 10
+    assert redis_client(URL, master_name="mm", retry=False).connection_pool.connection_kwargs["retry"].get_retries() == 0
     # the sentinels are asked with short timeouts, whatever the commands' timeout is
     sentinel = pool.sentinel_manager.sentinels[0]
     assert sentinel.connection_pool.connection_kwargs["socket_timeout"] <= 2.0
     # an ack batched into the results pipeline needs the same server: the master it follows
     assert redis_server(client) == (("sentinel", "mm"), 2)
     assert redis_server(connect("redis://h:1/3")) == (("h", 1), 3)
+
+
+def test_the_sentinel_channel_and_backend_use_following_connections():
+    from mesh.broker.results import SentinelBackend
+
+    assert SentinelChannel.connection_class is FollowingConnection
+    assert issubclass(SentinelBackend, __import__("celery.backends.redis", fromlist=["x"]).SentinelBackend)
 
 
 def test_the_sentinel_channel_reads_the_sentinel_options():
