@@ -71,7 +71,7 @@ def test_clients_of_a_sentinel_url_follow_the_master():
         assert pool.connection_kwargs[name] == value, name
     assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["password"] == "pw"
     # every reconnection asks the sentinels (not the address it had), and retries through a failover
-    assert pool.connection_kwargs["connection_class"] is FollowingConnection
+    assert pool.connection_class is FollowingConnection
     assert pool.connection_kwargs["retry"].get_retries() == 10
     assert redis_client(URL, master_name="mm", retry=False).connection_pool.connection_kwargs["retry"].get_retries() == 0
     # the sentinels are asked with short timeouts, whatever the commands' timeout is
