@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelManagedConnection
 
@@ -159,12 +159,15 @@ def connect(url: str, *, master_name: str | None = None, **options: Any) -> redi
 
 def probe(url: str, timeout: float = 0.3) -> bool:
     """True if a Redis at `url` answers PING within `timeout` seconds; False on any error."""
+    # a probe answers within its timeout: no retrying through a failover (sentinel_retry)
+    once = {"retry": Retry(NoBackoff(), 0)} if is_sentinel(url) else {}
     try:
         client = connect(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry_on_timeout=False,
+            **once,
         )
     except (ValueError, redis.RedisError):
         return False

@@ -92,3 +92,12 @@ def test_the_sentinel_channel_and_backend_use_following_connections():
 def test_the_sentinel_channel_reads_the_sentinel_options():
     for option in ("master_name", "sentinel_kwargs", "min_other_sentinels", "mesh_holder", "mesh_max_deliveries"):
         assert option in SentinelChannel.from_transport_options
+
+
+def test_a_probe_of_unreachable_sentinels_says_no(monkeypatch):
+    from mesh.broker.redis_url import probe
+
+    monkeypatch.setenv("MESH_SENTINEL_MASTER", "mm")
+    assert probe("sentinel://127.0.0.1:1;sentinel://127.0.0.1:2", timeout=0.3) is False
+    monkeypatch.delenv("MESH_SENTINEL_MASTER")
+    assert probe("sentinel://127.0.0.1:1", timeout=0.3) is False  # no master name: not usable
