@@ -7,7 +7,6 @@ chunks rather than by models."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import redis
@@ -58,9 +57,7 @@ def test_summary_adds_queues_and_worker_buffers_and_takes_the_oldest_age():
 
 def test_top_n_bounds_the_per_model_series_at_100k_pending_models():
     queued = {f"m{i}": 1 + i % 97 for i in range(100_000)}
-    started = time.process_time()
     s = summarize(queued=queued, oldest_sent={}, workers=[], sizes={}, registered=100_000, now=NOW, top_n=25)
-    assert time.process_time() - started < 30  # generous: a sanity bound, not a benchmark
     assert len(s.models) == 25 and all(m.pending == 97 for m in s.models)
     assert s.pending == sum(queued.values()) and s.models_pending == 100_000
     assert s.models_pending_without_copy == 100_000 and s.demand_unknown_models == 100_000
