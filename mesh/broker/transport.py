@@ -27,7 +27,7 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
-from time import monotonic, time
+from time import monotonic, sleep, time
 from typing import NamedTuple
 
 from kombu.transport import redis as kombu_redis
@@ -769,8 +769,31 @@ class SentinelChannel(Channel, kombu_redis.SentinelChannel):
 
 
 
+# How long a (re)connection of the broker waits for the sentinels to name a reachable master.
+MASTER_WAIT_S = 10.0
+MASTER_POLL_S = 0.25
+
+
 class SentinelTransport(Transport):
-    """`broker_transport` for sentinel:// URLs (mesh/broker/celery_options.py)."""
+    """`broker_transport` for sentinel:// URLs (mesh/broker/celery_options.py).
+
+    A worker's consumer reconnects in Celery's rounds, 2, 4, 6 s apart (kombu
+    `Connection.ensure_connection` defaults, which Celery does not expose): a round that came
+    while the sentinels still named the dead master, or none, cost the next interval (a
+    first answer 12 s after the kill, measured). Here one attempt keeps asking for up to
+    MASTER_WAIT_S, before any channel is registered with the event loop, so the consumer is
+    back as soon as the replica is promoted."""
 
     default_port = 26379
     Channel = SentinelChannel
+
+    def establish_connection(self):
+        deadline = monotonic() + MASTER_WAIT_S
+        while True:
+            try:
+                return super().establish_connection()
+            except (kombu_redis.redis.ConnectionError, kombu_redis.redis.TimeoutError) as exc:
+                if monotonic() >= deadline:
+                    raise
+                log.info("waiting for the sentinels to name a reachable master: %s", exc)
+                sleep(MASTER_POLL_S)
