@@ -15,8 +15,8 @@ event_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-# --- broker: kombu's Redis transport, hardened against garbage in a queue (mesh/broker/transport.py)
-broker_transport = "mesh.broker.transport:Transport"
+# --- broker: kombu's Redis transport, hardened against garbage in a queue (mesh/broker/transport.py);
+# `broker_transport` is set below with the URL (its Sentinel flavour for sentinel:// URLs)
 
 # --- delivery: ack after the result is stored (at-least-once; inference must be idempotent)
 task_acks_late = True

@@ -448,7 +448,8 @@ class MeshClient:
             if self._replies is None or self._replies.pid != os.getpid():
                 backend = self.app.backend
                 self._replies = ReplyListener(
-                    redis_client(self.redis_url, retry=False), self.keys, backend.get_key_for_task, backend.decode
+                    redis_client(self.redis_url, retry=False, master_name=self.settings.sentinel_master),
+                    self.keys, backend.get_key_for_task, backend.decode
                 )
             return self._replies
 

@@ -368,6 +368,9 @@ class LoadedModel(_Strict):
     loaded_at: float
     inflight: int = 0
     buffered: int = 0
+    # how long its oldest buffered request has waited in this worker (since it arrived here:
+    # time in the queue before is not counted); the exporter's age of the oldest pending request
+    oldest_buffered_s: float = 0.0
     requests_total: int = 0  # answered by this copy since the worker started
     request_rate: float = 0.0  # requests/s over the last heartbeat interval
 

@@ -29,6 +29,11 @@ class MeshSettings(BaseSettings):
         default="mesh",
         description="Namespace of every Redis key and queue name (ModelMesh's root_prefix).",
     )
+    sentinel_master: str | None = Field(
+        default=None,
+        description="sentinel:// URLs only: the name of the master the sentinels monitor "
+        "(Celery's `master_name` transport option; docs/operations.md, \"Redis Sentinel\")",
+    )
     redis_ca_certs: str | None = Field(
         default=None,
         description="rediss:// only: CA bundle (PEM) that signed the Redis server's certificate "
@@ -94,6 +99,23 @@ class MeshSettings(BaseSettings):
         min_length=1,
         description="address the metrics port binds (unauthenticated: 0.0.0.0 only where the "
         "network is the access control, e.g. a container scraped by Prometheus)",
+    )
+    exporter_port: int = Field(
+        default=9808, ge=0, le=65535,
+        description="port of `mesh exporter`, the mesh's cluster-level signals (0 in `mesh up`: none)",
+    )
+    exporter_addr: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="address `mesh exporter` binds (unauthenticated, like MESH_METRICS_ADDR)",
+    )
+    signals_top_n: int = Field(
+        default=50, ge=0, le=10_000,
+        description="models with per-model signal series (the most pending); the rest only in aggregates",
+    )
+    signals_min_interval_s: float = Field(
+        default=1.0, ge=0,
+        description="the exporter reads Redis at most this often; scrapes in between share a reading",
     )
     prefetch_floor: int = Field(
         default=64, ge=1, description="prefetch when no model is loaded (commands, cold loads)"

@@ -308,6 +308,11 @@ class Batcher:
         with self._cond:
             return {m: len(b.lanes) for m, b in self._buffers.items()}
 
+    def waiting_since(self) -> dict[str, float]:
+        """model id -> monotonic arrival of its oldest buffered request (models with some)."""
+        with self._cond:
+            return {m: b.lanes.oldest(0.0) for m, b in self._buffers.items() if len(b.lanes)}
+
     def empty(self) -> bool:
         """Nothing buffered for any model."""
         with self._cond:

@@ -268,6 +268,7 @@ class ModelManager:
     def snapshot(self) -> tuple[list[LoadedModel], list[str], int]:
         """(loaded models, models loading, used bytes) for the heartbeat."""
         buffered = self.batcher.buffered()
+        since, now = self.batcher.waiting_since(), time.monotonic()
         with self._lock:
             loaded = [
                 LoadedModel(
@@ -277,6 +278,7 @@ class ModelManager:
                     loaded_at=e.loaded_at,
                     inflight=e.inflight,
                     buffered=buffered.get(e.model_id, 0),
+                    oldest_buffered_s=round(now - since[e.model_id], 3) if e.model_id in since else 0.0,
                 )
                 for e in self._entries.values()
                 if e.state == "LOADED"

@@ -8,11 +8,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from mesh.broker.redis_url import DEFAULT_LOCAL_URL, resolve_redis_url, with_tls_options
+from mesh.broker.redis_url import (
+    DEFAULT_LOCAL_URL,
+    is_sentinel,
+    parse_sentinel_url,
+    resolve_redis_url,
+    sentinel_master,
+    with_tls_options,
+)
 from mesh.broker.results import backend_setting
 from mesh.protocol.keys import Keys
 from mesh.protocol.messages import PRIORITY_STEPS, REBALANCE_TASK, SYNC_REPOSITORY_TASK
 from mesh.settings import MeshSettings, get_settings
+
+
+# kombu's Redis transport, hardened (mesh/broker/transport.py); its Sentinel flavour for
+# sentinel:// URLs (kombu picks a transport by URL scheme only when none is configured)
+TRANSPORT = "mesh.broker.transport:Transport"
+SENTINEL_TRANSPORT = "mesh.broker.transport:SentinelTransport"
 
 
 def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | None = None) -> dict[str, Any]:
@@ -20,8 +33,15 @@ def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | 
     url = redis_url or resolve_redis_url(s.redis_url) or DEFAULT_LOCAL_URL
     url = with_tls_options(url, s.redis_ca_certs, s.redis_certfile, s.redis_keyfile)
     keys = Keys(s.prefix)
+    # Sentinel: Celery's convention, the master's name as the `master_name` transport option
+    # of the broker and of the result backend (docs.celeryq.dev "Using Redis: Sentinel")
+    sentinel: dict[str, Any] = {}
+    if is_sentinel(url):
+        parse_sentinel_url(url)  # a bad URL fails here, with the reason, not in a worker's loop
+        sentinel = {"master_name": sentinel_master(s.sentinel_master)}
     return {
         "broker_url": url,
+        "broker_transport": SENTINEL_TRANSPORT if sentinel else TRANSPORT,
         # Celery's Redis backend whose producers outlive a Redis outage (mesh/broker/results.py)
         "result_backend": backend_setting(url),
         "result_expires": s.result_expires_s,
@@ -45,10 +65,12 @@ def mesh_celery_settings(settings: MeshSettings | None = None, redis_url: str | 
             # mesh/broker/transport.py: dead-letter after this many failed deliveries (the
             # worker adds its holder id, mesh_holder, at start: workers/worker.py)
             "mesh_max_deliveries": s.max_deliveries,
+            **sentinel,
         },
         "result_backend_transport_options": {
             "global_keyprefix": keys.kombu_prefix,
             "retry_policy": {"timeout": 5.0},
+            **sentinel,
         },
         "task_default_queue": f"{s.prefix}.default",
         "event_exchange": f"{s.prefix}.celeryev",

@@ -30,15 +30,18 @@ from celery import states
 
 from celery.backends.redis import RedisBackend as _RedisBackend
 from celery.backends.redis import ResultConsumer as _ResultConsumer
+from celery.backends.redis import SentinelBackend as _SentinelBackend
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from mesh.broker.redis_url import FollowingConnection, is_sentinel
 from mesh.protocol.keys import Keys
 from mesh.protocol.messages import REPLY_TTL_S
 
 log = logging.getLogger("mesh.broker.results")
 
 BACKEND = "mesh.broker.results:RedisBackend"
+SENTINEL_BACKEND = "mesh.broker.results:SentinelBackend"
 RETRY_PAUSE_S = 0.25  # between reconnection attempts of a waiting get()
 COMMAND_RETRIES = 32  # x up to 0.5 s: ~15 s
 
@@ -112,6 +115,18 @@ class RedisBackend(_RedisBackend):
                 check_replies(pipe.execute(raise_on_error=False))
 
 
+class SentinelBackend(RedisBackend, _SentinelBackend):
+    """The same backend on a Sentinel-managed master (Celery's SentinelBackend: its URL
+    parsing and its pool from `Sentinel.master_for`, the master named by the `master_name`
+    result-backend transport option). A connection error ends with the pool asking the
+    sentinels again, so the command retries above reach the new master after a failover."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if "connection_class" not in self.connparams:  # TLS keeps Celery's SSL class
+            self.connparams["connection_class"] = FollowingConnection
+
+
 def push_reply(pipe: Any, reply_to: str, *values: Any) -> None:
     """Queue on `pipe` the push of stored result records to their producer's reply list."""
     pipe.rpush(reply_to, *values)
@@ -129,4 +144,4 @@ def check_replies(outcomes: list) -> None:
 
 def backend_setting(url: str) -> str:
     """The `result_backend` value naming this class for a Redis URL (Celery's `cls+url` form)."""
-    return f"{BACKEND}+{url}"
+    return f"{SENTINEL_BACKEND if is_sentinel(url) else BACKEND}+{url}"

@@ -27,7 +27,7 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
-from time import monotonic, time
+from time import monotonic, sleep, time
 from typing import NamedTuple
 
 from kombu.transport import redis as kombu_redis
@@ -35,6 +35,7 @@ from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from mesh.broker.redis_url import FollowingConnection
 from mesh.protocol.keys import (
     BELL_TTL_MS,
     DEAD_LETTERS,
@@ -724,7 +725,9 @@ def redis_server(client) -> tuple | None:
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", None)
     if not kwargs:
         return None
-    where = kwargs.get("path") or (kwargs.get("host"), kwargs.get("port"))
+    service = getattr(client.connection_pool, "service_name", None)
+    # a Sentinel-managed pool has no address: the master it follows stands for it
+    where = kwargs.get("path") or (("sentinel", service) if service else (kwargs.get("host"), kwargs.get("port")))
     return (where, int(kwargs.get("db") or 0))
 
 
@@ -740,3 +743,57 @@ class _BatchCommands:
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+class SentinelChannel(Channel, kombu_redis.SentinelChannel):
+    """The channel above on a Sentinel-managed master: kombu's SentinelChannel gives the pool
+    (every new connection asks the sentinels which server is the master, kombu/transport/redis.py
+    `SentinelChannel._sentinel_managed_pool`), everything else is this module's. After a
+    failover the consumer reconnects (Celery's connection retry) to the new master, where the
+    pop script is not loaded yet: NOSCRIPT is handled like a Redis restart (`_pop_now`)."""
+
+    from_transport_options = Channel.from_transport_options + (
+        "master_name", "min_other_sentinels", "sentinel_kwargs", "sentinel_fanout_compat",
+    )  # fmt: skip
+    # No retries on these connections (kombu gives none): the consumer's poll connection is
+    # registered with Celery's event loop by its socket, so one that reconnected by itself
+    # inside a retry would leave the loop waiting on the dead socket forever (measured: a
+    # worker that never served again). A broken connection must raise, and Celery rebuilds
+    # the channel (its reconnection rounds: 2, 4, 6 s apart).
+    connection_class = FollowingConnection
+
+    def _get_pool(self, asynchronous=False):
+        # the pop script's SHA was loaded on the old master: load it again on the new pool's
+        self._pop_sha = None
+        return kombu_redis.SentinelChannel._get_pool(self, asynchronous)
+
+
+
+# How long a (re)connection of the broker waits for the sentinels to name a reachable master.
+MASTER_WAIT_S = 10.0
+MASTER_POLL_S = 0.25
+
+
+class SentinelTransport(Transport):
+    """`broker_transport` for sentinel:// URLs (mesh/broker/celery_options.py).
+
+    A worker's consumer reconnects in Celery's rounds, 2, 4, 6 s apart (kombu
+    `Connection.ensure_connection` defaults, which Celery does not expose): a round that came
+    while the sentinels still named the dead master, or none, cost the next interval (a
+    first answer 12 s after the kill, measured). Here one attempt keeps asking for up to
+    MASTER_WAIT_S, before any channel is registered with the event loop, so the consumer is
+    back as soon as the replica is promoted."""
+
+    default_port = 26379
+    Channel = SentinelChannel
+
+    def establish_connection(self):
+        deadline = monotonic() + MASTER_WAIT_S
+        while True:
+            try:
+                return super().establish_connection()
+            except (kombu_redis.redis.ConnectionError, kombu_redis.redis.TimeoutError) as exc:
+                if monotonic() >= deadline:
+                    raise
+                log.info("waiting for the sentinels to name a reachable master: %s", exc)
+                sleep(MASTER_POLL_S)

@@ -11,6 +11,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from mesh.broker.redis_url import connect
 from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
 from mesh.store.state import StateStore
@@ -37,7 +38,7 @@ REDIS_CLIENT_OPTIONS: Final[dict[str, float]] = {
 # One client per URL for callers that build a context on every call (the scheduler runs once
 # per beat tick): a fresh client each time would open a new connection per run and leave its
 # pool to the garbage collector. redis-py clients are thread-safe, so sharing one is fine.
-_shared: dict[str, redis.Redis] = {}
+_shared: dict[tuple[str, str | None], redis.Redis] = {}
 _shared_lock = threading.Lock()
 
 
@@ -58,19 +59,22 @@ def is_permission_error(exc: BaseException | None) -> bool:
     return False
 
 
-def redis_client(url: str, *, shared: bool = False, retry: bool = True) -> redis.Redis:
+def redis_client(url: str, *, shared: bool = False, retry: bool = True,
+                 master_name: str | None = None) -> redis.Redis:  # fmt: skip
     """A control-plane client for `url` with REDIS_CLIENT_OPTIONS; with `shared`, the process's
     one client for that URL. Without `retry`, a command fails at the first connection error
     instead of redis-py's default retries (for a caller with its own backoff, whose blocking
-    command must end when its connection is closed under it)."""
+    command must end when its connection is closed under it). A sentinel:// URL gives the
+    client of master `master_name` (else $MESH_SENTINEL_MASTER), which follows failovers
+    (mesh/broker/redis_url.py `connect`)."""
     if not shared:
         if not retry:
-            return redis.Redis.from_url(url, **REDIS_CLIENT_OPTIONS, retry=Retry(NoBackoff(), 0))
-        return redis.Redis.from_url(url, **REDIS_CLIENT_OPTIONS)
+            return connect(url, master_name=master_name, **REDIS_CLIENT_OPTIONS, retry=Retry(NoBackoff(), 0))
+        return connect(url, master_name=master_name, **REDIS_CLIENT_OPTIONS)
     with _shared_lock:
-        client = _shared.get(url)
+        client = _shared.get((url, master_name))
         if client is None:
-            client = _shared[url] = redis.Redis.from_url(url, **REDIS_CLIENT_OPTIONS)
+            client = _shared[(url, master_name)] = connect(url, master_name=master_name, **REDIS_CLIENT_OPTIONS)
         return client
 
 
@@ -87,7 +91,7 @@ class StoreContext:
     def from_settings(cls, settings: MeshSettings, url: str, *, shared: bool = False) -> StoreContext:
         """The context of the mesh `settings` names, on the Redis at `url` (already resolved and
         carrying its TLS options: mesh/broker/redis_url.py)."""
-        client = redis_client(url, shared=shared)
+        client = redis_client(url, shared=shared, master_name=settings.sentinel_master)
         keys = Keys(settings.prefix)
         return cls(settings=settings, redis=client, keys=keys, store=StateStore(client, keys, settings))
 
@@ -97,7 +101,8 @@ class StoreContext:
         over the environment, so a worker or router of a custom MeshClient app (tests) and its
         producers always agree."""
         conf = app.conf
-        settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_backend_url)
+        master = (conf.broker_transport_options or {}).get("master_name")
+        settings = MeshSettings(prefix=conf.mesh_prefix, redis_url=conf.mesh_redis_backend_url, sentinel_master=master)
         return cls.from_settings(settings, conf.mesh_redis_backend_url, shared=shared)
 
 

@@ -258,6 +258,9 @@ def up(
     beat: bool = typer.Option(True, "--beat/--no-beat", help="run the beat scheduler (rebalancing, cutovers, repository sync)"),
     flower_port: int = typer.Option(5555, help="Flower's port (0: no Flower)"),
     metrics_port: int = typer.Option(9101, help="first worker's Prometheus port; worker i uses +i (0: off)"),
+    exporter_port: Optional[int] = typer.Option(
+        None, help="port of the mesh's signals (`mesh exporter`, served by this process; 0: off) "
+        "[default: MESH_EXPORTER_PORT, 9808]"),
     state_dir: Path = typer.Option(STATE_DIR, help="logs and the embedded Redis's data"),
 ) -> None:
     """Start a mesh on this machine: Redis (embedded if none is configured), workers, beat, Flower.
@@ -297,6 +300,11 @@ def up(
         if metrics_port:
             for i, p in enumerate(stack.worker_procs()):
                 console.print(f"{'metrics':<12}http://127.0.0.1:{metrics_port + i}/metrics  ({p.full_name})")
+        exporter_port = get_settings().exporter_port if exporter_port is None else exporter_port
+        if exporter_port:
+            bound = _serve_exporter(stack.redis_url, exporter_port)
+            if bound:
+                console.print(f"{'signals':<12}http://{bound[0]}:{bound[1]}/metrics  (mesh exporter)")
         if stack.embedded:
             console.print(f"\nmesh commands run in {Path.cwd()} find this Redis; elsewhere:")
         console.print(f"export MESH_REDIS_URL={safe_url(stack.redis_url)} MESH_PREFIX={stack.prefix}")
@@ -313,6 +321,62 @@ def up(
         url_file.unlink(missing_ok=True)
         kept = f" and the embedded Redis (its data stays in {state_dir / 'redis'})" if embedded else ""
         err.print(f"stopped {count} processes{kept}", highlight=False)
+
+
+def _store_context(c: MeshClient) -> Any:
+    from mesh.store.context import StoreContext
+
+    return StoreContext(settings=c.settings, redis=c.store.r, keys=c.keys, store=c.store)
+
+
+def _serve_exporter(redis_url: str, port: int) -> tuple[str, int] | None:
+    """The exporter in this process (`mesh up`): a thread, not one more process; a taken port
+    is reported and the stack runs on without it."""
+    from mesh.settings import MeshSettings, get_settings
+    from mesh.store.context import StoreContext
+    from mesh.tools.exporter import serve
+
+    s = get_settings()
+    ctx = StoreContext.from_settings(MeshSettings(prefix=s.prefix, redis_url=redis_url), redis_url)
+    try:
+        _server, bound = serve(ctx, addr=s.exporter_addr, port=port, top_n=s.signals_top_n,
+                               min_interval_s=s.signals_min_interval_s)  # fmt: skip
+    except OSError as exc:
+        _print_error(f"mesh exporter not started on {s.exporter_addr}:{port}: {exc}")
+        return None
+    return s.exporter_addr, bound
+
+
+@app.command()
+def exporter(
+    port: Optional[int] = typer.Option(None, help="port to serve /metrics on [default: MESH_EXPORTER_PORT, 9808]"),
+    addr: Optional[str] = typer.Option(None, help="address to bind [default: MESH_EXPORTER_ADDR, 127.0.0.1]"),
+    top: Optional[int] = typer.Option(None, "--top", min=0, help="models with per-model series [default: MESH_SIGNALS_TOP_N, 50]"),
+) -> None:
+    """Serve the mesh's autoscaling signals (Prometheus text on /metrics): pending requests and
+    the age of the oldest per model (top N by pending) and in total, loaded copies, bytes of
+    models wanted against the workers' capacity. Runs until Ctrl-C."""
+    from mesh.settings import get_settings
+    from mesh.tools.exporter import serve
+
+    _discover_redis()
+    s = get_settings()
+    with _client() as c:
+        ctx = _store_context(c)
+        bind = addr or s.exporter_addr
+        try:
+            server, bound = serve(ctx, addr=bind, port=s.exporter_port if port is None else port,
+                                  top_n=s.signals_top_n if top is None else top,
+                                  min_interval_s=s.signals_min_interval_s)  # fmt: skip
+        except OSError as exc:
+            _fail(f"cannot serve on {bind}:{port if port is not None else s.exporter_port}: {exc}")
+        err.print(f"mesh exporter: http://{bind}:{bound}/metrics (prefix {s.prefix}); Ctrl-C stops it", highlight=False)
+        stopping = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopping.set())
+        while not stopping.wait(1.0):
+            pass
+        server.shutdown()
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -778,12 +842,27 @@ def status(
     watch: bool = typer.Option(False, "--watch", "-w", help="refresh until Ctrl-C"),
     interval: float = typer.Option(2.0, "--interval", "-n", min=0.2, help="seconds between refreshes with --watch"),
     limit: int = typer.Option(50, help="models shown (busiest first)"),
+    as_json: bool = typer.Option(False, "--json", help="the mesh's signals as JSON (what `mesh exporter` serves)"),
 ) -> None:
     """The pool at a glance: workers with capacity bars, models with copies and state, queue
-    depths, request rates, vmodel transitions in progress, the last rebalance."""
+    depths, request rates, vmodel transitions in progress, the last rebalance. With --json:
+    the autoscaling signals (top --limit models by pending, and aggregates) and the workers."""
     from redis import RedisError
 
     with _client() as c:
+        if as_json:
+            from mesh.tools.exporter import SignalSource
+
+            signals, took = SignalSource(_store_context(c), top_n=limit, min_interval_s=0).read()
+            workers = [
+                {"name": w.name, "capacity_bytes": w.capacity_bytes, "used_bytes": w.used_bytes,
+                 "models": [m.model_id for m in w.models], "loading": w.loading,
+                 "shutting_down": w.shutting_down, "request_rate": w.request_rate}
+                for w in c.list_workers()
+            ]  # fmt: skip
+            _print_json({"prefix": c.settings.prefix, "read_seconds": round(took, 4),
+                         "signals": signals.model_dump(), "workers": workers})  # fmt: skip
+            return
         if not watch:
             console.print(_status_renderable(c, limit))
             return

@@ -157,10 +157,11 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(MESH_REDIS_URL=redis_url, MESH_PREFIX=prefix, MESH_HEARTBEAT_INTERVAL_S="0.5", COLUMNS="200")
     out = tmp_path / "up.out"
-    flower_port = free_port()
+    flower_port, exporter_port = free_port(), free_port()
     with open(out, "wb") as sink:
         up = subprocess.Popen(
-            [str(MESH), "up", "--workers", "1", "--flower-port", str(flower_port), "--metrics-port", "0"],
+            [str(MESH), "up", "--workers", "1", "--flower-port", str(flower_port), "--metrics-port", "0",
+             "--exporter-port", str(exporter_port)],
             cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     try:
@@ -173,6 +174,16 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
         assert names == ["worker-w1", "beat", "flower"], text
         status = subprocess.run([str(MESH), "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "w1@" in status.stdout, status.stdout + status.stderr
+        # the mesh's signals: served by `mesh up` itself, and as JSON by `mesh status --json`
+        assert f"http://127.0.0.1:{exporter_port}/metrics" in text, text
+        signals = requests.get(f"http://127.0.0.1:{exporter_port}/metrics", timeout=10).text
+        assert f'mesh_signals_up{{mesh="{prefix}"}} 1.0' in signals, signals
+        as_json = subprocess.run([str(MESH), "status", "--json"], cwd=tmp_path, env=env, capture_output=True,
+                                 text=True, timeout=60)  # fmt: skip
+        assert as_json.returncode == 0, as_json.stderr
+        reading = json.loads(as_json.stdout)
+        assert reading["prefix"] == prefix and reading["signals"]["workers"] == 1, reading
+        assert [w["name"].split("@")[0] for w in reading["workers"]] == ["w1"], reading
         # Flower asks for the generated login, shown once, and refuses cross-site requests
         user, password = text.split("login ", 1)[1].split()[:3:2]
         api = f"http://127.0.0.1:{flower_port}/api/workers"

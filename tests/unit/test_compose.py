@@ -25,7 +25,7 @@ from mesh.storage.sources import load_storage_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
-MESH_SERVICES = ("models-init", "worker", "beat", "flower")
+MESH_SERVICES = ("models-init", "worker", "beat", "flower", "exporter")
 
 
 # what an operator puts in the environment or .env: the file ships no password
@@ -99,6 +99,41 @@ def test_the_stack_is_what_the_docs_say(config):
     assert services["worker"]["environment"]["MESH_METRICS_PORT"] == "9101"
     assert services["worker"]["environment"]["MESH_METRICS_ADDR"] == "0.0.0.0"  # in its container
     assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == SECRETS["FLOWER_BASIC_AUTH"]
+    # the mesh's signals, bound inside its container, published on the host's loopback
+    exporter = services["exporter"]
+    assert exporter["command"] == ["mesh", "exporter"] and exporter["environment"]["MESH_EXPORTER_ADDR"] == "0.0.0.0"
+    assert [(p["published"], p["target"]) for p in exporter["ports"]] == [("9808", 9808)]
+    # the sentinel profile's services only with the profile
+    assert not {"redis-replica", "sentinel-1"} & set(services)
+
+
+SENTINEL_URL = "sentinel://:{pw}@sentinel-1:26379/0;sentinel://sentinel-2:26379;sentinel://sentinel-3:26379"
+
+
+def test_the_sentinel_profile_adds_a_replica_and_three_sentinels_the_mesh_reaches_redis_through():
+    from mesh.broker.celery_options import mesh_celery_settings
+    from mesh.broker.redis_url import parse_sentinel_url
+
+    url = SENTINEL_URL.format(pw=SECRETS["REDIS_PASSWORD"])
+    proc = compose("--profile", "sentinel", "config", "--format", "json",
+                   secrets={**SECRETS, "MESH_REDIS_URL": url, "MESH_SENTINEL_MASTER": "mesh"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    services = json.loads(proc.stdout)["services"]
+    replica = " ".join(services["redis-replica"]["command"])
+    assert "--replicaof redis 6379" in replica and f"--masterauth {SECRETS['REDIS_PASSWORD']}" in replica
+    assert "--maxmemory-policy noeviction" in replica
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = services[name]["command"][0]
+        assert "sentinel monitor mesh redis 6379 2" in script and "--sentinel" in script
+        assert f"sentinel auth-pass mesh {SECRETS['REDIS_PASSWORD']}" in script
+        assert not services[name].get("ports")  # reachable inside the stack's network only
+    for name in MESH_SERVICES:
+        env = services[name]["environment"]
+        settings = MeshSettings(**{k[len("MESH_"):].lower(): v for k, v in env.items() if k.startswith("MESH_")})
+        assert settings.redis_url == url and settings.sentinel_master == "mesh"
+        assert [h for h, _ in parse_sentinel_url(url).sentinels] == ["sentinel-1", "sentinel-2", "sentinel-3"]
+        conf = mesh_celery_settings(settings)
+        assert conf["broker_transport_options"]["master_name"] == "mesh"
 
 
 def _free_port() -> int:

@@ -27,8 +27,9 @@ TOP_DIRS = ("mesh", "workers", "tests", "bench", "scripts", "docs")
 # `mesh/policy/planner.py`, `./scripts/demo`, `mesh/policy/`, `tests/faults/`; a trailing dot
 # or comma ends the path, a placeholder (`mesh/<x>`) is not a path
 PATH_RE = re.compile(r"(?<![\w/.\-<>])(?:\./)?((?:%s)/[\w./\-]*[\w/])" % "|".join(TOP_DIRS))
-# a bare file name: `celeryconfig.py`, `test_bad_messages.py`, `docker-compose.yml`
-FILE_RE = re.compile(r"(?<![\w/.\-<>])([A-Za-z_][\w\-]*\.(?:py|yml|yaml|toml|sh))\b")
+# a bare file name: `celeryconfig.py`, `test_bad_messages.py`, `docker-compose.yml` (not one
+# followed by `/`: a domain or API group, `keda.sh/v1alpha1`)
+FILE_RE = re.compile(r"(?<![\w/.\-<>])([A-Za-z_][\w\-]*\.(?:py|yml|yaml|toml|sh))\b(?!/)")
 # `mesh.policy.planner`, `mesh.control.routing.route_task` (not `<name>/mesh.json`)
 DOTTED_RE = re.compile(r"(?<![\w/.\-<>])((?:mesh|workers)(?:\.[A-Za-z_]\w*)+)")
 # `owner/repo` of another project: a path right after it is in that project, not here
