@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mesh.policy.labels import matches
 from mesh.policy.placement import affinity
 from mesh.settings import MeshSettings
 
@@ -54,6 +55,7 @@ class WorkerView:
     alive: bool = True  # False: listed in the worker set but its heartbeat expired
     rate: float = 0.0  # requests/s over all its models
     started_at: float = 0.0  # registry records older than this belong to a previous incarnation
+    labels: dict[str, str] = field(default_factory=dict)  # MESH_WORKER_LABELS: its pool(s)
 
 
 @dataclass(slots=True)
@@ -86,6 +88,8 @@ class RegisteredModel:
     last_used: float = 0.0  # newest use ever seen (heartbeats fold in newer values)
     score: float = 0.0  # long-run request rate (req/s, exponentially decayed): its value in cache
     rate: float | None = None  # requests/s; None: the sum of its copies' heartbeat rates
+    # only workers carrying these labels may hold it (mesh/policy/labels.py); None/{}: any
+    required_labels: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -296,7 +300,7 @@ class _ModelPlan:
     __slots__ = (
         "view", "id", "size", "min_copies", "max_copies", "loaded", "loading", "draining", "rate",
         "last_used", "queue", "failed_on", "n_fresh", "surplus", "floor", "touched",
-        "copy_age", "score",
+        "copy_age", "score", "required",
     )  # fmt: skip
 
     def __init__(self, view: RegisteredModel, settings: PlannerSettings) -> None:
@@ -320,6 +324,7 @@ class _ModelPlan:
         self.floor = 0
         self.touched = False  # needed or placed this run: not an eviction victim
         self.copy_age = 0.0  # age of its oldest loaded copy
+        self.required = view.required_labels or None  # its pool's labels (None: any worker)
 
 
 @dataclass(slots=True)
@@ -350,6 +355,7 @@ class _Plan:
         self.evict_heap: list[tuple[tuple[int, float, float], int, str]] | None = None
         self.recently_evicted: dict[str, float] = {}
         self.evicted_from: set[tuple[str, str]] = set()
+        self.pools: dict[frozenset[tuple[str, str]], list[_WorkerPlan]] = {}  # by required labels
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[PlanAction]:
@@ -684,9 +690,18 @@ class _Plan:
         self.fit_heap = [(-w.free, w.version, w.name) for w in usable]
         heapq.heapify(self.fit_heap)
 
+    def _pool(self, m: _ModelPlan) -> list[_WorkerPlan]:
+        """The usable workers carrying `m`'s required labels, found once per label set."""
+        key = frozenset(m.required.items())
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = [w for w in self.usable if matches(m.required, w.view.labels)]
+        return pool
+
     def _eligible(self, w: _WorkerPlan, m: _ModelPlan) -> bool:
         return (
-            w.loads < self.settings.max_loads_per_worker
+            (m.required is None or matches(m.required, w.view.labels))
+            and w.loads < self.settings.max_loads_per_worker
             and m.id not in w.view.models
             and m.id not in w.view.loading
             and m.id not in w.planned
@@ -698,6 +713,8 @@ class _Plan:
         """The worker with the most free space that fits `m` without evicting, preferring one
         that is not busy (ModelMesh.java `PLACEMENT_ORDER`: non-full first, more free space,
         load-aware)."""
+        if m.required is not None:
+            return self._pick_fit_in_pool(m, reserve_fraction)
         popped: list[_WorkerPlan] = []
         chosen = fallback = None
         size = m.size
@@ -722,12 +739,49 @@ class _Plan:
             heapq.heappush(self.fit_heap, (-w.free, w.version, w.name))
         return chosen or fallback
 
+    def _pick_fit_in_pool(self, m: _ModelPlan, reserve_fraction: float) -> _WorkerPlan | None:
+        """`_pick_fit` for a model with required labels: the shared heap is ordered over every
+        worker, and its `search_limit` pops could all land outside the model's pool, so the
+        pool is scanned in the heap's order instead (O(pool) per placement: pools are a few
+        kinds of worker, labelled models a minority)."""
+        size, chosen, fallback = m.size, None, None
+        for w in sorted(self._pool(m), key=lambda w: (-w.free, w.name)):
+            if w.free < size:
+                break
+            if not self._eligible(w, m) or w.free - size < reserve_fraction * w.view.capacity:
+                continue
+            if w.rate > self.busy_rate:
+                fallback = fallback or w
+                continue
+            chosen = w
+            break
+        return chosen or fallback
+
+    def _pick_evict_in_pool(
+        self, m: _ModelPlan, bar: tuple[float, float], proactive: bool, min_idle: float
+    ) -> tuple[_WorkerPlan, list[tuple[str, int]]] | None:
+        """`_pick_evict` within the model's pool (see `_pick_fit_in_pool`): its workers by their
+        least valuable evictable copy, the first `search_limit` of them tried."""
+        heads = sorted((self._evict_head(w), w.name) for w in self._pool(m) if self._eligible(w, m))
+        for key, name in heads[: self.settings.search_limit]:
+            if key[0] == 1 and not self._below(key[1], key[2], m, bar, proactive):
+                break
+            if key[0] == 2:
+                break
+            w = self.workers[name]
+            victims = self._victims(w, m, bar, proactive, min_idle)
+            if victims is not None:
+                return w, victims
+        return None
+
     def _pick_evict(
         self, m: _ModelPlan, bar: tuple[float, float], proactive: bool, min_idle: float
     ) -> tuple[_WorkerPlan, list[tuple[str, int]]] | None:
         """A worker where evicting only less valuable, unprotected copies makes room for `m`,
         taking the worker whose least valuable evictable copy is least valuable (ModelMesh.java
         `PLACEMENT_ORDER` orders full workers by LRU; we order by (usage score, last use), see _value)."""
+        if m.required is not None:
+            return self._pick_evict_in_pool(m, bar, proactive, min_idle)
         if self.evict_heap is None:
             self.evict_heap = [(self._evict_head(w, rough=True), w.version, w.name) for w in self.usable]
             heapq.heapify(self.evict_heap)
@@ -848,7 +902,8 @@ class _Plan:
         (`mesh.policy.placement.choose_worker`). A copy the planner swaps in elsewhere is evicted
         sooner or later and then reloaded on its home: two loads for one. Swapping in only
         on the home keeps the planner and the cold path placing a model in the same place."""
-        home = max(self.usable, key=lambda w: (affinity(m.id, w.name), w.name), default=None)
+        pool = self.usable if m.required is None else self._pool(m)  # the cold path's home is in the pool too
+        home = max(pool, key=lambda w: (affinity(m.id, w.name), w.name), default=None)
         if home is None or not self._eligible(home, m):
             return None
         victims = self._victims(home, m, bar, True, min_idle)

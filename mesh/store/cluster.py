@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -22,8 +23,9 @@ from mesh.policy.planner import (
     RegistryCopy,
     WorkerView,
 )
-from mesh.policy.precedence import copies_bounds
+from mesh.policy.precedence import copies_bounds, required_labels
 from mesh.protocol.keys import Keys
+from mesh.store.changes import ChangeReader, log_changes, lua_log_change
 from mesh.store.state import StateStore
 
 CHUNK = 1000  # commands per pipeline round trip when reading per-model keys
@@ -33,7 +35,11 @@ CHUNK = 1000  # commands per pipeline round trip when reading per-model keys
 # set, only while that worker has no heartbeat (a restarted worker keeps its new records).
 _HDEL_IF_LUA = """
 if ARGV[3] ~= '' and redis.call('EXISTS', ARGV[3]) == 1 then return 0 end
-if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  """ + lua_log_change("KEYS[2]", "ARGV[4]") + """
+  return 1
+end
 return 0
 """
 
@@ -47,13 +53,60 @@ return redis.call('SREM', KEYS[1], ARGV[1])
 # claiming a cold load of their own; never over an existing record, never for a gone model.
 _MARK_LOADING_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-return redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3])
+if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return 0 end
+""" + lua_log_change("KEYS[3]", "ARGV[1]") + """
+return 1
 """
 
 
 def _chunks(items: list[str], n: int = CHUNK) -> Iterator[list[str]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
+
+
+_NONE: dict = {}  # shared by every model without copy (or failure) records: the planner never writes to it
+
+Parsed = tuple[int, "int | None", "int | None", "dict[str, str] | None"]
+
+
+class _Registry:
+    """The scheduler's view of the registry, kept between the runs of one process: every
+    registered model's parsed record, and the copy and failure records of those that have any."""
+
+    def __init__(self, server: str, cursor: str) -> None:
+        self.server = server  # Redis's run id: another server (or a restart) is another registry
+        self.cursor = cursor  # the change log's id this view is current up to
+        self.records: dict[str, Parsed] = {}
+        self.copies: dict[str, dict[str, RegistryCopy]] = {}
+        self.failures: dict[str, dict[str, FailureView]] = {}
+        self.scan_cursor = 0  # the backstop's place in the registry (HSCAN)
+        self.seen: set[str] = set()  # models the backstop saw in its current round
+        self._ids: list[str] | None = []
+
+    def put(self, model_id: str, parsed: Parsed, raw_copies: dict, raw_failures: dict) -> None:
+        if model_id not in self.records:
+            self._ids = None
+        self.records[model_id] = parsed
+        if raw_copies:
+            self.copies[model_id] = _copies(raw_copies)
+        else:
+            self.copies.pop(model_id, None)
+        if raw_failures:
+            self.failures[model_id] = _failures(raw_failures)
+        else:
+            self.failures.pop(model_id, None)
+
+    def drop(self, model_id: str) -> None:
+        if self.records.pop(model_id, None) is not None:
+            self._ids = None
+        self.copies.pop(model_id, None)
+        self.failures.pop(model_id, None)
+
+    def ids(self) -> list[str]:
+        """Registered model ids, sorted (as the planner was always given them)."""
+        if self._ids is None:
+            self._ids = sorted(self.records)
+        return self._ids
 
 
 class ClusterStore:
@@ -63,14 +116,24 @@ class ClusterStore:
 
     # Parsed registry records by their raw JSON: records rarely change, and parsing 100,000 of
     # them with pydantic on every run would dominate it. Shared by the runs of one process.
-    _record_cache: dict[bytes, tuple[int, int | None, int | None]] = {}
+    _record_cache: dict[bytes, Parsed] = {}
+    # The registry and usage views of the last run, per Redis and prefix: the next run of this
+    # process (a new ClusterStore each run) starts from them. `_stamp` names this process in
+    # `Keys.usage_stamp`.
+    _registries: dict[tuple[str, str], _Registry] = {}
+    _usages: dict[tuple[str, str], dict[str, tuple[float, float, float]]] = {}
+    _stamp = uuid.uuid4().hex
 
-    def __init__(self, store: StateStore, priority_steps: list[int], usage_decay_s: float) -> None:
+    def __init__(
+        self, store: StateStore, priority_steps: list[int], usage_decay_s: float, refresh_runs: int = 60
+    ) -> None:
         self.r = store.r
         self.keys: Keys = store.keys
         self.store = store
         self.priority_steps = priority_steps
         self.decay_s = usage_decay_s
+        self.refresh_runs = max(1, refresh_runs)
+        self.change_log = ChangeReader(self.r, self.keys.changes)
         self._hdel_if = self.r.register_script(_HDEL_IF_LUA)
         self._forget = self.r.register_script(_FORGET_WORKER_LUA)
         self._mark_loading = self.r.register_script(_MARK_LOADING_LUA)
@@ -100,27 +163,35 @@ class ClusterStore:
                         shutting_down=st.shutting_down,
                         rate=st.request_rate,
                         started_at=st.started_at,
+                        labels=st.labels,
                     )
                 )
         return views, states
 
-    def records(self) -> dict[str, tuple[int, int | None, int | None]]:
-        """model_id -> (size hint, min_copies, max_copies)."""
-        cache = self._record_cache
-        if len(cache) > 400_000:
-            cache.clear()
-        out: dict[str, tuple[int, int | None, int | None]] = {}
+    def records(self) -> dict[str, tuple[int, int | None, int | None, dict[str, str] | None]]:
+        """model_id -> (size hint, min_copies, max_copies, required labels): every record, read
+        at once (the first run's read; later runs read only what changed)."""
+        out = {}
         for model_id, raw in self.r.hgetall(self.keys.models).items():
-            parsed = cache.get(raw)
-            if parsed is None:
-                rec = ModelRecord.model_validate_json(raw)
-                parsed = (rec.size_bytes or rec.info.size_bytes or 0, *copies_bounds(rec))  # api > manifest
-                cache[raw] = parsed
-            out[model_id.decode()] = parsed
+            out[model_id.decode()] = self._parse_record(raw)
         return out
 
+    def _parse_record(self, raw: bytes) -> tuple[int, int | None, int | None, dict[str, str] | None]:
+        cache = self._record_cache
+        parsed = cache.get(raw)
+        if parsed is None:
+            if len(cache) > 400_000:
+                cache.clear()
+            rec = ModelRecord.model_validate_json(raw)
+            labels = required_labels(rec) or None  # api > manifest
+            parsed = (rec.size_bytes or rec.info.size_bytes or 0, *copies_bounds(rec), labels)  # api > manifest
+            cache[raw] = parsed
+        return parsed
+
     def per_model(self, ids: list[str]) -> dict[str, tuple[dict, dict, int]]:
-        """model_id -> (raw copy records, raw failure records, queue depth)."""
+        """model_id -> (raw copy records, raw failure records, queue depth): every model's, ~4
+        commands each (what a run read before the change log; kept as the reference the
+        incremental read is tested against)."""
         k, steps = self.keys, self.priority_steps
         out: dict[str, tuple[dict, dict, int]] = {}
         for chunk in _chunks(ids):
@@ -137,8 +208,109 @@ class ClusterStore:
                 out[m] = (row[0], row[1], sum(row[2:]))
         return out
 
+    # --- the incremental read (mesh/store/changes.py; docs/scheduler.md, "Reading the cluster")
+    def _registry(self) -> _Registry:
+        """The registry as of now: the view kept from the last run of this process, brought
+        up to date from the change log, plus one slice re-read in full (the backstop for a
+        write that left no change entry: every model is re-read within `refresh_runs` runs).
+        Everything is read afresh when there is no view, Redis is another server (or
+        restarted: its run id), or the log was trimmed past where the view stopped."""
+        server = str(self.r.info("server").get("run_id", ""))
+        key = (self._where(), self.keys.prefix)
+        view = self._registries.get(key)
+        if view is not None and view.server == server:
+            got = self.change_log.since(view.cursor)
+            if got is not None:
+                changed, view.cursor = got
+                self._refresh(view, sorted(changed))
+                self._refresh_slice(view)
+                return view
+        self._registries.pop(key, None)
+        cursor = self.change_log.head()  # first: a change made while everything is read is read again
+        view = _Registry(server=server, cursor=cursor)
+        records = self.records()
+        ids = sorted(records)
+        rows = self.per_model(ids) if ids else {}
+        for model_id in ids:
+            raw_copies, raw_failures, _ = rows[model_id]
+            view.put(model_id, records[model_id], raw_copies, raw_failures)
+        self._registries[key] = view
+        return view
+
+    def _where(self) -> str:
+        kw = self.r.connection_pool.connection_kwargs
+        return f"{kw.get('host')}:{kw.get('port')}/{kw.get('db')}{kw.get('path', '')}"
+
+    def _refresh(self, view: _Registry, ids: list[str], raw_records: dict[str, bytes] | None = None) -> None:
+        """Read these models' record (unless given), copies and failures again."""
+        k = self.keys
+        for chunk in _chunks(ids):
+            with self.r.pipeline(transaction=False) as p:
+                for m in chunk:
+                    if raw_records is None:
+                        p.hget(k.models, m)
+                    p.hgetall(k.copies(m))
+                    p.hgetall(k.failures(m))
+                flat = p.execute()
+            step = 3 if raw_records is None else 2
+            for i, m in enumerate(chunk):
+                row = flat[i * step : (i + 1) * step]
+                raw = row[0] if raw_records is None else raw_records[m]
+                if raw is None:
+                    view.drop(m)
+                else:
+                    view.put(m, self._parse_record(raw), row[-2], row[-1])
+
+    def _refresh_slice(self, view: _Registry) -> None:
+        """The backstop: the next slice of the registry (HSCAN), re-read in full."""
+        count = max(CHUNK, math.ceil(len(view.records) / self.refresh_runs))
+        cursor, raw = self.r.hscan(self.keys.models, view.scan_cursor, count=count)
+        records = {m.decode(): v for m, v in raw.items()}
+        view.seen.update(records)
+        self._refresh(view, sorted(records), records)
+        view.scan_cursor = cursor
+        if cursor == 0:  # a full round: what it never saw is gone (or was, and came back)
+            unseen = sorted(set(view.records) - view.seen)
+            view.seen = set()
+            if unseen:
+                self._refresh(view, unseen)
+
+    def queue_depths(self) -> dict[str, int]:
+        """model_id -> requests waiting, for the models with any: Redis deletes an empty list,
+        so the model queue lists that exist are the non-empty ones (one SCAN of the keyspace,
+        server-side, and one LLEN per queue found), not one LLEN per registered model."""
+        k = self.keys
+        found: dict[str, list[str]] = {}
+        cursor = 0
+        while True:
+            cursor, batch = self.r.scan(cursor, match=k.model_queue_lists_pattern(), count=10_000, _type="list")
+            for raw in batch:
+                key = raw.decode("utf-8", "replace")
+                parsed = k.model_of_queue_list(key)
+                if parsed is not None:
+                    found.setdefault(key, []).append(parsed[0])
+            if cursor == 0:
+                break
+        depths: dict[str, int] = {}
+        keys = sorted(found)
+        for chunk in _chunks(keys):
+            with self.r.pipeline(transaction=False) as p:
+                for key in chunk:
+                    p.llen(key)
+                lengths = p.execute(raise_on_error=False)
+            for key, n in zip(chunk, lengths):
+                if isinstance(n, int) and n:
+                    model_id = found[key][0]
+                    depths[model_id] = depths.get(model_id, 0) + n
+        return depths
+
     def usage(self) -> dict[str, tuple[float, float, float]]:
-        """model_id -> (last_used, score, time of the score)."""
+        """model_id -> (last_used, score, time of the score). Kept between runs while this
+        process is the last that wrote it (`Keys.usage_stamp`); else read in full."""
+        key = (self._where(), self.keys.prefix)
+        cached = self._usages.get(key)
+        if cached is not None and self.r.get(self.keys.usage_stamp) == self._stamp.encode():
+            return cached
         out = {}
         for model_id, raw in self.r.hgetall(self.keys.usage).items():
             try:
@@ -146,6 +318,7 @@ class ClusterStore:
                 out[model_id.decode()] = (float(last_used), float(score), float(t))
             except (ValueError, TypeError):
                 continue  # a malformed entry is only a lost hint
+        self._usages[key] = out
         return out
 
     def history(self, since: float) -> list[PastAction]:
@@ -160,16 +333,16 @@ class ClusterStore:
 
     def read(self, now: float, history_s: float, interval_s: float) -> ClusterState:
         workers, _ = self.workers()
-        records = self.records()
-        ids = sorted(records)
-        rows = self.per_model(ids)
+        view = self._registry()
+        depths = self.queue_depths()
         usage = self.usage()
+        records = view.records
         self._update_usage(workers, records, usage, now, interval_s)
         decay = self.decay_s
         models = []
-        for model_id in ids:
-            size, min_copies, max_copies = records[model_id]
-            raw_copies, raw_failures, depth = rows[model_id]
+        copies, failures = view.copies, view.failures
+        for model_id in view.ids():
+            size, min_copies, max_copies, labels = records[model_id]
             last_used, score, t = usage.get(model_id, (0.0, 0.0, now))
             models.append(
                 RegisteredModel(
@@ -177,13 +350,42 @@ class ClusterStore:
                     size=size,
                     min_copies=min_copies,
                     max_copies=max_copies,
-                    copies=_copies(raw_copies),
-                    failures=_failures(raw_failures),
-                    queue_depth=depth,
+                    copies=copies.get(model_id, _NONE),
+                    failures=failures.get(model_id, _NONE),
+                    queue_depth=depths.get(model_id, 0),
                     last_used=last_used,
                     score=score * math.exp(-max(0.0, now - t) / decay),
+                    required_labels=labels,
                 )
             )
+        retiring = {m.decode() for m in self.r.hkeys(self.keys.draining)}
+        return ClusterState(
+            workers=workers, models=models, history=self.history(now - history_s), retiring=retiring
+        )
+
+    def read_everything(self, now: float, history_s: float, interval_s: float) -> ClusterState:
+        """`read` as it was before the change log: every record, copy and failure record and
+        queue of every registered model, ~4 commands per model. The reference the tests hold
+        the incremental read to; not used by the scheduler."""
+        workers, _ = self.workers()
+        records = self.records()
+        ids = sorted(records)
+        rows = self.per_model(ids)
+        usage = self.usage()
+        self._update_usage(workers, records, usage, now, interval_s)
+        models = []
+        for model_id in ids:
+            size, min_copies, max_copies, labels = records[model_id]
+            raw_copies, raw_failures, depth = rows[model_id]
+            last_used, score, t = usage.get(model_id, (0.0, 0.0, now))
+            models.append(
+                RegisteredModel(
+                    model_id=model_id, size=size, min_copies=min_copies, max_copies=max_copies,
+                    copies=_copies(raw_copies), failures=_failures(raw_failures), queue_depth=depth,
+                    last_used=last_used, score=score * math.exp(-max(0.0, now - t) / self.decay_s),
+                    required_labels=labels,
+                )
+            )  # fmt: skip
         retiring = {m.decode() for m in self.r.hkeys(self.keys.draining)}
         return ClusterState(
             workers=workers, models=models, history=self.history(now - history_s), retiring=retiring
@@ -224,13 +426,18 @@ class ClusterStore:
         gone = [m for m in usage if m not in records]
         for m in gone:
             del usage[m]
-        with self.r.pipeline(transaction=False) as p:
-            items = list(updates.items())
-            for i in range(0, len(items), CHUNK):
-                p.hset(self.keys.usage, mapping=dict(items[i : i + CHUNK]))
-            for chunk in _chunks(gone):
-                p.hdel(self.keys.usage, *chunk)
-            p.execute()
+        try:
+            with self.r.pipeline(transaction=False) as p:
+                items = list(updates.items())
+                for i in range(0, len(items), CHUNK):
+                    p.hset(self.keys.usage, mapping=dict(items[i : i + CHUNK]))
+                for chunk in _chunks(gone):
+                    p.hdel(self.keys.usage, *chunk)
+                p.set(self.keys.usage_stamp, self._stamp)  # our in-memory usage is Redis's now
+                p.execute()
+        except Exception:
+            self._usages.pop((self._where(), self.keys.prefix), None)  # unsure what was written
+            raise
 
     # ------------------------------------------------------------------ the leader lock
     def take_lock(self, token: str, ttl_ms: int) -> bool:
@@ -248,17 +455,19 @@ class ClusterStore:
         """Delete the copy record the planner saw as `raw`; with `only_if_dead`, only while its
         worker has no heartbeat."""
         guard = self.keys.worker(worker) if only_if_dead else ""
-        self._hdel_if(keys=[self.keys.copies(model_id)], args=[worker, raw, guard])
+        self._hdel_if(keys=[self.keys.copies(model_id), self.keys.changes], args=[worker, raw, guard, model_id])
 
     def clear_failure(self, model_id: str, worker: str, raw: str) -> None:
         """Delete the failure record the planner saw as `raw`."""
-        self._hdel_if(keys=[self.keys.failures(model_id)], args=[worker, raw, ""])
+        self._hdel_if(keys=[self.keys.failures(model_id), self.keys.changes], args=[worker, raw, "", model_id])
 
     def mark_loading(self, model_id: str, worker: str, now: float) -> bool:
         """Record `worker`'s copy as LOADING and queue it on the worker's line of loads; False
         (nothing written) when the model was unregistered meanwhile or a copy record appeared."""
         record = CopyInfo(worker=worker, state=CopyState.LOADING, since=now).model_dump_json()
-        if not self._mark_loading(keys=[self.keys.models, self.keys.copies(model_id)], args=[model_id, worker, record]):
+        if not self._mark_loading(
+            keys=[self.keys.models, self.keys.copies(model_id), self.keys.changes], args=[model_id, worker, record]
+        ):
             return False
         with self.r.pipeline(transaction=False) as p:
             self.store.add_to_load_line(p, worker, model_id, now)
