@@ -8,13 +8,15 @@ since its last run (mesh/store/cluster.py), instead of ~4 commands per registere
 100,000 models that was seconds per tick (docs/scheduler.md, "Reading the cluster").
 
 A stream, not a counter: its ids are assigned by Redis, so a MULTI/EXEC can append without a
-script, and `XINFO STREAM`'s `max-deleted-entry-id` (Redis 7) tells a reader that entries it
-had not read yet were trimmed away (then it reads everything again).
+script, and `XINFO STREAM`'s `entries-added` (Redis 7) tells a reader that entries it had not
+read yet were trimmed away: fewer entries after its point than were added since (then it
+reads everything again).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import redis
 
@@ -37,10 +39,22 @@ def lua_log_change(key: str, model_id: str) -> str:
     return f"redis.call('XADD', {key}, 'MAXLEN', '~', {CHANGE_LOG_MAXLEN}, '*', '{FIELD}', {model_id})\n"
 
 
-def _id(raw: bytes | str) -> tuple[int, int]:
-    text = raw.decode() if isinstance(raw, bytes) else raw
+def _id(raw: bytes | str | None) -> tuple[int, int]:
+    text = (raw.decode() if isinstance(raw, bytes) else raw) or "0-0"
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+def _text(raw: bytes | str | None) -> str:
+    return (raw.decode() if isinstance(raw, bytes) else raw) or "0-0"
+
+
+class Mark(NamedTuple):
+    """A point of the log: the newest id read, and how many entries the log had been given
+    then (`entries-added`: entries trimmed since are missing from what a reader reads after)."""
+
+    id: str = "0-0"
+    added: int = 0
 
 
 class ChangeReader:
@@ -52,46 +66,39 @@ class ChangeReader:
         self.r = r
         self.key = key
 
-    def head(self) -> str:
-        """The log's newest id ("0-0" when empty): where a reader that reads everything now
-        resumes from."""
+    def _info(self) -> Mark:
         try:
             info = self.r.xinfo_stream(self.key)
         except redis.ResponseError:  # no such key: nothing was ever logged
-            return "0-0"
-        last = info.get("last-generated-id") or b"0-0"
-        return last.decode() if isinstance(last, bytes) else str(last)
+            return Mark()
+        return Mark(_text(info.get("last-generated-id")), int(info.get("entries-added") or 0))
 
-    def since(self, last: str) -> tuple[set[str], str] | None:
-        """(ids named after `last`, the newest id read), or None when the log cannot say (it
-        was trimmed past `last`, or it is older than `last`: a Redis restarted empty)."""
-        try:
-            info = self.r.xinfo_stream(self.key)
-        except redis.ResponseError:
-            return None if last != "0-0" else (set(), last)
-        newest = _id(info.get("last-generated-id") or b"0-0")
-        deleted = _id(info.get("max-deleted-entry-id") or b"0-0")
-        mine = _id(last)
-        if newest < mine or deleted > mine:
+    def head(self) -> Mark:
+        """The log's newest point: where a reader that reads everything now resumes from."""
+        return self._info()
+
+    def since(self, mark: Mark) -> tuple[set[str], Mark] | None:
+        """(ids named after `mark`, the point read up to), or None when the log cannot say:
+        entries after `mark` were trimmed away (a reader far behind), or the log is older than
+        `mark` (a Redis that restarted empty)."""
+        now = self._info()
+        if _id(now.id) < _id(mark.id) or now.added < mark.added or (now.added == mark.added and now.id != mark.id):
             return None
         ids: set[str] = set()
-        cursor = last
-        while True:
-            entries = self.r.xrange(self.key, min=f"({cursor}", count=self.BATCH)
-            for entry_id, fields in entries:
+        cursor, n = mark.id, 0
+        while now.added > mark.added + n:
+            entries = self.r.xrange(self.key, min=f"({cursor}", max=now.id, count=self.BATCH)
+            for _entry_id, fields in entries:
                 value = fields.get(FIELD.encode())
                 if value is not None:
                     ids.add(value.decode())
-            if entries:
-                last_id = entries[-1][0]
-                cursor = last_id.decode() if isinstance(last_id, bytes) else last_id
+            n += len(entries)
             if len(entries) < self.BATCH:
                 break
-        # trimmed while we read (a reader far behind, a log under heavy churn): not complete
-        after = self.r.xinfo_stream(self.key)
-        if _id(after.get("max-deleted-entry-id") or b"0-0") > mine:
-            return None
-        return ids, cursor
+            cursor = _text(entries[-1][0])
+        if mark.added + n != now.added:
+            return None  # some of them are gone: trimmed before we read them
+        return ids, now
 
 
-__all__ = ["CHANGE_LOG_MAXLEN", "ChangeReader", "lua_log_change", "log_changes"]
+__all__ = ["CHANGE_LOG_MAXLEN", "ChangeReader", "Mark", "lua_log_change", "log_changes"]

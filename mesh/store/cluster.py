@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from mesh.models import CopyInfo, CopyState, FailedCopy, ModelRecord, WorkerState
+from mesh.models import CopyInfo, CopyState, FailedCopy, ModelRecord
 from mesh.policy.planner import (
     ClusterState,
     CopyView,
@@ -25,10 +25,13 @@ from mesh.policy.planner import (
 )
 from mesh.policy.precedence import copies_bounds, required_labels
 from mesh.protocol.keys import Keys
-from mesh.store.changes import ChangeReader, log_changes, lua_log_change
+from mesh.store.changes import ChangeReader, Mark, lua_log_change
 from mesh.store.state import StateStore
 
 CHUNK = 1000  # commands per pipeline round trip when reading per-model keys
+# A model's usage entry in Redis is rewritten at most this often: the scheduler keeps its own
+# in memory, and Redis's is what a scheduler that takes over starts from (up to this old).
+USAGE_PERSIST_S = 60.0
 
 
 # Delete a hash field only if it still holds exactly the value the planner saw; with ARGV[3]
@@ -73,40 +76,48 @@ class _Registry:
     """The scheduler's view of the registry, kept between the runs of one process: every
     registered model's parsed record, and the copy and failure records of those that have any."""
 
-    def __init__(self, server: str, cursor: str) -> None:
+    def __init__(self, server: str, cursor: Mark) -> None:
         self.server = server  # Redis's run id: another server (or a restart) is another registry
-        self.cursor = cursor  # the change log's id this view is current up to
-        self.records: dict[str, Parsed] = {}
-        self.copies: dict[str, dict[str, RegistryCopy]] = {}
-        self.failures: dict[str, dict[str, FailureView]] = {}
+        self.cursor = cursor  # the change log's point this view is current up to
+        # model id -> its planner input; the next read updates the usage and queue fields of
+        # these objects in place (a new one per model and run was a third of a run at 100,000)
+        self.models: dict[str, RegisteredModel] = {}
         self.scan_cursor = 0  # the backstop's place in the registry (HSCAN)
         self.seen: set[str] = set()  # models the backstop saw in its current round
+        self.queued: set[str] = set()  # models given a queue depth by the last read
         self._ids: list[str] | None = []
+        self._list: list[RegisteredModel] | None = []
 
     def put(self, model_id: str, parsed: Parsed, raw_copies: dict, raw_failures: dict) -> None:
-        if model_id not in self.records:
+        if model_id not in self.models:
             self._ids = None
-        self.records[model_id] = parsed
-        if raw_copies:
-            self.copies[model_id] = _copies(raw_copies)
-        else:
-            self.copies.pop(model_id, None)
-        if raw_failures:
-            self.failures[model_id] = _failures(raw_failures)
-        else:
-            self.failures.pop(model_id, None)
+        size, min_copies, max_copies, labels = parsed
+        self.models[model_id] = RegisteredModel(
+            model_id=model_id, size=size, min_copies=min_copies, max_copies=max_copies,
+            copies=_copies(raw_copies) if raw_copies else _NONE,
+            failures=_failures(raw_failures) if raw_failures else _NONE,
+            required_labels=labels,
+        )  # fmt: skip
+        self.queued.add(model_id)  # a new object: its queue depth is set by the next read
+        self._list = None
 
     def drop(self, model_id: str) -> None:
-        if self.records.pop(model_id, None) is not None:
+        if self.models.pop(model_id, None) is not None:
             self._ids = None
-        self.copies.pop(model_id, None)
-        self.failures.pop(model_id, None)
+            self._list = None
 
     def ids(self) -> list[str]:
         """Registered model ids, sorted (as the planner was always given them)."""
         if self._ids is None:
-            self._ids = sorted(self.records)
+            self._ids = sorted(self.models)
         return self._ids
+
+    def listed(self) -> list[RegisteredModel]:
+        """The models in id order."""
+        if self._list is None:
+            models = self.models
+            self._list = [models[m] for m in self.ids()]
+        return self._list
 
 
 class ClusterStore:
@@ -122,6 +133,7 @@ class ClusterStore:
     # `Keys.usage_stamp`.
     _registries: dict[tuple[str, str], _Registry] = {}
     _usages: dict[tuple[str, str], dict[str, tuple[float, float, float]]] = {}
+    _persisted: dict[tuple[str, str], dict[str, float]] = {}  # when each usage entry was last written
     _stamp = uuid.uuid4().hex
 
     def __init__(
@@ -133,40 +145,27 @@ class ClusterStore:
         self.priority_steps = priority_steps
         self.decay_s = usage_decay_s
         self.refresh_runs = max(1, refresh_runs)
+        self.slice_min = CHUNK  # models the backstop re-reads per run at least
         self.change_log = ChangeReader(self.r, self.keys.changes)
         self._hdel_if = self.r.register_script(_HDEL_IF_LUA)
         self._forget = self.r.register_script(_FORGET_WORKER_LUA)
         self._mark_loading = self.r.register_script(_MARK_LOADING_LUA)
 
     # ------------------------------------------------------------------ reading
-    def workers(self) -> tuple[list[WorkerView], dict[str, WorkerState]]:
+    def workers(self) -> list[WorkerView]:
+        """Every listed worker as its heartbeat describes it (dead: listed, no heartbeat).
+
+        The heartbeats are parsed with `json` into the planner's views directly: 1,000 workers
+        holding 100 copies each are 100,000 copies to parse per run, and pydantic's validation
+        of `WorkerState` cost 5x more. A heartbeat that does not parse counts as no heartbeat
+        (mesh writes them; anything else there is not a worker)."""
         names = sorted(n.decode() for n in self.r.smembers(self.keys.workers))
         views: list[WorkerView] = []
-        states: dict[str, WorkerState] = {}
         for chunk in _chunks(names, 500):
             for name, raw in zip(chunk, self.r.mget([self.keys.worker(n) for n in chunk])):
-                if raw is None:
-                    views.append(WorkerView(name=name, capacity=0, alive=False))
-                    continue
-                st = WorkerState.model_validate_json(raw)
-                states[name] = st
-                views.append(
-                    WorkerView(
-                        name=name,
-                        capacity=st.capacity_bytes,
-                        used=st.used_bytes,
-                        models={
-                            m.model_id: CopyView(m.model_id, m.size_bytes, m.last_used, m.loaded_at, m.request_rate)
-                            for m in st.models
-                        },
-                        loading=set(st.loading),
-                        shutting_down=st.shutting_down,
-                        rate=st.request_rate,
-                        started_at=st.started_at,
-                        labels=st.labels,
-                    )
-                )
-        return views, states
+                view = None if raw is None else _worker_view(name, raw)
+                views.append(view or WorkerView(name=name, capacity=0, alive=False))
+        return views
 
     def records(self) -> dict[str, tuple[int, int | None, int | None, dict[str, str] | None]]:
         """model_id -> (size hint, min_copies, max_copies, required labels): every record, read
@@ -263,14 +262,14 @@ class ClusterStore:
 
     def _refresh_slice(self, view: _Registry) -> None:
         """The backstop: the next slice of the registry (HSCAN), re-read in full."""
-        count = max(CHUNK, math.ceil(len(view.records) / self.refresh_runs))
+        count = max(self.slice_min, math.ceil(len(view.models) / self.refresh_runs))
         cursor, raw = self.r.hscan(self.keys.models, view.scan_cursor, count=count)
         records = {m.decode(): v for m, v in raw.items()}
         view.seen.update(records)
         self._refresh(view, sorted(records), records)
         view.scan_cursor = cursor
         if cursor == 0:  # a full round: what it never saw is gone (or was, and came back)
-            unseen = sorted(set(view.records) - view.seen)
+            unseen = sorted(set(view.models) - view.seen)
             view.seen = set()
             if unseen:
                 self._refresh(view, unseen)
@@ -319,6 +318,7 @@ class ClusterStore:
             except (ValueError, TypeError):
                 continue  # a malformed entry is only a lost hint
         self._usages[key] = out
+        self._persisted[key] = {}
         return out
 
     def history(self, since: float) -> list[PastAction]:
@@ -332,32 +332,41 @@ class ClusterStore:
         return out
 
     def read(self, now: float, history_s: float, interval_s: float) -> ClusterState:
-        workers, _ = self.workers()
+        """The cluster for one run: the registry from the change log (mesh/store/changes.py), the
+        heartbeats, the queues that hold requests and the usage kept in memory. The models in
+        the state are this process's view, updated in place by its next `read`: a caller keeps
+        a state only until then."""
+        workers = self.workers()
         view = self._registry()
         depths = self.queue_depths()
         usage = self.usage()
-        records = view.records
-        self._update_usage(workers, records, usage, now, interval_s)
+        by_id = view.models
+        self._update_usage(workers, by_id, usage, now, interval_s)
         decay = self.decay_s
-        models = []
-        copies, failures = view.copies, view.failures
-        for model_id in view.ids():
-            size, min_copies, max_copies, labels = records[model_id]
-            last_used, score, t = usage.get(model_id, (0.0, 0.0, now))
-            models.append(
-                RegisteredModel(
-                    model_id=model_id,
-                    size=size,
-                    min_copies=min_copies,
-                    max_copies=max_copies,
-                    copies=copies.get(model_id, _NONE),
-                    failures=failures.get(model_id, _NONE),
-                    queue_depth=depths.get(model_id, 0),
-                    last_used=last_used,
-                    score=score * math.exp(-max(0.0, now - t) / decay),
-                    required_labels=labels,
-                )
-            )
+        keeps: dict[float, float] = {}
+        get = usage.get
+        models = view.listed()
+        for mv in models:
+            u = get(mv.model_id)
+            if u is None:
+                mv.last_used = 0.0
+                mv.score = 0.0
+                continue
+            last_used, score, t = u
+            keep = keeps.get(t)
+            if keep is None:
+                keep = keeps[t] = math.exp(-max(0.0, now - t) / decay)
+            mv.last_used = last_used
+            mv.score = score * keep
+        for model_id in view.queued - depths.keys():
+            mv = by_id.get(model_id)
+            if mv is not None:
+                mv.queue_depth = 0
+        for model_id, depth in depths.items():
+            mv = by_id.get(model_id)
+            if mv is not None:
+                mv.queue_depth = depth
+        view.queued = set(depths)
         retiring = {m.decode() for m in self.r.hkeys(self.keys.draining)}
         return ClusterState(
             workers=workers, models=models, history=self.history(now - history_s), retiring=retiring
@@ -367,7 +376,7 @@ class ClusterStore:
         """`read` as it was before the change log: every record, copy and failure record and
         queue of every registered model, ~4 commands per model. The reference the tests hold
         the incremental read to; not used by the scheduler."""
-        workers, _ = self.workers()
+        workers = self.workers()
         records = self.records()
         ids = sorted(records)
         rows = self.per_model(ids)
@@ -410,7 +419,11 @@ class ClusterStore:
                 rates[model_id] = rates.get(model_id, 0.0) + c.rate
                 if c.last_used > used.get(model_id, 0.0):
                     used[model_id] = c.last_used
+        key = (self._where(), self.keys.prefix)
+        persisted = self._persisted.setdefault(key, {})
         updates: dict[str, str] = {}
+        keeps: dict[float, float] = {}  # most scores were last updated by the previous run: one exp
+        decay, stamp_now = self.decay_s, round(now, 3)
         for model_id, rate in rates.items():
             if model_id not in records:
                 continue
@@ -418,14 +431,22 @@ class ClusterStore:
             if old is not None and rate == 0.0 and used.get(model_id, 0.0) <= old[0]:
                 continue  # unchanged: the stored score decays when it is read
             last_used, score, t = old if old is not None else (0.0, 0.0, now - interval_s)
-            keep = math.exp(-max(0.0, now - t) / self.decay_s)
+            keep = keeps.get(t)
+            if keep is None:
+                keep = keeps[t] = math.exp(-max(0.0, now - t) / decay)
             score = score * keep + rate * (1.0 - keep)
-            last_used = max(last_used, used.get(model_id, 0.0))
-            usage[model_id] = (last_used, score, now)
-            updates[model_id] = json.dumps([round(last_used, 3), score, round(now, 3)])
+            last_used = round(max(last_used, used.get(model_id, 0.0)), 3)
+            # kept as Redis keeps it (rounded): the next run sees what a fresh read would
+            usage[model_id] = (last_used, score, stamp_now)
+            if now - persisted.get(model_id, -math.inf) >= USAGE_PERSIST_S:
+                # Redis's copy is only for a scheduler that takes over (this process keeps its
+                # own): written once a minute per model, not every run for every used model
+                updates[model_id] = json.dumps([last_used, score, stamp_now])
+                persisted[model_id] = now
         gone = [m for m in usage if m not in records]
         for m in gone:
             del usage[m]
+            persisted.pop(m, None)
         try:
             with self.r.pipeline(transaction=False) as p:
                 items = list(updates.items())
@@ -436,7 +457,8 @@ class ClusterStore:
                 p.set(self.keys.usage_stamp, self._stamp)  # our in-memory usage is Redis's now
                 p.execute()
         except Exception:
-            self._usages.pop((self._where(), self.keys.prefix), None)  # unsure what was written
+            self._usages.pop(key, None)  # unsure what was written
+            self._persisted.pop(key, None)
             raise
 
     # ------------------------------------------------------------------ the leader lock
@@ -491,6 +513,30 @@ class ClusterStore:
 
 def _past(a: PastAction) -> str:
     return json.dumps({"time": a.time, "op": a.op, "model_id": a.model_id, "worker": a.worker, "reason": a.reason})
+
+
+def _worker_view(name: str, raw: bytes) -> WorkerView | None:
+    try:
+        d = json.loads(raw)
+        return WorkerView(
+            name=name,
+            capacity=int(d["capacity_bytes"]),
+            used=int(d["used_bytes"]),
+            models={
+                m["model_id"]: CopyView(
+                    m["model_id"], int(m["size_bytes"]), float(m["last_used"]), float(m["loaded_at"]),
+                    float(m.get("request_rate", 0.0)),
+                )
+                for m in d.get("models", ())
+            },
+            loading=set(d.get("loading", ())),
+            shutting_down=bool(d.get("shutting_down", False)),
+            rate=float(d.get("request_rate", 0.0)),
+            started_at=float(d["started_at"]),
+            labels=dict(d.get("labels") or {}),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _copies(raw: dict) -> dict[str, RegistryCopy]:
