@@ -356,6 +356,9 @@ class _Plan:
         self.recently_evicted: dict[str, float] = {}
         self.evicted_from: set[tuple[str, str]] = set()
         self.pools: dict[frozenset[tuple[str, str]], list[_WorkerPlan]] = {}  # by required labels
+        # a fit heap per pool (as `fit_heap`, over the pool's workers), and the pools of each worker
+        self.pool_heaps: dict[frozenset[tuple[str, str]], list[tuple[int, int, str]]] = {}
+        self.pools_of: dict[str, list[frozenset[tuple[str, str]]]] = {}
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[PlanAction]:
@@ -696,6 +699,10 @@ class _Plan:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = [w for w in self.usable if matches(m.required, w.view.labels)]
+            heap = self.pool_heaps[key] = [(-w.free, w.version, w.name) for w in pool]
+            heapq.heapify(heap)
+            for w in pool:
+                self.pools_of.setdefault(w.name, []).append(key)
         return pool
 
     def _eligible(self, w: _WorkerPlan, m: _ModelPlan) -> bool:
@@ -712,14 +719,20 @@ class _Plan:
     def _pick_fit(self, m: _ModelPlan, reserve_fraction: float = 0.0) -> _WorkerPlan | None:
         """The worker with the most free space that fits `m` without evicting, preferring one
         that is not busy (ModelMesh.java `PLACEMENT_ORDER`: non-full first, more free space,
-        load-aware)."""
+        load-aware).
+
+        A model with required labels searches its pool's heap instead: the shared one is
+        ordered over every worker, and its `search_limit` pops could all land outside a small
+        pool."""
+        heap = self.fit_heap
         if m.required is not None:
-            return self._pick_fit_in_pool(m, reserve_fraction)
+            self._pool(m)
+            heap = self.pool_heaps[frozenset(m.required.items())]
         popped: list[_WorkerPlan] = []
         chosen = fallback = None
         size = m.size
-        while self.fit_heap and len(popped) < self.settings.search_limit:
-            _, version, name = heapq.heappop(self.fit_heap)
+        while heap and len(popped) < self.settings.search_limit:
+            _, version, name = heapq.heappop(heap)
             w = self.workers[name]
             if version != w.version:
                 continue
@@ -736,32 +749,16 @@ class _Plan:
             chosen = w
             break
         for w in popped:
-            heapq.heappush(self.fit_heap, (-w.free, w.version, w.name))
-        return chosen or fallback
-
-    def _pick_fit_in_pool(self, m: _ModelPlan, reserve_fraction: float) -> _WorkerPlan | None:
-        """`_pick_fit` for a model with required labels: the shared heap is ordered over every
-        worker, and its `search_limit` pops could all land outside the model's pool, so the
-        pool is scanned in the heap's order instead (O(pool) per placement: pools are a few
-        kinds of worker, labelled models a minority)."""
-        size, chosen, fallback = m.size, None, None
-        for w in sorted(self._pool(m), key=lambda w: (-w.free, w.name)):
-            if w.free < size:
-                break
-            if not self._eligible(w, m) or w.free - size < reserve_fraction * w.view.capacity:
-                continue
-            if w.rate > self.busy_rate:
-                fallback = fallback or w
-                continue
-            chosen = w
-            break
+            heapq.heappush(heap, (-w.free, w.version, w.name))
         return chosen or fallback
 
     def _pick_evict_in_pool(
         self, m: _ModelPlan, bar: tuple[float, float], proactive: bool, min_idle: float
     ) -> tuple[_WorkerPlan, list[tuple[str, int]]] | None:
-        """`_pick_evict` within the model's pool (see `_pick_fit_in_pool`): its workers by their
-        least valuable evictable copy, the first `search_limit` of them tried."""
+        """`_pick_evict` within a small pool (see `_pick_fit`): its workers by their least
+        valuable evictable copy, the first `search_limit` of them tried. O(pool's copies) per
+        search, so only for a pool of under a quarter of the workers; a larger one searches
+        the shared heap, passing over the workers outside it."""
         heads = sorted((self._evict_head(w), w.name) for w in self._pool(m) if self._eligible(w, m))
         for key, name in heads[: self.settings.search_limit]:
             if key[0] == 1 and not self._below(key[1], key[2], m, bar, proactive):
@@ -780,17 +777,24 @@ class _Plan:
         """A worker where evicting only less valuable, unprotected copies makes room for `m`,
         taking the worker whose least valuable evictable copy is least valuable (ModelMesh.java
         `PLACEMENT_ORDER` orders full workers by LRU; we order by (usage score, last use), see _value)."""
+        pool = None
         if m.required is not None:
-            return self._pick_evict_in_pool(m, bar, proactive, min_idle)
+            pool = self._pool(m)
+            if 4 * len(pool) < len(self.usable):
+                return self._pick_evict_in_pool(m, bar, proactive, min_idle)
         if self.evict_heap is None:
             self.evict_heap = [(self._evict_head(w, rough=True), w.version, w.name) for w in self.usable]
             heapq.heapify(self.evict_heap)
         popped: list[_WorkerPlan] = []
+        outside: list[tuple[tuple[int, float, float], int, str]] = []  # heap entries of other pools
         found = None
         while self.evict_heap and len(popped) < self.settings.search_limit:
             key, version, name = heapq.heappop(self.evict_heap)
             w = self.workers[name]
             if version != w.version:
+                continue
+            if pool is not None and not matches(m.required, w.view.labels):
+                outside.append((key, version, name))
                 continue
             popped.append(w)
             if key[0] == 1 and not self._below(key[1], key[2], m, bar, proactive):
@@ -804,6 +808,8 @@ class _Plan:
         for w in popped:
             if found is None or w is not found[0]:
                 heapq.heappush(self.evict_heap, (self._evict_head(w), w.version, w.name))
+        for entry in outside:
+            heapq.heappush(self.evict_heap, entry)
         return found
 
     def _below(self, score: float, last_used: float, m: _ModelPlan, bar: tuple[float, float], proactive: bool) -> bool:
@@ -927,6 +933,8 @@ class _Plan:
         self.loads_left -= 1
         self.loads.append(Load(m.id, w.name, reason))
         heapq.heappush(self.fit_heap, (-w.free, w.version, w.name))
+        for key in self.pools_of.get(w.name, ()):
+            heapq.heappush(self.pool_heaps[key], (-w.free, w.version, w.name))
         if self.evict_heap is not None:  # a lower bound, made exact if the worker is popped
             heapq.heappush(self.evict_heap, (_LOWEST, w.version, w.name))
 

@@ -170,6 +170,19 @@ def test_space_in_the_pool_is_made_by_evicting_there_not_elsewhere():
     assert {a.worker for a in actions if isinstance(a, Unload)} == {"wa"}
 
 
+@pytest.mark.parametrize("others", [1, 6])  # a pool of half the workers (the shared heap), of one in seven (a scan)
+def test_space_in_the_pool_is_made_by_evicting_there_whatever_its_share_of_workers(others):
+    cluster = [worker("wa", *(copy(f"a{i}") for i in range(10)), labels=A)]
+    models = [RegisteredModel(f"a{i}", size=10 * MB, copies=on("wa")) for i in range(10)]
+    for j in range(others):  # fuller of colder copies: evicted first but for the labels
+        cluster.append(worker(f"wb{j}", *(copy(f"b{j}-{i}", idle=5000.0) for i in range(10)), labels=B))
+        models += [RegisteredModel(f"b{j}-{i}", size=10 * MB, copies=on(f"wb{j}")) for i in range(10)]
+    models += [RegisteredModel(f"new{k}", size=10 * MB, queue_depth=2, required_labels=A) for k in range(3)]
+    actions = run(cluster, models)
+    assert sorted(loads(actions)) == [(f"new{k}", "wa", "queued-requests") for k in range(3)]
+    assert {a.worker for a in actions if isinstance(a, Unload)} == {"wa"}
+
+
 def test_proactive_loads_stay_in_the_pool():
     cluster = [worker("wb", labels=B, capacity=1000 * MB), worker("wa", labels=A)]
     m = RegisteredModel("hot", size=10 * MB, last_used=NOW - 10, score=50.0, required_labels=A)
