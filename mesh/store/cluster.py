@@ -10,6 +10,11 @@ from __future__ import annotations
 import json
 import math
 import uuid
+
+try:  # optional (the `scale` extra): 1,000 heartbeats of 100 copies are 17 MB of JSON per run
+    from orjson import loads as _loads_fast
+except ImportError:  # pragma: no cover - depends on the environment
+    _loads_fast = json.loads
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -29,9 +34,11 @@ from mesh.store.changes import ChangeReader, Mark, lua_log_change
 from mesh.store.state import StateStore
 
 CHUNK = 1000  # commands per pipeline round trip when reading per-model keys
-# A model's usage entry in Redis is rewritten at most this often: the scheduler keeps its own
-# in memory, and Redis's is what a scheduler that takes over starts from (up to this old).
-USAGE_PERSIST_S = 60.0
+# The scheduler keeps the usage in memory; Redis's copy is what a scheduler that takes over
+# starts from. Each run writes the changed entries, up to a 1/USAGE_PERSIST_RUNS share of all
+# (at least CHUNK): a run never rewrites 100,000 entries, and an entry that keeps changing is
+# written again within about USAGE_PERSIST_RUNS runs (a minute at the default interval).
+USAGE_PERSIST_RUNS = 12
 
 
 # Delete a hash field only if it still holds exactly the value the planner saw; with ARGV[3]
@@ -133,7 +140,7 @@ class ClusterStore:
     # `Keys.usage_stamp`.
     _registries: dict[tuple[str, str], _Registry] = {}
     _usages: dict[tuple[str, str], dict[str, tuple[float, float, float]]] = {}
-    _persisted: dict[tuple[str, str], dict[str, float]] = {}  # when each usage entry was last written
+    _dirty: dict[tuple[str, str], set[str]] = {}  # usage entries changed since written to Redis
     _stamp = uuid.uuid4().hex
 
     def __init__(
@@ -227,12 +234,8 @@ class ClusterStore:
         self._registries.pop(key, None)
         cursor = self.change_log.head()  # first: a change made while everything is read is read again
         view = _Registry(server=server, cursor=cursor)
-        records = self.records()
-        ids = sorted(records)
-        rows = self.per_model(ids) if ids else {}
-        for model_id in ids:
-            raw_copies, raw_failures, _ = rows[model_id]
-            view.put(model_id, records[model_id], raw_copies, raw_failures)
+        raw = {m.decode(): v for m, v in self.r.hgetall(self.keys.models).items()}
+        self._refresh(view, sorted(raw), raw)  # queue depths come from the lists that exist
         self._registries[key] = view
         return view
 
@@ -318,7 +321,7 @@ class ClusterStore:
             except (ValueError, TypeError):
                 continue  # a malformed entry is only a lost hint
         self._usages[key] = out
-        self._persisted[key] = {}
+        self._dirty[key] = set()
         return out
 
     def history(self, since: float) -> list[PastAction]:
@@ -420,8 +423,8 @@ class ClusterStore:
                 if c.last_used > used.get(model_id, 0.0):
                     used[model_id] = c.last_used
         key = (self._where(), self.keys.prefix)
-        persisted = self._persisted.setdefault(key, {})
-        updates: dict[str, str] = {}
+        dirty = self._dirty.setdefault(key, set())
+        mark = dirty.add
         keeps: dict[float, float] = {}  # most scores were last updated by the previous run: one exp
         decay, stamp_now = self.decay_s, round(now, 3)
         for model_id, rate in rates.items():
@@ -438,15 +441,13 @@ class ClusterStore:
             last_used = round(max(last_used, used.get(model_id, 0.0)), 3)
             # kept as Redis keeps it (rounded): the next run sees what a fresh read would
             usage[model_id] = (last_used, score, stamp_now)
-            if now - persisted.get(model_id, -math.inf) >= USAGE_PERSIST_S:
-                # Redis's copy is only for a scheduler that takes over (this process keeps its
-                # own): written once a minute per model, not every run for every used model
-                updates[model_id] = json.dumps([last_used, score, stamp_now])
-                persisted[model_id] = now
+            mark(model_id)
         gone = [m for m in usage if m not in records]
         for m in gone:
             del usage[m]
-            persisted.pop(m, None)
+            dirty.discard(m)
+        share = max(CHUNK, math.ceil(len(usage) / USAGE_PERSIST_RUNS))
+        updates = {m: json.dumps(list(usage[m])) for m in (dirty.pop() for _ in range(min(share, len(dirty))))}
         try:
             with self.r.pipeline(transaction=False) as p:
                 items = list(updates.items())
@@ -458,7 +459,7 @@ class ClusterStore:
                 p.execute()
         except Exception:
             self._usages.pop(key, None)  # unsure what was written
-            self._persisted.pop(key, None)
+            self._dirty.pop(key, None)
             raise
 
     # ------------------------------------------------------------------ the leader lock
@@ -517,7 +518,7 @@ def _past(a: PastAction) -> str:
 
 def _worker_view(name: str, raw: bytes) -> WorkerView | None:
     try:
-        d = json.loads(raw)
+        d = _loads_fast(raw)
         return WorkerView(
             name=name,
             capacity=int(d["capacity_bytes"]),
