@@ -18,6 +18,7 @@ from mesh.control.commands import send_command
 from mesh.control.rebalance import rebalance
 from mesh.models import BatchingConfig, Command, ModelInfo, ModelState
 from mesh.policy.planner import PlannerSettings
+from mesh.tools.dashboard import status_text
 from mesh.tools.launcher import wait_for
 
 MB = 1_000_000
@@ -53,6 +54,8 @@ def test_workers_carry_their_labels_in_their_heartbeat(client, pool):
     a, b = pool
     labels = {w.name: w.labels for w in client.list_workers()}
     assert labels == {a: {"env": "a", "zone": "1"}, b: {"env": "b"}}
+    text = status_text(client, width=240)  # `mesh status` names each worker's pool
+    assert f"{a} [env=a,zone=1]" in text and f"{b} [env=b]" in text
 
 
 def test_the_cold_path_places_a_model_only_on_a_worker_of_its_pool(client, pool, tmp_path):

@@ -202,3 +202,26 @@ def test_queue_depths_come_from_the_lists_that_exist(store):
     store.r.delete(store.keys.queue_list_key(store.keys.model_queue("a"), 0))
     depth = {m.model_id: m.queue_depth for m in c.read(time.time(), 60.0, 5.0).models}
     assert depth == {"a": 1, "b": 0, "c": 2}
+
+
+def test_the_usage_kept_in_memory_is_what_a_fresh_scheduler_reads_from_redis(store):
+    """The scheduler keeps the usage scores in memory and writes the changed ones; a scheduler
+    that takes over (nothing kept) reads the same scores back, and a model that left has no
+    entry any more."""
+    now = float(int(time.time()))
+    for m in ("a", "b", "c"):
+        store.register_model(m, info(ord(m)))
+    heartbeat(store, "w1", {"a": 2.0, "b": 0.0, "c": 1.0})
+    cluster(store).read(now, 60.0, 5.0)
+    store.unregister_model("c")
+    heartbeat(store, "w1", {"a": 3.0, "b": 0.5})
+    kept = cluster(store).read(now + 5, 60.0, 5.0)
+    assert not store.r.hexists(store.keys.usage, "c")
+    where = (cluster(store)._where(), store.keys.prefix)
+    ClusterStore._usages.pop(where)  # a fresh process: nothing kept
+    ClusterStore._registries.pop(where)
+    fresh = cluster(store).read(now + 5, 60.0, 5.0)
+    assert [(m.model_id, m.last_used, m.score) for m in kept.models] == [
+        (m.model_id, m.last_used, m.score) for m in fresh.models
+    ]
+    assert kept.models[0].score > 0 and kept.models[1].score > 0
