@@ -106,7 +106,8 @@ def render_status(client: MeshClient, *, limit: int = 50) -> Any:
     for w in sorted(workers, key=lambda w: w.name):
         ids_here = sorted((m.model_id for m in w.models), key=lambda m: -rate.get(m, 0.0))
         wt.add_row(
-            f"{w.name} [{format_labels(w.labels)}]" if w.labels else w.name,  # its pool (MESH_WORKER_LABELS)
+            # its pool (MESH_WORKER_LABELS); Text: rich would take "[...]" for markup
+            Text(f"{w.name} [{format_labels(w.labels)}]") if w.labels else w.name,
             Text("draining", style="yellow") if w.shutting_down else Text("up", style="green"),
             _bytes(w.capacity_bytes),
             _capacity_bar(w.used_bytes, w.capacity_bytes),
