@@ -16,6 +16,7 @@ MODES = {
     "overhead": "bench.overhead",
     "plot": "bench.plot",
     "closedloop": "bench.closedloop",
+    "planner": "bench.planner_tick",  # a scheduler tick against Redis at 100,000 models
     "soak": "bench.soak",  # not in `all`: ten minutes by default (docs/reliability.md)
 }
 # `all`: every mode with its defaults, in this order (docs/benchmarks.md records the figures)

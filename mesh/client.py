@@ -33,7 +33,7 @@ from mesh.models import (
     VModelStatus,
     WorkerState,
 )
-from mesh.policy.precedence import EffectiveConfig, copies_config, effective_config, record_manifest
+from mesh.policy.precedence import EffectiveConfig, copies_config, effective_config, labels_config, record_manifest
 from mesh.protocol.ids import validate_id
 from mesh.protocol.messages import (
     INFER_TASK,
@@ -136,14 +136,27 @@ class MeshClient:
         load_now: bool = False,
         sync: bool = False,
         timeout: float = 60.0,
+        required_labels: dict[str, str] | None = None,
     ) -> ModelStatus:
-        """Register a concrete model (idempotent with identical info; ALREADY_EXISTS otherwise)."""
+        """Register a concrete model (idempotent with identical info; ALREADY_EXISTS otherwise).
+
+        `required_labels`: only workers carrying these labels (MESH_WORKER_LABELS) may hold it;
+        the same as `ModelInfo.required_labels` (giving both, they must agree)."""
         validate_id(model_id)
         if not isinstance(info, ModelInfo):
             try:
                 info = ModelInfo.model_validate(info)
             except ValidationError as exc:  # INVALID_ARGUMENT, like every management error
                 raise InvalidArgument(f"invalid model info for {model_id!r}: {exc}") from None
+        if required_labels is not None:
+            if info.required_labels is not None and info.required_labels != required_labels:
+                raise InvalidArgument(
+                    f"required_labels {required_labels} differ from the model info's {info.required_labels}"
+                )
+            try:
+                info = ModelInfo.model_validate({**info.model_dump(), "required_labels": required_labels})
+            except ValidationError as exc:
+                raise InvalidArgument(f"invalid required_labels for {model_id!r}: {exc}") from None
         validate_uri(info.uri, info.storage_key)
         _check_runtime(info.runtime)
         self.store.register_model(model_id, info)
@@ -186,7 +199,8 @@ class MeshClient:
             return status
         return self._wait_status(
             model_id,
-            lambda s: s.state in (ModelState.LOADED, ModelState.LOADING_FAILED, ModelState.NOT_FOUND),
+            # a reason (no worker of its pool is up) ends the wait too: nothing is loading it
+            lambda s: s.state in (ModelState.LOADED, ModelState.LOADING_FAILED, ModelState.NOT_FOUND) or bool(s.reason),
             timeout,
         )
 
@@ -267,6 +281,7 @@ class MeshClient:
             raise ModelNotFound(f"model {model_id!r} not found")
         cfg = effective_config(model_id, record.info, self.settings, manifest=record_manifest(record))
         cfg.values.update(copies_config(record, self.settings))
+        cfg.values.update(labels_config(record))
         return cfg
 
     # ------------------------------------------------------------------ inference

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mesh.protocol.ids import validate_id
+from mesh.protocol.labels import validate_labels
 
 
 class _Strict(BaseModel):
@@ -90,6 +91,17 @@ class ModelInfo(_Strict):
     max_copies: int | None = Field(
         default=None, ge=1, le=1024, description="upper bound on copies from load scaling"
     )
+    # Worker pools (docs/operations.md, "Worker pools"). None: not set at this level.
+    required_labels: dict[str, str] | None = Field(
+        default=None,
+        description="labels a worker must carry (MESH_WORKER_LABELS) to hold this model, e.g. "
+        '{"env": "sklearn-1.5"}',
+    )
+
+    @field_validator("required_labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return None if v is None else validate_labels(v, "required_labels")
 
     @model_validator(mode="after")
     def _copies_bounds(self) -> ModelInfo:
@@ -117,6 +129,12 @@ class ModelManifest(_Strict):
     batching: BatchingConfig | None = None
     min_copies: int | None = Field(default=None, ge=0, le=1024)
     max_copies: int | None = Field(default=None, ge=1, le=1024)
+    required_labels: dict[str, str] | None = None
+
+    @field_validator("required_labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        return None if v is None else validate_labels(v, "required_labels")
 
     @model_validator(mode="after")
     def _manifest_copies_bounds(self) -> ModelManifest:
@@ -222,6 +240,9 @@ class ModelStatus(_Strict):
     copies: list[CopyInfo] = []
     failed_copies: list[FailedCopy] = []
     errors: list[str] = []  # newest first
+    # Why nothing loads it, when that is not a load error: "NO_MATCHING_WORKER: needs ...; live
+    # workers offer ..." (docs/operations.md, "Worker pools"). Empty otherwise.
+    reason: str = ""
 
     @property
     def serving_state(self) -> str:
@@ -392,6 +413,7 @@ class WorkerState(_Strict):
     batches_total: int = 0
     failures_total: int = 0
     request_rate: float = 0.0  # requests/s over the last heartbeat interval
+    labels: dict[str, str] = {}  # MESH_WORKER_LABELS: the pool(s) it belongs to
 
     @property
     def free_bytes(self) -> int:

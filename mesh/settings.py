@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mesh.protocol.ids import validate_prefix
+from mesh.protocol.labels import format_labels, parse_labels
 
 
 class MeshSettings(BaseSettings):
@@ -48,6 +49,11 @@ class MeshSettings(BaseSettings):
 
     # --- worker
     worker_capacity_bytes: int = Field(default=2 * 1024**3, ge=1)
+    worker_labels: str = Field(
+        default="",
+        description="this worker's labels, name=value pairs separated by commas (e.g. "
+        "'env=sklearn-1.5,zone=a'): it holds only models whose required_labels it carries",
+    )
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=6.0, gt=0)
     load_timeout_s: float = Field(default=120.0, gt=0)
@@ -288,11 +294,27 @@ class MeshSettings(BaseSettings):
     default_model_size_bytes: int = Field(
         default=64 * 1024**2, ge=1, description="size assumed for placement before a model's first load"
     )
+    planner_refresh_runs: int = Field(
+        default=60,
+        ge=1,
+        description="the scheduler re-reads only the models the change log names, plus a slice of "
+        "the registry each run so that every model is re-read within this many runs",
+    )
 
     @field_validator("prefix")
     @classmethod
     def _valid_prefix(cls, v: str) -> str:
         return validate_prefix(v)
+
+    @field_validator("worker_labels")
+    @classmethod
+    def _valid_labels(cls, v: str) -> str:
+        return format_labels(parse_labels(v))  # a bad entry fails at start, named
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """MESH_WORKER_LABELS as a mapping."""
+        return parse_labels(self.worker_labels)
 
 
 @lru_cache(maxsize=1)

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mesh.models import WorkerState
@@ -36,6 +36,7 @@ class WorkerIdentity:
     pid: int
     started_at: float
     capacity_bytes: int
+    labels: dict[str, str] = field(default_factory=dict)  # MESH_WORKER_LABELS
 
 
 class Heartbeat(threading.Thread):
@@ -123,6 +124,7 @@ class Heartbeat(threading.Thread):
             batches_total=stats.batches,
             failures_total=stats.failures,
             request_rate=round(rate, 3),
+            labels=me.labels,
         )
 
     def beat(self) -> None:

@@ -51,7 +51,9 @@ from cachetools import Cache, LRUCache
 
 from mesh.errors import MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import CopyState, LoadedModel, ModelRecord
-from mesh.policy.precedence import effective_config, record_manifest
+from mesh.policy.labels import matches
+from mesh.policy.precedence import effective_config, record_manifest, required_labels
+from mesh.protocol.labels import format_labels
 from mesh.storage.sources import acquire_model, release_model
 
 from .batcher import BatchPolicy
@@ -70,6 +72,10 @@ if TYPE_CHECKING:
     from .ports import ConsumerPort, CopyEvents
 
 log = logging.getLogger("mesh.worker.manager")
+
+
+class _NotInPool(Exception):
+    """The model's required labels are not all this worker's (mesh/policy/labels.py)."""
 
 
 @dataclass
@@ -129,6 +135,7 @@ class ModelManager:
         s = settings
         self.capacity = s.worker_capacity_bytes
         self.load_timeout_s = s.load_timeout_s
+        self.labels = s.labels  # MESH_WORKER_LABELS: a model requiring others is refused
         self._python_modules = allowed_modules(s.python_modules)
         self.evict_grace_s = 1.0
         # the batch policy of a model whose record is not read yet (its buffer, held, only
@@ -325,6 +332,12 @@ class ModelManager:
             record = self.store.begin_load(model_id, self.name, ring=ring)
             if record is None:
                 raise ModelNotFound(f"model {model_id!r} is not registered")
+            required = required_labels(record)
+            if not matches(required, self.labels):
+                # sent here on an older view (a heartbeat before a restart with other labels,
+                # a producer of an older release): refused, before a byte is fetched
+                raise _NotInPool(f"it requires {format_labels(required)}; this worker offers "
+                                 f"{{{format_labels(self.labels)}}}")  # fmt: skip
             self.metrics.note(model_id)  # registered: its series may exist before a heartbeat sees it
             cfg = effective_config(
                 model_id, record.info, self.settings, manifest=record_manifest(record)
@@ -446,6 +459,15 @@ class ModelManager:
             self._forget(model_id)
             store.remove_copy(model_id, name)
             store.release_claim(model_id, name)
+            return
+        if isinstance(exc, _NotInPool):
+            log.warning("refused to load %s: %s", model_id, exc)
+            self._forget(model_id)
+            store.remove_copy(model_id, name)
+            store.release_claim(model_id, name)
+            self.metrics.note(model_id)
+            self.metrics.loads.labels(model_id, "refused").inc()
+            self.events.load_refused(model_id, str(exc))
             return
         message = str(exc) if isinstance(exc, MeshError) else f"{type(exc).__name__}: {exc}"
         log.warning("loading %s failed after %.2fs: %s", model_id, time.monotonic() - started, message)

@@ -72,7 +72,7 @@ class WorkerMetrics:
             ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("mesh_batch_size", "Items per batch", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.loads = Counter("mesh_model_loads", "Model loads by outcome (success, failed)",
+        self.loads = Counter("mesh_model_loads", "Model loads by outcome (success, failed, refused)",
                              ["model", "outcome"], registry=r)
         self.restores = Counter("mesh_model_snapshot_restores", "Successful loads read from the "
                                 "worker's reload snapshot instead of the model's files", ["model"], registry=r)

@@ -56,6 +56,9 @@ class CopyEvents(Protocol):
     def load_failed(self, model_id: str, message: str) -> None:
         """A load failed: retry elsewhere, or fail the model's requests."""
 
+    def load_refused(self, model_id: str, reason: str) -> None:
+        """This worker may not hold the model (its labels): hand the load to one that may."""
+
     def copy_unloaded(self, model_id: str, unregistered: bool) -> None:
         """A copy left (evicted, or its model unregistered)."""
 

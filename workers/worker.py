@@ -143,7 +143,7 @@ class MeshWorker:
         self.heartbeat = Heartbeat(
             self.store,
             WorkerIdentity(self.name, socket.gethostname(), os.getpid(), time.time(),
-                           settings.worker_capacity_bytes),  # fmt: skip
+                           settings.worker_capacity_bytes, settings.labels),  # fmt: skip
             self.manager, self.inference.stats, self.metrics,
             shutting_down=lambda: self.shutting_down,
             interval_s=settings.heartbeat_interval_s, ttl_s=settings.heartbeat_ttl_s,
@@ -339,6 +339,17 @@ class MeshWorker:
             self._send_command(placement.worker, Command(op="load", model_id=model_id))
             return
         self.fail_model(model_id, ModelLoadFailed(message))
+
+    def load_refused(self, model_id: str, reason: str) -> None:
+        """This worker may not hold the model (its required labels, docs/operations.md "Worker
+        pools"): hand the load to a worker that may, or to nobody (the model's status says why)."""
+        placement = self.store.place_load(model_id, exclude=[self.name])
+        if placement.worker:
+            log.info("handing the load of %s to %s: %s", model_id, placement.worker, reason)
+            self._send_command(placement.worker, Command(op="load", model_id=model_id))
+        else:
+            log.warning("refused to load %s (%s) and no live worker may: %s", model_id, reason,
+                        placement.unmatched or placement.error or "no live worker")  # fmt: skip
 
     def copy_loaded(self, model_id: str) -> None:
         """A copy of `model_id` is now serving here: a vmodel transition waiting for it

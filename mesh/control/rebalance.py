@@ -210,7 +210,7 @@ def rebalance(
 def cluster_store(app: Celery, store: StateStore, settings: MeshSettings) -> ClusterStore:
     """The scheduler's view of `store`'s cluster, with the app's queue priority steps."""
     priority_steps = list(app.conf.broker_transport_options.get("priority_steps", [0]))
-    return ClusterStore(store, priority_steps, settings.usage_decay_s)
+    return ClusterStore(store, priority_steps, settings.usage_decay_s, settings.planner_refresh_runs)
 
 
 def rebalance_from_app(app: Celery) -> RebalanceReport:

@@ -130,6 +130,11 @@ class Router:
                 self._send_load(placement.worker, model_id)
             elif placement.error is not None:
                 raise ModelLoadFailed(placement.error)
+            elif placement.unmatched is not None:
+                # not a load failure: a worker of its pool may come (docs/operations.md, "Worker
+                # pools"); the status says why meanwhile
+                if self._warn_once(model_id):
+                    log.warning("requests for %s wait in its queue: %s", model_id, placement.unmatched)
             elif self._warn_once(model_id):
                 log.warning("no live mesh worker: requests for %s wait in its queue", model_id)
         return cfg

@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterable, Mapping
 
 from mesh.models import FailedCopy, WorkerState
+from mesh.policy.labels import matches
 
 # Loads a home worker may have waiting beyond the least busy one's before a cold load skips it.
 SPILL_BACKLOG = 2
@@ -36,6 +37,7 @@ def choose_worker(
     exclude: Iterable[str] = (),
     size_hint: int = 0,
     backlog: Mapping[str, int] | None = None,
+    required_labels: Mapping[str, str] | None = None,
 ) -> str | None:
     """The worker to load a new copy on, or None when no live worker may take it.
 
@@ -51,9 +53,14 @@ def choose_worker(
 
     `backlog`: loads each worker has been sent and not finished, read live (Keys.load_line);
     without it, the heartbeat's list of loads in progress (up to an interval old).
+    `required_labels`: only workers carrying them are candidates (mesh/policy/labels.py); the
+    rendezvous home is then the home within that pool.
     """
     blocked = set(failed_on) | set(exclude)
-    candidates = [w for w in workers if not w.shutting_down and w.name not in blocked]
+    candidates = [
+        w for w in workers
+        if not w.shutting_down and w.name not in blocked and matches(required_labels, w.labels)
+    ]  # fmt: skip
     if not candidates:
         return None
     line = {w.name: len(w.loading) if backlog is None else backlog.get(w.name, 0) for w in candidates}

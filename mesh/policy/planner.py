@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from mesh.policy.labels import matches
 from mesh.policy.placement import affinity
 from mesh.settings import MeshSettings
 
@@ -54,6 +55,7 @@ class WorkerView:
     alive: bool = True  # False: listed in the worker set but its heartbeat expired
     rate: float = 0.0  # requests/s over all its models
     started_at: float = 0.0  # registry records older than this belong to a previous incarnation
+    labels: dict[str, str] = field(default_factory=dict)  # MESH_WORKER_LABELS: its pool(s)
 
 
 @dataclass(slots=True)
@@ -86,6 +88,8 @@ class RegisteredModel:
     last_used: float = 0.0  # newest use ever seen (heartbeats fold in newer values)
     score: float = 0.0  # long-run request rate (req/s, exponentially decayed): its value in cache
     rate: float | None = None  # requests/s; None: the sum of its copies' heartbeat rates
+    # only workers carrying these labels may hold it (mesh/policy/labels.py); None/{}: any
+    required_labels: dict[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -296,7 +300,7 @@ class _ModelPlan:
     __slots__ = (
         "view", "id", "size", "min_copies", "max_copies", "loaded", "loading", "draining", "rate",
         "last_used", "queue", "failed_on", "n_fresh", "surplus", "floor", "touched",
-        "copy_age", "score",
+        "copy_age", "score", "required",
     )  # fmt: skip
 
     def __init__(self, view: RegisteredModel, settings: PlannerSettings) -> None:
@@ -320,6 +324,7 @@ class _ModelPlan:
         self.floor = 0
         self.touched = False  # needed or placed this run: not an eviction victim
         self.copy_age = 0.0  # age of its oldest loaded copy
+        self.required = view.required_labels or None  # its pool's labels (None: any worker)
 
 
 @dataclass(slots=True)
@@ -350,6 +355,10 @@ class _Plan:
         self.evict_heap: list[tuple[tuple[int, float, float], int, str]] | None = None
         self.recently_evicted: dict[str, float] = {}
         self.evicted_from: set[tuple[str, str]] = set()
+        self.pools: dict[frozenset[tuple[str, str]], list[_WorkerPlan]] = {}  # by required labels
+        # a fit heap per pool (as `fit_heap`, over the pool's workers), and the pools of each worker
+        self.pool_heaps: dict[frozenset[tuple[str, str]], list[tuple[int, int, str]]] = {}
+        self.pools_of: dict[str, list[frozenset[tuple[str, str]]]] = {}
 
     # ------------------------------------------------------------------ run
     def run(self) -> list[PlanAction]:
@@ -684,9 +693,22 @@ class _Plan:
         self.fit_heap = [(-w.free, w.version, w.name) for w in usable]
         heapq.heapify(self.fit_heap)
 
+    def _pool(self, m: _ModelPlan) -> list[_WorkerPlan]:
+        """The usable workers carrying `m`'s required labels, found once per label set."""
+        key = frozenset(m.required.items())
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = [w for w in self.usable if matches(m.required, w.view.labels)]
+            heap = self.pool_heaps[key] = [(-w.free, w.version, w.name) for w in pool]
+            heapq.heapify(heap)
+            for w in pool:
+                self.pools_of.setdefault(w.name, []).append(key)
+        return pool
+
     def _eligible(self, w: _WorkerPlan, m: _ModelPlan) -> bool:
         return (
-            w.loads < self.settings.max_loads_per_worker
+            (m.required is None or matches(m.required, w.view.labels))
+            and w.loads < self.settings.max_loads_per_worker
             and m.id not in w.view.models
             and m.id not in w.view.loading
             and m.id not in w.planned
@@ -697,12 +719,20 @@ class _Plan:
     def _pick_fit(self, m: _ModelPlan, reserve_fraction: float = 0.0) -> _WorkerPlan | None:
         """The worker with the most free space that fits `m` without evicting, preferring one
         that is not busy (ModelMesh.java `PLACEMENT_ORDER`: non-full first, more free space,
-        load-aware)."""
+        load-aware).
+
+        A model with required labels searches its pool's heap instead: the shared one is
+        ordered over every worker, and its `search_limit` pops could all land outside a small
+        pool."""
+        heap = self.fit_heap
+        if m.required is not None:
+            self._pool(m)
+            heap = self.pool_heaps[frozenset(m.required.items())]
         popped: list[_WorkerPlan] = []
         chosen = fallback = None
         size = m.size
-        while self.fit_heap and len(popped) < self.settings.search_limit:
-            _, version, name = heapq.heappop(self.fit_heap)
+        while heap and len(popped) < self.settings.search_limit:
+            _, version, name = heapq.heappop(heap)
             w = self.workers[name]
             if version != w.version:
                 continue
@@ -719,8 +749,27 @@ class _Plan:
             chosen = w
             break
         for w in popped:
-            heapq.heappush(self.fit_heap, (-w.free, w.version, w.name))
+            heapq.heappush(heap, (-w.free, w.version, w.name))
         return chosen or fallback
+
+    def _pick_evict_in_pool(
+        self, m: _ModelPlan, bar: tuple[float, float], proactive: bool, min_idle: float
+    ) -> tuple[_WorkerPlan, list[tuple[str, int]]] | None:
+        """`_pick_evict` within a small pool (see `_pick_fit`): its workers by their least
+        valuable evictable copy, the first `search_limit` of them tried. O(pool's copies) per
+        search, so only for a pool of under a quarter of the workers; a larger one searches
+        the shared heap, passing over the workers outside it."""
+        heads = sorted((self._evict_head(w), w.name) for w in self._pool(m) if self._eligible(w, m))
+        for key, name in heads[: self.settings.search_limit]:
+            if key[0] == 1 and not self._below(key[1], key[2], m, bar, proactive):
+                break
+            if key[0] == 2:
+                break
+            w = self.workers[name]
+            victims = self._victims(w, m, bar, proactive, min_idle)
+            if victims is not None:
+                return w, victims
+        return None
 
     def _pick_evict(
         self, m: _ModelPlan, bar: tuple[float, float], proactive: bool, min_idle: float
@@ -728,15 +777,24 @@ class _Plan:
         """A worker where evicting only less valuable, unprotected copies makes room for `m`,
         taking the worker whose least valuable evictable copy is least valuable (ModelMesh.java
         `PLACEMENT_ORDER` orders full workers by LRU; we order by (usage score, last use), see _value)."""
+        pool = None
+        if m.required is not None:
+            pool = self._pool(m)
+            if 4 * len(pool) < len(self.usable):
+                return self._pick_evict_in_pool(m, bar, proactive, min_idle)
         if self.evict_heap is None:
             self.evict_heap = [(self._evict_head(w, rough=True), w.version, w.name) for w in self.usable]
             heapq.heapify(self.evict_heap)
         popped: list[_WorkerPlan] = []
+        outside: list[tuple[tuple[int, float, float], int, str]] = []  # heap entries of other pools
         found = None
         while self.evict_heap and len(popped) < self.settings.search_limit:
             key, version, name = heapq.heappop(self.evict_heap)
             w = self.workers[name]
             if version != w.version:
+                continue
+            if pool is not None and not matches(m.required, w.view.labels):
+                outside.append((key, version, name))
                 continue
             popped.append(w)
             if key[0] == 1 and not self._below(key[1], key[2], m, bar, proactive):
@@ -750,6 +808,8 @@ class _Plan:
         for w in popped:
             if found is None or w is not found[0]:
                 heapq.heappush(self.evict_heap, (self._evict_head(w), w.version, w.name))
+        for entry in outside:
+            heapq.heappush(self.evict_heap, entry)
         return found
 
     def _below(self, score: float, last_used: float, m: _ModelPlan, bar: tuple[float, float], proactive: bool) -> bool:
@@ -848,7 +908,8 @@ class _Plan:
         (`mesh.policy.placement.choose_worker`). A copy the planner swaps in elsewhere is evicted
         sooner or later and then reloaded on its home: two loads for one. Swapping in only
         on the home keeps the planner and the cold path placing a model in the same place."""
-        home = max(self.usable, key=lambda w: (affinity(m.id, w.name), w.name), default=None)
+        pool = self.usable if m.required is None else self._pool(m)  # the cold path's home is in the pool too
+        home = max(pool, key=lambda w: (affinity(m.id, w.name), w.name), default=None)
         if home is None or not self._eligible(home, m):
             return None
         victims = self._victims(home, m, bar, True, min_idle)
@@ -872,6 +933,8 @@ class _Plan:
         self.loads_left -= 1
         self.loads.append(Load(m.id, w.name, reason))
         heapq.heappush(self.fit_heap, (-w.free, w.version, w.name))
+        for key in self.pools_of.get(w.name, ()):
+            heapq.heappush(self.pool_heaps[key], (-w.free, w.version, w.name))
         if self.evict_heap is not None:  # a lower bound, made exact if the worker is popped
             heapq.heappush(self.evict_heap, (_LOWEST, w.version, w.name))
 

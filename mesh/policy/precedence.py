@@ -115,3 +115,26 @@ def copies_config(record: ModelRecord, settings: MeshSettings) -> dict[str, Sett
         else:
             values[name] = Setting(value=builtin_default(global_name), source="default")
     return values
+
+
+# Worker pools: the labels a worker must carry to hold the model. Management API (`ModelInfo`)
+# > manifest (`ModelRecord.manifest`); there is no global level (a requirement every model
+# shares is a pool every worker must join: set the workers' labels instead).
+def required_labels(record: ModelRecord) -> dict[str, str]:
+    """The labels the model requires ({} when none: any worker may hold it)."""
+    api = getattr(record.info, "required_labels", None)
+    if api is not None:
+        return api
+    manifest = getattr(record, "manifest", None)
+    return getattr(manifest, "required_labels", None) or {}
+
+
+def labels_config(record: ModelRecord) -> dict[str, Setting]:
+    """`required_labels` with its source, for `get_effective_config`."""
+    api = getattr(record.info, "required_labels", None)
+    manifest = getattr(getattr(record, "manifest", None), "required_labels", None)
+    if api is not None:
+        return {"required_labels": Setting(value=api, source="api")}
+    if manifest is not None:
+        return {"required_labels": Setting(value=manifest, source="manifest")}
+    return {"required_labels": Setting(value={}, source="default")}

@@ -22,12 +22,15 @@ def model_status(
     load_claimed: bool,
     now: float,
     load_failure_expiry_s: float,
+    unservable: str | None = None,
 ) -> ModelStatus:
     """NOT_FOUND | NOT_LOADED | LOADING | LOADED | LOADING_FAILED, with copies and errors.
 
     Copies held by workers whose heartbeat expired are not copies any more (the worker is
     dead); failure records older than the expiry no longer count as failures (ModelMesh's
-    janitor forgets them too, which is what lets a failed model be retried).
+    janitor forgets them too, which is what lets a failed model be retried). `unservable`: why
+    no live worker may hold the model (mesh/policy/labels.py `no_match_reason`), shown as the
+    status's reason while it has no live copy.
     """
     if not registered:
         return ModelStatus(model_id=model_id, state=ModelState.NOT_FOUND)
@@ -47,4 +50,5 @@ def model_status(
         copies=live,
         failed_copies=failed,
         errors=[f.error for f in failed],
+        reason=(unservable or "") if not live else "",
     )

@@ -258,6 +258,18 @@ class Keys:
         """Hash model_id -> usage (last use, decayed request rate) that outlives its copies."""
         return f"{self.prefix}:usage"
 
+    @property
+    def usage_stamp(self) -> str:
+        """Token of the last scheduler process that wrote `usage` (its cache is current while
+        the token is its own)."""
+        return f"{self.prefix}:usage:stamp"
+
+    @property
+    def changes(self) -> str:
+        """Stream of model ids whose record, copies or failures changed (mesh/store/changes.py):
+        the scheduler re-reads only those."""
+        return f"{self.prefix}:changes"
+
     # --- requests queued for models no longer registered (mesh/store/strays.py)
     @property
     def strays(self) -> str:

@@ -12,6 +12,7 @@ from mesh.models import ModelInfo, ModelManifest, ModelRecord
 from mesh.policy.repository import same_location
 from mesh.protocol.ids import validate_id
 from mesh.protocol.keys import Keys
+from mesh.store.changes import log_changes
 from mesh.store.state import StateStore
 
 
@@ -49,6 +50,7 @@ class RepositoryStore:
                         rec.manifest = manifest
                     p.multi()
                     p.hset(key, model_id, rec.model_dump_json())
+                    log_changes(p, self.keys.changes, [model_id])
                     p.execute()
                     return True
                 except redis.WatchError:

@@ -29,11 +29,14 @@ from mesh.models import (
     ModelStatus,
     WorkerState,
 )
+from mesh.policy.labels import no_match_reason
 from mesh.policy.placement import choose_worker, fresh_failures
+from mesh.policy.precedence import required_labels
 from mesh.policy.status import model_status
 from mesh.protocol.ids import validate_id
 from mesh.protocol.keys import BELL_TTL_MS, Keys
 from mesh.settings import MeshSettings
+from mesh.store.changes import log_changes, lua_log_change
 
 
 class Route(IntEnum):
@@ -157,6 +160,7 @@ if ARGV[4] == '1' then
   if holder == ARGV[2] then redis.call('DEL', KEYS[3]) end
   redis.call('ZREM', KEYS[5], ARGV[1])
 end
+""" + lua_log_change("KEYS[6]", "ARGV[1]") + """
 return 1
 """
 
@@ -190,6 +194,9 @@ WANTED_MAX = 10_000  # hints a flood of cold requests (or a hostile producer) ca
 class Placement:
     worker: str | None
     error: str | None = None  # set when the model failed everywhere it may load
+    # set when live workers are up but none carries the model's required labels
+    # (mesh/policy/labels.py `no_match_reason`): its requests wait for a worker of its pool
+    unmatched: str | None = None
 
 
 class Routed(NamedTuple):
@@ -238,6 +245,7 @@ class StateStore:
                         )
                     p.multi()
                     p.hset(self.keys.models, model_id, new.model_dump_json())
+                    log_changes(p, self.keys.changes, [model_id])
                     p.execute()
                     return new, True
                 except redis.WatchError:
@@ -275,6 +283,7 @@ class StateStore:
                     p.hdel(k.signatures, model_id)
                     p.delete(k.copies(model_id), k.failures(model_id), k.load_claim(model_id),
                              k.queue_bell(k.model_queue(model_id)), *k.queue_bindings(k.model_queue(model_id)))
+                    log_changes(p, k.changes, [model_id])
                     p.execute()
                     return rec, holders
                 except redis.WatchError:
@@ -306,6 +315,7 @@ class StateStore:
                 rec.size_bytes = size_bytes
                 p.multi()
                 p.hset(self.keys.models, model_id, rec.model_dump_json())
+                log_changes(p, self.keys.changes, [model_id])
 
         self.r.transaction(write, self.keys.models)
 
@@ -329,11 +339,11 @@ class StateStore:
         validate_id(model_id)
         k = self.keys
         with self.r.pipeline(transaction=False) as p:
-            p.hexists(k.models, model_id)
+            p.hget(k.models, model_id)
             p.hgetall(k.copies(model_id))
             p.hgetall(k.failures(model_id))
             p.get(k.load_claim(model_id))
-            registered, raw_copies, raw_fail, claim = p.execute()
+            raw_record, raw_copies, raw_fail, claim = p.execute()
         copies = [CopyInfo.model_validate_json(v) for v in raw_copies.values()]
         failures = [FailedCopy.model_validate_json(v) for v in raw_fail.values()]
         holders = {c.worker for c in copies}
@@ -344,9 +354,17 @@ class StateStore:
         claimed = claim_holder is not None and (
             claim_holder.startswith("pending:") or claim_holder in live
         )
+        unservable = None
+        if raw_record is not None and not any(c.worker in live for c in copies):
+            required = required_labels(ModelRecord.model_validate_json(raw_record))
+            if required:  # only then: a status costs one more read, of every worker's heartbeat
+                unservable = no_match_reason(
+                    required, (w.labels for w in self.live_workers() if not w.shutting_down)
+                )
         return model_status(
             model_id,
-            registered=bool(registered),
+            registered=raw_record is not None,
+            unservable=unservable,
             copies=copies,
             failures=failures,
             live_workers=live,
@@ -466,20 +484,25 @@ class StateStore:
         failures = [FailedCopy.model_validate_json(v) for v in raw_failures]
         fresh = fresh_failures(failures, now, self.settings.load_failure_expiry_s)
         size = rec.size_bytes or rec.info.size_bytes or 0
+        required = required_labels(rec)
+        unmatched = no_match_reason(required, (w.labels for w in workers if not w.shutting_down))
         chosen = None
-        if len(fresh) < self.settings.max_load_attempts:
+        if unmatched is None and len(fresh) < self.settings.max_load_attempts:
             chosen = choose_worker(
                 workers, model_id=model_id, failed_on=[f.worker for f in fresh], exclude=exclude,
-                size_hint=size, backlog=lines,
+                size_hint=size, backlog=lines, required_labels=required,
             )  # fmt: skip
         if chosen is None:
             self.r.delete(k.load_claim(model_id))
+            if unmatched is not None:
+                return Placement(None, unmatched=unmatched)
             return Placement(None, fresh[0].error if fresh else None)
         copy = CopyInfo(worker=chosen, state=CopyState.LOADING, since=now)
         with self.r.pipeline() as p:
             p.hset(k.copies(model_id), chosen, copy.model_dump_json())
             p.set(k.load_claim(model_id), chosen, px=self._load_ttl_ms())
             self.add_to_load_line(p, chosen, model_id, now)
+            log_changes(p, k.changes, [model_id])
             p.execute()
         return Placement(chosen)
 
@@ -548,7 +571,7 @@ class StateStore:
         copy = CopyInfo(worker=worker, state=state, since=time.time())
         return {
             "keys": [k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id),
-                     k.load_line(worker)],
+                     k.load_line(worker), k.changes],
             "args": [model_id, worker, copy.model_dump_json(), "1" if state is CopyState.LOADED else "0"],
         }
 
@@ -557,6 +580,7 @@ class StateStore:
         with self.r.pipeline(transaction=False) as p:
             p.hdel(self.keys.copies(model_id), worker)
             p.zrem(self.keys.load_line(worker), model_id)
+            log_changes(p, self.keys.changes, [model_id])  # after the write: see mesh/store/changes.py
             p.execute()
 
     def record_failure(self, model_id: str, worker: str, error: str) -> None:
@@ -566,6 +590,7 @@ class StateStore:
             p.hdel(k.copies(model_id), worker)
             p.hset(k.failures(model_id), worker, rec.model_dump_json())
             p.zrem(k.load_line(worker), model_id)
+            log_changes(p, k.changes, [model_id])
             p.execute()
 
     def release_claim(self, model_id: str, holder: str | None = None) -> None:
@@ -582,11 +607,13 @@ class StateStore:
 
     def remove_worker(self, name: str, models: Iterable[str] = ()) -> None:
         """A worker leaving cleanly: its copies and heartbeat go at once."""
+        models = list(models)
         with self.r.pipeline() as p:
             for m in models:
                 p.hdel(self.keys.copies(m), name)
             p.delete(self.keys.worker(name), self.keys.load_line(name))
             p.srem(self.keys.workers, name)
+            log_changes(p, self.keys.changes, models)
             p.execute()
 
     def worker_state(self, name: str) -> WorkerState | None:

@@ -29,6 +29,7 @@ from mesh.models import ModelInfo, ModelRecord, VModelRecord, WorkerState
 from mesh.policy.cutover import ModelView, may_switch_now
 from mesh.protocol.ids import validate_id
 from mesh.protocol.keys import Keys
+from mesh.store.changes import log_changes
 from mesh.store.state import StateStore
 
 log = logging.getLogger("mesh.store.vmodels")
@@ -179,6 +180,7 @@ class _Tx:
                      *k.queue_bindings(k.model_queue(model_id)))
             p.hset(k.draining, model_id, entry.model_dump_json())
             p.zadd(k.gone, {model_id: self.now})  # its queue is watched for strays (mesh/store/strays.py)
+        log_changes(p, k.changes, [*self.model_writes, *self.model_deletes])
         if self.vmodel_write is not None:
             vm = self.vmodel_write
             p.hset(k.vmodels, vm.vmodel_id, vm.model_dump_json())

@@ -213,6 +213,7 @@ def _model_info(
     min_copies: Optional[int],
     max_copies: Optional[int],
     size_bytes: Optional[int],
+    required_labels: Optional[str] = None,
 ) -> ModelInfo | None:
     """A ModelInfo from the shared command-line options; None when no --uri/--runtime."""
     from mesh.models import BatchingConfig, ModelInfo
@@ -220,7 +221,7 @@ def _model_info(
     extras = {
         "--storage-key": storage_key, "--python-class": python_class, "--max-batch-size": max_batch_size,
         "--max-batch-delay-ms": max_batch_delay_ms, "--min-copies": min_copies,
-        "--max-copies": max_copies, "--size-bytes": size_bytes,
+        "--max-copies": max_copies, "--size-bytes": size_bytes, "--required-labels": required_labels,
     }  # fmt: skip
     if uri is None and runtime is None:
         given = [k for k, v in extras.items() if v is not None]
@@ -232,9 +233,17 @@ def _model_info(
     batching = None
     if max_batch_size is not None or max_batch_delay_ms is not None:
         batching = BatchingConfig(max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms)
+    labels = None
+    if required_labels is not None:
+        from mesh.protocol.labels import parse_labels
+
+        try:
+            labels = parse_labels(required_labels, "--required-labels")
+        except ValueError as exc:
+            _fail(str(exc))
     return ModelInfo(
         runtime=runtime, uri=uri, storage_key=storage_key, batching=batching, python_class=python_class,
-        min_copies=min_copies, max_copies=max_copies, size_bytes=size_bytes,
+        min_copies=min_copies, max_copies=max_copies, size_bytes=size_bytes, required_labels=labels,
     )  # fmt: skip
 
 
@@ -248,6 +257,9 @@ _MAX_DELAY = typer.Option(None, "--max-batch-delay-ms", min=0, help="per-model m
 _MIN_COPIES = typer.Option(None, "--min-copies", min=0, help="copies kept loaded at all times (pinning)")
 _MAX_COPIES = typer.Option(None, "--max-copies", min=1, help="most copies the scheduler scales to")
 _SIZE = typer.Option(None, "--size-bytes", min=1, help="size hint for placement before the first load")
+_LABELS = typer.Option(
+    None, "--required-labels", help="labels a worker must carry to hold it (MESH_WORKER_LABELS), e.g. env=sklearn-1.5,zone=a"
+)
 
 
 # ---------------------------------------------------------------------- processes
@@ -423,6 +435,8 @@ def _print_model_status(model_id: str, st: ModelStatus) -> None:
     for e in st.errors[:3]:
         if not any(e == f.error for f in st.failed_copies):
             console.print(f"  error   {e}", highlight=False, soft_wrap=True)
+    if st.reason:
+        console.print(f"  reason  {st.reason}", highlight=False, soft_wrap=True)
 
 
 @models_app.command("list")
@@ -449,13 +463,14 @@ def models_register(
     min_copies: Optional[int] = _MIN_COPIES,
     max_copies: Optional[int] = _MAX_COPIES,
     size_bytes: Optional[int] = _SIZE,
+    required_labels: Optional[str] = _LABELS,
     load_now: bool = typer.Option(False, "--load-now", help="load a copy now"),
     sync: bool = typer.Option(False, "--sync", help="with --load-now, wait until it is loaded (progress shown)"),
     timeout: float = typer.Option(120.0, help="seconds --sync waits"),
 ) -> None:
     """Register a concrete model (idempotent with identical settings)."""
     info = _model_info(uri, runtime, storage_key, python_class, max_batch_size, max_batch_delay_ms,
-                       min_copies, max_copies, size_bytes)  # fmt: skip
+                       min_copies, max_copies, size_bytes, required_labels)  # fmt: skip
     if sync and not load_now:
         _fail("--sync waits for the load of --load-now: give both")
     with _client() as c:
@@ -600,6 +615,7 @@ def vmodels_set(
     min_copies: Optional[int] = _MIN_COPIES,
     max_copies: Optional[int] = _MAX_COPIES,
     size_bytes: Optional[int] = _SIZE,
+    required_labels: Optional[str] = _LABELS,
     auto_delete: bool = typer.Option(
         False, "--auto-delete", help="delete the target model once no vmodel references it (auto_delete_target_model)"
     ),
@@ -619,7 +635,7 @@ def vmodels_set(
     target is loaded on as many copies, then the switch is atomic.
     """
     info = _model_info(uri, runtime, storage_key, python_class, max_batch_size, max_batch_delay_ms,
-                       min_copies, max_copies, size_bytes)  # fmt: skip
+                       min_copies, max_copies, size_bytes, required_labels)  # fmt: skip
     with _client() as c:
         before = c.get_vmodel_status(vmodel_id, owner)
         need = max(1, len([cp for cp in before.active_model_copies if cp.state.value == "LOADED"]))

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mesh.models import ModelRecord
+from mesh.protocol.labels import format_labels
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
@@ -105,7 +106,8 @@ def render_status(client: MeshClient, *, limit: int = 50) -> Any:
     for w in sorted(workers, key=lambda w: w.name):
         ids_here = sorted((m.model_id for m in w.models), key=lambda m: -rate.get(m, 0.0))
         wt.add_row(
-            w.name,
+            # its pool (MESH_WORKER_LABELS); Text: rich would take "[...]" for markup
+            Text(f"{w.name} [{format_labels(w.labels)}]") if w.labels else w.name,
             Text("draining", style="yellow") if w.shutting_down else Text("up", style="green"),
             _bytes(w.capacity_bytes),
             _capacity_bar(w.used_bytes, w.capacity_bytes),

@@ -80,6 +80,9 @@ class FakeEvents:
     def load_failed(self, model_id: str, message: str) -> None:
         self._add("load_failed", model_id, message)
 
+    def load_refused(self, model_id: str, reason: str) -> None:
+        self._add("load_refused", model_id, reason)
+
     def copy_unloaded(self, model_id: str, unregistered: bool) -> None:
         self._add("unloaded", model_id, unregistered)
 
