@@ -17,6 +17,7 @@ MODES = {
     "plot": "bench.plot",
     "closedloop": "bench.closedloop",
     "planner": "bench.planner_tick",  # a scheduler tick against Redis at 100,000 models
+    "gateway": "bench.gateway",  # not in `all` yet: figures to be recorded in docs/benchmarks.md
     "soak": "bench.soak",  # not in `all`: ten minutes by default (docs/reliability.md)
 }
 # `all`: every mode with its defaults, in this order (docs/benchmarks.md records the figures)

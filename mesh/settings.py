@@ -301,6 +301,32 @@ class MeshSettings(BaseSettings):
         "the registry each run so that every model is re-read within this many runs",
     )
 
+    # --- the gateway (`mesh gateway`, docs/gateway.md)
+    gateway_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        description="address the gateway's gRPC and HTTP ports bind; its management API needs "
+        "no login (docs/security.md), so widen it only where the network is the access control",
+    )
+    gateway_grpc_port: int = Field(
+        default=8033, ge=0, le=65535,
+        description="KServe V2 gRPC and ModelMesh's management API (ModelMesh Serving's port; "
+        "0: any free port, announced on the gateway's ready line)",
+    )
+    gateway_http_port: int = Field(
+        default=8008, ge=-1, le=65535,
+        description="KServe V2 REST (0: any free port, announced; -1: no HTTP server)",
+    )
+    gateway_max_message_bytes: int = Field(
+        default=16 * 1024**2, ge=4096,
+        description="largest gRPC message or HTTP body the gateway accepts (ModelMesh's "
+        "MM_SVC_GRPC_MAX_MSG_SIZE default)",
+    )
+    gateway_management: bool = Field(
+        default=True,
+        description="serve ModelMesh's management API (mmesh.ModelMesh) on the gRPC port",
+    )
+
     @field_validator("prefix")
     @classmethod
     def _valid_prefix(cls, v: str) -> str:

@@ -61,7 +61,11 @@ class S3StorageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     type: Literal["s3"]
-    access_key_id: SecretStr | None = None
+    # ModelMesh Serving's own storage-config example (its quickstart's `localMinIO`) spells it
+    # `access_key`; both names are accepted (kserve/modelmesh-serving docs/quickstart.md)
+    access_key_id: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("access_key_id", "access_key")
+    )
     secret_access_key: SecretStr | None = None
     endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
     bucket: str | None = Field(
@@ -93,7 +97,8 @@ class StorageConfig(RootModel[dict[str, S3StorageConfig]]):
 
 
 def load_storage_config(raw: str | SecretStr | None) -> StorageConfig:
-    """Parse MESH_STORAGE_CONFIG: inline JSON, or the path of a JSON file.
+    """Parse MESH_STORAGE_CONFIG: inline JSON, the path of a JSON file, or the path of a
+    directory holding one file per storage key (a mounted `storage-config` secret).
 
     Each value may itself be a JSON string (the shape of ModelMesh Serving's `storage-config`
     secret). Errors name the storage key and the field, never a value.
@@ -103,6 +108,21 @@ def load_storage_config(raw: str | SecretStr | None) -> StorageConfig:
     if raw is None or not raw.strip():
         return StorageConfig({})
     text = raw.strip()
+    data: Any
+    if not text.startswith(("{", "[")) and Path(text).is_dir():
+        # ModelMesh Serving's `storage-config` secret mounted as a volume: one file per storage
+        # key holding its JSON (Kubernetes' own `..data` links and dotfiles are not keys)
+        data = {}
+        for entry in sorted(Path(text).iterdir()):
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            try:
+                data[entry.name] = entry.read_text()
+            except OSError as exc:
+                raise InvalidArgument(
+                    f"MESH_STORAGE_CONFIG: cannot read {entry.name!r} in the directory it names: {exc.strerror}"
+                ) from None
+        return _storage_entries(data)
     if not text.startswith(("{", "[")):
         try:
             text = Path(text).read_text()
@@ -116,6 +136,10 @@ def load_storage_config(raw: str | SecretStr | None) -> StorageConfig:
         raise InvalidArgument(
             f"MESH_STORAGE_CONFIG is not valid JSON (line {getattr(exc, 'lineno', '?')})"
         ) from None
+    return _storage_entries(data)
+
+
+def _storage_entries(data: Any) -> StorageConfig:
     if not isinstance(data, dict):
         raise InvalidArgument("MESH_STORAGE_CONFIG must be a JSON object {storage key: config}")
     entries: dict[str, S3StorageConfig] = {}

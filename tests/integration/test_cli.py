@@ -155,7 +155,8 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
             return s.getsockname()[1]
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    env.update(MESH_REDIS_URL=redis_url, MESH_PREFIX=prefix, MESH_HEARTBEAT_INTERVAL_S="0.5", COLUMNS="200")
+    env.update(MESH_REDIS_URL=redis_url, MESH_PREFIX=prefix, MESH_HEARTBEAT_INTERVAL_S="0.5", COLUMNS="200",
+               MESH_GATEWAY_GRPC_PORT="0", MESH_GATEWAY_HTTP_PORT="0")  # fmt: skip
     out = tmp_path / "up.out"
     flower_port, exporter_port = free_port(), free_port()
     with open(out, "wb") as sink:
@@ -171,7 +172,11 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
         assert up.poll() is None, text
         pids = [int(line.split("pid ")[1].split()[0]) for line in text.splitlines() if " pid " in line]
         names = [line.split()[0] for line in text.splitlines() if " pid " in line]
-        assert names == ["worker-w1", "beat", "flower"], text
+        assert names == ["worker-w1", "beat", "flower", "gateway"], text
+        # the gateway answers on the ports it announced
+        (gateway_line,) = [line for line in text.splitlines() if line.startswith("gateway") and "grpc " in line]
+        http_url = gateway_line.split("http ", 1)[1].split()[0]
+        assert requests.get(f"{http_url}/health/live", timeout=10).json() == {"live": True}
         status = subprocess.run([str(MESH), "status"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert status.returncode == 0 and "w1@" in status.stdout, status.stdout + status.stderr
         # the mesh's signals: served by `mesh up` itself, and as JSON by `mesh status --json`
@@ -212,7 +217,7 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
                 with contextlib.suppress(ProcessLookupError, ValueError, IndexError):
                     os.kill(int(line.split("pid ")[1].split()[0]), signal.SIGKILL)
         raise
-    assert "stopped 3 processes" in out.read_text()
+    assert "stopped 4 processes" in out.read_text()
     for pid in pids:  # every child is gone (reaped by mesh up)
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import ModelNotFound, ModelState
 from mesh.protocol.ids import encode_id

@@ -25,7 +25,7 @@ from mesh.storage.sources import load_storage_config
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
-MESH_SERVICES = ("models-init", "worker", "beat", "flower", "exporter")
+MESH_SERVICES = ("models-init", "worker", "beat", "flower", "exporter", "gateway")
 
 
 # what an operator puts in the environment or .env: the file ships no password
@@ -70,7 +70,9 @@ def test_the_stack_refuses_to_start_without_each_password(missing):
 
 def test_the_stack_is_what_the_docs_say(config):
     services = config["services"]
-    assert set(services) >= {"redis", "minio", "models-init", "worker", "beat", "flower"}
+    assert set(services) >= {"redis", "minio", "models-init", "worker", "beat", "flower", "gateway"}
+    assert services["gateway"]["command"] == ["mesh", "gateway"]
+    assert {p["published"] for p in services["gateway"]["ports"]} == {"8033", "8008"}
 
     redis_cmd = " ".join(services["redis"]["command"])
     assert "--maxmemory-policy noeviction" in redis_cmd and "--appendonly yes" in redis_cmd

@@ -271,6 +271,15 @@ def test_only_tools_import_tools():
     )
 
 
+def test_only_tools_import_the_gateway():
+    """The gateway is a producer above the public API (it uses MeshClient): only the tools
+    that run it import it."""
+    _check(
+        "mesh.gateway imported from outside",
+        _violations(lambda a, b: _in(b, "mesh.gateway") and not _in(a, "mesh.gateway", "mesh.tools")),
+    )
+
+
 def test_the_checks_catch_a_cycle_and_a_forbidden_import():
     """The rules above can fail: a made-up graph with a cycle and an upward import."""
     graph = {"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}

@@ -50,6 +50,37 @@ def test_inline_json_file_path_and_modelmesh_secret_shapes(tmp_path):
     assert load_storage_config("  ").names() == []
 
 
+SEED_003_ENTRY = """{
+"type": "s3",
+"access_key": "AKIAIOSFODNN7EXAMPLE",
+"secret_access_key": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+"endpoint_url": "http://minio:9000",
+"bucket": "modelmesh-example-models"
+}"""
+
+
+def test_seed_003_storage_config_with_access_key_is_accepted_as_written():
+    # seed 003 shows its `localMinIO` entry with `access_key` (not `access_key_id`), both as an
+    # object and as the secret's JSON string
+    for value in (json.loads(SEED_003_ENTRY), SEED_003_ENTRY):
+        cfg = load_storage_config(json.dumps({"localMinIO": value})).root["localMinIO"]
+        assert cfg.access_key_id.get_secret_value() == "AKIAIOSFODNN7EXAMPLE"
+        assert cfg.bucket == "modelmesh-example-models"
+        assert cfg.endpoint_url == "http://minio:9000"
+        assert "AKIAIOSFODNN7EXAMPLE" not in repr(cfg)
+
+
+def test_storage_config_directory_as_a_mounted_secret(tmp_path):
+    # Kubernetes mounts the `storage-config` secret as one file per key, plus its own
+    # `..data` link and dotted timestamp directory, which are not keys
+    (tmp_path / "localMinIO").write_text(SEED_003_ENTRY)
+    (tmp_path / "..data").mkdir()
+    (tmp_path / ".hidden").write_text("not json")
+    cfg = load_storage_config(str(tmp_path))
+    assert cfg.names() == ["localMinIO"]
+    assert cfg.root["localMinIO"].access_key_id.get_secret_value() == "AKIAIOSFODNN7EXAMPLE"
+
+
 def test_secrets_never_show_in_repr_str_or_errors():
     cfg = load_storage_config(json.dumps({"k": entry()}))
     settings = MeshSettings(storage_config=json.dumps({"k": entry()}))

@@ -1,0 +1,152 @@
+"""What both gateway protocols do, over one MeshClient: infer, readiness, metadata.
+
+Inference goes through `MeshClient.infer_async`: routing and the enqueue run on the event
+loop's thread and the wait costs no thread (mesh/broker/replies.py), so one gateway process
+keeps thousands of requests in flight. Readiness and metadata read Redis with blocking calls
+and run in the default executor, off the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+from mesh.client import MeshClient
+from mesh.errors import DeadlineExceeded, FailedPrecondition, ModelNotFound
+from mesh.gateway.targets import Target
+from mesh.models import ModelState
+
+SERVER_NAME = "mesh"
+# KServe V2 extensions this server implements (Triton's names); `binary_tensor_data` is the REST one
+EXTENSIONS = ["binary_tensor_data"]
+# How long whether a bare name is a vmodel or a model is remembered: a request by name then
+# costs no extra Redis read. A vmodel created or deleted under a name that is also a model's
+# is seen within this (the router caches model configs as long, CONFIG_TTL_S).
+KIND_TTL_S = 2.0
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("mesh")
+    except Exception:  # not installed (a source checkout on PYTHONPATH)
+        return "0.1.0"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[dict]
+    outputs: list[dict]
+
+
+class Frontend:
+    def __init__(self, client: MeshClient) -> None:
+        self.client = client
+        self.version = _version()
+        # A MeshClient whose requests can name their outputs (predict_proba, ...) gets them
+        # asked for; otherwise the gateway selects among the model's default outputs.
+        self._names_outputs = "outputs" in inspect.signature(client.infer_async).parameters
+        self._kinds: TTLCache = TTLCache(maxsize=100_000, ttl=KIND_TTL_S)
+        self._kinds_lock = threading.Lock()  # the executor's threads read it too
+
+    # ------------------------------------------------------------------ inference
+    def _ids(self, target: Target) -> tuple[str | None, str | None]:
+        """(model_id, vmodel_id) for MeshClient: a bare name is a vmodel if one exists."""
+        name = target.name
+        if name is None:
+            return target.model_id, target.vmodel_id
+        with self._kinds_lock:
+            is_vmodel = self._kinds.get(name)
+        if is_vmodel is None:
+            is_vmodel = self.client.vmodels.get(name) is not None
+            with self._kinds_lock:
+                self._kinds[name] = is_vmodel
+        return (None, name) if is_vmodel else (name, None)
+
+    async def infer(
+        self, target: Target, tensors: list[dict], deadline_s: float | None, outputs: list[str] | None = None
+    ) -> dict:
+        """The V2 response of one request. `deadline_s`: seconds the caller still waits; the
+        request is sent with that expiry (never run after it) and the wait is bounded by it.
+        `outputs`: the output names the request asked for (None: the model's default)."""
+        model_id, vmodel_id = self._ids(target)
+        extra = {"outputs": outputs} if outputs and self._names_outputs else {}
+        timeout_ms = None
+        if deadline_s is not None:
+            if deadline_s <= 0:
+                raise DeadlineExceeded("the caller's deadline had passed when the request arrived")
+            timeout_ms = deadline_s * 1000.0
+        call = self.client.infer_async(model_id, vmodel_id=vmodel_id, inputs=tensors, timeout_ms=timeout_ms, **extra)
+        if deadline_s is None:
+            return await call
+        try:
+            return await asyncio.wait_for(call, deadline_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no answer from {target.shown!r} within the caller's deadline") from None
+
+    # ------------------------------------------------------------------ health and metadata
+    def _server_ready(self) -> bool:
+        """Redis answers and at least one worker is alive (else requests would only queue)."""
+        try:
+            return bool(self.client.list_workers())
+        except Exception:
+            return False
+
+    async def server_ready(self) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(None, self._server_ready)
+
+    def _concrete(self, target: Target) -> str:
+        model_id, vmodel_id = self._ids(target)
+        if vmodel_id is not None:
+            rec = self.client.vmodels.get(vmodel_id)
+            if rec is None:
+                raise ModelNotFound(f"vmodel {vmodel_id!r} not found")
+            return rec.active_model_id
+        assert model_id is not None
+        return model_id
+
+    def _model_ready(self, target: Target) -> bool:
+        status = self.client.get_model_status(self._concrete(target))
+        if status.state is ModelState.NOT_FOUND:
+            raise ModelNotFound(f"model {target.shown!r} not found")
+        return status.state is ModelState.LOADED
+
+    async def model_ready(self, target: Target) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(None, self._model_ready, target)
+
+    def _model_metadata(self, target: Target) -> ModelMeta:
+        getter = getattr(self.client, "get_model_metadata", None)
+        if getter is not None:
+            # a MeshClient that knows models' signatures (measured at their first load)
+            model_id, vmodel_id = self._ids(target)
+            try:
+                meta = getter(model_id, vmodel_id=vmodel_id)
+            except FailedPrecondition:  # never loaded yet: what the record says, no tensors
+                pass
+            else:
+                def tensors(ts: list) -> list[dict]:
+                    return [{"name": t.name, "datatype": t.datatype or "", "shape": list(t.shape)} for t in ts]
+
+                return ModelMeta(target.shown, list(meta.versions), meta.platform, tensors(meta.inputs),
+                                 tensors(meta.outputs))  # fmt: skip
+        concrete = self._concrete(target)
+        record = self.client.store.get_record(concrete)
+        if record is None:
+            raise ModelNotFound(f"model {target.shown!r} not found")
+        # a repository model `<name>@<version>` has that version; others have none
+        version = concrete.rsplit("@", 1)[1] if "@" in concrete else ""
+        # without a signature (a MeshClient that does not record them, or a model never
+        # loaded): name, platform and version only (docs/gateway.md, "Model metadata")
+        return ModelMeta(target.shown, [version] if version else [], record.info.runtime, [], [])
+
+    async def model_metadata(self, target: Target) -> ModelMeta:
+        return await asyncio.get_running_loop().run_in_executor(None, self._model_metadata, target)
+

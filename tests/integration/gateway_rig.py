@@ -1,0 +1,72 @@
+"""A real `mesh gateway` process for tests, and ModelMesh's management stubs generated from
+its proto (as a ModelMesh user would generate them), independent of the gateway's code."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from mesh.tools.launcher import Proc, start_gateway, wait_gateway_ready
+
+PROTO_DIR = Path(__file__).resolve().parents[2] / "mesh" / "gateway" / "protos"
+
+
+@dataclass
+class Gateway:
+    proc: Proc
+    grpc_port: int
+    http_port: int
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+
+def start(env: dict[str, str], log_dir: Path, **extra: str) -> Gateway:
+    env = {**env, "MESH_GATEWAY_GRPC_PORT": "0", "MESH_GATEWAY_HTTP_PORT": "0", **extra}
+    proc = start_gateway(env, log_dir)
+    try:
+        ports = wait_gateway_ready(proc, timeout=60)
+    except BaseException:
+        proc.stop()
+        raise
+    return Gateway(proc, ports["grpc"], ports["http"])
+
+
+def modelmesh_stubs(out_dir: Path) -> tuple[ModuleType, ModuleType]:
+    """(model_mesh_pb2, model_mesh_pb2_grpc) compiled by grpcio-tools from model-mesh.proto."""
+    from grpc_tools import protoc
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    code = protoc.main([
+        "protoc", f"-I{PROTO_DIR}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
+        str(PROTO_DIR / "model-mesh.proto"),
+    ])  # fmt: skip
+    assert code == 0, "protoc failed on model-mesh.proto"
+    sys.path.insert(0, str(out_dir))
+    try:
+        pb2 = importlib.import_module("model_mesh_pb2")
+        grpc_mod = importlib.import_module("model_mesh_pb2_grpc")
+    finally:
+        sys.path.remove(str(out_dir))
+    return pb2, grpc_mod
+
+
+def metadata(**ids: str) -> list[tuple[str, Any]]:
+    """gRPC metadata of routing ids: ASCII ids as text, others in the `-bin` form (bytes)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in ids.items():
+        name = key.replace("_", "-")
+        if value.isascii():
+            out.append((name, value))
+        else:
+            out.append((name + "-bin", value.encode("utf-8")))
+    return out

@@ -1,0 +1,372 @@
+"""The gateway with real, independent clients: tritonclient's gRPC and HTTP clients for KServe
+V2, grpcio stubs generated from ModelMesh's model-mesh.proto for the management API, and a
+replay of ModelMesh's vmodel sequence. Real workers, a real `mesh gateway` process."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import requests
+
+from mesh import MeshClient
+from mesh.tools.launcher import wait_for
+
+from . import gateway_rig
+from .test_foundation import sklearn_info
+
+
+@pytest.fixture
+def gateway(mesh_env: dict[str, str], tmp_path: Path) -> Iterator[gateway_rig.Gateway]:
+    gw = gateway_rig.start(mesh_env, tmp_path / "logs")
+    try:
+        yield gw
+    finally:
+        gw.proc.stop()
+
+
+@pytest.fixture(scope="module")
+def mm(tmp_path_factory: pytest.TempPathFactory):
+    return gateway_rig.modelmesh_stubs(tmp_path_factory.mktemp("mmstubs"))
+
+
+def _seed(seed_input: list[float]) -> np.ndarray:
+    return np.asarray([seed_input], dtype=np.float32)
+
+
+def test_tritonclient_grpc_and_http_answer_8(client: MeshClient, workers, svm_path, seed_input, gateway):
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    workers("w1")
+    client.register_model("digits", sklearn_info(svm_path))
+
+    g = tg.InferenceServerClient(gateway.grpc_url)
+    assert g.is_server_live()
+    wait_for(g.is_server_ready, 30, what="the gateway to see a worker")
+    meta = g.get_server_metadata()
+    assert meta.name == "mesh"
+    # raw_input_contents in, raw_output_contents out: tritonclient's default form
+    inp = tg.InferInput("predict", [1, 64], "FP32")
+    inp.set_data_from_numpy(_seed(seed_input))
+    res = g.infer("digits", [inp], request_id="r-1")
+    assert res.as_numpy("predict").ravel().tolist() == [8]
+    assert res.get_response().model_name == "digits" and res.get_response().id == "r-1"
+    assert g.is_model_ready("digits")
+    md = g.get_model_metadata("digits")
+    assert md.name == "digits" and md.platform == "sklearn"
+    if hasattr(MeshClient, "get_model_metadata"):  # a MeshClient that records signatures
+        assert md.inputs and "predict" in [t.name for t in md.outputs]
+        # an output the model gives only when asked for
+        scores = g.infer("digits", [inp], outputs=[tg.InferRequestedOutput("decision_function")])
+        assert scores.as_numpy("decision_function").shape == (1, 10)
+    # unknown model: NOT_FOUND, at once
+    with pytest.raises(tg.InferenceServerException) as exc:
+        g.infer("nope", [inp])
+    assert exc.value.status() == "StatusCode.NOT_FOUND"
+    # a wrong shape fails that request alone with INVALID_ARGUMENT
+    bad = tg.InferInput("predict", [1, 64], "FP32")
+    bad.set_data_from_numpy(_seed(seed_input))
+    bad._raw_content = bad._raw_content[:-4]
+    with pytest.raises(tg.InferenceServerException) as exc:
+        g.infer("digits", [bad])
+    assert exc.value.status() == "StatusCode.INVALID_ARGUMENT"
+    g.close()
+
+    h = th.InferenceServerClient(gateway.http_url)
+    assert h.is_server_live() and h.is_server_ready() and h.is_model_ready("digits")
+    for binary in (True, False):
+        inp = th.InferInput("predict", [1, 64], "FP32")
+        inp.set_data_from_numpy(_seed(seed_input), binary_data=binary)
+        out = th.InferRequestedOutput("predict", binary_data=binary)
+        res = h.infer("digits", [inp], outputs=[out])
+        assert res.as_numpy("predict").ravel().tolist() == [8]
+    assert h.get_model_metadata("digits")["platform"] == "sklearn"
+    with pytest.raises(th.InferenceServerException) as exc:
+        h.infer("nope", [inp])
+    assert exc.value.status() == "404"
+    h.close()
+
+    # plain JSON, as the V2 REST spec shows it, routed by the mm-model-id header
+    body = {"inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": seed_input}]}
+    r = requests.post(f"http://{gateway.http_url}/v2/models/anything/infer", json=body,
+                      headers={"mm-model-id": "digits"}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["model_name"] == "digits" and r.json()["outputs"][0]["data"] == [8]
+    r = requests.post(f"http://{gateway.http_url}/v2/models/digits/infer", data=b"{not json", timeout=60)
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    # what a browser sends for a web page's POST to the loopback port: refused
+    r = requests.post(f"http://{gateway.http_url}/v2/models/digits/infer", json=body,
+                      headers={"Sec-Fetch-Site": "cross-site"}, timeout=60)  # fmt: skip
+    assert r.status_code == 403
+
+
+def test_typed_contents_routing_headers_and_deadline(client: MeshClient, workers, svm_path, seed_input, gateway):
+    """The seed's own request shape (typed fp32_contents, answered in typed contents), routing
+    by the mm-* metadata, and a caller's deadline becoming DEADLINE_EXCEEDED."""
+    from google.protobuf import json_format
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    workers("w1")
+    client.register_model("digits-1", sklearn_info(svm_path))
+    client.set_vmodel("digits", "digits-1", sync=True, load_now=True)
+    channel = grpc.insecure_channel(gateway.grpc_url)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    seed = {"model_name": "digits", "inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32",
+                                                "contents": {"fp32_contents": seed_input}}]}  # fmt: skip
+    req = json_format.Parse(json.dumps(seed), service_pb2.ModelInferRequest())
+    res = json_format.MessageToDict(stub.ModelInfer(req, timeout=60))
+    assert res["modelName"] == "digits-1"  # the concrete model, as ModelMesh answers
+    assert res["outputs"][0]["contents"]  # typed in, typed out
+    (values,) = res["outputs"][0]["contents"].values()
+    assert [int(v) for v in values] == [8]
+
+    req.model_name = ""
+    for md in (gateway_rig.metadata(mm_model_id="digits-1"), gateway_rig.metadata(mm_vmodel_id="digits")):
+        out = stub.ModelInfer(req, metadata=md, timeout=60)
+        assert out.model_name == "digits-1"
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ModelInfer(req, metadata=[("mm-model-id", "digits-1"), ("mm-vmodel-id", "digits")], timeout=60)
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ModelInfer(req, timeout=60)  # no name, no header
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+    channel.close()
+
+
+def test_deadline_and_full_queue_map_to_grpc_and_http_codes(client: MeshClient, workers, tmp_path, gateway):
+    """A model whose load is held (a gate file): a caller's deadline gives DEADLINE_EXCEEDED
+    from the gateway (the request carries that expiry: it is never run late), and a full queue
+    RESOURCE_EXHAUSTED / HTTP 429 at once."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    from tests.faults.helpers import slow_info
+
+    gate = tmp_path / "gate"
+    gate.write_text("closed")
+    info = slow_info(tmp_path, "held", gate=gate)
+    info = info.model_copy(update={"batching": info.batching.model_copy(update={"max_queue_size": 1})})
+    workers("w1")
+    client.register_model("held", info)
+    channel = grpc.insecure_channel(gateway.grpc_url)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    req = service_pb2.ModelInferRequest(model_name="held")
+    t = req.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    t.contents.fp32_contents.extend([1.0, 2.0, 3.0, 4.0])
+    try:
+        first = stub.ModelInfer.future(req, timeout=1.5)  # waits in the queue: the load is held
+        steps = client.router.priority_steps
+        wait_for(lambda: client.store.queue_depth("held", steps) >= 1, 30, what="the first request queued")
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ModelInfer(req, timeout=60)
+        assert exc.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
+        r = requests.post(f"http://{gateway.http_url}/v2/models/held/infer", json=body, timeout=60)
+        assert r.status_code == 429, r.text
+        with pytest.raises(grpc.RpcError) as exc:
+            first.result()
+        assert exc.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        gate.unlink()
+        channel.close()
+    channel.close()
+
+
+def test_management_api_replays_modelmesh_vmodel_sequence(client: MeshClient, workers, svm_path, seed_input, gateway, mm):
+    """registerModel / getModelStatus / ensureLoaded / setVModel / getVModelStatus (InProgress,
+    then UpToDate) / deleteVModel / unregisterModel through ModelMesh's own generated stubs,
+    in the order of ModelMesh's VModelsTest (kserve/modelmesh src/test/java/com/ibm/watson/
+    modelmesh/VModelsTest.java)."""
+    pb2, pb2_grpc = mm
+    # a worker whose heartbeat lapses (a loaded CI machine) has no live copy, and a vmodel whose
+    # active has none switches at once (docs/vmodels.md): a long TTL keeps InProgress observable
+    workers("w1", MESH_HEARTBEAT_TTL_S="30")
+    channel = grpc.insecure_channel(gateway.grpc_url)
+    stub = pb2_grpc.ModelMeshStub(channel)
+    S = pb2.ModelStatusInfo
+    V = pb2.VModelStatusInfo
+    info = pb2.ModelInfo(type="sklearn", path=f"file://{svm_path}")
+
+    st = stub.registerModel(pb2.RegisterModelRequest(modelId="m-1", modelInfo=info, loadNow=True, sync=True), timeout=120)
+    assert st.status == S.LOADED, st
+    assert st.modelCopyInfos and st.modelCopyInfos[0].copyStatus == S.LOADED
+    # idempotent with the same info; ALREADY_EXISTS with another
+    stub.registerModel(pb2.RegisterModelRequest(modelId="m-1", modelInfo=info), timeout=60)
+    with pytest.raises(grpc.RpcError) as exc:
+        other = pb2.ModelInfo(type="onnx", path=f"file://{svm_path}")
+        stub.registerModel(pb2.RegisterModelRequest(modelId="m-1", modelInfo=other), timeout=60)
+    assert exc.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    assert stub.getModelStatus(pb2.GetStatusRequest(modelId="none"), timeout=60).status == S.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.registerModel(pb2.RegisterModelRequest(modelId="bad", modelInfo=pb2.ModelInfo(path="x")), timeout=60)
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+    # a new vmodel on the loaded model: DEFINED at once
+    vs = stub.setVModel(pb2.SetVModelRequest(vModelId="vm", targetModelId="m-1"), timeout=60)
+    assert vs.status == V.DEFINED and vs.activeModelId == vs.targetModelId == "m-1"
+    # updateOnly on a missing vmodel: NOT_FOUND
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.setVModel(pb2.SetVModelRequest(vModelId="missing", targetModelId="m-1", updateOnly=True), timeout=60)
+    assert exc.value.code() is grpc.StatusCode.NOT_FOUND
+    # expectedTargetModelId mismatch: FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.setVModel(pb2.SetVModelRequest(vModelId="vm", targetModelId="m-2", modelInfo=info,
+                                            expectedTargetModelId="other"), timeout=60)  # fmt: skip
+    assert exc.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+    # retarget to a new model given by modelInfo (auto-deleted later): TRANSITIONING (InProgress)
+    # while it loads, then DEFINED (UpToDate) on the new model
+    vs = stub.setVModel(pb2.SetVModelRequest(vModelId="vm", targetModelId="m-2", modelInfo=info,
+                                             autoDeleteTargetModel=True), timeout=60)  # fmt: skip
+    assert vs.targetModelId == "m-2"
+    seen = {vs.status}
+    def up_to_date():
+        s = stub.getVModelStatus(pb2.GetVModelStatusRequest(vModelId="vm"), timeout=60)
+        seen.add(s.status)
+        return s if s.status == V.DEFINED else None
+    vs = wait_for(up_to_date, 120, interval=0.05, what="the vmodel to move to m-2")
+    assert V.TRANSITIONING in seen, seen
+    assert vs.activeModelId == vs.targetModelId == "m-2"
+    assert vs.activeModelStatus.status == S.LOADED
+
+    # the vmodel answers inference through the gateway
+    import tritonclient.grpc as tg
+
+    g = tg.InferenceServerClient(gateway.grpc_url)
+    inp = tg.InferInput("predict", [1, 64], "FP32")
+    inp.set_data_from_numpy(_seed(seed_input))
+    res = g.infer("vm", [inp])
+    assert res.get_response().model_name == "m-2" and res.as_numpy("predict").ravel().tolist() == [8]
+    g.close()
+
+    # owner-scoped reads and deletes
+    assert stub.getVModelStatus(pb2.GetVModelStatusRequest(vModelId="vm", owner="x"), timeout=60).status == V.NOT_FOUND
+    stub.deleteVModel(pb2.DeleteVModelRequest(vModelId="vm"), timeout=60)
+    gone = stub.getVModelStatus(pb2.GetVModelStatusRequest(vModelId="vm"), timeout=60)
+    assert gone.status == V.NOT_FOUND and gone.activeModelId == ""
+    # the auto-delete target went with its vmodel; m-1 stays until unregistered
+    # (no beat runs here: the test drains as its tick would, once m-2's last requests are answered)
+    def auto_deleted() -> bool:
+        client.vmodels.advance_all()
+        return stub.getModelStatus(pb2.GetStatusRequest(modelId="m-2"), timeout=60).status == S.NOT_FOUND
+    wait_for(auto_deleted, 60, interval=0.2, what="m-2 to be auto-deleted")
+    stub.ensureLoaded(pb2.EnsureLoadedRequest(modelId="m-1", sync=True), timeout=120)
+    stub.unregisterModel(pb2.UnregisterModelRequest(modelId="m-1"), timeout=60)
+    assert stub.getModelStatus(pb2.GetStatusRequest(modelId="m-1"), timeout=60).status == S.NOT_FOUND
+    stub.unregisterModel(pb2.UnregisterModelRequest(modelId="m-1"), timeout=60)  # idempotent
+    channel.close()
+
+
+UTF8_IDS = ["modèle", "模型", "a b:c*d/e?f%"]
+
+
+def test_utf8_ids_through_grpc_http_and_management(client: MeshClient, workers, svm_path, seed_input, gateway, mm):
+    """UTF-8 ids (and ids holding spaces, `:`, `*`, `/`, `?`) enter through every door of the
+    gateway: the management API's strings, ModelInfer's model_name, the `-bin` metadata (gRPC
+    base64-encodes it on the wire), REST paths (percent-encoded) and `-bin` headers (base64)."""
+    import base64
+    from urllib.parse import quote
+
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    pb2, pb2_grpc = mm
+    workers("w1")
+    channel = grpc.insecure_channel(gateway.grpc_url)
+    mgmt = pb2_grpc.ModelMeshStub(channel)
+    infer = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    info = pb2.ModelInfo(type="sklearn", path=f"file://{svm_path}")
+    body = {"inputs": [{"name": "predict", "shape": [1, 64], "datatype": "FP32", "data": seed_input}]}
+    for i, model_id in enumerate(UTF8_IDS):
+        st = mgmt.registerModel(pb2.RegisterModelRequest(modelId=model_id, modelInfo=info, loadNow=True, sync=True),
+                                timeout=120)  # fmt: skip
+        assert st.status == pb2.ModelStatusInfo.LOADED
+        vmodel_id = f"v{i}-{model_id}"
+        vs = mgmt.setVModel(pb2.SetVModelRequest(vModelId=vmodel_id, targetModelId=model_id), timeout=60)
+        assert vs.activeModelId == model_id
+        assert client.get_model_status(model_id).state.value == "LOADED"
+
+        req = service_pb2.ModelInferRequest(model_name=model_id)
+        t = req.inputs.add(name="predict", datatype="FP32", shape=[1, 64])
+        t.contents.fp32_contents.extend(seed_input)
+        assert infer.ModelInfer(req, timeout=60).model_name == model_id
+        req.model_name = vmodel_id
+        assert infer.ModelInfer(req, timeout=60).model_name == model_id
+        req.model_name = ""
+        for md in (gateway_rig.metadata(mm_model_id=model_id), gateway_rig.metadata(mm_vmodel_id=vmodel_id),
+                   [("mm-model-id-bin", model_id.encode())]):  # fmt: skip
+            assert infer.ModelInfer(req, metadata=md, timeout=60).model_name == model_id
+
+        for name in (model_id, vmodel_id):
+            r = requests.post(f"http://{gateway.http_url}/v2/models/{quote(name, safe='')}/infer", json=body, timeout=60)
+            assert r.status_code == 200, (name, r.text)
+            assert r.json()["model_name"] == model_id and r.json()["outputs"][0]["data"] == [8]
+            r = requests.get(f"http://{gateway.http_url}/v2/models/{quote(name, safe='')}/ready", timeout=60)
+            assert r.status_code == 200 and r.json()["ready"] is True, r.text
+        header = base64.b64encode(vmodel_id.encode()).decode()
+        r = requests.post(f"http://{gateway.http_url}/v2/models/x/infer", json=body,
+                          headers={"mm-vmodel-id-bin": header}, timeout=60)  # fmt: skip
+        assert r.status_code == 200 and r.json()["model_name"] == model_id, r.text
+        status = mgmt.getVModelStatus(pb2.GetVModelStatusRequest(vModelId=vmodel_id), timeout=60)
+        assert status.activeModelId == model_id
+    # a -bin header that is not base64, and an id beyond the documented length: INVALID_ARGUMENT / 400
+    r = requests.post(f"http://{gateway.http_url}/v2/models/x/infer", json=body,
+                      headers={"mm-model-id-bin": "%%%"}, timeout=60)  # fmt: skip
+    assert r.status_code == 400, r.text
+    with pytest.raises(grpc.RpcError) as exc:
+        mgmt.getModelStatus(pb2.GetStatusRequest(modelId="é" * 600), timeout=60)
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    channel.close()
+
+
+def test_a_thousand_requests_in_flight_hold_no_thread_each(client: MeshClient, workers, tmp_path, gateway):
+    """1000 concurrent ModelInfer calls wait (the model's load is held) while the gateway's
+    process keeps the threads it had; once the load completes, every one is answered."""
+    import asyncio
+
+    from tritonclient.grpc import service_pb2
+
+    from tests.faults.helpers import slow_info
+
+    def threads() -> int:
+        return len(os.listdir(f"/proc/{gateway.proc.pid}/task"))
+
+    gate = tmp_path / "gate"
+    gate.write_text("closed")
+    info = slow_info(tmp_path, "held", gate=gate, max_batch_size=64)
+    workers("w1")
+    client.register_model("held", info)
+    req = service_pb2.ModelInferRequest(model_name="held")
+    t = req.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    t.contents.fp32_contents.extend([1.0, 2.0, 3.0, 4.0])
+    n = 1000
+
+    async def run() -> list:
+        async with grpc.aio.insecure_channel(gateway.grpc_url) as channel:
+            call = channel.unary_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=service_pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=service_pb2.ModelInferResponse.FromString,
+            )
+            before = threads()
+            pending = [asyncio.ensure_future(call(req, timeout=300)) for _ in range(n)]
+            steps = client.router.priority_steps
+            await asyncio.to_thread(wait_for, lambda: client.store.queue_depth("held", steps) >= n, 120,
+                                    0.1, "every request queued")  # fmt: skip
+            during = threads()
+            assert not any(p.done() for p in pending)
+            assert during <= before + 4, (before, during)  # none per request
+            gate.unlink()
+            return await asyncio.gather(*pending)
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        gate.unlink(missing_ok=True)
+    assert len(answers) == n
+    assert all(list(a.outputs[0].contents.fp32_contents) == [10.0] for a in answers)
