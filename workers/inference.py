@@ -307,7 +307,7 @@ class InferenceLoop(threading.Thread):
                 wanted = decode_output_names(kwargs["outputs"])
                 loaded.runtime.check_outputs(loaded, wanted)
             except MeshError as exc:  # the request fails alone, before batching
-                return Message(p, [Unit()], error=exc)
+                return Message(p, [Unit()], error=_detached(exc))
         if isinstance(kwargs, dict) and isinstance(kwargs.get("items"), list) and kwargs["items"]:
             units = self._stacked_units(kwargs["items"], loaded)
             if units is None:
@@ -337,7 +337,7 @@ class InferenceLoop(threading.Thread):
                 u.inputs = {sig[0].name: next(iter(u.inputs.values()))}
             u.rows = _rows(u.inputs)
         except MeshError as exc:
-            u.error = exc
+            u.error = _detached(exc)
         except Exception as exc:  # a malformed request must never take the batch down
             u.error = InvalidInput(f"{type(exc).__name__}: {exc}")
         return u
@@ -396,8 +396,8 @@ class InferenceLoop(threading.Thread):
                 self._predict(runtime, model, group[mid:], watch)
                 return
             u = group[0]
-            u.error = exc if isinstance(exc, MeshError) else InferenceError(f"{type(exc).__name__}: {exc}")
             u.tb = traceback.format_exc()
+            u.error = _detached(exc) if isinstance(exc, MeshError) else InferenceError(f"{type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ predict watchdog
     def _watched(self, runtime: Any, model: Any, feed: dict[str, np.ndarray], watch: _Watch,
@@ -660,6 +660,29 @@ def _by_outputs(units: list[Unit]) -> list[list[Unit]]:
 def _call_predict(runtime: Any, model: Any, feed: dict[str, np.ndarray], wanted: tuple[str, ...] | None) -> Any:
     # a request naming no outputs calls predict as runtimes written before outputs existed expect
     return runtime.predict(model, feed) if wanted is None else runtime.predict(model, feed, wanted)
+
+
+def _detached(exc: BaseException) -> BaseException:
+    """`exc` (and the exceptions it chains) without tracebacks, before a Unit keeps it.
+
+    A traceback holds its frames, and each frame its caller and its locals: the batch, its
+    other requests and the loaded model. Kept on a Unit, that is a reference cycle only the
+    cyclic GC frees, and a worker's GC reaches long-lived objects rarely (GC_THRESHOLDS in
+    workers/worker.py): every malformed request pinned the model it was sent to, evicted
+    or not, until a full collection. Measured in the soak (`scripts/bench soak`, 1 % bad
+    requests, models churning): up to 60 evicted SVC/MLP models alive in one worker and its
+    RSS 40-70 % above the other's. The text of the traceback, where one is wanted, is in
+    `Unit.tb`."""
+    seen: set[int] = set()
+    chain: list[BaseException | None] = [exc]
+    while chain:
+        e = chain.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        e.__traceback__ = None
+        chain += (e.__cause__, e.__context__)
+    return exc
 
 
 def _rows(inputs: dict[str, np.ndarray]) -> int:

@@ -5,8 +5,10 @@ model manager and Celery result backend on a real Redis, in-memory consumer port
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
+import weakref
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -314,3 +316,29 @@ def test_requests_of_one_batch_get_the_outputs_each_asked_for(rig, loop, tmp_pat
     signature = rig.store.get_signature("sk")
     assert signature.runtime == "sklearn" and [t.shape for t in signature.inputs] == [[-1, 4]]
     assert {t.name for t in signature.outputs} == {"predict", "predict_proba", "predict_log_proba", "decision_function"}
+
+
+def test_a_failed_request_does_not_keep_its_model_alive(rig, loop):
+    """A request's error kept with its traceback held the frames that held the loaded model:
+    a reference cycle only a full GC frees, so every evicted model a bad request had been
+    sent to stayed in memory (soak: dozens of them, hundreds of MB). With the cyclic GC off,
+    the model must go as soon as the worker lets go of it."""
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    model = weakref.ref(rig.manager._entries["m"].loaded.model)
+    rig.batcher.add("m", loop.request("bad-tensor", inputs=[{"name": "x", "shape": [1, 3], "datatype": "FP32",
+                                                             "data": [1.0]}]))  # fmt: skip
+    rig.batcher.add("m", loop.request("negative", inputs=tensor(-1.0, 1.0)))
+    rig.batcher.add("m", loop.request("good", inputs=tensor(1.0, 1.0)))
+    gc.disable()
+    try:
+        loop.start()
+        assert isinstance(loop.result("bad-tensor"), Exception)
+        assert "negative input rejected" in str(loop.result("negative"))
+        assert loop.result("good")["outputs"][0]["data"] == [2.0, 2.0]
+        loop.close()  # its thread's frames go with it
+        rig.manager.request_unload("m")
+        rig.events.wait_for(("unloaded", "m"))
+        assert model() is None
+    finally:
+        gc.enable()
