@@ -4,6 +4,7 @@ its proto (as a ModelMesh user would generate them), independent of the gateway'
 from __future__ import annotations
 
 import importlib
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +44,15 @@ def start(env: dict[str, str], log_dir: Path, **extra: str) -> Gateway:
 
 def modelmesh_stubs(out_dir: Path) -> tuple[ModuleType, ModuleType]:
     """(model_mesh_pb2, model_mesh_pb2_grpc) compiled by grpcio-tools from model-mesh.proto."""
-    from grpc_tools import protoc
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    code = protoc.main([
-        "protoc", f"-I{PROTO_DIR}", f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
-        str(PROTO_DIR / "model-mesh.proto"),
-    ])  # fmt: skip
-    assert code == 0, "protoc failed on model-mesh.proto"
+    # protoc in a process of its own: in the test process, where TensorFlow (and the protobuf
+    # library it links) may already be loaded by the runtime tests, grpc_tools' compiler
+    # crashed the whole run with a segmentation fault (a clean-clone CI run)
+    done = subprocess.run([
+        sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}", f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}", str(PROTO_DIR / "model-mesh.proto"),
+    ], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, f"protoc failed on model-mesh.proto: {done.stderr}"
     sys.path.insert(0, str(out_dir))
     try:
         pb2 = importlib.import_module("model_mesh_pb2")
