@@ -182,18 +182,42 @@ class ModelManager:
         self._retiring: deque[Future] = deque()
         self._retiring_lock = threading.Lock()
         self._closing = False
+        # models asked for while their copy here was leaving: loaded again once it has left
+        self._load_after_retire: set[str] = set()
 
     # ------------------------------------------------------------ commands (any thread)
     def request_load(self, model_id: str) -> None:
-        """Single-flight: a load already running or done for this model is not repeated."""
+        """Single-flight: a load already running or done for this model is not repeated.
+
+        But a copy on its way out (EVICTING), or one of an earlier registration of the id (the
+        model was unregistered and registered again, and this load is for the new one), is no
+        load done: the model is loaded again once that copy has left (`_retire`). Before, the
+        load was dropped, its claim stayed, and the new model stayed LOADING for good."""
+        with self._lock:
+            if self._closing:
+                return
+            entry = self._entries.get(model_id)
+            if entry is not None and entry.state == "EVICTING":
+                self._load_after_retire.add(model_id)
+                return
+            loaded_record = entry.record if entry is not None and entry.state == "LOADED" else None
+        if loaded_record is not None:
+            if not self._registered_again(model_id, loaded_record):
+                # a duplicate command (e.g. a retried claim): re-assert the copy record
+                self._pool.submit(self._reassert, model_id)
+                return
+            log.info("%s was registered again since this copy loaded: replacing the copy", model_id)
+            with self._lock:
+                self._load_after_retire.add(model_id)
+            self.request_unload(model_id)
+            return
         with self._lock:
             if self._closing:
                 return
             entry = self._entries.get(model_id)
             if entry is not None:
-                if entry.state == "LOADED":
-                    # a duplicate command (e.g. a retried claim): re-assert the copy record
-                    self._pool.submit(self._reassert, model_id)
+                if entry.state == "EVICTING":
+                    self._load_after_retire.add(model_id)
                 return
             self._entries[model_id] = Entry(model_id, None, BatchPolicy(1, 0.0))  # type: ignore[arg-type]
             early = model_id in self._proven
@@ -212,6 +236,14 @@ class ModelManager:
             self._fetchers.submit(self._fetch_then, job, self._queue_load)
         else:
             self._pool.submit(self._fetch_then, job, self._load)
+
+    def _registered_again(self, model_id: str, record: ModelRecord) -> bool:
+        try:
+            current = self.store.get_record(model_id)
+        except Exception:  # noqa: BLE001 - unknown: keep the copy, as before this check
+            log.warning("could not read the record of %s; keeping its copy", model_id, exc_info=True)
+            return False
+        return current is not None and current.created_at != record.created_at
 
     def request_unload(self, model_id: str, fail_with: MeshError | None = None) -> None:
         with self._lock:
@@ -712,9 +744,17 @@ class ModelManager:
         entry.loaded = None
         self.metrics.unloads.labels(model_id, "unregistered" if fail_with is not None else "evicted").inc()
         release_model(model_id)  # its files may now leave the disk cache (LRU)
-        self.store.remove_copy(model_id, self.name)
+        with self._lock:
+            newer = model_id in self._entries  # a load of it began meanwhile: its record stays
+        if not newer:
+            self.store.remove_copy(model_id, self.name)
         self.consumer.update_prefetch()
         self.events.copy_unloaded(model_id, unregistered=fail_with is not None)
+        with self._lock:
+            again = model_id in self._load_after_retire
+            self._load_after_retire.discard(model_id)
+        if again:
+            self.request_load(model_id)
 
     def take_out(self, model_id: str, entry: Entry, message: str) -> None:
         """A copy whose predict hung (the inference watchdog, any thread): out of service now.

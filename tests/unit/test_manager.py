@@ -244,3 +244,19 @@ def test_a_duplicate_load_command_reasserts_the_copy(rig):
     wait_for(lambda: rig.store.model_status("a").copies, 10, what="the copy announced again")
     assert [c.worker for c in rig.store.model_status("a").copies] == [WORKER]
     assert rig.loads_counted("a") == 1
+
+
+def test_a_load_for_a_model_registered_again_replaces_the_old_copy(rig):
+    """Unregistered and registered again, then asked for before the old registration's unload
+    reached this worker: the load was taken for a duplicate of the copy held, dropped, and the
+    new model stayed LOADING for good (its claim held; test_metadata in a clean-clone CI run)."""
+    rig.register("m", size=MB)
+    rig.load("m")
+    first = rig.manager.loaded_records()["m"].created_at
+    rig.store.unregister_model("m")
+    rig.register("m", size=MB)
+    rig.manager.request_load("m")  # the new registration's load, before any unload command
+    wait_for(lambda: rig.events.count(("loaded", "m")) == 2, 20, what="the new registration's load")
+    assert rig.events.count(("unloaded", "m")) == 1
+    assert rig.manager.loaded_records()["m"].created_at != first
+    wait_for(lambda: rig.store.model_status("m").state.value == "LOADED", 10, what="the copy to be marked LOADED")
