@@ -9,7 +9,6 @@ and run in the default executor, off the loop.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 from dataclasses import dataclass
 
@@ -51,9 +50,6 @@ class Frontend:
     def __init__(self, client: MeshClient) -> None:
         self.client = client
         self.version = _version()
-        # A MeshClient whose requests can name their outputs (predict_proba, ...) gets them
-        # asked for; otherwise the gateway selects among the model's default outputs.
-        self._names_outputs = "outputs" in inspect.signature(client.infer_async).parameters
         self._kinds: TTLCache = TTLCache(maxsize=100_000, ttl=KIND_TTL_S)
         self._kinds_lock = threading.Lock()  # the executor's threads read it too
 
@@ -78,7 +74,7 @@ class Frontend:
         request is sent with that expiry (never run after it) and the wait is bounded by it.
         `outputs`: the output names the request asked for (None: the model's default)."""
         model_id, vmodel_id = self._ids(target)
-        extra = {"outputs": outputs} if outputs and self._names_outputs else {}
+        extra = {"outputs": outputs} if outputs else {}
         timeout_ms = None
         if deadline_s is not None:
             if deadline_s <= 0:
@@ -123,20 +119,18 @@ class Frontend:
         return await asyncio.get_running_loop().run_in_executor(None, self._model_ready, target)
 
     def _model_metadata(self, target: Target) -> ModelMeta:
-        getter = getattr(self.client, "get_model_metadata", None)
-        if getter is not None:
-            # a MeshClient that knows models' signatures (measured at their first load)
-            model_id, vmodel_id = self._ids(target)
-            try:
-                meta = getter(model_id, vmodel_id=vmodel_id)
-            except FailedPrecondition:  # never loaded yet: what the record says, no tensors
-                pass
-            else:
-                def tensors(ts: list) -> list[dict]:
-                    return [{"name": t.name, "datatype": t.datatype or "", "shape": list(t.shape)} for t in ts]
+        # the signature a worker measured at the model's first load
+        model_id, vmodel_id = self._ids(target)
+        try:
+            meta = self.client.get_model_metadata(model_id, vmodel_id=vmodel_id)
+        except FailedPrecondition:  # never loaded yet: what the record says, no tensors
+            pass
+        else:
+            def tensors(ts: list) -> list[dict]:
+                return [{"name": t.name, "datatype": t.datatype or "", "shape": list(t.shape)} for t in ts]
 
-                return ModelMeta(target.shown, list(meta.versions), meta.platform, tensors(meta.inputs),
-                                 tensors(meta.outputs))  # fmt: skip
+            return ModelMeta(target.shown, list(meta.versions), meta.platform, tensors(meta.inputs),
+                             tensors(meta.outputs))  # fmt: skip
         concrete = self._concrete(target)
         record = self.client.store.get_record(concrete)
         if record is None:

@@ -60,11 +60,10 @@ def test_tritonclient_grpc_and_http_answer_8(client: MeshClient, workers, svm_pa
     assert g.is_model_ready("digits")
     md = g.get_model_metadata("digits")
     assert md.name == "digits" and md.platform == "sklearn"
-    if hasattr(MeshClient, "get_model_metadata"):  # a MeshClient that records signatures
-        assert md.inputs and "predict" in [t.name for t in md.outputs]
-        # an output the model gives only when asked for
-        scores = g.infer("digits", [inp], outputs=[tg.InferRequestedOutput("decision_function")])
-        assert scores.as_numpy("decision_function").shape == (1, 10)
+    assert md.inputs and "predict" in [t.name for t in md.outputs]
+    # an output the model gives only when asked for
+    scores = g.infer("digits", [inp], outputs=[tg.InferRequestedOutput("decision_function")])
+    assert scores.as_numpy("decision_function").shape == (1, 10)
     # unknown model: NOT_FOUND, at once
     with pytest.raises(tg.InferenceServerException) as exc:
         g.infer("nope", [inp])
