@@ -34,6 +34,7 @@ from mesh.models import (
     WorkerState,
 )
 from mesh.policy.precedence import EffectiveConfig, copies_config, effective_config, labels_config, record_manifest
+from mesh.protocol import jsonwire
 from mesh.protocol.ids import validate_id
 from mesh.protocol.messages import (
     INFER_TASK,
@@ -464,7 +465,8 @@ class MeshClient:
                 backend = self.app.backend
                 self._replies = ReplyListener(
                     redis_client(self.redis_url, retry=False, master_name=self.settings.sentinel_master),
-                    self.keys, backend.get_key_for_task, backend.decode
+                    self.keys, backend.get_key_for_task,
+                    jsonwire.loads if backend.content_type == "application/json" else backend.decode,
                 )
             return self._replies
 

@@ -33,9 +33,10 @@ from typing import NamedTuple
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import dumps
 
 from mesh.broker.redis_url import FollowingConnection
+from mesh.protocol.jsonwire import loads
 from mesh.protocol.keys import (
     BELL_TTL_MS,
     DEAD_LETTERS,
