@@ -735,5 +735,11 @@ def _summary(m: Message) -> str:
     if m.many:
         failed = sum(1 for u in m.units if u.error is not None)
         return f"{len(m.units)} items, {failed} failed"
-    outputs = m.units[0].outputs or {}
-    return saferepr({k: np.asarray(v).ravel()[:8].tolist() for k, v in outputs.items()}, maxlen=256)
+    outputs = {k: np.asarray(v) for k, v in (m.units[0].outputs or {}).items()}
+    firsts = {k: v.ravel()[:8].tolist() for k, v in outputs.items()}
+    if all(v.dtype.kind in "biuf" for v in outputs.values()) and all(type(k) is str for k in firsts):
+        # numbers only: the builtin repr, a tenth of saferepr's cost (a twentieth of a batched
+        # request's worker CPU went to saferepr here), cut at saferepr's 256 characters
+        text = repr(firsts)
+        return text if len(text) <= 256 else text[:253] + "..."
+    return saferepr(firsts, maxlen=256)  # strings, objects: saferepr bounds each part

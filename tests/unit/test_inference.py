@@ -342,3 +342,21 @@ def test_a_failed_request_does_not_keep_its_model_alive(rig, loop):
         assert model() is None
     finally:
         gc.enable()
+
+
+def test_the_flower_summary_of_a_result_is_short_whatever_the_outputs():
+    import numpy as np
+
+    from workers.inference import Message, Unit, _summary
+
+    def summary(outputs):
+        return _summary(Message(None, [Unit(outputs=outputs)]))
+
+    assert summary({"label": np.array([3]), "p": np.array([[0.5, 0.25]], dtype=np.float32)}) == (
+        "{'label': [3], 'p': [0.5, 0.25]}"
+    )
+    many = summary({f"out{i}": np.random.rand(100) for i in range(20)})
+    assert len(many) <= 256 and many.startswith("{'out0': [")
+    # strings (and objects) keep saferepr, which shortens each long string in place
+    text = summary({"text": np.array(["x" * 10_000], dtype=object)})
+    assert len(text) <= 300 and text.startswith("{'text': ['xxx")
