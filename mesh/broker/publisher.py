@@ -6,7 +6,8 @@ the virtual transport's exchange lookup, a base64 body, then a pipeline of LPUSH
 (docs/benchmarks.md, "Per-request cost"). A `mesh.infer` message always has the same shape:
 Celery's task protocol 2 (https://docs.celeryq.dev/en/stable/internals/protocol.html) inside
 kombu's Redis envelope (kombu/transport/virtual/base.py `Channel.prepare_message` and
-`basic_publish`, kombu/transport/redis.py `_put`). Built here with json and pushed with its
+`basic_publish`, kombu/transport/redis.py `_put`). Built here as JSON (orjson where it writes the same
+values, mesh/protocol/jsonwire.py) and pushed with its
 queue's bell by one script call, it is that message: plain Celery workers, Flower and
 `celery inspect` read it unchanged. An asyncio producer's sends of one loop turn share one
 call (`Outbox`).
@@ -27,9 +28,11 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple
 from uuid import uuid4
 
+import orjson
 import redis
 from celery import signals
 
+from mesh.protocol import jsonwire
 from mesh.protocol.keys import BELL_TTL_MS, Keys
 from mesh.protocol.messages import INFER_TASK
 
@@ -48,6 +51,7 @@ PUSH_MAX = 256  # messages per script call: keeps one call short for the server
 
 # Celery's canvas fields of a task without callbacks, chain or chord (protocol 2 `embed`).
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_EMBED_JSON = json.dumps(_EMBED)
 _HOST = socket.gethostname()
 
 
@@ -198,12 +202,15 @@ def infer_message(
         "stamps": {},
         **headers,
     }
-    if signals.before_task_publish.receivers:
+    receivers = bool(signals.before_task_publish.receivers)
+    if receivers:
         signals.before_task_publish.send(
             sender=INFER_TASK, body=([], kwargs, _EMBED), exchange="", routing_key=queue, declare=[],
             headers=all_headers, properties=properties, retry_policy=None,
         )  # fmt: skip
-    body = json.dumps([[], kwargs, _EMBED])
+    # Celery's protocol-2 body `[args, kwargs, embed]`; the tensors, in kwargs, take orjson's
+    # fast path (mesh/protocol/jsonwire.py), the rest is a constant
+    body = f"[[],{jsonwire.dumps(kwargs)},{_EMBED_JSON}]"
     envelope = {
         "body": body,
         "content-encoding": "utf-8",
@@ -211,6 +218,11 @@ def infer_message(
         "headers": all_headers,
         "properties": properties,
     }
+    if not receivers:  # else their headers may hold anything (NaN): the standard library writes them
+        try:
+            return orjson.dumps(envelope).decode("utf-8"), len(body), all_headers
+        except TypeError:  # orjson.JSONEncodeError: what it cannot write exactly
+            pass
     return json.dumps(envelope), len(body), all_headers
 
 

@@ -105,3 +105,22 @@ def test_install_makes_kombus_json_serializer_decode_with_it(monkeypatch):
         assert serialization.dumps({"a": 1}, serializer="json")[2] == kombu_json.dumps({"a": 1})
     finally:
         serialization.register_json()  # the other tests of this process get stock kombu back
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSONABLE)
+def test_dumps_writes_what_json_dumps_means(value):
+    try:
+        expected = json.dumps(value)
+    except (TypeError, ValueError):
+        return
+    mine = jsonwire.dumps(value)
+    assert isinstance(mine, str)
+    assert _same(json.loads(mine), json.loads(expected))
+
+
+@pytest.mark.parametrize("value", [
+    [float("nan")], {"x": [float("inf"), -float("inf")]}, [2**64], [-(2**63) - 1], ["\ud800"], {1: "a"}, [None],
+])
+def test_dumps_leaves_to_the_standard_library_what_orjson_would_write_differently(value):
+    assert jsonwire.dumps(value) == json.dumps(value)
