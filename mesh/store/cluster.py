@@ -633,7 +633,9 @@ _ENTRY_SEP = b'},{"model_id":'
 _MODELS_END = b'}],"'
 
 
-def _heartbeat_view(name: str, raw: bytes, before: dict[bytes, CopyView], parts: dict[bytes, CopyView]) -> WorkerView | None:
+def _heartbeat_view(
+    name: str, raw: bytes, before: dict[bytes, CopyView], parts: dict[bytes, CopyView]
+) -> WorkerView | None:
     """`_worker_view(name, raw)`, parsing only the copies' entries that are not in `before`
     (this worker's entries in the last run, by their bytes); fills `parts` with this
     heartbeat's. When most entries are new (a first run) the heartbeat is parsed whole, as it
