@@ -119,6 +119,10 @@ class MeshSettings(BaseSettings):
         default=50, ge=0, le=10_000,
         description="models with per-model signal series (the most pending); the rest only in aggregates",
     )
+    signals_top_pools: int = Field(
+        default=20, ge=0, le=1_000,
+        description="worker pools with their own signal series (the most demand); the rest summed as `other`",
+    )
     signals_min_interval_s: float = Field(
         default=1.0, ge=0,
         description="the exporter reads Redis at most this often; scrapes in between share a reading",

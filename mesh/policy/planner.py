@@ -12,7 +12,10 @@ fixes.
 It must stay fast at 1,000 workers x 100,000 models (< 1 s per tick on 2 cores), so nothing
 here loops over workers x models: models with no copy and no demand take a constant-time path,
 placement uses heaps over workers (most free space; oldest evictable copy) with lazy re-keying,
-and each worker's eviction candidates are sorted only when that worker is considered.
+and each worker's eviction candidates are sorted only when that worker is considered. The one
+pass over every model (`_Plan._each_model`) is spelled out inline and also gathers each
+worker's least valuable quiet copy, which seeds the eviction heap; once a run's evictions are
+spent, no need searches for victims any more.
 """
 
 from __future__ import annotations
@@ -278,7 +281,7 @@ class _WorkerPlan:
 
     __slots__ = (
         "view", "name", "free", "rate", "loads", "draining", "planned", "leaving",
-        "version", "victims",
+        "version", "victims", "quiet_score", "quiet_used",
     )  # fmt: skip
 
     def __init__(self, view: WorkerView) -> None:
@@ -292,6 +295,9 @@ class _WorkerPlan:
         self.leaving: set[str] = set()  # models pending or planned to leave (unloads)
         self.version = 0
         self.victims: list[tuple[int, float, float, str]] | None = None
+        # (score, last use) of its least valuable copy of a model left unbuilt as quiet
+        # (`_Plan.lazy`), kept by `_each_model`: most of `_evict_head(rough=True)`, found there
+        self.quiet_score = self.quiet_used = INF
 
 
 class _ModelPlan:
@@ -300,7 +306,7 @@ class _ModelPlan:
     __slots__ = (
         "view", "id", "size", "min_copies", "max_copies", "loaded", "loading", "draining", "rate",
         "last_used", "queue", "failed_on", "n_fresh", "surplus", "floor", "touched",
-        "copy_age", "score", "required",
+        "copy_age", "score", "required", "hb",
     )  # fmt: skip
 
     def __init__(self, view: RegisteredModel, settings: PlannerSettings) -> None:
@@ -325,6 +331,7 @@ class _ModelPlan:
         self.touched = False  # needed or placed this run: not an eviction victim
         self.copy_age = 0.0  # age of its oldest loaded copy
         self.required = view.required_labels or None  # its pool's labels (None: any worker)
+        self.hb: list[tuple[_WorkerPlan, CopyView]] | tuple[()] = ()  # its copies on live workers
 
 
 @dataclass(slots=True)
@@ -364,10 +371,9 @@ class _Plan:
     def run(self) -> list[PlanAction]:
         by_model, loading_by_model = self._index_workers()
         pend_load, pend_unload = self._read_history()
-        views = {mv.model_id: mv for mv in self.cluster.models}
+        views = {mv.model_id: mv for mv in self.cluster.models} if pend_load else {}
         self._resolve_pending(views, pend_load, pend_unload, loading_by_model)
-        for mv in self.cluster.models:
-            self._model(mv, by_model.pop(mv.model_id, None), loading_by_model.pop(mv.model_id, None))
+        self._each_model(by_model, loading_by_model)
         for model_id, copies in by_model.items():  # loaded but no longer registered
             if model_id in self.cluster.retiring:
                 continue
@@ -450,31 +456,61 @@ class _Plan:
                 w.leaving.add(model_id)  # its bytes stay counted until the worker reports them free
 
     # ------------------------------------------------------------------ per model
-    def _model(
+    def _each_model(
         self,
-        mv: RegisteredModel,
-        hb: list[tuple[_WorkerPlan, CopyView]] | None,
-        loading: list[_WorkerPlan] | None,
+        by_model: dict[str, list[tuple[_WorkerPlan, CopyView]]],
+        loading_by_model: dict[str, list[_WorkerPlan]],
     ) -> None:
-        # Two shortcuts cover nearly every model of a large cluster; anything unusual (failures,
-        # queued requests, loads in progress, pinning, several copies) takes the full path.
-        if (
-            not mv.failures
-            and not mv.queue_depth
-            and loading is None
-            and mv.rate is None
-            and not (mv.min_copies if mv.min_copies is not None else self.settings.default_min_copies)
-        ):
-            if hb is None and not mv.copies:  # not loaded anywhere and nothing asks for it
-                if mv.last_used > 0 or mv.score > 0:
-                    self.idle_models.append(mv)
-                return
-            if hb is not None and len(hb) == 1 and len(mv.copies) == 1 and hb[0][0].name in mv.copies and self._quiet(mv, *hb[0]):
-                # one copy, registered, nothing to change: its planning state is built only
-                # if the copy is considered as an eviction victim
-                self.lazy[mv.model_id] = (mv, hb)
-                return
-        self._model_full(mv, hb, loading)
+        """Every registered model, with its heartbeat copies and loads in progress (taken out
+        of `by_model` and `loading_by_model`).
+
+        Two shortcuts cover nearly every model of a large cluster; anything unusual (failures,
+        queued requests, loads in progress, pinning, several copies) takes the full path,
+        `_model_full`. The loop runs 100,000 times a run at scale, so its tests are spelled
+        out inline rather than in a method per model (the calls were a quarter of `plan`)."""
+        s, now = self.settings, self.now
+        default_min = s.default_min_copies
+        default_max = s.default_max_copies or 2
+        threshold, copy_idle_s, min_age = s.scale_up_rps_per_copy, s.copy_idle_s, s.second_copy_min_age_s
+        model_idle_s = s.model_idle_s
+        idle_models, lazy, full = self.idle_models, self.lazy, self._model_full
+        hb_of, loading_of = by_model.pop, loading_by_model.pop
+        for mv in self.cluster.models:
+            model_id = mv.model_id
+            hb = hb_of(model_id, None)
+            loading = loading_of(model_id, None) if loading_by_model else None
+            if (
+                mv.failures
+                or mv.queue_depth
+                or loading is not None
+                or mv.rate is not None
+                or (mv.min_copies if mv.min_copies is not None else default_min)
+            ):
+                full(mv, hb, loading)
+                continue
+            if hb is None:
+                if not mv.copies:  # not loaded anywhere and nothing asks for it
+                    if mv.last_used > 0 or mv.score > 0:
+                        idle_models.append(mv)
+                    continue
+            elif len(hb) == 1 and len(mv.copies) == 1:
+                # one copy, registered: if `_demand` would leave it alone, its planning state is
+                # built only if the copy is considered as an eviction victim (`_m`)
+                w, copy = hb[0]
+                if w.name in mv.copies and not w.draining and copy.rate <= threshold and model_id not in w.leaving:
+                    last_used = mv.last_used if mv.last_used > copy.last_used else copy.last_used
+                    if not (  # the usage-pattern second copy
+                        copy.rate > 0
+                        and now - last_used < copy_idle_s
+                        and now - copy.loaded_at >= min_age
+                        and (mv.max_copies if mv.max_copies is not None else default_max) >= 2
+                    ) and not (model_idle_s > 0 and now - last_used >= model_idle_s):
+                        lazy[model_id] = (mv, hb)
+                        score = mv.score
+                        if score < w.quiet_score or (score == w.quiet_score and copy.last_used < w.quiet_used):
+                            w.quiet_score, w.quiet_used = score, copy.last_used
+                        continue
+            full(mv, hb, loading)
 
     def _model_full(
         self,
@@ -511,23 +547,6 @@ class _Plan:
             m.failed_on = failed_on
         self._demand(m)
 
-    def _quiet(self, mv: RegisteredModel, w: _WorkerPlan, copy: CopyView) -> bool:
-        """Would `_demand` leave this single-copy model alone?"""
-        s, now = self.settings, self.now
-        last_used = mv.last_used if mv.last_used > copy.last_used else copy.last_used
-        return (
-            not w.draining
-            and copy.rate <= s.scale_up_rps_per_copy
-            and mv.model_id not in w.leaving
-            and not (  # the usage-pattern second copy
-                copy.rate > 0
-                and now - last_used < s.copy_idle_s
-                and now - copy.loaded_at >= s.second_copy_min_age_s
-                and (mv.max_copies if mv.max_copies is not None else s.default_max_copies or 2) >= 2
-            )
-            and not (s.model_idle_s > 0 and now - last_used >= s.model_idle_s)
-        )
-
     def _m(self, model_id: str) -> _ModelPlan | None:
         m = self.models.get(model_id)
         if m is None:
@@ -548,6 +567,8 @@ class _Plan:
         s, now = self.settings, self.now
         m = _ModelPlan(mv, s)
         self.models[m.id] = m
+        if hb:
+            m.hb = hb
         rate = 0.0
         for w, copy in hb or ():
             rate += copy.rate
@@ -783,7 +804,7 @@ class _Plan:
             if 4 * len(pool) < len(self.usable):
                 return self._pick_evict_in_pool(m, bar, proactive, min_idle)
         if self.evict_heap is None:
-            self.evict_heap = [(self._evict_head(w, rough=True), w.version, w.name) for w in self.usable]
+            self.evict_heap = self._rough_heads()
             heapq.heapify(self.evict_heap)
         popped: list[_WorkerPlan] = []
         outside: list[tuple[tuple[int, float, float], int, str]] = []  # heap entries of other pools
@@ -811,6 +832,40 @@ class _Plan:
         for entry in outside:
             heapq.heappush(self.evict_heap, entry)
         return found
+
+    def _rough_heads(self) -> list[tuple[tuple[int, float, float], int, str]]:
+        """The evict heap's first entries: `_evict_head(w, rough=True)` for every usable worker.
+
+        A worker nothing happened to since `_each_model` (its version is 0: no load placed, no
+        copy leaving) has its quiet copies' part of that minimum in `quiet_score` and
+        `quiet_used`; only the copies of the models built (`self.models`) are added here,
+        instead of looking every copy of every worker up again. Any other worker is computed
+        in full."""
+        best: dict[str, list[Any]] = {
+            w.name: [w.quiet_score, w.quiet_used, False] for w in self.usable if not w.version
+        }  # fmt: skip
+        for m in self.models.values():
+            for w, copy in m.hb:
+                b = best.get(w.name)
+                if b is None:
+                    continue
+                if m.surplus > 0:
+                    b[2] = True
+                elif m.id not in w.leaving:
+                    score = m.score
+                    if score < b[0] or (score == b[0] and copy.last_used < b[1]):
+                        b[0], b[1] = score, copy.last_used
+        heads = []
+        for w in self.usable:
+            b = best.get(w.name)
+            if b is None:
+                key = self._evict_head(w, rough=True)
+            elif b[2]:
+                key = _LOWEST
+            else:
+                key = (1, b[0], b[1]) if b[0] < INF or b[1] < INF else (2, INF, INF)
+            heads.append((key, w.version, w.name))
+        return heads
 
     def _below(self, score: float, last_used: float, m: _ModelPlan, bar: tuple[float, float], proactive: bool) -> bool:
         """May a copy of this value make room for `m`? A proactive swap needs `m` to be worth
@@ -840,15 +895,15 @@ class _Plan:
             best_s = best_t = INF
             models, lazy, leaving = self.models, self.lazy, w.leaving
             for mid, c in w.view.models.items():
-                m = models.get(mid)
-                if m is None:
-                    quiet = lazy.get(mid)
-                    if quiet is None:
-                        continue
+                quiet = lazy.get(mid)  # most copies (a model is in `lazy` or in `models`, never both)
+                if quiet is not None:
                     score = quiet[0].score
-                elif m.surplus > 0:
-                    return _LOWEST
                 else:
+                    m = models.get(mid)
+                    if m is None:
+                        continue
+                    if m.surplus > 0:
+                        return _LOWEST
                     score = m.score
                 if score < best_s or (score == best_s and c.last_used < best_t):
                     if mid not in leaving:
@@ -959,6 +1014,10 @@ class _Plan:
             # no room anywhere: evict less valuable copies, unless this model was itself just
             # evicted for space (no cascades) and nothing waits for it
             if cls not in (ORPHAN, PINNED) and m.id in self.recently_evicted:
+                return
+            if self.evictions_left <= 0:
+                # the run's evictions are spent: `_victims` finds none, and the search (up to
+                # `search_limit` workers per need, for every need left) would be for nothing
                 return
             if cls in (ORPHAN, PINNED):
                 bar = (INF, INF)

@@ -16,7 +16,7 @@ try:  # optional (the `scale` extra): 1,000 heartbeats of 100 copies are 17 MB o
     from orjson import loads as _loads_fast
 except ImportError:  # pragma: no cover - depends on the environment
     _loads_fast = json.loads
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, KeysView
 from typing import Any
 
 from mesh.models import CopyInfo, CopyState, FailedCopy, ModelRecord
@@ -147,6 +147,11 @@ class ClusterStore:
     _registries: dict[tuple[str, str], _Registry] = {}
     _usages: dict[tuple[str, str], dict[str, tuple[float, float, float]]] = {}
     _dirty: dict[tuple[str, str], set[str]] = {}  # usage entries changed since written to Redis
+    # Each live worker's copies as its last heartbeat gave them, by each copy's JSON text: a
+    # heartbeat is rewritten every beat (its time, its busy copies' figures), but most of its
+    # copies' entries are the same bytes as in the last run's, and parsing them again was a
+    # third of a run at 100,000 copies (`_heartbeat_view`).
+    _hb_copies: dict[tuple[str, str], dict[str, dict[bytes, CopyView]]] = {}
     _stamp = uuid.uuid4().hex
 
     def __init__(
@@ -171,14 +176,24 @@ class ClusterStore:
 
         The heartbeats are parsed with `json` into the planner's views directly: 1,000 workers
         holding 100 copies each are 100,000 copies to parse per run, and pydantic's validation
-        of `WorkerState` cost 5x more. A heartbeat that does not parse counts as no heartbeat
-        (mesh writes them; anything else there is not a worker)."""
+        of `WorkerState` cost 5x more. A copy whose entry is byte for byte the one this worker's
+        last heartbeat had is not parsed again (`_heartbeat_view`). A heartbeat that does not
+        parse counts as no heartbeat (mesh writes them; anything else there is not a worker)."""
         names = sorted(n.decode() for n in self.r.smembers(self.keys.workers))
+        key = (self._where(), self.keys.prefix)
+        before = self._hb_copies.get(key) or {}
+        kept: dict[str, dict[bytes, CopyView]] = {}
         views: list[WorkerView] = []
         for chunk in _chunks(names, 500):
             for name, raw in zip(chunk, self.r.mget([self.keys.worker(n) for n in chunk])):
-                view = None if raw is None else _worker_view(name, raw)
+                view = None
+                if raw is not None:
+                    parts: dict[bytes, CopyView] = {}
+                    view = _heartbeat_view(name, raw, before.get(name, _NONE), parts)
+                    if parts:
+                        kept[name] = parts
                 views.append(view or WorkerView(name=name, capacity=0, alive=False))
+        self._hb_copies[key] = kept
         return views
 
     def records(self) -> dict[str, tuple[int, int | None, int | None, dict[str, str] | None]]:
@@ -366,24 +381,42 @@ class ClusterStore:
         usage = self.usage()
         by_id = view.models
         dropped = None if self._usage_read else view.dropped
-        self._update_usage(workers, by_id, usage, now, interval_s, dropped)
+        models = view.listed()
+        # the models a heartbeat names get their figures from `_update_usage`; the rest of the
+        # usage decays here. A model with no usage keeps its view's zeros, except after a
+        # reading of Redis's usage (another scheduler's: ours may hold entries it has not)
+        # when every view is set again.
+        keep_views = not self._usage_read
+        seen = self._update_usage(workers, by_id, usage, now, interval_s, dropped, set_views=keep_views)
         view.dropped = set()
         decay = self.decay_s
         keeps: dict[float, float] = {}
-        get = usage.get
-        models = view.listed()
-        for mv in models:
-            u = get(mv.model_id)
-            if u is None:
-                mv.last_used = 0.0
-                mv.score = 0.0
-                continue
-            last_used, score, t = u
-            keep = keeps.get(t)
-            if keep is None:
-                keep = keeps[t] = math.exp(-max(0.0, now - t) / decay)
-            mv.last_used = last_used
-            mv.score = score * keep
+        if keep_views:
+            get_view = by_id.get
+            for model_id in usage.keys() - seen:
+                mv = get_view(model_id)
+                if mv is None:
+                    continue
+                last_used, score, t = usage[model_id]
+                keep = keeps.get(t)
+                if keep is None:
+                    keep = keeps[t] = math.exp(-max(0.0, now - t) / decay)
+                mv.last_used = last_used
+                mv.score = score * keep
+        else:
+            get = usage.get
+            for mv in models:
+                u = get(mv.model_id)
+                if u is None:
+                    mv.last_used = 0.0
+                    mv.score = 0.0
+                    continue
+                last_used, score, t = u
+                keep = keeps.get(t)
+                if keep is None:
+                    keep = keeps[t] = math.exp(-max(0.0, now - t) / decay)
+                mv.last_used = last_used
+                mv.score = score * keep
         for model_id in view.queued - depths.keys():
             mv = by_id.get(model_id)
             if mv is not None:
@@ -434,56 +467,77 @@ class ClusterStore:
         now: float,
         interval_s: float,
         dropped: set[str] | None = None,
-    ) -> None:
+        set_views: bool = False,
+    ) -> KeysView[str]:
         """Fold the heartbeats into each model's usage: its newest use, and an exponentially
         decayed request rate (time constant `usage_decay_s`) that survives its copies, so the
         planner knows what a model is worth after it was evicted (cortexlabs/cortex#619: the
         top N). `dropped`: the only models that may have left the registry since the last run
-        (None: any)."""
-        # one pass over the copies (100,000 at scale): [summed rate, newest use] per model
-        seen: dict[str, list[float]] = {}
+        (None: any). With `set_views` (`records` holds the planner's views), each view of a
+        model a heartbeat names gets its newest use and its score as of `now`, as `_read` sets
+        the others'. Returns the ids of the models the heartbeats name."""
+        # one pass over the copies (100,000 at scale): per model its copy, or [summed rate,
+        # newest use] when it has several
+        seen: dict[str, Any] = {}
         get = seen.get
         for w in workers:
             for model_id, c in w.models.items():
                 agg = get(model_id)
                 if agg is None:
-                    seen[model_id] = [c.rate, c.last_used]
-                else:
+                    seen[model_id] = c
+                elif type(agg) is list:
                     agg[0] += c.rate
                     if c.last_used > agg[1]:
                         agg[1] = c.last_used
+                else:
+                    seen[model_id] = [agg.rate + c.rate, max(agg.last_used, c.last_used)]
         key = (self._where(), self.keys.prefix)
         dirty = self._dirty.setdefault(key, set())
         mark = dirty.add
         keeps: dict[float, float] = {}  # most scores were last updated by the previous run: one exp
         decay, stamp_now, first = self.decay_s, round(now, 3), now - interval_s
-        usage_get = usage.get
-        for model_id, (rate, used) in seen.items():
-            if model_id not in records:
+        keep_now = math.exp(-max(0.0, now - stamp_now) / decay)  # what `_read` decays a new score by
+        usage_get, record_of = usage.get, records.get
+        for model_id, agg in seen.items():
+            mv = record_of(model_id)
+            if mv is None:
                 continue
+            if type(agg) is list:
+                rate, used = agg
+            else:
+                rate, used = agg.rate, agg.last_used
             old = usage_get(model_id)
             if old is None:
                 last_used, score, t = 0.0, 0.0, first
             else:
                 last_used, score, t = old
-                if rate == 0.0 and used <= last_used:
-                    continue  # unchanged: the stored score decays when it is read
+                if rate == 0.0 and used <= last_used:  # unchanged: the stored score decays when read
+                    if set_views:
+                        keep = keeps.get(t)
+                        if keep is None:
+                            keep = keeps[t] = math.exp(-max(0.0, now - t) / decay)
+                        mv.last_used = last_used
+                        mv.score = score * keep
+                    continue
             keep = keeps.get(t)
             if keep is None:
                 keep = keeps[t] = math.exp(-max(0.0, now - t) / decay)
+            # kept as Redis keeps it (rounded): the next run sees what a fresh read would (a
+            # kept time is rounded already: rounding it again is the identity)
+            last_used = round(used, 3) if used > last_used else last_used
             score = score * keep + rate * (1.0 - keep)
-            if used > last_used:
-                last_used = used
-            # kept as Redis keeps it (rounded): the next run sees what a fresh read would
-            usage[model_id] = (round(last_used, 3), score, stamp_now)
+            usage[model_id] = (last_used, score, stamp_now)
             mark(model_id)
+            if set_views:
+                mv.last_used = last_used
+                mv.score = score * keep_now
         candidates = usage if dropped is None else [m for m in dropped if m in usage]
         gone = [m for m in candidates if m not in records]
         for m in gone:
             del usage[m]
             dirty.discard(m)
         share = max(CHUNK, math.ceil(len(usage) / USAGE_PERSIST_RUNS))
-        updates = {m: json.dumps(list(usage[m])) for m in (dirty.pop() for _ in range(min(share, len(dirty))))}
+        updates = {m: _usage_json(usage[m]) for m in (dirty.pop() for _ in range(min(share, len(dirty))))}
         try:
             with self.r.pipeline(transaction=False) as p:
                 items = list(updates.items())
@@ -497,6 +551,7 @@ class ClusterStore:
             self._usages.pop(key, None)  # unsure what was written
             self._dirty.pop(key, None)
             raise
+        return seen.keys()
 
     # ------------------------------------------------------------------ the leader lock
     def take_lock(self, token: str, ttl_ms: int) -> bool:
@@ -548,32 +603,96 @@ class ClusterStore:
         self.r.set(self.keys.rebalance_last, report_json)
 
 
+def _usage_json(entry: tuple[float, float, float]) -> str:
+    """`json.dumps(list(entry))`, at a fifth of its cost (the same text for finite floats)."""
+    last_used, score, t = entry
+    text = f"[{last_used!r}, {score!r}, {t!r}]"
+    return json.dumps(list(entry)) if "n" in text else text  # inf, nan: json's spelling
+
+
 def _past(a: PastAction) -> str:
     return json.dumps({"time": a.time, "op": a.op, "model_id": a.model_id, "worker": a.worker, "reason": a.reason})
 
 
 def _worker_view(name: str, raw: bytes) -> WorkerView | None:
+    """A heartbeat parsed whole."""
     try:
         d = _loads_fast(raw)
-        return WorkerView(
-            name=name,
-            capacity=int(d["capacity_bytes"]),
-            used=int(d["used_bytes"]),
-            models={
-                m["model_id"]: CopyView(
-                    m["model_id"], int(m["size_bytes"]), float(m["last_used"]), float(m["loaded_at"]),
-                    float(m.get("request_rate", 0.0)),
-                )
-                for m in d.get("models", ())
-            },
-            loading=set(d.get("loading", ())),
-            shutting_down=bool(d.get("shutting_down", False)),
-            rate=float(d.get("request_rate", 0.0)),
-            started_at=float(d["started_at"]),
-            labels=dict(d.get("labels") or {}),
-        )
+        return _view_of(name, d, {m["model_id"]: _copy_view(m) for m in d.get("models", ())})
     except (ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+# How pydantic writes a heartbeat's copies (`WorkerState.model_dump_json`: no spaces, fields in
+# their declared order): `"models":[{"model_id":...},{"model_id":...}],"loading":...`. None of
+# these byte strings can occur inside a JSON string (a quote there is escaped), so they mark
+# the array and the boundaries of its entries exactly.
+_MODELS_AT = b'"models":[{"model_id":'
+_ENTRY_AT = b'{"model_id":'
+_ENTRY_SEP = b'},{"model_id":'
+_MODELS_END = b'}],"'
+
+
+def _heartbeat_view(
+    name: str, raw: bytes, before: dict[bytes, CopyView], parts: dict[bytes, CopyView]
+) -> WorkerView | None:
+    """`_worker_view(name, raw)`, parsing only the copies' entries that are not in `before`
+    (this worker's entries in the last run, by their bytes); fills `parts` with this
+    heartbeat's. When most entries are new (a first run) the heartbeat is parsed whole, as it
+    is when it is not laid out as pydantic writes it."""
+    start = raw.find(_MODELS_AT)
+    end = raw.find(_MODELS_END, start) if start >= 0 else -1
+    if end < 0:
+        return _worker_view(name, raw)
+    start += len(_MODELS_AT) - len(_ENTRY_AT)  # the first entry's '{'
+    entries = raw[start + len(_ENTRY_AT) : end].split(_ENTRY_SEP)
+    models: dict[str, CopyView] = {}
+    try:
+        if 4 * sum(map(before.__contains__, entries)) < 3 * len(entries):
+            # over a quarter new: one parse of the whole is faster than one per entry
+            d = _loads_fast(raw)
+            listed = d.get("models", ())
+            if len(listed) != len(entries):
+                raise ValueError("not one array of copies")
+            for part, m in zip(entries, listed):
+                c = parts[part] = _copy_view(m)
+                models[c.model_id] = c
+        else:
+            d = _loads_fast(raw[:start] + raw[end + 1 :])  # the heartbeat with no copies
+            if d.get("models"):
+                raise ValueError("not one array of copies")
+            get = before.get
+            for part in entries:
+                c = get(part)
+                if c is None:
+                    c = _copy_view(_loads_fast(_ENTRY_AT + part + b"}"))
+                parts[part] = c
+                models[c.model_id] = c
+        return _view_of(name, d, models)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        parts.clear()
+        return _worker_view(name, raw)  # decides (a layout this did not expect, or garbage)
+
+
+def _copy_view(m: dict) -> CopyView:
+    return CopyView(
+        m["model_id"], int(m["size_bytes"]), float(m["last_used"]), float(m["loaded_at"]),
+        float(m.get("request_rate", 0.0)),
+    )  # fmt: skip
+
+
+def _view_of(name: str, d: dict, models: dict[str, CopyView]) -> WorkerView:
+    return WorkerView(
+        name=name,
+        capacity=int(d["capacity_bytes"]),
+        used=int(d["used_bytes"]),
+        models=models,
+        loading=set(d.get("loading", ())),
+        shutting_down=bool(d.get("shutting_down", False)),
+        rate=float(d.get("request_rate", 0.0)),
+        started_at=float(d["started_at"]),
+        labels=dict(d.get("labels") or {}),
+    )
 
 
 def _copies(raw: dict) -> dict[str, RegistryCopy]:

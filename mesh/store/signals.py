@@ -1,14 +1,14 @@
 """The Redis reads behind the autoscaling signals (mesh/policy/signals.py), bounded in round
 trips whatever the number of models: a SCAN of the model queues (only non-empty lists exist),
 their lengths and the send time of each one's oldest message in pipelines and a script of
-SCAN_CHUNK keys per call, the heartbeats in one MGET per 500 workers, and the sizes of the
-models wanted (pending or loaded) in one HMGET per chunk. Registered models that are idle cost
-nothing but their share of the SCAN."""
+SCAN_CHUNK keys per call, the heartbeats in one MGET per 500 workers, and the records of the
+models wanted (pending or loaded: their sizes and the labels they require, i.e. their pool) in
+one HMGET per chunk. Registered models that are idle cost nothing but their share of the SCAN."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mesh.models import WorkerState
 from mesh.protocol.keys import Keys
@@ -45,6 +45,8 @@ class SignalInputs:
     workers: list[WorkerState]
     sizes: dict[str, int]  # model id -> bytes, for the models wanted (pending or loaded)
     registered: int
+    # model id -> the labels it requires (its pool), for the wanted models that require some
+    required: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 class SignalReader:
@@ -59,7 +61,8 @@ class SignalReader:
         queued, oldest = self._queues()
         workers = self.store.live_workers()
         wanted = set(queued) | {m.model_id for w in workers for m in w.models}
-        return SignalInputs(queued, oldest, workers, self._sizes(sorted(wanted)), int(self.r.hlen(self.keys.models)))
+        sizes, required = self._records(sorted(wanted))
+        return SignalInputs(queued, oldest, workers, sizes, int(self.r.hlen(self.keys.models)), required)
 
     def _queues(self) -> tuple[dict[str, int], dict[str, float]]:
         keys: Keys = self.keys
@@ -92,9 +95,11 @@ class SignalReader:
                     oldest[model_id] = at
         return queued, oldest
 
-    def _sizes(self, model_ids: list[str]) -> dict[str, int]:
-        """Bytes of each model: measured at its last load, else as registered."""
+    def _records(self, model_ids: list[str]) -> tuple[dict[str, int], dict[str, dict[str, str]]]:
+        """Bytes of each model (measured at its last load, else as registered), and the labels
+        it requires (the management API's, else its manifest's: mesh/policy/precedence.py)."""
         sizes: dict[str, int] = {}
+        required: dict[str, dict[str, str]] = {}
         for i in range(0, len(model_ids), SCAN_CHUNK):
             chunk = model_ids[i : i + SCAN_CHUNK]
             for model_id, raw in zip(chunk, self.r.hmget(self.keys.models, chunk)):
@@ -102,12 +107,18 @@ class SignalReader:
                     continue
                 try:
                     record = json.loads(raw)
-                    size = record.get("size_bytes") or (record.get("info") or {}).get("size_bytes")
+                    info = record.get("info") or {}
+                    size = record.get("size_bytes") or info.get("size_bytes")
+                    labels = info.get("required_labels")
+                    if labels is None:
+                        labels = (record.get("manifest") or {}).get("required_labels")
                 except (ValueError, AttributeError):
                     continue
                 if isinstance(size, int) and size > 0:
                     sizes[model_id] = size
-        return sizes
+                if labels and isinstance(labels, dict):
+                    required[model_id] = {str(k): str(v) for k, v in labels.items()}
+        return sizes, required
 
 
 __all__ = ["SignalInputs", "SignalReader"]

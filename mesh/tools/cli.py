@@ -360,7 +360,7 @@ def _serve_exporter(redis_url: str, port: int) -> tuple[str, int] | None:
     ctx = StoreContext.from_settings(MeshSettings(prefix=s.prefix, redis_url=redis_url), redis_url)
     try:
         _server, bound = serve(ctx, addr=s.exporter_addr, port=port, top_n=s.signals_top_n,
-                               min_interval_s=s.signals_min_interval_s)  # fmt: skip
+                               min_interval_s=s.signals_min_interval_s, top_pools=s.signals_top_pools)  # fmt: skip
     except OSError as exc:
         _print_error(f"mesh exporter not started on {s.exporter_addr}:{port}: {exc}")
         return None
@@ -375,7 +375,7 @@ def exporter(
 ) -> None:
     """Serve the mesh's autoscaling signals (Prometheus text on /metrics): pending requests and
     the age of the oldest per model (top N by pending) and in total, loaded copies, bytes of
-    models wanted against the workers' capacity. Runs until Ctrl-C."""
+    models wanted against the workers' capacity, in total and per worker pool. Runs until Ctrl-C."""
     from mesh.settings import get_settings
     from mesh.tools.exporter import serve
 
@@ -387,7 +387,7 @@ def exporter(
         try:
             server, bound = serve(ctx, addr=bind, port=s.exporter_port if port is None else port,
                                   top_n=s.signals_top_n if top is None else top,
-                                  min_interval_s=s.signals_min_interval_s)  # fmt: skip
+                                  min_interval_s=s.signals_min_interval_s, top_pools=s.signals_top_pools)  # fmt: skip
         except OSError as exc:
             _fail(f"cannot serve on {bind}:{port if port is not None else s.exporter_port}: {exc}")
         err.print(f"mesh exporter: http://{bind}:{bound}/metrics (prefix {s.prefix}); Ctrl-C stops it", highlight=False)
@@ -895,18 +895,20 @@ def status(
 ) -> None:
     """The pool at a glance: workers with capacity bars, models with copies and state, queue
     depths, request rates, vmodel transitions in progress, the last rebalance. With --json:
-    the autoscaling signals (top --limit models by pending, and aggregates) and the workers."""
+    the autoscaling signals (top --limit models by pending, per worker pool, and aggregates) and the
+    workers."""
     from redis import RedisError
 
     with _client() as c:
         if as_json:
             from mesh.tools.exporter import SignalSource
 
-            signals, took = SignalSource(_store_context(c), top_n=limit, min_interval_s=0).read()
+            signals, took = SignalSource(_store_context(c), top_n=limit, min_interval_s=0,
+                                         top_pools=c.settings.signals_top_pools).read()  # fmt: skip
             workers = [
                 {"name": w.name, "capacity_bytes": w.capacity_bytes, "used_bytes": w.used_bytes,
                  "models": [m.model_id for m in w.models], "loading": w.loading,
-                 "shutting_down": w.shutting_down, "request_rate": w.request_rate}
+                 "shutting_down": w.shutting_down, "request_rate": w.request_rate, "labels": w.labels}
                 for w in c.list_workers()
             ]  # fmt: skip
             _print_json({"prefix": c.settings.prefix, "read_seconds": round(took, 4),

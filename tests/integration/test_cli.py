@@ -189,6 +189,8 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
         reading = json.loads(as_json.stdout)
         assert reading["prefix"] == prefix and reading["signals"]["workers"] == 1, reading
         assert [w["name"].split("@")[0] for w in reading["workers"]] == ["w1"], reading
+        assert reading["workers"][0]["labels"] == {} and reading["signals"]["pools"][0]["pool"] == "default", reading
+        assert reading["signals"]["pools"][0]["workers"] == 1, reading
         # Flower asks for the generated login, shown once, and refuses cross-site requests
         user, password = text.split("login ", 1)[1].split()[:3:2]
         api = f"http://127.0.0.1:{flower_port}/api/workers"

@@ -225,3 +225,50 @@ def test_the_usage_kept_in_memory_is_what_a_fresh_scheduler_reads_from_redis(sto
         (m.model_id, m.last_used, m.score) for m in fresh.models
     ]
     assert kept.models[0].score > 0 and kept.models[1].score > 0
+
+
+def test_heartbeats_are_read_as_a_whole_parse_reads_them_reusing_the_unchanged_copies(store):
+    """A run parses only the copies' entries that changed since the last run's heartbeat of that
+    worker (a heartbeat is rewritten every beat, most copies as they were); what it gives is
+    what parsing every heartbeat whole gives, whatever the heartbeat holds."""
+    import json
+
+    from mesh.store.cluster import _worker_view
+
+    now = time.time()
+    odd_ids = ['x},{"model_id":"y', 'a}],"loading":["b', "c\\", 'é"]}']  # the markers, inside ids
+
+    def state(name, models, **kw):
+        return WorkerState(
+            name=name, host="h", pid=1, capacity_bytes=10_000, used_bytes=100 * len(models), started_at=now - 100,
+            updated_at=now, models=[LoadedModel(model_id=m, size_bytes=100, last_used=used, loaded_at=now - 50,
+                                                request_rate=1.5) for m, used in models.items()], **kw,
+        )  # fmt: skip
+
+    def check(c):
+        got = {w.name: w for w in c.read(time.time(), 60.0, 5.0).workers}
+        for name, w in got.items():
+            raw = store.r.get(store.keys.worker(name))
+            want = None if raw is None else _worker_view(name, raw)
+            assert w == (want or w.__class__(name=name, capacity=0, alive=False)), name
+        return got
+
+    many = {f"m{i}": now - i for i in range(50)}
+    store.write_heartbeat(state("w1", many), ttl_s=60)
+    store.write_heartbeat(state("w2", dict.fromkeys(odd_ids, now), loading=odd_ids[:2], labels={"env": "a"}), ttl_s=60)
+    store.write_heartbeat(state("w3", {}), ttl_s=60)
+    c = cluster(store)
+    first = check(c)
+
+    # the next beat: a new time, two copies used since, one gone, one new
+    many2 = {**many, "m3": now + 1, "m7": now + 2, "new": now}
+    del many2["m9"]
+    store.write_heartbeat(state("w1", many2).model_copy(update={"updated_at": now + 2}), ttl_s=60)
+    store.r.set(store.keys.worker("w3"), json.dumps(json.loads(state("w3", {"s": now}).model_dump_json())))  # spaced
+    second = check(c)
+    assert second["w1"].models["m5"] is first["w1"].models["m5"]  # not parsed again
+    assert second["w1"].models["m3"].last_used == now + 1 and "m9" not in second["w1"].models
+    assert set(second["w2"].models) == set(odd_ids) and second["w2"].loading == set(odd_ids[:2])
+
+    store.r.set(store.keys.worker("w1"), state("w1", many2).model_dump_json()[:-3])  # cut short: not a heartbeat
+    assert not check(c)["w1"].alive

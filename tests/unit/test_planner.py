@@ -600,3 +600,66 @@ def test_loads_in_progress_count_against_the_per_worker_budget():
     assert loads(run([busy, worker("w2", capacity=20 * MB)], [model("q", queue_depth=1)], settings=s)) == [
         ("q", "w2", "queued-requests")
     ]
+
+
+def _labelled_cluster(seed: int) -> ClusterState:
+    """A small full cluster with pools, several copies, pending unloads and queued models:
+    evictions in and out of pools, workers touched before the evict heap is built."""
+    import random
+
+    rng = random.Random(seed)
+    ws = []
+    for i in range(12):
+        labels = {"env": "a"} if i % 6 == 0 else {}  # a small pool: searched apart
+        copies = [copy(f"m{(i * 10 + j + (13 if j == 9 else 0)) % 120:03d}", idle=rng.uniform(0, 3000), age=rng.uniform(0, 6000),
+                       rate=rng.choice([0.0, 0.0, 1.0, 20.0])) for j in range(10)]  # fmt: skip
+        w = worker(f"w{i:02d}", *copies, capacity=rng.choice([100, 100, 105, 120]) * MB, shutting_down=i == 5)
+        w.labels = labels
+        ws.append(w)
+    models = []
+    for k in range(120):
+        mid = f"m{k:03d}"
+        on = [w.name for w in ws if mid in w.models]
+        leaving = k % 11 == 0  # an unload sent by the last run (the history below): worth least
+        models.append(model(mid, on=on, queue_depth=rng.choice([0, 0, 0, 3]), score=0.0 if leaving else rng.uniform(0, 5),
+                            last_used=NOW - rng.uniform(0, 4000), min_copies=rng.choice([None] * 6 + [1]),
+                            required_labels={"env": "a"} if k % 9 == 0 else None))  # fmt: skip
+    # the pool's queued models first (most queued): evictions in the pool before the shared heap
+    models += [model(f"q{k}", queue_depth=9 if k % 3 == 0 else 5, required_labels={"env": "a"} if k % 3 == 0 else None)
+               for k in range(30)]  # fmt: skip
+    history = [PastAction(NOW - 3, "unload", f"m{k:03d}", f"w{k // 10:02d}", "space") for k in range(0, 120, 11)]
+    return ClusterState(workers=ws, models=models, history=history)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_evict_heaps_first_keys_are_each_workers_rough_head(seed, monkeypatch):
+    """`_rough_heads` takes the quiet copies' part from `_each_model` and looks up only the
+    built models' copies: it gives what `_evict_head(w, rough=True)` gives for every worker."""
+    from mesh.policy import planner as p
+
+    checked = []
+
+    def rough_heads(self):
+        heads = original(self)
+        assert heads == [(self._evict_head(w, rough=True), w.version, w.name) for w in self.usable]
+        checked.append(len(heads))
+        return heads
+
+    original = p._Plan._rough_heads
+    monkeypatch.setattr(p._Plan, "_rough_heads", rough_heads)
+    plan(_labelled_cluster(seed), PlannerSettings(default_model_size_bytes=10 * MB, churn_age_s=60), NOW)
+    assert checked  # the heap was built
+
+
+def test_once_the_evictions_are_spent_no_need_searches_for_victims(monkeypatch):
+    from mesh.policy import planner as p
+
+    calls = []
+    search = p._Plan._pick_evict
+    monkeypatch.setattr(p._Plan, "_pick_evict", lambda self, *a, **k: calls.append(1) or search(self, *a, **k))
+    full = [worker(f"w{i}", *(copy(f"c{i}-{j}") for j in range(10))) for i in range(3)]
+    models = [model(f"c{i}-{j}", on=[f"w{i}"]) for i in range(3) for j in range(10)]
+    queued = [model(f"q{k}", queue_depth=1) for k in range(20)]
+    actions = run(full, models + queued, settings=PlannerSettings(default_model_size_bytes=10 * MB, max_evictions_per_tick=2))
+    assert len(of(actions, Unload)) == 2 and len(loads(actions)) == 2
+    assert len(calls) == 2  # not one per queued model
