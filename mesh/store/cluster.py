@@ -12,12 +12,11 @@ import json
 import math
 import uuid
 
-try:  # optional (the `scale` extra): 1,000 heartbeats of 100 copies are 17 MB of JSON per run
-    from orjson import loads as _loads_fast
-except ImportError:  # pragma: no cover - depends on the environment
-    _loads_fast = json.loads
 from collections.abc import Iterable, Iterator, KeysView
 from typing import Any
+
+# 1,000 heartbeats of 100 copies are 17 MB of JSON per run: orjson parses it 3x faster
+from orjson import loads as _loads_fast
 
 from mesh.models import CopyInfo, CopyState, FailedCopy, ModelRecord
 from mesh.policy.planner import (
@@ -174,7 +173,7 @@ class ClusterStore:
     def workers(self) -> list[WorkerView]:
         """Every listed worker as its heartbeat describes it (dead: listed, no heartbeat).
 
-        The heartbeats are parsed with `json` into the planner's views directly: 1,000 workers
+        The heartbeats are parsed (orjson) into the planner's views directly: 1,000 workers
         holding 100 copies each are 100,000 copies to parse per run, and pydantic's validation
         of `WorkerState` cost 5x more. A copy whose entry is byte for byte the one this worker's
         last heartbeat had is not parsed again (`_heartbeat_view`). A heartbeat that does not
