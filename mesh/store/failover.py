@@ -113,7 +113,11 @@ class DeadLetter(BaseModel):
     """One entry of the dead-letter list, as `mesh dead-letters list` shows it."""
 
     list: str  # the Redis list (queue and priority step) it was taken from, without the prefix
-    queue: str
+    queue: str  # the queue's name as Redis has it (a model id in it is encoded: mesh/protocol/ids.py)
+    # the model id of a model queue, decoded (`modèle`, not `mod%C3%A8le`); None for any other
+    # queue (a worker's, the control queue) and for a name under the model queues that is no
+    # encoding of an id (a producer made it up)
+    model: str | None = None
     tag: str  # kombu's delivery tag
     deliveries: int  # deliveries that ended with its holder dead or stalled
     time: float  # when it was dead-lettered
@@ -164,7 +168,7 @@ class FailoverStore:
     def dead_letters(self, limit: int = 0) -> list[DeadLetter]:
         """The dead letters, newest first (`limit` 0: all)."""
         raw = self.r.lrange(self.keys.dead_letters, 0, limit - 1 if limit > 0 else -1)
-        return [entry for r in raw if (entry := self._parse(r)) is not None]
+        return [entry for r in raw if (entry := self._parse(r, self.keys)) is not None]
 
     def requeue(self, tags: list[str] | None = None) -> int:
         """Put dead letters (`tags`, None: all) back on the list they came from, with a fresh
@@ -196,7 +200,7 @@ class FailoverStore:
         return n
 
     @staticmethod
-    def _parse(raw: bytes) -> DeadLetter | None:
+    def _parse(raw: bytes, keys: Keys) -> DeadLetter | None:
         try:
             # a hostile message may hold bytes that are not UTF-8: listed all the same
             d = json.loads(raw.decode("utf-8", "surrogateescape"))
@@ -205,8 +209,9 @@ class FailoverStore:
             headers = message.get("headers") if isinstance(message, dict) else None
             headers = headers if isinstance(headers, dict) else {}
             task, task_id = headers.get("task"), headers.get("id")
+            queue = listkey.split(KOMBU_PRIORITY_SEP, 1)[0]
             return DeadLetter(
-                list=listkey, queue=listkey.split(KOMBU_PRIORITY_SEP, 1)[0], tag=str(d["tag"]),
+                list=listkey, queue=queue, model=keys.model_from_queue(queue), tag=str(d["tag"]),
                 deliveries=int(d["deliveries"]), time=float(d["time"]), reason=str(d["reason"]),
                 task=task if isinstance(task, str) else None, task_id=task_id if isinstance(task_id, str) else None,
                 raw=raw.decode("utf-8", "surrogateescape"),

@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mesh.errors import MeshError
+from mesh.tools.display import cell_len, ljust_cells, visible
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
@@ -460,11 +461,14 @@ def _load_poll(client: MeshClient, model_id: str) -> Callable[[], tuple[str, int
 
 
 def _print_model_status(model_id: str, st: ModelStatus) -> None:
-    console.print(Text.assemble((model_id, "bold"), "  ", _styled(st.serving_state), f"  ({st.state.value})"))
+    console.print(Text.assemble((visible(model_id), "bold"), "  ", _styled(st.serving_state), f"  ({st.state.value})"))
+    # worker names padded to one display width (at least 32), so the columns after them line up
+    width = max([32] + [cell_len(visible(c.worker)) for c in [*st.copies, *st.failed_copies]])
     for cp in st.copies:
-        console.print(f"  copy    {cp.worker:<32} {cp.state.value:<8} since {_ago(cp.since)}")
+        console.print(f"  copy    {ljust_cells(visible(cp.worker), width)} {cp.state.value:<8} since {_ago(cp.since)}")
     for f in st.failed_copies:
-        console.print(f"  failed  {f.worker:<32} {_ago(f.time)}: {f.error}", highlight=False, soft_wrap=True)
+        console.print(f"  failed  {ljust_cells(visible(f.worker), width)} {_ago(f.time)}: {f.error}",
+                      highlight=False, soft_wrap=True)  # fmt: skip
     for e in st.errors[:3]:
         if not any(e == f.error for f in st.failed_copies):
             console.print(f"  error   {e}", highlight=False, soft_wrap=True)
@@ -479,7 +483,7 @@ def models_list() -> None:
         table = Table("model", "runtime", "state", "copies", "refs", "uri")
         for rec in c.list_models():
             st = c.get_model_status(rec.model_id)
-            table.add_row(rec.model_id, rec.info.runtime, _styled(st.serving_state),
+            table.add_row(visible(rec.model_id), rec.info.runtime, _styled(st.serving_state),
                           str(len(st.copies)), str(rec.refs), rec.info.uri)  # fmt: skip
         console.print(table)
 
@@ -597,22 +601,30 @@ def models_metadata(
 
 # ---------------------------------------------------------------------- vmodels
 def _print_vmodel_status(st: VModelStatus) -> None:
-    line = Text.assemble((st.vmodel_id, "bold"), "  ", st.status.value, "  transition ", _styled(st.transition_status))
+    line = Text.assemble((visible(st.vmodel_id), "bold"), "  ", st.status.value, "  transition ",
+                         _styled(st.transition_status))  # fmt: skip
     console.print(line)
     if st.owner:
-        console.print(f"  owner   {st.owner}")
+        console.print(f"  owner   {visible(st.owner)}")
 
     def copies(cs: list) -> str:
-        return ", ".join(f"{c.worker}{'' if c.state.value == 'LOADED' else ' (loading)'}" for c in cs) or "-"
+        return ", ".join(f"{visible(c.worker)}{'' if c.state.value == 'LOADED' else ' (loading)'}" for c in cs) or "-"
 
-    console.print(Text.assemble("  active  ", (f"{st.active_model_id:<28}", ""), _styled(st.active_model_serving_state),
+    # the active and target ids padded to one display width (at least 28 cells, and a space
+    # after the longer), so their states line up whatever the ids (wide characters included)
+    active, target = visible(st.active_model_id), visible(st.target_model_id)
+    width = max(28, cell_len(active) + 1, cell_len(target) + 1 if st.in_transition else 0)
+    console.print(Text.assemble("  active  ", ljust_cells(active, width), _styled(st.active_model_serving_state),
                                 f"  copies {len(st.active_model_copies)}: {copies(st.active_model_copies)}"))  # fmt: skip
     if st.in_transition:
-        console.print(Text.assemble("  target  ", f"{st.target_model_id:<28}", _styled(st.target_model_serving_state),
+        console.print(Text.assemble("  target  ", ljust_cells(target, width), _styled(st.target_model_serving_state),
                                     f"  copies {len(st.target_model_copies)}: {copies(st.target_model_copies)}"))  # fmt: skip
     console.print(f"  total copies {st.total_copies}, failed copies {st.failed_copies}")
-    for f in st.active_model_failed_copies + st.target_model_failed_copies:
-        console.print(f"  failed  {f.worker:<28} {_ago(f.time)}: {f.error}", highlight=False, soft_wrap=True)
+    failed = st.active_model_failed_copies + st.target_model_failed_copies
+    width = max([28] + [cell_len(visible(f.worker)) for f in failed])
+    for f in failed:
+        console.print(f"  failed  {ljust_cells(visible(f.worker), width)} {_ago(f.time)}: {f.error}",
+                      highlight=False, soft_wrap=True)  # fmt: skip
     if st.errors and not (st.active_model_failed_copies or st.target_model_failed_copies):
         console.print(f"  error   {st.errors[0]}", highlight=False, soft_wrap=True)
 
@@ -627,10 +639,10 @@ def vmodels_list() -> None:
             if st.status.value == "NOT_FOUND":
                 continue  # deleted between the two reads
             table.add_row(
-                rec.vmodel_id, st.active_model_id, _styled(st.active_model_serving_state),
-                st.target_model_id if st.in_transition else "-", _styled(st.transition_status),
+                visible(rec.vmodel_id), visible(st.active_model_id), _styled(st.active_model_serving_state),
+                visible(st.target_model_id) if st.in_transition else "-", _styled(st.transition_status),
                 f"{st.total_copies} ({st.failed_copies} failed)" if st.failed_copies else str(st.total_copies),
-                st.owner or "-",
+                visible(st.owner) if st.owner else "-",
             )  # fmt: skip
         console.print(table)
 
@@ -828,16 +840,21 @@ def dead_letters_list(
     limit: int = typer.Option(100, min=0, help="newest first; 0: all"),
     as_json: bool = typer.Option(False, "--json", help="print them as JSON, the messages included"),
 ) -> None:
-    """The dead letters, newest first: queue, delivery tag, task id, deliveries, when."""
+    """The dead letters, newest first: model (or queue), delivery tag, task, task id,
+    deliveries, when, why. A model queue shows its model id as people wrote it (the queue's
+    name holds it encoded); --json has both, `model` and the raw `queue`."""
     with _client() as c:
         entries = _dead_letters(c).dead_letters(limit)
         if as_json:
             _print_json([{**e.model_dump(exclude={"raw"}), "message": json.loads(e.raw).get("message")}
                          for e in entries])  # fmt: skip
             return
-        table = Table("queue", "delivery tag", "task", "task id", "deliveries", "dead-lettered", "reason")
+        table = Table("model / queue", "delivery tag", "task", "task id", "deliveries", "dead-lettered", "reason")
         for e in entries:
-            table.add_row(e.queue, e.tag, e.task or "-", e.task_id or "-", str(e.deliveries), _ago(e.time), e.reason)
+            # another queue (a worker's, the control queue, a made-up name) by its full name
+            where = visible(e.model) if e.model is not None else Text(visible(e.queue), style="dim")
+            table.add_row(where, visible(e.tag), visible(e.task or "-"), visible(e.task_id or "-"),
+                          str(e.deliveries), _ago(e.time), visible(e.reason))  # fmt: skip
         console.print(table)
 
 
@@ -865,8 +882,8 @@ def workers() -> None:
         table = Table("worker", "used / capacity", "models", "req/s", "requests", "mean batch", "state")
         for w in c.list_workers():
             table.add_row(
-                w.name, f"{w.used_bytes / 2**20:.1f} / {w.capacity_bytes / 2**20:.0f} MiB",
-                ", ".join(m.model_id for m in w.models) or "-", f"{w.request_rate:.1f}",
+                visible(w.name), f"{w.used_bytes / 2**20:.1f} / {w.capacity_bytes / 2**20:.0f} MiB",
+                ", ".join(visible(m.model_id) for m in w.models) or "-", f"{w.request_rate:.1f}",
                 str(w.requests_total), f"{w.mean_batch_size:.1f}",
                 "shutting down" if w.shutting_down else "up",
             )  # fmt: skip

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from mesh.models import ModelRecord
 from mesh.protocol.labels import format_labels
+from mesh.tools.display import visible
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
@@ -32,7 +33,7 @@ def _bytes(n: int) -> str:
 
 
 def _short(names: list[str], limit: int = 4) -> str:
-    shown = ", ".join(names[:limit])
+    shown = ", ".join(visible(n) for n in names[:limit])
     return shown + (f" +{len(names) - limit}" if len(names) > limit else "")
 
 
@@ -63,9 +64,9 @@ def _transitions_table(client: MeshClient, limit: int) -> Table | None:
         need = max(1, sum(1 for c in st.active_model_copies if c.state.value == "LOADED"))
         word = st.transition_status or "-"
         table.add_row(
-            vmodel_id,
-            f"{st.active_model_id} ({st.active_model_serving_state})",
-            f"{st.target_model_id} ({st.target_model_serving_state})",
+            visible(vmodel_id),
+            f"{visible(st.active_model_id)} ({st.active_model_serving_state})",
+            f"{visible(st.target_model_id)} ({st.target_model_serving_state})",
             f"{loaded}/{need} loaded",
             Text(word, style="red" if word == "BlockedByFailedLoad" else "cyan"),
             f"{time.time() - rec.updated_at:.0f}s ago" if rec else "-",
@@ -107,7 +108,7 @@ def render_status(client: MeshClient, *, limit: int = 50) -> Any:
         ids_here = sorted((m.model_id for m in w.models), key=lambda m: -rate.get(m, 0.0))
         wt.add_row(
             # its pool (MESH_WORKER_LABELS); Text: rich would take "[...]" for markup
-            Text(f"{w.name} [{format_labels(w.labels)}]") if w.labels else w.name,
+            Text(f"{visible(w.name)} [{visible(format_labels(w.labels))}]") if w.labels else visible(w.name),
             Text("draining", style="yellow") if w.shutting_down else Text("up", style="green"),
             _bytes(w.capacity_bytes),
             _capacity_bar(w.used_bytes, w.capacity_bytes),
@@ -132,7 +133,7 @@ def render_status(client: MeshClient, *, limit: int = 50) -> Any:
         copies = [f"{c.worker}{'' if c.state.value == 'LOADED' else ' (loading)'}" for c in st.copies]
         lo, hi = rec.info.min_copies, rec.info.max_copies
         mt.add_row(
-            rec.model_id,
+            visible(rec.model_id),
             Text(words, style=styles.get(words, "")),
             f"{len(st.copies)}: {_short(copies, 3)}" if copies else "0",
             str(len(st.failed_copies)),

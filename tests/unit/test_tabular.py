@@ -128,6 +128,105 @@ def test_xgboost_and_lightgbm_equal_their_wrappers(iris, tmp_path):
     assert loaded.size_bytes > 0
 
 
+def test_binary_classifiers_equal_their_wrappers_and_fail_alike(iris, tmp_path):
+    """The binary case (one probability column made two) and a failing library call, for both
+    runtimes: their predict is one (BoosterRuntime), so they answer and fail in one way."""
+    from mesh.errors import InferenceError
+
+    xgb = pytest.importorskip("xgboost")
+    lgb = pytest.importorskip("lightgbm")
+    x, y = iris
+    y = (y > 0).astype(int)
+    xm = xgb.XGBClassifier(n_estimators=5).fit(x, y)
+    xm.save_model(tmp_path / "bin.json")
+    lm = lgb.LGBMClassifier(n_estimators=5, verbose=-1).fit(x, y)
+    lm.booster_.save_model(tmp_path / "bin.txt")
+    for name, path, wrapper in [("xgboost", "bin.json", xm), ("lightgbm", "bin.txt", lm)]:
+        loaded = _load(name, tmp_path / path)
+        rt = loaded.runtime
+        assert [o.name for o in loaded.outputs] == ["predict", "predict_proba", "raw_margin"]
+        out = rt.predict(loaded.model, {"x": x}, ["predict", "predict_proba"])
+        assert out["predict"].dtype == np.int64 and out["predict"].tolist() == wrapper.predict(x).tolist()
+        np.testing.assert_allclose(out["predict_proba"], wrapper.predict_proba(x), rtol=1e-6)
+        assert rt.predict(loaded.model, {"x": x[:3]}, ["raw_margin"])["raw_margin"].shape == (3,)
+        offers = r"no output 'decision_function'; it offers \['predict', 'predict_proba', 'raw_margin'\]"
+        with pytest.raises(InvalidInput, match=offers):
+            rt.predict(loaded.model, {"x": x}, ["decision_function"])
+        with pytest.raises(InferenceError, match=f"^{name} predict failed: "):
+            rt.predict(loaded.model, {"x": x[:, :3]}, None)  # a column short: the library refuses
+
+
+class _FakeBooster:
+    """BoosterRuntime's hooks over no library: scores are the rows' sums, or what `fail` says."""
+
+    def __init__(self, proba: bool = True, fail: Exception | None = None) -> None:
+        self.proba, self.fail, self.calls = proba, fail, []
+        self.n_features, self.feature_names, self.categorical = 2, None, {}
+
+
+def _fake_runtime():
+    from workers.runtimes.tabular import BoosterRuntime
+
+    class FakeRuntime(BoosterRuntime):
+        name = "fake"
+
+        def load(self, path, info, known_size=None):
+            raise NotImplementedError
+
+        def has_proba(self, model):
+            return model.proba
+
+        def scores(self, model, x):
+            model.calls.append("scores")
+            if model.fail is not None:
+                raise model.fail
+            return x.sum(axis=1) / 10
+
+        def margin(self, model, x):
+            model.calls.append("margin")
+            return x.sum(axis=1)
+
+        def classes(self, model, value):
+            return (value > 0.5).astype(np.int64)
+
+    return FakeRuntime()
+
+
+def test_booster_runtime_predicts_checks_and_fails_for_its_subclasses():
+    from mesh.errors import InferenceError, ModelNotFound
+
+    from workers.runtimes.lightgbm import LightGBMRuntime
+    from workers.runtimes.tabular import BoosterRuntime
+    from workers.runtimes.xgboost import XGBoostRuntime
+
+    for cls in (XGBoostRuntime, LightGBMRuntime):  # the one predict and check, not copies of it
+        assert issubclass(cls, BoosterRuntime)
+        assert not {"predict", "check_inputs", "offered"} & set(vars(cls))
+    rt, x = _fake_runtime(), np.array([[1.0, 2.0], [4.0, 5.0]])
+    model = _FakeBooster()
+    out = rt.predict(model, {"x": x}, ["predict_proba", "predict", "raw_margin"])
+    assert list(out) == ["predict_proba", "predict", "raw_margin"] and model.calls == ["scores", "margin"]
+    np.testing.assert_allclose(out["predict_proba"], [[0.7, 0.3], [0.1, 0.9]])
+    assert out["predict"].tolist() == [0, 1] and out["raw_margin"].tolist() == [3.0, 9.0]
+    model.calls.clear()
+    assert list(rt.predict(model, {"x": x}, None)) == ["predict"] and model.calls == ["scores"]
+    model.calls.clear()
+    rt.predict(model, {"x": x}, ["raw_margin"])
+    assert model.calls == ["margin"]  # no scores computed for nothing
+    with pytest.raises(InvalidInput, match=r"no output 'predict_proba'; it offers \['predict', 'raw_margin'\]"):
+        rt.predict(_FakeBooster(proba=False), {"x": x}, ["predict_proba"])
+    with pytest.raises(InferenceError, match="^fake predict failed: ValueError: boom$"):
+        rt.predict(_FakeBooster(fail=ValueError("boom")), {"x": x}, None)
+    gone = ModelNotFound("gone")
+    with pytest.raises(ModelNotFound) as caught:  # a MeshError goes through as it is
+        rt.predict(_FakeBooster(fail=gone), {"x": x}, None)
+    assert caught.value is gone
+    with pytest.raises(InvalidInput, match=r"the model expects \[-1, 2\]"):
+        rt.check_inputs(rt.tabular_loaded(model, 1, []), {"x": np.ones((2, 3))})
+    loaded = rt.tabular_loaded(model, 7, [])
+    assert loaded.size_bytes == 7 and loaded.default_outputs == ["predict"] and loaded.signature[0].shape == [-1, 2]
+
+
 def test_damaged_files_are_load_failures(tmp_path):
     from mesh.errors import ModelLoadFailed
 

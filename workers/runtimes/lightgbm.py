@@ -21,17 +21,16 @@ Predictions run on one thread per worker process (`num_threads=1`), as the ONNX 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightgbm as lgb
 import numpy as np
 
-from mesh.errors import InferenceError, InvalidInput, MeshError
 from mesh.models import ModelInfo
 
-from .base import Loaded, Runtime, TensorSpec, load_failed, resolve_model_file
-from .tabular import check_tabular, tabular_input, tabular_signature, unnamed
+from .base import Loaded, TensorSpec, load_failed, resolve_model_file
+from .tabular import BoosterRuntime, two_columns
 
 _SUFFIXES = (".txt", ".lgb", ".model")
 # the names LightGBM gives the features of a model trained on a bare array
@@ -62,7 +61,7 @@ class LightGBMModel:
         return self.objective in ("binary", "multiclass", "multiclassova")
 
 
-class LightGBMRuntime(Runtime):
+class LightGBMRuntime(BoosterRuntime):
     name = "lightgbm"
 
     def load(self, path: Path, info: ModelInfo, known_size: int | None = None) -> Loaded:
@@ -73,53 +72,22 @@ class LightGBMRuntime(Runtime):
             raise load_failed(self.name, file, e, "not a model written by LightGBM's save_model, or a damaged one") from e
         # the text file is the trees' parameters one to one: its size is about the booster's
         size = known_size or max(file.stat().st_size, 1)
-        return Loaded(
-            model=model,
-            size_bytes=size,
-            signature=tabular_signature(model.n_features, model.feature_names),
-            runtime=self,
-            outputs=_output_specs(model),
-            default_outputs=["predict"],
-        )
+        return self.tabular_loaded(model, size, _output_specs(model))
 
-    def check_inputs(self, loaded: Loaded, inputs: dict[str, np.ndarray]) -> None:
-        model: LightGBMModel = loaded.model
-        super().check_inputs(unnamed(loaded), inputs)
-        check_tabular(self.name, inputs, model.n_features, model.feature_names)
+    # what BoosterRuntime.predict asks of the library
+    def has_proba(self, model: LightGBMModel) -> bool:
+        return model.is_classifier
 
-    def predict(
-        self, model: LightGBMModel, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        x = tabular_input(self.name, inputs, model.n_features, model.feature_names, categorical=model.categorical)
-        wanted = list(outputs or ("predict",))
-        offered = _offered(model)
-        unknown = [w for w in wanted if w not in offered]
-        if unknown:
-            raise InvalidInput(f"the model has no output {', '.join(map(repr, unknown))}; it offers {offered}")
-        out: dict[str, np.ndarray] = {}
-        try:
-            value = None
-            if any(w in ("predict", "predict_proba") for w in wanted):
-                value = model.booster.predict(x, num_threads=1)
-            for w in wanted:
-                if w == "raw_margin":
-                    out[w] = model.booster.predict(x, raw_score=True, num_threads=1)
-                elif w == "predict_proba":
-                    out[w] = np.column_stack([1.0 - value, value]) if value.ndim == 1 else value
-                elif model.is_classifier:
-                    proba = np.column_stack([1.0 - value, value]) if value.ndim == 1 else value
-                    out[w] = np.argmax(proba, axis=1).astype(np.int64)  # LGBMClassifier.predict's rule
-                else:
-                    out[w] = value
-        except MeshError:
-            raise
-        except Exception as e:
-            raise InferenceError(f"lightgbm predict failed: {type(e).__name__}: {e}") from e
-        return self._batched_outputs(self.name, out, x.shape[0])
+    def scores(self, model: LightGBMModel, x: Any) -> np.ndarray:
+        return model.booster.predict(x, num_threads=1)
 
+    def margin(self, model: LightGBMModel, x: Any) -> np.ndarray:
+        return model.booster.predict(x, raw_score=True, num_threads=1)
 
-def _offered(model: LightGBMModel) -> list[str]:
-    return ["predict", *(["predict_proba"] if model.is_classifier else []), "raw_margin"]
+    def classes(self, model: LightGBMModel, value: np.ndarray) -> np.ndarray:
+        if model.is_classifier:
+            return np.argmax(two_columns(value), axis=1).astype(np.int64)  # LGBMClassifier.predict's rule
+        return value
 
 
 def _output_specs(model: LightGBMModel) -> list[TensorSpec]:

@@ -1,4 +1,5 @@
-"""Tabular inputs shared by the sklearn, xgboost and lightgbm runtimes.
+"""Tabular inputs shared by the sklearn, xgboost and lightgbm runtimes, and the part of the
+xgboost and lightgbm runtimes that is the same for both (`BoosterRuntime`).
 
 A tabular model takes either one 2-D tensor [rows, features], or, when it was trained on a
 pandas DataFrame and so knows its feature names, one tensor per column named after the column
@@ -11,14 +12,15 @@ pandas is imported only for models that know their feature names (`feature_frame
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from mesh.errors import InvalidInput
+from mesh.errors import InferenceError, InvalidInput, MeshError
 
-from .base import Loaded, TensorSpec
+from .base import Loaded, Runtime, TensorSpec
 
 
 def tabular_signature(n_features: int | None, feature_names: Sequence[str] | None) -> list[TensorSpec] | None:
@@ -143,3 +145,79 @@ def unnamed(loaded: Loaded) -> Loaded:
     """`loaded` without its signature, for the base checks (scalars, rows that disagree) that
     run before `check_tabular`, which knows the forms a table may take."""
     return Loaded(model=loaded.model, size_bytes=loaded.size_bytes, signature=None, runtime=loaded.runtime)
+
+
+def two_columns(value: np.ndarray) -> np.ndarray:
+    """Class probabilities [rows, classes]: a binary model's one column p becomes [1 - p, p]
+    (as the sklearn wrappers' `predict_proba`); a multiclass model's are already that."""
+    return np.column_stack([1.0 - value, value]) if value.ndim == 1 else value
+
+
+class BoosterRuntime(Runtime):
+    """A gradient-boosting runtime (xgboost, lightgbm) over a model object with `n_features`,
+    `feature_names` and `categorical`, offering the outputs `predict`, `predict_proba` (when
+    `has_proba`) and `raw_margin`. A subclass loads its files and says how its library
+    predicts: `scores` (the prediction `predict` and `predict_proba` derive from), `classes`
+    (`predict` from the scores) and `margin` (`raw_margin`)."""
+
+    @abc.abstractmethod
+    def has_proba(self, model: Any) -> bool:
+        """Whether the model offers `predict_proba`."""
+
+    @abc.abstractmethod
+    def scores(self, model: Any, x: Any) -> np.ndarray:
+        """The library's prediction for the batch `x` (`tabular_input`'s)."""
+
+    @abc.abstractmethod
+    def classes(self, model: Any, value: np.ndarray) -> np.ndarray:
+        """`predict` from `scores`' value: class indices for a classifier, else the value."""
+
+    @abc.abstractmethod
+    def margin(self, model: Any, x: Any) -> np.ndarray:
+        """`raw_margin`: the untransformed score of the batch `x`."""
+
+    def offered(self, model: Any) -> list[str]:
+        return ["predict", *(["predict_proba"] if self.has_proba(model) else []), "raw_margin"]
+
+    def tabular_loaded(self, model: Any, size: int, outputs: list[TensorSpec]) -> Loaded:
+        """What `load` returns: the table's signature, `outputs`, `predict` by default."""
+        return Loaded(
+            model=model,
+            size_bytes=size,
+            signature=tabular_signature(model.n_features, model.feature_names),
+            runtime=self,
+            outputs=outputs,
+            default_outputs=["predict"],
+        )
+
+    def check_inputs(self, loaded: Loaded, inputs: dict[str, np.ndarray]) -> None:
+        model = loaded.model
+        super().check_inputs(unnamed(loaded), inputs)
+        check_tabular(self.name, inputs, model.n_features, model.feature_names)
+
+    def predict(
+        self, model: Any, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        x = tabular_input(self.name, inputs, model.n_features, model.feature_names, categorical=model.categorical)
+        wanted = list(outputs or ("predict",))
+        offered = self.offered(model)
+        unknown = [w for w in wanted if w not in offered]
+        if unknown:
+            raise InvalidInput(f"the model has no output {', '.join(map(repr, unknown))}; it offers {offered}")
+        out: dict[str, np.ndarray] = {}
+        try:
+            value = None
+            if any(w in ("predict", "predict_proba") for w in wanted):
+                value = self.scores(model, x)
+            for w in wanted:
+                if w == "raw_margin":
+                    out[w] = self.margin(model, x)
+                elif w == "predict_proba":
+                    out[w] = two_columns(value)
+                else:
+                    out[w] = self.classes(model, value)
+        except MeshError:
+            raise
+        except Exception as e:
+            raise InferenceError(f"{self.name} predict failed: {type(e).__name__}: {e}") from e
+        return self._batched_outputs(self.name, out, x.shape[0])

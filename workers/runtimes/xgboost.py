@@ -20,18 +20,16 @@ few cores, and Mesh gets throughput from batching and processes (as the ONNX run
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xgboost as xgb
 
-from mesh.errors import InferenceError, InvalidInput, MeshError
 from mesh.models import ModelInfo
 
-from .base import Loaded, Runtime, TensorSpec, load_failed, resolve_model_file
-from .tabular import check_tabular, tabular_input, tabular_signature, unnamed
+from .base import Loaded, TensorSpec, load_failed, resolve_model_file
+from .tabular import BoosterRuntime
 
 _SUFFIXES = (".json", ".ubj")
 # objectives whose prediction is a probability of each class (or of class 1)
@@ -67,7 +65,7 @@ class XGBoostModel:
         return self.objective in _CLASSES
 
 
-class XGBoostRuntime(Runtime):
+class XGBoostRuntime(BoosterRuntime):
     name = "xgboost"
 
     def load(self, path: Path, info: ModelInfo, known_size: int | None = None) -> Loaded:
@@ -96,66 +94,30 @@ class XGBoostRuntime(Runtime):
 
     def _loaded(self, model: XGBoostModel, size: int) -> Loaded:
         model.booster.set_param({"nthread": 1})
-        return Loaded(
-            model=model,
-            size_bytes=size,
-            signature=tabular_signature(model.n_features, model.feature_names),
-            runtime=self,
-            outputs=_output_specs(model),
-            default_outputs=["predict"],
-        )
+        return self.tabular_loaded(model, size, _output_specs(model))
 
-    def check_inputs(self, loaded: Loaded, inputs: dict[str, np.ndarray]) -> None:
-        model: XGBoostModel = loaded.model
-        super().check_inputs(unnamed(loaded), inputs)
-        check_tabular(self.name, inputs, model.n_features, model.feature_names)
+    # what BoosterRuntime.predict asks of the library
+    def has_proba(self, model: XGBoostModel) -> bool:
+        return model.objective in _PROBA
 
-    def predict(
-        self, model: XGBoostModel, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        x = tabular_input(self.name, inputs, model.n_features, model.feature_names, categorical=model.categorical)
-        wanted = list(outputs or ("predict",))
-        offered = _offered(model)
-        unknown = [w for w in wanted if w not in offered]
-        if unknown:
-            raise InvalidInput(f"the model has no output {', '.join(map(repr, unknown))}; it offers {offered}")
-        out: dict[str, np.ndarray] = {}
-        try:
-            value = None
-            if any(w in ("predict", "predict_proba") for w in wanted):
-                value = model.booster.inplace_predict(x, iteration_range=model.iteration_range)
-            for w in wanted:
-                if w == "raw_margin":
-                    out[w] = model.booster.inplace_predict(
-                        x, iteration_range=model.iteration_range, predict_type="margin"
-                    )
-                elif w == "predict_proba":
-                    out[w] = np.column_stack([1.0 - value, value]) if value.ndim == 1 else value
-                else:
-                    out[w] = _classes(model, value)
-        except MeshError:
-            raise
-        except Exception as e:
-            raise InferenceError(f"xgboost predict failed: {type(e).__name__}: {e}") from e
-        return self._batched_outputs(self.name, out, x.shape[0])
+    def scores(self, model: XGBoostModel, x: Any) -> np.ndarray:
+        return model.booster.inplace_predict(x, iteration_range=model.iteration_range)
 
+    def margin(self, model: XGBoostModel, x: Any) -> np.ndarray:
+        return model.booster.inplace_predict(x, iteration_range=model.iteration_range, predict_type="margin")
 
-def _classes(model: XGBoostModel, value: np.ndarray) -> np.ndarray:
-    """`predict` from the booster's prediction, as the sklearn wrapper computes it."""
-    objective = model.objective
-    if objective == "binary:logistic":
-        return (value > 0.5).astype(np.int64)
-    if objective == "binary:logitraw":
-        return (value > 0.0).astype(np.int64)
-    if objective == "multi:softprob":
-        return np.argmax(value, axis=1).astype(np.int64)
-    if objective in ("multi:softmax", "binary:hinge"):
-        return value.astype(np.int64)
-    return value
-
-
-def _offered(model: XGBoostModel) -> list[str]:
-    return ["predict", *(["predict_proba"] if model.objective in _PROBA else []), "raw_margin"]
+    def classes(self, model: XGBoostModel, value: np.ndarray) -> np.ndarray:
+        """`predict` from the booster's prediction, as the sklearn wrapper computes it."""
+        objective = model.objective
+        if objective == "binary:logistic":
+            return (value > 0.5).astype(np.int64)
+        if objective == "binary:logitraw":
+            return (value > 0.0).astype(np.int64)
+        if objective == "multi:softprob":
+            return np.argmax(value, axis=1).astype(np.int64)
+        if objective in ("multi:softmax", "binary:hinge"):
+            return value.astype(np.int64)
+        return value
 
 
 def _output_specs(model: XGBoostModel) -> list[TensorSpec]:
