@@ -33,8 +33,14 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, what: st
     await context.abort(code, message)
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    return context.time_remaining()
+def _deadline(context: grpc.aio.ServicerContext, request: Any) -> float | None:
+    """Seconds the caller still waits: its gRPC deadline, or Triton's `timeout` parameter if
+    shorter; None: neither was given (the gateway's default deadline applies)."""
+    remaining = context.time_remaining()
+    param = codec.grpc_timeout(request)
+    if remaining is None or (param is not None and param < remaining):
+        return param
+    return remaining
 
 
 class InferenceService:
@@ -78,7 +84,7 @@ class InferenceService:
             target = self._target(request.model_name, request.model_version, context)
             tensors = codec.grpc_inputs(request)
             asked = [o.name for o in request.outputs]
-            result = await self.frontend.infer(target, tensors, _deadline(context), asked or None)
+            result = await self.frontend.infer(target, tensors, _deadline(context, request), asked or None)
             outputs = codec.requested(asked, result.get("outputs") or [])
             response = v2.ModelInferResponse(id=request.id, model_version=request.model_version)
             return codec.fill_grpc_response(response, result, outputs, raw=bool(request.raw_input_contents))
