@@ -336,6 +336,11 @@ class MeshSettings(BaseSettings):
         "deadline, no `timeout` parameter): it fails with DEADLINE_EXCEEDED / HTTP 504 after "
         "this, and is never run after it",
     )
+    gateway_reflection: bool = Field(
+        default=True,
+        description="serve gRPC server reflection (grpc.reflection.v1alpha.ServerReflection) on "
+        "the gRPC port, as Triton does: `grpcurl -plaintext HOST:PORT list` works",
+    )
 
     @field_validator("prefix")
     @classmethod

@@ -13,12 +13,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 
 from mesh.gateway import codec
 from mesh.gateway.errors import status_of
 from mesh.gateway.frontend import EXTENSIONS, SERVER_NAME, Frontend
 from mesh.gateway.management import Management
-from mesh.gateway.protos import MM_SERVICE, V2_SERVICE, methods, v2
+from mesh.gateway.protos import DESCRIPTORS, MM_SERVICE, V2_SERVICE, methods, v2
 from mesh.gateway.targets import Target, pick
 
 log = logging.getLogger("mesh.gateway.grpc")
@@ -126,7 +127,26 @@ def _generic(service: str, impl: Callable[[str], Handler]) -> grpc.GenericRpcHan
     return grpc.method_handlers_generic_handler(service, handlers)
 
 
-def build_server(frontend: Frontend, management: Management | None, max_message_bytes: int) -> grpc.aio.Server:
+def _enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
+    """gRPC server reflection (grpc/grpc doc/server-reflection.md), as Triton serves it: tools
+    such as grpcurl list and describe the services without their .proto files. The
+    descriptors are the gateway's own (mesh/gateway/protos), in a pool of their own that also
+    holds the reflection service's, so every name `list` shows can be described."""
+    try:
+        from grpc_reflection.v1alpha import reflection, reflection_pb2
+    except ImportError:
+        log.warning("gRPC reflection is off: the grpcio-reflection package is not installed "
+                    "(install it, or set MESH_GATEWAY_REFLECTION=false to silence this)")  # fmt: skip
+        return
+    pool = descriptor_pool.DescriptorPool()
+    for f in descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTORS.read_bytes()).file:
+        pool.Add(f)
+    pool.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
+    reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server, pool=pool)
+
+
+def build_server(frontend: Frontend, management: Management | None, max_message_bytes: int, *,
+                 reflection: bool = True) -> grpc.aio.Server:  # fmt: skip
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -134,8 +154,12 @@ def build_server(frontend: Frontend, management: Management | None, max_message_
     server = grpc.aio.server(options=options)
     inference = InferenceService(frontend)
     server.add_generic_rpc_handlers((_generic(V2_SERVICE, lambda name: getattr(inference, name)),))
+    services = [V2_SERVICE]
     if management is not None:
         mgmt = ManagementService(management)
         server.add_generic_rpc_handlers((_generic(MM_SERVICE, mgmt.handler),))
+        services.append(MM_SERVICE)
+    if reflection:
+        _enable_reflection(server, services)
     return server
 

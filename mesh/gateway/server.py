@@ -43,7 +43,8 @@ async def serve(
     frontend = Frontend(client, settings.gateway_request_timeout_s)
     management = Management(client) if settings.gateway_management else None
     host = settings.gateway_host
-    server = build_server(frontend, management, settings.gateway_max_message_bytes)
+    server = build_server(frontend, management, settings.gateway_max_message_bytes,
+                          reflection=settings.gateway_reflection)  # fmt: skip
     where = f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address
     grpc_port = server.add_insecure_port(f"{where}:{settings.gateway_grpc_port}")
     if grpc_port == 0:

@@ -371,7 +371,7 @@ def test_a_thousand_requests_in_flight_hold_no_thread_each(client: MeshClient, w
     assert all(list(a.outputs[0].contents.fp32_contents) == [10.0] for a in answers)
 
 
-# --- deadlines and cancellation, on a gateway in this process (its client's reply
+# --- deadlines, cancellation and reflection, on a gateway in this process (its client's reply
 # listener can be inspected); the model has no worker, so every request waits in its queue
 
 BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
@@ -492,3 +492,30 @@ def test_a_client_that_goes_away_leaves_nothing_pending(client: MeshClient):
         wait_for(lambda: _quiet(client), 5, interval=0.02, what="the cancelled call to be forgotten")
         channel.close()
 
+
+def test_grpc_reflection_lists_and_describes_the_services(client: MeshClient):
+    """What `grpcurl -plaintext HOST:8033 list` / `describe` ask: the reflection service lists
+    both APIs and gives their descriptors; MESH_GATEWAY_REFLECTION=false turns it off."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with gateway_rig.in_process(client) as gw:
+        channel = grpc.insecure_channel(gw.grpc_url)
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"inference.GRPCInferenceService", "mmesh.ModelMesh",
+                "grpc.reflection.v1alpha.ServerReflection"} <= services, services  # fmt: skip
+        pool = DescriptorPool(db)
+        infer = pool.FindServiceByName("inference.GRPCInferenceService").FindMethodByName("ModelInfer")
+        assert infer.input_type.full_name == "inference.ModelInferRequest"
+        assert "raw_input_contents" in infer.input_type.fields_by_name
+        mm = pool.FindServiceByName("mmesh.ModelMesh")
+        assert {"registerModel", "setVModel", "getVModelStatus"} <= set(mm.methods_by_name)
+        pool.FindServiceByName("grpc.reflection.v1alpha.ServerReflection")
+        channel.close()
+    with gateway_rig.in_process(client, gateway_reflection=False, gateway_management=False) as gw:
+        channel = grpc.insecure_channel(gw.grpc_url)
+        with pytest.raises(grpc.RpcError) as exc:
+            list(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert exc.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        channel.close()
