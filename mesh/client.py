@@ -350,17 +350,22 @@ class MeshClient:
         priority: str | None = None,
         timeout_ms: float | None = None,
         outputs: Sequence[Any] | None = None,
+        max_timeout_ms: float | None = None,
     ) -> dict:
         """`infer(...)` awaited: the V2 response, or the request's error raised.
 
         The requests a loop sends in one turn go out together at the end of the turn, in one
         Redis round trip on the loop's thread; the wait costs no thread, so one loop can keep
         thousands of requests in flight. Cancelling the await does not cancel the request
-        (bound it with `timeout_ms`); `asyncio.timeout` bounds the wait.
+        (bound it with `timeout_ms`); `asyncio.timeout` bounds the wait. A cancelled await
+        leaves nothing behind in this client (its handle leaves the reply listener); a reply
+        that still comes is dropped. `max_timeout_ms`, when `timeout_ms` is not given: the
+        longest expiry the model's `default_timeout_ms` may give the request (what a caller
+        that will wait no longer than that passes, e.g. the gateway's default deadline).
         """
         tensors = encode_inputs(inputs)
         return await self._send_async(model_id, vmodel_id, _with_outputs({"inputs": tensors}, outputs), priority,
-                                      timeout_ms)  # fmt: skip
+                                      timeout_ms, max_timeout_ms)  # fmt: skip
 
     async def infer_many_async(
         self,
@@ -407,14 +412,17 @@ class MeshClient:
         kwargs: dict,
         priority: str | None,
         timeout_ms: float | None,
+        max_timeout_ms: float | None = None,
     ) -> dict:
-        handle, prepared = self._prepare(model_id, vmodel_id, kwargs, priority, timeout_ms)
+        handle, prepared = self._prepare(model_id, vmodel_id, kwargs, priority, timeout_ms, max_timeout_ms)
         try:
             await self._outbox.send(prepared)
+            return await handle
         except BaseException:
+            # the handle never leaves this call: once its await ends without a reply (cancelled,
+            # a timeout), nobody can ask for the reply, and the listener must not keep it
             self._reply_listener().discard(handle.id)
             raise
-        return await handle
 
     def _prepare(
         self,
@@ -423,21 +431,26 @@ class MeshClient:
         kwargs: dict,
         priority: str | None,
         timeout_ms: float | None,
+        max_timeout_ms: float | None = None,
     ) -> tuple[MeshResult, Prepared]:
         """Route, then build the message and the handle, watched by the reply listener before
         the message exists: its reply can come before the push returns."""
         if priority is not None and (not isinstance(priority, str) or priority not in PRIORITIES):
             raise InvalidArgument(f"priority must be one of {sorted(PRIORITIES)}, not {priority!r}")
-        if timeout_ms is not None and not (
-            isinstance(timeout_ms, (int, float)) and not isinstance(timeout_ms, bool)
-            and 0 < timeout_ms <= MAX_TIMEOUT_MS  # also refuses NaN
-        ):  # fmt: skip
-            raise InvalidArgument(f"timeout_ms must be a number in (0, {MAX_TIMEOUT_MS:g}], not {timeout_ms!r}")
+        for name, value in (("timeout_ms", timeout_ms), ("max_timeout_ms", max_timeout_ms)):
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                and 0 < value <= MAX_TIMEOUT_MS  # also refuses NaN
+            ):  # fmt: skip
+                raise InvalidArgument(f"{name} must be a number in (0, {MAX_TIMEOUT_MS:g}], not {value!r}")
         concrete, cfg = self.router.route(model_id, vmodel_id)
         headers = {MODEL_HEADER: concrete, SENT_AT_HEADER: time.time()}
         if vmodel_id is not None:
             headers[VMODEL_HEADER] = vmodel_id
-        timeout_ms = timeout_ms if timeout_ms is not None else (cfg.value("default_timeout_ms") or None)
+        if timeout_ms is None:
+            timeout_ms = cfg.value("default_timeout_ms") or None
+            if max_timeout_ms is not None:
+                timeout_ms = min(timeout_ms or max_timeout_ms, max_timeout_ms)
         replies = self._reply_listener()
         handle = MeshResult(str(uuid4()), app=self.app)
         prepared = self._publisher.prepare(

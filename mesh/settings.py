@@ -330,6 +330,17 @@ class MeshSettings(BaseSettings):
         default=True,
         description="serve ModelMesh's management API (mmesh.ModelMesh) on the gRPC port",
     )
+    gateway_request_timeout_s: float = Field(
+        default=60.0, gt=0, le=365 * 24 * 3600,
+        description="deadline of a gateway inference request that brings none of its own (no gRPC "
+        "deadline, no `timeout` parameter): it fails with DEADLINE_EXCEEDED / HTTP 504 after "
+        "this, and is never run after it",
+    )
+    gateway_reflection: bool = Field(
+        default=True,
+        description="serve gRPC server reflection (grpc.reflection.v1alpha.ServerReflection) on "
+        "the gRPC port, as Triton does: `grpcurl -plaintext HOST:PORT list` works",
+    )
 
     @field_validator("prefix")
     @classmethod

@@ -151,8 +151,26 @@ class MeshResult(AsyncResult):
             if waiting:
                 if first and self._listener is not None:
                     self._listener.awaited()
-                yield from future.__await__()
+                try:
+                    yield from future.__await__()
+                except BaseException:  # this await was cancelled (a timeout, a caller gone)
+                    self._unwait(loop, future)
+                    raise
         return self.get(timeout=0, disable_sync_subtasks=False)
+
+    def _unwait(self, loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+        """Forget a cancelled await. The handle stays watched (the request was not cancelled:
+        a later `get()` or await still gets its reply), but once nothing awaits it the
+        listener's thread no longer pops for it. Whoever owns the request discards the handle
+        (`ReplyListener.discard`) when nobody will ask for its reply, as `infer_async` does."""
+        with self._lock:
+            try:
+                self._waiters.remove((loop, future))
+            except ValueError:  # resolved meanwhile: `_deliver` counted it settled
+                return
+            last = not self._waiters and not self._promised
+        if last and self._listener is not None:
+            self._listener.unawaited()
 
 
 class ReplyListener:
@@ -212,6 +230,18 @@ class ReplyListener:
         with self._lock:
             self._awaited += 1
         self._need.set()
+
+    def unawaited(self) -> None:
+        """A handle's last await was cancelled before its reply came (and no `then` callback
+        waits): the listener's thread stops popping for it."""
+        with self._lock:
+            self._awaited -= 1
+
+    def awaiting(self) -> int:
+        """Unresolved handles awaited in asyncio or with `then` callbacks (the listener's
+        thread pops while there are any)."""
+        with self._lock:
+            return self._awaited
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the thread and close the client (its own): a BLPOP under way is cut short."""

@@ -121,6 +121,51 @@ def data_to_raw(datatype: str, data: Sequence[Any]) -> bytes:
     return np.asarray(data, dtype=_LE[datatype]).tobytes()
 
 
+# ---------------------------------------------------------------------------------- deadlines
+
+# Triton's request `timeout` parameter (its schedule-policy extension,
+# triton-inference-server/server docs/protocol/extension_schedule_policy.md): an int64 of
+# microseconds, 0 for none; tritonclient sends it as `parameters.timeout` in the REST JSON
+# (tritonclient/http/_utils.py) and as `parameters["timeout"].int64_param` over gRPC.
+TIMEOUT_PARAM = "timeout"
+MAX_TIMEOUT_US = 365 * 24 * 3600 * 10**6  # a deadline beyond a year is a mistake (mesh/client.py)
+
+
+def _timeout_s(value: int) -> float | None:
+    if not 0 <= value <= MAX_TIMEOUT_US:
+        raise InvalidInput(
+            f"parameters.timeout must be microseconds in [0, {MAX_TIMEOUT_US}] (0: none), not {value}"
+        )
+    return value / 1e6 if value else None
+
+
+def rest_timeout(request: Mapping[str, Any]) -> float | None:
+    """Seconds of a REST request's `parameters.timeout` (microseconds), None when absent or 0."""
+    params = request.get("parameters")
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise InvalidInput("the request's `parameters` must be an object")
+    value = params.get(TIMEOUT_PARAM)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidInput(f"parameters.timeout must be an integer of microseconds, not {value!r}")
+    return _timeout_s(value)
+
+
+def grpc_timeout(request: Any) -> float | None:
+    """Seconds of a ModelInferRequest's `parameters["timeout"]` (int64_param, microseconds),
+    None when absent or 0."""
+    if TIMEOUT_PARAM not in request.parameters:
+        return None
+    param = request.parameters[TIMEOUT_PARAM]
+    kind = param.WhichOneof("parameter_choice")
+    if kind != "int64_param":
+        raise InvalidInput(f"parameters[\"timeout\"] must be an int64_param of microseconds, not {kind or 'empty'}")
+    return _timeout_s(param.int64_param)
+
+
 # ---------------------------------------------------------------------------------- gRPC
 
 

@@ -46,9 +46,14 @@ class ModelMeta:
     outputs: list[dict]
 
 
+# MESH_GATEWAY_REQUEST_TIMEOUT_S's default: how long a request that brings no deadline waits
+DEFAULT_DEADLINE_S = 60.0
+
+
 class Frontend:
-    def __init__(self, client: MeshClient) -> None:
+    def __init__(self, client: MeshClient, default_deadline_s: float = DEFAULT_DEADLINE_S) -> None:
         self.client = client
+        self.default_deadline_s = default_deadline_s
         self.version = _version()
         self._kinds: TTLCache = TTLCache(maxsize=100_000, ttl=KIND_TTL_S)
         self._kinds_lock = threading.Lock()  # the executor's threads read it too
@@ -72,21 +77,28 @@ class Frontend:
     ) -> dict:
         """The V2 response of one request. `deadline_s`: seconds the caller still waits; the
         request is sent with that expiry (never run after it) and the wait is bounded by it.
-        `outputs`: the output names the request asked for (None: the model's default)."""
+        None (the caller set no deadline): the gateway's default deadline bounds the wait, and
+        the request's expiry is the model's `default_timeout_ms` if shorter, else that default.
+        `outputs`: the output names the request asked for (None: the model's default).
+        Cancelling this (a client gone) leaves nothing behind: `infer_async` discards the
+        request's handle from the reply listener."""
         model_id, vmodel_id = self._ids(target)
         extra = {"outputs": outputs} if outputs else {}
-        timeout_ms = None
         if deadline_s is not None:
             if deadline_s <= 0:
                 raise DeadlineExceeded("the caller's deadline had passed when the request arrived")
-            timeout_ms = deadline_s * 1000.0
-        call = self.client.infer_async(model_id, vmodel_id=vmodel_id, inputs=tensors, timeout_ms=timeout_ms, **extra)
-        if deadline_s is None:
-            return await call
+            wait_s, whose = deadline_s, "the caller's deadline"
+            extra["timeout_ms"] = deadline_s * 1000.0
+        else:
+            wait_s = self.default_deadline_s
+            whose = (f"the gateway's default deadline of {wait_s:g} s (MESH_GATEWAY_REQUEST_TIMEOUT_S; a "
+                     "request sets its own with a gRPC deadline or the `timeout` parameter)")  # fmt: skip
+            extra["max_timeout_ms"] = wait_s * 1000.0
+        call = self.client.infer_async(model_id, vmodel_id=vmodel_id, inputs=tensors, **extra)
         try:
-            return await asyncio.wait_for(call, deadline_s)
+            return await asyncio.wait_for(call, wait_s)
         except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"no answer from {target.shown!r} within the caller's deadline") from None
+            raise DeadlineExceeded(f"no answer from {target.shown!r} within {whose}") from None
 
     # ------------------------------------------------------------------ health and metadata
     def _server_ready(self) -> bool:

@@ -13,12 +13,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 
 from mesh.gateway import codec
 from mesh.gateway.errors import status_of
 from mesh.gateway.frontend import EXTENSIONS, SERVER_NAME, Frontend
 from mesh.gateway.management import Management
-from mesh.gateway.protos import MM_SERVICE, V2_SERVICE, methods, v2
+from mesh.gateway.protos import DESCRIPTORS, MM_SERVICE, V2_SERVICE, methods, v2
 from mesh.gateway.targets import Target, pick
 
 log = logging.getLogger("mesh.gateway.grpc")
@@ -33,8 +34,14 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, what: st
     await context.abort(code, message)
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    return context.time_remaining()
+def _deadline(context: grpc.aio.ServicerContext, request: Any) -> float | None:
+    """Seconds the caller still waits: its gRPC deadline, or Triton's `timeout` parameter if
+    shorter; None: neither was given (the gateway's default deadline applies)."""
+    remaining = context.time_remaining()
+    param = codec.grpc_timeout(request)
+    if remaining is None or (param is not None and param < remaining):
+        return param
+    return remaining
 
 
 class InferenceService:
@@ -78,7 +85,7 @@ class InferenceService:
             target = self._target(request.model_name, request.model_version, context)
             tensors = codec.grpc_inputs(request)
             asked = [o.name for o in request.outputs]
-            result = await self.frontend.infer(target, tensors, _deadline(context), asked or None)
+            result = await self.frontend.infer(target, tensors, _deadline(context, request), asked or None)
             outputs = codec.requested(asked, result.get("outputs") or [])
             response = v2.ModelInferResponse(id=request.id, model_version=request.model_version)
             return codec.fill_grpc_response(response, result, outputs, raw=bool(request.raw_input_contents))
@@ -120,7 +127,26 @@ def _generic(service: str, impl: Callable[[str], Handler]) -> grpc.GenericRpcHan
     return grpc.method_handlers_generic_handler(service, handlers)
 
 
-def build_server(frontend: Frontend, management: Management | None, max_message_bytes: int) -> grpc.aio.Server:
+def _enable_reflection(server: grpc.aio.Server, services: list[str]) -> None:
+    """gRPC server reflection (grpc/grpc doc/server-reflection.md), as Triton serves it: tools
+    such as grpcurl list and describe the services without their .proto files. The
+    descriptors are the gateway's own (mesh/gateway/protos), in a pool of their own that also
+    holds the reflection service's, so every name `list` shows can be described."""
+    try:
+        from grpc_reflection.v1alpha import reflection, reflection_pb2
+    except ImportError:
+        log.warning("gRPC reflection is off: the grpcio-reflection package is not installed "
+                    "(install it, or set MESH_GATEWAY_REFLECTION=false to silence this)")  # fmt: skip
+        return
+    pool = descriptor_pool.DescriptorPool()
+    for f in descriptor_pb2.FileDescriptorSet.FromString(DESCRIPTORS.read_bytes()).file:
+        pool.Add(f)
+    pool.AddSerializedFile(reflection_pb2.DESCRIPTOR.serialized_pb)
+    reflection.enable_server_reflection([*services, reflection.SERVICE_NAME], server, pool=pool)
+
+
+def build_server(frontend: Frontend, management: Management | None, max_message_bytes: int, *,
+                 reflection: bool = True) -> grpc.aio.Server:  # fmt: skip
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -128,8 +154,12 @@ def build_server(frontend: Frontend, management: Management | None, max_message_
     server = grpc.aio.server(options=options)
     inference = InferenceService(frontend)
     server.add_generic_rpc_handlers((_generic(V2_SERVICE, lambda name: getattr(inference, name)),))
+    services = [V2_SERVICE]
     if management is not None:
         mgmt = ManagementService(management)
         server.add_generic_rpc_handlers((_generic(MM_SERVICE, mgmt.handler),))
+        services.append(MM_SERVICE)
+    if reflection:
+        _enable_reflection(server, services)
     return server
 

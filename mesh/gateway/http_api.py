@@ -75,7 +75,9 @@ def build_app(frontend: Frontend, max_body_bytes: int) -> web.Application:
             asked = [o.get("name") for o in parsed.get("outputs") or [] if isinstance(o, dict)]
             if not all(isinstance(n, str) for n in asked):
                 raise InvalidInput("each requested output needs a string name")
-            result = await frontend.infer(target, tensors, None, asked or None)
+            # Triton's `timeout` parameter (microseconds); none: the gateway's default deadline
+            deadline_s = codec.rest_timeout(parsed)
+            result = await frontend.infer(target, tensors, deadline_s, asked or None)
             outputs = codec.requested(asked, result.get("outputs") or [])
             payload, length = codec.rest_response(result, parsed, outputs)
         except asyncio.CancelledError:

@@ -40,10 +40,11 @@ async def serve(
     on_ready: Callable[[Bound], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> None:
-    frontend = Frontend(client)
+    frontend = Frontend(client, settings.gateway_request_timeout_s)
     management = Management(client) if settings.gateway_management else None
     host = settings.gateway_host
-    server = build_server(frontend, management, settings.gateway_max_message_bytes)
+    server = build_server(frontend, management, settings.gateway_max_message_bytes,
+                          reflection=settings.gateway_reflection)  # fmt: skip
     where = f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address
     grpc_port = server.add_insecure_port(f"{where}:{settings.gateway_grpc_port}")
     if grpc_port == 0:
@@ -53,7 +54,11 @@ async def serve(
     http_port = None
     try:
         if settings.gateway_http_port >= 0:
-            runner = web.AppRunner(build_app(frontend, settings.gateway_max_message_bytes), access_log=None)
+            # handler_cancellation: a client that disconnects cancels its request's handler
+            # (off by default since aiohttp 3.8; the option is 3.9's), so the wait for its answer ends and
+            # the request's handle leaves the reply listener (MeshClient.infer_async)
+            runner = web.AppRunner(build_app(frontend, settings.gateway_max_message_bytes), access_log=None,
+                                   handler_cancellation=True)  # fmt: skip
             await runner.setup()
             site = web.TCPSite(runner, host, settings.gateway_http_port)
             await site.start()

@@ -3,9 +3,13 @@ its proto (as a ModelMesh user would generate them), independent of the gateway'
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -40,6 +44,48 @@ def start(env: dict[str, str], log_dir: Path, **extra: str) -> Gateway:
         proc.stop()
         raise
     return Gateway(proc, ports["grpc"], ports["http"])
+
+
+@contextmanager
+def in_process(client: Any, **settings: Any) -> Iterator[Gateway]:
+    """`mesh gateway`'s `serve` on an event loop of its own (a thread of this process) over
+    `client`, whose reply listener the test can then inspect. `settings`: MeshSettings fields
+    over the client's (ports: any free one)."""
+    from mesh.gateway.server import serve
+
+    fields = {"gateway_grpc_port": 0, "gateway_http_port": 0, **settings}
+    conf = client.settings.model_copy(update=fields)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    async def main() -> None:
+        state["stop"] = asyncio.Event()
+
+        def on_ready(b: Any) -> None:
+            state["bound"] = b
+            ready.set()
+
+        try:
+            await serve(conf, client, on_ready=on_ready, stop=state["stop"])
+        except BaseException as exc:
+            state["error"] = exc
+            ready.set()
+            raise
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), name="test-gateway", daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(30), "the in-process gateway did not start"
+        if "error" in state:
+            raise state["error"]
+        yield Gateway(None, state["bound"].grpc_port, state["bound"].http_port)  # type: ignore[arg-type]
+    finally:
+        if "stop" in state:
+            loop.call_soon_threadsafe(state["stop"].set)
+        thread.join(30)
+        assert not thread.is_alive(), "the in-process gateway did not stop"
+        loop.close()
 
 
 def modelmesh_stubs(out_dir: Path) -> tuple[ModuleType, ModuleType]:

@@ -369,3 +369,153 @@ def test_a_thousand_requests_in_flight_hold_no_thread_each(client: MeshClient, w
         gate.unlink(missing_ok=True)
     assert len(answers) == n
     assert all(list(a.outputs[0].contents.fp32_contents) == [10.0] for a in answers)
+
+
+# --- deadlines, cancellation and reflection, on a gateway in this process (its client's reply
+# listener can be inspected); the model has no worker, so every request waits in its queue
+
+BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
+
+
+def _idle_model(client: MeshClient) -> None:
+    from mesh import ModelInfo
+
+    client.register_model("idle", ModelInfo(runtime="sklearn", uri="file:///nonexistent/idle.joblib"))
+
+
+def _quiet(client: MeshClient) -> bool:
+    """Nothing of the gateway's requests left in its client's reply listener."""
+    replies = client._replies
+    return replies is None or (replies.pending() == 0 and replies.awaiting() == 0)
+
+
+def _grpc_request():
+    from tritonclient.grpc import service_pb2
+
+    req = service_pb2.ModelInferRequest(model_name="idle")
+    t = req.inputs.add(name="x", datatype="FP32", shape=[1, 4])
+    t.contents.fp32_contents.extend([1.0, 2.0, 3.0, 4.0])
+    return req
+
+
+def test_timeout_parameter_and_the_gateways_default_deadline(client: MeshClient):
+    """Triton's `timeout` parameter (microseconds) bounds a REST or gRPC request; a request
+    with no deadline of its own gets MESH_GATEWAY_REQUEST_TIMEOUT_S; a bad value is a 400 /
+    INVALID_ARGUMENT at once. Each leaves nothing in the reply listener."""
+    import time
+
+    import tritonclient.http as th
+    from tritonclient.grpc import service_pb2_grpc
+
+    _idle_model(client)
+    with gateway_rig.in_process(client, gateway_request_timeout_s=1.5) as gw:
+        url = f"http://{gw.http_url}/v2/models/idle/infer"
+        t0 = time.monotonic()
+        r = requests.post(url, json={**BODY, "parameters": {"timeout": 200_000}}, timeout=30)
+        took = time.monotonic() - t0
+        assert r.status_code == 504, r.text
+        assert "caller's deadline" in r.json()["error"] and took < 1.2, (took, r.text)
+        wait_for(lambda: _quiet(client), 5, interval=0.02, what="the reply listener to forget the request")
+
+        # no deadline of its own: the gateway's default
+        t0 = time.monotonic()
+        r = requests.post(url, json=BODY, timeout=30)
+        took = time.monotonic() - t0
+        assert r.status_code == 504 and "MESH_GATEWAY_REQUEST_TIMEOUT_S" in r.json()["error"], r.text
+        assert 1.4 < took < 5, took
+        # 0 is Triton's "no timeout": the default again
+        r = requests.post(url, json={**BODY, "parameters": {"timeout": 0}}, timeout=30)
+        assert r.status_code == 504 and "MESH_GATEWAY_REQUEST_TIMEOUT_S" in r.json()["error"], r.text
+
+        for bad in ("100", -1, 1.5, True, 10**20, None):
+            params = {"timeout": bad} if bad is not None else []
+            t0 = time.monotonic()
+            r = requests.post(url, json={**BODY, "parameters": params}, timeout=30)
+            assert r.status_code == 400, (bad, r.text)
+            assert "timeout" in r.json()["error"] or "parameters" in r.json()["error"], r.text
+            assert time.monotonic() - t0 < 1.0
+
+        # tritonclient's own `timeout=` (microseconds, as it documents)
+        h = th.InferenceServerClient(gw.http_url)
+        inp = th.InferInput("x", [1, 4], "FP32")
+        inp.set_data_from_numpy(np.asarray([[1, 2, 3, 4]], dtype=np.float32))
+        with pytest.raises(th.InferenceServerException) as exc:
+            h.infer("idle", [inp], timeout=100_000)
+        assert exc.value.status() == "504"
+        h.close()
+
+        channel = grpc.insecure_channel(gw.grpc_url)
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        req = _grpc_request()
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ModelInfer(req)  # no gRPC deadline: the gateway's default ends it
+        assert exc.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "MESH_GATEWAY_REQUEST_TIMEOUT_S" in exc.value.details() and 1.4 < time.monotonic() - t0 < 5
+        req.parameters["timeout"].int64_param = 100_000  # shorter than the gRPC deadline: it wins
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ModelInfer(req, timeout=30)
+        assert exc.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 1.2
+        req.parameters["timeout"].string_param = "100"
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ModelInfer(req, timeout=30)
+        assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "timeout" in exc.value.details()
+        channel.close()
+        wait_for(lambda: _quiet(client), 5, interval=0.02, what="the reply listener to forget every request")
+
+
+def test_a_client_that_goes_away_leaves_nothing_pending(client: MeshClient):
+    """A REST client that disconnects, and a gRPC call cancelled by its client, end the wait
+    for their answers at once (not at the deadline, 60 s here): the gateway's reply listener
+    holds nothing of them."""
+    import socket
+
+    from tritonclient.grpc import service_pb2_grpc
+
+    _idle_model(client)
+    with gateway_rig.in_process(client, gateway_request_timeout_s=60) as gw:
+        body = json.dumps(BODY).encode()
+        sock = socket.create_connection(("127.0.0.1", gw.http_port), timeout=10)
+        sock.sendall(b"POST /v2/models/idle/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+        wait_for(lambda: client._replies is not None and client._replies.pending() == 1, 10, interval=0.02,
+                 what="the request in flight")  # fmt: skip
+        sock.close()
+        wait_for(lambda: _quiet(client), 5, interval=0.02, what="the disconnected request to be forgotten")
+
+        channel = grpc.insecure_channel(gw.grpc_url)
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        call = stub.ModelInfer.future(_grpc_request(), timeout=60)
+        wait_for(lambda: client._replies.pending() == 1, 10, interval=0.02, what="the gRPC request in flight")
+        call.cancel()
+        wait_for(lambda: _quiet(client), 5, interval=0.02, what="the cancelled call to be forgotten")
+        channel.close()
+
+
+def test_grpc_reflection_lists_and_describes_the_services(client: MeshClient):
+    """What `grpcurl -plaintext HOST:8033 list` / `describe` ask: the reflection service lists
+    both APIs and gives their descriptors; MESH_GATEWAY_REFLECTION=false turns it off."""
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with gateway_rig.in_process(client) as gw:
+        channel = grpc.insecure_channel(gw.grpc_url)
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"inference.GRPCInferenceService", "mmesh.ModelMesh",
+                "grpc.reflection.v1alpha.ServerReflection"} <= services, services  # fmt: skip
+        pool = DescriptorPool(db)
+        infer = pool.FindServiceByName("inference.GRPCInferenceService").FindMethodByName("ModelInfer")
+        assert infer.input_type.full_name == "inference.ModelInferRequest"
+        assert "raw_input_contents" in infer.input_type.fields_by_name
+        mm = pool.FindServiceByName("mmesh.ModelMesh")
+        assert {"registerModel", "setVModel", "getVModelStatus"} <= set(mm.methods_by_name)
+        pool.FindServiceByName("grpc.reflection.v1alpha.ServerReflection")
+        channel.close()
+    with gateway_rig.in_process(client, gateway_reflection=False, gateway_management=False) as gw:
+        channel = grpc.insecure_channel(gw.grpc_url)
+        with pytest.raises(grpc.RpcError) as exc:
+            list(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert exc.value.code() is grpc.StatusCode.UNIMPLEMENTED
+        channel.close()

@@ -195,3 +195,27 @@ def test_errors_map_to_grpc_codes_and_http_statuses():
         got, message = status_of(exc)
         assert (got, http_status(got)) == (code, status), exc
         assert "secret" not in message  # a Redis error's text may hold its URL
+
+
+def test_triton_timeout_parameter_is_microseconds_validated_both_ways():
+    # REST: tritonclient.http sends `parameters.timeout` as a JSON integer of microseconds
+    assert codec.rest_timeout({"inputs": []}) is None
+    assert codec.rest_timeout({"parameters": {"binary_data_output": True}}) is None
+    assert codec.rest_timeout({"parameters": {"timeout": 250_000}}) == 0.25
+    assert codec.rest_timeout({"parameters": {"timeout": 0}}) is None  # Triton: 0 is none
+    for bad in ("250000", 1.5, True, -1, 10**20, [1]):
+        with pytest.raises(InvalidInput, match="timeout"):
+            codec.rest_timeout({"parameters": {"timeout": bad}})
+    with pytest.raises(InvalidInput, match="parameters"):
+        codec.rest_timeout({"parameters": ["timeout"]})
+    # gRPC: tritonclient.grpc sets parameters["timeout"].int64_param
+    req = _request(model_name="m")
+    assert codec.grpc_timeout(req) is None
+    req.parameters["timeout"].int64_param = 2_000_000
+    assert codec.grpc_timeout(req) == 2.0
+    req.parameters["timeout"].int64_param = -5
+    with pytest.raises(InvalidInput, match="timeout"):
+        codec.grpc_timeout(req)
+    req.parameters["timeout"].string_param = "5"
+    with pytest.raises(InvalidInput, match="int64_param"):
+        codec.grpc_timeout(req)

@@ -136,6 +136,35 @@ def test_a_cancelled_await_leaves_the_others_resolved(app, listener, rds):
     assert asyncio.run(main()) == "two"
 
 
+def test_a_cancelled_await_no_longer_keeps_the_listener_popping(app, listener, rds):
+    """An await cancelled (a caller's timeout, a client gone) stops counting as awaited: the
+    listener's thread goes back to its sweeps instead of popping for a reply nobody awaits.
+    The handle itself stays watched: the request was not cancelled."""
+
+    async def main() -> None:
+        a, b = handle(app, listener, "u1"), handle(app, listener, "u2")
+        ta = asyncio.ensure_future(_await(a))
+        tb1, tb2 = asyncio.ensure_future(_await(b)), asyncio.ensure_future(_await(b))
+        await asyncio.sleep(0.01)
+        assert listener.awaiting() == 2
+        ta.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await ta
+        assert listener.awaiting() == 1
+        tb1.cancel()  # b is still awaited by tb2
+        await asyncio.sleep(0)
+        assert listener.awaiting() == 1
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(tb2, 0.05)
+        assert listener.awaiting() == 0
+        assert listener.pending() == 2  # still watched: a reply resolves them
+        rds.rpush(listener.key, answer(app, "u1", "one"))
+        assert a.get(timeout=10) == "one"
+        assert listener.awaiting() == 0
+
+    asyncio.run(main())
+
+
 def test_handles_nobody_holds_are_not_kept(app, listener, rds):
     for i in range(100):
         handle(app, listener, f"d{i}")
