@@ -543,10 +543,13 @@ class StateStore:
         """
         if ring is None:
             return bool(self._mark_copy(**self._mark_copy_args(model_id, worker, state)))
-        with self.r.pipeline(transaction=False) as p:
-            self._mark_copy(**self._mark_copy_args(model_id, worker, state), client=p)
+        call = self._mark_copy_args(model_id, worker, state)
+
+        def build(p: redis.client.Pipeline) -> None:
+            _evalsha(p, self._mark_copy, call)
             self._ring(p, ring)
-            return bool(p.execute()[0])
+
+        return bool(_run_with_script(self.r, self._mark_copy, build)[0])
 
     def _ring(self, pipe: redis.client.Pipeline, queue: str) -> None:
         bell = self.keys.queue_bell(queue)
@@ -558,12 +561,15 @@ class StateStore:
         """The model's record, and this worker's copy marked LOADING, in one round trip; None
         (and nothing marked) when the model is not registered. `ring`: as for `mark_copy` (the
         worker consumes a model's queue from the start of its load)."""
-        with self.r.pipeline(transaction=False) as p:
+        call = self._mark_copy_args(model_id, worker, CopyState.LOADING)
+
+        def build(p: redis.client.Pipeline) -> None:
             p.hget(self.keys.models, model_id)
-            self._mark_copy(**self._mark_copy_args(model_id, worker, CopyState.LOADING), client=p)
+            _evalsha(p, self._mark_copy, call)
             if ring is not None:
                 self._ring(p, ring)
-            raw = p.execute()[0]
+
+        raw = _run_with_script(self.r, self._mark_copy, build)[0]
         return None if raw is None else ModelRecord.model_validate_json(raw)
 
     def _mark_copy_args(self, model_id: str, worker: str, state: CopyState) -> dict:
@@ -738,3 +744,31 @@ class StateStore:
     def clear_load_line(self, worker: str) -> None:
         """Forget a worker's line of loads (left by an earlier process of the same name)."""
         self.r.delete(self.keys.load_line(worker))
+
+
+# ---------------------------------------------------------------------- scripts in pipelines
+def _evalsha(pipe: redis.client.Pipeline, script: redis.commands.core.Script, call: dict) -> None:
+    """Queue `script` on `pipe` by its sha alone. Through `script(..., client=pipe)` redis-py
+    asks Redis whether the pipeline's scripts exist (SCRIPT EXISTS) before every execute: a
+    round trip more, on a load's path twice (begin_load, mark_copy), each one waiting for the
+    interpreter lock in a busy worker. `_run_with_script` loads the script when Redis lacks it."""
+    keys, args = call["keys"], call["args"]
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def _run_with_script(client: redis.Redis, script: redis.commands.core.Script,
+                     build: Callable[[redis.client.Pipeline], None]) -> list:  # fmt: skip
+    """Execute the pipeline `build` fills (with `_evalsha` calls of `script`); if Redis does
+    not have the script (restarted, SCRIPT FLUSH), load it and run the pipeline again: nothing
+    of a pipeline whose script was missing needs undoing (its other commands are reads and
+    idempotent writes)."""
+    for attempt in (1, 2):
+        with client.pipeline(transaction=False) as p:
+            build(p)
+            try:
+                return p.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+        script.sha = client.script_load(script.script)
+    raise AssertionError("unreachable")

@@ -113,8 +113,15 @@ def round_trips(monkeypatch) -> list[str]:
         trips.append("pipeline")
         return execute(pipe, *args, **kw)
 
+    immediate = redis.client.Pipeline.immediate_execute_command
+
+    def aside(pipe, *args, **kw):  # a command a pipeline sends alone (e.g. its SCRIPT EXISTS)
+        trips.append(str(args[0]))
+        return immediate(pipe, *args, **kw)
+
     monkeypatch.setattr(redis.Redis, "execute_command", one)
     monkeypatch.setattr(redis.client.Pipeline, "execute", many)
+    monkeypatch.setattr(redis.client.Pipeline, "immediate_execute_command", aside)
     return trips
 
 
@@ -170,6 +177,36 @@ def test_a_load_begun_with_a_ring_rings_that_queue(store):
     assert store.begin_load("a", "w1", ring=queue).model_id == "a"
     assert store.r.lrange(store.keys.queue_bell(queue), 0, -1) == [b"1"]
     assert store.begin_load("ghost", "w1", ring=queue) is None
+
+
+def test_a_load_is_begun_and_announced_in_one_round_trip_each(store, monkeypatch):
+    """begin_load and mark_copy with a ring run the copy script in a pipeline: one round trip,
+    not two (redis-py asks SCRIPT EXISTS before every pipeline that holds a Script call)."""
+    store.register_model("a", INFO)
+    heartbeat(store, "w0")
+    heartbeat(store, "w1")
+    queue = store.keys.worker_queue("w1")
+    store.mark_copy("a", "w0", CopyState.LOADED)  # the script is loaded
+    trips = round_trips(monkeypatch)
+    assert store.begin_load("a", "w1", ring=queue).model_id == "a"
+    assert len(trips) == 1, trips
+    assert store.mark_copy("a", "w1", CopyState.LOADED, ring=queue) is True
+    assert len(trips) == 2, trips
+    assert {(c.worker, c.state) for c in store.model_status("a").copies} == {
+        ("w0", CopyState.LOADED), ("w1", CopyState.LOADED)}
+
+
+def test_a_script_redis_lost_is_loaded_again_and_the_pipeline_rerun(store):
+    store.register_model("a", INFO)
+    heartbeat(store, "w1")
+    queue = store.keys.worker_queue("w1")
+    store._mark_copy.sha = "0" * 40  # as after a Redis restart: no such script there
+    assert store.begin_load("a", "w1", ring=queue).model_id == "a"
+    assert [(c.worker, c.state) for c in store.model_status("a").copies] == [("w1", CopyState.LOADING)]
+    store._mark_copy.sha = "0" * 40
+    assert store.mark_copy("a", "w1", CopyState.LOADED, ring=queue) is True
+    assert [(c.worker, c.state) for c in store.model_status("a").copies] == [("w1", CopyState.LOADED)]
+    assert store.r.lrange(store.keys.queue_bell(queue), 0, -1) == [b"1"]
 
 
 def test_a_claim_held_by_a_dead_worker_is_taken_over(store):
