@@ -14,8 +14,9 @@ wire"). orjson decodes the same text 4-5x faster, but not always to the same val
 So `loads` takes orjson's result only when the text cannot hold any of these (no run of 19 or
 more digits, no `__type__`, no `\\u` escape, which could spell either) and orjson accepted it;
 anything else goes to kombu's decoder, whose answer (or exception) it returns unchanged.
-`dumps` is the other direction, for the producer's message bodies. `install` makes `loads` the decoder of kombu's `json` serializer in this process (the worker's),
-which Celery's `Request`, events and control messages use.
+`dumps` is the other direction, for the producer's message bodies. `install` makes `loads`
+the decoder of kombu's `json` serializer in this process (the worker's), which Celery's
+`Request`, events and control messages use.
 """
 
 from __future__ import annotations
