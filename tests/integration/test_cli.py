@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,35 +59,44 @@ def test_user_errors_are_one_line_without_traceback(run, tmp_path):
     not_json.write_text("[1, 2")
     not_npy = tmp_path / "bad.npy"
     not_npy.write_bytes(b"this is not an array")
-
-    assert_user_error(run("models", "status", "nosuch"), "model 'nosuch' not found")
-    assert_user_error(run("infer", "nosuch", str(good)), "NOT_FOUND", "nosuch")
-    assert_user_error(run("infer", "--vmodel", "nosuch", str(good)), "NOT_FOUND")
-    assert_user_error(run("infer", "m", str(tmp_path / "missing.json")), "no such file")
     odd = str(tmp_path / "[red]" / "[/x].json")  # printed as it is, never read as rich markup
-    assert_user_error(run("infer", "m", odd), f"no such file: {odd}")
-    assert_user_error(run("infer", "m", str(not_json)), "is not JSON")
-    assert_user_error(run("infer", "m", str(not_npy)), "is not a .npy array")
-    assert_user_error(run("infer", "m", "-", stdin="{nope"), "standard input is not JSON")
-    assert_user_error(run("models", "register", "x" * 513, "--uri", "file:///x.joblib", "--runtime", "sklearn"),
-                      "INVALID_ARGUMENT", "513 bytes")  # fmt: skip
-    assert_user_error(run("models", "register", "m", "--uri", "file:///x.joblib", "--runtime", "nope"),
-                      "unknown runtime 'nope'")  # fmt: skip
-    assert_user_error(run("models", "register", "m", "--uri", "file:///x.joblib", "--runtime", "sklearn", "--sync"),
-                      "--load-now")  # fmt: skip
-    assert_user_error(run("vmodels", "status", "nosuch"), "vmodel 'nosuch' not found")
-    assert_user_error(run("vmodels", "set", "v", "nosuch"), "NOT_FOUND", "nosuch")
-    assert_user_error(run("vmodels", "set", "v", "t", "--runtime", "sklearn"), "--uri and --runtime go together")
-    assert_user_error(run("vmodels", "set", "v", "t", "--max-batch-size", "4"), "--uri and --runtime")
-    assert_user_error(run("repository", "sync"), "MESH_MODEL_DIR")
-    assert_user_error(run("repository", "sync", "--model-dir", "relative/dir"), "absolute path")
-    assert_user_error(run("models", "list", env={"MESH_REDIS_URL": "redis://127.0.0.1:1/0"}), "cannot reach Redis")
-    assert_user_error(run("models", "list", env={"MESH_PREFIX": "bad prefix"}), "prefix")
-    # usage errors: one line too, status 2
-    assert_user_error(run("infer"), "Missing argument", code=2)
-    assert_user_error(run("nosuchcommand"), "No such command", code=2)
-    assert_user_error(run("models", "register", "m", "--uri", "file:///x.joblib"), "--runtime", code=2)
-    assert_user_error(run("status", "--interval", "0"), "--interval", code=2)
+
+    # (args, run's keywords, words the one line must hold, exit status)
+    cases = [
+        (("models", "status", "nosuch"), {}, ("model 'nosuch' not found",), 1),
+        (("infer", "nosuch", str(good)), {}, ("NOT_FOUND", "nosuch"), 1),
+        (("infer", "--vmodel", "nosuch", str(good)), {}, ("NOT_FOUND",), 1),
+        (("infer", "m", str(tmp_path / "missing.json")), {}, ("no such file",), 1),
+        (("infer", "m", odd), {}, (f"no such file: {odd}",), 1),
+        (("infer", "m", str(not_json)), {}, ("is not JSON",), 1),
+        (("infer", "m", str(not_npy)), {}, ("is not a .npy array",), 1),
+        (("infer", "m", "-"), {"stdin": "{nope"}, ("standard input is not JSON",), 1),
+        (("models", "register", "x" * 513, "--uri", "file:///x.joblib", "--runtime", "sklearn"), {},
+         ("INVALID_ARGUMENT", "513 bytes"), 1),
+        (("models", "register", "m", "--uri", "file:///x.joblib", "--runtime", "nope"), {},
+         ("unknown runtime 'nope'",), 1),
+        (("models", "register", "m", "--uri", "file:///x.joblib", "--runtime", "sklearn", "--sync"), {},
+         ("--load-now",), 1),
+        (("vmodels", "status", "nosuch"), {}, ("vmodel 'nosuch' not found",), 1),
+        (("vmodels", "set", "v", "nosuch"), {}, ("NOT_FOUND", "nosuch"), 1),
+        (("vmodels", "set", "v", "t", "--runtime", "sklearn"), {}, ("--uri and --runtime go together",), 1),
+        (("vmodels", "set", "v", "t", "--max-batch-size", "4"), {}, ("--uri and --runtime",), 1),
+        (("repository", "sync"), {}, ("MESH_MODEL_DIR",), 1),
+        (("repository", "sync", "--model-dir", "relative/dir"), {}, ("absolute path",), 1),
+        (("models", "list"), {"env": {"MESH_REDIS_URL": "redis://127.0.0.1:1/0"}}, ("cannot reach Redis",), 1),
+        (("models", "list"), {"env": {"MESH_PREFIX": "bad prefix"}}, ("prefix",), 1),
+        # usage errors: one line too, status 2
+        (("infer",), {}, ("Missing argument",), 2),
+        (("nosuchcommand",), {}, ("No such command",), 2),
+        (("models", "register", "m", "--uri", "file:///x.joblib"), {}, ("--runtime",), 2),
+        (("status", "--interval", "0"), {}, ("--interval",), 2),
+    ]  # fmt: skip
+    # independent commands, none of which changes anything: run side by side (each is a
+    # Python process's start-up, ~1 s), checked in order
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        procs = list(pool.map(lambda case: run(*case[0], **case[1]), cases))
+    for (args, _, words, code), proc in zip(cases, procs):
+        assert_user_error(proc, *words, code=code)
 
 
 def test_quickstart_commands_end_to_end(run, workers, svm_path, mlp_path, tmp_path):
