@@ -194,7 +194,7 @@ class MeshClient:
         if route is Route.CLAIMED:
             placement = self.store.place_load(model_id)
             if placement.worker is not None:
-                send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+                send_command(self.store, placement.worker, Command(op="load", model_id=model_id))
         status = self.get_model_status(model_id)
         if not sync:
             return status

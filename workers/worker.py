@@ -174,7 +174,7 @@ class MeshWorker:
         self._stray_due = 0.0
 
     def _send_command(self, worker: str, cmd: Command) -> None:
-        send_command(self.app, self.keys, worker, cmd)
+        send_command(self.store, worker, cmd)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

@@ -1,9 +1,10 @@
-"""Publishing `mesh.infer`: the message a Celery producer would send, in one Redis round trip.
+"""Publishing mesh's tasks: the message a Celery producer would send, in one Redis round trip.
 
 Through `app.send_task`, a message costs the producer about 0.3 ms of CPU before it reaches
 the socket: Celery's router and message builder, kombu's Producer, its serializer registry,
 the virtual transport's exchange lookup, a base64 body, then a pipeline of LPUSH and the bell
-(docs/benchmarks.md, "Per-request cost"). A `mesh.infer` message always has the same shape:
+(docs/benchmarks.md, "Per-request cost"). A `mesh.infer` request, like a `mesh.command` to a
+worker's private queue, always has the same shape:
 Celery's task protocol 2 (https://docs.celeryq.dev/en/stable/internals/protocol.html) inside
 kombu's Redis envelope (kombu/transport/virtual/base.py `Channel.prepare_message` and
 `basic_publish`, kombu/transport/redis.py `_put`). Built here as JSON (orjson where it writes the same
@@ -31,10 +32,11 @@ from uuid import uuid4
 import orjson
 import redis
 from celery import signals
+from celery.utils.saferepr import saferepr
 
 from mesh.protocol import jsonwire
 from mesh.protocol.keys import BELL_TTL_MS, Keys
-from mesh.protocol.messages import INFER_TASK
+from mesh.protocol.messages import COMMAND_TASK, INFER_TASK
 
 # Each message onto its queue's list and the queue's bell rung (mesh/broker/transport.py
 # `ring`), as one atomic step: a consumer woken by the bell always finds the message. KEYS are
@@ -67,10 +69,12 @@ class Prepared(NamedTuple):
     queue: str = ""
     headers: dict | None = None
     kwargs: dict | None = None
+    task: str = INFER_TASK
 
 
 class InferPublisher:
-    """Sends `mesh.infer` messages to model queues on the broker's Redis."""
+    """Sends `mesh.infer` messages to model queues, and `mesh.command` messages to workers'
+    queues, on the broker's Redis."""
 
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self.keys = keys
@@ -97,6 +101,18 @@ class InferPublisher:
         return Prepared(self.keys.queue_list_key(queue, priority), self.keys.queue_bell(queue), message,
                         body_size, queue, all_headers, kwargs)  # fmt: skip
 
+    def prepare_command(self, queue: str, kwargs: dict[str, Any]) -> Prepared:
+        """A `mesh.command` for `queue` (a worker's private queue), as `app.send_task(COMMAND_TASK,
+        kwargs=..., queue=..., ignore_result=True, priority=0)` sends it: priority 0, so it
+        overtakes the requests waiting in the same worker's lists."""
+        task_id = str(uuid4())
+        message, body_size, all_headers = task_message(
+            COMMAND_TASK, task_id, queue, kwargs, priority=0, headers={}, shadow=None, reply_to="",
+            expires_at=None, ignore_result=True,
+        )  # fmt: skip
+        return Prepared(self.keys.queue_list_key(queue, 0), self.keys.queue_bell(queue), message,
+                        body_size, queue, all_headers, kwargs, COMMAND_TASK)  # fmt: skip
+
     def push(self, prepared: Sequence[Prepared]) -> None:
         """Push messages and ring their bells: one round trip per PUSH_MAX messages."""
         for i in range(0, len(prepared), PUSH_MAX):
@@ -105,7 +121,7 @@ class InferPublisher:
             self._push(keys=keys, args=[BELL_TTL_MS, *(p.message for p in chunk)])
             if signals.after_task_publish.receivers:
                 for p in chunk:
-                    signals.after_task_publish.send(sender=INFER_TASK, body=([], p.kwargs, _EMBED),
+                    signals.after_task_publish.send(sender=p.task, body=([], p.kwargs, _EMBED),
                                                     headers=p.headers, exchange="", routing_key=p.queue)  # fmt: skip
 
     def publish(self, task_id: str, queue: str, kwargs: dict[str, Any], **options: Any) -> None:
@@ -163,7 +179,27 @@ def infer_message(
     expires_at: float | None,
 ) -> tuple[str, int, dict[str, Any]]:
     """The kombu Redis envelope of a protocol-2 `mesh.infer` message as JSON text, the size of
-    its body, and its headers.
+    its body, and its headers."""
+    return task_message(INFER_TASK, task_id, queue, kwargs, priority=priority, headers=headers, shadow=shadow,
+                        reply_to=reply_to, expires_at=expires_at)  # fmt: skip
+
+
+def task_message(
+    task: str,
+    task_id: str,
+    queue: str,
+    kwargs: dict[str, Any],
+    *,
+    priority: int,
+    headers: dict[str, Any],
+    shadow: str | None,
+    reply_to: str,
+    expires_at: float | None,
+    ignore_result: bool | None = None,
+) -> tuple[str, int, dict[str, Any]]:
+    """The kombu Redis envelope of a protocol-2 message of `task` (keyword arguments only) as
+    JSON text, the size of its body, and its headers. `ignore_result`: what `send_task`'s
+    option of that name puts in the headers (None: the task's own setting applies).
 
     Celery's `before_task_publish` receivers run first, as for `send_task`, and may change the
     headers and properties (tracing libraries add their context there)."""
@@ -182,7 +218,7 @@ def infer_message(
         properties["expiration"] = str(max(0, int((expires_at - datetime.now(timezone.utc).timestamp()) * 1000)))
     all_headers = {
         "lang": "py",
-        "task": INFER_TASK,
+        "task": task,
         "id": task_id,
         "shadow": shadow,
         "eta": None,
@@ -194,9 +230,9 @@ def infer_message(
         "root_id": task_id,
         "parent_id": None,
         "argsrepr": "()",
-        "kwargsrepr": kwargs_repr(kwargs),
+        "kwargsrepr": kwargs_repr(kwargs) if task == INFER_TASK else saferepr(kwargs, 1024),
         "origin": f"gen{os.getpid()}@{_HOST}",
-        "ignore_result": None,  # not set by the producer: the task's own setting applies
+        "ignore_result": ignore_result,
         "replaced_task_nesting": 0,
         "stamped_headers": None,
         "stamps": {},
@@ -205,7 +241,7 @@ def infer_message(
     receivers = bool(signals.before_task_publish.receivers)
     if receivers:
         signals.before_task_publish.send(
-            sender=INFER_TASK, body=([], kwargs, _EMBED), exchange="", routing_key=queue, declare=[],
+            sender=task, body=([], kwargs, _EMBED), exchange="", routing_key=queue, declare=[],
             headers=all_headers, properties=properties, retry_policy=None,
         )  # fmt: skip
     # Celery's protocol-2 body `[args, kwargs, embed]`; the tensors, in kwargs, take orjson's
@@ -242,4 +278,4 @@ def kwargs_repr(kwargs: dict[str, Any]) -> str:
     return f"{{'inputs': [{described}]}}"
 
 
-__all__ = ["InferPublisher", "Outbox", "Prepared", "infer_message", "kwargs_repr", "PUSH_AND_RING"]
+__all__ = ["InferPublisher", "Outbox", "Prepared", "infer_message", "kwargs_repr", "task_message", "PUSH_AND_RING"]

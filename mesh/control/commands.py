@@ -1,4 +1,11 @@
-"""Commands to one worker's private queue (load/unload), sent as `mesh.command` tasks."""
+"""Commands to one worker's private queue (load/unload), sent as `mesh.command` tasks.
+
+Each is the message `app.send_task(COMMAND_TASK, ..., ignore_result=True, priority=0)` would
+send, pushed with its queue's bell by one script call (mesh/broker/publisher.py): through
+kombu's Producer a command cost a producer ~1 ms of CPU, a fifth of a busy producer's
+interpreter time under a churning multi-model load, where every cold request sends one
+(docs/benchmarks.md, "Commands without kombu").
+"""
 
 from __future__ import annotations
 
@@ -7,22 +14,17 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
+from mesh.broker.publisher import InferPublisher
 from mesh.models import Command
-from mesh.protocol.keys import Keys
-from mesh.protocol.messages import COMMAND_TASK
 
 if TYPE_CHECKING:
     from mesh.store.state import StateStore
 
 
-def send_command(app: Celery, keys: Keys, worker: str, cmd: Command) -> None:
-    app.send_task(
-        COMMAND_TASK,
-        kwargs=cmd.model_dump(mode="json"),
-        queue=keys.worker_queue(worker),
-        ignore_result=True,
-        priority=0,  # commands overtake requests waiting in the same worker's lists
-    )
+def send_command(store: StateStore, worker: str, cmd: Command) -> None:
+    """Send `cmd` to `worker`'s private queue, on the Redis of `store` (the broker's)."""
+    publisher = InferPublisher(store.r, store.keys)
+    publisher.push([publisher.prepare_command(store.keys.worker_queue(worker), cmd.model_dump(mode="json"))])
 
 
 def unload_unregistered(
@@ -55,5 +57,5 @@ def unload_unregistered(
             workers = [w.name for w in store.live_workers() if not w.shutting_down]
             live = set(workers[:1])
     for worker in sorted(live):
-        send_command(app, store.keys, worker, cmd)
+        send_command(store, worker, cmd)
     return sorted(live)

@@ -150,14 +150,14 @@ class Rebalancer:
                 cluster.clear_failure(a.model_id, a.worker, a.raw)
             elif isinstance(a, Unload):
                 cmd = Command(op="unload", model_id=a.model_id, reason=f"scheduler: {a.reason}")
-                send_command(self.app, k, a.worker, cmd)
+                send_command(cluster.store, a.worker, cmd)
                 sent.append(_past(now, a))
             elif isinstance(a, Load):
                 if a.reason != R_REASSERT:
                     if not cluster.mark_loading(a.model_id, a.worker, now):
                         continue  # unregistered meanwhile, or a copy record appeared: nothing to do
                     sent.append(_past(now, a))
-                send_command(self.app, k, a.worker, Command(op="load", model_id=a.model_id))
+                send_command(cluster.store, a.worker, Command(op="load", model_id=a.model_id))
         cluster.record_history(sent, now, self.history_s)
 
 

@@ -158,7 +158,7 @@ class Router:
 
     def _send_load(self, worker: str, model_id: str) -> None:
         try:
-            send_command(self.app, self.keys, worker, Command(op="load", model_id=model_id))
+            send_command(self.store, worker, Command(op="load", model_id=model_id))
         except Exception as exc:
             if not is_permission_error(exc):
                 raise

@@ -385,7 +385,7 @@ class VModelManager:
         placement = self.store.place_load(model_id, exclude=exclude)
         if placement.worker is None:
             return False
-        send_command(self.app, self.keys, placement.worker, Command(op="load", model_id=model_id))
+        send_command(self.store, placement.worker, Command(op="load", model_id=model_id))
         exclude.add(placement.worker)
         placed.append(placement.worker)
         log.info("loading a copy of %s on %s", model_id, placement.worker)

@@ -50,7 +50,7 @@ def _slow_model_on_two_workers(client, workers, tmp_path, **env):
     first = next(iter(copies_of(client, "m")))
     victim, survivor = (w1, w2) if first == w2.full_name else (w2, w1)
     # the second copy, on the other worker, by the same command the scheduler would send
-    send_command(client.app, client.keys, victim.full_name, Command(op="load", model_id="m"))
+    send_command(client.store, victim.full_name, Command(op="load", model_id="m"))
     wait_for(lambda: copies_of(client, "m") == {w1.full_name: "LOADED", w2.full_name: "LOADED"},
              60, what="a copy of m on both workers")  # fmt: skip
     return victim, survivor

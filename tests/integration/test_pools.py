@@ -102,7 +102,7 @@ def test_the_scheduler_places_a_pinned_model_only_in_its_pool(client, pool, tmp_
 def test_a_worker_refuses_a_load_outside_its_pool_and_hands_it_over(client, pool, tmp_path):
     a, b = pool
     client.register_model("ma", sized(tmp_path, "ma"), required_labels={"env": "a"})
-    send_command(client.app, client.keys, b, Command(op="load", model_id="ma"))  # as a stale sender would
+    send_command(client.store, b, Command(op="load", model_id="ma"))  # as a stale sender would
     wait_for(
         lambda: client.get_model_status("ma").state is ModelState.LOADED, 60, what="ma loaded where it may be"
     )

@@ -71,7 +71,7 @@ def test_a_load_holds_a_fresh_copy_beyond_capacity_instead_of_evicting_a_used_mo
         return {m.model_id for m in state.models}
 
     def load(model_id: str, expect: set[str]) -> None:
-        send_command(client.app, client.keys, w.full_name, Command(op="load", model_id=model_id))
+        send_command(client.store, w.full_name, Command(op="load", model_id=model_id))
         wait_for(lambda: loaded() == expect, timeout=30, what=f"{model_id} loaded proactively")
 
     for _ in range(6):

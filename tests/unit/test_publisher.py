@@ -17,8 +17,11 @@ from kombu.transport.virtual import Message as KombuMessage
 from mesh.app import create_app
 from mesh.broker.publisher import InferPublisher, Outbox, Prepared, kwargs_repr
 from mesh.protocol.keys import Keys
-from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES, SENT_AT_HEADER
+from mesh.control.commands import send_command
+from mesh.models import Command
+from mesh.protocol.messages import COMMAND_TASK, INFER_TASK, MODEL_HEADER, PRIORITIES, SENT_AT_HEADER
 from mesh.settings import MeshSettings
+from mesh.store.state import StateStore
 
 KWARGS = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]}
 
@@ -99,6 +102,34 @@ def test_the_message_is_the_one_celery_would_send(app, rds, prefix, priority, kw
         decoded.append((json.dumps(req.kwargs), req.args, req.expires, req.reply_to, req.task_name,
                         message.headers[MODEL_HEADER]))  # fmt: skip
     assert decoded[0] == decoded[1]  # the kwargs as JSON text: NaN == NaN there
+
+
+def test_a_command_is_the_message_celery_would_send(app, rds, prefix):
+    keys = Keys(prefix)
+    queue = keys.worker_queue("w1@host")
+    kwargs = Command(op="load", model_id="模型 m").model_dump(mode="json")
+    store = StateStore(rds, keys, MeshSettings(prefix=prefix))
+    send_command(store, "w1@host", Command(op="load", model_id="模型 m"))
+    assert rds.llen(keys.queue_bell(queue)) == 1  # a consumer waiting on the bell wakes
+    ours = popped(rds, keys, queue, 0)
+    app.send_task(COMMAND_TASK, kwargs=kwargs, queue=queue, ignore_result=True, priority=0)
+    theirs = popped(rds, keys, queue, 0)
+
+    assert set(ours) == set(theirs)
+    assert set(ours["headers"]) == set(theirs["headers"])
+    differ = {"id", "root_id"}
+    assert {k: v for k, v in ours["headers"].items() if k not in differ} == \
+        {k: v for k, v in theirs["headers"].items() if k not in differ}  # fmt: skip
+    assert set(ours["properties"]) == set(theirs["properties"]) - {"body_encoding"}
+    for field in ("delivery_mode", "delivery_info", "priority"):
+        assert ours["properties"][field] == theirs["properties"][field]
+    decoded = []
+    for envelope in (ours, theirs):
+        message = KombuMessage(envelope, channel=_Channel())
+        req = Request(message, app=app, task=app.tasks[COMMAND_TASK], decoded=False)
+        decoded.append((req.kwargs, req.args, req.task_name, req.ignore_result))
+    assert decoded[0] == decoded[1]
+    assert Command.model_validate(decoded[0][0]) == Command(op="load", model_id="模型 m")
 
 
 def test_the_message_rings_its_queues_bell(app, rds, prefix):
