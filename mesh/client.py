@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -49,6 +50,8 @@ from mesh.settings import MeshSettings, get_settings
 from mesh.storage.sources import validate_uri
 from mesh.store.context import StoreContext, is_permission_error, redis_client
 from mesh.store.state import Route
+
+log = logging.getLogger("mesh.client")
 
 MAX_TIMEOUT_MS = 365 * 24 * 3600 * 1000.0  # a request deadline beyond a year is a mistake
 
@@ -397,9 +400,14 @@ class MeshClient:
         priority: str | None,
         timeout_ms: float | None,
     ) -> MeshResult:
-        handle, prepared = self._prepare(model_id, vmodel_id, kwargs, priority, timeout_ms)
+        handle, messages, concrete = self._prepare(model_id, vmodel_id, kwargs, priority, timeout_ms)
         try:
-            self._publisher.push([prepared])
+            try:
+                self._publisher.push(messages)
+            except Exception as exc:
+                if len(messages) < 2 or not self._loads_refused(concrete, exc):
+                    raise
+                self._publisher.push(messages[-1:])
         except BaseException:
             self._reply_listener().discard(handle.id)
             raise
@@ -414,9 +422,14 @@ class MeshClient:
         timeout_ms: float | None,
         max_timeout_ms: float | None = None,
     ) -> dict:
-        handle, prepared = self._prepare(model_id, vmodel_id, kwargs, priority, timeout_ms, max_timeout_ms)
+        handle, messages, concrete = self._prepare(model_id, vmodel_id, kwargs, priority, timeout_ms, max_timeout_ms)
         try:
-            await self._outbox.send(prepared)
+            try:
+                await self._outbox.send(*messages)
+            except Exception as exc:
+                if len(messages) < 2 or not self._loads_refused(concrete, exc):
+                    raise
+                await self._outbox.send(messages[-1])
             return await handle
         except BaseException:
             # the handle never leaves this call: once its await ends without a reply (cancelled,
@@ -432,9 +445,11 @@ class MeshClient:
         priority: str | None,
         timeout_ms: float | None,
         max_timeout_ms: float | None = None,
-    ) -> tuple[MeshResult, Prepared]:
-        """Route, then build the message and the handle, watched by the reply listener before
-        the message exists: its reply can come before the push returns."""
+    ) -> tuple[MeshResult, list[Prepared], str]:
+        """Route, then build the messages to push (the model's load command first, when this
+        request starts its load: one round trip for both) and the handle, watched by the reply
+        listener before the message exists: its reply can come before the push returns. Also
+        the concrete model id."""
         if priority is not None and (not isinstance(priority, str) or priority not in PRIORITIES):
             raise InvalidArgument(f"priority must be one of {sorted(PRIORITIES)}, not {priority!r}")
         for name, value in (("timeout_ms", timeout_ms), ("max_timeout_ms", max_timeout_ms)):
@@ -443,7 +458,30 @@ class MeshClient:
                 and 0 < value <= MAX_TIMEOUT_MS  # also refuses NaN
             ):  # fmt: skip
                 raise InvalidArgument(f"{name} must be a number in (0, {MAX_TIMEOUT_MS:g}], not {value!r}")
-        concrete, cfg = self.router.route(model_id, vmodel_id)
+        loads: list[Prepared] = []
+        concrete, cfg = self.router.route(model_id, vmodel_id, loads)
+        try:
+            handle, prepared = self._build(concrete, cfg, vmodel_id, kwargs, priority, timeout_ms, max_timeout_ms)
+        except BaseException:
+            if loads:  # the load was placed: it goes ahead without this request, as it always did
+                try:
+                    self._publisher.push(loads)
+                except Exception as exc:  # the request's own error is the one to raise
+                    if not self._loads_refused(concrete, exc):
+                        log.warning("could not send the load of %s: %s", concrete, exc)
+            raise
+        return handle, [*loads, prepared], concrete
+
+    def _build(
+        self,
+        concrete: str,
+        cfg: EffectiveConfig,
+        vmodel_id: str | None,
+        kwargs: dict,
+        priority: str | None,
+        timeout_ms: float | None,
+        max_timeout_ms: float | None,
+    ) -> tuple[MeshResult, Prepared]:
         headers = {MODEL_HEADER: concrete, SENT_AT_HEADER: time.time()}
         if vmodel_id is not None:
             headers[VMODEL_HEADER] = vmodel_id
@@ -467,6 +505,16 @@ class MeshClient:
         self._check_size(prepared.body_size)
         replies.watch(handle)
         return handle, prepared
+
+    def _loads_refused(self, concrete: str, exc: Exception) -> bool:
+        """True when a push holding a load command failed because this producer's Redis user
+        may not write a worker's queue: the workers place that load instead, and the request
+        is to be pushed alone. Under the documented ACLs (docs/security.md) such a producer
+        cannot claim a load either, so it never gets here."""
+        if not is_permission_error(exc):
+            return False
+        self.router.loads_refused(concrete, exc)
+        return True
 
     def _reply_listener(self) -> ReplyListener:
         """This process's reply list and listener (a forked child gets its own)."""

@@ -142,14 +142,15 @@ class Outbox:
         self._push = push
         self._turns: dict[asyncio.AbstractEventLoop, tuple[list[Prepared], list[asyncio.Future]]] = {}
 
-    def send(self, prepared: Prepared) -> asyncio.Future:
+    def send(self, *prepared: Prepared) -> asyncio.Future:
+        """A future for the push of `prepared` (pushed in this order, in one call)."""
         loop = asyncio.get_running_loop()
         turn = self._turns.get(loop)
         if turn is None:
             turn = self._turns[loop] = ([], [])
             loop.call_soon(self._flush, loop)
         future = loop.create_future()
-        turn[0].append(prepared)
+        turn[0].extend(prepared)
         turn[1].append(future)
         return future
 
@@ -230,7 +231,7 @@ def task_message(
         "root_id": task_id,
         "parent_id": None,
         "argsrepr": "()",
-        "kwargsrepr": kwargs_repr(kwargs) if task == INFER_TASK else saferepr(kwargs, 1024),
+        "kwargsrepr": kwargs_repr(kwargs) if task == INFER_TASK else _short_repr(kwargs),
         "origin": f"gen{os.getpid()}@{_HOST}",
         "ignore_result": ignore_result,
         "replaced_task_nesting": 0,
@@ -260,6 +261,15 @@ def task_message(
         except TypeError:  # orjson.JSONEncodeError: what it cannot write exactly
             pass
     return json.dumps(envelope), len(body), all_headers
+
+
+def _short_repr(kwargs: dict[str, Any]) -> str:
+    """Celery's `saferepr(kwargs, 1024)` for flat keyword arguments of scalars (a command's):
+    the builtin repr, cut as saferepr cuts, at a tenth of its cost."""
+    if all(v is None or type(v) in (str, int, float, bool) for v in kwargs.values()):
+        text = repr(kwargs)
+        return text if len(text) <= 1024 else text[:1021] + "..."
+    return saferepr(kwargs, 1024)
 
 
 def kwargs_repr(kwargs: dict[str, Any]) -> str:

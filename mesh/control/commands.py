@@ -14,17 +14,22 @@ from typing import TYPE_CHECKING
 
 from celery import Celery
 
-from mesh.broker.publisher import InferPublisher
+from mesh.broker.publisher import InferPublisher, Prepared
 from mesh.models import Command
 
 if TYPE_CHECKING:
     from mesh.store.state import StateStore
 
 
+def command_message(publisher: InferPublisher, worker: str, cmd: Command) -> Prepared:
+    """`cmd` for `worker`'s private queue, ready to push (with other messages, in one call)."""
+    return publisher.prepare_command(publisher.keys.worker_queue(worker), cmd.model_dump(mode="json"))
+
+
 def send_command(store: StateStore, worker: str, cmd: Command) -> None:
     """Send `cmd` to `worker`'s private queue, on the Redis of `store` (the broker's)."""
     publisher = InferPublisher(store.r, store.keys)
-    publisher.push([publisher.prepare_command(store.keys.worker_queue(worker), cmd.model_dump(mode="json"))])
+    publisher.push([command_message(publisher, worker, cmd)])
 
 
 def unload_unregistered(

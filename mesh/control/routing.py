@@ -19,7 +19,8 @@ import redis
 from cachetools import TTLCache
 from celery import Celery
 
-from mesh.control.commands import send_command
+from mesh.broker.publisher import InferPublisher, Prepared
+from mesh.control.commands import command_message, send_command
 from mesh.errors import InvalidArgument, ModelLoadFailed, ModelNotFound, QueueFull
 from mesh.models import Command
 from mesh.policy.precedence import EffectiveConfig, effective_config, record_manifest
@@ -51,6 +52,7 @@ class Router:
         self.store = store
         self.vmodel_records = VModelStore(store)
         self.keys: Keys = store.keys
+        self._publisher = InferPublisher(store.r, store.keys)
         self.name = f"client:{socket.gethostname()}:{os.getpid()}"
         self.priority_steps = list(app.conf.broker_transport_options.get("priority_steps", [0]))
         self._configs: TTLCache = TTLCache(maxsize=10_000, ttl=CONFIG_TTL_S)
@@ -97,9 +99,12 @@ class Router:
             self._configs[model_id] = cfg
         return cfg
 
-    def prepare(self, model_id: str) -> EffectiveConfig:
+    def prepare(self, model_id: str, loads: list[Prepared] | None = None) -> EffectiveConfig:
         """Check the model exists and its queue has room; if it has no copy and no load in
-        progress, start one now. Returns the model's effective config."""
+        progress, start one now. Returns the model's effective config.
+
+        `loads`: the load command, if one is due, is added there instead of being sent, for the
+        caller to push with its request in one round trip (`MeshClient`), the command first."""
         cfg = self.model_config(model_id)
         max_queue = cfg.value("max_queue_size") if cfg is not None else 0
         if cfg is not None and not max_queue:
@@ -127,7 +132,7 @@ class Router:
             self.store.want_load(model_id)
         elif placement is not None:
             if placement.worker is not None:
-                self._send_load(placement.worker, model_id)
+                self._send_load(placement.worker, model_id, loads)
             elif placement.error is not None:
                 raise ModelLoadFailed(placement.error)
             elif placement.unmatched is not None:
@@ -156,14 +161,24 @@ class Router:
             settled_s=SETTLED_COPY_S, claim=False,
         )  # fmt: skip
 
-    def _send_load(self, worker: str, model_id: str) -> None:
+    def _send_load(self, worker: str, model_id: str, loads: list[Prepared] | None = None) -> None:
+        cmd = Command(op="load", model_id=model_id)
+        if loads is not None:
+            loads.append(command_message(self._publisher, worker, cmd))
+            return
         try:
-            send_command(self.store, worker, Command(op="load", model_id=model_id))
+            send_command(self.store, worker, cmd)
         except Exception as exc:
             if not is_permission_error(exc):
                 raise
             self._may_not_place(exc)
             self.store.want_load(model_id)  # the workers place it instead
+
+    def loads_refused(self, model_id: str, exc: BaseException) -> None:
+        """The push of a load command `prepare` returned was refused (this producer's Redis
+        user may not write workers' queues): the workers place the load instead."""
+        self._may_not_place(exc)
+        self.store.want_load(model_id)
 
     def _may_not_place(self, exc: BaseException) -> None:
         if self._places_loads:
@@ -186,10 +201,13 @@ class Router:
             self._warned[model_id] = now
             return True
 
-    def route(self, model_id: str | None, vmodel_id: str | None) -> tuple[str, EffectiveConfig]:
+    def route(
+        self, model_id: str | None, vmodel_id: str | None, loads: list[Prepared] | None = None
+    ) -> tuple[str, EffectiveConfig]:
+        """(the concrete model, its effective config), its load started if due (`prepare`)."""
         concrete = self.resolve(model_id, vmodel_id)
         try:
-            return concrete, self.prepare(concrete)
+            return concrete, self.prepare(concrete, loads)
         except ModelNotFound:
             if vmodel_id is None:
                 raise
@@ -198,7 +216,7 @@ class Router:
             # vmodel. Read it again once: its new active, or its target if the active is still
             # the one not found.
             retry = self._reresolve(vmodel_id, concrete)
-            return retry, self.prepare(retry)
+            return retry, self.prepare(retry, loads)
 
     def _reresolve(self, vmodel_id: str, not_found: str) -> str:
         rec = self.vmodel_records.get(vmodel_id)

@@ -4,6 +4,9 @@ enqueued, and what a send leaves behind."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +14,9 @@ import redis
 
 from mesh import MeshClient, ModelInfo
 from mesh.errors import InvalidArgument, ModelNotFound, RequestTooLarge
+from mesh.models import Command, CopyState, WorkerState
 from mesh.settings import MeshSettings
+from tests.unit.test_state import round_trips
 
 
 @pytest.fixture
@@ -98,8 +103,9 @@ def test_max_timeout_ms_caps_the_models_default_expiry_not_an_explicit_one(redis
         c.register_model("none", ModelInfo(runtime="sklearn", uri=f"file://{tmp_path}/m.joblib"))
 
         def expiry_s(model: str, **kw) -> float | None:
-            handle, prepared = c._prepare(model, None, {"inputs": []}, None, kw.get("timeout_ms"),
-                                          kw.get("max_timeout_ms"))  # fmt: skip
+            handle, messages, _ = c._prepare(model, None, {"inputs": []}, None, kw.get("timeout_ms"),
+                                             kw.get("max_timeout_ms"))  # fmt: skip
+            prepared = messages[-1]
             c._replies.discard(handle.id)
             headers = json.loads(prepared.message)["headers"]
             if headers["expires"] is None:
@@ -115,3 +121,65 @@ def test_max_timeout_ms_caps_the_models_default_expiry_not_an_explicit_one(redis
             c._prepare("none", None, {"inputs": []}, None, None, -1)
     finally:
         c.close()
+
+
+def live_worker(client: MeshClient, name: str = "w1@h") -> str:
+    """A heartbeat as a live worker with room writes it (no process: placement reads only this)."""
+    now = time.time()
+    client.store.write_heartbeat(WorkerState(name=name, host="h", pid=1, capacity_bytes=10**9, used_bytes=0,
+                                             started_at=now, updated_at=now), 30.0)  # fmt: skip
+    return name
+
+
+def commands(client: MeshClient, worker: str) -> list[Command]:
+    rds = redis.Redis.from_url(client.redis_url)
+    try:
+        raw = rds.lrange(client.keys.queue_list_key(client.keys.worker_queue(worker), 0), 0, -1)
+    finally:
+        rds.close()
+    bodies = []
+    for m in raw:
+        envelope = json.loads(m)
+        body = envelope["body"]
+        if envelope["properties"].get("body_encoding") == "base64":  # as kombu's Producer sends it
+            body = base64.b64decode(body)
+        bodies.append(json.loads(body))
+    return [Command.model_validate(kwargs) for _, kwargs, _ in bodies]
+
+
+@pytest.mark.parametrize("how", ["infer", "infer_async"])
+def test_a_cold_request_pushes_its_models_load_command_with_itself(client, monkeypatch, how):
+    """The request that claims a model's load sends the load command in its own push: three
+    round trips (route, the copy recorded, the push), where the command alone cost one more
+    and kombu's publish."""
+    worker = live_worker(client)
+    client.store.route("absent", "c0")  # the route script is loaded: one round trip from now on
+    client.router.model_config("m")  # read once per CONFIG_TTL_S, not per request
+    trips = round_trips(monkeypatch)
+    if how == "infer":
+        client.infer("m", inputs=np.zeros((1, 4), dtype=np.float32))
+    else:
+        async def send() -> None:
+            call = asyncio.ensure_future(client.infer_async("m", inputs=np.zeros((1, 4), dtype=np.float32)))
+            await asyncio.sleep(0.05)  # pushed, then cancelled: nobody answers here
+            call.cancel()
+
+        asyncio.run(send())
+    sent = [t for t in trips if t != "BLPOP"]  # not the reply listener's wait, on its own thread
+    assert sent == ["EVALSHA", "pipeline", "EVALSHA"], trips
+    assert queued(client) == 1
+    assert commands(client, worker) == [Command(op="load", model_id="m")]
+    assert [(c.worker, c.state) for c in client.store.model_status("m").copies] == [(worker, CopyState.LOADING)]
+    # the next request finds the load under way: no second command
+    client.infer("m", inputs=np.zeros((1, 4), dtype=np.float32))
+    assert queued(client) == 2 and len(commands(client, worker)) == 1
+
+
+def test_a_cold_request_refused_after_its_load_was_placed_still_sends_the_load(client):
+    """Placed means recorded LOADING on a worker: the command must follow even when the request
+    itself is then refused, or the model would wait for a load nobody was told about."""
+    worker = live_worker(client)
+    with pytest.raises(RequestTooLarge):
+        client.infer("m", inputs=np.zeros((1, 1024), dtype=np.float32))
+    assert queued(client) == 0
+    assert commands(client, worker) == [Command(op="load", model_id="m")]
