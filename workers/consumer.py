@@ -32,8 +32,11 @@ EVENT_BUFFER_LIMIT = 256  # buffered events per flush (Celery: 24)
 # Buffered task events are published at most this long after the first of them (Celery: on
 # the next loop turn). One request at a time, every turn held one request's event, so each
 # request paid three PUBLISHes of its own: 27 % of a worker's samples (py-spy, scripts/bench
-# closedloop svc1; docs/benchmarks.md, "Closed-loop clients"). Flower sees them 10 ms later.
-EVENT_FLUSH_DELAY_S = 0.01
+# closedloop svc1; docs/benchmarks.md, "Closed-loop clients"). At 10 ms a worker answering
+# 200-400 requests a second still published a flush (two messages: the task group and the
+# mesh group) every 2-4 requests, 5 % of its interpreter time at closedloop zipf; at 50 ms,
+# every 10-20. Flower sees events up to 50 ms later.
+EVENT_FLUSH_DELAY_S = 0.05
 EVENT_FLUSH_STALE_S = 1.0
 # The byte bound's estimate of the next message's size decays by this factor with every
 # message taken (and jumps to any larger one): after a burst of large requests, small ones get
