@@ -138,7 +138,7 @@ class Rebalancer:
 
     def apply(self, actions: Iterable[PlanAction], now: float) -> None:
         """Bookkeeping first, then unloads, then loads (the order `plan` returns)."""
-        k, cluster = self.keys, self.cluster
+        cluster = self.cluster
         sent: list[PastAction] = []
         for a in actions:
             if isinstance(a, ForgetWorker):
