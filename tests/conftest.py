@@ -82,10 +82,51 @@ def _delete_matching(client: redis.Redis, pattern: str) -> int:
     return deleted
 
 
+PREFIX_LEN = 11  # "t" and 10 hex digits: `prefix`
+
+
+@pytest.fixture(scope="session")
+def _no_keys_left(redis_url: str) -> Iterator[dict[str, str]]:
+    """The prefixes tests used (and by which test); at the end of the session none may have
+    keys left.
+
+    A key of a finished test's prefix was written after `prefix` deleted its keys, by a process
+    or thread the test left running: it stays in the shared Redis for good (a stream, a hash
+    with no TTL), and the test does not wait for what it started. Torn down before
+    `redis_url` (it depends on it), so an embedded server is still up to be read. The keys
+    found are deleted too: a failed run leaves the shared Redis clean all the same.
+    """
+    used: dict[str, str] = {}
+    yield used
+    client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+    try:
+        left = [
+            k
+            for k in client.scan_iter(match="t" + "?" * (PREFIX_LEN - 1) + "[:.]*", count=1000)
+            if k[:PREFIX_LEN].decode(errors="replace") in used
+        ]
+        if left:
+            client.delete(*left)
+    finally:
+        client.close()
+    if left:
+        by_test: dict[str, list[str]] = {}
+        for k in sorted(left):
+            name = k.decode(errors="replace")
+            by_test.setdefault(used[name[:PREFIX_LEN]], []).append(name)
+        raise AssertionError(
+            "keys of finished tests were written after their prefix was deleted (something the "
+            "test started outlived it):\n"
+            + "\n".join(f"  {test}: {', '.join(keys)}" for test, keys in sorted(by_test.items()))
+        )
+
+
 @pytest.fixture
-def prefix(redis_url: str) -> Iterator[str]:
+def prefix(request: pytest.FixtureRequest, redis_url: str, _no_keys_left: dict[str, str]) -> Iterator[str]:
     """A unique key prefix for this test; every `{prefix}:*` and `{prefix}.*` key is deleted after."""
     value = f"t{uuid4().hex[:10]}"
+    assert len(value) == PREFIX_LEN
+    _no_keys_left[value] = request.node.nodeid
     yield value
     client = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
     try:

@@ -785,7 +785,11 @@ class ModelManager:
         except Exception:  # Redis away: the heartbeat no longer lists the copy; failover handles the rest
             log.exception("taking the hung copy of %s out of service failed", model_id)
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = False) -> None:
+        """No more loads or unloads; those queued are dropped. `wait`: until those running have
+        ended, so nothing of theirs is written to Redis after (a test's key prefix is deleted
+        once its manager is shut down). Not the guards' threads, nor the snapshots' writer: they
+        write nothing to Redis, and a call a load gave up on may hang for good."""
         with self._lock:
             self._closing = True
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -794,3 +798,8 @@ class ModelManager:
         self._retirer.shutdown(wait=False, cancel_futures=True)
         self._snapshot_pool.shutdown(wait=False, cancel_futures=True)
         self._guards.shutdown(wait=False, cancel_futures=True)
+        if wait:
+            # fetch threads run loads too (`_queue_load`), and loads retire copies
+            for pool in (self._fetchers, self._pool, self._retirer):
+                if pool is not None:
+                    pool.shutdown(wait=True)

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return run(stack, state, args)
             finally:
+                # a worker writes as it leaves (its models handed over, its departure in the
+                # change log): deleting the mesh's keys before it stopped left those behind
+                stack.stop_processes()
                 _clean(stack.redis_url, prefix)
 
 

@@ -93,13 +93,17 @@ class LocalStack:
     def worker_procs(self) -> list[Proc]:
         return [p for p in self.procs if p.full_name]
 
-    def stop(self) -> None:
+    def stop_processes(self) -> None:
+        """Stop the mesh's processes by pid, keeping Redis (an embedded one) up."""
         for proc in reversed(self.procs):
             try:
                 proc.stop()
             except OSError as exc:
                 log.warning("stopping %s: %s", proc.name, exc)
         self.procs.clear()
+
+    def stop(self) -> None:
+        self.stop_processes()
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None

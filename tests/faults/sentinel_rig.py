@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import redis
 
 from mesh.tools.launcher import wait_for
+from tests.net import free_port
 
 MASTER_NAME = "meshmaster"
 DOWN_AFTER_MS = 1000
@@ -26,12 +26,6 @@ def redis_server_binary() -> str | None:
         if candidate and Path(candidate).exists():
             return candidate
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SentinelRig:

@@ -27,8 +27,9 @@ from mesh.protocol.keys import Keys
 from mesh.store.context import is_permission_error
 from mesh.tools.launcher import Proc, wait_for
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
+from tests.net import free_port
 
-from .test_security import SYSTEM_REDIS, _free_port
+from .test_security import SYSTEM_REDIS
 
 OPERATOR_PW, PRODUCER_PW = "operator-pw-5f1c", "producer-pw-9d2e"
 
@@ -40,7 +41,7 @@ def acl_redis(tmp_path: Path, prefix: str) -> Iterator[tuple[str, str]]:
     assert shutil.which(SYSTEM_REDIS) or os.path.exists(SYSTEM_REDIS), f"{SYSTEM_REDIS} (Redis 7) is needed"
     directory = tmp_path / "redis-acl"
     directory.mkdir()
-    port = _free_port()
+    port = free_port()
     proc = Proc("redis-acl", [SYSTEM_REDIS, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no", "--dir", str(directory)], directory / "redis.log")  # fmt: skip
     try:

@@ -12,24 +12,18 @@ largest body it accepts) comes down to the real size within the first few messag
 from __future__ import annotations
 
 import json
-import socket
 
 import numpy as np
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.protocol.tensors import encode_inputs
+from tests.net import free_port
 
 from .helpers import slow_info, wait_loaded
 
 LIMIT = 3 * 1024**2
 N = 24
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gauge(port: int, name: str) -> float:

@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -29,17 +28,12 @@ from mesh.settings import MeshSettings
 from mesh.tools.embedded import EmbeddedRedis
 from mesh.tools.launcher import Proc, start_flower, start_worker, wait_flower_ready, wait_for
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
+from tests.net import free_port
 
 from .test_bad_messages import Exploit, envelope, headers
 
 PASSWORD = "pw-" + uuid.uuid4().hex  # unique: any hit in a log or payload is a leak
 S3_SECRET = "s3-" + uuid.uuid4().hex
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def redis_dump(r: redis.Redis, prefix: str) -> bytes:
@@ -133,7 +127,7 @@ def test_password_redis_end_to_end_and_no_credential_in_logs_events_or_redis(
     with pytest.raises(redis.AuthenticationError):
         redis.Redis(port=password_redis.port).ping()  # the server really requires it
     storage = {"minio": {"type": "s3", "access_key_id": "AKIAEXAMPLE", "secret_access_key": S3_SECRET,
-                         "endpoint_url": f"http://127.0.0.1:{_free_port()}", "bucket": "models"}}  # fmt: skip
+                         "endpoint_url": f"http://127.0.0.1:{free_port()}", "bucket": "models"}}  # fmt: skip
     env = {
         "MESH_REDIS_URL": url,
         "MESH_STORAGE_CONFIG": json.dumps(storage),
@@ -143,7 +137,7 @@ def test_password_redis_end_to_end_and_no_credential_in_logs_events_or_redis(
         "MESH_DISK_CACHE_DIR": str(tmp_path / "cache"),
     }
     w = workers("w1", **env)
-    port = _free_port()
+    port = free_port()
     flower = start_flower({"MESH_REDIS_URL": url, "MESH_PREFIX": prefix}, tmp_path / "logs", port)
     client = MeshClient(redis_url=url, prefix=prefix)
     try:
@@ -219,7 +213,7 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     cert, key = make_certificate(directory)
     (directory / "redis.conf").write_text(f'requirepass "{PASSWORD}"\n')
     os.chmod(directory / "redis.conf", 0o600)
-    port = _free_port()
+    port = free_port()
     proc = Proc("redis-tls", [
         SYSTEM_REDIS, str(directory / "redis.conf"), "--port", "0", "--tls-port", str(port),
         "--bind", "127.0.0.1", "--tls-cert-file", str(cert), "--tls-key-file", str(key),

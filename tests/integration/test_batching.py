@@ -3,7 +3,6 @@ priorities, fairness between models, error isolation, precedence, and Flower's v
 
 from __future__ import annotations
 
-import socket
 import time
 
 import numpy as np
@@ -15,6 +14,7 @@ from mesh import BatchingConfig, InferenceError, InvalidInput, ModelInfo
 from mesh.client import raise_for_item
 from mesh.errors import QueueFull
 from mesh.tools.launcher import start_flower, wait_flower_ready, wait_for
+from tests.net import free_port
 
 from .test_foundation import answer, seed_tensor, sklearn_info
 
@@ -133,15 +133,9 @@ def test_effective_config_shows_each_value_and_its_level(client, svm_path, monke
     assert set(cfg.values) >= {"preferred_batch_sizes", "default_timeout_ms", "default_priority"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_every_request_shows_in_flower(client, workers, mesh_env, svm_path, seed_input, tmp_path):
     workers("w1")
-    port = _free_port()
+    port = free_port()
     flower = start_flower(mesh_env, tmp_path / "logs", port)
     try:
         base = f"http://127.0.0.1:{port}"

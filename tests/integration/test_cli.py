@@ -155,14 +155,9 @@ def test_quickstart_commands_end_to_end(run, workers, svm_path, mlp_path, tmp_pa
 
 def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tmp_path):
     import signal
-    import socket
 
     from mesh.tools.launcher import wait_flower_ready, wait_for
-
-    def free_port() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+    from tests.net import free_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(MESH_REDIS_URL=redis_url, MESH_PREFIX=prefix, MESH_HEARTBEAT_INTERVAL_S="0.5", COLUMNS="200",

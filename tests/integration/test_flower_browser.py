@@ -9,7 +9,6 @@ virtual-time budget that lets those requests finish; a task's own page is server
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import requests
 
 from mesh.tools.launcher import start_flower, wait_flower_ready, wait_for
+from tests.net import free_port
 
 from .test_foundation import seed_tensor, sklearn_info
 
@@ -45,12 +45,6 @@ def dump_dom(url: str, profile: Path, budget_ms: int = 5000) -> str:
     )
     assert proc.returncode == 0, f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}"
     return proc.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_flower_tasks_page_shows_the_request_by_model_name(client, workers, mesh_env, svm_path, seed_input, tmp_path):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from google.protobuf import json_format
 
 from mesh.models import VModelState
 from mesh.tools.launcher import wait_for
+from tests.net import free_port
 
 from . import gateway_rig
 
@@ -42,12 +42,6 @@ BUCKET = "modelmesh-example-models"
 ISVC = "example-mnist-isvc"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def minio(svm_path: Path, mlp_path: Path) -> Iterator[str]:
     """moto's S3 server over HTTP (no auth enforced, like a fresh MinIO with the seed's keys)
@@ -55,7 +49,7 @@ def minio(svm_path: Path, mlp_path: Path) -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import InvalidInput
 from mesh.tools.launcher import wait_for
+from tests.net import free_port
 
 from .test_foundation import seed_tensor, sklearn_info
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:

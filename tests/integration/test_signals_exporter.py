@@ -16,8 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.tools.launcher import wait_for
 from tests.faults.helpers import X, slow_info
-
-from .test_metrics import free_port
+from tests.net import free_port
 
 TOP_N = 2
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from mesh.control.repository import sync_repository
 from mesh.policy.repository import READY_MARKER
 from mesh.settings import MeshSettings
 from mesh.tools.launcher import wait_for
+from tests.net import free_port
 
 REGION = "us-east-1"
 
@@ -57,18 +57,12 @@ class S3Server:
         }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[S3Server]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -346,7 +340,7 @@ def test_wrong_credentials_or_an_unreachable_endpoint_fail_the_load_clearly(work
     config = {
         "wrong": s3_server.storage_entry(bucket, secret_access_key=wrong_secret),
         "unknown": s3_server.storage_entry(bucket, access_key_id="AKIANOSUCHKEY0000000"),
-        "down": s3_server.storage_entry(bucket, endpoint_url=f"http://127.0.0.1:{_free_port()}"),
+        "down": s3_server.storage_entry(bucket, endpoint_url=f"http://127.0.0.1:{free_port()}"),
     }
     w = workers("w1", MESH_STORAGE_CONFIG=json.dumps(config), MESH_DISK_CACHE_DIR=str(cache_dir))
     s3_server.client().put_object(Bucket=bucket, Key="m/model.joblib", Body=svm_path.read_bytes())

@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh import ModelNotFound, ModelState
 from mesh.protocol.ids import encode_id
 from mesh.tools.launcher import REPO_ROOT, wait_for
+from tests.net import free_port
 
 from .test_foundation import answer, seed_tensor, sklearn_info
-from .test_metrics import free_port
 
 IDS = ["modèle", "模型", "🤖 bot", "a b:c*d/e?f%g"]
 VMODEL = "vmodèle 虚拟/?*%"

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from mesh.control.repository import open_repository, scan
 from mesh.settings import MeshSettings
 from mesh.storage.sources import load_storage_config
+from tests.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -138,12 +138,6 @@ def test_the_sentinel_profile_adds_a_replica_and_three_sentinels_the_mesh_reache
         assert conf["broker_transport_options"]["master_name"] == "mesh"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_init_step_publishes_a_servable_model(config, tmp_path):
     import boto3
     import joblib
@@ -151,7 +145,7 @@ def test_init_step_publishes_a_servable_model(config, tmp_path):
 
     from mesh.tools.examples import SEED_DIGITS_INPUT
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

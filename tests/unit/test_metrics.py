@@ -12,6 +12,7 @@ import pytest
 
 from mesh.errors import DeadlineExceeded, InvalidInput, ModelLoadFailed, ModelNotFound, RequestTooLarge
 from workers.metrics import UNKNOWN_MODEL, WorkerMetrics, outcome_of
+from tests.net import free_port
 
 
 @pytest.mark.parametrize(
@@ -49,12 +50,6 @@ def test_each_worker_has_its_own_registry():
     finally:
         a.close()
         b.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_close_without_a_server_is_safe_and_idempotent():

@@ -66,7 +66,9 @@ class Rig:
         return self.metrics.loads.labels(model_id, "success")._value.get()
 
     def close(self) -> None:
-        self.manager.shutdown()
+        # a load still running writes its copy, signature and change-log entry when it ends:
+        # after the test's prefix was deleted, they would stay in Redis for good
+        self.manager.shutdown(wait=True)
         self.batcher.stop()
         self.metrics.close()
         self.client.close()
