@@ -15,6 +15,7 @@ import pytest
 from celery.result import AsyncResult
 
 from mesh.app import create_app
+from mesh.tools.launcher import wait_for
 from tests.unit.fakes import FakeRequest
 from tests.unit.worker_rig import Rig
 from workers.batcher import BatchPolicy
@@ -60,6 +61,16 @@ class Loop:
     def start(self) -> None:
         self.loop.start()
 
+    def batch_events(self, messages: int) -> list[dict]:
+        """The `mesh-batch` events, once they account for `messages` requests: a batch's event
+        is sent after its results are stored (results thread, then the consumer's callbacks),
+        so a result being readable does not mean its batch's event was sent yet."""
+        def sent() -> list[dict]:
+            return [f for t, f in list(self.dispatcher.sent) if t == "mesh-batch"]
+
+        wait_for(lambda: sum(b["messages"] for b in sent()) >= messages, 10, what="the batch events")
+        return sent()
+
     def close(self) -> None:
         self.rig.batcher.stop()
         self.loop.stop()
@@ -100,7 +111,7 @@ def test_a_failing_item_is_bisected_out_and_its_batch_mates_succeed(rig, loop):
         else:
             assert result["model_name"] == "m"
             assert result["outputs"][0]["data"] == [2 * v, 2 * v]
-    batches = [f for t, f in loop.dispatcher.sent if t == "mesh-batch"]
+    batches = loop.batch_events(6)
     assert [(b["size"], b["messages"], b["failed"]) for b in batches] == [(6, 6, 1)]
 
 
@@ -275,7 +286,7 @@ def test_a_request_that_cannot_be_answered_fails_alone_and_its_batch_mates_are_a
         threading.Event().wait(0.02)
     assert all(req._message.acknowledged for req in reqs + [poison])  # none redelivered
     assert rig.metrics.rejected.labels("unanswerable")._value.get() == 1
-    batches = [f for t, f in loop.dispatcher.sent if t == "mesh-batch"]
+    batches = loop.batch_events(6)
     assert [(b["size"], b["messages"]) for b in batches] == [(6, 6)]
 
 
@@ -310,7 +321,7 @@ def test_requests_of_one_batch_get_the_outputs_each_asked_for(rig, loop, tmp_pat
         for o in result["outputs"]:
             expected = getattr(model, o["name"])(np.asarray(rows))
             np.testing.assert_allclose(np.asarray(o["data"]).reshape(o["shape"]), expected)
-    batches = [f for t, f in loop.dispatcher.sent if t == "mesh-batch"]
+    batches = loop.batch_events(5)
     assert [(b["messages"], b["failed"]) for b in batches] == [(5, 1)]
     # the signature the loading worker recorded for get_model_metadata
     signature = rig.store.get_signature("sk")
