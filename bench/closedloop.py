@@ -33,7 +33,6 @@ from bench.common import (
     CpuMeter,
     command_line,
     clean,
-    free_port,
     latency_summary,
     machine,
     metric_sum,
@@ -46,7 +45,7 @@ from bench.common import (
 from bench.multimodel import copy_models, measure_model, model_ids, zipf_stream
 from mesh import MeshClient, ModelInfo
 from mesh.tools.examples import seed_digits_tensor, train_digits_mlp, train_digits_svm
-from mesh.tools.launcher import REPO_ROOT, start_worker, wait_for, wait_worker_ready
+from mesh.tools.launcher import REPO_ROOT, free_port, start_worker, wait_for, wait_worker_ready
 
 WORKLOADS = ("svc1", "mlp16", "zipf", "async")
 ASYNC_IN_FLIGHT = 1000

@@ -21,11 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import clean, command_line, free_port, machine, metric_sum, redis_for_bench, save, scrape
+from bench.common import clean, command_line, machine, metric_sum, redis_for_bench, save, scrape
 from bench.multimodel import copy_models, measure_model, model_factories
 from mesh import MeshClient, ModelInfo
 from mesh.tools.examples import seed_digits_tensor
-from mesh.tools.launcher import start_worker, wait_for, wait_worker_ready
+from mesh.tools.launcher import free_port, start_worker, wait_for, wait_worker_ready
 
 
 def cold_start(client: MeshClient, port: int, model_id: str) -> dict:

@@ -20,7 +20,6 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -97,12 +96,6 @@ def answers(send: Callable[[], object], wait: Callable[[object], Any]) -> bool:
         return True
     except Exception:  # the worker may still be starting: try again
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def machine() -> dict:

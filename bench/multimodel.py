@@ -37,7 +37,6 @@ from bench.common import (
     answers,
     clean,
     command_line,
-    free_port,
     load_summary,
     machine,
     metric_sum,
@@ -50,7 +49,7 @@ from bench.common import (
 )
 from mesh import MeshClient, ModelInfo
 from mesh.tools.examples import seed_digits_tensor
-from mesh.tools.launcher import start_beat, start_worker, wait_for, wait_worker_ready
+from mesh.tools.launcher import free_port, start_beat, start_worker, wait_for, wait_worker_ready
 
 
 # ---------------------------------------------------------------------- the model

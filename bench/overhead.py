@@ -32,7 +32,6 @@ from celery import signals
 from bench.common import (
     clean,
     command_line,
-    free_port,
     machine,
     metric_sum,
     percentile,
@@ -46,7 +45,7 @@ from bench.multimodel import copy_models, model_factories
 from mesh import MeshClient, ModelInfo
 from mesh.protocol.messages import SENT_AT_HEADER
 from mesh.tools.examples import seed_digits_tensor
-from mesh.tools.launcher import start_worker, wait_for, wait_worker_ready
+from mesh.tools.launcher import free_port, start_worker, wait_for, wait_worker_ready
 
 PARTS = ("enqueue", "queue_wait", "batch_wait", "predict", "result_store", "result_delivery")
 

@@ -38,10 +38,10 @@ from mesh.protocol.messages import PRIORITY_STEPS
 from mesh.settings import MeshSettings
 from mesh.store.cluster import ClusterStore
 from mesh.store.state import StateStore
-from mesh.tools.launcher import wait_for
+from mesh.tools.launcher import free_port, wait_for
 from mesh.tools.simulator import synthetic_cluster
 
-from .common import clean, command_line, free_port, machine, save
+from .common import clean, command_line, machine, save
 
 PREFIX = "benchplan"
 

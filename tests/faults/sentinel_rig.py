@@ -13,8 +13,7 @@ from pathlib import Path
 
 import redis
 
-from mesh.tools.launcher import wait_for
-from tests.net import free_port
+from mesh.tools.launcher import free_port, wait_for
 
 MASTER_NAME = "meshmaster"
 DOWN_AFTER_MS = 1000

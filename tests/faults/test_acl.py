@@ -18,16 +18,15 @@ import redis
 from celery.result import AsyncResult
 from kombu.exceptions import OperationalError
 
-from mesh import MeshClient, ModelInfo
+from mesh import MeshClient
 from mesh.control.commands import send_command
 from mesh.errors import PermissionDenied
 from mesh.models import Command
 from mesh.protocol.acl import operator_rules, producer_rules, setuser_command
 from mesh.protocol.keys import Keys
 from mesh.store.context import is_permission_error
-from mesh.tools.launcher import Proc, wait_for
+from mesh.tools.launcher import Proc, free_port, wait_for
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
-from tests.net import free_port
 
 from .test_security import SYSTEM_REDIS
 

@@ -18,7 +18,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh.protocol.tensors import encode_inputs
-from tests.net import free_port
+from mesh.tools.launcher import free_port
 
 from .helpers import slow_info, wait_loaded
 

@@ -26,9 +26,8 @@ from mesh.errors import InvalidArgument
 from mesh.models import ModelState
 from mesh.settings import MeshSettings
 from mesh.tools.embedded import EmbeddedRedis
-from mesh.tools.launcher import Proc, start_flower, start_worker, wait_flower_ready, wait_for
+from mesh.tools.launcher import Proc, free_port, start_flower, start_worker, wait_flower_ready, wait_for
 from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
-from tests.net import free_port
 
 from .test_bad_messages import Exploit, envelope, headers
 

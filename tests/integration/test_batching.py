@@ -13,8 +13,7 @@ from celery.exceptions import TaskRevokedError
 from mesh import BatchingConfig, InferenceError, InvalidInput, ModelInfo
 from mesh.client import raise_for_item
 from mesh.errors import QueueFull
-from mesh.tools.launcher import start_flower, wait_flower_ready, wait_for
-from tests.net import free_port
+from mesh.tools.launcher import free_port, start_flower, wait_flower_ready, wait_for
 
 from .test_foundation import answer, seed_tensor, sklearn_info
 

@@ -157,7 +157,7 @@ def test_mesh_up_runs_the_stack_and_ctrl_c_stops_all_of_it(redis_url, prefix, tm
     import signal
 
     from mesh.tools.launcher import wait_flower_ready, wait_for
-    from tests.net import free_port
+    from mesh.tools.launcher import free_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
     env.update(MESH_REDIS_URL=redis_url, MESH_PREFIX=prefix, MESH_HEARTBEAT_INTERVAL_S="0.5", COLUMNS="200",

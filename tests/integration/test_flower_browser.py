@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mesh.tools.launcher import start_flower, wait_flower_ready, wait_for
-from tests.net import free_port
+from mesh.tools.launcher import free_port, start_flower, wait_flower_ready, wait_for
 
 from .test_foundation import seed_tensor, sklearn_info
 

@@ -20,8 +20,7 @@ import pytest
 from google.protobuf import json_format
 
 from mesh.models import VModelState
-from mesh.tools.launcher import wait_for
-from tests.net import free_port
+from mesh.tools.launcher import free_port, wait_for
 
 from . import gateway_rig
 

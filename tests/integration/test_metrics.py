@@ -7,8 +7,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import InvalidInput
-from mesh.tools.launcher import wait_for
-from tests.net import free_port
+from mesh.tools.launcher import free_port, wait_for
 
 from .test_foundation import seed_tensor, sklearn_info
 

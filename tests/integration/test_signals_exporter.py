@@ -14,9 +14,8 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.tools.launcher import wait_for
+from mesh.tools.launcher import free_port, wait_for
 from tests.faults.helpers import X, slow_info
-from tests.net import free_port
 
 TOP_N = 2
 

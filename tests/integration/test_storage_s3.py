@@ -24,8 +24,7 @@ from mesh.control.registry import MeshRegistry
 from mesh.control.repository import sync_repository
 from mesh.policy.repository import READY_MARKER
 from mesh.settings import MeshSettings
-from mesh.tools.launcher import wait_for
-from tests.net import free_port
+from mesh.tools.launcher import free_port, wait_for
 
 REGION = "us-east-1"
 

@@ -21,8 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import ModelNotFound, ModelState
 from mesh.protocol.ids import encode_id
-from mesh.tools.launcher import REPO_ROOT, wait_for
-from tests.net import free_port
+from mesh.tools.launcher import REPO_ROOT, free_port, wait_for
 
 from .test_foundation import answer, seed_tensor, sklearn_info
 

@@ -21,7 +21,7 @@ import pytest
 from mesh.control.repository import open_repository, scan
 from mesh.settings import MeshSettings
 from mesh.storage.sources import load_storage_config
-from tests.net import free_port
+from mesh.tools.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

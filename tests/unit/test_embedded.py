@@ -14,8 +14,8 @@ import redis
 
 from mesh.broker import redis_url
 from mesh.broker.redis_url import DEFAULT_LOCAL_URL, probe, resolve_redis_url
-from mesh.tools.embedded import EmbeddedRedis, _free_port, _pid_alive, redis_server_executable, stop_detached
-from mesh.tools.launcher import wait_for
+from mesh.tools.embedded import EmbeddedRedis, _pid_alive, redis_server_executable, stop_detached
+from mesh.tools.launcher import free_port, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,7 +29,7 @@ def test_probe_true(redis_url: str) -> None:
 
 
 def test_probe_false_fast() -> None:
-    url = f"redis://127.0.0.1:{_free_port()}/0"  # nothing listens there
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     t0 = time.monotonic()
     assert probe(url) is False
     assert probe("not a url") is False
@@ -74,7 +74,7 @@ def test_embedded_start_stop(tmp_path: Path) -> None:
 
 
 def test_embedded_context_manager_and_fixed_port(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     with EmbeddedRedis(tmp_path, port=port) as server:
         assert server.url == f"redis://127.0.0.1:{port}/0"
         assert probe(server.url)
@@ -95,7 +95,7 @@ def test_embedded_port_in_use_fails_cleanly(tmp_path: Path) -> None:
 
 
 def test_embedded_persist_keeps_data(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     with EmbeddedRedis(tmp_path, port=port, persist=True) as server:
         c = redis.Redis.from_url(server.url)  # type: ignore[arg-type]
         assert c.config_get("appendonly")["appendonly"] == "yes"
@@ -143,7 +143,7 @@ def test_cli_start_stop_round_trip(tmp_path: Path) -> None:
 
 
 def test_cli_start_with_port(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     try:
         r = _cli("start", "--dir", str(tmp_path), "--port", str(port))
         assert r.returncode == 0, r.stderr

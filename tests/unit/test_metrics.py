@@ -12,7 +12,7 @@ import pytest
 
 from mesh.errors import DeadlineExceeded, InvalidInput, ModelLoadFailed, ModelNotFound, RequestTooLarge
 from workers.metrics import UNKNOWN_MODEL, WorkerMetrics, outcome_of
-from tests.net import free_port
+from mesh.tools.launcher import free_port
 
 
 @pytest.mark.parametrize(
