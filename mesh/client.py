@@ -580,19 +580,24 @@ class MeshClient:
             _check_runtime(info.runtime)
         if timeout <= 0:
             raise InvalidArgument("timeout must be positive")
-        return self.vmodels.set_vmodel(
-            vmodel_id,
-            target_model_id,
-            model_info=info,
-            auto_delete_target_model=auto_delete_target_model,
-            update_only=update_only,
-            load_now=load_now,
-            force=force,
-            sync=sync,
-            expected_target_model_id=expected_target_model_id,
-            owner=owner,
-            timeout=timeout,
-        )
+        try:
+            return self.vmodels.set_vmodel(
+                vmodel_id,
+                target_model_id,
+                model_info=info,
+                auto_delete_target_model=auto_delete_target_model,
+                update_only=update_only,
+                load_now=load_now,
+                force=force,
+                sync=sync,
+                expected_target_model_id=expected_target_model_id,
+                owner=owner,
+                timeout=timeout,
+            )
+        finally:
+            # this client's next request through the vmodel sees the change (others within
+            # routing.VMODEL_TTL_S), also when a sync wait ended in an error after a switch
+            self.router.forget_vmodel(vmodel_id)
 
     def get_vmodel_status(self, vmodel_id: str, owner: str | None = None) -> VModelStatus:
         """Status NOT_FOUND | DEFINED | TRANSITIONING | TRANSITION_FAILED, both models' states
@@ -603,7 +608,10 @@ class MeshClient:
     def delete_vmodel(self, vmodel_id: str, owner: str | None = None) -> None:
         """Delete a vmodel (idempotent; another owner's vmodel is left alone). Models it
         auto-created are deleted once nothing references them."""
-        self.vmodels.delete(vmodel_id, owner)
+        try:
+            self.vmodels.delete(vmodel_id, owner)
+        finally:
+            self.router.forget_vmodel(vmodel_id)
 
     def list_vmodels(self) -> list[VModelRecord]:
         return self.vmodels.list()

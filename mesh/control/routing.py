@@ -41,6 +41,14 @@ NO_WORKER_WARN_S = 30.0
 # the next second went to a queue nobody consumed, until the worker's orphan watch found them
 # (1.5 % of the requests, 90-100 ms each). Routed each time, they claim a load at once.
 SETTLED_COPY_S = 2 * SERVING_TTL_S
+# How long a vmodel's active model is remembered: a request through a vmodel then costs no read
+# of the vmodel's record (one round trip of a warm request's two). Safe because it is shorter
+# than the drain's grace (DRAIN_GRACE_S in mesh/control/vmodels.py, 1 s; a test ties the two):
+# a producer that read the old active up to this long before a switch sends within the window
+# in which the old model's copies stay and answer, and what reaches the old model's queue after
+# that moves to the new active (docs/vmodels.md, "Auto-delete and draining"). Other producers
+# see a switch up to this late; the client that makes a change sees it at once (`forget_vmodel`).
+VMODEL_TTL_S = 0.5
 
 
 _UNCACHED = object()
@@ -67,6 +75,7 @@ class Router:
         # is answered NOT_FOUND by the worker draining its queue, and one whose copy just left
         # is picked up by that worker's orphan watch. Queue limits are always checked.
         self._serving: TTLCache = TTLCache(maxsize=10_000, ttl=SERVING_TTL_S)
+        self._actives: TTLCache = TTLCache(maxsize=10_000, ttl=VMODEL_TTL_S)  # vmodel -> its active
 
     def resolve(self, model_id: str | None, vmodel_id: str | None) -> str:
         """The concrete model id to serve this request (a vmodel's active model)."""
@@ -75,9 +84,15 @@ class Router:
         if model_id is not None:
             return validate_id(model_id)
         validate_id(vmodel_id, "vmodel")
+        with self._config_lock:
+            active = self._actives.get(vmodel_id)
+        if active is not None:
+            return active
         rec = self.vmodel_records.get(vmodel_id)
-        if rec is None:
+        if rec is None:  # not remembered: a vmodel created next is found at once
             raise ModelNotFound(f"vmodel {vmodel_id!r} not found")
+        with self._config_lock:
+            self._actives[vmodel_id] = rec.active_model_id
         return rec.active_model_id
 
     def model_config(self, model_id: str) -> EffectiveConfig | None:
@@ -192,6 +207,11 @@ class Router:
             self._configs.pop(model_id, None)
             self._serving.pop(model_id, None)
 
+    def forget_vmodel(self, vmodel_id: str) -> None:
+        """Read the vmodel again at its next request (after changing it here)."""
+        with self._config_lock:
+            self._actives.pop(vmodel_id, None)
+
     def _warn_once(self, model_id: str) -> bool:
         """True at most once per model per NO_WORKER_WARN_S (one line, not one per request)."""
         now = time.monotonic()
@@ -215,6 +235,7 @@ class Router:
             # src/main/java/com/ibm/watson/modelmesh/ModelMeshApi.java): the active was switched (and auto-deleted) since we read the
             # vmodel. Read it again once: its new active, or its target if the active is still
             # the one not found.
+            self.forget_vmodel(vmodel_id)
             retry = self._reresolve(vmodel_id, concrete)
             return retry, self.prepare(retry, loads)
 

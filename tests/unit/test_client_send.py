@@ -183,3 +183,82 @@ def test_a_cold_request_refused_after_its_load_was_placed_still_sends_the_load(c
         client.infer("m", inputs=np.zeros((1, 1024), dtype=np.float32))
     assert queued(client) == 0
     assert commands(client, worker) == [Command(op="load", model_id="m")]
+
+
+# ---------------------------------------------------------------- requests through a vmodel
+
+
+def model_queued(client: MeshClient, model_id: str) -> int:
+    return client.store.queue_depth(model_id, [0, 5])
+
+
+def test_a_request_through_a_vmodel_reads_its_record_once_per_ttl(client, monkeypatch):
+    """The vmodel's active model is remembered for VMODEL_TTL_S: the requests after the first
+    cost no HGET of the vmodel record (one round trip of a warm request's two)."""
+    from mesh.control import routing
+
+    client.set_vmodel("v", "m")
+    client.router.model_config("m")  # the model's config: read once per CONFIG_TTL_S, not per request
+    trips = round_trips(monkeypatch)
+    for _ in range(3):
+        client.infer(vmodel_id="v", inputs=np.zeros((1, 4), dtype=np.float32))
+    assert trips.count("HGET") == 1, trips
+    assert model_queued(client, "m") == 3
+    time.sleep(routing.VMODEL_TTL_S + 0.05)
+    client.infer(vmodel_id="v", inputs=np.zeros((1, 4), dtype=np.float32))
+    assert trips.count("HGET") == 2, trips
+
+
+def test_the_vmodel_cache_is_shorter_than_the_drain_grace():
+    """What makes the cache safe: a producer that read the old active before a switch sends
+    while the old model's copies still stay (docs/vmodels.md, "Auto-delete and draining")."""
+    from mesh.control.routing import VMODEL_TTL_S
+    from mesh.control.vmodels import DRAIN_GRACE_S
+
+    assert 0 < VMODEL_TTL_S < DRAIN_GRACE_S
+
+
+def test_a_vmodel_switch_is_seen_at_once_by_its_client_and_within_the_ttl_by_others(
+    client, redis_url, prefix, tmp_path
+):
+    from mesh.control import routing
+
+    other = MeshClient(settings=MeshSettings(prefix=prefix, redis_url=redis_url))
+    try:
+        client.register_model("m2", ModelInfo(runtime="sklearn", uri=f"file://{tmp_path}/m.joblib"))
+        client.set_vmodel("v", "m")
+        x = np.zeros((1, 4), dtype=np.float32)
+        client.infer(vmodel_id="v", inputs=x)
+        other.infer(vmodel_id="v", inputs=x)
+        assert model_queued(client, "m") == 2
+        # m has no copy: the switch is immediate
+        assert client.set_vmodel("v", "m2").active_model_id == "m2"
+        client.infer(vmodel_id="v", inputs=x)  # the client that switched: at once
+        assert model_queued(client, "m2") == 1
+        time.sleep(routing.VMODEL_TTL_S + 0.05)
+        other.infer(vmodel_id="v", inputs=x)  # another producer: once its entry expired
+        assert model_queued(client, "m2") == 2
+        client.delete_vmodel("v")
+        with pytest.raises(ModelNotFound):
+            client.infer(vmodel_id="v", inputs=x)
+    finally:
+        other.close()
+
+
+def test_a_remembered_active_that_was_auto_deleted_is_read_again(client, redis_url, prefix, tmp_path):
+    """Another producer switched the vmodel and its old active went with its last reference:
+    the remembered active is NOT_FOUND, and the request goes to the new active (ModelMesh's
+    callModel retry), not to the deleted model's queue."""
+    other = MeshClient(settings=MeshSettings(prefix=prefix, redis_url=redis_url))
+    try:
+        info = ModelInfo(runtime="sklearn", uri=f"file://{tmp_path}/m.joblib")
+        client.set_vmodel("v", "v1", model_info=info, auto_delete_target_model=True)
+        x = np.zeros((1, 4), dtype=np.float32)
+        client.infer(vmodel_id="v", inputs=x)  # remembers v -> v1
+        other.set_vmodel("v", "v2", model_info=info, auto_delete_target_model=True)
+        assert client.get_model_status("v1").state.value == "NOT_FOUND"
+        client.infer(vmodel_id="v", inputs=x)
+        assert model_queued(client, "v2") == 1
+        assert client.router._actives.get("v") is None  # forgotten, read again next time
+    finally:
+        other.close()
