@@ -130,10 +130,6 @@ class Keys:
     # --- the broker's bookkeeping of delivered messages (mesh/broker/transport.py,
     # mesh/store/failover.py)
     @property
-    def unacked(self) -> str:
-        return self.kombu_prefix + UNACKED
-
-    @property
     def unacked_index(self) -> str:
         return self.kombu_prefix + UNACKED_INDEX
 
@@ -297,7 +293,7 @@ class Keys:
     def unacked(self) -> str:
         """kombu's hash of delivered, unacknowledged messages (kombu/transport/redis.py,
         `QoS.unacked_key`): each value is `[message, exchange, routing_key]` as JSON."""
-        return f"{self.kombu_prefix}unacked"
+        return self.kombu_prefix + UNACKED
 
     @property
     def strays_lock(self) -> str:
