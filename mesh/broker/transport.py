@@ -367,6 +367,7 @@ class Channel(kombu_redis.Channel):
     _sent: str | None = None  # the command of the poll in flight: "BRPOP" or "EVALSHA"
     _recorded_tag: str | None = None  # delivered now, already recorded by the script
     _pop_sha: str | None = None
+    _pop_most = POP_MAX  # what the last pop script call could take
 
     def _brpop_start(self, timeout=None):
         if _unrecorded.get(self.global_keyprefix):
@@ -393,6 +394,7 @@ class Channel(kombu_redis.Channel):
         keys = [p + self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         room = self.qos.can_consume_max_estimate()
         most = POP_MAX if room is None else max(1, min(POP_MAX, room))
+        self._pop_most = most
         keys, args = pop_keys_args(p, keys, now=time(), most=most, holder=self.mesh_holder or "",
                                    holder_ttl_ms=int(self.mesh_holder_ttl_ms),
                                    max_deliveries=int(self.mesh_max_deliveries))  # fmt: skip
@@ -436,7 +438,11 @@ class Channel(kombu_redis.Channel):
             if not reply:
                 self._busy = False
                 raise kombu_redis.Empty()
-            self._busy = True
+            # Fewer than it could take: the script found every queue empty, so the next poll
+            # waits on the bells (a message pushed since rang one). Polling again found nothing
+            # once per request at one client: a round trip and a loop turn of the consumer
+            # thread each (closedloop svc1).
+            self._busy = len(reply) >= 3 * self._pop_most
             popped = [(reply[i], reply[i + 1], bytes_to_str(reply[i + 2]) or None) for i in range(0, len(reply), 3)]
             for n, (key, item, recorded) in enumerate(popped):
                 if recorded == DEAD_LETTERED:

@@ -156,6 +156,52 @@ def test_consumer_never_pops_a_queue_unrecorded_and_idles_on_bells(
     assert not [v for v in r.hvals(unacked) if queue.name.encode() in v]
 
 
+def test_a_message_to_an_idle_consumer_costs_one_pop(redis_url: str, prefix: str) -> None:
+    """Idle, the consumer waits on the bells; a ring, then one pop script call that finds the
+    queues drained (it took fewer than it could), and it waits on the bells again. Before, it
+    popped once more and found nothing: two script calls per message at one client."""
+    queue = _queue(prefix)
+    r = redis.Redis.from_url(redis_url)
+    commands: list[str] = []
+    monitor_ready, stop = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        with r.monitor() as m:
+            monitor_ready.set()
+            for cmd in m.listen():
+                if cmd.get("client_type") != "lua":
+                    commands.append(cmd["command"])
+                if stop.is_set():
+                    return
+
+    threading.Thread(target=watch, daemon=True).start()
+    monitor_ready.wait(5)
+    seen: list[int] = []
+    # no timed-out wait (each polls once more) during the test
+    options = {"global_keyprefix": Keys(prefix).kombu_prefix, "brpop_timeout": 60}
+    with Connection(redis_url, transport=TRANSPORT, transport_options=options) as consumer_conn, \
+            Connection(redis_url, transport=TRANSPORT, transport_options=options) as pub_conn:  # fmt: skip
+        producer = Producer(pub_conn.channel())
+        consumer_channel = consumer_conn.channel()
+        with Consumer(consumer_channel, [queue], callbacks=[lambda b, m: (seen.append(b["n"]), m.ack())],
+                      accept=["json"]):  # fmt: skip
+            drain(consumer_conn, 0.3)  # the first poll (a pop, empty) and then the wait on the bell
+            for n in range(6):
+                producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.name,
+                                 declare=[queue], serializer="json")  # fmt: skip
+                deadline = time.monotonic() + 10
+                while len(seen) <= n and time.monotonic() < deadline:
+                    drain(consumer_conn, 0.5)
+                drain(consumer_conn, 0.2)
+        consumer_channel.close()
+    stop.set()
+    r.ping()
+    r.close()
+    assert seen == list(range(6))
+    pops = [c for c in commands if c.startswith("EVALSHA") and queue.name in c]
+    assert len(pops) == 1 + 6, pops  # the first poll, then one per message
+
+
 def test_bell_holds_at_most_one_ring_expires_and_goes_with_the_queue(
     conn: Connection, redis_url: str, prefix: str
 ) -> None:
