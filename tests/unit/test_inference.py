@@ -158,6 +158,32 @@ def test_a_micro_batch_answers_each_item(rig, loop):
     assert result["results"][2]["outputs"][0]["data"] == [6.0, 6.0]
 
 
+def test_a_lone_request_is_stored_by_the_inference_thread_a_micro_batch_by_the_results_thread(
+    rig, loop, monkeypatch
+):
+    """Nothing else buffered: a lone request's results pipeline runs on the inference thread (no
+    hand-over: its latency); a micro-batch's goes to the results thread, so that the inference
+    thread is free for the next message meanwhile (infer_many throughput)."""
+    stored_by: dict[str, str] = {}
+    store = InferenceLoop._store
+
+    def spy(self, results, messages, *args, **kwargs):
+        for m in messages:
+            stored_by[m.pending.req.id] = threading.current_thread().name
+        return store(self, results, messages, *args, **kwargs)
+
+    monkeypatch.setattr(InferenceLoop, "_store", spy)
+    rig.register("m", python_class=PICKY)
+    rig.load("m")
+    loop.start()
+    rig.batcher.add("m", loop.request("lone", inputs=tensor(1.0, 1.0)))
+    assert loop.result("lone")["outputs"][0]["data"] == [2.0, 2.0]
+    rig.batcher.add("m", loop.request("many", items=[tensor(1, 1), tensor(2, 2)]), items=2)
+    assert [r["outputs"][0]["data"] for r in loop.result("many")["results"]] == [[2.0, 2.0], [4.0, 4.0]]
+    assert stored_by["lone"] == "mesh-inference"
+    assert stored_by["many"].startswith("mesh-results")
+
+
 def test_a_micro_batch_of_alike_items_with_a_bad_one_still_fails_it_alone(rig, loop):
     rig.register("m", python_class=PICKY)
     rig.load("m")
