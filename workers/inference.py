@@ -494,8 +494,8 @@ class InferenceLoop(threading.Thread):
             # a lone request and no next batch to predict meanwhile: storing here spares the
             # hand-over to the results thread (a thread wake-up, a good part of a lone request's
             # latency). Not a micro-batch (`infer_many`): its larger pipeline kept this thread
-            # from the next message, which usually arrives meanwhile (2 producers of 32-item
-            # messages: 5-8 % fewer items/s, docs/benchmarks.md)
+            # from the next message, which usually arrives meanwhile (stored here, 2 producers
+            # of 32-item messages got 5-8 % fewer items/s: docs/benchmarks.md)
             self._store(results, messages, batch, compute_s, started_wall, wait_ms, accepted)
             return
         try:
