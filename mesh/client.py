@@ -405,9 +405,10 @@ class MeshClient:
             try:
                 self._publisher.push(messages)
             except Exception as exc:
-                if len(messages) < 2 or not self._loads_refused(concrete, exc):
+                alone = self._request_alone(messages, concrete, exc)
+                if alone is None:
                     raise
-                self._publisher.push(messages[-1:])
+                self._publisher.push(alone)
         except BaseException:
             self._reply_listener().discard(handle.id)
             raise
@@ -427,9 +428,10 @@ class MeshClient:
             try:
                 await self._outbox.send(*messages)
             except Exception as exc:
-                if len(messages) < 2 or not self._loads_refused(concrete, exc):
+                alone = self._request_alone(messages, concrete, exc)
+                if alone is None:
                     raise
-                await self._outbox.send(messages[-1])
+                await self._outbox.send(*alone)
             return await handle
         except BaseException:
             # the handle never leaves this call: once its await ends without a reply (cancelled,
@@ -505,6 +507,14 @@ class MeshClient:
         self._check_size(prepared.body_size)
         replies.watch(handle)
         return handle, prepared
+
+    def _request_alone(self, messages: list[Prepared], concrete: str, exc: Exception) -> list[Prepared] | None:
+        """What to push again after the push of `messages` failed with `exc`: the request
+        alone when the load command ahead of it was refused (`_loads_refused`), else None (the
+        error is the request's)."""
+        if len(messages) < 2 or not self._loads_refused(concrete, exc):
+            return None
+        return messages[-1:]
 
     def _loads_refused(self, concrete: str, exc: Exception) -> bool:
         """True when a push holding a load command failed because this producer's Redis user
