@@ -83,6 +83,16 @@ class MeshResult(AsyncResult):
             wake.set()
         return waiters, promised
 
+    @property
+    def _arrived(self) -> bool:
+        """The reply is here. What the listener's waiting threads check, rather than
+        `_resolved`: `_resolve` records the reply and reads `_wake` under `_lock`, then sets
+        `_resolved`, so a thread that registered its wake in between is woken by nobody and
+        would see `_resolved` still unset, and sleep to its timeout (a 20,000-request
+        closedloop zipf run: one get() answered at its 120 s timeout). (`forget` clears the
+        reply, not `_resolved`.)"""
+        return self._reply is not None or self._resolved.is_set()
+
     def _fulfil(self) -> None:
         """Run the `then` callbacks (Celery fulfils `on_ready` when it sets the cache)."""
         try:
@@ -258,7 +268,7 @@ class ReplyListener:
         list while no other thread does."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.0
-        while not handle._resolved.is_set():
+        while not handle._arrived:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
@@ -266,7 +276,7 @@ class ReplyListener:
                 if self._follow(handle, remaining):
                     continue
             try:
-                while not handle._resolved.is_set() and not self._stop.is_set():
+                while not handle._arrived and not self._stop.is_set():
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         break
@@ -280,7 +290,7 @@ class ReplyListener:
                 self._popping.release()
                 self._hand_over()
             if self._stop.is_set():  # closed: nothing pops any more
-                return handle._resolved.is_set()
+                return handle._arrived
         return True
 
     def _follow(self, handle: MeshResult, remaining: float | None) -> bool:
@@ -289,11 +299,13 @@ class ReplyListener:
         ours (taken after registering, so a hand-over in between is not missed)."""
         wake = threading.Event()
         with handle._lock:
+            if handle._arrived:  # `_resolve` found no wake to set
+                return True
             handle._wake = wake
         with self._lock:
             self._followers.append(handle)
         try:
-            if not handle._resolved.is_set() and self._popping.acquire(blocking=False):
+            if not handle._arrived and self._popping.acquire(blocking=False):
                 return False
             wake.wait(remaining)
             return True
@@ -313,7 +325,7 @@ class ReplyListener:
             while self._followers:
                 handle = self._followers.popleft()
                 wake = handle._wake
-                if wake is not None and not handle._resolved.is_set():
+                if wake is not None and not handle._arrived:
                     wake.set()
                     break
             awaited = self._awaited > 0

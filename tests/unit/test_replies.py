@@ -319,3 +319,49 @@ def test_then_callbacks_run_without_anyone_calling_get(app, listener, rds):
     assert done.wait(SWEEP_AFTER_S / 2), arrived  # well before a housekeeping round
     assert sorted(arrived) == [("p1", "before"), ("p2", "after")]
     assert listener._awaited == 0
+
+
+def test_a_reply_resolved_while_its_thread_starts_to_follow_still_wakes_it(app, listener):
+    """The lost wake-up: `_resolve` finds no thread to wake, and before it marks the handle
+    resolved the handle's thread registers to follow and looks. That thread must not sleep
+    to its timeout (it did: a closedloop zipf run had one get() answer at its 120 s timeout)."""
+    h = handle(app, listener, "r1")
+    looked = threading.Event()
+    calls = 0
+
+    class Gated(threading.Event):
+        """`_resolved`, its set() held until the waiting thread has looked twice (the loop's
+        check, then the follower's), as if the resolving thread lost the CPU right there."""
+
+        def is_set(self) -> bool:
+            nonlocal calls
+            calls += 1
+            seen = super().is_set()
+            if calls == 2:
+                looked.set()
+            return seen
+
+        def set(self) -> None:
+            looked.wait(10)
+            super().set()
+
+    h._resolved = Gated()
+    listener._popping.acquire()  # another thread pops: this one follows
+    try:
+        meta = app.backend.decode(answer(app, "r1", "ok"))
+        resolver = threading.Thread(target=h._resolve, args=(meta,))
+        resolver.start()
+        deadline = time.monotonic() + 10
+        while h._reply is None and time.monotonic() < deadline:  # found no wake, reply recorded
+            time.sleep(0.001)
+        assert h._reply is not None
+        out: list[bool] = []
+        follower = threading.Thread(target=lambda: out.append(listener.wait(h, 60)), daemon=True)
+        follower.start()
+        follower.join(15)
+        looked.set()  # a waiting thread that never looks at `_resolved` need not hold it up
+        assert not follower.is_alive(), "the waiting thread sleeps to its timeout"
+        assert out == [True]
+        resolver.join(10)
+    finally:
+        listener._popping.release()
