@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import redis
-from cachetools import TTLCache
+from cachetools import TLRUCache, TTLCache
 from celery import Celery
 
 from mesh.broker.publisher import InferPublisher, Prepared
@@ -35,12 +35,18 @@ log = logging.getLogger("mesh.control.routing")
 
 CONFIG_TTL_S = 2.0
 NO_WORKER_WARN_S = 30.0
-# Only a copy LOADED at least this long is remembered as serving (SERVING_TTL_S). Under churn a
-# worker evicts a rarely used model tens of milliseconds after loading it (closedloop zipf:
-# median copy life 21 ms, 3 % of evicted copies older than 1 s); remembered, the requests of
-# the next second went to a queue nobody consumed, until the worker's orphan watch found them
-# (1.5 % of the requests, 90-100 ms each). Routed each time, they claim a load at once.
-SETTLED_COPY_S = 2 * SERVING_TTL_S
+# A copy is remembered as serving for a part of the time it has been LOADED, up to
+# SERVING_TTL_S (`serving_memory_s`). Under churn a worker evicts a rarely used model tens of
+# milliseconds after loading it (closedloop zipf: median copy life 21 ms, 3 % of evicted copies
+# older than 1 s); remembered for a full SERVING_TTL_S, the requests of the next second went to
+# a queue nobody consumed, until the worker's orphan watch found them (1.5 % of the requests,
+# 90-100 ms each). Remembering only copies LOADED for 2 s or more fixed that, but made every
+# request of the first 2 s after a load pay the route script: a round trip, ~10 % of a cheap
+# request (closedloop svc1: 946 route calls in that window). A copy that has lasted a while
+# tends to last a fraction as long again: remembered that long, a young copy is routed a few
+# dozen times while it settles, and a copy that leaves early is rarely remembered past its
+# leaving.
+YOUNG_COPY_FRACTION = 0.25
 # How long a vmodel's active model is remembered: a request through a vmodel then costs no read
 # of the vmodel's record (one round trip of a warm request's two). Safe because it is shorter
 # than the drain's grace (DRAIN_GRACE_S in mesh/control/vmodels.py, 1 s; a test ties the two):
@@ -52,6 +58,16 @@ VMODEL_TTL_S = 0.5
 
 
 _UNCACHED = object()
+
+
+def serving_memory_s(loaded_for: float) -> float:
+    """How long a producer may send to a model's queue without routing, having seen a live
+    copy that has been LOADED for `loaded_for` seconds (see YOUNG_COPY_FRACTION)."""
+    return min(SERVING_TTL_S, YOUNG_COPY_FRACTION * loaded_for)
+
+
+def _until(_key: str, expires: float, _now: float) -> float:
+    return expires  # `_serving` holds each model's own expiry (TLRUCache's time-to-use)
 
 
 class Router:
@@ -70,11 +86,11 @@ class Router:
         # producer whose Redis user may not (docs/security.md, "Redis ACLs") finds out at its
         # first cold request and from then on asks the workers to (StateStore.want_load).
         self._places_loads = True
-        # Models seen with a live copy skip the route script for SERVING_TTL_S (it is 0.3 ms of
-        # a 2 ms request). Safe: a request that still reaches a model unregistered meanwhile
+        # Models seen with a live copy skip the route script for a while (`serving_memory_s`;
+        # it is 0.3 ms of a 2 ms request). Safe: a request that still reaches a model unregistered meanwhile
         # is answered NOT_FOUND by the worker draining its queue, and one whose copy just left
         # is picked up by that worker's orphan watch. Queue limits are always checked.
-        self._serving: TTLCache = TTLCache(maxsize=10_000, ttl=SERVING_TTL_S)
+        self._serving: TLRUCache = TLRUCache(maxsize=10_000, ttu=_until, timer=time.monotonic)
         self._actives: TTLCache = TTLCache(maxsize=10_000, ttl=VMODEL_TTL_S)  # vmodel -> its active
 
     def resolve(self, model_id: str | None, vmodel_id: str | None) -> str:
@@ -126,7 +142,7 @@ class Router:
             with self._config_lock:
                 if model_id in self._serving:
                     return cfg
-        route, placement, settled = self._route(model_id, max_queue)
+        route, placement, loaded_for = self._route(model_id, max_queue)
         if route is Route.NOT_FOUND:
             with self._config_lock:
                 self._configs.pop(model_id, None)
@@ -140,9 +156,11 @@ class Router:
             with self._config_lock:
                 self._configs.pop(model_id, None)
             cfg = self.model_config(model_id)
-        if route is Route.SERVING and settled:
-            with self._config_lock:
-                self._serving[model_id] = True
+        if route is Route.SERVING and loaded_for is not None:
+            memory = serving_memory_s(loaded_for)
+            if memory > 0:
+                with self._config_lock:
+                    self._serving[model_id] = time.monotonic() + memory
         if route is Route.CLAIMED and not self._places_loads:
             self.store.want_load(model_id)
         elif placement is not None:
@@ -165,15 +183,13 @@ class Router:
             try:
                 return self.store.route_and_place(
                     model_id, claimant=self.name, max_queue=max_queue, priority_steps=self.priority_steps,
-                    settled_s=SETTLED_COPY_S,
                 )  # fmt: skip
             except redis.RedisError as exc:
                 if not is_permission_error(exc):
                     raise
                 self._may_not_place(exc)
         return self.store.route_and_place(
-            model_id, claimant=self.name, max_queue=max_queue, priority_steps=self.priority_steps,
-            settled_s=SETTLED_COPY_S, claim=False,
+            model_id, claimant=self.name, max_queue=max_queue, priority_steps=self.priority_steps, claim=False,
         )  # fmt: skip
 
     def _send_load(self, worker: str, model_id: str, loads: list[Prepared] | None = None) -> None:

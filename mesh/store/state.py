@@ -53,8 +53,8 @@ class Route(IntEnum):
 # With ARGV[7] = '1' (`route_and_place`) a claim also returns what placing the load reads: the
 # record, the failure records, and each live worker's state and line of loads (entries since
 # ARGV[9]; ARGV[8] is the line keys' prefix): {2, record, {worker, error, ...}, {name, state,
-# line, ...}}; and SERVING returns {1, settled}: 1 when a live copy has been LOADED since
-# ARGV[10] or earlier. With ARGV[11] = '0' nothing is written (a producer whose Redis user may
+# line, ...}}; and SERVING returns {1, age}: how many milliseconds before ARGV[10] (now) the
+# oldest live copy finished loading, -1 when none has yet. With ARGV[11] = '0' nothing is written (a producer whose Redis user may
 # not write claims, docs/security.md): CLAIMED then means "nobody serves or loads it".
 _ROUTE_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -63,19 +63,20 @@ local depth = 0
 for i = 6, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
 if max_queue > 0 and depth >= max_queue then return 4 end
 local copies = redis.call('HGETALL', KEYS[2])
-local serving = false
+local serving, oldest = false, nil
 for i = 1, #copies, 2 do
   if redis.call('EXISTS', ARGV[2] .. copies[i]) == 1 then
     if ARGV[7] ~= '1' then return 1 end
     serving = true
     local ok, c = pcall(cjson.decode, copies[i + 1])
-    if ok and type(c) == 'table' and c.state == 'LOADED' and tonumber(c.since) and
-        tonumber(c.since) <= tonumber(ARGV[10]) then
-      return {1, 1}
-    end
+    local since = ok and type(c) == 'table' and c.state == 'LOADED' and tonumber(c.since)
+    if since and (oldest == nil or since < oldest) then oldest = since end
   end
 end
-if serving then return {1, 0} end
+if serving then
+  if oldest == nil then return {1, -1} end
+  return {1, math.floor(math.max(0, tonumber(ARGV[10]) - oldest) * 1000)}
+end
 local holder = redis.call('GET', KEYS[3])
 if holder then
   if string.sub(holder, 1, 8) == 'pending:' or redis.call('EXISTS', ARGV[2] .. holder) == 1 then
@@ -204,7 +205,8 @@ class Routed(NamedTuple):
 
     route: Route
     placement: Placement | None = None  # set when the route claimed the load
-    settled: bool = False  # SERVING, from a copy LOADED for at least the `settled_s` asked
+    # SERVING: seconds since the oldest live copy finished loading (None: all still loading)
+    loaded_for: float | None = None
 
 
 class StateStore:
@@ -386,22 +388,22 @@ class StateStore:
         leaving may have answered those requests meanwhile, and a load then would be for
         nothing.
         """
-        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, None, 0.0, claim).route
+        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, None, claim).route
 
     def route_and_place(
         self, model_id: str, claimant: str, *, max_queue: int = 0, priority_steps: list[int] = (0,),
-        if_queued: bool = False, exclude: Iterable[str] = (), settled_s: float = 0.0, claim: bool = True,
+        if_queued: bool = False, exclude: Iterable[str] = (), claim: bool = True,
     ) -> Routed:  # fmt: skip
         """`route`, and when it claims the load, `place_load` too, on what the same round trip
         read: two round trips for a cold request instead of four (closedloop zipf: a fifth of
         the requests are cold, and each round trip of a busy producer costs milliseconds).
-        SERVING also says whether a live copy has been LOADED for `settled_s` or longer.
+        SERVING also says how long the oldest live copy has been LOADED (`loaded_for`).
         With `claim` False nothing is written: CLAIMED comes without a placement."""
-        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, exclude, settled_s, claim)
+        return self._route_call(model_id, claimant, max_queue, priority_steps, if_queued, exclude, claim)
 
     def _route_call(
         self, model_id: str, claimant: str, max_queue: int, priority_steps: Iterable[int], if_queued: bool,
-        exclude: Iterable[str] | None, settled_s: float, claim: bool = True,
+        exclude: Iterable[str] | None, claim: bool = True,
     ) -> Routed:  # fmt: skip
         k = self.keys
         now = time.time()
@@ -411,7 +413,7 @@ class StateStore:
         keys = [k.models, k.copies(model_id), k.load_claim(model_id), k.failures(model_id), k.workers, *queue_keys]
         args = [model_id, k.worker_key_prefix, PENDING_CLAIM_MS, f"pending:{claimant}", max_queue,
                 "1" if if_queued else "0", "0" if exclude is None else "1",
-                k.load_line(""), now - self.settings.load_timeout_s, now - settled_s, "1" if claim else "0"]  # fmt: skip
+                k.load_line(""), now - self.settings.load_timeout_s, now, "1" if claim else "0"]  # fmt: skip
         if claim:
             out = self._route(keys=keys, args=args)
         else:
@@ -419,7 +421,8 @@ class StateStore:
         if not isinstance(out, list):
             return Routed(Route(int(out)))
         if int(out[0]) == Route.SERVING:
-            return Routed(Route.SERVING, settled=bool(out[1]))
+            age_ms = int(out[1])
+            return Routed(Route.SERVING, loaded_for=None if age_ms < 0 else age_ms / 1000)
         if not claim:
             return Routed(Route.CLAIMED)
         _, raw, raw_failures, flat = out

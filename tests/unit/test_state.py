@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from mesh.errors import AlreadyExists, FailedPrecondition
-from mesh.models import CopyState, ModelInfo, ModelRecord, ModelState, WorkerState
+from mesh.models import CopyInfo, CopyState, ModelInfo, ModelRecord, ModelState, WorkerState
 from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
 from mesh.store.state import Placement, Route, Routed, StateStore
@@ -139,7 +139,7 @@ def test_a_cold_route_places_its_load_in_two_round_trips(store, monkeypatch):
     assert len(trips) == 2, trips
     assert [(c.worker, c.state) for c in store.model_status("a").copies] == [("w2", CopyState.LOADING)]
     assert store.r.get(store.keys.load_claim("a")) == b"w2" and line(store, "w2") == ["a"]
-    assert store.route_and_place("a", "c2") == Routed(Route.SERVING, settled=False)
+    assert store.route_and_place("a", "c2") == Routed(Route.SERVING, loaded_for=None)
     store.register_model("b", INFO)
     store.record_failure("b", "w1", "boom 1")
     store.record_failure("b", "w2", "boom 2")
@@ -149,16 +149,21 @@ def test_a_cold_route_places_its_load_in_two_round_trips(store, monkeypatch):
     assert store.route_and_place("absent", "c1") == Routed(Route.NOT_FOUND)
 
 
-def test_a_copy_is_settled_once_loaded_for_long_enough(store):
-    """What a producer may remember as serving: a copy LOADED at least `settled_s` ago (under
-    churn a worker evicts a rarely used model within milliseconds of loading it)."""
+def test_serving_says_how_long_the_oldest_live_copy_has_been_loaded(store):
+    """What a producer's memory of a serving model is based on (a copy loaded a moment ago
+    may be evicted the next moment under churn; mesh/control/routing.py `serving_memory_s`)."""
     store.register_model("a", INFO)
     heartbeat(store, "w1")
+    heartbeat(store, "w2")
     store.mark_copy("a", "w1", CopyState.LOADING)
-    assert store.route_and_place("a", "c1", settled_s=0) == Routed(Route.SERVING, settled=False)
-    store.mark_copy("a", "w1", CopyState.LOADED)
-    assert store.route_and_place("a", "c1", settled_s=60).settled is False
-    assert store.route_and_place("a", "c1", settled_s=0).settled is True
+    assert store.route_and_place("a", "c1") == Routed(Route.SERVING, loaded_for=None)
+    now = time.time()
+    for worker, age in (("w1", 5.0), ("w2", 30.0)):
+        copy = CopyInfo(worker=worker, state=CopyState.LOADED, since=now - age)
+        store.r.hset(store.keys.copies("a"), worker, copy.model_dump_json())
+    assert 30.0 <= store.route_and_place("a", "c1").loaded_for < 40.0  # the oldest copy's
+    store.r.delete(store.keys.worker("w2"))  # w2 is gone: its copy no longer counts
+    assert 5.0 <= store.route_and_place("a", "c1").loaded_for < 15.0
     assert store.route("a", "c1") is Route.SERVING
 
 
