@@ -232,6 +232,7 @@ SCRIPT_RECORD_MAX_BYTES = 4 * 1024 * 1024  # bigger ones are not decoded inside 
 # Messages one poll takes at most (fewer when the prefetch limit leaves less room): under load
 # one round trip brings a batch's worth instead of one message.
 POP_MAX = 16
+WAIT_AND_POP = "BRPOP+EVALSHA"  # an idle consumer's poll: the wait on the bells, the script behind it
 
 
 def _raw_tag(item: bytes) -> bytes | None:
@@ -359,12 +360,17 @@ class Channel(kombu_redis.Channel):
     # - busy (the last poll found messages, or a wait timed out): the pop script takes up to
     #   POP_MAX messages and records them atomically, one round trip (kombu: two per message);
     # - idle: BRPOP on the queues' bells, which every publish and requeue ring (`_put`,
-    #   `_do_restore_message`). Popping a bell loses nothing; it only says "take now", which
-    #   the same read does with the script before returning. A wait that times out
-    #   (`polling_interval`) polls with the script anyway, for messages pushed by a producer
-    #   without this transport.
-    _busy = True  # poll with the script next, rather than wait for a bell
-    _sent: str | None = None  # the command of the poll in flight: "BRPOP" or "EVALSHA"
+    #   `_do_restore_message`), and the pop script sent in the same write behind it. Redis
+    #   runs a blocked client's next command as soon as its BRPOP returns, so a rung bell's
+    #   messages come back in the same round trip, taken and recorded by the script (sent after
+    #   the bell's reply, the script cost a second round trip on every idle delivery: ~250 us
+    #   of a 2 ms request, closedloop svc1). Popping a bell loses nothing; it only says "take
+    #   now". A wait that times out (`polling_interval`) has polled with the script all the
+    #   same, for messages pushed by a producer without this transport. The script's `now`
+    #   (the unacked record's score, which the visibility timeout counts from) is then the
+    #   wait's start: at most one polling interval early.
+    _busy = True  # poll with the script alone next, rather than wait for a bell
+    _sent: str | None = None  # the poll in flight: "EVALSHA", or WAIT_AND_POP (BRPOP, then EVALSHA)
     _recorded_tag: str | None = None  # delivered now, already recorded by the script
     _pop_sha: str | None = None
     _pop_most = POP_MAX  # what the last pop script call could take
@@ -375,16 +381,19 @@ class Channel(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        if self._busy:
-            command = self._pop_command(queues)
-        else:
-            p = self.global_keyprefix
-            timeout = self.brpop_timeout if timeout is None else timeout
-            command = ["BRPOP", *(p + queue_bell(queue) for queue in queues), timeout or 0]
-        self._in_poll = self.client.connection
+        connection = self.client.connection
+        pop = self._pop_command(queues)
+        self._in_poll = connection
         self._brpop_sent_at = monotonic()
-        self._sent = command[0]
-        self.client.connection.send_command(*command)
+        if self._busy:
+            self._sent = "EVALSHA"
+            connection.send_command(*pop)
+            return
+        p = self.global_keyprefix
+        timeout = self.brpop_timeout if timeout is None else timeout
+        wait = ["BRPOP", *(p + queue_bell(queue) for queue in queues), timeout or 0]
+        self._sent = WAIT_AND_POP
+        connection.send_packed_command(connection.pack_commands([wait, pop]))
 
     def _pop_command(self, queues: list[str]) -> list:
         if self._pop_sha is None:
@@ -400,40 +409,28 @@ class Channel(kombu_redis.Channel):
                                    max_deliveries=int(self.mesh_max_deliveries))  # fmt: skip
         return ["EVALSHA", self._pop_sha, len(keys), *keys, *args]
 
-    def _pop_now(self):
-        """The pop script, run at once on the poll connection (idle again: the bell's reply
-        was read), so a rung bell costs one round trip before delivery, not a loop turn too."""
-        queues = self._queue_cycle.consume(len(self.active_queues))
-        if not queues:
-            return None
-        connection = self.client.connection
-        for attempt in (1, 2):
-            connection.send_command(*self._pop_command(queues))
-            try:
-                return self.client.parse_response(connection, "EVALSHA")
-            except kombu_redis.redis.exceptions.NoScriptError:  # Redis restarted or was emptied
-                self._pop_sha = None
-                if attempt == 2:
-                    raise
-        return None
-
     def _brpop_read(self, **options):
         # kombu 5.7.0's _brpop_read, reading the pop script's or the bell wait's reply, with
         # the decode guarded (keep in step when upgrading)
         sent, self._sent = self._sent, None
         try:
             try:
-                reply = self.client.parse_response(self.client.connection, sent or "BRPOP", **options)
-                if sent != "EVALSHA":
-                    self._busy = True  # a bell rang, or the wait timed out: take with the script
-                    if not reply:
-                        raise kombu_redis.Empty()
-                    reply = self._pop_now()
+                connection = self.client.connection
+                if sent == WAIT_AND_POP:
+                    # the bell's reply (or the wait's timeout), then the script's, which Redis
+                    # ran right after it: both read, so the connection is in step for the next
+                    try:
+                        self.client.parse_response(connection, "BRPOP", **options)
+                    except kombu_redis.redis.exceptions.ResponseError:
+                        self.client.parse_response(connection, "EVALSHA", **options)
+                        raise
+                reply = self.client.parse_response(connection, "EVALSHA", **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
             except kombu_redis.redis.exceptions.NoScriptError:  # Redis restarted or was emptied
                 self._pop_sha = None
+                self._busy = True  # the next poll loads the script and takes with it at once
                 raise kombu_redis.Empty() from None
             if not reply:
                 self._busy = False

@@ -156,10 +156,14 @@ def test_consumer_never_pops_a_queue_unrecorded_and_idles_on_bells(
     assert not [v for v in r.hvals(unacked) if queue.name.encode() in v]
 
 
-def test_a_message_to_an_idle_consumer_costs_one_pop(redis_url: str, prefix: str) -> None:
-    """Idle, the consumer waits on the bells; a ring, then one pop script call that finds the
-    queues drained (it took fewer than it could), and it waits on the bells again. Before, it
-    popped once more and found nothing: two script calls per message at one client."""
+def test_a_message_to_an_idle_consumer_costs_one_pop_in_one_round_trip(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Idle, the consumer waits on the bells with the pop script sent behind the wait: a ring
+    returns the message in the same round trip, taken by one script call that finds the queues
+    drained (it took fewer than it could), and the consumer waits on the bells again. Before,
+    it sent the script only after the bell's reply (two round trips per message at one
+    client), and before that it also popped once more and found nothing."""
     queue = _queue(prefix)
     r = redis.Redis.from_url(redis_url)
     commands: list[str] = []
@@ -177,6 +181,16 @@ def test_a_message_to_an_idle_consumer_costs_one_pop(redis_url: str, prefix: str
     threading.Thread(target=watch, daemon=True).start()
     monitor_ready.wait(5)
     seen: list[int] = []
+    writes: list[int] = []  # the consumer's writes of a poll (a wait or a pop) of this queue
+    send = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self, command, *args, **kwargs):
+        packed = b"".join(command) if isinstance(command, list) else command
+        if queue.name.encode() in packed and (b"BRPOP" in packed or b"EVALSHA" in packed):
+            writes.append(1)
+        return send(self, command, *args, **kwargs)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
     # no timed-out wait (each polls once more) during the test
     options = {"global_keyprefix": Keys(prefix).kombu_prefix, "brpop_timeout": 60}
     with Connection(redis_url, transport=TRANSPORT, transport_options=options) as consumer_conn, \
@@ -193,13 +207,21 @@ def test_a_message_to_an_idle_consumer_costs_one_pop(redis_url: str, prefix: str
                 while len(seen) <= n and time.monotonic() < deadline:
                     drain(consumer_conn, 0.5)
                 drain(consumer_conn, 0.2)
-        consumer_channel.close()
+            polls = len(writes)
+            r.echo("before-close")  # everything Redis ran before the close is in `commands` once this is
+            deadline = time.monotonic() + 10
+            while not any("before-close" in c for c in commands) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            before_close = list(commands)
+        consumer_channel.close()  # reads the wait in flight: Redis runs the script behind it then
     stop.set()
     r.ping()
     r.close()
     assert seen == list(range(6))
-    pops = [c for c in commands if c.startswith("EVALSHA") and queue.name in c]
+    pops = [c for c in before_close if c.startswith("EVALSHA") and queue.name in c]
     assert len(pops) == 1 + 6, pops  # the first poll, then one per message
+    # the first poll, one per message, and the wait in flight at the end
+    assert polls == 1 + 6 + 1, polls
 
 
 def test_bell_holds_at_most_one_ring_expires_and_goes_with_the_queue(
