@@ -156,7 +156,7 @@ def bench_plain(url: str, workload: str, model: Path, logs: Path, warm: list, st
                                     {"BENCH_MODEL_DIR": str(model), "BENCH_CACHE_MODELS": "20"}, logs)
                  for i in (1, 2)]  # fmt: skip
         task, args_of = "plain_multi.predict", lambda m: [m, request]
-    else:
+    else:  # one model: bench/plain.py loads it once, at its start
         procs = [start_plain_worker("bench.plain", "plain", url, prefix, {"BENCH_MODEL_PATH": str(model)}, logs)]
         task, args_of = "plain.predict", lambda m: [request]
     app = plain_producer(url, prefix)
@@ -165,10 +165,20 @@ def bench_plain(url: str, workload: str, model: Path, logs: Path, warm: list, st
         wait_for(lambda: app.send_task(task, args=args_of(first)).get(timeout=30) is not None, 60,
                  what="the plain workers")  # fmt: skip
 
-        def run(s: list[list[str]]) -> dict:
-            return drive(lambda m: app.send_task(task, args=args_of(m)).get(timeout=120), s)
+        loaded: list[bool] = []  # bench/plain_multi.py says in each result whether it loaded
 
-        return measured(run, [p.pid for p in procs], warm, streams)
+        def call(m: str) -> None:
+            result = app.send_task(task, args=args_of(m)).get(timeout=120)
+            if workload == "zipf":
+                loaded.append(result["load_s"] > 0)
+
+        def run(s: list[list[str]]) -> dict:
+            return drive(call, s)
+
+        out = measured(run, [p.pid for p in procs], warm, streams)
+        if workload == "zipf":
+            out["loads"] = sum(loaded)  # warm-up included, as mesh's
+        return out
     finally:
         app.close()
         for p in procs:
@@ -220,8 +230,8 @@ def bench_mesh(url: str, workload: str, model: Path, logs: Path, warm: list, str
 def report(results: dict) -> str:
     lines = ["| workload | system | clients | req/s | p50 ms | p99 ms | producer CPU ms/req | worker CPU ms/req |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    ratios = ["| workload | mesh / plain throughput | p50 | p99 | producer CPU | worker CPU |",
-              "|---|---:|---:|---:|---:|---:|"]
+    ratios = ["| workload | mesh / plain throughput | p50 | p99 | producer CPU | worker CPU | plain / mesh loads |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["workloads"].items():
         for system in ("plain", "mesh"):
             if system not in r:
@@ -235,13 +245,14 @@ def report(results: dict) -> str:
                          f"{a['p50_ms']:.2f} | {a['p99_ms']:.2f} | {a['producer_cpu_ms_per_req']:.2f} | "
                          f"{a['worker_cpu_ms_per_req']:.2f} |")
             ratios.append(f"| {name}: asyncio / threaded mesh | {a['throughput'] / m['throughput']:.2f}x | | | "
-                          f"{a['producer_cpu_ms_per_req'] / m['producer_cpu_ms_per_req']:.2f} | |")
+                          f"{a['producer_cpu_ms_per_req'] / m['producer_cpu_ms_per_req']:.2f} | | |")
         if "plain" not in r or "mesh" not in r:
             continue
         p, m = r["plain"], r["mesh"]
+        fewer = f"{p['loads'] / m['loads']:.2f}x" if "loads" in p and m.get("loads") else ""
         ratios.append(f"| {name} | {m['throughput'] / p['throughput']:.2f}x | {m['p50_ms'] / p['p50_ms']:.2f} | "
                       f"{m['p99_ms'] / p['p99_ms']:.2f} | {m['producer_cpu_ms_per_req'] / p['producer_cpu_ms_per_req']:.2f} | "
-                      f"{m['worker_cpu_ms_per_req'] / p['worker_cpu_ms_per_req']:.2f} |")
+                      f"{m['worker_cpu_ms_per_req'] / p['worker_cpu_ms_per_req']:.2f} | {fewer} |")
     return "\n".join(lines + [""] + ratios)
 
 
@@ -319,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
             out: dict = {"clients": clients, "requests": requests}
             if args.only != "mesh":
                 plain = out["plain"] = bench_plain(url, workload, model, logs, warm, streams)
-                print(f"   plain: {plain['throughput']:.0f} req/s, p50 {plain['p50_ms']:.2f} ms", flush=True)
+                print(f"   plain: {plain['throughput']:.0f} req/s, p50 {plain['p50_ms']:.2f} ms"
+                      + (f", {1000 * plain['loads'] / (requests + warmup):.0f} loads/1,000" if workload == "zipf" else ""),
+                      flush=True)  # fmt: skip
             if args.only != "plain":
                 mesh = out["mesh"] = bench_mesh(url, workload, model, logs, warm, streams, ids, size)
                 print(f"   mesh:  {mesh['throughput']:.0f} req/s, p50 {mesh['p50_ms']:.2f} ms, "
