@@ -417,3 +417,61 @@ def test_predecode_gives_the_same_arrays_and_shows_no_data():
     # invalid: left as it came, to fail with its usual error in its batch
     assert predecode([{"name": "x", "shape": [2], "datatype": "FP32", "data": [1]}]) is None
     assert predecode("nonsense") is None
+
+
+def _slow(inputs):
+    """What encode_inputs sent for V2 dicts before its shortcut: decoded, then encoded again."""
+    return encode_outputs(decode_inputs(list(inputs)))
+
+
+FLOAT_CASES = [
+    [seed_digits_tensor()],
+    [tensor([0.5, -1.25, 3.0e38])],
+    [tensor([0.5, 1.0e39])],  # beyond FP32: the overflow is refused, as before
+    [tensor([1.0e300, -2.0], datatype="FP64")],
+    [tensor([float("nan"), 1.0])],
+    [tensor([1.0, float("nan")])],
+    [tensor([float("inf"), 1.0])],
+    [tensor([1.0, float("-inf")], datatype="FP64")],
+    [tensor([1, 2.5])],  # an int among the floats
+    [tensor([True, 2.5])],
+    [tensor([np.float32(1.5), 2.5])],
+    [tensor([[1.0, 2.0]], shape=[1, 2])],  # nested data
+    [tensor([1.0, 2.0], shape=[3])],  # too few values
+    [tensor([1.0], shape=[True])],
+    [tensor([1.0], shape=[-1])],
+    [tensor([1.0], shape=(1,))],
+    [tensor([1.0], name="")],
+    [tensor([1.0]), tensor([2.0])],  # duplicate names
+    [tensor([1.0], name="a"), tensor([2.0, 3.0], name="b", datatype="FP64")],
+    [tensor([], shape=[0])],
+    [tensor([1.0], datatype="FP16")],
+    [tensor([1.0], datatype="INT32")],
+    [{**tensor([1.0]), "extra": 1}],
+]
+
+
+@pytest.mark.parametrize("inputs", FLOAT_CASES)
+def test_v2_float_tensors_sent_as_they_came_decode_as_before(inputs):
+    """encode_inputs sends clean FP32/FP64 dicts without a round trip through numpy: what the
+    worker decodes from them, or the error the producer raises, is what it was."""
+    try:
+        expected = decode_inputs(json.loads(json.dumps(_slow(inputs))))
+    except InvalidInput as exc:
+        with pytest.raises(InvalidInput) as err:
+            encode_inputs(inputs)
+        assert str(err.value) == str(exc)
+        return
+    got = decode_inputs(json.loads(json.dumps(encode_inputs(inputs))))
+    assert got.keys() == expected.keys()
+    for name, arr in expected.items():
+        assert got[name].dtype == arr.dtype and got[name].shape == arr.shape
+        np.testing.assert_array_equal(got[name], arr)
+
+
+def test_clean_float_tensors_go_out_without_a_conversion():
+    seed = seed_digits_tensor()
+    (sent,) = encode_inputs([seed])
+    assert sent is seed  # no copy, no numpy round trip
+    (converted,) = encode_inputs([tensor([1, 2.5])])  # ints: the slow path cleans them
+    assert converted["data"] == [1.0, 2.5] and all(type(v) is float for v in converted["data"])
