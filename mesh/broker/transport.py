@@ -389,24 +389,37 @@ class Channel(kombu_redis.Channel):
             self._sent = "EVALSHA"
             connection.send_command(*pop)
             return
-        p = self.global_keyprefix
         timeout = self.brpop_timeout if timeout is None else timeout
-        wait = ["BRPOP", *(p + queue_bell(queue) for queue in queues), timeout or 0]
+        wait = ["BRPOP", *self._poll_keys(queues)[1], timeout or 0]
         self._sent = WAIT_AND_POP
         connection.send_packed_command(connection.pack_commands([wait, pop]))
+
+    def _poll_keys(self, queues: list[str]) -> tuple[list[bytes], list[bytes]]:
+        """The pop script's keys and the bells of `queues`, as bytes, built once per set of
+        queues: redis-py encodes each argument of every command in Python, and these ~20 keys
+        of each poll were most of a worker's command packing (closedloop svc1, py-spy)."""
+        names = tuple(queues)
+        cached = self.__dict__.get("_mesh_poll_keys")
+        if cached is None or cached[0] != names:
+            p = self.global_keyprefix
+            lists = [p + self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+            keys, _ = pop_keys_args(p, lists, now=0.0, most=1, holder=self.mesh_holder or "")
+            bells = [p + queue_bell(queue) for queue in queues]
+            cached = (names, [k.encode("utf-8") for k in keys], [b.encode("utf-8") for b in bells])
+            self.__dict__["_mesh_poll_keys"] = cached
+        return cached[1], cached[2]
 
     def _pop_command(self, queues: list[str]) -> list:
         if self._pop_sha is None:
             with self.conn_or_acquire() as client:
                 self._pop_sha = client.script_load(POP_AND_RECORD)
-        p = self.global_keyprefix
-        keys = [p + self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         room = self.qos.can_consume_max_estimate()
         most = POP_MAX if room is None else max(1, min(POP_MAX, room))
         self._pop_most = most
-        keys, args = pop_keys_args(p, keys, now=time(), most=most, holder=self.mesh_holder or "",
-                                   holder_ttl_ms=int(self.mesh_holder_ttl_ms),
-                                   max_deliveries=int(self.mesh_max_deliveries))  # fmt: skip
+        keys = self._poll_keys(queues)[0]
+        _, args = pop_keys_args(self.global_keyprefix, [], now=time(), most=most, holder=self.mesh_holder or "",
+                                holder_ttl_ms=int(self.mesh_holder_ttl_ms),
+                                max_deliveries=int(self.mesh_max_deliveries))  # fmt: skip
         return ["EVALSHA", self._pop_sha, len(keys), *keys, *args]
 
     def _brpop_read(self, **options):

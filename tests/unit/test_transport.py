@@ -178,7 +178,8 @@ def test_a_message_to_an_idle_consumer_costs_one_pop_in_one_round_trip(
                 if stop.is_set():
                     return
 
-    threading.Thread(target=watch, daemon=True).start()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     monitor_ready.wait(5)
     seen: list[int] = []
     writes: list[int] = []  # the consumer's writes of a poll (a wait or a pop) of this queue
@@ -216,6 +217,7 @@ def test_a_message_to_an_idle_consumer_costs_one_pop_in_one_round_trip(
         consumer_channel.close()  # reads the wait in flight: Redis runs the script behind it then
     stop.set()
     r.ping()
+    watcher.join(10)  # before its connection goes with the pool
     r.close()
     assert seen == list(range(6))
     pops = [c for c in before_close if c.startswith("EVALSHA") and queue.name in c]
@@ -387,3 +389,29 @@ def test_a_hostile_item_is_dropped_alone_reported_and_forgotten(conn: Connection
     finally:
         on_rejected(keys.kombu_prefix, None)
         r.close()
+
+
+def test_a_queue_consumed_later_is_waited_on_and_popped_too(conn: Connection, redis_url: str, prefix: str) -> None:
+    """The poll's keys are built once per set of queues (`_poll_keys`): a queue added to the
+    consumer is in the next poll's bells and lists."""
+    first, second = _queue(prefix), _queue(prefix)
+    got: list[str] = []
+    with conn.channel() as pub, conn.clone() as consumer_conn:
+        producer = Producer(pub)
+        channel = consumer_conn.channel()
+        with Consumer(channel, [first], callbacks=[lambda b, m: (got.append(b["q"]), m.ack())],
+                      accept=["json"]) as consumer:  # fmt: skip
+            producer.publish({"q": "first"}, exchange=first.exchange, routing_key=first.name,
+                             declare=[first], serializer="json")  # fmt: skip
+            deadline = time.monotonic() + 10
+            while got != ["first"] and time.monotonic() < deadline:
+                drain(consumer_conn, 0.3)
+            consumer.add_queue(second)
+            consumer.consume()
+            producer.publish({"q": "second"}, exchange=second.exchange, routing_key=second.name,
+                             declare=[second], serializer="json")  # fmt: skip
+            deadline = time.monotonic() + 10
+            while got != ["first", "second"] and time.monotonic() < deadline:
+                drain(consumer_conn, 0.3)
+        channel.close()
+    assert got == ["first", "second"]
