@@ -87,9 +87,10 @@ class Router:
         # first cold request and from then on asks the workers to (StateStore.want_load).
         self._places_loads = True
         # Models seen with a live copy skip the route script for a while (`serving_memory_s`;
-        # it is 0.3 ms of a 2 ms request). Safe: a request that still reaches a model unregistered meanwhile
-        # is answered NOT_FOUND by the worker draining its queue, and one whose copy just left
-        # is picked up by that worker's orphan watch. Queue limits are always checked.
+        # it is 0.3 ms of a 2 ms request). Safe: a request that still reaches a model
+        # unregistered meanwhile is answered NOT_FOUND by the worker draining its queue, and one
+        # whose copy just left is picked up by that worker's orphan watch. Queue limits are
+        # always checked.
         self._serving: TLRUCache = TLRUCache(maxsize=10_000, ttu=_until, timer=time.monotonic)
         self._actives: TTLCache = TTLCache(maxsize=10_000, ttl=VMODEL_TTL_S)  # vmodel -> its active
 

@@ -437,8 +437,8 @@ def _clean_float_tensors(inputs: Sequence[Any]) -> list[dict[str, Any]] | None:
     """The V2 dicts themselves when each is already what decoding and encoding it again would
     send, else None (validate the slow way): FP32 or FP64, a flat list of Python floats as many
     as its shape holds, all within the datatype's range (NaN allowed, as on the slow path).
-    The round trip through numpy was a quarter of a producer's CPU for a small request (closedloop
-    svc1); the worker converts these floats to the same array either way."""
+    The round trip through numpy was a quarter of a producer's CPU for a small request
+    (closedloop svc1); the worker converts these floats to the same array either way."""
     names = set()
     for t in inputs:
         if type(t) is not dict or t.keys() != _TENSOR_KEYS:

@@ -54,8 +54,9 @@ class Route(IntEnum):
 # record, the failure records, and each live worker's state and line of loads (entries since
 # ARGV[9]; ARGV[8] is the line keys' prefix): {2, record, {worker, error, ...}, {name, state,
 # line, ...}}; and SERVING returns {1, age}: how many milliseconds before ARGV[10] (now) the
-# oldest live copy finished loading, -1 when none has yet. With ARGV[11] = '0' nothing is written (a producer whose Redis user may
-# not write claims, docs/security.md): CLAIMED then means "nobody serves or loads it".
+# oldest live copy finished loading, -1 when none has yet. With ARGV[11] = '0' nothing is
+# written (a producer whose Redis user may not write claims, docs/security.md): CLAIMED then
+# means "nobody serves or loads it".
 _ROUTE_LUA = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 local max_queue = tonumber(ARGV[5])
