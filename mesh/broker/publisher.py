@@ -40,11 +40,18 @@ from mesh.protocol.messages import COMMAND_TASK, INFER_TASK
 
 # Each message onto its queue's list and the queue's bell rung (mesh/broker/transport.py
 # `ring`), as one atomic step: a consumer woken by the bell always finds the message. KEYS are
-# pairs (list, bell); ARGV[1] the bell's TTL, then one message per pair.
+# pairs (list, bell); ARGV[1] the bell's TTL, then one message per pair. A bell that is not a
+# list (any producer may write one) is replaced: it failed the push after its message was on
+# the list (a script's writes stay when it fails), and the producer's caller saw an error for a
+# request that would be served.
 PUSH_AND_RING = """
 for i = 1, #KEYS, 2 do
   redis.call('LPUSH', KEYS[i], ARGV[(i + 1) / 2 + 1])
-  redis.call('LPUSH', KEYS[i + 1], 1)
+  local rung = redis.pcall('LPUSH', KEYS[i + 1], 1)
+  if type(rung) == 'table' and rung.err then
+    redis.call('DEL', KEYS[i + 1])
+    redis.call('LPUSH', KEYS[i + 1], 1)
+  end
   redis.call('LTRIM', KEYS[i + 1], 0, 0)
   redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
 end

@@ -426,6 +426,7 @@ class Channel(kombu_redis.Channel):
         # kombu 5.7.0's _brpop_read, reading the pop script's or the bell wait's reply, with
         # the decode guarded (keep in step when upgrading)
         sent, self._sent = self._sent, None
+        wait_error: Exception | None = None
         try:
             try:
                 connection = self.client.connection
@@ -434,10 +435,11 @@ class Channel(kombu_redis.Channel):
                     # ran right after it: both read, so the connection is in step for the next
                     try:
                         self.client.parse_response(connection, "BRPOP", **options)
-                    except kombu_redis.redis.exceptions.ResponseError:
-                        self.client.parse_response(connection, "EVALSHA", **options)
-                        raise
+                    except kombu_redis.redis.exceptions.ResponseError as exc:
+                        wait_error = exc  # the script ran all the same: its messages come first
                 reply = self.client.parse_response(connection, "EVALSHA", **options)
+                if wait_error is not None and self._repair_bells(wait_error):
+                    wait_error = None
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
@@ -447,6 +449,8 @@ class Channel(kombu_redis.Channel):
                 raise kombu_redis.Empty() from None
             if not reply:
                 self._busy = False
+                if wait_error is not None:
+                    raise wait_error
                 raise kombu_redis.Empty()
             # Fewer than it could take: the script found every queue empty, so the next poll
             # waits on the bells (a message pushed since rang one). Polling again found nothing
@@ -465,12 +469,35 @@ class Channel(kombu_redis.Channel):
                         if tag is None:  # recorded ones come back after the visibility timeout
                             self._keep_unrecorded_raw(rest)
                     raise
+            if wait_error is not None:  # not a broken bell: raised as before, nothing popped is left behind
+                raise wait_error
             return True
         finally:
             self._in_poll = None
             flush_reauth = getattr(self, "_flush_brpop_reauth", None)
             if flush_reauth is not None:
                 flush_reauth()
+
+    def _repair_bells(self, error: Exception) -> bool:
+        """The wait on the bells failed (`error`): delete the bells of this poll that are not
+        lists, and say whether there were any. Any producer may write a queue's bell, and a
+        wrong type made every wait fail, which stopped the worker; a ring recreates a bell."""
+        cached = self.__dict__.get("_mesh_poll_keys")
+        if cached is None:
+            return False
+        bells = cached[2]
+        with self.conn_or_acquire() as client:
+            with client.pipeline(transaction=False) as pipe:
+                for bell in bells:
+                    pipe.execute_command("TYPE", bell)  # kombu's client prefixes neither TYPE nor UNLINK
+                kinds = pipe.execute()
+            broken = [bell for bell, kind in zip(bells, kinds) if bytes_to_str(kind) not in ("list", "none")]
+            if broken:
+                client.execute_command("UNLINK", *broken)
+        for bell in broken:
+            log.error("deleted the bell %s: it was not a list, and the wait on it failed (%s)",
+                      bytes_to_str(bell), error)  # fmt: skip
+        return bool(broken)
 
     def _take(self, key: bytes, item: bytes, recorded: str | None) -> None:
         """Deliver one popped message to its consumer, or drop it with the reason. Nothing a

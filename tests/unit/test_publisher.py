@@ -142,6 +142,19 @@ def test_the_message_rings_its_queues_bell(app, rds, prefix):
     assert json.loads(rds.rpop(keys.queue_list_key(queue, 5)))["headers"]["expires"] is None
 
 
+def test_a_bell_that_is_not_a_list_is_replaced_and_the_push_succeeds(app, rds, prefix):
+    """Any producer may write a queue's bell: one of the wrong type failed the push after its
+    message was on the list, so the caller saw an error for a request that would be served."""
+    keys = Keys(prefix)
+    queue = keys.model_queue("m")
+    rds.set(keys.queue_bell(queue), "not a list")
+    InferPublisher(rds, keys).publish("id", queue, KWARGS, priority=5, headers={}, shadow="s",
+                                      reply_to=keys.reply_list("0" * 32))  # fmt: skip
+    assert rds.lrange(keys.queue_bell(queue), 0, -1) == [b"1"]
+    assert 0 < rds.pttl(keys.queue_bell(queue)) <= 30_000
+    assert json.loads(rds.rpop(keys.queue_list_key(queue, 5)))["headers"]["id"] == "id"
+
+
 def test_flower_sees_shapes_not_values():
     assert kwargs_repr(KWARGS) == "{'inputs': [x FP32[1, 3]]}"
     assert kwargs_repr({"items": [KWARGS["inputs"]] * 3}) == "{'items': <3 requests>}"

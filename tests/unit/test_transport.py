@@ -415,3 +415,37 @@ def test_a_queue_consumed_later_is_waited_on_and_popped_too(conn: Connection, re
                 drain(consumer_conn, 0.3)
         channel.close()
     assert got == ["first", "second"]
+
+
+def test_a_bell_of_the_wrong_type_is_deleted_and_its_queue_still_served(
+    conn: Connection, redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any producer may write a queue's bell. One that is not a list made every wait on the
+    bells fail (WRONGTYPE) and the error stopped the worker; the consumer now deletes it, says
+    so, and serves the queue (the next ring makes a new bell)."""
+    queue = _queue(prefix)
+    r = redis.Redis.from_url(redis_url)
+    bell = Keys(prefix).queue_bell(queue.name)
+    got: list[int] = []
+    options = {"global_keyprefix": Keys(prefix).kombu_prefix}
+    with conn.channel() as pub, conn.clone() as consumer_conn:
+        channel = consumer_conn.channel()
+        with Consumer(channel, [queue], callbacks=[lambda b, m: (got.append(b["n"]), m.ack())], accept=["json"]):
+            drain(consumer_conn, 0.3)  # idle: waiting on the bell
+            r.set(bell, "not a list")
+            with Connection(redis_url, transport_options=options) as stock:  # pushes without ringing
+                Producer(stock.channel()).publish({"n": 1}, exchange=queue.exchange, routing_key=queue.name,
+                                                  declare=[queue], serializer="json")  # fmt: skip
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                drain(consumer_conn, 0.3)
+            assert got == [1]
+            assert r.type(bell) in (b"none", b"list")
+            Producer(pub).publish({"n": 2}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
+            deadline = time.monotonic() + 10
+            while got != [1, 2] and time.monotonic() < deadline:
+                drain(consumer_conn, 0.3)
+        channel.close()
+    r.close()
+    assert got == [1, 2]
+    assert any("deleted the bell" in rec.getMessage() and "not a list" in rec.getMessage() for rec in caplog.records)
