@@ -246,13 +246,23 @@ def _raw_tag(item: bytes) -> bytes | None:
         return None
 
 
+# A queue's bell rung: a list of at most one element, its TTL renewed. A bell that is not a
+# list (any producer may write one) is replaced: the commands alone failed on it, after the
+# message was on its queue, and the publish raised for a message that would be served.
+RING = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'list' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+redis.call('LPUSH', KEYS[1], 1)
+redis.call('LTRIM', KEYS[1], 0, 0)
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+"""
+
+
 def ring(pipe, queue: str, prefix: str) -> None:
-    """Queue commands on a kombu (prefixed) pipeline that ring `queue`'s bell: a list of at
-    most one element that idle consumers block on with BRPOP (see Channel)."""
-    bell = queue_bell(queue)
-    pipe.lpush(bell, 1)
-    pipe.execute_command("LTRIM", prefix + bell, 0, 0)  # kombu's client does not prefix LTRIM
-    pipe.pexpire(bell, BELL_TTL_MS)
+    """Queue the command on a kombu (prefixed) pipeline that rings `queue`'s bell, which idle
+    consumers block on with BRPOP (see Channel). EVAL, not EVALSHA: a pipeline cannot load a
+    script it finds missing, and Redis keeps what EVAL compiled."""
+    pipe.execute_command("EVAL", RING, 1, prefix + queue_bell(queue), BELL_TTL_MS)  # kombu prefixes no EVAL
 
 
 def set_dead_letter_handler(holder: str, handler: Callable[[dict, str], None] | None) -> None:

@@ -449,3 +449,20 @@ def test_a_bell_of_the_wrong_type_is_deleted_and_its_queue_still_served(
     r.close()
     assert got == [1, 2]
     assert any("deleted the bell" in rec.getMessage() and "not a list" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_publish_replaces_a_bell_of_the_wrong_type(conn: Connection, redis_url: str, prefix: str) -> None:
+    """kombu's publish path (send_task producers, commands, requeues) rang with plain commands,
+    which failed on a bell that is not a list after the message was on its queue: the publish
+    raised for a message that would be served."""
+    queue = _queue(prefix)
+    r = redis.Redis.from_url(redis_url)
+    bell = Keys(prefix).queue_bell(queue.name)
+    r.set(bell, "not a list")
+    with conn.channel() as channel:
+        Producer(channel).publish({"n": 1}, exchange=queue.exchange, routing_key=queue.name, declare=[queue],
+                                  serializer="json")  # fmt: skip
+    assert r.lrange(bell, 0, -1) == [b"1"]
+    assert 0 < r.pttl(bell) <= BELL_TTL_MS
+    assert r.llen(Keys(prefix).kombu_prefix + queue.name) == 1
+    r.close()
