@@ -158,7 +158,9 @@ def envelope_problem(item: object) -> str | None:
 # Returns a flat array of {list, message, delivery tag} triples; the tag is 1 for a dead letter.
 # Messages over ARGV[2] bytes or without the fields come back unrecorded (tag ''): kombu
 # records them as usual (mesh producers never send such messages); only the visibility
-# timeout brings those back. Nothing to take: an empty array.
+# timeout brings those back. Nothing to take: an empty array. A list key holding another type
+# (any producer may write one) is skipped: it failed the whole script, and that error stopped
+# the worker; publishes to it fail at their producer.
 POP_AND_RECORD = """
 local out, n, most = {}, 0, tonumber(ARGV[3])
 local holder, limit, plen = ARGV[4], tonumber(ARGV[6]), #ARGV[7]
@@ -169,7 +171,8 @@ if holder ~= '' then
 end
 for i = 9, #KEYS do
   while n < most do
-    local raw = redis.call('RPOP', KEYS[i])
+    local raw = redis.pcall('RPOP', KEYS[i])
+    if type(raw) == 'table' then break end  -- not a list (any producer may write one): skipped
     if not raw then break end
     local tag = ''
     if #raw <= tonumber(ARGV[2]) then

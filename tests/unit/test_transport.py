@@ -466,3 +466,29 @@ def test_a_publish_replaces_a_bell_of_the_wrong_type(conn: Connection, redis_url
     assert 0 < r.pttl(bell) <= BELL_TTL_MS
     assert r.llen(Keys(prefix).kombu_prefix + queue.name) == 1
     r.close()
+
+
+def test_a_queue_key_of_the_wrong_type_is_skipped_and_the_others_served(
+    conn: Connection, redis_url: str, prefix: str
+) -> None:
+    """Any producer may write a queue's list key. One holding another type failed the whole pop
+    script (WRONGTYPE), and the error stopped the worker; it is now skipped."""
+    broken, fine = _queue(prefix), _queue(prefix)
+    r = redis.Redis.from_url(redis_url)
+    got: list[int] = []
+    with conn.channel() as pub, conn.clone() as consumer_conn:
+        channel = consumer_conn.channel()
+        with Consumer(channel, [broken, fine], callbacks=[lambda b, m: (got.append(b["n"]), m.ack())],
+                      accept=["json"]):  # fmt: skip
+            drain(consumer_conn, 0.3)
+            for pri in (0, 3, 6, 9):  # every priority list of the queue kombu may pop
+                key = Keys(prefix).kombu_prefix + (broken.name if pri == 0 else f"{broken.name}\x06\x16{pri}")
+                r.set(key, "not a list")
+            Producer(pub).publish({"n": 1}, exchange=fine.exchange, routing_key=fine.name, declare=[fine],
+                                  serializer="json")  # fmt: skip
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                drain(consumer_conn, 0.3)
+        channel.close()
+    r.close()
+    assert got == [1]
