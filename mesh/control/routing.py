@@ -91,7 +91,8 @@ class Router:
         # unregistered meanwhile is answered NOT_FOUND by the worker draining its queue, and one
         # whose copy just left is picked up by that worker's orphan watch. Queue limits are
         # always checked.
-        self._serving: TLRUCache = TLRUCache(maxsize=10_000, ttu=_until, timer=time.monotonic)
+        self._clock = time.monotonic  # what `_serving` expires by (a test moves it by hand)
+        self._serving: TLRUCache = TLRUCache(maxsize=10_000, ttu=_until, timer=lambda: self._clock())
         self._actives: TTLCache = TTLCache(maxsize=10_000, ttl=VMODEL_TTL_S)  # vmodel -> its active
 
     def resolve(self, model_id: str | None, vmodel_id: str | None) -> str:
@@ -161,7 +162,7 @@ class Router:
             memory = serving_memory_s(loaded_for)
             if memory > 0:
                 with self._config_lock:
-                    self._serving[model_id] = time.monotonic() + memory
+                    self._serving[model_id] = self._clock() + memory
         if route is Route.CLAIMED and not self._places_loads:
             self.store.want_load(model_id)
         elif placement is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from cachetools import TLRUCache, TTLCache
+from cachetools import TTLCache
 
 from mesh import ModelInfo
 from mesh.control.routing import CONFIG_TTL_S, YOUNG_COPY_FRACTION
@@ -58,8 +58,7 @@ def test_a_producer_routes_a_young_copy_a_few_dozen_times_not_every_request(clie
     copy = CopyInfo(worker="w1", state=CopyState.LOADED, since=now)
     store.r.hset(store.keys.copies("m"), "w1", copy.model_dump_json())
     clock = [time.monotonic()]  # the producer's clock, moved by hand: 2 s of requests 2 ms apart
-    router._serving = TLRUCache(maxsize=100, ttu=lambda _k, v, _n: v, timer=lambda: clock[0])
-    monkeypatch.setattr("mesh.control.routing.time.monotonic", lambda: clock[0])
+    router._clock = lambda: clock[0]
     routes = []
     real = store.route_and_place
 
