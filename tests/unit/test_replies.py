@@ -22,6 +22,7 @@ from mesh.errors import ModelNotFound
 from mesh.protocol.keys import Keys
 from mesh.settings import MeshSettings
 from mesh.store.context import redis_client
+from mesh.tools.launcher import wait_for
 
 
 @pytest.fixture
@@ -351,10 +352,8 @@ def test_a_reply_resolved_while_its_thread_starts_to_follow_still_wakes_it(app, 
         meta = app.backend.decode(answer(app, "r1", "ok"))
         resolver = threading.Thread(target=h._resolve, args=(meta,))
         resolver.start()
-        deadline = time.monotonic() + 10
-        while h._reply is None and time.monotonic() < deadline:  # found no wake, reply recorded
-            time.sleep(0.001)
-        assert h._reply is not None
+        # `_resolve` found no wake to set and recorded the reply; it now waits in `set()`
+        wait_for(lambda: h._reply is not None, 10, interval=0.001, what="the reply recorded")
         out: list[bool] = []
         follower = threading.Thread(target=lambda: out.append(listener.wait(h, 60)), daemon=True)
         follower.start()

@@ -17,6 +17,7 @@ from mesh.broker.transport import (
     POP_AND_RECORD, ack_in, envelope_problem, forget_acked, on_rejected, pop_keys_args, redis_server,
 )
 from mesh.protocol.keys import BELL_TTL_MS, Keys
+from mesh.tools.launcher import wait_for
 
 TRANSPORT = "mesh.broker.transport:Transport"
 
@@ -210,9 +211,8 @@ def test_a_message_to_an_idle_consumer_costs_one_pop_in_one_round_trip(
                 drain(consumer_conn, 0.2)
             polls = len(writes)
             r.echo("before-close")  # everything Redis ran before the close is in `commands` once this is
-            deadline = time.monotonic() + 10
-            while not any("before-close" in c for c in commands) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_for(lambda: any("before-close" in c for c in commands), 10, interval=0.01,
+                     what="MONITOR to show the marker")  # fmt: skip
             before_close = list(commands)
         consumer_channel.close()  # reads the wait in flight: Redis runs the script behind it then
     stop.set()
