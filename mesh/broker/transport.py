@@ -223,12 +223,23 @@ def pop_keys_args(prefix: str, lists: list[str], *, now: float, most: int, holde
                   holder_ttl_ms: int = 6000, max_deliveries: int = 0,
                   max_bytes: int | None = None) -> tuple[list[str], list]:  # fmt: skip
     """POP_AND_RECORD's keys and arguments: `lists` (prefixed) in the order to take from."""
-    keys = [prefix + UNACKED, prefix + UNACKED_INDEX, prefix + HOLDER_OF, prefix + held_set(holder),
+    return pop_keys(prefix, lists, holder), pop_args(prefix, now=now, most=most, holder=holder,
+                                                     holder_ttl_ms=holder_ttl_ms, max_deliveries=max_deliveries,
+                                                     max_bytes=max_bytes)  # fmt: skip
+
+
+def pop_keys(prefix: str, lists: list[str], holder: str = "") -> list[str]:
+    """POP_AND_RECORD's keys (the same for every poll of one set of queues)."""
+    return [prefix + UNACKED, prefix + UNACKED_INDEX, prefix + HOLDER_OF, prefix + held_set(holder),
             prefix + HOLDERS, prefix + holder_alive(holder), prefix + DELIVERIES, prefix + DEAD_LETTERS,
             *lists]  # fmt: skip
-    args = [repr(now), SCRIPT_RECORD_MAX_BYTES if max_bytes is None else max_bytes, most, holder,
+
+
+def pop_args(prefix: str, *, now: float, most: int, holder: str = "", holder_ttl_ms: int = 6000,
+             max_deliveries: int = 0, max_bytes: int | None = None) -> list:
+    """POP_AND_RECORD's arguments (the time and the room change from poll to poll)."""
+    return [repr(now), SCRIPT_RECORD_MAX_BYTES if max_bytes is None else max_bytes, most, holder,
             holder_ttl_ms, max_deliveries, prefix]  # fmt: skip
-    return keys, args
 
 
 SCRIPT_RECORD_MAX_BYTES = 4 * 1024 * 1024  # bigger ones are not decoded inside Redis
@@ -416,7 +427,7 @@ class Channel(kombu_redis.Channel):
         if cached is None or cached[0] != names:
             p = self.global_keyprefix
             lists = [p + self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
-            keys, _ = pop_keys_args(p, lists, now=0.0, most=1, holder=self.mesh_holder or "")
+            keys = pop_keys(p, lists, self.mesh_holder or "")
             bells = [p + queue_bell(queue) for queue in queues]
             cached = (names, [k.encode("utf-8") for k in keys], [b.encode("utf-8") for b in bells])
             self.__dict__["_mesh_poll_keys"] = cached
@@ -430,9 +441,8 @@ class Channel(kombu_redis.Channel):
         most = POP_MAX if room is None else max(1, min(POP_MAX, room))
         self._pop_most = most
         keys = self._poll_keys(queues)[0]
-        _, args = pop_keys_args(self.global_keyprefix, [], now=time(), most=most, holder=self.mesh_holder or "",
-                                holder_ttl_ms=int(self.mesh_holder_ttl_ms),
-                                max_deliveries=int(self.mesh_max_deliveries))  # fmt: skip
+        args = pop_args(self.global_keyprefix, now=time(), most=most, holder=self.mesh_holder or "",
+                        holder_ttl_ms=int(self.mesh_holder_ttl_ms), max_deliveries=int(self.mesh_max_deliveries))
         return ["EVALSHA", self._pop_sha, len(keys), *keys, *args]
 
     def _brpop_read(self, **options):
