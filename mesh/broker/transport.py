@@ -247,6 +247,23 @@ SCRIPT_RECORD_MAX_BYTES = 4 * 1024 * 1024  # bigger ones are not decoded inside 
 # one round trip brings a batch's worth instead of one message.
 POP_MAX = 16
 WAIT_AND_POP = "BRPOP+EVALSHA"  # an idle consumer's poll: the wait on the bells, the script behind it
+POLL_CHUNKS_MAX = 1024  # orders of queues whose packed keys a channel keeps (rebuilt from empty past that)
+
+
+def bulk(value: str | bytes | int | float) -> bytes:
+    """`value` as a RESP bulk string, encoded as redis-py encodes a command's arguments."""
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    elif isinstance(value, float):
+        value = repr(value).encode()
+    elif isinstance(value, int):
+        value = b"%d" % value
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def wait_packet(bells: list[bytes], timeout: float) -> bytes:
+    """BRPOP on `bells` (bulk strings, `bulk`) with `timeout`, packed."""
+    return b"".join([b"*%d\r\n$5\r\nBRPOP\r\n" % (len(bells) + 2), *bells, bulk(timeout)])
 
 
 def _raw_tag(item: bytes) -> bytes | None:
@@ -398,6 +415,7 @@ class Channel(kombu_redis.Channel):
     _recorded_tag: str | None = None  # delivered now, already recorded by the script
     _pop_sha: str | None = None
     _pop_most = POP_MAX  # what the last pop script call could take
+    _polled: list[str] = []  # the queues of the last poll
 
     def _brpop_start(self, timeout=None):
         if _unrecorded.get(self.global_keyprefix):
@@ -406,44 +424,67 @@ class Channel(kombu_redis.Channel):
         if not queues:
             return
         connection = self.client.connection
-        pop = self._pop_command(queues)
+        keys, bells = self._poll_chunks(queues)
+        pop = self._pop_packet(keys)
         self._in_poll = connection
         self._brpop_sent_at = monotonic()
+        self._polled = queues
         if self._busy:
             self._sent = "EVALSHA"
-            connection.send_command(*pop)
+            connection.send_packed_command([pop])
             return
         timeout = self.brpop_timeout if timeout is None else timeout
-        wait = ["BRPOP", *self._poll_keys(queues)[1], timeout or 0]
         self._sent = WAIT_AND_POP
-        connection.send_packed_command(connection.pack_commands([wait, pop]))
+        connection.send_packed_command([wait_packet(bells, timeout or 0) + pop])
 
-    def _poll_keys(self, queues: list[str]) -> tuple[list[bytes], list[bytes]]:
-        """The pop script's keys and the bells of `queues`, as bytes, built once per set of
-        queues: redis-py encodes each argument of every command in Python, and these ~20 keys
-        of each poll were most of a worker's command packing (closedloop svc1, py-spy)."""
-        names = tuple(queues)
-        cached = self.__dict__.get("_mesh_poll_keys")
-        if cached is None or cached[0] != names:
-            p = self.global_keyprefix
-            lists = [p + self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
-            keys = pop_keys(p, lists, self.mesh_holder or "")
-            bells = [p + queue_bell(queue) for queue in queues]
-            cached = (names, [k.encode("utf-8") for k in keys], [b.encode("utf-8") for b in bells])
-            self.__dict__["_mesh_poll_keys"] = cached
-        return cached[1], cached[2]
+    def _poll_chunks(self, queues: list[str]) -> tuple[list[bytes], list[bytes]]:
+        """The pop script's keys and the bells of `queues` as RESP bulk strings, in `queues`'
+        order (which the queue cycle rotates: every queue is taken from first in turn).
 
-    def _pop_command(self, queues: list[str]) -> list:
+        Why: redis-py encodes and packs every argument of a command in Python, and a poll has
+        ~4 per queue consumed: ~65 us for 20 queues, against ~5 us joined from chunks. On
+        closedloop zipf, whose workers consume a queue per model, starting a poll went from
+        6.7 % to 3.2 % of a worker's CPU samples (py-spy; docs/benchmarks.md). Each order of a
+        set of queues is built once, from each queue's chunks (built once per queue)."""
+        polls = self.__dict__.get("_mesh_polls")
+        if polls is None or len(polls) > POLL_CHUNKS_MAX:  # queues come and go with their models
+            polls = self.__dict__["_mesh_polls"] = {}
+            self.__dict__["_mesh_queue_chunks"] = {}
+        order = tuple(queues)
+        built = polls.get(order)
+        if built is None:
+            built = polls[order] = self._build_chunks(queues)
+        return built
+
+    def _build_chunks(self, queues: list[str]) -> tuple[list[bytes], list[bytes]]:
+        chunks = self.__dict__["_mesh_queue_chunks"]
+        p = self.global_keyprefix
+        steps = self.priority_steps
+        lists: list[list[bytes]] = [[] for _ in steps]
+        bells = []
+        for queue in queues:
+            mine = chunks.get(queue)
+            if mine is None:
+                mine = chunks[queue] = ([bulk(p + self._q_for_pri(queue, pri)) for pri in steps],
+                                        bulk(p + queue_bell(queue)))  # fmt: skip
+            for i, chunk in enumerate(mine[0]):
+                lists[i].append(chunk)
+            bells.append(mine[1])
+        fixed = [bulk(k) for k in pop_keys(p, [], self.mesh_holder or "")]
+        return [*fixed, *(chunk for step in lists for chunk in step)], bells
+
+    def _pop_packet(self, keys: list[bytes]) -> bytes:
+        """The pop script's call (EVALSHA) on `keys` (from `_poll_chunks`), packed."""
         if self._pop_sha is None:
             with self.conn_or_acquire() as client:
                 self._pop_sha = client.script_load(POP_AND_RECORD)
         room = self.qos.can_consume_max_estimate()
         most = POP_MAX if room is None else max(1, min(POP_MAX, room))
         self._pop_most = most
-        keys = self._poll_keys(queues)[0]
         args = pop_args(self.global_keyprefix, now=time(), most=most, holder=self.mesh_holder or "",
                         holder_ttl_ms=int(self.mesh_holder_ttl_ms), max_deliveries=int(self.mesh_max_deliveries))
-        return ["EVALSHA", self._pop_sha, len(keys), *keys, *args]
+        return b"".join([b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)), bulk(self._pop_sha),
+                         bulk(len(keys)), *keys, *map(bulk, args)])  # fmt: skip
 
     def _brpop_read(self, **options):
         # kombu 5.7.0's _brpop_read, reading the pop script's or the bell wait's reply, with
@@ -505,10 +546,9 @@ class Channel(kombu_redis.Channel):
         """The wait on the bells failed (`error`): delete the bells of this poll that are not
         lists, and say whether there were any. Any producer may write a queue's bell, and a
         wrong type made every wait fail, which stopped the worker; a ring recreates a bell."""
-        cached = self.__dict__.get("_mesh_poll_keys")
-        if cached is None:
+        if not self._polled:
             return False
-        bells = cached[2]
+        bells = [(self.global_keyprefix + queue_bell(queue)).encode("utf-8") for queue in self._polled]
         with self.conn_or_acquire() as client:
             with client.pipeline(transaction=False) as pipe:
                 for bell in bells:

@@ -14,9 +14,10 @@ import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
 from mesh.broker.transport import (
-    POP_AND_RECORD, ack_in, envelope_problem, forget_acked, on_rejected, pop_keys_args, redis_server,
+    POP_AND_RECORD, ack_in, bulk, envelope_problem, forget_acked, on_rejected, pop_keys, pop_keys_args,
+    redis_server, wait_packet,
 )
-from mesh.protocol.keys import BELL_TTL_MS, Keys
+from mesh.protocol.keys import BELL_TTL_MS, Keys, queue_bell
 from mesh.tools.launcher import wait_for
 
 TRANSPORT = "mesh.broker.transport:Transport"
@@ -391,8 +392,50 @@ def test_a_hostile_item_is_dropped_alone_reported_and_forgotten(conn: Connection
         r.close()
 
 
+def test_a_poll_is_packed_as_redis_py_packs_it_in_every_order_of_its_queues(conn: Connection, prefix: str) -> None:
+    """The poll is packed from each queue's cached chunks (`_poll_chunks`), not by redis-py:
+    byte for byte what redis-py sends for the same commands, whichever queue the cycle puts
+    first, for queue names outside ASCII, and after a queue is added."""
+    names = [f"{prefix}.model.模型-{i}" for i in range(3)]
+    channel = conn.channel()
+    try:
+        channel.mesh_holder = "w1@hôst"
+        packer = redis.Connection()  # packs without connecting
+        p = channel.global_keyprefix
+
+        def by_redis_py(queues: list[str], now: float, most: int) -> bytes:
+            lists = [p + channel._q_for_pri(q, pri) for pri in channel.priority_steps for q in queues]
+            keys = pop_keys(p, lists, "w1@hôst")
+            _, args = pop_keys_args(p, lists, now=now, most=most, holder="w1@hôst", holder_ttl_ms=6000)
+            bells = [p + queue_bell(q) for q in queues]
+            return b"".join(packer.pack_commands([["BRPOP", *bells, 1],
+                                                       ["EVALSHA", "f" * 40, len(keys), *keys, *args]]))  # fmt: skip
+
+        channel._pop_sha = "f" * 40
+        for queues in (names, names[1:] + names[:1], names[2:] + names[:2], names[:1], [*names, f"{prefix}.x"]):
+            keys, bells = channel._poll_chunks(queues)
+            _, args = pop_keys_args(p, [], now=1.5, most=16, holder="w1@hôst", holder_ttl_ms=6000)
+            ours = wait_packet(bells, 1) + b"".join(
+                [b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)), bulk("f" * 40), bulk(len(keys)),
+                 *keys, *map(bulk, args)])  # fmt: skip
+            assert ours == by_redis_py(queues, 1.5, 16)
+        # the pop call itself, with its own clock and room
+        packet = channel._pop_packet(channel._poll_chunks(names)[0])
+        assert packet.startswith(b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + 8 + 3 * len(channel.priority_steps) + 7))
+        assert all(bulk(k) in packet for k in pop_keys(p, [], "w1@hôst"))
+    finally:
+        channel.close()
+
+
+def test_bulk_encodes_as_redis_py_does() -> None:
+    encoder = redis.Redis().connection_pool.get_encoder()
+    for value in ("abc", "模型", b"\xff\x00", 0, -7, 16, 1.5, 1796646952.0855787, 0.1, ""):
+        encoded = encoder.encode(value)
+        assert bulk(value) == b"$%d\r\n%s\r\n" % (len(encoded), encoded)
+
+
 def test_a_queue_consumed_later_is_waited_on_and_popped_too(conn: Connection, redis_url: str, prefix: str) -> None:
-    """The poll's keys are built once per set of queues (`_poll_keys`): a queue added to the
+    """The poll's keys are packed once per queue (`_poll_chunks`): a queue added to the
     consumer is in the next poll's bells and lists."""
     first, second = _queue(prefix), _queue(prefix)
     got: list[str] = []
