@@ -68,6 +68,7 @@ if TYPE_CHECKING:
     from mesh.store.state import StateStore
 
     from .batcher import Batcher
+    from .collector import Collector
     from .metrics import WorkerMetrics
     from .ports import ConsumerPort, CopyEvents
 
@@ -124,6 +125,7 @@ class ModelManager:
         metrics: WorkerMetrics,
         consumer: ConsumerPort,
         events: CopyEvents,
+        collector: Collector | None = None,
     ) -> None:
         self.settings = settings
         self.name = name  # this worker's node name (its copies' owner in Redis)
@@ -132,6 +134,7 @@ class ModelManager:
         self.metrics = metrics
         self.consumer = consumer
         self.events = events
+        self.collector = collector  # told of every model dropped (workers/collector.py)
         s = settings
         self.capacity = s.worker_capacity_bytes
         self.load_timeout_s = s.load_timeout_s
@@ -741,6 +744,8 @@ class ModelManager:
                 entry.loaded.runtime.unload(entry.loaded.model)
             except Exception:
                 log.exception("runtime unload of %s raised; dropping it anyway", model_id)
+            if self.collector is not None:
+                self.collector.evicted(model_id, entry.loaded.runtime.held(entry.loaded.model))
         entry.loaded = None
         self.metrics.unloads.labels(model_id, "unregistered" if fail_with is not None else "evicted").inc()
         release_model(model_id)  # its files may now leave the disk cache (LRU)

@@ -1,5 +1,7 @@
 """A buffered request's memory: its tensors decoded once, the copies of its body dropped, and
-freed heap handed back to the system after large requests (issue 21, finding 6).
+freed heap handed back to the system after large requests (issue 21, finding 6); and the
+process's resident memory, which tells the collector that garbage piles up
+(workers/collector.py).
 
 A large request arrives as a JSON body of ~16 MB; as the worker held it, it cost ~80 MiB
 (docs/reliability.md, "Memory of buffered requests"):
@@ -20,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 from typing import Any
 
 from mesh.protocol.tensors import predecode
@@ -32,6 +35,7 @@ log = logging.getLogger("mesh.worker.memory")
 SLIM_MIN_BYTES = 64 * 1024
 
 _libc: Any = None
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def slim(req: Any) -> None:
@@ -57,6 +61,15 @@ def slim(req: Any) -> None:
         raw.pop("body", None)
     message.body = None
     req._body = None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory (Linux: /proc/self/statm); None where it cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def malloc_trim() -> bool:

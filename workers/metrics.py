@@ -92,6 +92,7 @@ class WorkerMetrics:
             "reason (a closed set: " + ", ".join(REJECT_REASONS) + ")", ["reason"], registry=r)
         for reason in REJECT_REASONS:  # every series exists from the start, at 0
             self.rejected.labels(reason)
+        self.rejections = 0  # all reasons, a plain count (workers/collector.py reads it)
         self.capacity_bytes = Gauge("mesh_worker_capacity_bytes", "Bytes of models this worker may hold", registry=r)
         self.used_bytes = Gauge("mesh_worker_used_bytes", "Bytes of loaded (and loading) models", registry=r)
         self.models_loaded = Gauge("mesh_models_loaded", "Models loaded on this worker", registry=r)
@@ -129,6 +130,7 @@ class WorkerMetrics:
     def reject(self, reason: str) -> None:
         """Count a dropped or refused message; a reason outside the closed set counts as unexpected."""
         self.rejected.labels(reason if reason in REJECT_REASONS else "unexpected").inc()
+        self.rejections += 1
 
     def model_label(self, model_id: str | None) -> str:
         """`model_id` as a label value when this worker serves it (or did within the retention

@@ -46,6 +46,7 @@ from mesh.store.state import Route
 from mesh.store.strays import StrayStore
 
 from .batcher import Batcher, BatchPolicy, Pending
+from .collector import Collector
 from .consumer import CeleryConsumer
 from .heartbeat import Heartbeat, WorkerIdentity
 from .inference import InferenceLoop
@@ -70,14 +71,6 @@ ORPHAN_FAST_S = SERVING_TTL_S + 0.5
 # (requests, model loads) and frees nearly everything by reference counting; with the default
 # a full collection, which walks every loaded model, came every few seconds.
 GC_THRESHOLDS = (50_000, 20, 100)
-# A full collection at least this often, from the heartbeat thread. With the thresholds above
-# the cyclic GC reaches the oldest generation only after ~100M net allocations, and a worker's
-# cyclic garbage (frames and tracebacks of failed requests in Celery's and kombu's handling,
-# promises, the requests they hold) is mostly long-lived enough to get there: in the soak
-# (`scripts/bench soak`, 1 % bad and 1 % hostile requests) the heap in use grew from ~60 to
-# ~110-170 MB in 2-3 minutes and came back to ~60 MB at each full collection. After
-# `gc.freeze()` a full collection walks only what was allocated since the worker started.
-GC_FULL_EVERY_S = 15.0
 # After this many bytes of requests were buffered since the last trim, the next heartbeat hands
 # the heap's free pages back to the system (workers/memory.py `malloc_trim`).
 TRIM_EVERY_BYTES = 64 * 1024**2
@@ -139,9 +132,11 @@ class MeshWorker:
             settings.max_buffered_bytes, 2 * settings.max_request_bytes,  # the strategy's largest body
         )  # fmt: skip
         self._trimmed_at = 0  # consumer.admitted_bytes at the last malloc_trim
-        self._collected_at = time.monotonic()  # the last full collection (GC_FULL_EVERY_S)
+        # full collections when there is something for one to free (workers/collector.py)
+        self.collector = Collector(failures=lambda: self.inference.stats.failures + self.metrics.rejections)
         self.manager = ModelManager(
             settings, self.name, self.store, self.batcher, self.metrics, self.consumer, events=self,
+            collector=self.collector,
         )  # fmt: skip
         self.inference = InferenceLoop(
             self.batcher, self.manager, self.consumer, self.metrics, self.keys,
@@ -485,10 +480,7 @@ class MeshWorker:
         capacity after a deferral whose fresh copy nobody asked for, and now and then sweep
         for requests of models no longer registered."""
         self.manager.trim()  # first: local only, whatever Redis does
-        now = time.monotonic()
-        if now - self._collected_at >= GC_FULL_EVERY_S:
-            self._collected_at = now
-            gc.collect()
+        self.collector.maybe_collect()
         self.metrics.buffered_bytes.set(self.batcher.buffered_bytes())
         admitted = self.consumer.admitted_bytes
         if admitted - self._trimmed_at >= TRIM_EVERY_BYTES:

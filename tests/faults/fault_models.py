@@ -29,6 +29,8 @@ class Slow:
         self._delay = float(spec.get("delay", 0.0))
         self._hang = float(spec.get("hang", 0.0))
         self._hang_mark = spec.get("hang_mark")
+        if spec.get("cycle"):  # a model in a reference cycle: only a full collection frees it
+            self._self = self
         gate = spec.get("gate")
         if gate:
             deadline = time.monotonic() + GATE_LIMIT_S

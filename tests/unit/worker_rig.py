@@ -20,6 +20,7 @@ from mesh.settings import MeshSettings
 from mesh.store.state import StateStore
 from tests.unit.fakes import FakeConsumer, FakeEvents
 from workers.batcher import Batcher
+from workers.collector import Collector
 from workers.manager import ModelManager
 from workers.metrics import WorkerMetrics
 
@@ -31,7 +32,8 @@ SLOW = "tests.faults.fault_models:Slow"
 class Rig:
     """A manager with its collaborators, and helpers to register and load test models."""
 
-    def __init__(self, redis_url: str, prefix: str, tmp: Path, **settings: object) -> None:
+    def __init__(self, redis_url: str, prefix: str, tmp: Path, collector: Collector | None = None,
+                 **settings: object) -> None:
         self.tmp = tmp
         self.settings = MeshSettings(
             prefix=prefix, redis_url=redis_url, disk_cache_dir=str(tmp / "cache"),
@@ -45,7 +47,8 @@ class Rig:
         self.consumer = FakeConsumer()
         self.events = FakeEvents()
         self.manager = ModelManager(
-            self.settings, WORKER, self.store, self.batcher, self.metrics, self.consumer, self.events
+            self.settings, WORKER, self.store, self.batcher, self.metrics, self.consumer, self.events,
+            collector=collector,
         )
         # status counts only live workers' copies
         self.store.write_heartbeat(WorkerState(

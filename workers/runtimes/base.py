@@ -116,6 +116,12 @@ class Runtime(abc.ABC):
         """Release what `load` acquired beyond Python memory (default: nothing to release)."""
         return None
 
+    def held(self, model: Any) -> Any:
+        """The object whose life is the loaded model's memory (default: `model` itself). After
+        an eviction the worker watches it to see the memory freed (workers/collector.py); a
+        runtime whose `model` is a small wrapper names what the wrapper holds."""
+        return model
+
     def check_inputs(self, loaded: Loaded, inputs: dict[str, np.ndarray]) -> None:
         """Reject one request whose inputs cannot be batched into this model."""
         if not inputs:

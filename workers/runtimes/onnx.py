@@ -130,6 +130,9 @@ class OnnxRuntime(Runtime):
             self.name, dict(zip(names, results, strict=True)), rows
         )
 
+    def held(self, model: OnnxModel) -> Any:
+        return model.session
+
     def unload(self, model: OnnxModel) -> None:
         # Dropping the last reference frees the session; make sure this holder is not it.
         model.session = None  # type: ignore[assignment]

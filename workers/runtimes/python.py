@@ -101,6 +101,9 @@ class PythonRuntime(Runtime):
         result = self._batched_outputs(label, result, first.shape[0])
         return pick_outputs(label, result, outputs)
 
+    def held(self, model: PythonModel) -> Any:
+        return model.instance
+
     def unload(self, model: PythonModel) -> None:
         unload = getattr(model.instance, "unload", None)
         if callable(unload):

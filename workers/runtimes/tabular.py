@@ -179,6 +179,10 @@ class BoosterRuntime(Runtime):
     def offered(self, model: Any) -> list[str]:
         return ["predict", *(["predict_proba"] if self.has_proba(model) else []), "raw_margin"]
 
+    def held(self, model: Any) -> Any:
+        # the model objects use __slots__ without weak references; the booster is the memory
+        return model.booster
+
     def tabular_loaded(self, model: Any, size: int, outputs: list[TensorSpec]) -> Loaded:
         """What `load` returns: the table's signature, `outputs`, `predict` by default."""
         return Loaded(

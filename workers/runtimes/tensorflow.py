@@ -122,6 +122,9 @@ class TensorFlowRuntime(Runtime):
             raise InferenceError(f"tensorflow predict failed: {type(e).__name__}: {str(e)[:500]}") from e
         return self._batched_outputs(self.name, out, int(np.shape(first)[0]))
 
+    def held(self, model: TensorFlowModel) -> Any:
+        return model.root
+
     def unload(self, model: TensorFlowModel) -> None:
         model.fn = model.root = None
 
