@@ -1,7 +1,8 @@
 """workers/collector.py: a worker runs a full garbage collection when there is something for one
-to free (an evicted model still alive, resident memory that grew, or a long time since the
-last), not on a clock; an evicted model that survives a collection is named. The model manager tells the
-collector of every model it drops (a rig of the real manager against a real Redis)."""
+to free (failures in the last 15 s, an evicted model still alive, resident memory that grew, or
+a long time since the last), not on a clock; an evicted model that a collection does not free
+is named. The model manager tells the collector of every model it drops (a rig of the real
+manager against a real Redis)."""
 
 from __future__ import annotations
 
@@ -52,14 +53,14 @@ def no_automatic_gc():
             gc.enable()
 
 
-MB_ = 1024**2
+MiB = 1024**2
 
 
 def _collector(
     clock: Clock, resident: list[int | None] | None = None, failures: list[int] | None = None
 ) -> tuple[Collector, list[int]]:
     collections: list[int] = []
-    memory = resident if resident is not None else [200 * MB_]
+    memory = resident if resident is not None else [200 * MiB]
     failed = failures if failures is not None else [0]
 
     def collect() -> int:
@@ -71,7 +72,7 @@ def _collector(
 
 
 def test_the_policy() -> None:
-    quiet = {"since_s": 10.0, "failures": 0, "resident": 400 * MB_, "resident_after_last": 400 * MB_,
+    quiet = {"since_s": 10.0, "failures": 0, "resident": 400 * MiB, "resident_after_last": 400 * MiB,
              "evicted_alive": False}  # fmt: skip
     assert collection_due(**quiet) is None
     assert collection_due(**{**quiet, "evicted_alive": True}) == EVICTED_ALIVE
@@ -81,11 +82,11 @@ def test_the_policy() -> None:
     assert collection_due(**{**quiet, "failures": 3, "since_s": ERRORS_EVERY_S}) == ERRORS
     assert collection_due(**{**quiet, "since_s": ERRORS_EVERY_S}) is None
     # a quarter more, and at least GROWTH_MIN_BYTES
-    assert collection_due(**{**quiet, "resident": 500 * MB_ - 1}) is None
-    assert collection_due(**{**quiet, "resident": 500 * MB_}) == GREW
-    small = {**quiet, "resident_after_last": 50 * MB_}
-    assert collection_due(**{**small, "resident": 50 * MB_ + GROWTH_MIN_BYTES - 1}) is None
-    assert collection_due(**{**small, "resident": 50 * MB_ + GROWTH_MIN_BYTES}) == GREW
+    assert collection_due(**{**quiet, "resident": 500 * MiB - 1}) is None
+    assert collection_due(**{**quiet, "resident": 500 * MiB}) == GREW
+    small = {**quiet, "resident_after_last": 50 * MiB}
+    assert collection_due(**{**small, "resident": 50 * MiB + GROWTH_MIN_BYTES - 1}) is None
+    assert collection_due(**{**small, "resident": 50 * MiB + GROWTH_MIN_BYTES}) == GREW
     # memory that cannot be read: every ERRORS_EVERY_S, as before this policy
     blind = {**quiet, "resident": None, "resident_after_last": None}
     assert collection_due(**{**blind, "since_s": ERRORS_EVERY_S - 0.1}) is None
@@ -112,10 +113,10 @@ def test_failures_bring_a_collection_every_errors_every_s_and_none_after(no_auto
 
 def test_resident_bytes_is_this_process_s() -> None:
     before = resident_bytes()
-    assert before is not None and before > 10 * MB_
-    block = bytearray(64 * MB_)  # touched: resident
+    assert before is not None and before > 10 * MiB
+    block = bytearray(64 * MiB)  # touched: resident
     after = resident_bytes()
-    assert after is not None and after - before >= 60 * MB_
+    assert after is not None and after - before >= 60 * MiB
     del block
 
 
@@ -189,14 +190,14 @@ def test_a_model_that_takes_no_weak_reference_is_collected_for_once(no_automatic
 
 def test_memory_that_grew_is_collected_and_becomes_the_new_baseline(no_automatic_gc) -> None:
     clock = Clock()
-    memory = [400 * MB_]
+    memory = [400 * MiB]
     collector, collections = _collector(clock, memory)
-    memory[0] = 480 * MB_
+    memory[0] = 480 * MiB
     clock.now += 2.0
     assert collector.maybe_collect() is None
-    memory[0] = 500 * MB_
+    memory[0] = 500 * MiB
     assert collector.maybe_collect() == GREW
-    memory[0] = 620 * MB_  # a quarter of 500 MB is 125 MB
+    memory[0] = 620 * MiB  # a quarter of 500 MB is 125 MB
     clock.now += 2.0
     assert collector.maybe_collect() is None
     assert collections == [1]
