@@ -740,12 +740,14 @@ class ModelManager:
             if self._entries.get(model_id) is entry:
                 del self._entries[model_id]
         if entry.loaded is not None:
+            held = entry.loaded.runtime.held(entry.loaded.model)  # before unload, which may clear it
             try:
                 entry.loaded.runtime.unload(entry.loaded.model)
             except Exception:
                 log.exception("runtime unload of %s raised; dropping it anyway", model_id)
             if self.collector is not None:
-                self.collector.evicted(model_id, entry.loaded.runtime.held(entry.loaded.model))
+                self.collector.evicted(model_id, held)
+            del held
         entry.loaded = None
         self.metrics.unloads.labels(model_id, "unregistered" if fail_with is not None else "evicted").inc()
         release_model(model_id)  # its files may now leave the disk cache (LRU)

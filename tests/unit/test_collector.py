@@ -12,6 +12,7 @@ import weakref
 
 import pytest
 
+from mesh.models import ModelInfo
 from tests.unit.worker_rig import MB, Rig
 from workers.collector import (
     ERRORS,
@@ -240,3 +241,27 @@ def test_the_manager_tells_the_collector_of_each_model_it_drops(rig, no_automati
     rig.clock.now += EVICTED_GRACE_S
     assert rig.manager.collector.maybe_collect() == EVICTED_ALIVE
     assert refs["cyclic"]() is None
+
+
+def test_an_evicted_onnx_model_is_watched_by_its_session_and_needs_no_collection(
+    redis_url, prefix, tmp_path, onnx_path, no_automatic_gc
+) -> None:
+    """The onnx runtime's unload clears the session off its wrapper: the manager takes what to
+    watch (`Runtime.held`) before it. Watched after, it was None, which takes no weak reference
+    and so brought a full collection with every eviction."""
+    clock = Clock()
+    collections: list[int] = []
+    collector = Collector(clock=clock, resident=lambda: 200 * MiB, collect=lambda: collections.append(1))
+    rig = Rig(redis_url, prefix, tmp_path, collector=collector)
+    try:
+        rig.store.register_model("o", ModelInfo(runtime="onnx", uri=f"file://{onnx_path}"))
+        rig.load("o")
+        session = weakref.ref(_held(rig, "o"))
+        rig.manager.request_unload("o")
+        rig.events.wait_for(("unloaded", "o", False))
+        assert session() is None
+        clock.now += EVICTED_GRACE_S
+        assert collector.maybe_collect() is None
+        assert collections == []
+    finally:
+        rig.close()
