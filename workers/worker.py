@@ -475,10 +475,11 @@ class MeshWorker:
         self._adopted = True
 
     def maintenance(self) -> None:
-        """Every heartbeat: announce copies whose records vanished, watch models that left for
-        orphaned requests, stop draining failed models whose queue is empty, come back to
-        capacity after a deferral whose fresh copy nobody asked for, and now and then sweep
-        for requests of models no longer registered."""
+        """Every heartbeat: run a full collection if one is due (workers/collector.py), announce
+        copies whose records vanished, watch models that left for orphaned requests, stop
+        draining failed models whose queue is empty, come back to capacity after a deferral
+        whose fresh copy nobody asked for, and now and then sweep for requests of models no
+        longer registered."""
         self.manager.trim()  # first: local only, whatever Redis does
         self.collector.maybe_collect()
         self.metrics.buffered_bytes.set(self.batcher.buffered_bytes())
