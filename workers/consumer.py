@@ -158,9 +158,20 @@ class CeleryConsumer:
         if task_consumer is None or task_consumer.consuming_from(queue):
             return
         if queue not in self._declared:
-            self.consumer.add_task_queue(queue)
-            self._declared.add(queue)
-            return
+            try:
+                self.consumer.add_task_queue(queue)
+            except self.consumer.connection_errors:
+                raise
+            except Exception as exc:
+                # The declare only writes kombu's binding table (routing on the anonymous
+                # exchange, as ours, never reads it): a write Redis refuses (out of memory, a
+                # key of the wrong type, a permission) must not leave a LOADED model whose
+                # queue nobody consumes, its requests waiting forever.
+                log.error("declaring queue %s failed (%s: %s); consuming it without the declare",
+                          queue, type(exc).__name__, str(exc)[:200])  # fmt: skip
+            else:
+                self._declared.add(queue)
+                return
         # Declared by this worker before: its binding stays until the model is unregistered
         # (which forgets it here), so kombu's declare (a binding write and a queue-length read,
         # two round trips on this thread, on every reload) is skipped.

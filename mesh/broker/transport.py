@@ -38,6 +38,7 @@ from kombu.utils.json import dumps
 from mesh.broker.redis_url import FollowingConnection
 from mesh.protocol.jsonwire import loads
 from mesh.protocol.keys import (
+    AS_LIST_LUA,
     BELL_TTL_MS,
     DEAD_LETTERS,
     DELIVERIES,
@@ -280,9 +281,8 @@ def _raw_tag(item: bytes) -> bytes | None:
 # A queue's bell rung: a list of at most one element, its TTL renewed. A bell that is not a
 # list (any producer may write one) is replaced: the commands alone failed on it, after the
 # message was on its queue, and the publish raised for a message that would be served.
-RING = """
-local kind = redis.call('TYPE', KEYS[1]).ok
-if kind ~= 'list' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+RING = AS_LIST_LUA + """
+as_list(KEYS[1])
 redis.call('LPUSH', KEYS[1], 1)
 redis.call('LTRIM', KEYS[1], 0, 0)
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
@@ -646,6 +646,40 @@ class Channel(kombu_redis.Channel):
             handler(message, queue)
         except Exception:  # answering is best effort: the dead letter is kept either way
             log.exception("could not answer the producer of a dead-lettered message")
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        """kombu's binding write, after deleting binding tables of the wrong type.
+
+        Any producer may write the binding tables of model queues (a plain `send_task`
+        declares them). One that is not a set failed the declare with WRONGTYPE, and with it
+        the worker's start of consuming the queue: the model was announced LOADED and its
+        requests waited forever (found probing producer-writable keys, 2026-12-07). Routing on
+        the anonymous exchange never reads the tables, so the declare may simply write them
+        afresh."""
+        try:
+            return super()._queue_bind(exchange, routing_key, pattern, queue)
+        except kombu_redis.redis.ResponseError as exc:
+            # a pipeline's error names the command before Redis's own words
+            if "WRONGTYPE" not in str(exc) or not self._repair_tables(exchange, exc):
+                raise
+        return super()._queue_bind(exchange, routing_key, pattern, queue)
+
+    def _repair_tables(self, exchange: str, error: Exception) -> bool:
+        """Delete `exchange`'s binding tables that are not sets; say whether there were any."""
+        tables = [(self.global_keyprefix + fmt % (exchange,)).encode("utf-8")
+                  for fmt in (self.keyprefix_queue, self.keyprefix_binding_permanent)]  # fmt: skip
+        with self.conn_or_acquire() as client:
+            with client.pipeline(transaction=False) as pipe:
+                for table in tables:
+                    pipe.execute_command("TYPE", table)  # kombu's client prefixes neither TYPE nor UNLINK
+                kinds = pipe.execute()
+            broken = [table for table, kind in zip(tables, kinds) if bytes_to_str(kind) not in ("set", "none")]
+            if broken:
+                client.execute_command("UNLINK", *broken)
+        for table in broken:
+            log.error("deleted the binding table %s: it was not a set, and declaring its queue failed (%s)",
+                      bytes_to_str(table), error)  # fmt: skip
+        return bool(broken)
 
     def _put(self, queue, message, **kwargs):
         """kombu's publish (LPUSH), ringing the queue's bell in the same round trip."""

@@ -31,6 +31,24 @@ def queue_bell(queue: str) -> str:
     return f"_kombu.bell.{queue}"
 
 
+# A Lua function for scripts that push onto a list any producer may write (a model queue's
+# lists, its bell, the wanted list): one holding another type is deleted first, and its type
+# returned (false when it was a list or nothing). Pushed onto as it was, it failed the whole
+# script at that point (WRONGTYPE) with what came before it done, and every retry the same
+# way: a dead worker's messages stayed held, a cutover's requests stayed put. What such a key
+# held was not a queue's messages, so nothing is lost.
+AS_LIST_LUA = """
+local function as_list(key)
+  local kind = redis.call('TYPE', key).ok
+  if kind ~= 'list' and kind ~= 'none' then
+    redis.call('DEL', key)
+    return kind
+  end
+  return false
+end
+"""
+
+
 # The broker's own bookkeeping beside kombu's unacked hash and index (mesh/broker/transport.py),
 # without kombu's global_keyprefix (kombu's client adds it; `Keys` has the prefixed names).
 UNACKED = "unacked"  # kombu's Channel.unacked_key

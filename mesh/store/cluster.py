@@ -31,7 +31,7 @@ from mesh.policy.planner import (
 from mesh.policy.precedence import copies_bounds, required_labels
 from mesh.protocol.keys import Keys
 from mesh.store.changes import ChangeReader, Mark, lua_log_change
-from mesh.store.state import StateStore
+from mesh.store.state import StateStore, list_length
 
 CHUNK = 1000  # commands per pipeline round trip when reading per-model keys
 # The scheduler keeps the usage in memory; Redis's copy is what a scheduler that takes over
@@ -228,11 +228,14 @@ class ClusterStore:
                     p.hgetall(k.failures(m))
                     for key in k.queue_list_keys(k.model_queue(m), steps):
                         p.llen(key)
-                flat = p.execute()
+                flat = p.execute(raise_on_error=False)
             step = 2 + len(steps)
             for i, m in enumerate(chunk):
                 row = flat[i * step : (i + 1) * step]
-                out[m] = (row[0], row[1], sum(row[2:]))
+                for reply in row[:2]:
+                    if isinstance(reply, Exception):
+                        raise reply
+                out[m] = (row[0], row[1], sum(list_length(x) for x in row[2:]))
         return out
 
     # --- the incremental read (mesh/store/changes.py; docs/scheduler.md, "Reading the cluster")

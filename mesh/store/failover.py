@@ -19,7 +19,7 @@ from typing import NamedTuple
 import redis
 from pydantic import BaseModel
 
-from mesh.protocol.keys import BELL_TTL_MS, KOMBU_PRIORITY_SEP, Keys, queue_bell
+from mesh.protocol.keys import AS_LIST_LUA, BELL_TTL_MS, KOMBU_PRIORITY_SEP, Keys, queue_bell
 
 # The caller ARGV[3] refreshes its alive key KEYS[2] (TTL ARGV[2] ms) and joins the set of
 # holders KEYS[1] (the pop script adds it too; here it is there before the first heartbeat
@@ -45,7 +45,7 @@ return out
 # prefix, ARGV[3]: kombu prefix, ARGV[4]: bell TTL), and it counts as a failed delivery
 # (KEYS[7]). Values not in the pop script's format (kombu recorded them) are left to the
 # visibility timeout. Returns {how many went back, queue, ...} (each queue they went to once).
-_RESTORE_HOLDER_LUA = """
+_RESTORE_HOLDER_LUA = AS_LIST_LUA + """
 if redis.call('EXISTS', KEYS[6]) == 1 then return -1 end
 local n, plen, queues, seen = 0, #ARGV[3], {}, {}
 for _, t in ipairs(redis.call('SMEMBERS', KEYS[4])) do
@@ -59,6 +59,7 @@ for _, t in ipairs(redis.call('SMEMBERS', KEYS[4])) do
     if ok and type(rec) == 'table' and type(rec[2]) == 'string' and type(rec[3]) == 'string' then
       local tail = ',' .. cjson.encode(rec[2]) .. ',' .. cjson.encode(rec[3]) .. ']'
       if string.sub(v, 1, 1) == '[' and string.sub(v, -#tail) == tail then
+        as_list(list)
         redis.call('RPUSH', list, string.sub(v, 2, #v - #tail))
         local q = string.sub(list, plen + 1)
         local s = string.find(q, '\\6\\22', 1, true)
@@ -68,6 +69,7 @@ for _, t in ipairs(redis.call('SMEMBERS', KEYS[4])) do
           queues[#queues + 1] = q
         end
         local bell = ARGV[2] .. q
+        as_list(bell)
         redis.call('LPUSH', bell, 1)
         redis.call('LTRIM', bell, 0, 0)
         redis.call('PEXPIRE', bell, ARGV[4])
@@ -91,9 +93,11 @@ return queues
 # Requeue one dead letter (ARGV[1], its exact bytes) of list KEYS[1]: its message ARGV[2] goes
 # to list KEYS[2] as a fresh publish would (LPUSH), its bell KEYS[3] rung (TTL ARGV[4]), its
 # delivery count (hash KEYS[4], field ARGV[3]) forgotten. 0 when it is no longer there.
-_REQUEUE_LUA = """
+_REQUEUE_LUA = AS_LIST_LUA + """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+as_list(KEYS[2])
 redis.call('LPUSH', KEYS[2], ARGV[2])
+as_list(KEYS[3])
 redis.call('LPUSH', KEYS[3], 1)
 redis.call('LTRIM', KEYS[3], 0, 0)
 redis.call('PEXPIRE', KEYS[3], ARGV[4])

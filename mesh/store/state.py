@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,9 +35,11 @@ from mesh.policy.placement import choose_worker, fresh_failures
 from mesh.policy.precedence import required_labels
 from mesh.policy.status import model_status
 from mesh.protocol.ids import validate_id
-from mesh.protocol.keys import BELL_TTL_MS, Keys
+from mesh.protocol.keys import AS_LIST_LUA, BELL_TTL_MS, Keys
 from mesh.settings import MeshSettings
 from mesh.store.changes import log_changes, lua_log_change
+
+log = logging.getLogger("mesh.store.state")
 
 
 class Route(IntEnum):
@@ -108,7 +111,7 @@ return {2, redis.call('HGET', KEYS[1], ARGV[1]), redis.call('HGETALL', KEYS[4]),
 # is served first) and its bell rung. A message no longer in KEYS[1] (a worker took it meanwhile)
 # is not moved. Returns the count moved per destination. One LREM per message, as before, was
 # O(N) each: O(N^2) inside Redis for a long queue.
-_MOVE_LUA = """
+_MOVE_LUA = AS_LIST_LUA + """
 local m = tonumber(ARGV[2])
 local want = {}
 for i = 3, #ARGV, 3 do
@@ -118,7 +121,9 @@ for i = 3, #ARGV, 3 do
 end
 local keep, out, counts, moved = {}, {}, {}, 0
 for d = 1, m do out[d] = {}; counts[d] = 0 end
-for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+local queued = redis.pcall('LRANGE', KEYS[1], 0, -1)
+if queued.err then return counts end  -- no longer a list (any producer may write it): nothing to move
+for _, raw in ipairs(queued) do
   local q = want[redis.sha1hex(raw)]
   if q and #q > 0 then
     local i = table.remove(q)
@@ -140,8 +145,10 @@ redis.call('DEL', KEYS[1])
 push(KEYS[1], keep)
 for d = 1, m do
   if counts[d] > 0 then
+    as_list(KEYS[1 + d])
     push(KEYS[1 + d], out[d])
     local bell = KEYS[1 + m + d]
+    as_list(bell)
     redis.call('LPUSH', bell, 1)
     redis.call('LTRIM', bell, 0, 0)
     redis.call('PEXPIRE', bell, ARGV[1])
@@ -168,11 +175,16 @@ return 1
 
 # The models whose queue holds requests, among those whose lists are KEYS (ARGV[1] lists per
 # model, in order): a flat array of {index, depth} for those only.
+# A key of another type (any producer may write a queue's lists) counts as empty: the pop
+# script skips it too.
 _QUEUED_LUA = """
 local out, n = {}, tonumber(ARGV[1])
 for i = 1, #KEYS, n do
   local depth = 0
-  for j = i, i + n - 1 do depth = depth + redis.call('LLEN', KEYS[j]) end
+  for j = i, i + n - 1 do
+    local len = redis.pcall('LLEN', KEYS[j])
+    if type(len) == 'number' then depth = depth + len end
+  end
   if depth > 0 then
     out[#out + 1] = (i - 1) / n
     out[#out + 1] = depth
@@ -188,8 +200,35 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# A load asked of the workers (`want_load`), the list kept to ARGV[2] entries. Any producer may
+# write the list: one holding another type failed every restricted producer's cold request
+# (WRONGTYPE) until an operator deleted it; it is replaced, and the reply says so.
+_WANT_LUA = AS_LIST_LUA + """
+local replaced = as_list(KEYS[1])
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+return replaced
+"""
+
+# The wanted list deleted if it is not a list (a worker whose wait on it failed); its type.
+_DROP_UNLESS_LIST_LUA = AS_LIST_LUA + "return as_list(KEYS[1])"
+
 PENDING_CLAIM_MS = 5000
 WANTED_MAX = 10_000  # hints a flood of cold requests (or a hostile producer) can leave waiting
+
+
+def list_length(reply: object) -> int:
+    """An LLEN's reply from a pipeline run with `raise_on_error=False`. A queue's list holding
+    another type (any producer may write one; the pop script skips it) counts as empty: it
+    failed every depth read that named it, the orphan watch's and the scheduler's for every
+    model at once. A connection error still raises."""
+    if isinstance(reply, int):
+        return reply
+    if isinstance(reply, redis.ResponseError) and "WRONGTYPE" in str(reply):
+        return 0
+    if isinstance(reply, Exception):
+        raise reply
+    return 0
 
 
 @dataclass(frozen=True)
@@ -224,6 +263,8 @@ class StateStore:
         self._move = client.register_script(_MOVE_LUA)
         self._release_lock = client.register_script(_RELEASE_LOCK_LUA)
         self._queued = client.register_script(_QUEUED_LUA)
+        self._want = client.register_script(_WANT_LUA)
+        self._drop_unless_list = client.register_script(_DROP_UNLESS_LIST_LUA)
 
     # ------------------------------------------------------------------ registry
     def register_model(
@@ -442,15 +483,26 @@ class StateStore:
         """Ask the workers to load a model nobody serves or loads (a producer that may not
         place loads itself, docs/security.md): one LPUSH on the list they wait on, kept to
         WANTED_MAX entries (a hint: the worker that pops it routes and places as a producer
-        would, and drops it if the model is served or loading by then)."""
-        with self.r.pipeline(transaction=False) as p:
-            p.lpush(self.keys.wanted, model_id)
-            p.ltrim(self.keys.wanted, 0, WANTED_MAX - 1)
-            p.execute()
+        would, and drops it if the model is served or loading by then). A key of another type
+        in its place (any producer may write it) is replaced."""
+        replaced = self._want(keys=[self.keys.wanted], args=[model_id, WANTED_MAX])
+        if replaced:
+            log.error("replaced %s: it held a %s, not a list", self.keys.wanted, replaced.decode("utf-8", "replace"))
 
     def pop_wanted(self, timeout_s: float) -> str | None:
-        """The oldest model a producer asked to load, waiting up to `timeout_s` (a worker)."""
-        popped = self.r.brpop([self.keys.wanted], timeout=timeout_s)
+        """The oldest model a producer asked to load, waiting up to `timeout_s` (a worker). A
+        key of another type in the list's place is deleted (else every wait failed until a
+        producer's next `want_load` replaced it)."""
+        try:
+            popped = self.r.brpop([self.keys.wanted], timeout=timeout_s)
+        except redis.ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                raise
+            dropped = self._drop_unless_list(keys=[self.keys.wanted])
+            if not dropped:
+                raise
+            log.error("deleted %s: it held a %s, not a list", self.keys.wanted, dropped.decode("utf-8", "replace"))
+            return None
         return None if popped is None else popped[1].decode("utf-8", "replace")
 
     def place_load(self, model_id: str, *, exclude: Iterable[str] = ()) -> Placement:
@@ -685,7 +737,13 @@ class StateStore:
         for step, src in enumerate(src_keys):
             targets: dict[str, int] = {}  # destination model -> its index in the script's keys
             args: list[bytes | str | int] = []
-            for raw in self.r.lrange(src, 0, -1):  # a snapshot: the script moves what is still there
+            try:
+                queued = self.r.lrange(src, 0, -1)  # a snapshot: the script moves what is still there
+            except redis.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
+                continue  # not a list (any producer may write it): it holds no request to move
+            for raw in queued:
                 try:
                     message = json.loads(raw)
                     dst_model = destination(message)
@@ -723,9 +781,9 @@ class StateStore:
             for m in model_ids:
                 for key in keys.queue_list_keys(keys.model_queue(m), priority_steps):
                     p.llen(key)
-            flat = p.execute()
+            flat = p.execute(raise_on_error=False)
         n = len(priority_steps)
-        return {m: sum(flat[i * n : (i + 1) * n]) for i, m in enumerate(model_ids)}
+        return {m: sum(list_length(x) for x in flat[i * n : (i + 1) * n]) for i, m in enumerate(model_ids)}
 
     def queued(self, model_ids: list[str], priority_steps: list[int]) -> dict[str, int]:
         """The models among `model_ids` with requests waiting, and how many: `queue_depths` for

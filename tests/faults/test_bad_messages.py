@@ -237,3 +237,22 @@ def test_an_infer_on_a_queue_that_is_not_a_model_queue_is_answered_invalid_argum
         r.close()
     assert answer(client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=60)) == 8
     assert w.alive()
+
+
+def test_a_model_whose_binding_tables_a_producer_squatted_is_still_served(client, workers, redis_url, svm_path,
+                                                                         seed_input):  # fmt: skip
+    """Any producer may write the binding tables of model queues (a plain `send_task`
+    declares them). A string in their place failed the worker's declare when it started
+    consuming the model's queue: the model was announced LOADED and its requests waited forever."""
+    w = workers("w1")
+    client.register_model("digits", sklearn_info(svm_path))
+    r = redis.Redis.from_url(redis_url)
+    try:
+        for table in client.keys.queue_bindings(client.keys.model_queue("digits")):
+            r.set(table, "not a set")
+        assert answer(client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=30)) == 8
+        assert {r.type(t) for t in client.keys.queue_bindings(client.keys.model_queue("digits"))} <= {b"set", b"none"}
+    finally:
+        r.close()
+    assert w.alive()
+    assert "deleted the binding table" in w.tail(200)

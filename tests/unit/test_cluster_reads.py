@@ -207,6 +207,19 @@ def test_queue_depths_come_from_the_lists_that_exist(store):
     assert depth == {"a": 1, "b": 0, "c": 2}
 
 
+def test_a_list_a_producer_squatted_counts_as_empty_in_both_reads(store):
+    """Any producer may write a model queue's lists: one holding another type failed the
+    scheduler's full read (every tick that read everything, for every model)."""
+    for m in ("a", "b"):
+        store.register_model(m, info(ord(m)))
+    push(store, "a", 3, step=5)
+    store.r.set(store.keys.queue_list_key(store.keys.model_queue("a"), 0), "not a list")
+    now = time.time()
+    full = {m.model_id: m.queue_depth for m in cluster(store).read_everything(now, 60.0, 5.0).models}
+    assert full == {"a": 3, "b": 0}
+    same(store, cluster(store), now)
+
+
 def test_the_usage_kept_in_memory_is_what_a_fresh_scheduler_reads_from_redis(store):
     """The scheduler keeps the usage scores in memory and writes the changed ones; a scheduler
     that takes over (nothing kept) reads the same scores back, and a model that left has no

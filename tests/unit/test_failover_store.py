@@ -66,6 +66,29 @@ def test_two_live_workers_put_a_dead_holders_messages_back_once(r: redis.Redis, 
     assert r.llen(keys.queue_bell(q)) == 1  # the queue's bell rang
 
 
+def test_a_dead_holders_messages_go_back_past_keys_a_producer_squatted(r: redis.Redis, prefix: str) -> None:
+    """Any producer may write a model queue's lists and its bell. A string in the place of
+    either failed the restore script at that message (WRONGTYPE): the messages before it went
+    back, the rest stayed held by the dead worker, and every retry failed the same way."""
+    keys = Keys(prefix)
+    qa, qb = keys.model_queue("a"), keys.model_queue("b")
+    la, lb = keys.queue_list_key(qa, 5), keys.queue_list_key(qb, 5)
+    raws = {la: [json.dumps(_envelope(f"a{i}", qa)) for i in range(5)],
+            lb: [json.dumps(_envelope(f"b{i}", qb)) for i in range(5)]}  # fmt: skip
+    for lst, items in raws.items():
+        r.lpush(lst, *items)
+    assert len(_take(r, keys, [la, lb], "w1@h.aaa")) == 10
+    r.set(la, "not a list")  # squatted once the messages were taken
+    r.set(keys.queue_bell(qb), "not a list")
+    r.delete(keys.holder_alive("w1@h.aaa"))
+    restored = FailoverStore(r, keys).restore_holder("w1@h.aaa")
+    assert restored.count == 10 and sorted(restored.queues) == sorted([qa, qb])
+    for lst, items in raws.items():
+        assert sorted(r.lrange(lst, 0, -1)) == sorted(x.encode() for x in items)
+    assert r.llen(keys.queue_bell(qa)) == 1 and r.llen(keys.queue_bell(qb)) == 1
+    assert r.hlen(keys.unacked) == 0 and not r.sismember(keys.holders, "w1@h.aaa")
+
+
 def test_a_restart_under_the_same_name_is_not_its_dead_predecessor(r: redis.Redis, prefix: str) -> None:
     keys = Keys(prefix)
     q = keys.model_queue("m")

@@ -176,6 +176,20 @@ def test_queued_names_only_the_models_with_requests_waiting(store):
     assert store.queued(["a"], steps) == {} and store.queued([], steps) == {}
 
 
+def test_depth_reads_count_a_list_a_producer_squatted_as_empty(store):
+    """Any producer may write a model queue's lists. One holding another type failed every
+    depth read naming it: the orphan watch's and the batcher's probe, for all the models they
+    ask about at once."""
+    steps = [0, 5]
+    k = store.keys
+    store.r.lpush(k.queue_list_keys(k.model_queue("b"), steps)[1], "x", "y")
+    store.r.set(k.queue_list_keys(k.model_queue("b"), steps)[0], "not a list")
+    store.r.hset(k.queue_list_keys(k.model_queue("c"), steps)[1], "not", "a list")
+    store.r.lpush(k.queue_list_keys(k.model_queue("d"), steps)[0], "z")
+    assert store.queued(["a", "b", "c", "d"], steps) == {"b": 2, "d": 1}
+    assert store.queue_depths(["a", "b", "c", "d"], steps) == {"a": 0, "b": 2, "c": 0, "d": 1}
+
+
 def test_a_load_begun_with_a_ring_rings_that_queue(store):
     store.register_model("a", INFO)
     queue = store.keys.worker_queue("w1")
@@ -327,6 +341,26 @@ def test_reroute_moves_each_message_to_its_destination_in_order_and_rings_the_be
     assert store.r.exists(k.queue_bell(k.model_queue("old"))) == 0
     assert store.reroute_queued("old", [0], _by_vmodel) == {}  # nothing left to move
     assert _ids(store, src)[::-1] == ["t2", "t4"]
+
+
+def test_reroute_moves_past_keys_a_producer_squatted(store):
+    """Any producer may write a model queue's lists and bells. A string in the place of a
+    destination list or bell failed the move script (WRONGTYPE), and a squatted source step
+    failed the whole reroute: the cutover's requests stayed where nothing would serve them."""
+    k = store.keys
+    steps = [0, 3]
+    src = k.queue_list_key(k.model_queue("old"), 0)
+    for n, vm in enumerate(["va", "vb", "va"]):
+        store.r.lpush(src, _envelope(n, vm, "old", k))
+    store.r.set(k.queue_list_key(k.model_queue("old"), 3), "not a list")  # a source step
+    store.r.set(k.queue_list_key(k.model_queue("a2"), 0), "not a list")  # a destination
+    store.r.set(k.queue_bell(k.model_queue("b2")), "not a list")  # a destination's bell
+    assert store.reroute_queued("old", steps, _by_vmodel) == {"a2": 2, "b2": 1}
+    assert _ids(store, k.queue_list_key(k.model_queue("a2"), 0))[::-1] == ["t0", "t2"]
+    assert _ids(store, k.queue_list_key(k.model_queue("b2"), 0)) == ["t1"]
+    for m in ("a2", "b2"):
+        assert store.r.lrange(k.queue_bell(k.model_queue(m)), 0, -1) == [b"1"]
+    assert store.r.llen(src) == 0
 
 
 def test_reroute_keeps_priorities_and_skips_messages_taken_meanwhile(store):

@@ -535,3 +535,32 @@ def test_a_queue_key_of_the_wrong_type_is_skipped_and_the_others_served(
         channel.close()
     r.close()
     assert got == [1]
+
+
+def test_a_binding_table_of_the_wrong_type_is_deleted_and_the_queue_declared(
+    conn: Connection, redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any producer may write a model queue's binding tables. One that is not a set failed the
+    declare (WRONGTYPE): the worker never started consuming the queue of a model it had loaded,
+    whose requests then waited forever. The declare now deletes it, says so, and binds afresh."""
+    name = f"{prefix}.t.{uuid.uuid4().hex[:8]}"
+    queue = Queue(name, Exchange(name, type="direct"), routing_key=name)  # as Celery declares a model queue
+    r = redis.Redis.from_url(redis_url)
+    tables = Keys(prefix).queue_bindings(name)
+    for table in tables:
+        r.set(table, "not a set")
+    got: list[int] = []
+    with conn.channel() as pub, conn.clone() as consumer_conn:
+        channel = consumer_conn.channel()
+        with Consumer(channel, [queue], callbacks=[lambda b, m: (got.append(b["n"]), m.ack())], accept=["json"]):
+            assert [r.type(t) for t in tables] == [b"set", b"set"]
+            # routed through the table the declare wrote again
+            Producer(pub).publish({"n": 1}, exchange=queue.exchange, routing_key=name, serializer="json")
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                drain(consumer_conn, 0.3)
+        channel.close()
+    r.close()
+    assert got == [1]
+    deleted = [rec.getMessage() for rec in caplog.records if "deleted the binding table" in rec.getMessage()]
+    assert len(deleted) == 2 and all("not a set" in m for m in deleted)

@@ -60,3 +60,28 @@ def test_the_list_is_bounded(store, monkeypatch):
         store.want_load(f"m{i}")
     assert store.r.llen(store.keys.wanted) == 5
     assert store.pop_wanted(1) == "m7"  # the oldest kept: a flood drops the oldest hints
+
+
+def test_a_wanted_key_of_the_wrong_type_is_replaced_by_a_producer_and_deleted_by_a_worker(store, caplog):
+    """Any producer may write the wanted list. A string in its place failed every restricted
+    producer's cold request (WRONGTYPE) and every worker's wait on it, until an operator
+    deleted it."""
+    r = store.r
+    r.set(store.keys.wanted, "not a list")
+    store.want_load("m1")  # the producer's push replaces it
+    assert r.lrange(store.keys.wanted, 0, -1) == [b"m1"]
+    got: list[str] = []
+    thread = WantedLoads(store, got.append)
+    r.delete(store.keys.wanted)
+    r.hset(store.keys.wanted, "a", "hash")
+    thread.start()
+    try:
+        wait_for(lambda: r.type(store.keys.wanted) == b"none", 10, what="the wrong key deleted by the worker")
+        store.want_load("m2")
+        wait_for(lambda: got == ["m2"], 10, what="the next wanted load")
+    finally:
+        thread.stop()
+        thread.join(timeout=10)
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert any("replaced" in m and "held a string" in m for m in messages)
+    assert any("deleted" in m and "held a hash" in m for m in messages)

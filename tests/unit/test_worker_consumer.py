@@ -8,6 +8,7 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+import redis
 from celery.worker import state as worker_state
 
 from mesh.models import Command
@@ -200,6 +201,53 @@ def test_a_queue_declared_before_is_added_without_declaring_it_again(port, celer
     celery_consumer.run_ready()
     assert celery_consumer.added == [(queue, True), (queue, False)]
     assert celery_consumer.task_consumer.auto_declare is True  # restored after the add
+
+
+class RefusingDeclares(FakeCeleryConsumer):
+    """Redis refuses the declare's write (out of memory, here), as Celery's add_task_queue
+    raises it: before the queue is added to the consumer set."""
+
+    connection_errors = (ConnectionError,)
+
+    def add_task_queue(self, queue: str) -> None:
+        if self.task_consumer.auto_declare:
+            self.added.append((queue, True))
+            raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'.")
+        super().add_task_queue(queue)
+
+
+def test_a_declare_redis_refuses_still_consumes_the_queue(batcher, metrics, caplog):
+    """A failed declare left the model LOADED with its queue consumed by nobody: its requests
+    waited forever. The declare only writes kombu's binding table, so the queue is consumed
+    without it (and the declare is tried again at the next consume)."""
+    celery_consumer = RefusingDeclares()
+    port = make(celery_consumer, batcher, metrics, [])
+    queue = KEYS.model_queue("m")
+    port.consume("m")
+    celery_consumer.run_ready()
+    assert celery_consumer.task_consumer.consuming_from(queue)
+    assert celery_consumer.added == [(queue, True), (queue, False)]
+    assert celery_consumer.task_consumer.auto_declare is True
+    assert any("declaring queue" in r.getMessage() and "OOM" in r.getMessage() for r in caplog.records)
+    port.stop_consuming("m")
+    port.consume("m")
+    celery_consumer.run_ready()
+    assert celery_consumer.added[2:] == [(queue, True), (queue, False)]  # not remembered as declared
+
+
+def test_a_connection_error_while_declaring_is_left_to_celery(batcher, metrics):
+    """A lost connection is Celery's to handle (it reconnects and consumes every queue again)."""
+
+    class Disconnected(FakeCeleryConsumer):
+        connection_errors = (ConnectionError,)
+
+        def add_task_queue(self, queue: str) -> None:
+            raise ConnectionError("redis down")
+
+    celery_consumer = Disconnected()
+    port = make(celery_consumer, batcher, metrics, [])
+    with pytest.raises(ConnectionError):
+        port._add_queue(KEYS.model_queue("m"))
 
 
 def test_forget_declared_declares_that_queue_afresh(port, celery_consumer):
