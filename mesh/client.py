@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from uuid import uuid4
 
@@ -115,11 +117,15 @@ class MeshClient:
         self._outbox = Outbox(self._publisher.push)
         self._replies: ReplyListener | None = None
         self._replies_lock = threading.Lock()
+        self._routes: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): `_prepare_off_loop`
 
     def close(self) -> None:
         replies, self._replies = self._replies, None
         if replies is not None:
             replies.close()
+        routes, self._routes = self._routes, None
+        if routes is not None and routes[0] == os.getpid():
+            routes[1].shutdown(wait=False)
         self._redis.close()
         if self.app is not _default_app():
             self.app.close()
@@ -358,8 +364,9 @@ class MeshClient:
         """`infer(...)` awaited: the V2 response, or the request's error raised.
 
         The requests a loop sends in one turn go out together at the end of the turn, in one
-        Redis round trip on the loop's thread; the wait costs no thread, so one loop can keep
-        thousands of requests in flight. Cancelling the await does not cancel the request
+        Redis round trip on the loop's thread; a route that must read Redis first (a model not
+        remembered as served) runs on this client's route thread, leaving the loop free. The
+        wait costs no thread, so one loop can keep thousands of requests in flight. Cancelling the await does not cancel the request
         (bound it with `timeout_ms`); `asyncio.timeout` bounds the wait. A cancelled await
         leaves nothing behind in this client (its handle leaves the reply listener); a reply
         that still comes is dropped. `max_timeout_ms`, when `timeout_ms` is not given: the
@@ -423,7 +430,11 @@ class MeshClient:
         timeout_ms: float | None,
         max_timeout_ms: float | None = None,
     ) -> dict:
-        handle, messages, concrete = self._prepare(model_id, vmodel_id, kwargs, priority, timeout_ms, max_timeout_ms)
+        args = (model_id, vmodel_id, kwargs, priority, timeout_ms, max_timeout_ms)
+        if self.router.remembers(model_id, vmodel_id):
+            handle, messages, concrete = self._prepare(*args)
+        else:
+            handle, messages, concrete = await self._prepare_off_loop(args)
         try:
             try:
                 await self._outbox.send(*messages)
@@ -438,6 +449,39 @@ class MeshClient:
             # a timeout), nobody can ask for the reply, and the listener must not keep it
             self._reply_listener().discard(handle.id)
             raise
+
+    async def _prepare_off_loop(self, args: tuple) -> tuple[MeshResult, list[Prepared], str]:
+        """`_prepare` on a thread: its route reads Redis (one to three round trips, a cold one
+        places a load, longer while Redis is slow), and on the loop's thread that stalled every
+        other request of the loop meanwhile. Cancelled meanwhile, the route still finishes: a
+        load it placed is sent without the request (as when the request itself fails after
+        placing it) and its handle is forgotten. One thread takes the routes in turn, as the
+        loop did: a burst of cold requests costs no thread each."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._route_pool(), self._prepare, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._abandon_prepared)
+            raise
+
+    def _route_pool(self) -> ThreadPoolExecutor:
+        routes = self._routes
+        if routes is not None and routes[0] == os.getpid():
+            return routes[1]
+        with self._replies_lock:
+            if self._routes is None or self._routes[0] != os.getpid():  # a forked child gets its own
+                self._routes = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-route"))
+            return self._routes[1]
+
+    def _abandon_prepared(self, future: asyncio.Future) -> None:
+        """Loop thread: the route of a request whose await was cancelled has finished."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        handle, messages, _ = future.result()
+        self._reply_listener().discard(handle.id)
+        if len(messages) > 1:  # the load command(s) ahead of the request
+            self._outbox.send(*messages[:-1]).add_done_callback(_log_failed_load_push)
 
     def _prepare(
         self,
@@ -625,6 +669,11 @@ class MeshClient:
 
     def list_vmodels(self) -> list[VModelRecord]:
         return self.vmodels.list()
+
+def _log_failed_load_push(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("could not send the load placed for a cancelled request: %s", future.exception())
+
 
 def _many_items(inputs: Sequence[Any]) -> list[list[dict]]:
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or not inputs:

@@ -113,6 +113,19 @@ class Router:
             self._actives[vmodel_id] = rec.active_model_id
         return rec.active_model_id
 
+    def remembers(self, model_id: str | None, vmodel_id: str | None) -> bool:
+        """Whether `route` would answer from memory now, without a Redis read: the vmodel's
+        active, the model's config and its live copy are remembered, and no queue limit is to
+        be checked (what an event loop may run inline; anything else reads Redis)."""
+        with self._config_lock:
+            concrete = model_id if model_id is not None else self._actives.get(vmodel_id)
+            if concrete is None:
+                return False
+            cfg = self._configs.get(concrete, _UNCACHED)
+            if cfg is _UNCACHED or cfg is None or cfg.value("max_queue_size"):
+                return False
+            return concrete in self._serving
+
     def model_config(self, model_id: str) -> EffectiveConfig | None:
         """The model's effective per-model config, cached briefly (one HGET per model per TTL).
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import threading
 import time
 
 import numpy as np
@@ -183,6 +184,92 @@ def test_a_cold_request_refused_after_its_load_was_placed_still_sends_the_load(c
         client.infer("m", inputs=np.zeros((1, 1024), dtype=np.float32))
     assert queued(client) == 0
     assert commands(client, worker) == [Command(op="load", model_id="m")]
+
+
+def held_routes(client: MeshClient, monkeypatch) -> tuple[threading.Event, list[bool]]:
+    """Every route that reads Redis waits for `release` first (Redis slow to answer); `waited`
+    gets, per route, whether it was released (True) or gave up after 5 s."""
+    release, waited = threading.Event(), []
+    route_and_place = client.store.route_and_place
+
+    def slow(*args, **kwargs):
+        waited.append(release.wait(5.0))
+        return route_and_place(*args, **kwargs)
+
+    monkeypatch.setattr(client.store, "route_and_place", slow)
+    return release, waited
+
+
+def test_an_async_route_that_reads_redis_leaves_the_loop_free(client, monkeypatch):
+    """The route of a request not remembered as served reads Redis (a cold one also places its
+    load). It ran on the event loop's thread: while Redis answered, every other request of
+    the loop stalled (the gateway's too). Here the loop must run to release the route at all."""
+    release, waited = held_routes(client, monkeypatch)
+
+    async def main() -> None:
+        call = asyncio.ensure_future(client.infer_async("m", inputs=np.zeros((1, 4), dtype=np.float32)))
+        await asyncio.sleep(0.05)  # the route has started, and waits
+        release.set()  # only reachable while the route waits if the loop is free
+        await asyncio.sleep(0.05)
+        call.cancel()  # nobody answers here
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    asyncio.run(main())
+    assert waited == [True]
+    assert queued(client) == 1
+
+
+def test_an_async_route_remembered_runs_inline(client, monkeypatch):
+    """A model remembered as served (its config read, its copy loaded a while) needs no Redis
+    read to route: no thread hop for the common warm request."""
+    client.router.model_config("m")
+    client.router._serving["m"] = client.router._clock() + 60.0
+    assert client.router.remembers("m", None)
+    routes: list[int] = []
+    route_and_place = client.store.route_and_place
+    monkeypatch.setattr(client.store, "route_and_place", lambda *a, **k: routes.append(1) or route_and_place(*a, **k))
+
+    async def main() -> None:
+        loop_thread = threading.get_ident()
+        prepare = client._prepare
+        threads: list[int] = []
+        monkeypatch.setattr(client, "_prepare", lambda *a: threads.append(threading.get_ident()) or prepare(*a))
+        call = asyncio.ensure_future(client.infer_async("m", inputs=np.zeros((1, 4), dtype=np.float32)))
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert threads == [loop_thread]
+
+    asyncio.run(main())
+    assert routes == [] and queued(client) == 1
+
+
+def test_a_request_cancelled_while_its_route_places_a_load_still_sends_the_load(client, monkeypatch):
+    """Cancelled while its route runs (a gateway client gone), the request is not sent, its
+    handle is forgotten, and the load its route placed is sent all the same: placed means
+    recorded LOADING on a worker, which must be told."""
+    worker = live_worker(client)
+    release, waited = held_routes(client, monkeypatch)
+
+    async def main() -> None:
+        call = asyncio.ensure_future(client.infer_async("m", inputs=np.zeros((1, 4), dtype=np.float32)))
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        release.set()
+        for _ in range(100):  # the route finishes on its thread, then the loop sends the load
+            await asyncio.sleep(0.05)
+            if commands(client, worker):
+                break
+
+    asyncio.run(main())
+    assert waited == [True]
+    assert commands(client, worker) == [Command(op="load", model_id="m")]
+    assert queued(client) == 0
+    assert client._replies.pending() == 0
 
 
 # ---------------------------------------------------------------- requests through a vmodel
