@@ -65,6 +65,9 @@ def test_one_event_loop_keeps_a_thousand_requests_in_flight(client, workers, svm
     workers("w1")
     register(client, svm_path)
     client.infer("digits", inputs=seed_tensor(seed_input)).get(timeout=30)  # the listener runs
+    # and the client's one route thread (a model not remembered as served routes on it)
+    client.router.forget("digits")
+    asyncio.run(asyncio.wait_for(client.infer_async("digits", inputs=seed_tensor(seed_input)), 30))
     # by identity, not a count: a thread of an earlier test (a closed client's listener, up to
     # its wait) may end meanwhile, which made a count drop from 3 to 2 in one suite run
     before = set(threading.enumerate())
