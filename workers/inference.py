@@ -37,7 +37,7 @@ from celery import states
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
-from mesh.broker.results import check_replies, push_reply
+from mesh.broker.results import check_replies, push_reply, success_record
 from mesh.broker.transport import ack_in, ack_many, forget_acked, redis_server
 from mesh.errors import InferenceError, InvalidInput, MeshError, PredictTimeout
 from mesh.protocol.messages import SENT_AT_HEADER
@@ -483,9 +483,10 @@ class InferenceLoop(threading.Thread):
                 accepted: tuple | None = None) -> None:  # fmt: skip
         """Encode every result here, then hand them to the results thread (`_store`)."""
         backend = self.backend()  # thread-local instance: this thread's own connection
+        date_done = backend.app.now().isoformat()  # Celery's stamp, once for the batch
         results = []
         for m in messages:  # one by one: a message that cannot be answered fails alone (issue 21)
-            result = self._encode(backend, m, batch.model_id)
+            result = self._encode(backend, m, batch.model_id, date_done)
             if result is not None:
                 results.append(result)
         wait_ms = (time.monotonic() - compute_s - min(m.pending.arrived for m in messages)) * 1000.0
@@ -504,7 +505,7 @@ class InferenceLoop(threading.Thread):
             self._results_room.release()
             raise
 
-    def _encode(self, backend: Any, m: Message, model_id: str) -> tuple[str, bytes, str | None] | None:
+    def _encode(self, backend: Any, m: Message, model_id: str, date_done: str) -> tuple[str, bytes, str | None] | None:
         """A message's result record: (key, value, reply list or None). A result that cannot
         be encoded is replaced by an INTERNAL failure; a message that cannot be answered at
         all (its id cannot be a Redis key) gets None: it is acked without an answer, logged
@@ -522,9 +523,13 @@ class InferenceLoop(threading.Thread):
             return None
         reply_to = req.reply_to if self.keys.is_reply_list(req.reply_to) else None
         try:
-            meta = _result_meta(backend, req, model_id, m)
-            meta["task_id"] = req.id
-            return key, backend.encode(meta), reply_to
+            result = _success(model_id, m)
+            value = None if result is None else success_record(backend, result, req.id, req, date_done)
+            if value is None:
+                meta = _result_meta(backend, req, model_id, m, result)
+                meta["task_id"] = req.id
+                value = backend.encode(meta)
+            return key, value, reply_to
         except Exception as exc:
             why = type(exc).__name__
             log.error("cannot encode the result of request %r of %s: %s: %s", req.id, model_id,
@@ -632,13 +637,14 @@ def _error_entry(exc: BaseException) -> dict:
     }
 
 
-def _result_meta(backend: Any, req: Any, model_id: str, m: Message) -> dict:
+def _success(model_id: str, m: Message) -> dict | None:
+    """A message's V2 response, or None when it failed as a whole."""
     error = m.error if m.error is not None else (None if m.many else m.units[0].error)
     if error is not None:
-        tb = m.tb if m.error is not None else m.units[0].tb
-        return backend._get_result_meta(backend.prepare_exception(error), states.FAILURE, tb, req)
+        return None
+    req = m.pending.req
     if m.many:
-        result = {
+        return {
             "model_name": model_id,
             "id": req.id,
             "results": [
@@ -647,8 +653,17 @@ def _result_meta(backend: Any, req: Any, model_id: str, m: Message) -> dict:
                 for u in m.units
             ],
         }
-    else:
-        result = {"model_name": model_id, "id": req.id, "outputs": encode_outputs(m.units[0].outputs)}
+    return {"model_name": model_id, "id": req.id, "outputs": encode_outputs(m.units[0].outputs)}
+
+
+def _result_meta(backend: Any, req: Any, model_id: str, m: Message, result: dict | None = None) -> dict:
+    """Celery's meta for a message: its FAILURE, or its SUCCESS with `result` (`_success`)."""
+    if result is None:
+        result = _success(model_id, m)
+    if result is None:
+        tb = m.tb if m.error is not None else m.units[0].tb
+        error = m.error if m.error is not None else m.units[0].error
+        return backend._get_result_meta(backend.prepare_exception(error), states.FAILURE, tb, req)
     return backend._get_result_meta(result, states.SUCCESS, None, req)
 
 

@@ -25,6 +25,7 @@ import time
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 import redis
 from celery import states
 
@@ -96,6 +97,9 @@ class RedisBackend(_RedisBackend):
         prefix = self.app.conf.get("mesh_prefix")
         self._keys = Keys(prefix) if prefix else None
         self._reply = threading.local()
+        # whether `success_record` may write this backend's records (JSON, without the
+        # extended fields, which it does not write)
+        self.plain_json_records = self.serializer == "json" and not self.app.conf.find_value_for_key("extended", "result")
 
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         reply_to = getattr(request, "reply_to", None)
@@ -125,6 +129,28 @@ class SentinelBackend(RedisBackend, _SentinelBackend):
         super().__init__(*args, **kwargs)
         if "connection_class" not in self.connparams:  # TLS keeps Celery's SSL class
             self.connparams["connection_class"] = FollowingConnection
+
+
+def success_record(backend: Any, result: Any, task_id: str, request: Any, date_done: str) -> bytes | None:
+    """The record Celery's backend stores for a SUCCESS `result` (`_get_result_meta`, the
+    `task_id` the Redis backend adds, `encode`), written with orjson: the worker's results
+    thread spent ~70 us of a 32-item micro-batch's ~100 us of encoding in Celery's meta and
+    the standard library's encoder. The same JSON values, or None where they would not be:
+    a backend that stores extended results or not as JSON, a request of a group or with a
+    parent (Celery adds fields for them), a result orjson refuses (integers beyond 64 bits, a
+    lone surrogate) or writes with a `null` (how it writes NaN, a legal tensor value); then
+    Celery's way. `date_done`: `backend.app.now().isoformat()`, as Celery takes it."""
+    if (not getattr(backend, "plain_json_records", False) or getattr(request, "group", None)
+            or getattr(request, "parent_id", None)):  # fmt: skip
+        return None
+    try:
+        body = orjson.dumps(result)
+        tail = orjson.dumps(date_done) + b',"task_id":' + orjson.dumps(task_id) + b"}"
+    except TypeError:  # orjson.JSONEncodeError
+        return None
+    if b"null" in body:
+        return None
+    return b'{"status":"SUCCESS","result":' + body + b',"traceback":null,"children":[],"date_done":' + tail
 
 
 def push_reply(pipe: Any, reply_to: str, *values: Any) -> None:

@@ -364,3 +364,59 @@ def test_a_reply_resolved_while_its_thread_starts_to_follow_still_wakes_it(app, 
         resolver.join(10)
     finally:
         listener._popping.release()
+
+
+# ---------------------------------------------------------------- the worker's fast records
+
+
+@pytest.mark.parametrize("result", [
+    {"model_name": "m", "id": "t-1", "outputs": [{"name": "label", "shape": [1], "datatype": "INT64", "data": [8]}]},
+    {"model_name": "modèle", "id": "t-1", "results": [
+        {"outputs": [{"name": "p", "shape": [1, 2], "datatype": "FP32", "data": [0.10000000149011612, 1e-30]}]},
+        {"error": {"code": "INVALID_ARGUMENT", "type": "InvalidInput", "message": "bad \"quote\" \\ 名前"}},
+        {"outputs": [{"name": "s", "shape": [2], "datatype": "BYTES", "data": ["ü", "\u2028"]}]},
+        {"outputs": [{"name": "i", "shape": [2], "datatype": "UINT64", "data": [2**64 - 1, -(2**63)]}]},
+    ]},
+])
+def test_a_fast_success_record_holds_the_values_celerys_record_holds(app, result):
+    """`success_record` writes what Celery's meta and encoder write (the stamp aside), and a
+    producer of any kind reads it back the same: AsyncResult through the backend, mesh's reply
+    decoder."""
+    from mesh.broker.results import success_record
+    from mesh.protocol import jsonwire
+
+    backend = app.backend
+    request = Context(id="t-1", group=None, parent_id=None)
+    fast = success_record(backend, result, "t-1", request, "2026-12-07T15:23:04.951714+00:00")
+    assert fast is not None
+    slow = backend._get_result_meta(result, states.SUCCESS, None, request)
+    slow["task_id"] = "t-1"
+    slow["date_done"] = "2026-12-07T15:23:04.951714+00:00"
+    assert json.loads(fast) == json.loads(backend.encode(slow))
+    assert backend.decode(fast) == backend.decode(backend.encode(slow)) == jsonwire.loads(fast)
+
+
+@pytest.mark.parametrize("result, request_fields", [
+    ({"outputs": [{"data": [float("nan")]}]}, {}),  # orjson would write null
+    ({"outputs": [{"data": [2**64]}]}, {}),  # beyond 64 bits
+    ({"outputs": [{"data": ["\ud800"]}]}, {}),  # a lone surrogate
+    ({"outputs": [{"data": [1]}]}, {"group": "g1"}),  # Celery adds group_id
+    ({"outputs": [{"data": [1]}]}, {"parent_id": "p1"}),  # and parent_id
+])
+def test_a_fast_success_record_gives_way_where_it_would_differ(app, result, request_fields):
+    from mesh.broker.results import success_record
+
+    request = Context(**{"id": "t-1", "group": None, "parent_id": None, **request_fields})
+    assert success_record(app.backend, result, "t-1", request, "2026-12-07T15:23:04+00:00") is None
+
+
+def test_no_fast_records_for_a_backend_that_stores_extended_results(redis_url, prefix):
+    from mesh.broker.results import success_record
+
+    a = create_app(MeshSettings(prefix=prefix, redis_url=redis_url), redis_url)
+    a.conf.result_extended = True
+    try:
+        request = Context(id="t-1", group=None, parent_id=None)
+        assert success_record(a.backend, {"outputs": []}, "t-1", request, "2026-12-07T15:23:04+00:00") is None
+    finally:
+        a.close()
