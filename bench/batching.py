@@ -188,7 +188,7 @@ def bench_mesh(url: str, model_path: Path, logs: Path, args) -> dict:
                          >= before.requests_total + args.requests and w, timeout=15, what="heartbeat")
         load["mean_batch"] = (after.requests_total - before.requests_total) / max(
             1, after.batches_total - before.batches_total)
-        many = closed_loop("many", params, max(4, args.requests // args.batch), max(2, args.window // args.batch))
+        many = closed_loop("many", params, args.many_messages, max(2, args.window // args.batch))
         many["throughput"] *= args.batch  # items per second
         return {"one_at_a_time": seq, "load": load, "infer_many": many}
     finally:
@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sequential", type=int, default=300)
     ap.add_argument("--batch", type=int, default=32, help="max_batch_size and items per infer_many message")
     ap.add_argument("--delay-ms", type=float, default=0.0, help="max_batch_delay_ms of the mesh model")
+    # 1,000 messages: a few seconds per model. The 93 of `--requests` / `--batch` took half a
+    # second, and alternated runs of one tree gave 21-46 % of the ceiling
+    ap.add_argument("--many-messages", type=int, default=1000, help="infer_many messages measured")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="mesh-bench-") as tmp:
