@@ -122,11 +122,18 @@ def copies_config(record: ModelRecord, settings: MeshSettings) -> dict[str, Sett
 # shares is a pool every worker must join: set the workers' labels instead).
 def required_labels(record: ModelRecord) -> dict[str, str]:
     """The labels the model requires ({} when none: any worker may hold it)."""
-    api = getattr(record.info, "required_labels", None)
+    return pick_required_labels(
+        getattr(record.info, "required_labels", None),
+        getattr(getattr(record, "manifest", None), "required_labels", None),
+    )
+
+
+def pick_required_labels(api: Any, manifest: Any) -> Any:
+    """The rule itself, over the two levels' values however they were read (a parsed record
+    above; a record's raw JSON where the autoscaling signals read thousands of them)."""
     if api is not None:
         return api
-    manifest = getattr(record, "manifest", None)
-    return getattr(manifest, "required_labels", None) or {}
+    return manifest or {}
 
 
 def labels_config(record: ModelRecord) -> dict[str, Setting]:

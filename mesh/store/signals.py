@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 from mesh.models import WorkerState
+from mesh.policy.precedence import pick_required_labels
 from mesh.protocol.keys import Keys
 from mesh.protocol.messages import SENT_AT_HEADER
 from mesh.store.state import StateStore
@@ -97,7 +98,7 @@ class SignalReader:
 
     def _records(self, model_ids: list[str]) -> tuple[dict[str, int], dict[str, dict[str, str]]]:
         """Bytes of each model (measured at its last load, else as registered), and the labels
-        it requires (the management API's, else its manifest's: mesh/policy/precedence.py)."""
+        it requires (`pick_required_labels`: the management API's, else its manifest's)."""
         sizes: dict[str, int] = {}
         required: dict[str, dict[str, str]] = {}
         for i in range(0, len(model_ids), SCAN_CHUNK):
@@ -109,9 +110,11 @@ class SignalReader:
                     record = json.loads(raw)
                     info = record.get("info") or {}
                     size = record.get("size_bytes") or info.get("size_bytes")
-                    labels = info.get("required_labels")
-                    if labels is None:
-                        labels = (record.get("manifest") or {}).get("required_labels")
+                    manifest = record.get("manifest")
+                    labels = pick_required_labels(
+                        info.get("required_labels"),
+                        manifest.get("required_labels") if isinstance(manifest, dict) else None,
+                    )
                 except (ValueError, AttributeError):
                     continue
                 if isinstance(size, int) and size > 0:
