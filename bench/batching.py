@@ -188,7 +188,9 @@ def bench_mesh(url: str, model_path: Path, logs: Path, args) -> dict:
                          >= before.requests_total + args.requests and w, timeout=15, what="heartbeat")
         load["mean_batch"] = (after.requests_total - before.requests_total) / max(
             1, after.batches_total - before.batches_total)
+        cpu0 = cpu_seconds([proc.popen.pid])
         many = closed_loop("many", params, args.many_messages, max(2, args.window // args.batch))
+        many["worker_cpu_ms_per_msg"] = (cpu_seconds([proc.popen.pid]) - cpu0) * 1e3 / args.many_messages
         many["throughput"] *= args.batch  # items per second
         return {"one_at_a_time": seq, "load": load, "infer_many": many}
     finally:
@@ -212,8 +214,10 @@ def report(results: dict) -> str:
                      f"{p['load']['p99_ms']:.1f} | {p['one_at_a_time']['p50_ms']:.2f} | 1 | {_cpu(p)} |")
         lines.append(f"| {name} | mesh | {m['load']['throughput']:.0f} | {m['load']['p50_ms']:.1f} | "
                      f"{m['load']['p99_ms']:.1f} | {m['one_at_a_time']['p50_ms']:.2f} | {m['load']['mean_batch']:.1f} | {_cpu(m)} |")
+        per_msg = m["infer_many"].get("worker_cpu_ms_per_msg")
         lines.append(f"| {name} | mesh infer_many ({results['batch']}/msg) | {m['infer_many']['throughput']:.0f} | "
-                     f"{m['infer_many']['p50_ms']:.1f} (per msg) | {m['infer_many']['p99_ms']:.1f} | | {results['batch']} | |")
+                     f"{m['infer_many']['p50_ms']:.1f} (per msg) | {m['infer_many']['p99_ms']:.1f} | | {results['batch']} | "
+                     f"{'' if per_msg is None else f'{per_msg:.2f} per msg'} |")
         lines.append(f"| {name} | in-process ceiling | {r['ceiling']['throughput']:.0f} | | | | {results['batch']} | |")
     lines.append("")
     lines.append("| model | mesh / plain throughput | mesh / plain p99 | 1-at-a-time mesh / plain p50 | infer_many / ceiling |")
