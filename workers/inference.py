@@ -385,10 +385,12 @@ class InferenceLoop(threading.Thread):
             if len(group) == 1:
                 group[0].outputs = {name: np.asarray(arr) for name, arr in outputs.items()}
                 return
-            bounds = np.cumsum([u.rows for u in group])[:-1]
-            split = {name: np.split(np.asarray(arr), bounds) for name, arr in outputs.items()}
-            for i, u in enumerate(group):
-                u.outputs = {name: parts[i] for name, parts in split.items()}
+            arrays = {name: np.asarray(arr) for name, arr in outputs.items()}
+            start = 0
+            for u in group:  # slices, as np.split's (which cost 5x more: 32 us for 32 rows)
+                stop = start + u.rows
+                u.outputs = {name: arr[start:stop] for name, arr in arrays.items()}
+                start = stop
         except Exception as exc:
             if len(group) > 1:
                 mid = len(group) // 2
