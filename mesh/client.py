@@ -366,10 +366,12 @@ class MeshClient:
         The requests a loop sends in one turn go out together at the end of the turn, in one
         Redis round trip on the loop's thread; a route that must read Redis first (a model not
         remembered as served) runs on this client's route thread, leaving the loop free. The
-        wait costs no thread, so one loop can keep thousands of requests in flight. Cancelling the await does not cancel the request
-        (bound it with `timeout_ms`); `asyncio.timeout` bounds the wait. A cancelled await
-        leaves nothing behind in this client (its handle leaves the reply listener); a reply
-        that still comes is dropped. `max_timeout_ms`, when `timeout_ms` is not given: the
+        wait costs no thread, so one loop can keep thousands of requests in flight. Cancelling
+        the await does not cancel the request (bound it with `timeout_ms`); `asyncio.timeout`
+        bounds the wait. A cancelled await leaves nothing behind in this client (its handle
+        leaves the reply listener); a reply that still comes is dropped. A request cancelled
+        while its route runs is not sent, and a load its route placed is sent all the same.
+        `max_timeout_ms`, when `timeout_ms` is not given: the
         longest expiry the model's `default_timeout_ms` may give the request (what a caller
         that will wait no longer than that passes, e.g. the gateway's default deadline).
         """
@@ -669,6 +671,7 @@ class MeshClient:
 
     def list_vmodels(self) -> list[VModelRecord]:
         return self.vmodels.list()
+
 
 def _log_failed_load_push(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is not None:

@@ -2,8 +2,9 @@
 
 Inference goes through `MeshClient.infer_async`: the enqueue runs on the event loop's thread
 (a route that reads Redis on the client's route thread) and the wait costs no thread
-(mesh/broker/replies.py), so one gateway process keeps thousands of requests in flight. Readiness and metadata read Redis with blocking calls
-and run in the default executor, off the loop.
+(mesh/broker/replies.py), so one gateway process keeps thousands of requests in flight.
+Readiness and metadata read Redis with blocking calls and run in the default executor, off
+the loop.
 """
 
 from __future__ import annotations
