@@ -549,14 +549,7 @@ class Channel(kombu_redis.Channel):
         if not self._polled:
             return False
         bells = [(self.global_keyprefix + queue_bell(queue)).encode("utf-8") for queue in self._polled]
-        with self.conn_or_acquire() as client:
-            with client.pipeline(transaction=False) as pipe:
-                for bell in bells:
-                    pipe.execute_command("TYPE", bell)  # kombu's client prefixes neither TYPE nor UNLINK
-                kinds = pipe.execute()
-            broken = [bell for bell, kind in zip(bells, kinds) if bytes_to_str(kind) not in ("list", "none")]
-            if broken:
-                client.execute_command("UNLINK", *broken)
+        broken = self._delete_unless(bells, "list")
         for bell in broken:
             log.error("deleted the bell %s: it was not a list, and the wait on it failed (%s)",
                       bytes_to_str(bell), error)  # fmt: skip
@@ -664,18 +657,23 @@ class Channel(kombu_redis.Channel):
                 raise
         return super()._queue_bind(exchange, routing_key, pattern, queue)
 
+    def _delete_unless(self, keys: list[bytes], kind: str) -> list[bytes]:
+        """Delete those of `keys` (prefixed) that hold another type than `kind`; return them."""
+        with self.conn_or_acquire() as client:
+            with client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.execute_command("TYPE", key)  # kombu's client prefixes neither TYPE nor UNLINK
+                found = pipe.execute()
+            broken = [key for key, got in zip(keys, found) if bytes_to_str(got) not in (kind, "none")]
+            if broken:
+                client.execute_command("UNLINK", *broken)
+        return broken
+
     def _repair_tables(self, exchange: str, error: Exception) -> bool:
         """Delete `exchange`'s binding tables that are not sets; say whether there were any."""
         tables = [(self.global_keyprefix + fmt % (exchange,)).encode("utf-8")
                   for fmt in (self.keyprefix_queue, self.keyprefix_binding_permanent)]  # fmt: skip
-        with self.conn_or_acquire() as client:
-            with client.pipeline(transaction=False) as pipe:
-                for table in tables:
-                    pipe.execute_command("TYPE", table)  # kombu's client prefixes neither TYPE nor UNLINK
-                kinds = pipe.execute()
-            broken = [table for table, kind in zip(tables, kinds) if bytes_to_str(kind) not in ("set", "none")]
-            if broken:
-                client.execute_command("UNLINK", *broken)
+        broken = self._delete_unless(tables, "set")
         for table in broken:
             log.error("deleted the binding table %s: it was not a set, and declaring its queue failed (%s)",
                       bytes_to_str(table), error)  # fmt: skip
