@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.common import answers as _answers
 from bench.common import clean as _clean
-from bench.common import cpu_seconds, one_at_a_time, percentile, plain_producer
+from bench.common import cpu_seconds, one_at_a_time, percentile, plain_producer, thread_cpu_seconds
 from mesh import BatchingConfig, MeshClient, ModelInfo
 from mesh.broker.redis_url import resolve_redis_url
 from mesh.tools.embedded import EmbeddedRedis
@@ -188,9 +188,15 @@ def bench_mesh(url: str, model_path: Path, logs: Path, args) -> dict:
                          >= before.requests_total + args.requests and w, timeout=15, what="heartbeat")
         load["mean_batch"] = (after.requests_total - before.requests_total) / max(
             1, after.batches_total - before.batches_total)
-        cpu0 = cpu_seconds([proc.popen.pid])
+        cpu0, threads0 = cpu_seconds([proc.popen.pid]), thread_cpu_seconds(proc.popen.pid)
         many = closed_loop("many", params, args.many_messages, max(2, args.window // args.batch))
         many["worker_cpu_ms_per_msg"] = (cpu_seconds([proc.popen.pid]) - cpu0) * 1e3 / args.many_messages
+        threads1 = thread_cpu_seconds(proc.popen.pid)
+        many["worker_threads_cpu_ms_per_msg"] = {
+            name: round((t - threads0.get(name, 0.0)) * 1e3 / args.many_messages, 3)
+            for name, t in sorted(threads1.items(), key=lambda kv: threads0.get(kv[0], 0.0) - kv[1])
+            if t - threads0.get(name, 0.0) > 0
+        }
         many["throughput"] *= args.batch  # items per second
         return {"one_at_a_time": seq, "load": load, "infer_many": many}
     finally:
@@ -219,6 +225,12 @@ def report(results: dict) -> str:
                      f"{m['infer_many']['p50_ms']:.1f} (per msg) | {m['infer_many']['p99_ms']:.1f} | | {results['batch']} | "
                      f"{'' if per_msg is None else f'{per_msg:.2f} per msg'} |")
         lines.append(f"| {name} | in-process ceiling | {r['ceiling']['throughput']:.0f} | | | | {results['batch']} | |")
+    for name, r in results["models"].items():
+        threads = r["mesh"]["infer_many"].get("worker_threads_cpu_ms_per_msg")
+        if threads:
+            lines.append("")
+            lines.append(f"{name}, infer_many: the worker's CPU ms per message by thread: "
+                         + ", ".join(f"{t} {ms:.2f}" for t, ms in threads.items()))
     lines.append("")
     lines.append("| model | mesh / plain throughput | mesh / plain p99 | 1-at-a-time mesh / plain p50 | infer_many / ceiling |")
     lines.append("|---|---|---|---|---|")

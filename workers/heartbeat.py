@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from mesh.models import WorkerState
 
+from .threadnames import name_os_thread
+
 if TYPE_CHECKING:
     from mesh.store.state import StateStore
 
@@ -76,6 +78,7 @@ class Heartbeat(threading.Thread):
         self._stop_requested.set()
 
     def run(self) -> None:
+        name_os_thread()
         while not self._stop_requested.is_set():
             try:
                 self.beat()

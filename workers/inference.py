@@ -45,6 +45,7 @@ from mesh.protocol.tensors import decode_inputs, decode_output_names, decode_sta
 
 from .batcher import Batch, Batcher, Pending
 from .metrics import outcome_of
+from .threadnames import name_os_thread
 
 if TYPE_CHECKING:
     from mesh.protocol.keys import Keys
@@ -173,7 +174,8 @@ class InferenceLoop(threading.Thread):
         self._last_compute_s: LRUCache = LRUCache(maxsize=4096)  # model id -> its last batch's predict time
         self._stop_requested = threading.Event()
         self.pid = os.getpid()
-        self._results = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-results")
+        self._results = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-results",
+                                           initializer=name_os_thread)
         self._results_room = threading.BoundedSemaphore(RESULTS_BACKLOG)
         # the predict watchdog: the running batch's watch, the thread serving batches now (this
         # one until a predict hangs), the abandoned ones
@@ -202,6 +204,7 @@ class InferenceLoop(threading.Thread):
         self._serve()
 
     def _serve(self) -> None:
+        name_os_thread()
         batcher = self.batcher
         me = threading.current_thread()
         while not self._stop_requested.is_set() and self._serving is me:
@@ -427,6 +430,7 @@ class InferenceLoop(threading.Thread):
         """The watchdog thread: sleeps until the running predict call's deadline (at most
         WATCHDOG_IDLE_S when none runs), then gives up on it if it still runs. One wake-up per
         timeout while batches run, not one per batch."""
+        name_os_thread()
         stop = self._stop_requested
         while not stop.is_set():
             watch = self._watch
@@ -507,7 +511,9 @@ class InferenceLoop(threading.Thread):
             self._results_room.release()
             raise
 
-    def _encode(self, backend: Any, m: Message, model_id: str, date_done: str) -> tuple[str, bytes, str | None] | None:
+    def _encode(
+        self, backend: Any, m: Message, model_id: str, date_done: str
+    ) -> tuple[str, bytes, str | None] | None:
         """A message's result record: (key, value, reply list or None). A result that cannot
         be encoded is replaced by an INTERNAL failure; a message that cannot be answered at
         all (its id cannot be a Redis key) gets None: it is acked without an answer, logged

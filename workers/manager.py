@@ -62,6 +62,7 @@ from .runtimes import get_runtime
 from .runtimes.base import Loaded, model_signature
 from .runtimes.python import allowed_modules, check_python_class
 from .snapshots import Snapshots
+from .threadnames import name_os_thread
 
 if TYPE_CHECKING:
     from mesh.settings import MeshSettings
@@ -161,14 +162,16 @@ class ModelManager:
         self._cache: Cache = Cache(maxsize=math.inf, getsizeof=lambda e: max(1, e.size_bytes))
         self._over = False  # above capacity, holding fresh copies, until `trim`
         self.snapshots = Snapshots(s)
-        self._snapshot_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-snapshot")
+        self._snapshot_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="mesh-snapshot", initializer=name_os_thread
+        )
         self._reserved = 0  # bytes promised to loads in progress
         self._pool = ThreadPoolExecutor(
-            max_workers=s.loading_concurrency, thread_name_prefix="mesh-loader"
+            max_workers=s.loading_concurrency, thread_name_prefix="mesh-loader", initializer=name_os_thread
         )
         self.prefetch = s.load_prefetch
         self._fetchers = (
-            ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="mesh-fetch")
+            ThreadPoolExecutor(max_workers=self.prefetch, thread_name_prefix="mesh-fetch", initializer=name_os_thread)
             if self.prefetch else None
         )  # fmt: skip
         # jobs between the start of their fetch and the end of their load: bounds the snapshots
@@ -179,9 +182,11 @@ class ModelManager:
         self._load_slots = threading.BoundedSemaphore(s.loading_concurrency)
         # kept threads for guarded calls (`_with_timeout`), one per call that can run at once
         guards = self.prefetch + s.loading_concurrency
-        self._guards = ThreadPoolExecutor(max_workers=guards, thread_name_prefix="mesh-guard")
+        self._guards = ThreadPoolExecutor(
+            max_workers=guards, thread_name_prefix="mesh-guard", initializer=name_os_thread
+        )
         self._guards_idle = threading.Semaphore(guards)
-        self._retirer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-retire")
+        self._retirer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-retire", initializer=name_os_thread)
         self._retiring: deque[Future] = deque()
         self._retiring_lock = threading.Lock()
         self._closing = False

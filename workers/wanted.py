@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from mesh.protocol.ids import is_valid_id
 
+from .threadnames import name_os_thread
+
 if TYPE_CHECKING:
     from mesh.store.state import StateStore
 
@@ -37,6 +39,7 @@ class WantedLoads(threading.Thread):
         self._stop_requested.set()
 
     def run(self) -> None:
+        name_os_thread()
         backoff = 0.1
         while not self._stop_requested.is_set():
             try:

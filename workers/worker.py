@@ -55,6 +55,7 @@ from .memory import SLIM_MIN_BYTES, malloc_trim, slim
 from .metrics import WorkerMetrics
 from .strategy import refuse_envelope
 from .strays import StraySweeper
+from .threadnames import name_os_thread
 from .wanted import WantedLoads
 
 log = logging.getLogger("mesh.worker")
@@ -156,7 +157,7 @@ class MeshWorker:
         )  # fmt: skip
         self.wanted = WantedLoads(self.store, self.load_wanted)
         self._threads_started = False
-        self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-control")
+        self._control = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-control", initializer=name_os_thread)
         self._unloaded_lock = threading.Lock()
         self._recently_unloaded: dict[str, float] = {}
         self.strays = StraySweeper(

@@ -99,7 +99,9 @@ class RedisBackend(_RedisBackend):
         self._reply = threading.local()
         # whether `success_record` may write this backend's records (JSON, without the
         # extended fields, which it does not write)
-        self.plain_json_records = self.serializer == "json" and not self.app.conf.find_value_for_key("extended", "result")
+        self.plain_json_records = (
+            self.serializer == "json" and not self.app.conf.find_value_for_key("extended", "result")
+        )
 
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         reply_to = getattr(request, "reply_to", None)

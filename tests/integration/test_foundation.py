@@ -43,7 +43,7 @@ def sklearn_info(path: Path, **batching) -> ModelInfo:
 
 
 def test_seed_digits_answer_8_through_meshclient(client, workers, svm_path, seed_input):
-    workers("w1")
+    w = workers("w1")
     client.register_model("digits", sklearn_info(svm_path))
     assert client.get_model_status("digits").state is ModelState.NOT_LOADED
     response = client.infer(model_id="digits", inputs=[seed_tensor(seed_input)]).get(timeout=60)
@@ -57,6 +57,9 @@ def test_seed_digits_answer_8_through_meshclient(client, workers, svm_path, seed
     response = client.infer(model_id="digits", inputs=rows).get(timeout=30)
     assert response["outputs"][0]["shape"] == [3]
     assert response["outputs"][0]["data"] == [8, 8, 8]
+    # its threads carry their names for `top -H` and /proc (workers/threadnames.py)
+    names = {(t / "comm").read_text().strip() for t in Path(f"/proc/{w.popen.pid}/task").iterdir()}
+    assert {"mesh-inference", "mesh-watchdog", "mesh-heartbeat", "mesh-wanted", "mesh-fetch_0"} <= names, names
 
 
 def test_seed_digits_answer_8_through_plain_celery_producer(client, workers, mesh_env, svm_path, seed_input):
