@@ -20,12 +20,13 @@ glibc keeps freed memory in its arenas (RSS stays up after large requests are an
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 from typing import Any
 
 from mesh.protocol.tensors import predecode
+
+from . import libc
 
 log = logging.getLogger("mesh.worker.memory")
 
@@ -34,7 +35,6 @@ log = logging.getLogger("mesh.worker.memory")
 # decoded in one conversion).
 SLIM_MIN_BYTES = 64 * 1024
 
-_libc: Any = None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -75,17 +75,11 @@ def resident_bytes() -> int | None:
 def malloc_trim() -> bool:
     """Hand the heap's free pages back to the system (glibc `malloc_trim(0)`); False where
     there is no glibc."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _libc = False
-    if not _libc:
+    trim = libc.function("malloc_trim")
+    if trim is None:
         return False
     try:
-        return bool(_libc.malloc_trim(0))
+        return bool(trim(ctypes.c_size_t(0)))
     except Exception:  # noqa: BLE001 - a trim is an optimisation only
         log.debug("malloc_trim failed", exc_info=True)
         return False

@@ -11,34 +11,26 @@ Each of the worker's own threads calls `name_os_thread` as it starts (pools thro
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
-from typing import Any
+
+from . import libc
 
 _PR_SET_NAME = 15  # linux/prctl.h
 _NAME_BYTES = 15  # the kernel keeps 16 bytes with the terminating NUL
-
-_prctl: Any = None  # the libc function once looked up; False where there is none
 
 
 def name_os_thread(name: str | None = None) -> bool:
     """Give the calling thread's OS thread `name` (its Python name by default), cut to the 15
     bytes Linux keeps; False where that cannot be done (no Linux prctl). Never raises: a name
     is for people reading `top`, nothing depends on it."""
-    global _prctl
-    if _prctl is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _prctl = libc.prctl
-        except (OSError, AttributeError):
-            _prctl = False
-    if not _prctl:
+    prctl = libc.function("prctl")
+    if prctl is None:
         return False
     text = name if name is not None else threading.current_thread().name
     # cut on a character's boundary: /proc and `ps` show the bytes as they are
     raw = text.encode("utf-8", "replace")[:_NAME_BYTES].decode("utf-8", "ignore").encode("utf-8")
     try:
-        return _prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0) == 0
+        return prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0) == 0
     except Exception:  # noqa: BLE001 - a name is for people only
         return False
 
