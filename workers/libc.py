@@ -32,14 +32,19 @@ def function(name: str) -> Any:
 
 
 def _load() -> ctypes.CDLL | None:
-    for path in (None, ctypes.util.find_library("c") or "libc.so.6"):
-        try:
-            lib = ctypes.CDLL(path, use_errno=True)
-            getattr(lib, "malloc")  # a C library, not a bare executable's symbols
-            return lib
-        except (OSError, AttributeError, TypeError):
-            continue
-    return None
+    lib = _open(None)
+    if lib is None:  # only then: find_library runs a subprocess
+        lib = _open(ctypes.util.find_library("c") or "libc.so.6")
+    return lib
+
+
+def _open(path: str | None) -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(path, use_errno=True)
+        getattr(lib, "malloc")  # a C library, not a bare executable's symbols
+        return lib
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 __all__ = ["function"]
