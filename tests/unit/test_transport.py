@@ -43,6 +43,13 @@ def drain(conn: Connection, seconds: float) -> None:
         pass
 
 
+def drain_until(conn: Connection, done, seconds: float = 10, step: float = 0.3) -> None:
+    """Drain `conn` until `done()` or `seconds` pass (the caller asserts what it waited for)."""
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        drain(conn, step)
+
+
 def _queue(prefix: str) -> Queue:
     name = f"{prefix}.t.{uuid.uuid4().hex[:8]}"
     return Queue(name, Exchange("", type="direct"), routing_key=name)
@@ -138,9 +145,7 @@ def test_consumer_never_pops_a_queue_unrecorded_and_idles_on_bells(
                     producer.publish({"n": str(sent)}, exchange=queue.exchange, routing_key=queue.name,
                                      declare=[queue], serializer="json")  # fmt: skip
                     sent += 1
-                deadline = time.monotonic() + 10
-                while len(seen) < sent and time.monotonic() < deadline:
-                    drain(consumer_conn, 0.5)
+                drain_until(consumer_conn, lambda: len(seen) >= sent, step=0.5)
                 drain(consumer_conn, 0.3)  # idle: the consumer goes back to waiting on the bell
         consumer_channel.close()
     stop.set()
@@ -206,9 +211,7 @@ def test_a_message_to_an_idle_consumer_costs_one_pop_in_one_round_trip(
             for n in range(6):
                 producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue.name,
                                  declare=[queue], serializer="json")  # fmt: skip
-                deadline = time.monotonic() + 10
-                while len(seen) <= n and time.monotonic() < deadline:
-                    drain(consumer_conn, 0.5)
+                drain_until(consumer_conn, lambda: len(seen) > n, step=0.5)
                 drain(consumer_conn, 0.2)
             polls = len(writes)
             r.echo("before-close")  # everything Redis ran before the close is in `commands` once this is
@@ -380,9 +383,7 @@ def test_a_hostile_item_is_dropped_alone_reported_and_forgotten(conn: Connection
     try:
         with conn.channel() as channel, Consumer(channel, [queue], callbacks=[callback], accept=["json"]):
             r.lpush(keys.queue_list_key(queue.name, 0), *items)  # the pop script takes them in one go
-            deadline = time.monotonic() + 10
-            while not got and time.monotonic() < deadline:
-                drain(conn, 0.5)
+            drain_until(conn, lambda: got, step=0.5)
         assert got == [1]  # the good one, after five that each raised somewhere before
         assert reported == [("not_json", False), ("not_json", False), ("bad_envelope", True),
                             ("bad_envelope", True), ("undeliverable", True)]  # fmt: skip
@@ -446,16 +447,12 @@ def test_a_queue_consumed_later_is_waited_on_and_popped_too(conn: Connection, re
                       accept=["json"]) as consumer:  # fmt: skip
             producer.publish({"q": "first"}, exchange=first.exchange, routing_key=first.name,
                              declare=[first], serializer="json")  # fmt: skip
-            deadline = time.monotonic() + 10
-            while got != ["first"] and time.monotonic() < deadline:
-                drain(consumer_conn, 0.3)
+            drain_until(consumer_conn, lambda: got == ["first"])
             consumer.add_queue(second)
             consumer.consume()
             producer.publish({"q": "second"}, exchange=second.exchange, routing_key=second.name,
                              declare=[second], serializer="json")  # fmt: skip
-            deadline = time.monotonic() + 10
-            while got != ["first", "second"] and time.monotonic() < deadline:
-                drain(consumer_conn, 0.3)
+            drain_until(consumer_conn, lambda: got == ["first", "second"])
         channel.close()
     assert got == ["first", "second"]
 
@@ -479,15 +476,11 @@ def test_a_bell_of_the_wrong_type_is_deleted_and_its_queue_still_served(
             with Connection(redis_url, transport_options=options) as stock:  # pushes without ringing
                 Producer(stock.channel()).publish({"n": 1}, exchange=queue.exchange, routing_key=queue.name,
                                                   declare=[queue], serializer="json")  # fmt: skip
-            deadline = time.monotonic() + 10
-            while not got and time.monotonic() < deadline:
-                drain(consumer_conn, 0.3)
+            drain_until(consumer_conn, lambda: got)
             assert got == [1]
             assert r.type(bell) in (b"none", b"list")
             Producer(pub).publish({"n": 2}, exchange=queue.exchange, routing_key=queue.name, serializer="json")
-            deadline = time.monotonic() + 10
-            while got != [1, 2] and time.monotonic() < deadline:
-                drain(consumer_conn, 0.3)
+            drain_until(consumer_conn, lambda: got == [1, 2])
         channel.close()
     r.close()
     assert got == [1, 2]
@@ -529,9 +522,7 @@ def test_a_queue_key_of_the_wrong_type_is_skipped_and_the_others_served(
                 r.set(key, "not a list")
             Producer(pub).publish({"n": 1}, exchange=fine.exchange, routing_key=fine.name, declare=[fine],
                                   serializer="json")  # fmt: skip
-            deadline = time.monotonic() + 10
-            while not got and time.monotonic() < deadline:
-                drain(consumer_conn, 0.3)
+            drain_until(consumer_conn, lambda: got)
         channel.close()
     r.close()
     assert got == [1]
@@ -556,9 +547,7 @@ def test_a_binding_table_of_the_wrong_type_is_deleted_and_the_queue_declared(
             assert [r.type(t) for t in tables] == [b"set", b"set"]
             # routed through the table the declare wrote again
             Producer(pub).publish({"n": 1}, exchange=queue.exchange, routing_key=name, serializer="json")
-            deadline = time.monotonic() + 10
-            while not got and time.monotonic() < deadline:
-                drain(consumer_conn, 0.3)
+            drain_until(consumer_conn, lambda: got)
         channel.close()
     r.close()
     assert got == [1]
