@@ -152,18 +152,22 @@ def cpu_seconds(pids: Sequence[int]) -> float:
     total = 0.0
     for pid in pids:
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += _stat_cpu(Path(f"/proc/{pid}/stat").read_text())
         except OSError:
             return float("nan")
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def _stat_cpu(stat: str) -> float:
+    """utime + stime of a /proc stat line, in seconds (the fields after the command's `)`)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float]:
     """User + system CPU time by thread name (Linux /proc; a worker names its threads for the
     OS, workers/threadnames.py): its main thread, the Celery consumer's, as `consumer`."""
     out: dict[str, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -174,8 +178,7 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
         except OSError:
             continue  # ended meanwhile
         name = "consumer" if tid == str(pid) else stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat.rsplit(")", 1)[1].split()
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[name] = out.get(name, 0.0) + _stat_cpu(stat)
     return out
 
 
