@@ -371,9 +371,9 @@ class MeshClient:
         bounds the wait. A cancelled await leaves nothing behind in this client (its handle
         leaves the reply listener); a reply that still comes is dropped. A request cancelled
         while its route runs is not sent, and a load its route placed is sent all the same.
-        `max_timeout_ms`, when `timeout_ms` is not given: the
-        longest expiry the model's `default_timeout_ms` may give the request (what a caller
-        that will wait no longer than that passes, e.g. the gateway's default deadline).
+        `max_timeout_ms`, when `timeout_ms` is not given: the longest expiry the model's
+        `default_timeout_ms` may give the request (what a caller that will wait no longer than
+        that passes, e.g. the gateway's default deadline).
         """
         tensors = encode_inputs(inputs)
         return await self._send_async(model_id, vmodel_id, _with_outputs({"inputs": tensors}, outputs), priority,
