@@ -17,6 +17,7 @@ no copy anywhere) and copies whose records vanished from Redis.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -34,6 +35,7 @@ from threadpoolctl import threadpool_limits
 from mesh.broker import transport
 from mesh.broker.transport import set_dead_letter_handler
 from mesh.control.commands import send_command
+from mesh.control.vmodels import VModelManager
 from mesh.errors import DeliveryLimitExceeded, MeshError, ModelLoadFailed, ModelNotFound
 from mesh.models import Command, CopyState
 from mesh.policy.commands import UnloadAction, unload_action
@@ -365,10 +367,14 @@ class MeshWorker:
         except RuntimeError:  # shutting down: the control thread is gone, the next owner's tick does it
             pass
 
-    def _advance_transitions(self, model_id: str) -> None:
-        from mesh.control.vmodels import advance_for_model
+    @functools.cached_property
+    def _vmodels(self) -> VModelManager:
+        # one for the process: each built its scripts afresh (hashing their text), on every
+        # load (the control thread's share of a worker's CPU at `closedloop zipf`, mostly)
+        return VModelManager(self.app, self.store)
 
-        done = advance_for_model(self.store, self.app, model_id)
+    def _advance_transitions(self, model_id: str) -> None:
+        done = self._vmodels.advance_for_model(model_id)
         if done:
             log.info("vmodel transition(s) to %s completed: %s", model_id, ", ".join(done))
 
@@ -390,10 +396,8 @@ class MeshWorker:
     # ------------------------------------------------------------------ heartbeat duties
     def _reroute_to_active(self, model_id: str) -> None:
         """The stray sweep's first step for a queue: its vmodel requests to their vmodel's
-        active model (mesh/control/vmodels.py `reroute_to_active`)."""
-        from mesh.control.vmodels import reroute_to_active
-
-        reroute_to_active(self.store, self.app, model_id, self.priority_steps)
+        active model (`VModelManager.reroute_to_active`)."""
+        self._vmodels.reroute_to_active(model_id, self.priority_steps)
 
     def fail_over(self) -> None:
         """Every heartbeat, first: keep this process's alive key, and put back on their queues

@@ -509,13 +509,3 @@ def advance_all(store: StateStore, app: Celery) -> list[str]:
     unload drained auto-deleted models. Returns the vmodels whose transition completed."""
     return VModelManager(app, store).advance_all()
 
-
-def reroute_to_active(store: StateStore, app: Celery, model_id: str, steps: list[int]) -> None:
-    """Requests queued for `model_id`, no longer registered, that came through a vmodel: to the
-    vmodel's active model (the stray sweep runs it before answering the rest NOT_FOUND)."""
-    VModelManager(app, store).reroute_to_active(model_id, steps)
-
-
-def advance_for_model(store: StateStore, app: Celery, model_id: str) -> list[str]:
-    """A worker just loaded a copy of `model_id`: complete the transitions that waited for it."""
-    return VModelManager(app, store).advance_for_model(model_id)

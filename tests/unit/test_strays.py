@@ -272,7 +272,7 @@ def test_vmodel_requests_of_a_gone_model_go_to_the_vmodels_active_the_rest_are_a
     """A request taken in by a worker loading a model that a cutover auto-deleted meanwhile is
     handed back to the gone model's queue; one that came through a vmodel belongs to that
     vmodel's active model (the soak failed one such request with "was unregistered")."""
-    from mesh.control.vmodels import reroute_to_active
+    from mesh.control.vmodels import VModelManager
 
     keys = client.keys
     client.register_model("new", INFO)
@@ -283,7 +283,7 @@ def test_vmodel_requests_of_a_gone_model_go_to_the_vmodels_active_the_rest_are_a
     push(r, keys, "gone", "direct")
     backend = Backend()
     sweep = StraySweeper(StrayStore(r, keys, STEPS), lambda: backend, token="me", interval_s=60, grace_s=0.0,
-                         scan_keys=10_000, reroute=lambda m: reroute_to_active(client.store, client.app, m, STEPS))  # fmt: skip
+                         scan_keys=10_000, reroute=lambda m: VModelManager(client.app, client.store).reroute_to_active(m, STEPS))  # fmt: skip
     assert sweep.sweep() == 1
     assert [t for t, _, _ in backend.failed] == ["direct"]
     moved = [json.loads(m) for m in r.lrange(keys.queue_list_key(keys.model_queue("new"), 5), 0, -1)]
