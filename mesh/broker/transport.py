@@ -27,6 +27,7 @@ import logging
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
+from itertools import chain
 from time import monotonic, sleep, time
 from typing import NamedTuple
 
@@ -445,33 +446,39 @@ class Channel(kombu_redis.Channel):
         ~4 per queue consumed: ~65 us for 20 queues, against ~5 us joined from chunks. On
         closedloop zipf, whose workers consume a queue per model, starting a poll went from
         6.7 % to 3.2 % of a worker's CPU samples (py-spy; docs/benchmarks.md). Each order of a
-        set of queues is built once, from each queue's chunks (built once per queue)."""
+        set of queues is joined once from each queue's chunks (built once per queue). There,
+        a worker's set of queues changes with every load (~80 a second), each set comes in as
+        many orders as it has queues, and so nearly every poll is a new order: joining must be
+        cheap too (`_join_chunks`)."""
         polls = self.__dict__.get("_mesh_polls")
         if polls is None or len(polls) > POLL_CHUNKS_MAX:  # queues come and go with their models
             polls = self.__dict__["_mesh_polls"] = {}
-            self.__dict__["_mesh_queue_chunks"] = {}
         order = tuple(queues)
         built = polls.get(order)
         if built is None:
-            built = polls[order] = self._build_chunks(queues)
+            built = polls[order] = self._join_chunks(queues)
         return built
 
-    def _build_chunks(self, queues: list[str]) -> tuple[list[bytes], list[bytes]]:
-        chunks = self.__dict__["_mesh_queue_chunks"]
+    def _join_chunks(self, queues: list[str]) -> tuple[list[bytes], list[bytes]]:
+        chunks = self.__dict__.get("_mesh_queue_chunks")
+        if chunks is None or len(chunks) > POLL_CHUNKS_MAX:
+            chunks = self.__dict__["_mesh_queue_chunks"] = {}
+        holder = self.mesh_holder or ""
+        fixed = self.__dict__.get("_mesh_fixed_keys")
+        if fixed is None or fixed[0] != holder:  # the same for every poll (of one holder)
+            fixed = self.__dict__["_mesh_fixed_keys"] = (
+                holder, [bulk(k) for k in pop_keys(self.global_keyprefix, [], holder)])
+        mine = [chunks.get(q) or self._queue_chunks(chunks, q) for q in queues]
+        # the lists step by step (every queue's first step, then every queue's second...):
+        # zip transposes the queues' per-step chunks without a loop in Python
+        lists = chain.from_iterable(zip(*[m[0] for m in mine]))
+        return [*fixed[1], *lists], [m[1] for m in mine]
+
+    def _queue_chunks(self, chunks: dict, queue: str) -> tuple[tuple[bytes, ...], bytes]:
         p = self.global_keyprefix
-        steps = self.priority_steps
-        lists: list[list[bytes]] = [[] for _ in steps]
-        bells = []
-        for queue in queues:
-            mine = chunks.get(queue)
-            if mine is None:
-                mine = chunks[queue] = ([bulk(p + self._q_for_pri(queue, pri)) for pri in steps],
-                                        bulk(p + queue_bell(queue)))  # fmt: skip
-            for i, chunk in enumerate(mine[0]):
-                lists[i].append(chunk)
-            bells.append(mine[1])
-        fixed = [bulk(k) for k in pop_keys(p, [], self.mesh_holder or "")]
-        return [*fixed, *(chunk for step in lists for chunk in step)], bells
+        mine = chunks[queue] = (tuple(bulk(p + self._q_for_pri(queue, pri)) for pri in self.priority_steps),
+                                bulk(p + queue_bell(queue)))  # fmt: skip
+        return mine
 
     def _pop_packet(self, keys: list[bytes]) -> bytes:
         """The pop script's call (EVALSHA) on `keys` (from `_poll_chunks`), packed."""
