@@ -206,8 +206,12 @@ def _guarded(task: Any, app: Any, consumer: Any, handler: Any) -> Any:
             settled.append("reject")
             return reject(*args, **kwargs)
 
+        def ack_soon() -> None:  # acked with the next moments' others, in one round trip
+            settled.append("ack")
+            consumer.mesh.consumer.ack_soon(message)
+
         try:
-            handler(message, body, ack_, reject_, callbacks, **kw)
+            handler(message, body, ack_, reject_, callbacks, ack_soon=ack_soon, **kw)
         except Exception as exc:
             log.error("rejecting a %s message that could not be handled: %s: %s",
                       name, type(exc).__name__, str(exc)[:200])  # fmt: skip
@@ -282,11 +286,12 @@ def command_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
     mesh = consumer.mesh
     own_queue = mesh.keys.worker_queue(consumer.hostname)
 
-    def handler(message, body, ack, reject, callbacks, **kw):
+    def handler(message, body, ack, reject, callbacks, ack_soon, **kw):
         if _refuse_from_elsewhere(task, message, ack, consumer, own_queue):
             return
-        # Commands are acked at once: they are idempotent, and a worker that dies before
-        # acting on one is noticed by its missing heartbeat (the load claim is taken over).
+        # Commands are acked at once (with the others of the next moments: `ack_soon`): they
+        # are idempotent, and a worker that dies before acting on one is noticed by its
+        # missing heartbeat (the load claim is taken over).
         try:
             payload = message.payload
             kwargs_ = payload[1] if isinstance(payload, (list, tuple)) and len(payload) > 1 else None
@@ -296,7 +301,7 @@ def command_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any):
             mesh.reject_message("malformed")
             reject(log, consumer.connection_errors, False)
             return
-        ack(log, consumer.connection_errors)
+        ack_soon()
         mesh.on_command(cmd)
 
     return _guarded(task, app, consumer, handler)

@@ -210,6 +210,7 @@ class MeshWorker:
     def on_connection_lost(self) -> None:
         # A Redis that comes back may have lost the bindings: declare every queue afresh.
         self.consumer.forget_declared()
+        self.consumer.drop_acks()
         # The ack promises of buffered requests point at a dead channel; Redis redelivers them.
         policies = self.batcher.policies()
         loaded = set(self.manager.loaded_ids())

@@ -38,6 +38,8 @@ class FakeMesh:
         self.commands: list[Command] = []
         self.rejected: list[str] = []
         self.served = {"digits"}  # models with a buffer here
+        self.acked_soon: list = []  # messages handed to the consumer port's batched ack
+        self.consumer = SimpleNamespace(ack_soon=self.acked_soon.append)
 
     def on_request(self, model_id, req, items=1, high=False, requeue=True) -> bool:
         if model_id not in self.served and not requeue:
@@ -264,7 +266,8 @@ def test_a_command_is_acked_and_reaches_the_worker_as_a_command(app, consumer, p
     handler = command_handler(app, consumer)
     kwargs = Command(op="unload", model_id="digits", reason="gone", fail_queued=True).model_dump(mode="json")
     message, _ = task_message(app, COMMAND_TASK, Keys(prefix).worker_queue("w1@test"), kwargs, priority=0)
-    assert run(handler, message) == [("ack",)]
+    assert run(handler, message) == []  # not one by one: with the next moments' commands
+    assert consumer.mesh.acked_soon == [message]
     assert consumer.mesh.commands == [Command(op="unload", model_id="digits", reason="gone", fail_queued=True)]
     assert isinstance(consumer.mesh.commands[0], Command)
 
@@ -283,7 +286,7 @@ def test_a_malformed_command_is_rejected_not_acked(app, consumer, prefix, kwargs
     handler = command_handler(app, consumer)
     message, _ = task_message(app, COMMAND_TASK, Keys(prefix).worker_queue("w1@test"), kwargs, body=body)
     assert run(handler, message) == [("reject", False)]
-    assert consumer.mesh.commands == []
+    assert consumer.mesh.commands == [] and consumer.mesh.acked_soon == []
 
 
 # ------------------------------------------------------------------ control tasks
@@ -393,5 +396,5 @@ def test_a_command_whose_action_raises_is_acked_once_and_counted(app, consumer, 
     handler = command_handler(app, consumer)
     kwargs = Command(op="load", model_id="digits").model_dump(mode="json")
     message, _ = task_message(app, COMMAND_TASK, Keys(prefix).worker_queue("w1@test"), kwargs)
-    assert run(handler, message) == [("ack",)]  # settled before it raised: not rejected as well
-    assert consumer.mesh.rejected == ["unexpected"]
+    assert run(handler, message) == []  # settled before it raised: not rejected as well
+    assert consumer.mesh.acked_soon == [message] and consumer.mesh.rejected == ["unexpected"]

@@ -14,7 +14,7 @@ from celery.worker import state as worker_state
 from mesh.models import Command
 from mesh.protocol.keys import Keys
 from workers.batcher import Batcher, BatchPolicy, Pending
-from workers.consumer import EVENT_BUFFER_LIMIT, EVENT_FLUSH_DELAY_S, CeleryConsumer
+from workers.consumer import COMMAND_ACK_DELAY_S, EVENT_BUFFER_LIMIT, EVENT_FLUSH_DELAY_S, CeleryConsumer
 from workers.metrics import WorkerMetrics
 
 KEYS = Keys("tcons")
@@ -515,3 +515,66 @@ def test_an_unbuffered_dispatcher_is_left_alone(port, celery_consumer):
     celery_consumer.event_dispatcher = d
     assert port.event_dispatcher() is d
     assert d.buffer_group == set() and d.buffer_limit == 24
+
+
+# ------------------------------------------------------------------ command acks
+
+
+class CommandMessage:
+    """A kombu message of another transport (so `ack_many` acks it by itself)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.channel = SimpleNamespace(qos=None)
+        self.acknowledged = False
+        self.fail = fail
+
+    def ack(self) -> None:
+        if self.fail:
+            raise ConnectionError("lost")
+        self.acknowledged = True
+
+
+def test_commands_are_acked_together_after_a_delay(port, celery_consumer):
+    celery_consumer.hub = hub = FakeHub()
+    messages = [CommandMessage() for _ in range(3)]
+    for m in messages:
+        port.ack_soon(m)
+    assert [(delay, fn) for delay, fn, _ in hub.later] == [(COMMAND_ACK_DELAY_S, port.flush_acks)]
+    assert not any(m.acknowledged for m in messages), "acked one by one"
+    hub.run_due()
+    assert all(m.acknowledged for m in messages)
+    later = CommandMessage()
+    port.ack_soon(later)  # the next command schedules the next flush
+    assert len(hub.later) == 1
+    hub.run_due()
+    assert later.acknowledged
+
+
+def test_without_an_event_loop_a_command_is_acked_at_once(port, celery_consumer):
+    m = CommandMessage()
+    port.ack_soon(m)
+    assert m.acknowledged
+
+
+def test_a_lost_ack_timer_does_not_hold_acks_back(port, celery_consumer):
+    celery_consumer.hub = hub = FakeHub()
+    first = CommandMessage()
+    port.ack_soon(first)
+    hub.later.clear()  # the timer went with a lost connection
+    port._acks_scheduled_at -= 5.0  # long past its delay
+    second = CommandMessage()
+    port.ack_soon(second)
+    hub.run_due()
+    assert first.acknowledged and second.acknowledged
+
+
+def test_acks_held_across_a_lost_connection_are_dropped_and_a_failed_ack_is_logged(port, celery_consumer, caplog):
+    celery_consumer.hub = hub = FakeHub()
+    gone = CommandMessage()
+    port.ack_soon(gone)
+    port.drop_acks()  # the connection was lost: Redis puts the message back
+    hub.run_due()
+    assert not gone.acknowledged
+    port.ack_soon(CommandMessage(fail=True))
+    hub.run_due()  # nothing raised into the event loop
+    assert "acking 1 command(s) failed" in caplog.text
