@@ -14,9 +14,10 @@ wire"). orjson decodes the same text 4-5x faster, but not always to the same val
 So `loads` takes orjson's result only when the text cannot hold any of these (no run of 19 or
 more digits, no `__type__`, no `\\u` escape, which could spell either) and orjson accepted it;
 anything else goes to kombu's decoder, whose answer (or exception) it returns unchanged.
-`dumps` is the other direction, for the producer's message bodies. `install` makes `loads`
-the decoder of kombu's `json` serializer in this process (the worker's), which Celery's
-`Request`, events and control messages use.
+`dumps` is the other direction, for the producer's message bodies. `encode` writes what
+kombu's encoder writes (the same values), faster for the small trees of plain values that task
+events are. `install` makes `loads` and `encode` kombu's `json` serializer in this process (the
+worker's), which Celery's `Request`, events and control messages use.
 """
 
 from __future__ import annotations
@@ -69,12 +70,47 @@ def dumps(obj: Any) -> str:
     return out.decode("utf-8")
 
 
+# what JSON writes as itself, whoever writes it (exact types: a subclass may have a __json__
+# that kombu's encoder would call; a float may be NaN, which orjson writes as null)
+_PLAIN = frozenset((str, int, bool, type(None)))
+
+
+def _plain(obj: Any, depth: int = 0) -> bool:
+    """Whether `obj` is a tree of dicts with string keys, lists and tuples, over strings,
+    integers, booleans, None and finite floats, at most 32 deep."""
+    t = type(obj)
+    if t in _PLAIN:
+        return True
+    if t is float:
+        return obj - obj == 0.0  # NaN and infinities give NaN
+    if depth >= 32:
+        return False
+    if t is dict:
+        return all(type(k) is str for k in obj) and all(_plain(v, depth + 1) for v in obj.values())
+    if t is list or t is tuple:
+        return all(_plain(v, depth + 1) for v in obj)
+    return False
+
+
+def encode(obj: Any) -> str:
+    """`kombu.utils.json.dumps(obj)`'s values, faster for a tree of plain values (`_plain`):
+    orjson's text then (compact, non-ASCII unescaped; integers beyond 64 bits and lone
+    surrogates, which orjson refuses, go the standard way). Anything else, kombu's encoder
+    (dates, UUIDs and bytes as its tagged objects, `__json__`, NaN). A worker's task events were
+    encoded by the standard library's encoder at ~3 us each: 2.5 % of its interpreter time at
+    closedloop zipf; 42 events: 123 -> 25 us."""
+    if _plain(obj):
+        try:
+            return orjson.dumps(obj).decode("utf-8")
+        except TypeError:  # orjson.JSONEncodeError
+            pass
+    return kombu_json.dumps(obj)
+
+
 def install() -> None:
-    """Decode kombu's `json` serializer (content type application/json) with `loads` in this
-    process; encoding stays kombu's own. Idempotent."""
-    serialization.register(
-        "json", kombu_json.dumps, loads, content_type="application/json", content_encoding="utf-8"
-    )
+    """kombu's `json` serializer (content type application/json) in this process: decoded
+    with `loads`, encoded with `encode`. Idempotent."""
+    serialization.register("json", encode, loads, content_type="application/json", content_encoding="utf-8")
 
 
-__all__ = ["dumps", "install", "loads"]
+__all__ = ["dumps", "encode", "install", "loads"]

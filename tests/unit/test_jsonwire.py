@@ -93,7 +93,7 @@ def test_kombu_typed_values_come_back_as_kombu_made_them(value):
     assert jsonwire.loads(text) == kombu_json.loads(text) == {"v": value}
 
 
-def test_install_makes_kombus_json_serializer_decode_with_it(monkeypatch):
+def test_install_makes_kombus_json_serializer_decode_and_encode_with_it(monkeypatch):
     calls = []
     original = jsonwire.loads
     monkeypatch.setattr(jsonwire, "loads", lambda data: calls.append(data) or original(data))
@@ -101,8 +101,10 @@ def test_install_makes_kombus_json_serializer_decode_with_it(monkeypatch):
         jsonwire.install()
         assert serialization.loads('{"a": [1, 2.5]}', "application/json", "utf-8") == {"a": [1, 2.5]}
         assert calls == ['{"a": [1, 2.5]}']
-        # encoding is still kombu's own
-        assert serialization.dumps({"a": 1}, serializer="json")[2] == kombu_json.dumps({"a": 1})
+        event = {"type": "task-succeeded", "uuid": "t1", "result": "{'predict': [8]}", "runtime": 0.25, "eta": None}
+        content_type, encoding, text = serialization.dumps([event], serializer="json")
+        assert (content_type, encoding) == ("application/json", "utf-8")
+        assert text == '[{"type":"task-succeeded","uuid":"t1","result":"{\'predict\': [8]}","runtime":0.25,"eta":null}]'
     finally:
         serialization.register_json()  # the other tests of this process get stock kombu back
 
@@ -124,3 +126,52 @@ def test_dumps_writes_what_json_dumps_means(value):
 ])
 def test_dumps_leaves_to_the_standard_library_what_orjson_would_write_differently(value):
     assert jsonwire.dumps(value) == json.dumps(value)
+
+
+# ------------------------------------------------------------------ encode: kombu's encoder's values
+
+
+def _kombu_outcome(value):
+    try:
+        return ("ok", kombu_json.loads(kombu_json.dumps(value)))
+    except Exception as exc:
+        return ("error", type(exc))
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSONABLE | st.lists(st.tuples(st.integers(), st.text(max_size=4)), max_size=3))
+def test_encode_writes_what_kombus_encoder_means(value):
+    theirs = _kombu_outcome(value)
+    try:
+        mine = ("ok", kombu_json.loads(jsonwire.encode(value)))
+    except Exception as exc:
+        mine = ("error", type(exc))
+    assert mine[0] == theirs[0], (value, mine, theirs)
+    if mine[0] == "ok":
+        assert _same(mine[1], theirs[1]), (value, mine, theirs)
+
+
+def _nested(depth: int) -> list:
+    value: list = [1]
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class Tagged(str):
+    def __json__(self):  # kombu's hook; a str subclass never reaches it in either encoder
+        return "tagged"
+
+
+@pytest.mark.parametrize("value", [
+    {"when": datetime.datetime(2026, 12, 7, 1, 2, 3)}, [uuid.UUID(int=7)], {"raw": b"\x00\xff"},
+    [float("nan"), 1.0], {"x": float("-inf")}, [2**64], ["\ud800"], {1: "a"}, [Tagged("a")],
+    {"deep": _nested(40)},
+])
+def test_encode_leaves_to_kombu_what_orjson_would_write_differently(value):
+    assert jsonwire.encode(value) == kombu_json.dumps(value)
+
+
+def test_encode_writes_plain_values_with_orjson():
+    value = {"uuid": "t1", "clock": 7, "runtime": 0.000213, "ok": True, "parent_id": None, "é": ["ü"]}
+    assert jsonwire.encode(value) == '{"uuid":"t1","clock":7,"runtime":0.000213,"ok":true,"parent_id":null,"é":["ü"]}'
