@@ -37,6 +37,7 @@ from celery import states
 from celery.utils.saferepr import saferepr
 from celery.worker import state as worker_state
 
+from mesh.broker.pipeline import PackedPipeline
 from mesh.broker.results import check_replies, push_reply, success_record
 from mesh.broker.transport import ack_in, ack_many, forget_acked, redis_server
 from mesh.errors import InferenceError, InvalidInput, MeshError, PredictTimeout
@@ -562,7 +563,7 @@ class InferenceLoop(threading.Thread):
         try:
             backend = self.backend()  # the results thread's own instance and connection
             expires = self.result_expires_s
-            with backend.client.pipeline(transaction=False) as pipe:
+            with PackedPipeline(backend.client) as pipe:  # redis-py's Pipeline cost more than the round trip
                 for key, value, _ in results:
                     pipe.set(key, value, ex=expires)
                     pipe.publish(key, value)
@@ -575,7 +576,7 @@ class InferenceLoop(threading.Thread):
                         lists.setdefault(reply_to, []).append(value)
                 for reply_to, values in lists.items():  # one push per producer and batch
                     push_reply(pipe, reply_to, *values)
-                outcomes = pipe.execute(raise_on_error=False)
+                outcomes = pipe.execute()
             for outcome in outcomes[:stored]:
                 if isinstance(outcome, Exception):
                     raise outcome
