@@ -599,36 +599,35 @@ class InferenceLoop(threading.Thread):
 
 
     def _observe(self, messages: list[Message], model_id: str, compute_s: float, started_wall: float) -> None:
-        """A batch's metrics: each label set is looked up once per batch, not once per request
-        (a lookup costs about as much as the observation)."""
+        """A batch's metrics, on the model's series looked up once (`WorkerMetrics.batch_series`)."""
         mx = self.metrics
-        outcomes: dict[str, int] = {}
+        series = mx.batch_series(model_id)
+        failed: dict[str, int] = {}
         queued: list[float] = []
-        units = 0
+        answered = units = 0
         for m in messages:
             error = m.error if m.error is not None else (None if m.many else m.units[0].error)
-            outcome = outcome_of(error)
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            if error is None:
-                sent = _sent_at(m.pending.req)
-                if sent is not None:
-                    queued.append(max(0.0, started_wall - sent))
-                units += len(m.units)
-        for outcome, n in outcomes.items():
-            mx.requests.labels(model_id, outcome).inc(n)
-        if queued:
-            queue_seconds = mx.queue_seconds.labels(model_id)
-            for seconds in queued:
-                queue_seconds.observe(seconds)
-        answered = outcomes.get("success", 0)
+            if error is not None:
+                outcome = outcome_of(error)
+                failed[outcome] = failed.get(outcome, 0) + 1
+                continue
+            answered += 1
+            sent = _sent_at(m.pending.req)
+            if sent is not None:
+                queued.append(max(0.0, started_wall - sent))
+            units += len(m.units)
         if answered:
-            compute_seconds = mx.compute_seconds.labels(model_id)
-            for _ in range(answered):  # per request: the compute time each one waited on
-                compute_seconds.observe(compute_s)
+            series.success.inc(answered)
+        for outcome, n in failed.items():
+            mx.requests.labels(model_id, outcome).inc(n)
+        for seconds in queued:
+            series.queue_seconds.observe(seconds)
+        for _ in range(answered):  # per request: the compute time each one waited on
+            series.compute_seconds.observe(compute_s)
         if units:
-            mx.items.labels(model_id).inc(units)
-            mx.batch_size.labels(model_id).observe(units)
-            mx.cache.labels("hit").inc(len(messages))
+            series.items.inc(units)
+            series.batch_size.observe(units)
+            mx.cache_hits.inc(len(messages))
 
 
 def _sent_at(req: Any) -> float | None:

@@ -124,6 +124,27 @@ def test_series_of_models_gone_for_the_retention_time_are_removed():
         m.close()
 
 
+def test_batch_series_are_looked_up_once_and_forgotten_with_their_model():
+    m = WorkerMetrics("w@test", retention_s=60.0)
+    try:
+        m.sweep(["a"], now=0.0)
+        series = m.batch_series("a")
+        assert m.batch_series("a") is series
+        series.success.inc(2)
+        series.batch_size.observe(3)
+        sample = m.registry.get_sample_value
+        assert sample("mesh_requests_total", {"model": "a", "outcome": "success"}) == 2
+        assert sample("mesh_batch_size_count", {"model": "a"}) == 1
+        m.sweep([], now=100.0)  # gone: its series removed...
+        assert sample("mesh_requests_total", {"model": "a", "outcome": "success"}) is None
+        again = m.batch_series("a")  # ...and served again later: new series, exposed
+        assert again is not series
+        again.success.inc()
+        assert sample("mesh_requests_total", {"model": "a", "outcome": "success"}) == 1
+    finally:
+        m.close()
+
+
 def test_a_noted_model_that_never_served_is_forgotten_too():
     m = WorkerMetrics("w@test", retention_s=1.0)
     try:
