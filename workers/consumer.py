@@ -141,7 +141,7 @@ class CeleryConsumer:
         hub.call_later(COMMAND_ACK_DELAY_S, self.flush_acks)
 
     def flush_acks(self) -> None:
-        """Ack the commands `ack_soon` holds now (consumer thread; also at shutdown)."""
+        """Ack the commands `ack_soon` holds now (consumer thread)."""
         self._acks_scheduled_at = -1.0
         acks, self._acks = self._acks, []
         if not acks:

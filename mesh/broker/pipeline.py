@@ -9,8 +9,10 @@ back raw (b"OK" for SET, as Redis sends them).
 
 Only the commands the results path uses; `execute` behaves as redis-py's
 `execute(raise_on_error=False)`: a command Redis refused is its ResponseError in the list, in
-its place, the others ran. A lost connection raises (the connection is dropped from the pool's
-reuse) and nothing is known about what ran, as with redis-py.
+its place, the others ran. A lost connection is retried as redis-py retries a pipeline, by the
+connection's own policy (the result backend's: ~15 s, docs/reliability.md finding 3), the
+whole batch of commands again, on a fresh connection; once that gives up, it raises and
+nothing is known about what ran.
 """
 
 from __future__ import annotations
@@ -69,22 +71,27 @@ class PackedPipeline:
         if not self._packed:
             return []
         packed, self._packed = self._packed, []
+        data, count = b"".join(packed), len(packed)
         conn = self._pool.get_connection()
         try:
-            conn.send_packed_command([b"".join(packed)])
-            out: list[Any] = []
-            for _ in packed:
-                try:
-                    out.append(conn.read_response())
-                except redis.ResponseError as exc:
-                    out.append(exc)
-            return out
+            return conn.retry.call_with_retry(lambda: _send(conn, data, count), lambda _error: conn.disconnect())
         except BaseException:
             # mid-reply (or interrupted): the connection is out of step, never reused as it is
             conn.disconnect()
             raise
         finally:
             self._pool.release(conn)
+
+
+def _send(conn: Any, data: bytes, count: int) -> list[Any]:
+    conn.send_packed_command([data])
+    out: list[Any] = []
+    for _ in range(count):
+        try:
+            out.append(conn.read_response())
+        except redis.ResponseError as exc:
+            out.append(exc)
+    return out
 
 
 __all__ = ["PackedPipeline"]

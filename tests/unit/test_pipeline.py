@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import redis
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from mesh.broker.pipeline import PackedPipeline
 
@@ -74,15 +76,34 @@ def test_a_refused_command_is_its_error_in_its_place_and_the_others_run(r, prefi
         assert pipe.execute() == [b"OK"]
 
 
-def test_a_connection_lost_mid_reply_raises_and_the_next_pipeline_runs_on_a_sound_one(prefix, redis_url):
-    client = redis.Redis.from_url(redis_url)
+def _killing_itself(pipe, prefix: str, client_id: int) -> None:
+    pipe.set(f"{prefix}.a", "1")
+    pipe._add("CLIENT", "KILL", "ID", client_id, "SKIPME", "no")  # Redis closes it after this reply
+    pipe.set(f"{prefix}.b", "2")  # its reply never comes on that connection
+
+
+def test_a_connection_lost_mid_reply_is_retried_on_a_fresh_one(prefix, redis_url):
+    """As redis-py retries a pipeline (the result backend's policy: finding 3 of
+    docs/reliability.md): the whole batch again, on a new connection."""
+    client = redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 2))
     try:
-        own_id = client.client_id()  # the pool's one connection
+        own_id = client.client_id()  # the pool's one connection; the retry's has another id
+        with PackedPipeline(client) as pipe:
+            _killing_itself(pipe, prefix, own_id)
+            assert pipe.execute() == [b"OK", 0, b"OK"]  # the second run killed no one
+        assert client.get(f"{prefix}.b") == b"2"
+        assert client.connection_pool._in_use_connections == set()
+    finally:
+        client.close()
+
+
+def test_a_connection_lost_past_the_retries_raises_and_is_not_reused(prefix, redis_url):
+    client = redis.Redis.from_url(redis_url, retry=Retry(NoBackoff(), 0))
+    try:
+        own_id = client.client_id()
         (conn,) = client.connection_pool._available_connections
         with PackedPipeline(client) as pipe:
-            pipe.set(f"{prefix}.a", "1")
-            pipe._add("CLIENT", "KILL", "ID", own_id, "SKIPME", "no")  # closed after this reply
-            pipe.set(f"{prefix}.b", "2")  # never read
+            _killing_itself(pipe, prefix, own_id)
             with pytest.raises(redis.ConnectionError):
                 pipe.execute()
         assert conn._sock is None  # dropped, not put back out of step
