@@ -24,10 +24,13 @@ def test_infer_many_answers_every_item_and_fails_bad_ones_alone(client, workers,
     good = [seed_tensor(seed_input)]
     bad_shape = [{"name": "predict", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}]
     rows = np.array([seed_input] * 3, dtype=np.float32)
-    response = client.infer_many(model_id="digits", inputs=[good, bad_shape, rows, good]).get(timeout=60)
+    with_nan = np.array([seed_input], dtype=np.float32)
+    with_nan[0, 5] = np.nan  # the SVC refuses it: the client's error, not INTERNAL
+    response = client.infer_many(model_id="digits", inputs=[good, bad_shape, rows, good, with_nan]).get(timeout=60)
     assert response["model_name"] == "digits"
     results = response["results"]
-    assert len(results) == 4
+    assert len(results) == 5
+    assert results[4]["error"]["type"] == "InvalidInput" and "NaN or infinity" in results[4]["error"]["message"]
     assert results[0]["outputs"][0]["data"] == [8]
     assert results[1]["error"]["type"] == "InvalidInput" and "[1, 3]" in results[1]["error"]["message"]
     assert results[2]["outputs"][0]["data"] == [8, 8, 8]

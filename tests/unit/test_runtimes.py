@@ -11,6 +11,7 @@ import joblib
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
 from sklearn.tree import DecisionTreeClassifier
 
 from mesh.errors import InferenceError, InvalidInput, ModelLoadFailed
@@ -549,3 +550,54 @@ def test_python_models_give_the_outputs_named_from_what_predict_returns(tmp_path
     assert list(loaded.runtime.predict(loaded.model, {"x": x}, ["rows", "y"])) == ["rows", "y"]
     with pytest.raises(InvalidInput, match="has no output 'z'"):
         loaded.runtime.predict(loaded.model, {"x": x}, ["z"])
+
+
+# --------------------------------------------------------------------------- non-finite inputs
+def test_a_nan_or_infinity_is_the_clients_error_before_batching_where_the_model_refuses_it(models):
+    loaded = load("sklearn", models["svm"])
+    rt = loaded.runtime
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.asarray([SEED_DIGITS_INPUT], dtype=np.float32)
+        x[0, 3] = bad
+        with pytest.raises(InvalidInput, match=r"input 'x' holds NaN or infinity, which SVC does not take"):
+            rt.check_inputs(loaded, {"x": x})
+    rt.check_inputs(loaded, {"x": np.asarray([SEED_DIGITS_INPUT], dtype=np.float32)})  # finite: fine
+    rt.check_inputs(loaded, {"x": np.asarray([SEED_DIGITS_INPUT], dtype=np.int64)})  # no NaN in ints
+
+
+def test_models_that_take_nan_still_get_it(tmp_path):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import SVC
+
+    y = load_digits().target
+    x = np.asarray([SEED_DIGITS_INPUT])
+    x[0, 3] = np.nan
+    for name, model in [
+        ("hgb", HistGradientBoostingClassifier(max_iter=5).fit(DIGITS, y)),  # takes NaN natively
+        ("imputed", make_pipeline(SimpleImputer(), SVC()).fit(DIGITS, y)),  # its first step imputes
+    ]:
+        path = tmp_path / f"{name}.joblib"
+        joblib.dump(model, path)
+        loaded = load("sklearn", path)
+        loaded.runtime.check_inputs(loaded, {"x": x})
+        assert loaded.runtime.predict(loaded.model, {"x": x})["predict"].shape == (1,)
+
+
+class OwnNanHandling(LogisticRegression):
+    """A subclass elsewhere of an estimator that refuses NaN: its own predict may treat NaN
+    (here: as zero)."""
+
+    def predict(self, X):
+        return super().predict(np.nan_to_num(np.asarray(X, dtype=np.float64)))
+
+
+def test_an_estimator_defined_outside_scikit_learn_decides_for_itself(tmp_path):
+    path = tmp_path / "own.joblib"
+    joblib.dump(OwnNanHandling(max_iter=20).fit(DIGITS, load_digits().target), path)
+    loaded = load("sklearn", path)
+    x = np.asarray([SEED_DIGITS_INPUT])
+    x[0, 3] = np.nan
+    loaded.runtime.check_inputs(loaded, {"x": x})
+    assert loaded.runtime.predict(loaded.model, {"x": x})["predict"].shape == (1,)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,11 @@ class SklearnRuntime(Runtime):
     DataFrame) -> the outputs asked for, each `estimator.<output>(X)`; "predict" by default."""
 
     name = "sklearn"
+
+    def __init__(self) -> None:
+        # loaded model -> whether a request's NaN or infinity is refused before batching
+        # (`refuses_non_finite`); weak: an evicted model leaves with its entry
+        self._refuses: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
     def load(self, path: Path, info: ModelInfo, known_size: int | None = None) -> Loaded:
         file = resolve_model_file(self.name, path, _SUFFIXES)
@@ -72,9 +78,31 @@ class SklearnRuntime(Runtime):
     def check_inputs(self, loaded: Loaded, inputs: dict[str, np.ndarray]) -> None:
         n_features, names = _features(loaded.model)
         if not names:
-            return super().check_inputs(loaded, inputs)
-        super().check_inputs(unnamed(loaded), inputs)  # scalars, rows that disagree
-        check_tabular(self.name, inputs, n_features, names)
+            super().check_inputs(loaded, inputs)
+        else:
+            super().check_inputs(unnamed(loaded), inputs)  # scalars, rows that disagree
+            check_tabular(self.name, inputs, n_features, names)
+        if self.refuses_non_finite(loaded.model):
+            # What the estimator's own check would refuse, refused here: alone and before
+            # batching (its ValueError failed the batch, which was then split in halves until
+            # the culprit predicted alone), and as what it is, the client's error (it was
+            # INTERNAL, as any exception of a predict)
+            for name, arr in inputs.items():
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    raise InvalidInput(
+                        f"input {name!r} holds NaN or infinity, which {type(loaded.model).__name__} does not take"
+                    )
+
+    def refuses_non_finite(self, model: Any) -> bool:
+        """Whether `model` refuses NaN and infinity in its input, as far as can be known
+        (`_refuses_non_finite`), remembered per model."""
+        try:
+            known = self._refuses.get(model)
+        except TypeError:  # unhashable, or not weakly referenceable: decided each time
+            return _refuses_non_finite(model)
+        if known is None:
+            known = self._refuses[model] = _refuses_non_finite(model)
+        return known
 
     def predict(
         self, model: Any, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
@@ -99,6 +127,31 @@ class SklearnRuntime(Runtime):
 # The estimator methods a request may name as outputs (KServe V2 `outputs`), as MLServer's
 # sklearn runtime offers predict and predict_proba (SeldonIO/MLServer runtimes/sklearn).
 OUTPUTS = ("predict", "predict_proba", "predict_log_proba", "decision_function", "transform")
+
+
+def _refuses_non_finite(model: Any) -> bool:
+    """One of scikit-learn's own estimators (a subclass elsewhere may treat NaN in its own
+    predict), holding no other estimator (a pipeline's first step may impute NaN; what its
+    tags say is its first step's), whose tags refuse NaN: its predict checks X with
+    `check_array`'s default, which refuses NaN and infinity."""
+    if not type(model).__module__.startswith("sklearn."):
+        return False
+    try:
+        from sklearn.utils import get_tags  # scikit-learn >= 1.6
+
+        if any(_holds_estimator(v) for v in model.get_params(deep=False).values()):
+            return False
+        return not get_tags(model).input_tags.allow_nan
+    except Exception:  # an older scikit-learn, an odd estimator: left to its own check
+        return False
+
+
+def _holds_estimator(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return any(_holds_estimator(v) for v in value)
+    if isinstance(value, dict):
+        return any(_holds_estimator(v) for v in value.values())
+    return callable(getattr(value, "fit", None))
 
 
 def _offered(model: Any) -> list[str]:
