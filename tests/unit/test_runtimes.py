@@ -593,6 +593,7 @@ class OwnNanHandling(LogisticRegression):
         return super().predict(np.nan_to_num(np.asarray(X, dtype=np.float64)))
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # quality is irrelevant here
 def test_an_estimator_defined_outside_scikit_learn_decides_for_itself(tmp_path):
     path = tmp_path / "own.joblib"
     joblib.dump(OwnNanHandling(max_iter=20).fit(DIGITS, load_digits().target), path)
