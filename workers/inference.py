@@ -101,6 +101,16 @@ class Message:
     def failed(self) -> bool:
         return self.error is not None or (not self.many and self.units[0].error is not None)
 
+    @property
+    def failure(self) -> tuple[BaseException | None, str | None]:
+        """(error, traceback) the message fails with as a whole, or (None, None): its own, or
+        its one unit's (a micro-batch's failed items are answered among its results)."""
+        if self.error is not None:
+            return self.error, self.tb
+        if not self.many and self.units[0].error is not None:
+            return self.units[0].error, self.units[0].tb
+        return None, None
+
 
 class _Abandoned(BaseException):
     """Raised in an inference thread whose predict the watchdog gave up on, when the predict
@@ -535,7 +545,7 @@ class InferenceLoop(threading.Thread):
             result = _success(model_id, m)
             value = None if result is None else success_record(backend, result, req.id, req, date_done)
             if value is None:
-                meta = _result_meta(backend, req, model_id, m, result)
+                meta = _result_meta(backend, req, m, result)
                 meta["task_id"] = req.id
                 value = backend.encode(meta)
             return key, value, reply_to
@@ -545,7 +555,7 @@ class InferenceLoop(threading.Thread):
                       why, str(exc)[:200])  # fmt: skip
         try:
             m.error, m.tb = InferenceError(f"the result could not be encoded: {why}"), None
-            meta = _result_meta(backend, req, model_id, m)
+            meta = _result_meta(backend, req, m, None)
             meta["task_id"] = req.id
             return key, backend.encode(meta), reply_to
         except Exception as exc2:
@@ -606,7 +616,7 @@ class InferenceLoop(threading.Thread):
         queued: list[float] = []
         answered = units = 0
         for m in messages:
-            error = m.error if m.error is not None else (None if m.many else m.units[0].error)
+            error, _ = m.failure
             if error is not None:
                 outcome = outcome_of(error)
                 failed[outcome] = failed.get(outcome, 0) + 1
@@ -647,8 +657,7 @@ def _error_entry(exc: BaseException) -> dict:
 
 def _success(model_id: str, m: Message) -> dict | None:
     """A message's V2 response, or None when it failed as a whole."""
-    error = m.error if m.error is not None else (None if m.many else m.units[0].error)
-    if error is not None:
+    if m.failed:
         return None
     req = m.pending.req
     if m.many:
@@ -664,13 +673,10 @@ def _success(model_id: str, m: Message) -> dict | None:
     return {"model_name": model_id, "id": req.id, "outputs": encode_outputs(m.units[0].outputs)}
 
 
-def _result_meta(backend: Any, req: Any, model_id: str, m: Message, result: dict | None = None) -> dict:
-    """Celery's meta for a message: its FAILURE, or its SUCCESS with `result` (`_success`)."""
+def _result_meta(backend: Any, req: Any, m: Message, result: dict | None) -> dict:
+    """Celery's meta for a message: its SUCCESS with `result` (`_success`), or its FAILURE."""
     if result is None:
-        result = _success(model_id, m)
-    if result is None:
-        tb = m.tb if m.error is not None else m.units[0].tb
-        error = m.error if m.error is not None else m.units[0].error
+        error, tb = m.failure
         return backend._get_result_meta(backend.prepare_exception(error), states.FAILURE, tb, req)
     return backend._get_result_meta(result, states.SUCCESS, None, req)
 
@@ -747,8 +753,7 @@ def _complete_all(messages: list[Message], acked: list, runtime_s: float, dispat
             if not m.failed:
                 req.send_event("task-succeeded", result=_summary(m), runtime=runtime_s)
             else:
-                error = m.error if m.error is not None else m.units[0].error
-                tb = m.tb if m.error is not None else m.units[0].tb
+                error, tb = m.failure
                 req.send_event("task-failed", exception=saferepr(error), traceback=tb or "")
         except Exception as exc:
             log.error("could not send the task event of %r: %s: %s", req.id, type(exc).__name__, str(exc)[:200])
