@@ -118,6 +118,7 @@ class MeshClient:
         self._replies: ReplyListener | None = None
         self._replies_lock = threading.Lock()
         self._routes: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): `_prepare_off_loop`
+        self._routes_lock = threading.Lock()
 
     def close(self) -> None:
         replies, self._replies = self._replies, None
@@ -471,7 +472,7 @@ class MeshClient:
         routes = self._routes
         if routes is not None and routes[0] == os.getpid():
             return routes[1]
-        with self._replies_lock:
+        with self._routes_lock:
             if self._routes is None or self._routes[0] != os.getpid():  # a forked child gets its own
                 self._routes = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-route"))
             return self._routes[1]

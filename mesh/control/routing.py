@@ -122,9 +122,12 @@ class Router:
             if concrete is None:
                 return False
             cfg = self._configs.get(concrete, _UNCACHED)
-            if cfg is _UNCACHED or cfg is None or cfg.value("max_queue_size"):
-                return False
-            return concrete in self._serving
+            return cfg is not _UNCACHED and self._served_from_memory(concrete, cfg)
+
+    def _served_from_memory(self, model_id: str, cfg: EffectiveConfig | None) -> bool:
+        """Whether a request to `model_id` (with config `cfg`) skips the route: a live copy
+        seen lately, and no queue limit to check (`_config_lock` held)."""
+        return cfg is not None and not cfg.value("max_queue_size") and model_id in self._serving
 
     def model_config(self, model_id: str) -> EffectiveConfig | None:
         """The model's effective per-model config, cached briefly (one HGET per model per TTL).
@@ -152,11 +155,10 @@ class Router:
         `loads`: the load command, if one is due, is added there instead of being sent, for the
         caller to push with its request in one round trip (`MeshClient`), the command first."""
         cfg = self.model_config(model_id)
+        with self._config_lock:
+            if self._served_from_memory(model_id, cfg):
+                return cfg
         max_queue = cfg.value("max_queue_size") if cfg is not None else 0
-        if cfg is not None and not max_queue:
-            with self._config_lock:
-                if model_id in self._serving:
-                    return cfg
         route, placement, loaded_for = self._route(model_id, max_queue)
         if route is Route.NOT_FOUND:
             with self._config_lock:
