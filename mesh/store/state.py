@@ -218,6 +218,12 @@ WANTED_MAX = 10_000  # hints a flood of cold requests (or a hostile producer) ca
 QUEUE_LISTS_REMEMBERED = 20_000  # models whose queue lists a store keeps named (`_queue_lists`)
 
 
+def wrong_type(exc: BaseException) -> bool:
+    """Whether Redis refused a command because its key holds another type (WRONGTYPE; a
+    pipeline's error names the command before Redis's words)."""
+    return isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc)
+
+
 def list_length(reply: object) -> int:
     """An LLEN's reply from a pipeline run with `raise_on_error=False`. A queue's list holding
     another type (any producer may write one; the pop script skips it) counts as empty: it
@@ -225,7 +231,7 @@ def list_length(reply: object) -> int:
     model at once. A connection error still raises."""
     if isinstance(reply, int):
         return reply
-    if isinstance(reply, redis.ResponseError) and "WRONGTYPE" in str(reply):
+    if isinstance(reply, Exception) and wrong_type(reply):
         return 0
     if isinstance(reply, Exception):
         raise reply
@@ -512,7 +518,7 @@ class StateStore:
         try:
             popped = self.r.brpop([self.keys.wanted], timeout=timeout_s)
         except redis.ResponseError as exc:
-            if "WRONGTYPE" not in str(exc):
+            if not wrong_type(exc):
                 raise
             dropped = self._drop_unless_list(keys=[self.keys.wanted])
             if not dropped:
@@ -756,7 +762,7 @@ class StateStore:
             try:
                 queued = self.r.lrange(src, 0, -1)  # a snapshot: the script moves what is still there
             except redis.ResponseError as exc:
-                if "WRONGTYPE" not in str(exc):
+                if not wrong_type(exc):
                     raise
                 continue  # not a list (any producer may write it): it holds no request to move
             for raw in queued:
