@@ -51,23 +51,40 @@ def wait_loaded(client, model_id: str, timeout: float = 60) -> None:
 
 
 class Producer(threading.Thread):
-    """Sends `total` requests as fast as it can; keeps every handle (and any send error)."""
+    """Sends requests as fast as it can and keeps every handle (and any send error): `total`
+    of them, or, with `backlog`, until `stop()`, holding about that many waiting in the model's
+    queue. A fixed total drains in a time set by the host's speed, so a test that waits for
+    something to happen "while a backlog waits" (a heartbeat that comes every 0.5 s, a worker
+    seen answering) raced the drain and lost on a fast host (a clean-clone CI run timed out
+    after 60 s with the queue empty); a kept backlog waits as long as the test does."""
 
-    def __init__(self, client, model_id: str, total: int, inputs=None) -> None:
+    def __init__(self, client, model_id: str, total: int | None = None, inputs=None,
+                 backlog: int | None = None) -> None:  # fmt: skip
         super().__init__(daemon=True)
-        self.client, self.model_id, self.total = client, model_id, total
+        assert (total is None) != (backlog is None), "a total or a backlog to keep"
+        self.client, self.model_id, self.total, self.backlog = client, model_id, total, backlog
         self.inputs = inputs or [X]
         self.sent: list[AsyncResult] = []
         self.error: BaseException | None = None
+        self._stopped = threading.Event()
 
     def run(self) -> None:
         try:
-            for _ in range(self.total):
+            while not self._stopped.is_set() and (self.total is None or len(self.sent) < self.total):
+                if self.backlog is not None and len(self.sent) % 10 == 0:
+                    while self.client.store.queue_depth(self.model_id, [0, 5]) >= self.backlog:
+                        if self._stopped.wait(0.005):
+                            return
                 self.sent.append(self.client.infer(model_id=self.model_id, inputs=self.inputs))
         except BaseException as exc:  # reported by the test
             self.error = exc
 
+    def stop(self) -> None:
+        self._stopped.set()
+
     def finish(self, timeout: float = 120) -> list[AsyncResult]:
+        if self.backlog is not None:
+            self.stop()
         self.join(timeout=timeout)
         assert not self.is_alive(), "producer did not finish"
         assert self.error is None, f"a send failed: {self.error!r}"

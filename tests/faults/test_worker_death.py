@@ -59,7 +59,7 @@ def _slow_model_on_two_workers(client, workers, tmp_path, **env):
 def test_sigkill_mid_batch_every_request_is_answered(client, workers, tmp_path):
     victim, survivor = _slow_model_on_two_workers(client, workers, tmp_path)
 
-    producer = Producer(client, "m", total=800)
+    producer = Producer(client, "m", backlog=200)  # sending until after the kill
     producer.start()
     # kill once the victim is answering (its heartbeat counts requests) and a backlog waits,
     # so it holds buffered requests and a batch in flight when it dies
@@ -76,7 +76,7 @@ def test_sigkill_mid_batch_every_request_is_answered(client, workers, tmp_path):
 
     counts = outcomes(results, timeout=120)
     assert counts == {"answered": len(results), "wrong": 0, "failed": 0}, counts
-    assert len(results) == 800
+    assert len(results) >= 200
     # nothing left behind in the broker: every redelivered request was acked by the survivor
     wait_for(lambda: client.store.r.hlen(unacked) == 0, 30, what="the unacked set to drain")
     assert survivor.alive()
@@ -186,7 +186,7 @@ def test_warm_shutdown_under_load_stores_and_acks_every_batch_it_predicted(clien
     # here, and the unacked set does not drain.
     victim, survivor = _slow_model_on_two_workers(client, workers, tmp_path)
 
-    producer = Producer(client, "m", total=600)
+    producer = Producer(client, "m", backlog=200)  # sending until the victim has exited
     producer.start()
     wait_for(
         lambda: served_by(client, "m").get(victim.full_name, 0) > 0
@@ -198,7 +198,7 @@ def test_warm_shutdown_under_load_stores_and_acks_every_batch_it_predicted(clien
 
     counts = outcomes(results, timeout=60)
     assert counts == {"answered": len(results), "wrong": 0, "failed": 0}, counts
-    assert len(results) == 600
+    assert len(results) >= 200
     unacked = client.keys.kombu_prefix + "unacked"
     wait_for(lambda: client.store.r.hlen(unacked) == 0, 30, what="the unacked set to drain")
     assert survivor.alive()
