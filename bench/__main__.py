@@ -18,6 +18,7 @@ MODES = {
     "closedloop": "bench.closedloop",
     "coldpath": "bench.coldpath",  # the producer side of a cold request, no worker
     "intake": "bench.intake",  # a consumer's CPU per message by queues consumed, no worker
+    "loadcost": "bench.loadcost",  # a load's worker CPU, plain Celery and mesh
     "planner": "bench.planner_tick",  # a scheduler tick against Redis at 100,000 models
     "gateway": "bench.gateway",  # not in `all` yet: figures to be recorded in docs/benchmarks.md
     "soak": "bench.soak",  # not in `all`: ten minutes by default (docs/reliability.md)

@@ -20,6 +20,7 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -194,20 +195,35 @@ def machine_cpu() -> tuple[float, float]:
     return (sum(fields) - idle) / tick, sum(fields) / tick
 
 
+def pooled_thread_cpu_seconds(pids: Sequence[int]) -> dict[str, float]:
+    """`thread_cpu_seconds` of all the processes, a pool's numbered threads (mesh-fetch_0,
+    mesh-fetch_1) as one role (mesh-fetch)."""
+    out: dict[str, float] = {}
+    for pid in pids:
+        for name, seconds in thread_cpu_seconds(pid).items():
+            role = re.sub(r"_\d+$", "", name)
+            out[role] = out.get(role, 0.0) + seconds
+    return out
+
+
 class CpuMeter:
-    """CPU used by some processes and by the whole machine between `start()` and `stop()`."""
+    """CPU used by some processes (in all, and by thread role) and by the whole machine between
+    `start()` and `stop()`. A thread that ended in between is missing from the roles."""
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
 
     def start(self) -> CpuMeter:
         self._procs0, self._machine0 = cpu_seconds(self.pids), machine_cpu()
+        self._threads0 = pooled_thread_cpu_seconds(self.pids)
         return self
 
     def stop(self) -> dict:
         procs, (busy, total) = cpu_seconds(self.pids), machine_cpu()
+        threads = pooled_thread_cpu_seconds(self.pids)
         busy0, total0 = self._machine0
         return {"cpu_s": procs - self._procs0,
+                "threads_cpu_s": {k: v - self._threads0.get(k, 0.0) for k, v in threads.items()},
                 "machine_busy": (busy - busy0) / (total - total0) if total > total0 else float("nan")}
 
 
