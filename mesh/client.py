@@ -114,7 +114,7 @@ class MeshClient:
             self.app = create_app(settings, url)
         self.router = Router(self.app, self.store)
         self._publisher = InferPublisher(self._redis, self.keys)
-        self._outbox = Outbox(self._publisher.push)
+        self._outbox = Outbox(self._publisher.push_sends)
         self._replies: ReplyListener | None = None
         self._replies_lock = threading.Lock()
         self._routes: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): `_prepare_off_loop`
@@ -516,7 +516,7 @@ class MeshClient:
                 try:
                     self._publisher.push(loads)
                 except Exception as exc:  # the request's own error is the one to raise
-                    if not self._loads_refused(concrete, exc):
+                    if not self._loads_refused(concrete, exc, loads):
                         log.warning("could not send the load of %s: %s", concrete, exc)
             raise
         return handle, [*loads, prepared], concrete
@@ -559,18 +559,20 @@ class MeshClient:
         """What to push again after the push of `messages` failed with `exc`: the request
         alone when the load command ahead of it was refused (`_loads_refused`), else None (the
         error is the request's)."""
-        if len(messages) < 2 or not self._loads_refused(concrete, exc):
+        if len(messages) < 2 or not self._loads_refused(concrete, exc, messages[:-1]):
             return None
         return messages[-1:]
 
-    def _loads_refused(self, concrete: str, exc: Exception) -> bool:
-        """True when a push holding a load command failed because this producer's Redis user
-        may not write a worker's queue: the workers place that load instead, and the request
-        is to be pushed alone. Under the documented ACLs (docs/security.md) such a producer
-        cannot claim a load either, so it never gets here."""
+    def _loads_refused(self, concrete: str, exc: Exception, loads: Sequence[Prepared]) -> bool:
+        """True when a push of load commands (`loads`) failed because this producer's Redis
+        user may not write a worker's queue: their placements are undone, the workers place
+        that load instead, and the request is to be pushed alone. Under the documented ACLs
+        (docs/security.md) such a producer cannot claim a load either, so it never gets here;
+        a hand-made user that may claim loads can (tests/faults/test_acl.py)."""
         if not is_permission_error(exc):
             return False
-        self.router.loads_refused(concrete, exc)
+        workers = [w for w in (self.keys.worker_from_queue(p.queue) for p in loads) if w is not None]
+        self.router.loads_refused(concrete, exc, workers)
         return True
 
     def _reply_listener(self) -> ReplyListener:

@@ -40,21 +40,38 @@ from mesh.protocol.messages import COMMAND_TASK, INFER_TASK
 
 # Each message onto its queue's list and the queue's bell rung (mesh/broker/transport.py
 # `ring`), as one atomic step: a consumer woken by the bell always finds the message. KEYS are
-# pairs (list, bell); ARGV[1] the bell's TTL, then one message per pair. A bell that is not a
-# list (any producer may write one) is replaced: it failed the push after its message was on
-# the list (a script's writes stay when it fails), and the producer's caller saw an error for a
-# request that would be served.
+# pairs (list, bell); ARGV[1] the bell's TTL, ARGV[2] the sizes of the sends the call carries
+# (space-separated), then one message per pair. A send's messages (a load command, then its
+# request) go in order and stop at the first that fails; the sends are independent of each
+# other: one outcome per send, 1 or the error of its failed message. An asyncio loop's sends of
+# one turn share a call (`Outbox`): with `redis.call` a queue another producer squatted (a
+# string where its list goes) stopped the whole call, and the sends before it were on their
+# queues while their callers got its error. A bell that is not a list (any producer may write
+# one) is replaced: it failed the push after its message was on the list.
 PUSH_AND_RING = """
-for i = 1, #KEYS, 2 do
-  redis.call('LPUSH', KEYS[i], ARGV[(i + 1) / 2 + 1])
-  local rung = redis.pcall('LPUSH', KEYS[i + 1], 1)
-  if type(rung) == 'table' and rung.err then
-    redis.call('DEL', KEYS[i + 1])
-    redis.call('LPUSH', KEYS[i + 1], 1)
+local outcomes, i = {}, 1
+for size in string.gmatch(ARGV[2], '%d+') do
+  local outcome = 1
+  for _ = 1, tonumber(size) do
+    if outcome == 1 then
+      local pushed = redis.pcall('LPUSH', KEYS[i], ARGV[(i + 1) / 2 + 2])
+      if type(pushed) == 'table' and pushed.err then
+        outcome = pushed
+      else
+        local rung = redis.pcall('LPUSH', KEYS[i + 1], 1)
+        if type(rung) == 'table' and rung.err then
+          redis.call('DEL', KEYS[i + 1])
+          redis.call('LPUSH', KEYS[i + 1], 1)
+        end
+        redis.call('LTRIM', KEYS[i + 1], 0, 0)
+        redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
+      end
+    end
+    i = i + 2
   end
-  redis.call('LTRIM', KEYS[i + 1], 0, 0)
-  redis.call('PEXPIRE', KEYS[i + 1], ARGV[1])
+  outcomes[#outcomes + 1] = outcome
 end
+return outcomes
 """
 PUSH_MAX = 256  # messages per script call: keeps one call short for the server
 
@@ -121,15 +138,41 @@ class InferPublisher:
                         body_size, queue, all_headers, kwargs, COMMAND_TASK)  # fmt: skip
 
     def push(self, prepared: Sequence[Prepared]) -> None:
-        """Push messages and ring their bells: one round trip per PUSH_MAX messages."""
-        for i in range(0, len(prepared), PUSH_MAX):
-            chunk = prepared[i : i + PUSH_MAX]
-            keys = [k for p in chunk for k in (p.list_key, p.bell_key)]
-            self._push(keys=keys, args=[BELL_TTL_MS, *(p.message for p in chunk)])
-            if signals.after_task_publish.receivers:
-                for p in chunk:
+        """Push messages in order and ring their bells, as one send: the first message that
+        fails raises its error, and the ones after it are not pushed."""
+        (error,) = self.push_sends([prepared])
+        if error is not None:
+            raise error
+
+    def push_sends(self, sends: Sequence[Sequence[Prepared]]) -> list[BaseException | None]:
+        """Push several sends (each a list of messages, as `push` takes) in one round trip per
+        PUSH_MAX messages: each send's outcome, None or the error of its message that failed (a
+        Redis error of the call itself, a lost connection, raises: then nothing is known)."""
+        outcomes: list[BaseException | None] = []
+        chunk: list[Sequence[Prepared]] = []
+        size = 0
+        for send in sends:
+            if chunk and size + len(send) > PUSH_MAX:
+                outcomes += self._push_chunk(chunk)
+                chunk, size = [], 0
+            chunk.append(send)
+            size += len(send)
+        if chunk:
+            outcomes += self._push_chunk(chunk)
+        return outcomes
+
+    def _push_chunk(self, sends: list[Sequence[Prepared]]) -> list[BaseException | None]:
+        keys = [k for send in sends for p in send for k in (p.list_key, p.bell_key)]
+        messages = [p.message for send in sends for p in send]
+        sizes = " ".join(str(len(send)) for send in sends)
+        replies = self._push(keys=keys, args=[BELL_TTL_MS, sizes, *messages])
+        outcomes = [reply if isinstance(reply, BaseException) else None for reply in replies]
+        if signals.after_task_publish.receivers:
+            for send, error in zip(sends, outcomes):
+                for p in send if error is None else ():
                     signals.after_task_publish.send(sender=p.task, body=([], p.kwargs, _EMBED),
                                                     headers=p.headers, exchange="", routing_key=p.queue)  # fmt: skip
+        return outcomes
 
     def publish(self, task_id: str, queue: str, kwargs: dict[str, Any], **options: Any) -> None:
         """`prepare` and `push` one message."""
@@ -142,37 +185,42 @@ class Outbox:
     A loop with many requests in flight wakes many of them per turn (one reply drain resolves
     them all), and each sends its next request: pushed one by one, every send would block the
     loop for a round trip. Here the first send of a turn schedules one push for the turn's
-    end; each send returns a future that the push resolves (or fails with its error).
+    end; each send returns a future that the push resolves with that send's own outcome (its
+    error, when its queue refused it; every send's, when the call itself failed).
     """
 
-    def __init__(self, push: Callable[[Sequence[Prepared]], None]) -> None:
-        self._push = push
-        self._turns: dict[asyncio.AbstractEventLoop, tuple[list[Prepared], list[asyncio.Future]]] = {}
+    def __init__(self, push_sends: Callable[[Sequence[Sequence[Prepared]]], list[BaseException | None]]) -> None:
+        self._push_sends = push_sends
+        self._turns: dict[asyncio.AbstractEventLoop, tuple[list[Sequence[Prepared]], list[asyncio.Future]]] = {}
 
     def send(self, *prepared: Prepared) -> asyncio.Future:
-        """A future for the push of `prepared` (pushed in this order, in one call)."""
+        """A future for the push of `prepared` (pushed in this order, as one send)."""
         loop = asyncio.get_running_loop()
         turn = self._turns.get(loop)
         if turn is None:
             turn = self._turns[loop] = ([], [])
             loop.call_soon(self._flush, loop)
         future = loop.create_future()
-        turn[0].extend(prepared)
+        turn[0].append(prepared)
         turn[1].append(future)
         return future
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        messages, futures = self._turns.pop(loop)
+        sends, futures = self._turns.pop(loop)
         try:
-            self._push(messages)
+            outcomes = self._push_sends(sends)
         except Exception as exc:
             for future in futures:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for future in futures:
-            if not future.done():
+        for future, error in zip(futures, outcomes):
+            if future.done():
+                continue
+            if error is None:
                 future.set_result(None)
+            else:
+                future.set_exception(error)
 
 
 def infer_message(

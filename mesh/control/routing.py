@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -222,9 +223,12 @@ class Router:
             self._may_not_place(exc)
             self.store.want_load(model_id)  # the workers place it instead
 
-    def loads_refused(self, model_id: str, exc: BaseException) -> None:
-        """The push of a load command `prepare` returned was refused (this producer's Redis
-        user may not write workers' queues): the workers place the load instead."""
+    def loads_refused(self, model_id: str, exc: BaseException, workers: Iterable[str]) -> None:
+        """The push of the load commands `route` returned, for `workers`, was refused (this
+        producer's Redis user may place loads but not write workers' queues): the placements
+        are undone and the workers place the load instead."""
+        for worker in workers:
+            self.store.unplace(model_id, worker)
         self._may_not_place(exc)
         self.store.want_load(model_id)
 

@@ -90,6 +90,11 @@ class Keys:
     def worker_queue(self, worker: str) -> str:
         return f"{self.prefix}.worker.{worker}"
 
+    def worker_from_queue(self, queue: str) -> str | None:
+        """The worker whose private queue this is; None for any other queue."""
+        head = f"{self.prefix}.worker."
+        return (queue[len(head) :] or None) if queue.startswith(head) else None
+
     def model_from_queue(self, queue: str) -> str | None:
         """The model id of a model queue; None for any other queue, and for a name under
         `<prefix>.model.` that is no encoding of a valid id (a producer made it up)."""

@@ -173,6 +173,21 @@ end
 return 1
 """
 
+# A placement undone (`unplace`): the copy record only while it is the LOADING one a placement
+# writes (a copy the worker marked LOADED came from a load it did; a record that is no JSON
+# object is left as it is), the claim only while it names the worker, the worker's line entry.
+_UNPLACE_LUA = """
+local copy = redis.call('HGET', KEYS[1], ARGV[1])
+if copy then
+  local ok, rec = pcall(cjson.decode, copy)
+  if ok and type(rec) == 'table' and rec.state == 'LOADING' then redis.call('HDEL', KEYS[1], ARGV[1]) end
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('ZREM', KEYS[3], ARGV[2])
+""" + lua_log_change("KEYS[4]", "ARGV[2]") + """
+return 1
+"""
+
 # The models whose queue holds requests, among those whose lists are KEYS (ARGV[1] lists per
 # model, in order): a flat array of {index, depth} for those only.
 # A key of another type (any producer may write a queue's lists) counts as empty: the pop
@@ -267,6 +282,7 @@ class StateStore:
         # only read the registry could not run the declared form (docs/security.md).
         self._route_read_only = client.register_script("local KEYS = cjson.decode(ARGV[#ARGV])\n" + _ROUTE_LUA)
         self._mark_copy = client.register_script(_MARK_COPY_LUA)
+        self._unplace = client.register_script(_UNPLACE_LUA)
         self._move = client.register_script(_MOVE_LUA)
         self._release_lock = client.register_script(_RELEASE_LOCK_LUA)
         self._queued = client.register_script(_QUEUED_LUA)
@@ -500,6 +516,15 @@ class StateStore:
             exclude, now,
         )  # fmt: skip
         return Routed(Route.CLAIMED, placement)
+
+    def unplace(self, model_id: str, worker: str) -> None:
+        """Undo a placement on `worker` whose load command could not be sent (`route_and_place`
+        wrote the LOADING copy, the claim and the line entry; the worker never heard of it):
+        left in place, they held the model as loading on `worker`, and its requests waited for
+        a load nobody ran until the claim expired (a load timeout and 5 s)."""
+        k = self.keys
+        self._unplace(keys=[k.copies(model_id), k.load_claim(model_id), k.load_line(worker), k.changes],
+                      args=[worker, model_id])  # fmt: skip
 
     def want_load(self, model_id: str) -> None:
         """Ask the workers to load a model nobody serves or loads (a producer that may not

@@ -30,13 +30,15 @@ from tests.integration.test_foundation import answer, seed_tensor, sklearn_info
 
 from .test_security import SYSTEM_REDIS
 
-OPERATOR_PW, PRODUCER_PW = "operator-pw-5f1c", "producer-pw-9d2e"
+OPERATOR_PW, PRODUCER_PW, PLACER_PW = "operator-pw-5f1c", "producer-pw-9d2e", "placer-pw-41aa"
 
 
 @pytest.fixture
-def acl_redis(tmp_path: Path, prefix: str) -> Iterator[tuple[str, str]]:
-    """(operator URL, producer URL) of a private redis-server 7 with the mesh's two users; the
-    default user is off."""
+def acl_redis(tmp_path: Path, prefix: str) -> Iterator[tuple[str, str, str]]:
+    """(operator URL, producer URL, placer URL) of a private redis-server 7 with the mesh's two
+    users, and a producer that may also claim loads (not a documented user: a hand-made ACL
+    that lets a producer place a load but not send the worker its command); the default user is
+    off."""
     assert shutil.which(SYSTEM_REDIS) or os.path.exists(SYSTEM_REDIS), f"{SYSTEM_REDIS} (Redis 7) is needed"
     directory = tmp_path / "redis-acl"
     directory.mkdir()
@@ -49,9 +51,17 @@ def acl_redis(tmp_path: Path, prefix: str) -> Iterator[tuple[str, str]]:
         keys = Keys(prefix)
         admin.execute_command(*setuser_command("operator", OPERATOR_PW, operator_rules(keys)))
         admin.execute_command(*setuser_command("producer", PRODUCER_PW, producer_rules(keys)))
+        # what routing and placing a load name or write (mesh/store/state.py `_route_call`,
+        # `_place`; Redis 7 asks a script's declared keys to be writable too): the registry and
+        # the workers' set, the claim, the copies, the failures, the worker's line of loads, the
+        # change log. Not the workers' queues.
+        placing = [f"~{keys.models}", f"~{keys.workers}", f"~{keys.changes}",
+                   *(f"~{keys.prefix}:{kind}:*" for kind in ("loadclaim", "copies", "failures", "loadline"))]  # fmt: skip
+        admin.execute_command(*setuser_command("placer", PLACER_PW, producer_rules(keys) + placing))
         admin.execute_command("ACL", "SETUSER", "default", "off")
         admin.close()
-        yield (f"redis://operator:{OPERATOR_PW}@127.0.0.1:{port}/0", f"redis://producer:{PRODUCER_PW}@127.0.0.1:{port}/0")
+        yield (f"redis://operator:{OPERATOR_PW}@127.0.0.1:{port}/0", f"redis://producer:{PRODUCER_PW}@127.0.0.1:{port}/0",
+               f"redis://placer:{PLACER_PW}@127.0.0.1:{port}/0")
     finally:
         proc.stop()
 
@@ -67,7 +77,7 @@ UTF8 = "模型 a/b*?%"
 
 
 def test_a_producer_user_infers_but_cannot_manage(acl_redis, workers, prefix, tmp_path, svm_path, seed_input):
-    operator_url, producer_url = acl_redis
+    operator_url, producer_url, _ = acl_redis
     w = workers("w1", MESH_REDIS_URL=operator_url)
     operator = MeshClient(redis_url=operator_url, prefix=prefix)
     producer = MeshClient(redis_url=producer_url, prefix=prefix)
@@ -132,6 +142,45 @@ def test_a_producer_user_infers_but_cannot_manage(acl_redis, workers, prefix, tm
         assert w.alive()
     finally:
         producer.close()
+        operator.close()
+
+
+@pytest.mark.parametrize("use_asyncio", [False, True])
+def test_a_producer_that_may_place_a_load_but_not_command_a_worker_sends_its_request_alone(
+    acl_redis, workers, prefix, svm_path, seed_input, use_asyncio
+):
+    """A cold request's load command and the request go in one push, the command first
+    (`MeshClient._prepare`). A producer whose user may claim the load but not write the worker's
+    queue has that push refused at the command: the request is pushed alone, the workers are
+    asked to load the model (`wanted`), and the producer places no load again."""
+    operator_url, _, placer_url = acl_redis
+    w = workers("w1", MESH_REDIS_URL=operator_url)
+    operator = MeshClient(redis_url=operator_url, prefix=prefix)
+    placer = MeshClient(redis_url=placer_url, prefix=prefix)
+    good = [seed_tensor(seed_input)]
+    try:
+        operator.register_model("digits", sklearn_info(svm_path))
+        operator.register_model("other", sklearn_info(svm_path))
+        if use_asyncio:
+            import asyncio
+
+            async def both() -> list[dict]:  # sent in one loop turn, the second cold too
+                return await asyncio.gather(placer.infer_async("digits", inputs=good),
+                                            placer.infer_async("other", inputs=good))  # fmt: skip
+
+            answers = [answer(r) for r in asyncio.run(asyncio.wait_for(both(), 90))]
+        else:
+            answers = [answer(placer.infer(model_id=m, inputs=good).get(timeout=60)) for m in ("digits", "other")]
+        assert answers == [8, 8]
+        assert not placer.router._places_loads  # it asks the workers from now on
+        assert [c.worker for c in operator.get_model_status("digits").copies] == [w.full_name]
+        # nothing of the refused command anywhere: the worker's queue holds no message
+        raw = redis.Redis.from_url(operator_url)
+        assert raw.llen(operator.keys.queue_list_key(operator.keys.worker_queue(w.full_name), 0)) == 0
+        raw.close()
+        assert w.alive()
+    finally:
+        placer.close()
         operator.close()
 
 

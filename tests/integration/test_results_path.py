@@ -14,7 +14,7 @@ from celery.result import AsyncResult
 
 from mesh import ModelInfo
 from mesh.broker.replies import MeshResult
-from mesh.protocol.messages import INFER_TASK, MODEL_HEADER
+from mesh.protocol.messages import INFER_TASK, MODEL_HEADER, PRIORITIES
 from mesh.tools.launcher import REPO_ROOT
 
 
@@ -87,3 +87,34 @@ def test_infer_many_async_answers_each_item(client, workers, svm_path, seed_inpu
     register(client, svm_path)
     out = asyncio.run(client.infer_many_async("digits", inputs=[seed_tensor(seed_input)] * 3))
     assert [item["outputs"][0]["data"] for item in out["results"]] == [[8]] * 3
+
+
+def test_a_send_that_fails_in_a_loop_turn_fails_alone(client, workers, svm_path, seed_input, redis_url):
+    """The sends of one loop turn share one push (mesh/broker/publisher.py `Outbox`): a queue
+    that another producer squatted (a string where its list goes) fails the requests sent to it,
+    and only those. The turn's push used to stop at it: requests sent before it in the turn were
+    on their queue and answered, yet their callers got its error; those after it were not sent."""
+    workers("w1")
+    register(client, svm_path)
+    client.register_model("other", ModelInfo(runtime="sklearn", uri=f"file://{svm_path}"), load_now=True, sync=True)
+    good = seed_tensor(seed_input)
+    for model_id in ("digits", "other"):  # remembered as served: all three route in one turn
+        assert client.infer(model_id, inputs=good).get(timeout=30)["outputs"][0]["data"] == [8]
+    rds = redis.Redis.from_url(redis_url)
+    squatted = client.keys.queue_list_key(client.keys.model_queue("other"), PRIORITIES["normal"])
+    rds.set(squatted, "squatted")
+    try:
+
+        async def main() -> list:
+            sends = (client.infer_async(m, inputs=good) for m in ("digits", "other", "digits"))
+            return await asyncio.gather(*sends, return_exceptions=True)
+
+        first, refused, last = asyncio.run(asyncio.wait_for(main(), 60))
+        assert isinstance(refused, redis.ResponseError) and "WRONGTYPE" in str(refused), refused
+        assert not isinstance(first, BaseException), first
+        assert not isinstance(last, BaseException), last
+        assert first["outputs"][0]["data"] == last["outputs"][0]["data"] == [8]
+        assert rds.get(squatted) == b"squatted"  # nothing pushed past it, nothing replaced
+    finally:
+        rds.delete(squatted)
+        rds.close()

@@ -116,3 +116,13 @@ def test_acl_patterns_cover_encoded_queues_and_hold_no_encoded_star():
     for model_id in ODD:
         queue_key = keys.queue_list_key(keys.model_queue(model_id), 5)
         assert queue_key.startswith("p:p.model.") and not re.search(r"[*?\[\]\\]", queue_key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1, max_size=60))
+def test_a_workers_name_comes_back_from_its_queue_and_from_no_other(name):
+    keys = Keys("p")
+    assert keys.worker_from_queue(keys.worker_queue(name)) == name
+    assert keys.worker_from_queue(keys.model_queue("m")) is None
+    assert keys.worker_from_queue(keys.worker_queue("")) is None
+    assert keys.worker_from_queue(f"q.worker.{name}") is None  # another mesh's

@@ -173,26 +173,33 @@ def test_one_push_carries_messages_for_several_queues(rds, prefix):
 
 
 def test_an_asyncio_loop_sends_what_one_turn_produced_in_one_push():
-    pushes: list[list[str]] = []
-    outbox = Outbox(lambda prepared: pushes.append([p.message for p in prepared]))
+    pushes: list[list[list[str]]] = []
+
+    def push_sends(sends):
+        pushes.append([[p.message for p in send] for send in sends])
+        return [None] * len(sends)
+
+    outbox = Outbox(push_sends)
 
     async def main() -> None:
-        await asyncio.gather(*(outbox.send(Prepared("l", "b", str(i))) for i in range(5)))
+        await asyncio.gather(*(outbox.send(Prepared("l", "b", str(i))) for i in range(4)),
+                             outbox.send(Prepared("w", "b", "load"), Prepared("l", "b", "4")))  # fmt: skip
         await outbox.send(Prepared("l", "b", "next turn"))
 
     asyncio.run(main())
-    assert pushes == [["0", "1", "2", "3", "4"], ["next turn"]]
+    assert pushes == [[["0"], ["1"], ["2"], ["3"], ["load", "4"]], [["next turn"]]]
 
 
 def test_a_failed_push_fails_every_send_of_its_turn_and_no_other():
     calls = []
 
-    def push(prepared):
-        calls.append(len(prepared))
+    def push_sends(sends):
+        calls.append(len(sends))
         if len(calls) == 1:
             raise redis.ConnectionError("Redis went away")
+        return [None] * len(sends)
 
-    outbox = Outbox(push)
+    outbox = Outbox(push_sends)
 
     async def main() -> list:
         first = await asyncio.gather(*(outbox.send(Prepared("l", "b", str(i))) for i in range(3)),
@@ -203,6 +210,51 @@ def test_a_failed_push_fails_every_send_of_its_turn_and_no_other():
     outcomes = asyncio.run(main())
     assert [type(o) for o in outcomes] == [redis.ConnectionError] * 3
     assert calls == [3, 1]
+
+
+def test_a_send_a_queue_refuses_fails_alone_and_stops_its_own_messages_only(rds, prefix):
+    """A queue another producer squatted (a string where its list goes): the sends to it fail
+    with its error, a send's messages after the failed one are not pushed, and the other sends
+    of the same call are pushed and rung (asyncio's sends of one turn share a call)."""
+    keys = Keys(prefix)
+    publisher = InferPublisher(rds, keys)
+
+    def message(i: int, model_id: str):
+        return publisher.prepare(f"id{i}", keys.model_queue(model_id), KWARGS, priority=0, headers={}, shadow="s",
+                                 reply_to="r")  # fmt: skip
+
+    squatted = keys.queue_list_key(keys.model_queue("bad"), 0)
+    rds.set(squatted, "squatted")
+    outcomes = publisher.push_sends([[message(0, "a")], [message(1, "bad"), message(2, "b")], [message(3, "a")]])
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], redis.ResponseError) and "WRONGTYPE" in str(outcomes[1])
+    ids = lambda m: [json.loads(x)["headers"]["id"] for x in rds.lrange(keys.queue_list_key(keys.model_queue(m), 0), 0, -1)]  # noqa: E731
+    assert ids("a") == ["id3", "id0"] and ids("b") == []  # the bad send's second message never went
+    assert rds.exists(keys.queue_bell(keys.model_queue("a"))) and not rds.exists(keys.queue_bell(keys.model_queue("b")))
+    assert rds.get(squatted) == b"squatted"
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):  # one send: its error raised
+        publisher.push([message(4, "bad")])
+
+
+def test_sends_past_one_call_are_split_between_sends_never_inside_one(rds, prefix, monkeypatch):
+    import mesh.broker.publisher as publisher_module
+
+    monkeypatch.setattr(publisher_module, "PUSH_MAX", 3)
+    keys = Keys(prefix)
+    publisher = InferPublisher(rds, keys)
+    calls: list[list[int]] = []
+    real = publisher._push
+
+    def counting(keys, args):
+        calls.append([int(n) for n in args[1].split()])
+        return real(keys=keys, args=args)
+
+    publisher._push = counting
+    sends = [[publisher.prepare(f"id{i}{j}", keys.model_queue("a"), KWARGS, priority=0, headers={}, shadow="s",
+                                reply_to="r") for j in range(n)] for i, n in enumerate([2, 2, 1, 1, 1])]  # fmt: skip
+    assert publisher.push_sends(sends) == [None] * 5
+    assert calls == [[2], [2, 1], [1, 1]]
+    assert rds.llen(keys.queue_list_key(keys.model_queue("a"), 0)) == 7
 
 
 def test_celerys_publish_signals_run_and_may_add_headers(rds, prefix):

@@ -125,6 +125,28 @@ def round_trips(monkeypatch) -> list[str]:
     return trips
 
 
+def test_unplace_undoes_a_placement_and_nothing_a_worker_did(store):
+    """A placement whose load command could not be sent (`MeshClient._loads_refused`): its
+    LOADING copy, claim and line entry go, and the model routes cold again; a copy the worker
+    has marked LOADED, and a claim another holder took, stay."""
+    store.register_model("a", INFO)
+    heartbeat(store, "w1")
+    assert store.route_and_place("a", "c1") == Routed(Route.CLAIMED, Placement("w1"))
+    store.unplace("a", "w1")
+    assert store.model_status("a").copies == [] and line(store, "w1") == []
+    assert store.r.exists(store.keys.load_claim("a")) == 0
+    assert store.route_and_place("a", "c2") == Routed(Route.CLAIMED, Placement("w1"))  # cold again, placed again
+
+    store.mark_copy("a", "w1", CopyState.LOADED)
+    store.r.set(store.keys.load_claim("a"), "w2")
+    store.unplace("a", "w1")
+    assert [(c.worker, c.state) for c in store.model_status("a").copies] == [("w1", CopyState.LOADED)]
+    assert store.r.get(store.keys.load_claim("a")) == b"w2"
+    store.r.hset(store.keys.copies("a"), "w3", "not json")  # any producer may write there
+    store.unplace("a", "w3")
+    assert store.r.hget(store.keys.copies("a"), "w3") == b"not json"
+
+
 def test_a_cold_route_places_its_load_in_two_round_trips(store, monkeypatch):
     """route_and_place: the route script that claims the load also reads what placing it
     needs, so a cold request waits for two round trips (route, then the copy, claim and line
