@@ -179,7 +179,11 @@ class Router:
             if memory > 0:
                 with self._config_lock:
                     self._serving[model_id] = self._clock() + memory
-        if route is Route.CLAIMED and not self._places_loads:
+        if route is Route.CLAIMED and placement is None:
+            # routed read-only (this producer may not place loads): the workers place it. Not
+            # `not self._places_loads`, read after the route: another thread's refused load
+            # command may have cleared it since this route placed the load, which then had
+            # neither its command nor an undo (its requests waited a load timeout)
             self.store.want_load(model_id)
         elif placement is not None:
             if placement.worker is not None:
