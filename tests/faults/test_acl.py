@@ -8,6 +8,7 @@ path fails with a clear permission error and leaves the registry as it was.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Iterator
@@ -162,9 +163,8 @@ def test_a_producer_that_may_place_a_load_but_not_command_a_worker_sends_its_req
         operator.register_model("digits", sklearn_info(svm_path))
         operator.register_model("other", sklearn_info(svm_path))
         if use_asyncio:
-            import asyncio
 
-            async def both() -> list[dict]:  # sent in one loop turn, the second cold too
+            async def both() -> list[dict]:  # both cold, routed on the client's route thread
                 return await asyncio.gather(placer.infer_async("digits", inputs=good),
                                             placer.infer_async("other", inputs=good))  # fmt: skip
 
