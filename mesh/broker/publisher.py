@@ -165,7 +165,16 @@ class InferPublisher:
         keys = [k for send in sends for p in send for k in (p.list_key, p.bell_key)]
         messages = [p.message for send in sends for p in send]
         sizes = " ".join(str(len(send)) for send in sends)
-        replies = self._push(keys=keys, args=[BELL_TTL_MS, sizes, *messages])
+        try:
+            replies = self._push(keys=keys, args=[BELL_TTL_MS, sizes, *messages])
+        except redis.exceptions.NoPermissionError as exc:
+            # Redis 7 checks a script's declared keys before it runs: one key this producer's
+            # user may not write (a worker's queue, for a cold request's load command) refuses
+            # the whole call, and nothing ran. Each send again on its own, so that only the
+            # sends naming such a key fail.
+            if len(sends) == 1:
+                return [exc]
+            return [outcome for send in sends for outcome in self._push_chunk([send])]
         outcomes = [reply if isinstance(reply, BaseException) else None for reply in replies]
         if signals.after_task_publish.receivers:
             for send, error in zip(sends, outcomes):

@@ -281,3 +281,33 @@ def test_celerys_publish_signals_run_and_may_add_headers(rds, prefix):
         signals.after_task_publish.disconnect(after)
     assert seen == [("before", INFER_TASK, queue, "id1"), ("after", INFER_TASK, queue, "id1", True)]
     assert popped(rds, keys, queue, 5)["headers"]["traceparent"] == "00-abc-def-01"
+
+
+def test_a_send_whose_queue_the_user_may_not_write_fails_alone(rds, redis_url, prefix):
+    """A producer user that may write model a's queue but not b's (an ACL; Redis 7 refuses the
+    whole script call for one declared key it may not write, Redis 6 the one command): the
+    send to b fails with the permission error, the sends to a around it are pushed."""
+    keys = Keys(prefix)
+    user, password = f"{prefix}-writer", "pw-7c1e"
+    kp = keys.kombu_prefix
+    rds.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", "+@all", "-@dangerous", "-@admin",
+                        f"~{kp}{keys.model_queue('a')}*", f"~{keys.queue_bell(keys.model_queue('a'))}")  # fmt: skip
+    client = redis.Redis.from_url(redis_url, username=user, password=password)
+    try:
+        publisher = InferPublisher(client, keys)
+
+        def message(i: int, model_id: str):
+            return publisher.prepare(f"id{i}", keys.model_queue(model_id), KWARGS, priority=0, headers={},
+                                     shadow="s", reply_to="r")  # fmt: skip
+
+        outcomes = publisher.push_sends([[message(0, "a")], [message(1, "b")], [message(2, "a")]])
+        assert outcomes[0] is None and outcomes[2] is None, outcomes
+        assert isinstance(outcomes[1], redis.exceptions.NoPermissionError), outcomes
+        got = [json.loads(x)["headers"]["id"] for x in rds.lrange(keys.queue_list_key(keys.model_queue("a"), 0), 0, -1)]
+        assert got == ["id2", "id0"]
+        assert rds.llen(keys.queue_list_key(keys.model_queue("b"), 0)) == 0
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            publisher.push([message(3, "b")])
+    finally:
+        client.close()
+        rds.execute_command("ACL", "DELUSER", user)
