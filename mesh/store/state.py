@@ -176,14 +176,15 @@ return 1
 # A placement undone (`unplace`): the copy record only while it is the LOADING one a placement
 # writes (a copy the worker marked LOADED came from a load it did; a record that is no JSON
 # object is left as it is), the claim only while it names the worker, the worker's line entry.
+# A key of another type there (any writer of these keys could leave one) is passed over.
 _UNPLACE_LUA = """
-local copy = redis.call('HGET', KEYS[1], ARGV[1])
-if copy then
+local copy = redis.pcall('HGET', KEYS[1], ARGV[1])
+if type(copy) == 'string' then
   local ok, rec = pcall(cjson.decode, copy)
   if ok and type(rec) == 'table' and rec.state == 'LOADING' then redis.call('HDEL', KEYS[1], ARGV[1]) end
 end
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-redis.call('ZREM', KEYS[3], ARGV[2])
+if redis.pcall('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.pcall('ZREM', KEYS[3], ARGV[2])
 """ + lua_log_change("KEYS[4]", "ARGV[2]") + """
 return 1
 """

@@ -145,6 +145,11 @@ def test_unplace_undoes_a_placement_and_nothing_a_worker_did(store):
     store.r.hset(store.keys.copies("a"), "w3", "not json")  # any producer may write there
     store.unplace("a", "w3")
     assert store.r.hget(store.keys.copies("a"), "w3") == b"not json"
+    store.r.set(store.keys.copies("b"), "a string")  # keys of another type: passed over
+    store.r.hset(store.keys.load_claim("b"), "x", "y")
+    store.r.set(store.keys.load_line("w3"), "a string")
+    store.unplace("b", "w3")
+    assert store.r.get(store.keys.copies("b")) == b"a string"
 
 
 def test_a_cold_route_places_its_load_in_two_round_trips(store, monkeypatch):
