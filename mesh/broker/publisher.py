@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from celery import signals
 from celery.utils.saferepr import saferepr
 
 from mesh.protocol import jsonwire
-from mesh.protocol.keys import BELL_TTL_MS, Keys
+from mesh.protocol.keys import AS_LIST_LUA, BELL_TTL_MS, Keys
 from mesh.protocol.messages import COMMAND_TASK, INFER_TASK
 
 # Each message onto its queue's list and the queue's bell rung (mesh/broker/transport.py
@@ -43,24 +44,34 @@ from mesh.protocol.messages import COMMAND_TASK, INFER_TASK
 # pairs (list, bell); ARGV[1] the bell's TTL, ARGV[2] the sizes of the sends the call carries
 # (space-separated), then one message per pair. A send's messages (a load command, then its
 # request) go in order and stop at the first that fails; the sends are independent of each
-# other: one outcome per send, 1 or the error of its failed message. An asyncio loop's sends of
-# one turn share a call (`Outbox`): with `redis.call` a queue another producer squatted (a
-# string where its list goes) stopped the whole call, and the sends before it were on their
-# queues while their callers got its error. A bell that is not a list (any producer may write
-# one) is replaced: it failed the push after its message was on the list.
-PUSH_AND_RING = """
-local outcomes, i = {}, 1
+# other. An asyncio loop's sends of one turn share a call (`Outbox`): with `redis.call` one
+# refused message stopped the whole call, and the sends before it were on their queues while
+# their callers got its error. Returns {one outcome per send (1, or the error of its failed
+# message), {key, type} of each key replaced}.
+# A queue's list or bell that holds another type (any producer may write them) is replaced
+# (`AS_LIST_LUA`, as the scripts that put messages back do: docs/reliability.md, findings 9
+# and 10): a string where a model's list goes made every request to that model fail until an
+# operator deleted it, and a bell that is not a list failed the push after its message was on
+# the list. Nothing of a queue is lost: its messages are only ever in lists. Only a refused
+# LPUSH pays the type check.
+PUSH_AND_RING = AS_LIST_LUA + """
+local outcomes, replaced, i = {}, {}, 1
 for size in string.gmatch(ARGV[2], '%d+') do
   local outcome = 1
   for _ = 1, tonumber(size) do
     if outcome == 1 then
-      local pushed = redis.pcall('LPUSH', KEYS[i], ARGV[(i + 1) / 2 + 2])
+      local message = ARGV[(i + 1) / 2 + 2]
+      local pushed = redis.pcall('LPUSH', KEYS[i], message)
+      if type(pushed) == 'table' and pushed.err and string.sub(pushed.err, 1, 9) == 'WRONGTYPE' then
+        replaced[#replaced + 1] = {KEYS[i], as_list(KEYS[i])}
+        pushed = redis.pcall('LPUSH', KEYS[i], message)
+      end
       if type(pushed) == 'table' and pushed.err then
         outcome = pushed
       else
         local rung = redis.pcall('LPUSH', KEYS[i + 1], 1)
         if type(rung) == 'table' and rung.err then
-          redis.call('DEL', KEYS[i + 1])
+          replaced[#replaced + 1] = {KEYS[i + 1], as_list(KEYS[i + 1])}
           redis.call('LPUSH', KEYS[i + 1], 1)
         end
         redis.call('LTRIM', KEYS[i + 1], 0, 0)
@@ -71,9 +82,11 @@ for size in string.gmatch(ARGV[2], '%d+') do
   end
   outcomes[#outcomes + 1] = outcome
 end
-return outcomes
+return {outcomes, replaced}
 """
 PUSH_MAX = 256  # messages per script call: keeps one call short for the server
+
+log = logging.getLogger(__name__)
 
 # Celery's canvas fields of a task without callbacks, chain or chord (protocol 2 `embed`).
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
@@ -175,6 +188,10 @@ class InferPublisher:
             if len(sends) == 1:
                 return [exc]
             return [outcome for send in sends for outcome in self._push_chunk([send])]
+        replies, replaced = replies
+        for key, kind in replaced:
+            log.error("replaced %s: it held a %s, not a list (another writer put it there)",
+                      key.decode("utf-8", "replace"), kind.decode("utf-8", "replace"))  # fmt: skip
         outcomes = [reply if isinstance(reply, BaseException) else None for reply in replies]
         if signals.after_task_publish.receivers:
             for send, error in zip(sends, outcomes):

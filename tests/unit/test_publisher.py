@@ -212,28 +212,20 @@ def test_a_failed_push_fails_every_send_of_its_turn_and_no_other():
     assert calls == [3, 1]
 
 
-def test_a_send_a_queue_refuses_fails_alone_and_stops_its_own_messages_only(rds, prefix):
-    """A queue another producer squatted (a string where its list goes): the sends to it fail
-    with its error, a send's messages after the failed one are not pushed, and the other sends
-    of the same call are pushed and rung (asyncio's sends of one turn share a call)."""
+def test_a_queue_list_of_another_type_is_replaced_and_the_push_succeeds(rds, prefix, caplog):
+    """A string where a model's list goes (any producer may write it) failed every request to
+    that model until an operator deleted it; it is replaced like a bell of the wrong type, and
+    logged."""
     keys = Keys(prefix)
     publisher = InferPublisher(rds, keys)
-
-    def message(i: int, model_id: str):
-        return publisher.prepare(f"id{i}", keys.model_queue(model_id), KWARGS, priority=0, headers={}, shadow="s",
-                                 reply_to="r")  # fmt: skip
-
     squatted = keys.queue_list_key(keys.model_queue("bad"), 0)
     rds.set(squatted, "squatted")
-    outcomes = publisher.push_sends([[message(0, "a")], [message(1, "bad"), message(2, "b")], [message(3, "a")]])
-    assert outcomes[0] is None and outcomes[2] is None
-    assert isinstance(outcomes[1], redis.ResponseError) and "WRONGTYPE" in str(outcomes[1])
-    ids = lambda m: [json.loads(x)["headers"]["id"] for x in rds.lrange(keys.queue_list_key(keys.model_queue(m), 0), 0, -1)]  # noqa: E731
-    assert ids("a") == ["id3", "id0"] and ids("b") == []  # the bad send's second message never went
-    assert rds.exists(keys.queue_bell(keys.model_queue("a"))) and not rds.exists(keys.queue_bell(keys.model_queue("b")))
-    assert rds.get(squatted) == b"squatted"
-    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):  # one send: its error raised
-        publisher.push([message(4, "bad")])
+    message = publisher.prepare("id0", keys.model_queue("bad"), KWARGS, priority=0, headers={}, shadow="s", reply_to="r")
+    with caplog.at_level("ERROR", logger="mesh.broker.publisher"):
+        assert publisher.push_sends([[message]]) == [None]
+    assert rds.type(squatted) == b"list" and json.loads(rds.rpop(squatted))["headers"]["id"] == "id0"
+    assert rds.exists(keys.queue_bell(keys.model_queue("bad")))
+    assert f"replaced {squatted}: it held a string, not a list" in caplog.text
 
 
 def test_sends_past_one_call_are_split_between_sends_never_inside_one(rds, prefix, monkeypatch):
@@ -286,7 +278,8 @@ def test_celerys_publish_signals_run_and_may_add_headers(rds, prefix):
 def test_a_send_whose_queue_the_user_may_not_write_fails_alone(rds, redis_url, prefix):
     """A producer user that may write model a's queue but not b's (an ACL; Redis 7 refuses the
     whole script call for one declared key it may not write, Redis 6 the one command): the
-    send to b fails with the permission error, the sends to a around it are pushed."""
+    send naming b fails with the permission error and pushes nothing after it, the sends to a
+    around it are pushed (an asyncio turn's sends share a call)."""
     keys = Keys(prefix)
     user, password = f"{prefix}-writer", "pw-7c1e"
     kp = keys.kombu_prefix
@@ -300,7 +293,8 @@ def test_a_send_whose_queue_the_user_may_not_write_fails_alone(rds, redis_url, p
             return publisher.prepare(f"id{i}", keys.model_queue(model_id), KWARGS, priority=0, headers={},
                                      shadow="s", reply_to="r")  # fmt: skip
 
-        outcomes = publisher.push_sends([[message(0, "a")], [message(1, "b")], [message(2, "a")]])
+        # the second send stops at its refused first message: its message for a never goes
+        outcomes = publisher.push_sends([[message(0, "a")], [message(1, "b"), message(9, "a")], [message(2, "a")]])
         assert outcomes[0] is None and outcomes[2] is None, outcomes
         assert isinstance(outcomes[1], redis.exceptions.NoPermissionError), outcomes
         got = [json.loads(x)["headers"]["id"] for x in rds.lrange(keys.queue_list_key(keys.model_queue("a"), 0), 0, -1)]
