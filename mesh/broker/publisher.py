@@ -71,7 +71,8 @@ for size in string.gmatch(ARGV[2], '%d+') do
       else
         local rung = redis.pcall('LPUSH', KEYS[i + 1], 1)
         if type(rung) == 'table' and rung.err then
-          replaced[#replaced + 1] = {KEYS[i + 1], as_list(KEYS[i + 1])}
+          local kind = as_list(KEYS[i + 1])
+          if kind then replaced[#replaced + 1] = {KEYS[i + 1], kind} end
           redis.call('LPUSH', KEYS[i + 1], 1)
         end
         redis.call('LTRIM', KEYS[i + 1], 0, 0)
@@ -179,7 +180,7 @@ class InferPublisher:
         messages = [p.message for send in sends for p in send]
         sizes = " ".join(str(len(send)) for send in sends)
         try:
-            replies = self._push(keys=keys, args=[BELL_TTL_MS, sizes, *messages])
+            replies, replaced = self._push(keys=keys, args=[BELL_TTL_MS, sizes, *messages])
         except redis.exceptions.NoPermissionError as exc:
             # Redis 7 checks a script's declared keys before it runs: one key this producer's
             # user may not write (a worker's queue, for a cold request's load command) refuses
@@ -188,7 +189,6 @@ class InferPublisher:
             if len(sends) == 1:
                 return [exc]
             return [outcome for send in sends for outcome in self._push_chunk([send])]
-        replies, replaced = replies
         for key, kind in replaced:
             log.error("replaced %s: it held a %s, not a list (another writer put it there)",
                       key.decode("utf-8", "replace"), kind.decode("utf-8", "replace"))  # fmt: skip
