@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,7 +115,7 @@ def test_seed_003_end_to_end(seed_env, workers, client, tmp_path):
 
     # a long heartbeat TTL: a worker whose heartbeat lapsed on a loaded machine has no live copy,
     # and a vmodel whose active has none switches at once, skipping the InProgress this checks
-    workers("w1", MESH_STORAGE_CONFIG=seed_env["MESH_STORAGE_CONFIG"], MESH_HEARTBEAT_TTL_S="30")
+    w1 = workers("w1", MESH_STORAGE_CONFIG=seed_env["MESH_STORAGE_CONFIG"], MESH_HEARTBEAT_TTL_S="30")
     # the stack as `mesh up` runs it: the beat marks a transition whose target failed to load
     # (ModelMesh's leader does the same)
     beat = start_beat(seed_env, tmp_path / "logs")
@@ -147,9 +149,17 @@ def test_seed_003_end_to_end(seed_env, workers, client, tmp_path):
         wait_for(lambda: traffic.count(first) >= 5, 60, what="traffic on the first model")
         second = f"{ISVC}__isvc-3642375d03"
         info2 = pb2.ModelInfo(type="sklearn", path="sklearn/mnist-mlp.joblib", key="localMinIO")
-        vs = mm.setVModel(pb2.SetVModelRequest(vModelId=ISVC, targetModelId=second, modelInfo=info2,
-                                               autoDeleteTargetModel=True), timeout=60)  # fmt: skip
-        seen = [client.get_vmodel_status(ISVC).transition_status]
+        # the worker held still while the change is made and read: on a fast host its load of
+        # the new target (a small file, its snapshot maybe in the disk cache) and the cutover
+        # finished before the first read, which saw UpToDate (a clean-clone CI run)
+        os.kill(w1.pid, signal.SIGSTOP)
+        try:
+            vs = mm.setVModel(pb2.SetVModelRequest(vModelId=ISVC, targetModelId=second, modelInfo=info2,
+                                                   autoDeleteTargetModel=True), timeout=60)  # fmt: skip
+            seen = [client.get_vmodel_status(ISVC).transition_status]
+        finally:
+            os.kill(w1.pid, signal.SIGCONT)
+        assert vs.status == V.TRANSITIONING and vs.targetModelId == second, vs
         def moved() -> bool:
             st = client.get_vmodel_status(ISVC)
             seen.append(st.transition_status)
