@@ -89,7 +89,7 @@ def test_infer_many_async_answers_each_item(client, workers, svm_path, seed_inpu
     assert [item["outputs"][0]["data"] for item in out["results"]] == [[8]] * 3
 
 
-def test_a_queue_list_another_writer_replaced_is_replaced_back_in_a_loop_turn(
+def test_a_queue_list_of_another_type_is_replaced_and_every_send_of_the_turn_answered(
     client, workers, svm_path, seed_input, redis_url
 ):
     """The sends of one loop turn share one push (mesh/broker/publisher.py `Outbox`). A string
