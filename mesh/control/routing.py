@@ -224,13 +224,13 @@ class Router:
         except Exception as exc:
             if not is_permission_error(exc):
                 raise
-            self._may_not_place(exc)
-            self.store.want_load(model_id)  # the workers place it instead
+            self.loads_refused(model_id, exc, [worker])
 
     def loads_refused(self, model_id: str, exc: BaseException, workers: Iterable[str]) -> None:
-        """The push of the load commands `route` returned, for `workers`, was refused (this
-        producer's Redis user may place loads but not write workers' queues): the placements
-        are undone and the workers place the load instead."""
+        """The push of the load commands for `workers` (sent here, or returned by `route` to be
+        pushed with the request) was refused (this producer's Redis user may place loads but
+        not write workers' queues): the placements are undone and the workers place the load
+        instead."""
         for worker in workers:
             self.store.unplace(model_id, worker)
         self._may_not_place(exc)

@@ -21,6 +21,7 @@ from kombu.exceptions import OperationalError
 
 from mesh import MeshClient
 from mesh.control.commands import send_command
+from mesh.control.routing import router_for
 from mesh.errors import PermissionDenied
 from mesh.models import Command
 from mesh.protocol.acl import operator_rules, producer_rules, setuser_command
@@ -146,9 +147,9 @@ def test_a_producer_user_infers_but_cannot_manage(acl_redis, workers, prefix, tm
         operator.close()
 
 
-@pytest.mark.parametrize("use_asyncio", [False, True])
+@pytest.mark.parametrize("how", ["infer", "infer_async", "send_task"])
 def test_a_producer_that_may_place_a_load_but_not_command_a_worker_sends_its_request_alone(
-    acl_redis, workers, prefix, svm_path, seed_input, use_asyncio
+    acl_redis, workers, prefix, svm_path, seed_input, how
 ):
     """A cold request's load command and the request go in one push, the command first
     (`MeshClient._prepare`). A producer whose user may claim the load but not write the worker's
@@ -162,17 +163,22 @@ def test_a_producer_that_may_place_a_load_but_not_command_a_worker_sends_its_req
     try:
         operator.register_model("digits", sklearn_info(svm_path))
         operator.register_model("other", sklearn_info(svm_path))
-        if use_asyncio:
+        if how == "infer_async":
 
             async def both() -> list[dict]:  # both cold, routed on the client's route thread
                 return await asyncio.gather(placer.infer_async("digits", inputs=good),
                                             placer.infer_async("other", inputs=good))  # fmt: skip
 
             answers = [answer(r) for r in asyncio.run(asyncio.wait_for(both(), 90))]
+        elif how == "send_task":  # Celery's router places the load and sends its command alone
+            sent = [placer.app.send_task("mesh.infer", kwargs={"inputs": good}, headers={"mm-model-id": m})
+                    for m in ("digits", "other")]  # fmt: skip
+            answers = [answer(AsyncResult(r.id, app=placer.app).get(timeout=60)) for r in sent]
         else:
             answers = [answer(placer.infer(model_id=m, inputs=good).get(timeout=60)) for m in ("digits", "other")]
         assert answers == [8, 8]
-        assert not placer.router._places_loads  # it asks the workers from now on
+        router = router_for(placer.app) if how == "send_task" else placer.router  # the one that routed
+        assert not router._places_loads  # it asks the workers from now on
         assert [c.worker for c in operator.get_model_status("digits").copies] == [w.full_name]
         # nothing of the refused command anywhere: the worker's queue holds no message
         raw = redis.Redis.from_url(operator_url)
