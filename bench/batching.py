@@ -29,7 +29,7 @@ import numpy as np
 
 from bench.common import answers as _answers
 from bench.common import clean as _clean
-from bench.common import cpu_seconds, one_at_a_time, percentile, plain_producer, thread_cpu_seconds
+from bench.common import CpuMeter, cpu_seconds, ms_by_thread, one_at_a_time, percentile, plain_producer
 from mesh import BatchingConfig, MeshClient, ModelInfo
 from mesh.broker.redis_url import resolve_redis_url
 from mesh.tools.embedded import EmbeddedRedis
@@ -188,14 +188,11 @@ def bench_mesh(url: str, model_path: Path, logs: Path, args) -> dict:
                          >= before.requests_total + args.requests and w, timeout=15, what="heartbeat")
         load["mean_batch"] = (after.requests_total - before.requests_total) / max(
             1, after.batches_total - before.batches_total)
-        cpu0, threads0 = cpu_seconds([proc.popen.pid]), thread_cpu_seconds(proc.popen.pid)
+        meter = CpuMeter([proc.popen.pid]).start()
         many = closed_loop("many", params, args.many_messages, max(2, args.window // args.batch))
-        many["worker_cpu_ms_per_msg"] = (cpu_seconds([proc.popen.pid]) - cpu0) * 1e3 / args.many_messages
-        spent = {name: t - threads0.get(name, 0.0) for name, t in thread_cpu_seconds(proc.popen.pid).items()}
-        many["worker_threads_cpu_ms_per_msg"] = {  # the busiest first
-            name: round(t * 1e3 / args.many_messages, 3)
-            for name, t in sorted(spent.items(), key=lambda kv: -kv[1]) if t > 0
-        }  # fmt: skip
+        used = meter.stop()
+        many["worker_cpu_ms_per_msg"] = used["cpu_s"] * 1e3 / args.many_messages
+        many["worker_threads_cpu_ms_per_msg"] = ms_by_thread(used["threads_cpu_s"], args.many_messages)
         many["throughput"] *= args.batch  # items per second
         return {"one_at_a_time": seq, "load": load, "infer_many": many}
     finally:

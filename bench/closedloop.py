@@ -36,6 +36,7 @@ from bench.common import (
     latency_summary,
     machine,
     metric_sum,
+    ms_by_thread,
     plain_producer,
     redis_for_bench,
     save,
@@ -143,10 +144,7 @@ def measured(run: Callable[[list[list[str]]], dict], pids: list[int], warm: list
     out = run(streams)
     used = meter.stop()
     out["worker_cpu_ms_per_req"] = 1e3 * used["cpu_s"] / out["n"]
-    out["worker_threads_cpu_ms_per_req"] = {  # the busiest first
-        name: round(1e3 * s / out["n"], 3)
-        for name, s in sorted(used["threads_cpu_s"].items(), key=lambda kv: -kv[1]) if s > 0
-    }  # fmt: skip
+    out["worker_threads_cpu_ms_per_req"] = ms_by_thread(used["threads_cpu_s"], out["n"])
     out["machine_busy"] = used["machine_busy"]
     return out
 

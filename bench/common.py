@@ -206,6 +206,13 @@ def pooled_thread_cpu_seconds(pids: Sequence[int]) -> dict[str, float]:
     return out
 
 
+def ms_by_thread(threads_cpu_s: dict[str, float], n: int) -> dict[str, float]:
+    """CPU ms per unit (request, message) of each thread role that used any, the busiest first
+    (`CpuMeter.stop()["threads_cpu_s"]`)."""
+    ranked = sorted(threads_cpu_s.items(), key=lambda kv: -kv[1])
+    return {name: round(1e3 * s / n, 3) for name, s in ranked if s > 0}
+
+
 class CpuMeter:
     """CPU used by some processes (in all, and by thread role) and by the whole machine between
     `start()` and `stop()`. A thread that ended in between is missing from the roles."""
