@@ -47,7 +47,7 @@ from mesh.protocol.messages import (
     SENT_AT_HEADER,
     VMODEL_HEADER,
 )
-from mesh.protocol.tensors import decode_stacked, encode_inputs, encode_output_names
+from mesh.protocol.tensors import decode_stacked, encode_inputs, encode_output_names, raw_items
 from mesh.settings import MeshSettings, get_settings
 from mesh.storage.sources import validate_uri
 from mesh.store.context import StoreContext, is_permission_error, redis_client
@@ -324,7 +324,7 @@ class MeshClient:
         trip on the calling thread; the result comes back through this client's reply list
         (mesh/broker/replies.py) and is also stored for `AsyncResult(id)` in other processes.
         """
-        tensors = encode_inputs(inputs)
+        tensors = encode_inputs(inputs, self.settings.raw_tensors)
         return self._send(model_id, vmodel_id, _with_outputs({"inputs": tensors}, outputs), priority, timeout_ms)
 
     def infer_many(
@@ -348,7 +348,7 @@ class MeshClient:
         turns an error entry into the typed exception. `outputs` (as for `infer`) applies to
         every item.
         """
-        items = _many_items(inputs)
+        items = _many_items(inputs, self.settings.raw_tensors)
         return self._send(model_id, vmodel_id, _with_outputs({"items": items}, outputs), priority, timeout_ms)
 
     async def infer_async(
@@ -376,7 +376,7 @@ class MeshClient:
         `default_timeout_ms` may give the request (what a caller that will wait no longer than
         that passes, e.g. the gateway's default deadline).
         """
-        tensors = encode_inputs(inputs)
+        tensors = encode_inputs(inputs, self.settings.raw_tensors)
         return await self._send_async(model_id, vmodel_id, _with_outputs({"inputs": tensors}, outputs), priority,
                                       timeout_ms, max_timeout_ms)  # fmt: skip
 
@@ -391,7 +391,7 @@ class MeshClient:
         outputs: Sequence[Any] | None = None,
     ) -> dict:
         """`infer_many(...)` awaited (see `infer_async`)."""
-        items = _many_items(inputs)
+        items = _many_items(inputs, self.settings.raw_tensors)
         return await self._send_async(model_id, vmodel_id, _with_outputs({"items": items}, outputs), priority,
                                       timeout_ms)  # fmt: skip
 
@@ -681,13 +681,17 @@ def _log_failed_load_push(future: asyncio.Future) -> None:
         log.warning("could not send the load placed for a cancelled request: %s", future.exception())
 
 
-def _many_items(inputs: Sequence[Any]) -> list[list[dict]]:
+def _many_items(inputs: Sequence[Any], raw: bool) -> list[list[dict]]:
     if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Sequence) or not inputs:
         raise InvalidArgument("infer_many needs a non-empty list with one inputs entry per request")
-    if decode_stacked(inputs) is not None:
-        # alike V2 tensors, validated at once by the check the worker applies: sent as given
-        return list(inputs)
-    return [encode_inputs(x) for x in inputs]
+    stacked = decode_stacked(inputs)
+    if stacked is not None:
+        # alike V2 tensors, validated at once by the check the worker applies: sent as given,
+        # or each item's rows of the array that check made, raw
+        if not raw or "raw" in inputs[0][0]:
+            return list(inputs)
+        return raw_items(*stacked)
+    return [encode_inputs(x, raw) for x in inputs]
 
 
 def _with_outputs(kwargs: dict, outputs: Sequence[Any] | None) -> dict:

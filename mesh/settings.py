@@ -171,6 +171,11 @@ class MeshSettings(BaseSettings):
         default=3, ge=1, description="fresh failures after which requests fail fast"
     )
     max_request_bytes: int = Field(default=16 * 1024**2, ge=1024)
+    raw_tensors: bool = Field(
+        default=True,
+        description="MeshClient sends numeric and BOOL arrays as base64 of their bytes (`raw`) "
+        "instead of JSON numbers; false for workers older than the raw form (docs/messages.md)",
+    )
     result_expires_s: int = Field(default=3600, ge=1)
     visibility_timeout_s: int = Field(
         default=300, ge=10, description="unacked messages of a dead worker return after this"

@@ -1,7 +1,11 @@
 """KServe V2 (Open Inference Protocol) JSON tensors <-> numpy arrays.
 
 Requests cross the broker as JSON, so a tensor travels as `{"name", "shape", "datatype", "data"}`
-with `data` a flat row-major list. Everything a client sends is untrusted: every malformed
+with `data` a flat row-major list, or, for a numeric or BOOL tensor, as `{"name", "shape",
+"datatype", "raw"}` with `raw` the base64 of its little-endian row-major bytes: what a KServe
+V2 HTTP client's binary extension and a gRPC client's `raw_input_contents` carry, and what
+`MeshClient` sends for arrays (`encode_inputs(..., raw=True)`). A float costs a JSON writer
+and reader a Python object each; its raw form is copied (docs/messages.md). Everything a client sends is untrusted: every malformed
 tensor raises `mesh.errors.InvalidInput` with a message naming the tensor, never a numpy
 exception, so the API can answer INVALID_ARGUMENT instead of failing a whole batch later.
 
@@ -12,6 +16,7 @@ cannot accept as-is; that walk is the single source of truth for what is rejecte
 
 from __future__ import annotations
 
+import binascii
 import math
 from itertools import chain
 from collections.abc import Mapping, Sequence
@@ -65,6 +70,9 @@ DATATYPE_TO_DTYPE: dict[str, np.dtype] = {
 }
 
 _TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
+_RAW_KEYS = frozenset({"name", "shape", "datatype", "raw"})
+# the wire's byte order for raw tensors (KServe V2's binary data is little-endian)
+_WIRE_DTYPE = {dt: t.newbyteorder("<") for dt, t in DATATYPE_TO_DTYPE.items() if dt != "BYTES"}
 # the largest finite value of each narrow float type: a range check needs no errstate context,
 # which cost more than the conversion of a small tensor
 _FLOAT_MAX = {np.dtype(t): float(np.finfo(t).max) for t in (np.float16, np.float32)}
@@ -105,6 +113,8 @@ def to_numpy(t: InferTensor | Mapping[str, Any]) -> np.ndarray:
     """Validate one V2 tensor and return it as an array of its datatype and shape."""
     if isinstance(t, InferTensor):
         name, shape, datatype, data = t.name, t.shape, t.datatype, t.data
+    elif isinstance(t, Mapping) and t.keys() == _RAW_KEYS:
+        return _from_raw(t["name"], t["shape"], t["datatype"], t["raw"])
     elif isinstance(t, Mapping):
         name, shape, datatype, data = _fields(t)
     else:
@@ -126,16 +136,59 @@ def to_numpy(t: InferTensor | Mapping[str, Any]) -> np.ndarray:
     return arr.reshape(dims)
 
 
+def _from_raw(name: Any, shape: Any, datatype: Any, raw: Any) -> np.ndarray:
+    """A raw tensor (`raw`: base64 of its little-endian row-major bytes) as a writable array of
+    its datatype and shape, every field checked as `to_numpy` checks a listed one."""
+    where = _check_name(name)
+    dims = _check_shape(where, shape)
+    wire = _raw_dtype(where, datatype)
+    return _raw_array(where, dims, datatype, _unbase64(where, raw, math.prod(dims) * wire.itemsize))
+
+
+def _raw_dtype(where: str, datatype: Any) -> np.dtype:
+    if not isinstance(datatype, str) or datatype not in _WIRE_DTYPE:
+        allowed = ", ".join(d for d in DATATYPES if d != "BYTES")
+        raise InvalidInput(
+            f"{where}: a raw tensor's datatype must be one of {allowed}, not {_show(datatype)} "
+            "(BYTES travels as data)"
+        )
+    return _WIRE_DTYPE[datatype]
+
+
+def _unbase64(where: str, raw: Any, size: int) -> bytes:
+    """`raw`'s bytes, which must be `size` of them."""
+    if not isinstance(raw, str):
+        raise InvalidInput(f"{where}: raw must be a base64 string, got {type(raw).__name__}")
+    try:
+        buf = binascii.a2b_base64(raw, strict_mode=True)
+    except (binascii.Error, ValueError) as exc:  # ValueError: non-ASCII text
+        raise InvalidInput(f"{where}: raw is not valid base64 ({exc})") from None
+    if len(buf) != size:
+        raise InvalidInput(f"{where}: {len(buf)} raw bytes, expected {size}")
+    return buf
+
+
+def _raw_array(where: str, dims: list[int], datatype: str, buf: bytes) -> np.ndarray:
+    arr = np.frombuffer(buf, dtype=_WIRE_DTYPE[datatype])
+    if datatype == "BOOL" and arr.view(np.uint8).max(initial=0) > 1:
+        raise InvalidInput(f"{where}: a raw BOOL tensor's bytes must each be 0 or 1")
+    # a copy in the native byte order: writable (a model may scale its input in place), and
+    # not a view of the decoded text's buffer
+    return arr.astype(DATATYPE_TO_DTYPE[datatype]).reshape(dims)
+
+
 def _fields(t: Mapping[str, Any]) -> tuple[Any, Any, Any, Any]:
     if t.keys() != _TENSOR_KEYS:
         name = t.get("name")
         label = f"input {_clip(repr(name))}" if isinstance(name, str) else "an input tensor"
-        missing = sorted(_TENSOR_KEYS - t.keys())
-        extra = sorted(map(str, t.keys() - _TENSOR_KEYS))
+        form = _RAW_KEYS if "raw" in t and "data" not in t else _TENSOR_KEYS
+        missing = sorted(form - t.keys())
+        extra = sorted(map(str, t.keys() - form))
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
             [f"unknown field(s) {', '.join(_clip(repr(k)) for k in extra)}"] if extra else []
         )
-        raise InvalidInput(f"{label}: {'; '.join(parts)} (a tensor has exactly {_KEYS_TEXT})")
+        raise InvalidInput(f"{label}: {'; '.join(parts)} (a tensor has exactly {_KEYS_TEXT}, or raw in "
+                           "place of data)")
     return t["name"], t["shape"], t["datatype"], t["data"]
 
 
@@ -353,8 +406,9 @@ def _clip(s: str, limit: int = 60) -> str:
 _DATATYPE_OF: dict[np.dtype, str] = {}
 
 
-def from_numpy(name: str, arr: Any) -> dict[str, Any]:
-    """A JSON-ready V2 tensor dict for `arr` (numpy scalars become shape [])."""
+def from_numpy(name: str, arr: Any, raw: bool = False) -> dict[str, Any]:
+    """A JSON-ready V2 tensor dict for `arr` (numpy scalars become shape []); `raw`: a numeric
+    or BOOL array's values as `raw` (base64 of its little-endian bytes) instead of `data`."""
     if type(name) is not str or not name or len(name) > MAX_NAME_LENGTH:
         _check_name(name)  # raises, saying why
     arr = np.asarray(arr)
@@ -363,6 +417,10 @@ def from_numpy(name: str, arr: Any) -> dict[str, Any]:
         datatype = dtype_to_datatype(arr.dtype)
         if len(_DATATYPE_OF) < 64:
             _DATATYPE_OF[arr.dtype] = datatype
+    if raw and datatype != "BYTES":
+        packed = arr.astype(_WIRE_DTYPE[datatype], copy=False).tobytes()  # row-major whatever the layout
+        text = binascii.b2a_base64(packed, newline=False).decode("ascii")
+        return {"name": name, "shape": list(arr.shape), "datatype": datatype, "raw": text}
     data = arr.ravel().tolist()
     if datatype == "BYTES":
         data = [_json_string(name, i, v) for i, v in enumerate(data)]
@@ -384,8 +442,9 @@ def _json_string(name: str, i: int, v: Any) -> str:
     raise InvalidInput(f"tensor {name!r}: BYTES value at index {i} is {_show(v)}, not a string")
 
 
-def encode_inputs(inputs: Any) -> list[dict[str, Any]]:
-    """Normalize what a client passes into a validated list of V2 tensor dicts.
+def encode_inputs(inputs: Any, raw: bool = False) -> list[dict[str, Any]]:
+    """Normalize what a client passes into a validated list of V2 tensor dicts; `raw`: numeric
+    and BOOL arrays in their raw form (`from_numpy`).
 
     Accepted: one ndarray (named "input_0"); a list/tuple of ndarrays ("input_0", "input_1",
     ...); a dict of name -> array-like; a list of `InferTensor`s or V2 dicts (validated and
@@ -394,7 +453,7 @@ def encode_inputs(inputs: Any) -> list[dict[str, Any]]:
     `encode_frame`).
     """
     if isinstance(inputs, np.ndarray):
-        return [from_numpy("input_0", inputs)]
+        return [from_numpy("input_0", inputs, raw)]
     if _is_dataframe(inputs):
         return encode_frame(inputs)
     if isinstance(inputs, InferTensor):
@@ -414,19 +473,19 @@ def encode_inputs(inputs: Any) -> list[dict[str, Any]]:
                 arr = np.asarray(value)
             except (ValueError, TypeError, OverflowError) as e:
                 raise InvalidInput(f"input {name!r}: cannot make an array of it: {e}") from None
-            out.append(from_numpy(name, arr))
+            out.append(from_numpy(name, arr, raw))
         return out
     if isinstance(inputs, (list, tuple)):
         if not inputs:
             raise InvalidInput("no inputs: the list of tensors is empty")
         if all(isinstance(x, np.ndarray) for x in inputs):
-            return [from_numpy(f"input_{i}", a) for i, a in enumerate(inputs)]
+            return [from_numpy(f"input_{i}", a, raw) for i, a in enumerate(inputs)]
         if all(isinstance(x, (InferTensor, Mapping)) for x in inputs):
             clean = _clean_float_tensors(inputs)
             if clean is not None:
                 return clean
             arrays = decode_inputs(list(inputs))
-            return encode_outputs(arrays)
+            return [from_numpy(name, arr, raw) for name, arr in arrays.items()]
         kinds = sorted({type(x).__name__ for x in inputs})
         raise InvalidInput(
             "a list of inputs must hold only numpy arrays or only V2 tensors, "
@@ -524,20 +583,25 @@ def decode_stacked(items: Sequence[Any]) -> tuple[str, np.ndarray, list[int]] | 
     Why: a micro-batch of small tensors spent more in 32 conversions than in its predict.
     """
     first: tuple[Any, Any, list] | None = None
-    datas: list[list] = []
+    datas: list[Any] = []
     rows: list[int] = []
+    form: Any = None  # the first item's keys: all are listed (data) or all raw
     try:
-        for raw in items:
-            if not (isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], dict)):
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 1 and isinstance(item[0], dict)):
                 return None
-            t = raw[0]
-            if t.keys() != _TENSOR_KEYS:
+            t = item[0]
+            keys = t.keys()
+            if form is None:
+                form = keys if keys == _TENSOR_KEYS or keys == _RAW_KEYS else None
+            if form is None or keys != form:
                 return None
-            shape, data = t["shape"], t["data"]
-            if not (isinstance(shape, list) and shape and isinstance(data, list)):
+            raw = "raw" in keys
+            shape, data = t["shape"], t["raw" if raw else "data"]
+            if not (isinstance(shape, list) and shape and isinstance(data, str if raw else list)):
                 return None
             n = shape[0]
-            if type(n) is not int or n < 0 or len(data) != n * math.prod(shape[1:]):
+            if type(n) is not int or n < 0 or (not raw and len(data) != n * math.prod(shape[1:])):
                 return None  # nested data, a wrong count, a strange shape: the exact path says
             if first is None:
                 first = (t["name"], t["datatype"], shape[1:])
@@ -548,11 +612,33 @@ def decode_stacked(items: Sequence[Any]) -> tuple[str, np.ndarray, list[int]] | 
         if first is None or first[1] == "BYTES":
             return None
         name, datatype, rest = first
+        if "raw" in form:
+            where = _check_name(name)
+            dims = _check_shape(where, [sum(rows), *rest])
+            per_row = math.prod(rest) * _raw_dtype(where, datatype).itemsize
+            # each item's length checked: a short one beside a long one must not shift rows
+            buf = b"".join([_unbase64(where, text, n * per_row) for text, n in zip(datas, rows)])
+            return name, _raw_array(where, dims, datatype, buf), rows
         stacked = {"name": name, "shape": [sum(rows), *rest], "datatype": datatype,
                    "data": list(chain.from_iterable(datas))}  # fmt: skip
         return name, to_numpy(stacked), rows
     except (InvalidInput, TypeError, ValueError, OverflowError):
         return None
+
+
+def raw_items(name: str, stacked: np.ndarray, rows: Sequence[int]) -> list[list[dict[str, Any]]]:
+    """Micro-batch items, one raw tensor each, from `decode_stacked`'s result: the array's
+    bytes made once and cut per item (a `from_numpy` per item cost twice as much)."""
+    datatype = dtype_to_datatype(stacked.dtype)
+    packed = stacked.astype(_WIRE_DTYPE[datatype], copy=False).tobytes()
+    rest = list(stacked.shape[1:])
+    per_row = math.prod(rest) * stacked.dtype.itemsize
+    out, start = [], 0
+    for n in rows:
+        text = binascii.b2a_base64(packed[start : start + n * per_row], newline=False).decode("ascii")
+        out.append([{"name": name, "shape": [n, *rest], "datatype": datatype, "raw": text}])
+        start += n * per_row
+    return out
 
 
 def encode_outputs(outputs: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -41,6 +41,61 @@ def test_infer_many_answers_every_item_and_fails_bad_ones_alone(client, workers,
         client.infer_many(model_id="digits", inputs=[])
 
 
+def test_raw_tensors_reach_the_model_as_the_arrays_that_were_sent(client, workers, svm_path, seed_input, redis_url,
+                                                                   prefix):  # fmt: skip
+    """MESH_RAW_TENSORS (the default): arrays and micro-batch items travel as base64 bytes,
+    and a raw tensor from any Celery producer is read too; a bad raw item fails alone. The
+    answers are those of JSON numbers (a client with raw tensors off)."""
+    import base64
+
+    from mesh import MeshClient
+    from mesh.broker.publisher import kwargs_repr
+    from mesh.settings import MeshSettings
+
+    workers("w1")
+    client.register_model("digits", sklearn_info(svm_path, max_batch_size=8, max_batch_delay_ms=20))
+    row = np.array([seed_input], dtype=np.float32)
+    rows = np.repeat(row, 3, axis=0)
+    sent = []
+    original = client._publisher.prepare
+
+    def spy(task_id, queue, kwargs, **kw):
+        sent.append(kwargs)
+        return original(task_id, queue, kwargs, **kw)
+
+    client._publisher.prepare = spy
+    assert client.infer(model_id="digits", inputs=rows).get(timeout=60)["outputs"][0]["data"] == [8, 8, 8]
+    listed = [seed_tensor(seed_input)]
+    alike = client.infer_many(model_id="digits", inputs=[listed] * 4).get(timeout=60)  # stacked, then cut
+    assert [r["outputs"][0]["data"] for r in alike["results"]] == [[8]] * 4
+    many = client.infer_many(model_id="digits", inputs=[listed, rows, listed]).get(timeout=60)
+    assert [r["outputs"][0]["data"] for r in many["results"]] == [[8], [8, 8, 8], [8]]
+    is_raw = lambda t: set(t) == {"name", "shape", "datatype", "raw"}  # noqa: E731
+    assert is_raw(sent[0]["inputs"][0]) and all(is_raw(item[0]) for item in sent[1]["items"])
+    assert is_raw(sent[2]["items"][1][0]) and sent[2]["items"][0] == listed  # clean floats go as they came
+    assert "raw" not in kwargs_repr(sent[0])  # Flower shows shapes, not the bytes
+
+    bad = {**sent[0]["inputs"][0], "raw": "not base64!"}
+    with pytest.raises(InvalidInput, match="not valid base64"):  # MeshClient checks before sending
+        client.infer_many(model_id="digits", inputs=[[bad], listed])
+    queue = client.keys.model_queue("digits")
+    mixed = client.app.send_task("mesh.infer", kwargs={"items": [[bad], listed]}, queue=queue).get(timeout=60)["results"]
+    assert mixed[0]["error"]["type"] == "InvalidInput" and "not valid base64" in mixed[0]["error"]["message"]
+    assert mixed[1]["outputs"][0]["data"] == [8]
+
+    raw = base64.b64encode(row.astype("<f4").tobytes()).decode()
+    r = client.app.send_task("mesh.infer", kwargs={"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32",
+                                                               "raw": raw}]},
+                             queue=queue)  # fmt: skip
+    assert answer(r.get(timeout=60)) == 8
+
+    listed_client = MeshClient(settings=MeshSettings(redis_url=redis_url, prefix=prefix, raw_tensors=False))
+    try:
+        assert listed_client.infer(model_id="digits", inputs=rows).get(timeout=60)["outputs"][0]["data"] == [8, 8, 8]
+    finally:
+        listed_client.close()
+
+
 def test_a_full_queue_rejects_new_requests_at_once(client, svm_path, seed_input):
     # no worker: requests wait in Redis, so the queue really fills
     client.register_model("digits", sklearn_info(svm_path, max_queue_size=3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 
@@ -256,10 +257,21 @@ tensors = st.fixed_dictionaries(
     },
     optional={"parameters": json_values},
 )
+raw_tensors = st.fixed_dictionaries(
+    {
+        "name": st.text(max_size=4) | json_values,
+        "shape": shapes,
+        "datatype": st.sampled_from(DATATYPES) | json_values,
+        "raw": st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode())
+        | st.text(max_size=12)
+        | json_values,
+    },
+    optional={"data": json_values},
+)
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(tensors, json_values))
+@given(st.one_of(tensors, raw_tensors, json_values))
 def test_to_numpy_on_garbage_only_raises_invalid_input(garbage):
     try:
         arr = to_numpy(garbage)
@@ -475,3 +487,103 @@ def test_clean_float_tensors_go_out_without_a_conversion():
     assert sent is seed  # no copy, no numpy round trip
     (converted,) = encode_inputs([tensor([1, 2.5])])  # ints: the slow path cleans them
     assert converted["data"] == [1.0, 2.5] and all(type(v) is float for v in converted["data"])
+
+
+# --------------------------------------------------------------------------- raw tensors
+
+
+def _raw(arr, name="x", datatype=None):
+    arr = np.asarray(arr)
+    datatype = datatype or dtype_to_datatype(arr.dtype)
+    wire = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+    return {"name": name, "shape": list(arr.shape), "datatype": datatype, "raw": base64.b64encode(wire).decode()}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.sampled_from(list(set(DATATYPES) - {"BYTES"})).flatmap(
+        lambda dt: hnp.arrays(
+            DATATYPE_TO_DTYPE[dt], hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=4)
+        )
+    )
+)
+def test_raw_round_trip_property(arr):
+    """Every numeric and BOOL array, NaN and infinities included, comes back bit for bit from
+    its raw form, through JSON, as a writable array of its own dtype in the native byte order."""
+    sent = from_numpy("p", arr, raw=True)
+    assert set(sent) == {"name", "shape", "datatype", "raw"}
+    back = to_numpy(json_round_trip(sent))
+    assert back.dtype == arr.dtype and back.shape == arr.shape and back.flags.writeable
+    assert back.tobytes() == np.ascontiguousarray(arr).tobytes()
+
+
+def test_raw_form_is_little_endian_row_major_whatever_the_array_layout():
+    a = np.arange(12, dtype=">f8").reshape(3, 4)[:, ::2]  # big-endian and not contiguous
+    sent = from_numpy("x", a, raw=True)
+    assert sent == _raw(np.ascontiguousarray(a).astype("<f8"))
+    np.testing.assert_array_equal(to_numpy(sent), a)
+    assert to_numpy(sent).dtype == np.dtype("float64")
+
+
+def test_raw_is_only_for_numbers_bytes_travel_as_data():
+    assert from_numpy("s", np.array(["a", "b"]), raw=True) == {
+        "name": "s", "shape": [2], "datatype": "BYTES", "data": ["a", "b"]}
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({**_raw(np.zeros(3, np.float32)), "raw": "AAAA!AAA"}, "not valid base64"),
+        ({**_raw(np.zeros(3, np.float32)), "raw": "AAAAAAAAAAAAAAAAAAAAAA=="}, "16 raw bytes, expected 12"),
+        ({**_raw(np.zeros(3, np.float32)), "raw": "AAAAAAAAAAAAAAAA\n"}, "not valid base64"),
+        ({**_raw(np.zeros(3, np.float32)), "shape": [4]}, "12 raw bytes, expected 16"),
+        ({**_raw(np.zeros(3, np.float32)), "raw": 5}, "raw must be a base64 string"),
+        ({**_raw(np.zeros(3, np.float32)), "raw": "é"}, "not valid base64"),
+        ({**_raw(np.zeros(2, np.float32)), "datatype": "BYTES"}, "BYTES travels as data"),
+        ({**_raw(np.zeros(2, np.float32)), "datatype": "FP128"}, "raw tensor's datatype"),
+        ({**_raw(np.zeros(2, np.float32)), "shape": [-2]}, "non-negative"),
+        ({**_raw(np.zeros(2, np.float32)), "name": ""}, "non-empty"),
+        (_raw(np.array([0, 2], np.uint8), datatype="BOOL"), "must each be 0 or 1"),
+        ({**_raw(np.zeros(2, np.float32)), "data": [0.0, 0.0]}, "unknown field(s) 'raw'"),
+        ({k: v for k, v in _raw(np.zeros(2, np.float32)).items() if k != "shape"}, "missing shape"),
+    ],
+)
+def test_raw_tensors_rejected_with_a_reason(bad, message):
+    with pytest.raises(InvalidInput) as exc:
+        to_numpy(bad)
+    assert message in str(exc.value)
+
+
+def test_encode_inputs_raw_sends_arrays_raw_and_listed_tensors_as_arrays_raw():
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones(2, dtype=np.int64)
+    for inputs in (a, [a, b], {"input_0": a, "input_1": b}):
+        sent = encode_inputs(inputs, raw=True)
+        assert all("raw" in t and "data" not in t for t in sent)
+        np.testing.assert_array_equal(decode_inputs(sent)["input_0"], a)
+    # listed tensors that are not FP32/FP64 lists already clean are re-encoded: raw too
+    (t,) = encode_inputs([tensor([1, 2], datatype="INT32")], raw=True)
+    assert "raw" in t and to_numpy(t).tolist() == [1, 2]
+    # clean float lists go out as they came (converting them costs the producer what it saves
+    # the worker), and raw tensors given as V2 dicts are validated and kept raw
+    clean = tensor([1.0, 2.0])
+    assert encode_inputs([clean], raw=True) == [clean]
+    assert encode_inputs([_raw(a)], raw=True) == [_raw(a, name="x")]
+    with pytest.raises(InvalidInput, match="not valid base64"):
+        encode_inputs([{**_raw(a), "raw": "%%%"}], raw=True)
+    assert "data" in encode_inputs(a)[0]  # raw=False: JSON numbers, as before
+
+
+def test_raw_micro_batch_items_are_decoded_in_one_conversion_and_each_length_is_checked():
+    from mesh.protocol.tensors import decode_stacked, raw_items
+
+    a = np.arange(10, dtype=np.float32).reshape(5, 2)
+    items = [[_raw(a[0:1])], [_raw(a[1:3])], [_raw(a[3:3])], [_raw(a[3:5])]]
+    name, arr, rows = decode_stacked(items)
+    assert (name, rows) == ("x", [1, 2, 0, 2]) and arr.tolist() == a.tolist() and arr.flags.writeable
+    assert raw_items("x", a, [1, 2, 0, 2]) == items
+    # a short item beside a long one adds up to the right total, and must still fail
+    short_long = [[{**_raw(a[0:2]), "shape": [1, 2]}], [{**_raw(a[2:3]), "shape": [2, 2]}]]
+    assert decode_stacked(short_long) is None
+    assert decode_stacked([[_raw(a[0:1])], _item([1, 2])]) is None  # raw and listed: one by one
+    assert decode_stacked([[_raw(a[0:1])], [_raw(a[0:1].astype(np.float64))]]) is None
+    assert decode_stacked([[_raw(np.array([[1, 2]], np.uint8), datatype="BOOL")]]) is None
