@@ -5,8 +5,9 @@ Three wire forms come in and go out: gRPC typed `contents` (`fp32_contents`, ...
 tritonclient sends), and REST JSON with or without Triton's binary-data extension (a JSON
 header of `Inference-Header-Content-Length` bytes followed by the tensors' bytes; what
 tritonclient.http sends by default). Mesh's own form is the V2 JSON tensor
-`{"name", "shape", "datatype", "data"}` (mesh/protocol/tensors.py), which validates shapes and
-values; this module only unpacks and packs, and every malformed input raises InvalidInput
+`{"name", "shape", "datatype", "data"}`, or `raw` (base64 bytes) in place of `data`
+(mesh/protocol/tensors.py), which validates shapes and values: binary numeric inputs keep their
+bytes and go on raw, never as one JSON number per value. This module only unpacks and packs, and every malformed input raises InvalidInput
 naming the tensor.
 
 Specs: KServe's V2 protocol (kserve/kserve docs/predict-api/v2: required_api.md and its
@@ -16,6 +17,7 @@ gRPC definition) and Triton's binary tensor extension
 
 from __future__ import annotations
 
+import binascii
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -115,6 +117,23 @@ def raw_to_data(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> l
     return data
 
 
+def raw_tensor(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> dict:
+    """One binary input as the Mesh V2 tensor that carries it: a numeric or BOOL tensor keeps
+    its bytes (base64, `raw`: no Python number per value, here or in the worker), BYTES is
+    unpacked into `data`."""
+    if datatype == "BYTES":
+        return {"name": name, "shape": list(shape), "datatype": datatype, "data": raw_to_data(name, datatype, shape, raw)}
+    _check_datatype(name, datatype)
+    needed = _count(name, shape)
+    size = needed * _LE[datatype].itemsize
+    if len(raw) != size:
+        raise InvalidInput(
+            f"{_where(name)}: {len(raw)} raw bytes, expected {size} for shape {list(shape)} of {datatype}"
+        )
+    text = binascii.b2a_base64(raw, newline=False).decode("ascii")
+    return {"name": name, "shape": list(shape), "datatype": datatype, "raw": text}
+
+
 def data_to_raw(datatype: str, data: Sequence[Any]) -> bytes:
     if datatype == "BYTES":
         return pack_bytes(data)
@@ -184,7 +203,8 @@ def grpc_inputs(request: Any) -> list[dict]:
         if raws:
             if t.HasField("contents"):
                 raise InvalidInput(f"{_where(t.name)}: contents and raw_input_contents must not both be given")
-            data = raw_to_data(t.name, datatype, shape, raws[i])
+            tensors.append(raw_tensor(t.name, datatype, shape, raws[i]))
+            continue
         else:
             if datatype == "FP16":
                 raise InvalidInput(f"{_where(t.name)}: FP16 has no typed contents; send it in raw_input_contents")
@@ -270,9 +290,8 @@ def rest_request(body: bytes, header_length: int | None) -> tuple[dict, list[dic
                 raise InvalidInput("a binary input needs a string name and datatype and an integer shape")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0 or pos + size > len(binary):
                 raise InvalidInput(f"{_where(name)}: binary_data_size {size!r} runs past the binary data")
-            data = raw_to_data(name, datatype, shape, binary[pos:pos + size])
+            tensors.append(raw_tensor(name, datatype, shape, binary[pos:pos + size]))
             pos += size
-            tensors.append({"name": name, "shape": shape, "datatype": datatype, "data": data})
         else:
             extra = set(t) - set(_TENSOR_FIELDS) - {"parameters"}
             if extra:

@@ -484,7 +484,9 @@ def encode_inputs(inputs: Any, raw: bool = False) -> list[dict[str, Any]]:
             clean = _clean_float_tensors(inputs)
             if clean is not None:
                 return clean
-            arrays = decode_inputs(list(inputs))
+            arrays = decode_inputs(list(inputs))  # validates every tensor, raw ones included
+            if raw and all(type(t) is dict and t.keys() == _RAW_KEYS for t in inputs):
+                return list(inputs)  # raw already (the gateway's binary inputs): not encoded again
             return [from_numpy(name, arr, raw) for name, arr in arrays.items()]
         kinds = sorted({type(x).__name__ for x in inputs})
         raise InvalidInput(

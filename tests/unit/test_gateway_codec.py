@@ -18,6 +18,7 @@ from mesh.gateway.management import model_info, model_status_info, vmodel_status
 from mesh.gateway.protos import DESCRIPTORS, HERE, PROTO_FILES, mm, v2
 from mesh.gateway.targets import Target, pick
 from mesh.models import CopyInfo, CopyState, FailedCopy, ModelState, ModelStatus, VModelState, VModelStatus
+from mesh.protocol.tensors import to_numpy
 
 
 def _request(**kw) -> object:
@@ -47,7 +48,10 @@ def test_raw_contents_both_ways_and_bytes_framing():
     req.raw_input_contents.append(np.asarray([1, -2, 3], dtype="<i4").tobytes())
     req.raw_input_contents.append(codec.pack_bytes(["a", "模型"]))
     x, s = codec.grpc_inputs(req)
-    assert x["data"] == [1, -2, 3] and s["data"] == ["a", "模型"]
+    # numbers stay bytes (base64 `raw`: no Python int per value here or in the worker)
+    assert x == {"name": "x", "shape": [3], "datatype": "INT32",
+                 "raw": base64.b64encode(req.raw_input_contents[0]).decode()}  # fmt: skip
+    assert to_numpy(x).tolist() == [1, -2, 3] and s["data"] == ["a", "模型"]
     out = [{"name": "p", "shape": [2], "datatype": "FP16", "data": [0.5, 1.0]}]
     resp = codec.fill_grpc_response(v2.ModelInferResponse(), {"model_name": "m"}, out, raw=False)
     # FP16 has no typed field: raw even when the request was typed
@@ -88,7 +92,7 @@ def test_rest_json_and_binary_extension():
                                    "parameters": {"binary_data_size": len(blob)}}],
                        "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()  # fmt: skip
     req, got = codec.rest_request(head + blob, len(head))
-    assert got[0]["data"] == [3.0, 4.0]
+    assert set(got[0]) == {"name", "shape", "datatype", "raw"} and to_numpy(got[0]).tolist() == [3.0, 4.0]
     body, length = codec.rest_response(
         {"model_name": "m"}, req, [{"name": "y", "shape": [1], "datatype": "INT64", "data": [8]}]
     )
