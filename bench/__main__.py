@@ -17,6 +17,7 @@ MODES = {
     "plot": "bench.plot",
     "closedloop": "bench.closedloop",
     "coldpath": "bench.coldpath",  # the producer side of a cold request, no worker
+    "tensors": "bench.tensors",  # what tensors cost each side, JSON numbers against raw, in-process
     "intake": "bench.intake",  # a consumer's CPU per message by queues consumed, no worker
     "loadcost": "bench.loadcost",  # a load's worker CPU, plain Celery and mesh
     "planner": "bench.planner_tick",  # a scheduler tick against Redis at 100,000 models
