@@ -455,7 +455,7 @@ def encode_inputs(inputs: Any, raw: bool = False) -> list[dict[str, Any]]:
     if isinstance(inputs, np.ndarray):
         return [from_numpy("input_0", inputs, raw)]
     if _is_dataframe(inputs):
-        return encode_frame(inputs)
+        return encode_frame(inputs, raw)
     if isinstance(inputs, InferTensor):
         raise InvalidInput(
             "inputs must be a list of tensors; wrap the single InferTensor in a list"
@@ -659,7 +659,7 @@ def _is_dataframe(x: Any) -> bool:
     return type(x).__name__ == "DataFrame" and hasattr(x, "columns") and hasattr(x, "dtypes")
 
 
-def encode_frame(frame: Any) -> list[dict[str, Any]]:
+def encode_frame(frame: Any, raw: bool = False) -> list[dict[str, Any]]:
     """A pandas DataFrame as one V2 tensor per column, [rows], named after the column.
 
     Each column keeps its datatype (int64 stays INT64 beside an FP64 column), so a model
@@ -690,7 +690,7 @@ def encode_frame(frame: Any) -> list[dict[str, Any]]:
                 arr = column.to_numpy(dtype=column.dtype.numpy_dtype if hasattr(column.dtype, "numpy_dtype") else None)
             except (ValueError, TypeError) as e:
                 raise InvalidInput(f"DataFrame column {name!r} ({column.dtype}) has no V2 form: {e}") from None
-        out.append(from_numpy(name, arr))
+        out.append(from_numpy(name, arr, raw))
     return out
 
 

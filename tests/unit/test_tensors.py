@@ -587,3 +587,14 @@ def test_raw_micro_batch_items_are_decoded_in_one_conversion_and_each_length_is_
     assert decode_stacked([[_raw(a[0:1])], _item([1, 2])]) is None  # raw and listed: one by one
     assert decode_stacked([[_raw(a[0:1])], [_raw(a[0:1].astype(np.float64))]]) is None
     assert decode_stacked([[_raw(np.array([[1, 2]], np.uint8), datatype="BOOL")]]) is None
+
+
+def test_a_frames_numeric_columns_go_raw_and_its_text_columns_as_data():
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"f": [1.5, 2.5], "i": np.array([1, 2], dtype=np.int32), "b": [True, False],
+                          "s": ["a", "b"]})  # fmt: skip
+    sent = encode_inputs(frame, raw=True)
+    assert ["raw" in t for t in sent] == [True, True, True, False]
+    back = decode_inputs(json_round_trip(sent))
+    assert back["f"].tolist() == [1.5, 2.5] and back["i"].dtype == np.int32 and back["b"].tolist() == [True, False]
+    assert decode_inputs(encode_inputs(frame))["s"].tolist() == back["s"].tolist() == ["a", "b"]
