@@ -349,7 +349,9 @@ class Batcher:
                         b.policy.preferred_batch_sizes,
                     )
                     for b in self._buffers.values()
-                    if not b.held
+                    # an empty buffer has nothing to choose (`select_ready` passes over it):
+                    # under churn most of a worker's twenty-odd buffers are empty at any time
+                    if b.lanes.units and not b.held
                 ]
                 counts = {v.model_id: v.count for v in views if v.count}
                 # a probe result holds only while the buffer has not changed since
