@@ -425,3 +425,39 @@ def test_reroute_of_a_long_queue_moves_every_message_once(store):
     assert _ids(store, src)[::-1] == [f"t{i}" for i in range(n) if i % 4 in (2, 3)]
     assert _ids(store, k.queue_list_key(k.model_queue("a2"), 0))[::-1] == [f"t{i}" for i in range(0, n, 4)]
     assert _ids(store, k.queue_list_key(k.model_queue("b2"), 0))[::-1] == [f"t{i}" for i in range(1, n, 4)]
+
+
+def test_placement_parses_a_heartbeat_once_and_again_when_it_changes(store, monkeypatch):
+    """A cold route's placement reads every worker's heartbeat and the model's record; the
+    same bytes are parsed once (`StateStore._parsed`), a new heartbeat is parsed and placed on."""
+    from mesh import models
+    from mesh.store import state as state_mod
+
+    parses = []
+    original = models.WorkerState.model_validate_json.__func__
+
+    def counting(cls, raw, *a, **kw):
+        parses.append(raw)
+        return original(cls, raw, *a, **kw)
+
+    monkeypatch.setattr(models.WorkerState, "model_validate_json", classmethod(counting))
+    for m in ("a", "b", "c"):
+        store.register_model(m, INFO)
+    def beat(name, used):
+        store.write_heartbeat(WorkerState(name=name, host="h", pid=1, capacity_bytes=1000, used_bytes=used,
+                                          started_at=time.time(), updated_at=time.time()), 30.0)  # fmt: skip
+
+    beat("w1", 0)
+    beat("w2", 900)  # w1 is chosen while it has the most room
+    assert store.route_and_place("a", "c1").placement == Placement("w1")
+    assert len(parses) == 2
+    assert store.route_and_place("b", "c1").placement == Placement("w1")
+    assert len(parses) == 2  # the same heartbeats: nothing parsed again
+    beat("w1", 900)
+    beat("w2", 0)  # now w2 has the room
+    assert store.route_and_place("c", "c1").placement == Placement("w2")
+    assert len(parses) == 4
+    monkeypatch.setattr(state_mod, "PARSED_MAX", 2)
+    beat("w1", 500)
+    store._parsed(store._parsed_states, models.WorkerState, store.r.get(store.keys.worker("w1")))
+    assert len(store._parsed_states) <= 2  # bounded: cleared past PARSED_MAX
