@@ -686,11 +686,11 @@ def _many_items(inputs: Sequence[Any], raw: bool) -> list[list[dict]]:
         raise InvalidArgument("infer_many needs a non-empty list with one inputs entry per request")
     stacked = decode_stacked(inputs)
     if stacked is not None:
-        # alike V2 tensors, validated at once by the check the worker applies: sent as given,
-        # or each item's rows of the array that check made, raw
-        if not raw or "raw" in inputs[0][0]:
-            return list(inputs)
-        return raw_items(*stacked)
+        # alike V2 tensors, validated at once by the check the worker applies: sent in the
+        # form asked for, listed ones as given or cut raw from the array that check made
+        if "raw" in inputs[0][0]:
+            return list(inputs) if raw else [encode_inputs(x) for x in inputs]
+        return raw_items(*stacked) if raw else list(inputs)
     return [encode_inputs(x, raw) for x in inputs]
 
 

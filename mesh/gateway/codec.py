@@ -6,9 +6,9 @@ tritonclient sends), and REST JSON with or without Triton's binary-data extensio
 header of `Inference-Header-Content-Length` bytes followed by the tensors' bytes; what
 tritonclient.http sends by default). Mesh's own form is the V2 JSON tensor
 `{"name", "shape", "datatype", "data"}`, or `raw` (base64 bytes) in place of `data`
-(mesh/protocol/tensors.py), which validates shapes and values: binary numeric inputs keep their
-bytes and go on raw, never as one JSON number per value. This module only unpacks and packs, and every malformed input raises InvalidInput
-naming the tensor.
+(mesh/protocol/tensors.py), which validates shapes and values: binary numeric inputs keep
+their bytes and go on raw, never as one JSON number per value. This module only unpacks and
+packs, and every malformed input raises InvalidInput naming the tensor.
 
 Specs: KServe's V2 protocol (kserve/kserve docs/predict-api/v2: required_api.md and its
 gRPC definition) and Triton's binary tensor extension
@@ -122,7 +122,8 @@ def raw_tensor(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> di
     its bytes (base64, `raw`: no Python number per value, here or in the worker), BYTES is
     unpacked into `data`."""
     if datatype == "BYTES":
-        return {"name": name, "shape": list(shape), "datatype": datatype, "data": raw_to_data(name, datatype, shape, raw)}
+        data = raw_to_data(name, datatype, shape, raw)
+        return {"name": name, "shape": list(shape), "datatype": datatype, "data": data}
     _check_datatype(name, datatype)
     needed = _count(name, shape)
     size = needed * _LE[datatype].itemsize

@@ -5,9 +5,11 @@ with `data` a flat row-major list, or, for a numeric or BOOL tensor, as `{"name"
 "datatype", "raw"}` with `raw` the base64 of its little-endian row-major bytes: what a KServe
 V2 HTTP client's binary extension and a gRPC client's `raw_input_contents` carry, and what
 `MeshClient` sends for arrays (`encode_inputs(..., raw=True)`). A float costs a JSON writer
-and reader a Python object each; its raw form is copied (docs/messages.md). Everything a client sends is untrusted: every malformed
-tensor raises `mesh.errors.InvalidInput` with a message naming the tensor, never a numpy
-exception, so the API can answer INVALID_ARGUMENT instead of failing a whole batch later.
+and reader a Python object each; its raw form is copied (docs/messages.md).
+
+Everything a client sends is untrusted: every malformed tensor raises
+`mesh.errors.InvalidInput` with a message naming the tensor, never a numpy exception, so the
+API can answer INVALID_ARGUMENT instead of failing a whole batch later.
 
 Decoding is on the hot path of every request. `to_numpy` therefore lets numpy build the array
 first and only falls back to an element-by-element walk when the fast path sees something it

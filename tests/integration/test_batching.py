@@ -79,7 +79,8 @@ def test_raw_tensors_reach_the_model_as_the_arrays_that_were_sent(client, worker
     with pytest.raises(InvalidInput, match="not valid base64"):  # MeshClient checks before sending
         client.infer_many(model_id="digits", inputs=[[bad], listed])
     queue = client.keys.model_queue("digits")
-    mixed = client.app.send_task("mesh.infer", kwargs={"items": [[bad], listed]}, queue=queue).get(timeout=60)["results"]
+    mixed = client.app.send_task("mesh.infer", kwargs={"items": [[bad], listed]}, queue=queue)
+    mixed = mixed.get(timeout=60)["results"]
     assert mixed[0]["error"]["type"] == "InvalidInput" and "not valid base64" in mixed[0]["error"]["message"]
     assert mixed[1]["outputs"][0]["data"] == [8]
 

@@ -598,3 +598,16 @@ def test_a_frames_numeric_columns_go_raw_and_its_text_columns_as_data():
     back = decode_inputs(json_round_trip(sent))
     assert back["f"].tolist() == [1.5, 2.5] and back["i"].dtype == np.int32 and back["b"].tolist() == [True, False]
     assert decode_inputs(encode_inputs(frame))["s"].tolist() == back["s"].tolist() == ["a", "b"]
+
+
+def test_infer_many_items_go_in_the_form_asked_for():
+    """MESH_RAW_TENSORS off (workers that predate the raw form) sends no raw tensor, whatever
+    the caller passed; on, alike listed items are cut raw from the array their check made."""
+    from mesh.client import _many_items
+
+    a = np.arange(6, dtype=np.float32).reshape(3, 2)
+    listed = [[from_numpy("x", a[i : i + 1])] for i in range(3)]
+    raw = [[_raw(a[i : i + 1])] for i in range(3)]
+    assert _many_items(listed, raw=True) == raw and _many_items(raw, raw=True) == raw
+    assert _many_items(listed, raw=False) == listed
+    assert _many_items(raw, raw=False) == listed
