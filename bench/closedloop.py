@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from bench.common import (
     CpuMeter,
     command_line,
@@ -137,12 +139,26 @@ def streams_for(workload: str, clients: int, requests: int, ids: list[str], seed
     return [flat[i::clients] for i in range(clients)]
 
 
+def redis_cpu_seconds(url: str) -> float:
+    """The Redis server's CPU so far (`INFO cpu`: its main and background threads), wherever it
+    runs: what the scripts, polls and commands of each system cost the shared server."""
+    r = redis.Redis.from_url(url)
+    try:
+        info = r.info("cpu")
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+    finally:
+        r.close()
+
+
 def measured(run: Callable[[list[list[str]]], dict], pids: list[int], warm: list[list[str]],
-             streams: list[list[str]]) -> dict:
+             streams: list[list[str]], url: str) -> dict:
     run(warm)
     meter = CpuMeter(pids).start()
+    redis0 = redis_cpu_seconds(url)
     out = run(streams)
+    redis_s = redis_cpu_seconds(url) - redis0
     used = meter.stop()
+    out["redis_cpu_ms_per_req"] = 1e3 * redis_s / out["n"]
     out["worker_cpu_ms_per_req"] = 1e3 * used["cpu_s"] / out["n"]
     out["worker_threads_cpu_ms_per_req"] = ms_by_thread(used["threads_cpu_s"], out["n"])
     out["machine_busy"] = used["machine_busy"]
@@ -177,7 +193,7 @@ def bench_plain(url: str, workload: str, model: Path, logs: Path, warm: list, st
         def run(s: list[list[str]]) -> dict:
             return drive(call, s)
 
-        out = measured(run, [p.pid for p in procs], warm, streams)
+        out = measured(run, [p.pid for p in procs], warm, streams, url)
         if workload == "zipf":
             out["loads"] = sum(loaded)  # warm-up included, as mesh's
         return out
@@ -210,7 +226,7 @@ def bench_mesh(url: str, workload: str, model: Path, logs: Path, warm: list, str
             return drive(lambda m: client.infer(model_id=m, inputs=request).get(timeout=120), s)
 
         before = [scrape(p) for p in ports]
-        out = measured(run, [p.pid for p in procs], warm, streams)
+        out = measured(run, [p.pid for p in procs], warm, streams, url)
         after = [scrape(p) for p in ports]
         loads = sum(metric_sum(a, "mesh_model_loads_total", outcome="success") for a in after) - sum(
             metric_sum(b, "mesh_model_loads_total", outcome="success") for b in before)
@@ -219,7 +235,7 @@ def bench_mesh(url: str, workload: str, model: Path, logs: Path, warm: list, str
             def run_async(s: list[list[str]]) -> dict:
                 return drive_async(lambda m: client.infer_async(model_id=m, inputs=request), s, ASYNC_IN_FLIGHT)
 
-            out["async"] = measured(run_async, [p.pid for p in procs], warm, streams)
+            out["async"] = measured(run_async, [p.pid for p in procs], warm, streams, url)
         return out
     finally:
         client.close()
@@ -230,32 +246,43 @@ def bench_mesh(url: str, workload: str, model: Path, logs: Path, warm: list, str
 
 # ---------------------------------------------------------------------- report
 def report(results: dict) -> str:
-    lines = ["| workload | system | clients | req/s | p50 ms | p99 ms | producer CPU ms/req | worker CPU ms/req |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    ratios = ["| workload | mesh / plain throughput | p50 | p99 | producer CPU | worker CPU | plain / mesh loads |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| workload | system | clients | req/s | p50 ms | p99 ms | producer CPU ms/req | worker CPU ms/req "
+             "| Redis CPU ms/req |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ratios = ["| workload | mesh / plain throughput | p50 | p99 | producer CPU | worker CPU | Redis CPU "
+              "| plain / mesh loads |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results["workloads"].items():
         for system in ("plain", "mesh"):
             if system not in r:
                 continue
             s = r[system]
             lines.append(f"| {name} | {system} | {r['clients']} | {s['throughput']:.0f} | {s['p50_ms']:.2f} | "
-                         f"{s['p99_ms']:.2f} | {s['producer_cpu_ms_per_req']:.2f} | {s['worker_cpu_ms_per_req']:.2f} |")
+                         f"{s['p99_ms']:.2f} | {s['producer_cpu_ms_per_req']:.2f} | {s['worker_cpu_ms_per_req']:.2f} | "
+                         f"{_redis(s)} |")
         if "async" in r.get("mesh", {}):
             m, a = r["mesh"], r["mesh"]["async"]
             lines.append(f"| {name} | mesh, 1 asyncio thread, {ASYNC_IN_FLIGHT} in flight | 1 | {a['throughput']:.0f} | "
                          f"{a['p50_ms']:.2f} | {a['p99_ms']:.2f} | {a['producer_cpu_ms_per_req']:.2f} | "
-                         f"{a['worker_cpu_ms_per_req']:.2f} |")
+                         f"{a['worker_cpu_ms_per_req']:.2f} | {_redis(a)} |")
             ratios.append(f"| {name}: asyncio / threaded mesh | {a['throughput'] / m['throughput']:.2f}x | | | "
-                          f"{a['producer_cpu_ms_per_req'] / m['producer_cpu_ms_per_req']:.2f} | | |")
+                          f"{a['producer_cpu_ms_per_req'] / m['producer_cpu_ms_per_req']:.2f} | | | |")
         if "plain" not in r or "mesh" not in r:
             continue
         p, m = r["plain"], r["mesh"]
         fewer = f"{p['loads'] / m['loads']:.2f}x" if "loads" in p and m.get("loads") else ""
         ratios.append(f"| {name} | {m['throughput'] / p['throughput']:.2f}x | {m['p50_ms'] / p['p50_ms']:.2f} | "
                       f"{m['p99_ms'] / p['p99_ms']:.2f} | {m['producer_cpu_ms_per_req'] / p['producer_cpu_ms_per_req']:.2f} | "
-                      f"{m['worker_cpu_ms_per_req'] / p['worker_cpu_ms_per_req']:.2f} | {fewer} |")
+                      f"{m['worker_cpu_ms_per_req'] / p['worker_cpu_ms_per_req']:.2f} | {_redis_ratio(m, p)} | {fewer} |")
     return "\n".join(lines + [""] + ratios)
+
+
+def _redis(s: dict) -> str:
+    return f"{s['redis_cpu_ms_per_req']:.2f}" if "redis_cpu_ms_per_req" in s else ""  # older saved runs lack it
+
+
+def _redis_ratio(m: dict, p: dict) -> str:
+    if not (m.get("redis_cpu_ms_per_req") and p.get("redis_cpu_ms_per_req")):
+        return ""
+    return f"{m['redis_cpu_ms_per_req'] / p['redis_cpu_ms_per_req']:.2f}"
 
 
 PNG = REPO_ROOT / "docs" / "img" / "closedloop.png"
